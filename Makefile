@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# TORCH_SPEC is what pip installs for torch before the project. The default is the CPU build; on a GPU cluster
+# install your CUDA torch yourself and run `make TORCH_SPEC= test` (an empty spec keeps the torch you have,
+# e.g. with VENV_FLAGS=--system-site-packages), or pass the pip requirement of the build you want.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not multirank"
+
+demo: setup
+	@echo "megadistil demo: placeholder until the demo issue lands; checking the install"
+	$(PY) -c "import megadistil, torch, deepspeed, transformers; print('megadistil', megadistil.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+
+bench: setup
+	for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+lint: setup
+	$(PY) -m ruff check megadistil launch tools bench tests
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache
