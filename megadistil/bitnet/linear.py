@@ -1,0 +1,179 @@
+"""BitLinear: one frozen weight, two models.
+
+Teacher mode computes the original `x @ W.T`. Student mode computes `Q8(x) @ Q3(W + ΔW + s·B·A).T` through one
+autograd Function that saves only the int8 activation codes and their per-token scales, recomputes the ternary weight
+in backward, and never forms a dense weight gradient (only the LoRA factors train).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megadistil.bitnet.quant import int8_codes, int8_matmul, q3, q8, ternary_codes
+
+BACKWARD_MODES = ("int8", "bf16")
+
+
+def effective_weight(
+    weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """W + ΔW + s·B·A in float32 (transient: computed in forward and again in backward, never saved)."""
+    w = torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
+    return w if delta is None else w.add_(delta.float())
+
+
+class BitLinearFunction(torch.autograd.Function):
+    """y = Q8(x) @ Q3(W_eff).T with the straight-through estimator for both quantizers.
+
+    Gradients (x̂ = Q8(x) dequantized, g = dL/dy, s = LoRA scaling):
+      dA = s·(g·B)ᵀ·x̂ and dB = s·gᵀ·(x̂·Aᵀ), O(tokens·r·(in+out)), no dense dW;
+      dx = g·Q3(W_eff), with g quantized per row to int8 (`int8`) or kept in the activation dtype (`bf16`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, delta, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_codes, x_scale = int8_codes(x2)
+        w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling))
+        acc = int8_matmul(x_codes, w_codes.t().contiguous())
+        y = (acc.float() / (x_scale * w_scale)).to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
+        # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
+        kept = (w_codes, w_scale) if keep_weight_codes else (None, None)
+        ctx.save_for_backward(x_codes, x_scale, weight, delta, lora_A, lora_B, *kept)
+        ctx.scaling, ctx.backward_mode, ctx.x_shape = scaling, backward_mode, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_codes, x_scale, weight, delta, lora_A, lora_B, w_codes, w_scale = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        s = ctx.scaling
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            if w_codes is None:
+                w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, s))
+            grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            dt = lora_A.dtype
+            x_int = x_codes.to(dt)  # exact: |codes| <= 128 is representable in bf16
+            inv_scale = (1.0 / x_scale).to(dt)
+            g = g.to(dt)
+            # x̂ = codes / scale row-wise: fold 1/scale into the narrow [tokens, r] factor, not the wide input.
+            grad_A = s * ((g @ lora_B) * inv_scale).t() @ x_int
+            grad_B = s * g.t() @ ((x_int @ lora_A.t()) * inv_scale)
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None
+
+
+def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "int8":
+        g_codes, g_scale = int8_codes(g)
+        return (int8_matmul(g_codes, w_codes).float() / (g_scale * w_scale)).to(g.dtype)
+    return (g @ w_codes.to(g.dtype)) * (1.0 / w_scale).to(g.dtype)
+
+
+class SubLN(nn.Module):
+    """RMSNorm on a BitLinear's input (BitDistill's SubLN), computed in float32 like LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class BitLinear(nn.Module):
+    """A linear layer that is the teacher (frozen W) or the BitNet student (ternary W + ΔW + LoRA, int8 input)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        lora_rank: int,
+        lora_alpha: float | None = None,
+        bias: bool = False,
+        delta: bool = True,
+        subln: bool = False,
+        backward: str = "int8",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        weight: nn.Parameter | None = None,
+        bias_param: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"bitnet.backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        self.in_features, self.out_features, self.lora_rank = in_features, out_features, lora_rank
+        self.scaling = (lora_alpha if lora_alpha is not None else lora_rank) / lora_rank
+        self.backward_mode = backward
+        factory = {"device": device, "dtype": dtype}
+        if weight is None:
+            weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        if bias_param is None and bias:
+            bias_param = nn.Parameter(torch.zeros(out_features, **factory))
+        self.bias = bias_param.requires_grad_(False) if bias_param is not None else None
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.delta = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False) if delta else None
+        self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, **factory))
+        self.sub_norm = SubLN(in_features, **factory) if subln else None
+        self.teacher = False
+        self.quant_lambda = 1.0  # < 1 during the HF 1.58-bit warmup (fake-quant path)
+        self.keep_weight_codes = False
+        if self.weight.device.type != "meta":
+            self.reset_lora()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> BitLinear:
+        """Wrap an nn.Linear, adopting its weight and bias Parameters (no copy: the teacher costs nothing)."""
+        return cls(
+            linear.in_features, linear.out_features, weight=linear.weight, bias_param=linear.bias,
+            device=linear.weight.device, dtype=linear.weight.dtype, **kwargs,
+        )
+
+    @torch.no_grad()
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """A ~ kaiming-uniform (as PEFT), B = 0: the adapter starts as an exact no-op."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear and PEFT
+        self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.lora_B.zero_()
+
+    def effective_weight(self) -> torch.Tensor:
+        return effective_weight(self.weight, self.delta, self.lora_A, self.lora_B, self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            return F.linear(x, self.weight, self.bias)
+        if self.sub_norm is not None:
+            x = self.sub_norm(x)
+        if self.quant_lambda < 1.0:
+            return self.fake_quant_forward(x)
+        return BitLinearFunction.apply(
+            x, self.weight, self.delta, self.lora_A, self.lora_B, self.bias,
+            self.scaling, self.backward_mode, self.keep_weight_codes,
+        )
+
+    def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain-autograd fake quantization (used for the λ warmup); saves float activations."""
+        w = q3(self.effective_weight(), self.quant_lambda).to(x.dtype)
+        return F.linear(q8(x, self.quant_lambda), w, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, lora_rank={self.lora_rank}, "
+            f"scaling={self.scaling:g}, delta={self.delta is not None}, subln={self.sub_norm is not None}, "
+            f"backward={self.backward_mode}"
+        )

@@ -1,0 +1,82 @@
+"""BitNet b1.58 quantizers: absmean ternary weights (Q3), absmax int8 activations (Q8), 2-bit packing.
+
+The arithmetic follows transformers' `WeightQuant` / `ActQuant` (integrations/bitnet.py) exactly: scales are computed
+in float32, weight scale = 1 / mean|W|, activation scale = 127 / max|x| per token, both clamped at 1e-5. The
+integer-valued codes are returned separately from their scales so that matmuls can run on int8 kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+VALUES_PER_BYTE = 4  # four ternary values per uint8, along dim 0 (transformers' BitNet layout)
+
+
+def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale."""
+    w = weight.float()
+    scale = 1.0 / w.abs().mean().clamp(min=EPS)
+    codes = (w * scale).round_().clamp_(-1, 1).to(torch.int8)
+    return codes, scale
+
+
+def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale."""
+    xf = x.float()
+    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    codes = (xf * scale).round_().clamp_(-128, 127).to(torch.int8)
+    return codes, scale
+
+
+def _ste(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:
+    # lam < 1 is the HF 1.58-bit warmup: blend towards the quantized value; the gradient is the identity either way.
+    return x + (lam * (quantized - x)).detach()
+
+
+def q3(weight: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Fake-quantized ternary weight with the straight-through estimator, in the input's dtype."""
+    codes, scale = ternary_codes(weight)
+    return _ste(weight, (codes.float() / scale).to(weight.dtype), lam)
+
+
+def q8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Fake-quantized int8 activation (per token) with the straight-through estimator, in the input's dtype."""
+    codes, scale = int8_codes(x)
+    return _ste(x, (codes.float() / scale).to(x.dtype), lam)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M,K] int8 @ b [K,N] int8 -> int32 [M,N], exact.
+
+    `torch._int_mm` runs on int8 units of CPUs (AMX/VNNI) and CUDA tensor cores. Where it refuses a shape (CUDA needs
+    M > 16 and K, N multiples of 8) we fall back to a float32 matmul, which is still exact while K * 128 < 2**24.
+    """
+    try:
+        return torch._int_mm(a, b)
+    except RuntimeError:
+        if a.shape[-1] * 128 * 128 >= 2**24:
+            raise
+        return (a.float() @ b.float()).to(torch.int32)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes [out, ...] into uint8 [ceil(out/4), ...]: value+1, row block i in bits 2i..2i+1.
+
+    Identical to transformers.integrations.bitnet.pack_weights for out % 4 == 0 (which BitLinear requires).
+    """
+    out = codes.shape[0]
+    rows = (out + VALUES_PER_BYTE - 1) // VALUES_PER_BYTE
+    padded = torch.zeros((rows * VALUES_PER_BYTE, *codes.shape[1:]), dtype=torch.uint8, device=codes.device)
+    padded[:out] = (codes + 1).to(torch.uint8)
+    packed = torch.zeros((rows, *codes.shape[1:]), dtype=torch.uint8, device=codes.device)
+    for i in range(VALUES_PER_BYTE):
+        packed |= padded[i * rows : (i + 1) * rows] << (2 * i)
+    return packed
+
+
+def unpack_ternary(packed: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
+    """Inverse of pack_ternary: int8 codes [out, ...]."""
+    parts = [((packed >> (2 * i)) & 3).to(torch.int8) - 1 for i in range(VALUES_PER_BYTE)]
+    codes = torch.cat(parts, dim=0)
+    return codes if out_features is None else codes[:out_features]

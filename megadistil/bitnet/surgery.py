@@ -1,0 +1,119 @@
+"""Model surgery: turn a causal LM's linear layers into BitLinear, and flip between teacher and student."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from megadistil.bitnet.linear import BACKWARD_MODES, BitLinear
+from megadistil.bitnet.quant import VALUES_PER_BYTE
+
+
+@dataclass
+class BitNetConfig:
+    """The `bitnet.*` section of a run config."""
+
+    lora_rank: int = 64
+    lora_alpha: float | None = None  # None: alpha = rank, scaling 1
+    subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
+    backward: str = "int8"  # int8 | bf16: kernel for the input gradient
+    exclude: tuple[str, ...] = ("lm_head",)
+    quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
+
+    def validate(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"bitnet.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"bitnet.lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"bitnet.backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if self.quant_warmup_steps < 0:
+            raise ValueError(f"bitnet.quant_warmup_steps must be >= 0, got {self.quant_warmup_steps}")
+
+
+SUBLN_TARGETS = ("o_proj", "down_proj")  # where BitDistill (and transformers' `bitnet` model) put the sub-norms
+
+
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == e or name.endswith("." + e) for e in exclude)
+
+
+def to_bitnet(
+    model: nn.Module,
+    *,
+    lora_rank: int,
+    lora_alpha: float | None = None,
+    exclude: tuple[str, ...] = ("lm_head",),
+    subln: bool = False,
+    delta: bool = True,
+    backward: str = "int8",
+) -> nn.Module:
+    """Replace every nn.Linear of `model` (except `exclude` and the output embedding) by a BitLinear, in place.
+
+    The BitLinear adopts the original weight Parameter, so teacher mode is the original model bit for bit.
+    `delta=False` leaves out the dense ΔW (no ReLoRA merges); `subln=True` adds SubLN before o_proj / down_proj.
+    """
+    BitNetConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, backward=backward).validate()
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and module is not output_embedding and not _excluded(name, tuple(exclude))
+    ]
+    if not targets:
+        raise ValueError(
+            f"to_bitnet: {type(model).__name__} has no nn.Linear layers to convert (exclude={tuple(exclude)})"
+        )
+    for name, linear in targets:
+        _check_convertible(name, linear, lora_rank)
+    for name, linear in targets:
+        layer = BitLinear.from_linear(
+            linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, backward=backward,
+            subln=subln and name.rsplit(".", 1)[-1] in SUBLN_TARGETS,
+        )
+        model.set_submodule(name, layer)
+    return model
+
+
+def _check_convertible(name: str, linear: nn.Linear, lora_rank: int) -> None:
+    if linear.out_features % VALUES_PER_BYTE:
+        raise ValueError(
+            f"to_bitnet: layer {name!r} has out_features={linear.out_features}, not divisible by {VALUES_PER_BYTE} "
+            "(the packed 1.58-bit format stores 4 rows per byte); add it to `exclude`"
+        )
+    if lora_rank > min(linear.in_features, linear.out_features):
+        raise ValueError(
+            f"to_bitnet: lora_rank={lora_rank} exceeds layer {name!r} "
+            f"({linear.in_features} -> {linear.out_features}); use a rank <= {min(linear.in_features, linear.out_features)}"
+        )
+
+
+def bitlinear_modules(model: nn.Module) -> Iterator[tuple[str, BitLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, BitLinear):
+            yield name, module
+
+
+@contextlib.contextmanager
+def teacher_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every BitLinear computes the original x @ W.T (SubLN, ΔW and LoRA are bypassed)."""
+    layers = [m for _, m in bitlinear_modules(model)]
+    previous = [m.teacher for m in layers]
+    for m in layers:
+        m.teacher = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m.teacher = was
+
+
+def set_quant_lambda(model: nn.Module, lam: float) -> None:
+    """λ of the HF 1.58-bit warmup (x + λ·(Q(x) − x)): 1 is full quantization."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quantization λ must be in [0, 1], got {lam}")
+    for _, m in bitlinear_modules(model):
+        m.quant_lambda = lam

@@ -1,0 +1,248 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import tiny_llama31
+from torch import nn
+
+from megadistil.bitnet import (
+    BitLinear, pack_ternary, set_quant_lambda, teacher_mode, ternary_codes, to_bitnet, unpack_ternary,
+)
+
+
+def _ids(vocab=256, shape=(2, 24), seed=1):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_mode_reproduces_original_logits_exactly(dtype):
+    model = tiny_llama31(dtype=dtype)
+    original = copy.deepcopy(model)
+    ids = _ids()
+    to_bitnet(model, lora_rank=8, subln=True)
+    with torch.no_grad():
+        expected = original(ids).logits
+        with teacher_mode(model):
+            got = model(ids).logits
+        student = model(ids).logits
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+    assert not torch.allclose(student.float(), expected.float(), atol=1e-2)  # student mode really is different
+    assert all(not m.teacher for m in model.modules() if isinstance(m, BitLinear))  # the context restored
+
+
+def test_conversion_covers_decoder_linears_only_and_shares_weights():
+    model = tiny_llama31()
+    weights = {n: p for n, p in model.named_parameters()}
+    to_bitnet(model, lora_rank=4)
+    converted = {n for n, m in model.named_modules() if isinstance(m, BitLinear)}
+    assert len(converted) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is nn.Linear and isinstance(model.model.embed_tokens, nn.Embedding)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight is weights["model.layers.0.self_attn.q_proj.weight"]  # adopted, not copied
+    assert not q.weight.requires_grad and not q.delta.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith(("lora_A", "lora_B")) or "embed" in n or "norm" in n or "lm_head" in n for n in trainable)
+
+
+def test_student_matches_transformers_autobitlinear():
+    """With B = 0 the student is transformers' online-quantized AutoBitLinear on the same weights.
+
+    Tolerance 1e-4 absolute on logits of magnitude ~1: the math is identical, but transformers sums dequantized floats
+    while we sum integer codes exactly and scale once, so results differ by float32 rounding (~1e-6 relative per
+    layer), occasionally amplified when that rounding flips one int8 activation code (one step = max|x|/127).
+    """
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    model = tiny_llama31()
+    reference = copy.deepcopy(model)
+    for name, module in list(reference.named_modules()):
+        if type(module) is nn.Linear and name != "lm_head":
+            layer = AutoBitLinear(module.in_features, module.out_features, bias=False, online_quant=True)
+            layer.weight = module.weight
+            reference.set_submodule(name, layer)
+    to_bitnet(model, lora_rank=8)
+    ids = _ids()
+    torch._dynamo.config.disable = True  # transformers wraps its quantizers in torch.compile: same math, eager is faster here
+    try:
+        with torch.no_grad():
+            expected, got = reference(ids).logits, model(ids).logits
+    finally:
+        torch._dynamo.config.disable = False
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def _random_layer(subln: bool, backward: str, seed: int = 0) -> BitLinear:
+    torch.manual_seed(seed)
+    layer = BitLinear(96, 64, lora_rank=8, lora_alpha=16, subln=subln, backward=backward)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        layer.delta.normal_(0, 0.01)
+        layer.lora_B.normal_(0, 0.05)  # B != 0 so that dA is not trivially zero
+        if subln:
+            layer.sub_norm.weight.uniform_(0.5, 1.5)
+    return layer
+
+
+def _reference(layer: BitLinear, x: torch.Tensor):
+    """The same fake-quant math in float64 with plain autograd and straight-through estimators."""
+    A = layer.lora_A.detach().double().requires_grad_()
+    B = layer.lora_B.detach().double().requires_grad_()
+    x = x.detach().double().requires_grad_()
+    h = x
+    gamma = None
+    if layer.sub_norm is not None:
+        gamma = layer.sub_norm.weight.detach().double().requires_grad_()
+        h = gamma * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + layer.sub_norm.eps)
+    sx = 127 / h.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    hq = h + ((h * sx).round().clamp(-128, 127) / sx - h).detach()
+    w = layer.weight.double() + layer.delta.double() + layer.scaling * B @ A
+    sw = 1 / w.abs().mean().clamp(min=1e-5)
+    wq = w + ((w * sw).round().clamp(-1, 1) / sw - w).detach()
+    return hq @ wq.t(), {"x": x, "A": A, "B": B, "gamma": gamma, "h": h, "wq": (w * sw).round().clamp(-1, 1) / sw}
+
+
+def _grads(layer, x, upstream):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * upstream).sum().backward()
+    return y, x.grad
+
+
+def test_bf16_mode_gradients_match_float64_reference():
+    layer = _random_layer(subln=True, backward="bf16")
+    x = torch.randn(3, 10, 96)
+    upstream = torch.randn(3, 10, 64)
+    y, grad_x = _grads(layer, x, upstream)
+    y_ref, ref = _reference(layer, x)
+    (y_ref * upstream.double()).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5)  # float32 rounding of sums of ~100 terms
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(grad_x.double(), ref["x"].grad, **tol)
+    torch.testing.assert_close(layer.lora_A.grad.double(), ref["A"].grad, **tol)
+    torch.testing.assert_close(layer.lora_B.grad.double(), ref["B"].grad, **tol)
+    torch.testing.assert_close(layer.sub_norm.weight.grad.double(), ref["gamma"].grad, **tol)
+    assert layer.weight.grad is None and layer.delta.grad is None
+
+
+def test_int8_mode_input_gradient_within_derived_bound():
+    """dx = Q8(g)·Ŵ. Per-row absmax rounding moves each g_io by at most max_o|g_io|/254, so
+    |dx_ij − (g·Ŵ)_ij| ≤ max_o|g_io|/254 · Σ_o |Ŵ_oj|. The LoRA gradients do not involve Q8(g): float rounding only."""
+    layer = _random_layer(subln=False, backward="int8")
+    x = torch.randn(4, 12, 96)
+    upstream = torch.randn(4, 12, 64)
+    _, grad_x = _grads(layer, x, upstream)
+    y_ref, ref = _reference(layer, x)
+    (y_ref * upstream.double()).sum().backward()
+    g = upstream.double().reshape(-1, 64)
+    bound = g.abs().amax(-1, keepdim=True) / 254 * ref["wq"].abs().sum(0, keepdim=True)
+    err = (grad_x.double().reshape(-1, 96) - ref["x"].grad.reshape(-1, 96)).abs()
+    assert (err <= bound * (1 + 1e-4) + 1e-6).all(), (err / bound).max()
+    assert err.max() > 0  # it really did quantize
+    assert (err / ref["x"].grad.abs().reshape(-1, 96).clamp(min=1e-3)).median() < 0.05
+    torch.testing.assert_close(layer.lora_A.grad.double(), ref["A"].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), ref["B"].grad, rtol=1e-4, atol=1e-5)
+
+
+def _activation_bytes(fn, x, params):
+    """Bytes of the tensors autograd saves for backward, parameters excluded (they are not activation memory)."""
+    param_ptrs = {p.data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in param_ptrs:
+            saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(saved.values())
+
+
+def test_saved_activation_bytes_at_most_055_of_bf16_linear_plus_lora():
+    tokens, d_in, d_out, r = 512, 1024, 1024, 16
+    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+    layer = BitLinear(d_in, d_out, lora_rank=r, dtype=torch.bfloat16)
+    layer.weight.data.normal_()
+    W = torch.randn(d_out, d_in, dtype=torch.bfloat16)
+    A = torch.randn(r, d_in, dtype=torch.bfloat16, requires_grad=True)
+    B = torch.zeros(d_out, r, dtype=torch.bfloat16, requires_grad=True)
+
+    def linear_plus_lora(inp):
+        return F.linear(inp, W) + F.linear(F.linear(inp, A), B)
+
+    ours = _activation_bytes(layer, x, list(layer.parameters()))
+    baseline = _activation_bytes(linear_plus_lora, x, [W, A, B])
+    assert baseline >= tokens * d_in * 2  # it saves the bf16 input
+    assert ours == tokens * d_in + tokens * 4  # int8 codes + one float32 scale per token
+    assert ours / baseline <= 0.55
+
+
+def test_keep_weight_codes_under_checkpointing_gives_identical_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for keep in (False, True):
+        layer = _random_layer(subln=False, backward="int8")
+        layer.keep_weight_codes = keep
+        x = torch.randn(2, 8, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+        results.append((x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_quant_lambda_warmup_blends_from_float_to_quantized():
+    layer = _random_layer(subln=False, backward="bf16")
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        quantized = layer(x)
+        set_quant_lambda(layer, 0.0)
+        unquantized = layer(x)
+        set_quant_lambda(layer, 0.5)
+        half = layer(x)
+    torch.testing.assert_close(unquantized, F.linear(x, layer.effective_weight()))
+    assert not torch.allclose(half, unquantized) and not torch.allclose(half, quantized)
+    with pytest.raises(ValueError, match="λ"):
+        set_quant_lambda(layer, 1.5)
+
+
+def test_packing_matches_transformers_layout():
+    from transformers.integrations.bitnet import pack_weights
+
+    codes, _ = ternary_codes(torch.randn(64, 24))
+    packed = pack_ternary(codes)
+    assert packed.shape == (16, 24) and packed.dtype == torch.uint8
+    assert torch.equal(packed, pack_weights(codes.clone().to(torch.int32)))
+    assert torch.equal(unpack_ternary(packed), codes)
+
+
+def test_any_model_built_of_linear_converts():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    to_bitnet(model, lora_rank=4, exclude=())
+    assert all(isinstance(model[i], BitLinear) for i in (0, 2))
+    model(torch.randn(3, 16)).sum().backward()
+    assert model[2].lora_B.grad is not None
+
+
+def test_meta_device_conversion_allocates_nothing():
+    with torch.device("meta"):
+        model = tiny_llama31()
+    to_bitnet(model, lora_rank=4)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_bad_input_errors_name_the_fault():
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        to_bitnet(tiny_llama31(), lora_rank=0)
+    with pytest.raises(ValueError, match=r"lora_rank=100 exceeds layer 'model.layers.0.self_attn.q_proj'"):
+        to_bitnet(tiny_llama31(), lora_rank=100)
+    with pytest.raises(ValueError, match="no nn.Linear layers to convert"):
+        to_bitnet(nn.Sequential(nn.Embedding(10, 4)), lora_rank=2)
+    odd = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+    with pytest.raises(ValueError, match=r"layer '1' has out_features=6, not divisible by 4"):
+        to_bitnet(odd, lora_rank=2, exclude=())
+    assert type(odd[0]) is nn.Linear  # validation runs before any layer is replaced
+    with pytest.raises(ValueError, match="bitnet.backward"):
+        to_bitnet(tiny_llama31(), lora_rank=2, backward="fp8")
