@@ -246,3 +246,18 @@ def test_bad_input_errors_name_the_fault():
     assert type(odd[0]) is nn.Linear  # validation runs before any layer is replaced
     with pytest.raises(ValueError, match="bitnet.backward"):
         to_bitnet(tiny_llama31(), lora_rank=2, backward="fp8")
+
+
+def test_compiled_quantizers_give_the_eager_codes():
+    from megadistil.bitnet import compile_quantizers, int8_codes
+
+    x = torch.randn(33, 96)
+    eager = int8_codes(x), ternary_codes(x)
+    compile_quantizers()
+    try:
+        compiled = int8_codes(x), ternary_codes(x)
+    finally:
+        compile_quantizers(False)
+    for (c0, s0), (c1, s1) in zip(eager, compiled):
+        assert torch.equal(c0, c1)
+        torch.testing.assert_close(s0, s1, rtol=1e-6, atol=0)

@@ -13,7 +13,7 @@ EPS = 1e-5
 VALUES_PER_BYTE = 4  # four ternary values per uint8, along dim 0 (transformers' BitNet layout)
 
 
-def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale."""
     w = weight.float()
     scale = 1.0 / w.abs().mean().clamp(min=EPS)
@@ -21,12 +21,36 @@ def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale."""
     xf = x.float()
     scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
     codes = (xf * scale).round_().clamp_(-128, 127).to(torch.int8)
     return codes, scale
+
+
+# The quantizers, not the matmuls, decide BitLinear's speed: eager they make several float32 passes over the
+# tensor; compiled they fuse into one. Eager is the default (no compiler needed); `compile_quantizers()` switches.
+_IMPL = {"ternary": _ternary_codes, "int8": _int8_codes}
+
+
+def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale."""
+    return _IMPL["ternary"](weight)
+
+
+def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale."""
+    return _IMPL["int8"](x)
+
+
+def compile_quantizers(enabled: bool = True) -> None:
+    """Use torch.compile'd (fused) quantizers; they give the same codes as the eager ones."""
+    if enabled:
+        _IMPL["ternary"] = torch.compile(_ternary_codes, dynamic=True)
+        _IMPL["int8"] = torch.compile(_int8_codes, dynamic=True)
+    else:
+        _IMPL.update(ternary=_ternary_codes, int8=_int8_codes)
 
 
 def _ste(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ class BitNetConfig:
     backward: str = "int8"  # int8 | bf16: kernel for the input gradient
     exclude: tuple[str, ...] = ("lm_head",)
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
+    compile_quantizers: bool = False  # torch.compile the quantizers (fused; needs a C++ compiler / triton)
 
     def validate(self) -> None:
         if self.lora_rank < 1:
