@@ -1,0 +1,422 @@
+"""Distillation losses: sparse/dense KD over a chunked LM head, hidden-state and attention-relation terms.
+
+Everything here is plain torch (no DeepSpeed, nothing else from megadistil).
+
+KD divergences (teacher p, student q, both at temperature T, per token):
+
+    forward_kl  KL(p || q) = sum_b p_b (log p_b - log q_b)
+    reverse_kl  KL(q || p) = sum_b q_b (log q_b - log p_b)
+    jsd         JSD(beta)  = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD, beta in (0,1))
+
+The buckets b are either the whole vocabulary (live teacher) or, for an offline sparse target, the teacher's
+top-k ids plus one "tail" bucket holding the remaining mass. The student is mapped to the same buckets; its tail
+log-mass is a logsumexp over the complement of the top-k ids (no 1 - sum cancellation).
+
+Per-token loss = kd_weight * T^2 * kd + ce_weight * ce, averaged over tokens whose label is not IGNORE_INDEX.
+The hidden-state and attention-relation terms are separate functions; the trainer adds them with
+`hidden_weight` and `attn_relation_weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+# A stored tail mass of 0 (teacher's top-k held everything up to float32 rounding) would make log p_tail = -inf
+# and reverse KL infinite as soon as the student puts any mass there. Below this floor the tail's log is clamped;
+# the tail's *probability* is not, so forward KL is unaffected.
+TAIL_MASS_FLOOR = 1e-12
+
+LayerSpec = list[int] | str
+
+
+@dataclass
+class LossConfig:
+    """Loss settings; composed into the run config under the key `loss`."""
+
+    kind: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_magnitude_weight: float = 0.0
+    hidden_layers: LayerSpec = "all"
+    attn_relation_weight: float = 0.0
+    attn_relation_heads: int = 8
+    attn_relation_layers: LayerSpec = field(default_factory=lambda: [-1])
+    attn_relation_temperature: float = 1.0
+    chunk_tokens: int = 1024
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad key."""
+        if self.kind not in KD_KINDS:
+            raise ValueError(f"loss.kind must be one of {KD_KINDS}, got {self.kind!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
+        _require(self.temperature > 0 and math.isfinite(self.temperature), "loss.temperature", self.temperature, "> 0")
+        for key in ("kd_weight", "ce_weight", "hidden_weight", "hidden_magnitude_weight", "attn_relation_weight"):
+            value = getattr(self, key)
+            _require(value >= 0 and math.isfinite(value), f"loss.{key}", value, ">= 0 and finite")
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("loss.kd_weight and loss.ce_weight are both 0: the LM-head loss would be empty")
+        _require(isinstance(self.chunk_tokens, int) and self.chunk_tokens > 0, "loss.chunk_tokens",
+                 self.chunk_tokens, "a positive int")
+        _require(isinstance(self.attn_relation_heads, int) and self.attn_relation_heads > 0,
+                 "loss.attn_relation_heads", self.attn_relation_heads, "a positive int")
+        _require(self.attn_relation_temperature > 0, "loss.attn_relation_temperature",
+                 self.attn_relation_temperature, "> 0")
+        _check_layer_spec(self.hidden_layers, "loss.hidden_layers")
+        _check_layer_spec(self.attn_relation_layers, "loss.attn_relation_layers")
+
+
+def _require(ok: bool, key: str, value: object, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def _check_layer_spec(spec: object, key: str) -> None:
+    if spec == "all":
+        return
+    ok = isinstance(spec, (list, tuple)) and len(spec) > 0 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in spec)
+    _require(ok, key, spec, "'all' or a non-empty list of layer indices")
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int, key: str) -> list[int]:
+    """Turn a layer spec ("all" or indices, negative from the end) into sorted unique indices in [0, num_layers)."""
+    _check_layer_spec(spec, key)
+    if spec == "all":
+        return list(range(num_layers))
+    out = set()
+    for i in spec:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(f"{key}: layer {i} out of range for a model with {num_layers} layers")
+        out.add(i % num_layers)
+    return sorted(out)
+
+
+@dataclass
+class SparseTarget:
+    """Offline teacher target per token: top-k ids and log-probs (at temperature T, sorted desc) + tail mass."""
+
+    topk_ids: Tensor  # int64 [N, k]
+    topk_logprobs: Tensor  # float [N, k]
+    tail_mass: Tensor  # float [N], 1 - sum(exp(topk_logprobs)), may be ~0
+
+    def flat(self, num_tokens: int, vocab: int) -> SparseTarget:
+        """Flatten leading dims to [N, k] and check shapes and id range (errors name the field)."""
+        k = self.topk_ids.shape[-1]
+        ids = self.topk_ids.reshape(-1, k)
+        logprobs = self.topk_logprobs.reshape(-1, k)
+        tail = self.tail_mass.reshape(-1)
+        for name, t in (("sparse.topk_ids", ids), ("sparse.topk_logprobs", logprobs), ("sparse.tail_mass", tail)):
+            if t.shape[0] != num_tokens:
+                raise ValueError(f"{name} has {t.shape[0]} tokens, hidden has {num_tokens}")
+        if ids.dtype != torch.int64:
+            raise ValueError(f"sparse.topk_ids must be int64, got {ids.dtype}")
+        if not 0 < k <= vocab:
+            raise ValueError(f"sparse.topk_ids: k={k} must be in [1, vocab={vocab}]")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"sparse.topk_ids has ids outside [0, {vocab})")
+        return SparseTarget(ids, logprobs.float(), tail.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Divergences over buckets. All inputs float32 [c, B]; g = d kd / d log q_b (the loss's own gradient, before the
+# softmax/bucket map), so one back-map serves every kind.
+
+
+def _bucket_divergence(kind: str, beta: float, logp: Tensor, logq: Tensor, p: Tensor,
+                       need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    q = logq.exp()
+    if kind == "forward_kl":
+        kd = (p * (logp - logq)).sum(-1)
+        return kd, (-p if need_grad else None)
+    if kind == "reverse_kl":
+        diff = logq - logp
+        kd = (q * diff).sum(-1)
+        return kd, (q * (diff + 1.0) if need_grad else None)
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+    kd = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (q * (logq - logm)).sum(-1)
+    # d/dq_b of beta*KL(p||m) + (1-beta)*KL(q||m) simplifies to (1-beta) log(q_b/m_b).
+    return kd, ((1.0 - beta) * q * (logq - logm) if need_grad else None)
+
+
+def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KD against a full teacher distribution; s and t_logits are tempered float32 logits [c, V]."""
+    logq = torch.log_softmax(s, -1)
+    logp = torch.log_softmax(t_logits, -1)
+    kd, g = _bucket_divergence(kind, beta, logp, logq, logp.exp(), need_grad)
+    if g is None:
+        return kd, None
+    # Through log_softmax: d/ds_j = g_j - q_j * sum_b g_b.
+    return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
+
+
+def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor,
+               need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V]."""
+    vocab, k = s.shape[-1], ids.shape[-1]
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    logq_top = s.gather(-1, ids) - lse
+    if k == vocab:
+        # Full target: the complement is empty and the stored tail is rounding noise, so there is no tail bucket.
+        kd, g = _bucket_divergence(kind, beta, t_logprobs, logq_top, t_logprobs.exp(), need_grad)
+        if g is None:
+            return kd, None
+        grad_top = g - logq_top.exp() * g.sum(-1, keepdim=True)
+        return kd, torch.zeros_like(s).scatter_(-1, ids, grad_top)
+    complement = s.scatter(-1, ids, float("-inf"))
+    lse_tail = torch.logsumexp(complement, -1, keepdim=True)
+    logq = torch.cat([logq_top, lse_tail - lse], -1)
+    p_tail = tail.clamp(0.0, 1.0).unsqueeze(-1)
+    logp = torch.cat([t_logprobs, p_tail.clamp_min(TAIL_MASS_FLOOR).log()], -1)
+    p = torch.cat([t_logprobs.exp(), p_tail], -1)
+    kd, g = _bucket_divergence(kind, beta, logp, logq, p, need_grad)
+    if g is None:
+        return kd, None
+    g_sum = g.sum(-1, keepdim=True)
+    q = logq.exp()
+    # Complement ids j: d log q_tail / d s_j = q_j / q_tail - q_j, so grad_j = exp(s_j - lse_tail) * (g_tail -
+    # G q_tail) with G = sum_b g_b; written this way nothing divides by a tiny q_tail.
+    coef = g[:, -1:] - g_sum * q[:, -1:]
+    grad = complement.sub_(lse_tail).exp_().mul_(coef)
+    return kd, grad.scatter_(-1, ids, g[:, :-1] - q[:, :-1] * g_sum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunked LM head.
+
+
+@dataclass
+class _Chunk:
+    """Targets of one chunk of (valid) tokens."""
+
+    labels: Tensor
+    sparse: SparseTarget | None = None
+    teacher_hidden: Tensor | None = None
+
+
+def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tensor | None,
+                 need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz. z: float32 logits [c, V]."""
+    T = cfg.temperature
+    s = z / T if T != 1.0 else z
+    kd = grad_s = None
+    if chunk.sparse is not None:
+        sp = chunk.sparse
+        kd, grad_s = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_mass, need_grad)
+    elif chunk.teacher_hidden is not None:
+        with torch.no_grad():
+            t_logits = (chunk.teacher_hidden @ teacher_weight.T).float()
+        kd, grad_s = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
+    lse1 = torch.logsumexp(z, -1)
+    ce = lse1 - z.gather(-1, chunk.labels.unsqueeze(-1)).squeeze(-1)
+    kd_sum = kd.sum() if kd is not None else z.new_zeros(())
+    if not need_grad:
+        return kd_sum, ce.sum(), None
+    grad_z = torch.zeros_like(z)
+    if grad_s is not None and cfg.kd_weight:
+        grad_z.add_(grad_s, alpha=cfg.kd_weight * T)  # T^2 scaling times ds/dz = 1/T
+    if cfg.ce_weight:
+        soft = (z - lse1.unsqueeze(-1)).exp_()
+        soft.scatter_add_(-1, chunk.labels.unsqueeze(-1), -torch.ones_like(ce).unsqueeze(-1))
+        grad_z.add_(soft, alpha=cfg.ce_weight)
+    return kd_sum, ce.sum(), grad_z
+
+
+def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_hidden: Tensor | None,
+            chunk_tokens: int):
+    for start in range(0, valid.numel(), chunk_tokens):
+        idx = valid[start:start + chunk_tokens]
+        sp = None
+        if sparse is not None:
+            sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_mass[idx])
+        th = teacher_hidden[idx] if teacher_hidden is not None else None
+        yield idx, _Chunk(labels[idx], sp, th)
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Forward: per-chunk logits + loss sums, nothing [N, V] kept. Backward: recompute each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight):
+        sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
+        kd_sum = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = kd_sum.clone()
+        with torch.no_grad():
+            for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, cfg.chunk_tokens):
+                z = (hidden[idx] @ weight.T).float()
+                kd, ce, _ = _chunk_terms(z, chunk, cfg, teacher_weight, need_grad=False)
+                kd_sum += kd
+                ce_sum += ce
+        count = max(valid.numel(), 1)
+        kd_mean, ce_mean = kd_sum / count, ce_sum / count
+        loss = cfg.kd_weight * cfg.temperature ** 2 * kd_mean + cfg.ce_weight * ce_mean
+        ctx.cfg = cfg
+        ctx.save_for_backward(hidden, weight, labels, valid, ids, logprobs, tail, teacher_hidden, teacher_weight)
+        ctx.mark_non_differentiable(kd_mean, ce_mean)
+        return loss, kd_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        hidden, weight, labels, valid, ids, logprobs, tail, teacher_hidden, teacher_weight = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        # bf16 weights accumulate their gradient over chunks in float32, cast once at the end.
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=weight.device) if want_w else None
+        scale = grad_loss.float() / max(valid.numel(), 1)
+        with torch.no_grad():
+            for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, ctx.cfg.chunk_tokens):
+                h = hidden[idx]
+                z = (h @ weight.T).float()
+                _, _, grad_z = _chunk_terms(z, chunk, ctx.cfg, teacher_weight, need_grad=True)
+                del z
+                grad_z = grad_z.mul_(scale).to(weight.dtype)
+                if want_h:
+                    grad_h.index_add_(0, idx, (grad_z @ weight).to(grad_h.dtype))
+                if want_w:
+                    grad_w.addmm_(grad_z.T.to(grad_w.dtype), h.to(grad_w.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, cfg: LossConfig, *,
+                         sparse: SparseTarget | None = None, teacher_hidden: Tensor | None = None,
+                         teacher_lm_head_weight: Tensor | None = None) -> dict[str, Tensor]:
+    """LM head + KD/CE loss in token chunks; the [N, V] logits never exist, in forward or backward.
+
+    hidden [..., H] (student final-norm output), lm_head_weight [V, H], labels [...] (IGNORE_INDEX = skip).
+    Targets: `sparse` (offline top-k + tail, log-probs at cfg.temperature) or `teacher_hidden` [..., H] with
+    `teacher_lm_head_weight` [V, H] (live teacher; may be the student's own lm_head tensor). Teacher tensors get
+    no gradient. The matmul runs in the inputs' dtype; the softmax math runs in float32.
+
+    Returns {"loss": kd_weight*T^2*kd + ce_weight*ce (differentiable), "kd": mean divergence, "ce": mean CE
+    (both detached, for logging), "tokens": number of non-ignored tokens}.
+    """
+    cfg.validate()
+    H = hidden.shape[-1]
+    hidden = hidden.reshape(-1, H)
+    labels = labels.reshape(-1)
+    vocab = lm_head_weight.shape[0]
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight shape {tuple(lm_head_weight.shape)} does not match hidden size {H}")
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} tokens, hidden has {hidden.shape[0]}")
+    valid = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    if valid.numel() and (labels[valid].min() < 0 or labels[valid].max() >= vocab):
+        raise ValueError(f"labels has values outside [0, {vocab}) other than {IGNORE_INDEX}")
+    ids = logprobs = tail = None
+    if sparse is not None and teacher_hidden is not None:
+        raise ValueError("give either sparse or teacher_hidden as the KD target, not both")
+    if sparse is not None:
+        flat = sparse.flat(hidden.shape[0], vocab)
+        ids, logprobs, tail = flat.topk_ids, flat.topk_logprobs, flat.tail_mass
+    if teacher_hidden is not None:
+        teacher_hidden, teacher_lm_head_weight = _check_teacher(teacher_hidden, teacher_lm_head_weight,
+                                                                hidden.shape[0], vocab)
+    if cfg.kd_weight and ids is None and teacher_hidden is None:
+        raise ValueError("loss.kd_weight > 0 needs a KD target: pass sparse= or teacher_hidden=")
+    loss, kd, ce = _ChunkedLMHeadLoss.apply(hidden, lm_head_weight, labels, valid, cfg, ids, logprobs, tail,
+                                            teacher_hidden, teacher_lm_head_weight)
+    return {"loss": loss, "kd": kd, "ce": ce, "tokens": torch.tensor(valid.numel(), device=hidden.device)}
+
+
+def _check_teacher(teacher_hidden: Tensor, weight: Tensor | None, num_tokens: int,
+                   vocab: int) -> tuple[Tensor, Tensor]:
+    if weight is None:
+        raise ValueError("teacher_hidden needs teacher_lm_head_weight")
+    th = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    if th.shape[0] != num_tokens:
+        raise ValueError(f"teacher_hidden has {th.shape[0]} tokens, hidden has {num_tokens}")
+    if tuple(weight.shape) != (vocab, th.shape[1]):
+        raise ValueError(f"teacher_lm_head_weight shape {tuple(weight.shape)} != (vocab={vocab}, {th.shape[1]})")
+    return th, weight.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hidden states and attention relations (live teacher only).
+
+
+def _token_mask(mask: Tensor | None, like: Tensor, name: str) -> Tensor:
+    lead = like.shape[:-1]
+    if mask is None:
+        return torch.ones(lead, dtype=torch.bool, device=like.device)
+    if tuple(mask.shape) != tuple(lead):
+        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} != token shape {tuple(lead)}")
+    return mask.bool()
+
+
+def hidden_state_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor | None, *,
+                      magnitude_weight: float = 0.0) -> Tensor:
+    """Mean over layers and masked-in tokens of (1 - cos(s, t)) + magnitude_weight * (|s| - |t|)^2 / |t|^2.
+
+    The magnitude term is the squared *relative* norm error, so it is scale-free across layers (the residual
+    stream grows with depth) and 0 iff the norms match; cosine alone ignores norms entirely.
+    Hidden states are [..., H] per layer, mask is [...] (True = token counts) or None.
+    """
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(f"hidden_state_loss: {len(student_hidden)} student layers vs {len(teacher_hidden)} teacher")
+    per_layer = []
+    for i, (s, t) in enumerate(zip(student_hidden, teacher_hidden)):
+        if s.shape != t.shape:
+            raise ValueError(f"hidden_state_loss layer {i}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+        keep = _token_mask(mask, s, f"hidden_state_loss layer {i}")
+        s32, t32 = s[keep].float(), t.detach()[keep].float()
+        term = 1.0 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)
+        if magnitude_weight:
+            t_norm = t32.norm(dim=-1)
+            term = term + magnitude_weight * (s32.norm(dim=-1) - t_norm).square() / t_norm.square().clamp_min(1e-12)
+        per_layer.append(term.sum() / max(term.numel(), 1))
+    return torch.stack(per_layer).mean()
+
+
+def _relations(x: Tensor, heads: int, temperature: float, key_mask: Tensor, name: str) -> Tensor:
+    """log softmax(X_h X_h^T / sqrt(d_r) / temperature) per relation head, causal; x [B, S, W] -> [B, h, S, S]."""
+    B, S, W = x.shape
+    if W % heads:
+        raise ValueError(f"attention_relation_loss: {name} width {W} is not divisible by {heads} relation heads")
+    xh = x.float().reshape(B, S, heads, W // heads).transpose(1, 2)
+    scores = xh @ xh.transpose(-1, -2) / (math.sqrt(W // heads) * temperature)
+    causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+    allowed = causal & key_mask[:, None, None, :]
+    # Every row keeps its diagonal so a masked-out row stays finite; those rows are dropped from the mean anyway.
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=x.device)
+    return torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), -1), allowed
+
+
+def attention_relation_loss(student_qkv: Sequence[Tensor], teacher_qkv: Sequence[Tensor], mask: Tensor | None, *,
+                            num_relation_heads: int, temperature: float = 1.0) -> Tensor:
+    """MiniLM-v2 / BitDistill self-attention relation distillation for one layer.
+
+    For X in (Q, K, V) (each [B, S, width], e.g. q_proj/k_proj/v_proj outputs; with GQA K/V are narrower): split
+    X into `num_relation_heads` heads of size d_r, R_X = softmax(X X^T / sqrt(d_r)) with a causal (and padding)
+    mask, then KL(R_X^teacher || R_X^student) per row. Summed over Q, K, V; mean over relation heads and valid rows.
+    mask: [B, S] True for real tokens (None = all).
+    """
+    if len(student_qkv) != 3 or len(teacher_qkv) != 3:
+        raise ValueError("attention_relation_loss expects (q, k, v) for student and teacher")
+    total = None
+    for name, s, t in zip("qkv", student_qkv, teacher_qkv):
+        if s.dim() != 3 or s.shape[:2] != t.shape[:2]:
+            raise ValueError(f"attention_relation_loss: {name} student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+        keep = _token_mask(mask, s, f"attention_relation_loss {name}")
+        log_s, allowed = _relations(s, num_relation_heads, temperature, keep, f"student {name}")
+        log_t, _ = _relations(t.detach(), num_relation_heads, temperature, keep, f"teacher {name}")
+        # Disallowed entries are -inf in both; zero their difference so they add nothing (not nan).
+        kl = (log_t.exp() * (log_t - log_s).masked_fill(~allowed, 0.0)).sum(-1)  # [B, h, S]
+        rows = keep[:, None, :].expand_as(kl)
+        term = kl[rows].sum() / max(rows.sum().item(), 1)
+        total = term if total is None else total + term
+    return total
