@@ -1,0 +1,49 @@
+"""Human-readable summary of a shard directory (backs tools/inspect_shards.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from megadistil.data.shards import Manifest, decode_sample
+
+
+def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 4, show_k: int = 5,
+             tokenizer: str | None = None) -> str:
+    m = Manifest.load(shard_dir)
+    tokens = m.seq_len * m.total_samples
+    total_bytes = sum(s.bytes for s in m.shards)
+    lines = [
+        f"manifest: format {m.format_version}  vocab {m.vocab_size}  k {m.top_k}  T {m.temperature}  "
+        f"seq_len {m.seq_len}",
+        f"teacher {m.teacher} ({m.teacher_fingerprint})  tokenizer {m.tokenizer_fingerprint}",
+        f"encodings: {json.dumps(m.encodings)}",
+        f"{len(m.shards)} shards  {m.total_samples} sequences  {tokens} tokens  {total_bytes / 1e6:.2f} MB  "
+        f"{total_bytes / max(tokens, 1):.1f} bytes/token (tar overhead included)",
+    ]
+    lines += [f"  {s.name}: {s.samples} samples  {s.bytes} B  sha256 {s.sha256[:16]}..." for s in m.shards[:20]]
+    raws = wds.tariterators.tarfile_samples([{"url": str(Path(shard_dir) / m.shards[0].name)}])
+    raw = next((r for i, r in enumerate(raws) if i == sample), None)
+    if raw is None:
+        raise ValueError(f"{m.shards[0].name}: has no sample {sample}")
+    dec = decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec)
+    tok = _tokenizer(tokenizer or m.teacher)
+    show = (lambda i: repr(tok.decode([int(i)]))) if tok is not None else str
+    lines.append(f"sample {raw['__key__']} (first {positions} positions; prob at T={m.temperature}):")
+    for t in range(min(positions, m.seq_len)):
+        cands = ", ".join(f"{show(i)} {np.exp(lp):.3f}" for i, lp in zip(dec.topk_ids[t, :show_k],
+                                                                          dec.topk_logprobs[t, :show_k]))
+        lines.append(f"  [{t}] token {show(dec.input_ids[t])} -> {cands}  tail {np.exp(dec.tail_logmass[t]):.4f}")
+    return "\n".join(lines)
+
+
+def _tokenizer(path: str):
+    if not path or not Path(path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -1,0 +1,294 @@
+"""Resumable WebDataset reader for teacher-output shards.
+
+Ordering model (what makes exact resume possible):
+
+- every (rank, stream) pair is a *slot*; a rank has ``max(1, num_workers)`` streams, one per DataLoader worker.
+  Shards are dealt to slots once (balanced by sample count, seeded), so ranks and streams read disjoint data
+  forever; with fewer shards than slots every slot reads all shards and keeps every n-th sample instead.
+- each slot is an infinite stream: epoch e visits its shards in a seeded order, samples go through a seeded
+  shuffle buffer that carries over epoch boundaries, and are grouped into batches.
+- a rank yields ``total_samples // (world_size * batch_size)`` batches per epoch, taking batch i from stream
+  ``i % num_streams`` (the DataLoader's in-order round robin). Ranks therefore never disagree on the batch count;
+  a rank whose shards hold fewer samples simply starts its next pass sooner.
+
+The state is the number of batches yielded. A restarted reader replays each stream's raw bytes up to its position
+(validated but not decoded) so the shuffle buffer is rebuilt bit-exactly, then continues.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample, decode_sample
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+ON_CORRUPT = ("fail", "skip")
+
+
+@dataclass
+class DataConfig:
+    """Reader knobs; the trainer supplies batch size, rank and world size."""
+
+    shards: str = ""
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    on_corrupt: str = "fail"
+    epochs: int | None = None
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"data.on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"data.epochs must be >= 1 or None, got {self.epochs}")
+
+
+class _SlotSource:
+    """Raw (validated, undecoded) samples of one slot, epoch after epoch."""
+
+    def __init__(self, shard_dir: Path, manifest: Manifest, slot: int, n_slots: int, seed: int, on_corrupt: str):
+        self.dir, self.m, self.slot, self.n_slots = shard_dir, manifest, slot, n_slots
+        self.seed, self.on_corrupt = seed, on_corrupt
+        self.skipped = 0
+        self.by_shard = len(manifest.shards) >= n_slots
+        self.my_shards = assign_shards(manifest, n_slots, seed)[slot] if self.by_shard else []
+
+    def epochs(self) -> Iterator[dict[str, Any]]:
+        epoch = 0
+        while True:
+            n = 0
+            for sample in self._epoch(epoch):
+                n += 1
+                yield sample
+            if n == 0:
+                raise ShardFormatError(f"{self.dir}: slot {self.slot} of {self.n_slots} got no valid sample in "
+                                       f"epoch {epoch} (all shards empty or skipped)")
+            epoch += 1
+
+    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng([self.seed, epoch, self.slot if self.by_shard else 0])
+        shards = self.my_shards if self.by_shard else list(range(len(self.m.shards)))
+        order = [shards[i] for i in rng.permutation(len(shards))]
+        offset = 0
+        for idx in order:
+            info = self.m.shards[idx]
+            keep = None if self.by_shard else (lambda j, o=offset: (o + j) % self.n_slots == self.slot)
+            yield from self._shard(info.name, info.samples, keep)
+            offset += info.samples
+
+    def _shard(self, name: str, expected: int, keep) -> Iterator[dict[str, Any]]:
+        path = self.dir / name
+        count, key = 0, None
+        try:
+            for raw in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+                key = raw["__key__"]
+                count += 1
+                if keep is not None and not keep(count - 1):
+                    continue
+                if self._valid(name, raw):
+                    yield raw
+        except ShardFormatError:
+            raise
+        except Exception as exc:  # tarfile.ReadError, OSError, ...: the shard cannot be read past this point
+            self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})")
+            return
+        if count != expected:
+            self._corrupt(f"shard {name}: holds {count} samples, manifest says {expected} (truncated?) "
+                          f"last key {key}")
+
+    def _valid(self, name: str, raw: dict[str, Any]) -> bool:
+        try:
+            check_raw_sample(raw, seq_len=self.m.seq_len, top_k=self.m.top_k, vocab_size=self.m.vocab_size)
+            return True
+        except ValueError as exc:
+            self._corrupt(f"shard {name} key {raw['__key__']}: {exc}")
+            return False
+
+    def _corrupt(self, msg: str) -> None:
+        if self.on_corrupt == "fail":
+            raise ShardFormatError(msg + " [data.on_corrupt=fail]")
+        self.skipped += 1
+        log.warning("skipping corrupt data (%d so far in slot %d): %s", self.skipped, self.slot, msg)
+
+
+def _first_arg(exc: BaseException) -> str:
+    return str(exc.args[0]) if exc.args else type(exc).__name__
+
+
+def assign_shards(manifest: Manifest, n_slots: int, seed: int) -> list[list[int]]:
+    """Deal shard indices to slots, largest first to the emptiest slot (ties in a seeded order)."""
+    perm = np.random.default_rng([seed, 1 << 20]).permutation(len(manifest.shards))
+    order = sorted(perm.tolist(), key=lambda i: -manifest.shards[i].samples)
+    slots: list[list[int]] = [[] for _ in range(n_slots)]
+    load = [0] * n_slots
+    for i in order:
+        s = min(range(n_slots), key=lambda j: (load[j], len(slots[j]), j))
+        slots[s].append(i)
+        load[s] += manifest.shards[i].samples
+    return slots
+
+
+def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    if bufsize <= 1:
+        yield from items
+        return
+    buf: list[dict[str, Any]] = []
+    for item in items:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = int(rng.integers(bufsize))
+        buf[j], item = item, buf[j]
+        yield item
+
+
+def collate(samples: list[Any]) -> dict[str, torch.Tensor]:
+    """Stack decoded samples; labels[t] = input_ids[t+1], last position -100 (all fields at logit positions)."""
+    ids = torch.from_numpy(np.stack([s.input_ids for s in samples]).astype(np.int64))
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "topk_ids": torch.from_numpy(np.stack([s.topk_ids for s in samples]).astype(np.int64)),
+        "topk_logprobs": torch.from_numpy(np.stack([s.topk_logprobs for s in samples])),
+        "tail_logmass": torch.from_numpy(np.stack([s.tail_logmass for s in samples])),
+    }
+
+
+class _Streams(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs: one logical stream, fast-forwarded to the resume point."""
+
+    def __init__(self, owner: "ShardStream", start: int):
+        self.o, self.start = owner, start
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+        o = self.o
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        stream = (physical + self.start) % o.num_streams  # the loader asks worker 0 first
+        done = len(range(stream, self.start, o.num_streams))
+        slot = o.rank * o.num_streams + stream
+        src = _SlotSource(o.dir, o.manifest, slot, o.world_size * o.num_streams, o.seed, o.on_corrupt)
+        rng = np.random.default_rng([o.seed, slot, 7])
+        batch: list[dict[str, Any]] = []
+        for raw in _shuffled(src.epochs(), o.shuffle_buffer, rng):
+            batch.append(raw)
+            if len(batch) < o.batch_size:
+                continue
+            if done > 0:
+                done -= 1  # replaying towards the resume point: bytes were validated, skip decoding
+            else:
+                yield o.decode_batch(batch), {"stream": stream, "skipped": src.skipped}
+            batch = []
+
+
+class ShardStream:
+    """Iterable of batches (dicts of tensors aligned to logit positions; see ``collate``).
+
+    ``tail_logmass`` is log(1 - sum(exp(topk_logprobs))), float32 [B,S]; topk_* are sorted by descending prob.
+    """
+
+    def __init__(
+        self, shard_dir: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+        shuffle_buffer: int = 1000, seed: int = 0, on_corrupt: str = "fail", epochs: int | None = None,
+        prefetch_factor: int = 2, vocab_size: int | None = None, tokenizer_fingerprint: str | None = None,
+    ):
+        DataConfig(str(shard_dir), num_workers, shuffle_buffer, seed, on_corrupt, epochs).validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.dir = Path(shard_dir)
+        self.manifest = Manifest.load(self.dir)
+        if vocab_size is not None:
+            self.manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint)
+        missing = [s.name for s in self.manifest.shards if not (self.dir / s.name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.dir}: shard(s) listed in the manifest are missing: {missing[:5]}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.num_streams = num_workers, max(1, num_workers)
+        self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
+        self.prefetch_factor = prefetch_factor
+        self.batches_per_epoch = self.manifest.total_samples // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
+                             f"{world_size} x batch_size {batch_size}")
+        self.consumed = 0
+        self._skipped_by_stream: dict[int, int] = {}
+        self._manifest_sha = hashlib.sha256((self.dir / "manifest.json").read_bytes()).hexdigest()[:16]
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                    **kw: Any) -> "ShardStream":
+        return cls(cfg.shards, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                   shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, on_corrupt=cfg.on_corrupt, epochs=cfg.epochs,
+                   prefetch_factor=cfg.prefetch_factor, **kw)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples/shards skipped so far (on_corrupt='skip'), summed over this rank's streams."""
+        return sum(self._skipped_by_stream.values())
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.batches_per_epoch
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an infinite ShardStream (epochs=None) has no len()")
+        return self.epochs * self.batches_per_epoch
+
+    def decode_batch(self, raws: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        m, out = self.manifest, []
+        for raw in raws:
+            try:
+                out.append(decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size,
+                                         codec=m.codec))
+            except ValueError as exc:
+                raise ShardFormatError(f"shard {Path(raw['__url__']).name} key {raw['__key__']}: {exc}") from None
+        return collate(out)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        total = None if self.epochs is None else self.epochs * self.batches_per_epoch
+        if total is not None and self.consumed >= total:
+            return
+        ds = _Streams(self, self.consumed)
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        it = iter(loader)
+        try:
+            while total is None or self.consumed < total:
+                batch, meta = next(it)
+                self._skipped_by_stream[int(meta["stream"])] = int(meta["skipped"])
+                self.consumed += 1
+                yield batch
+        finally:
+            del it  # shuts the (infinite) workers down
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "batches": self.consumed, "skipped": self.skipped, **self._identity()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data-stream state version {sd.get('version')!r} != {STATE_VERSION}")
+        for name, mine in self._identity().items():
+            if sd.get(name) != mine:
+                raise ValueError(f"data-stream state has {name}={sd.get(name)!r} but this reader has {mine!r}; "
+                                 "exact resume needs the same value")
+        self.consumed = int(sd["batches"])
+
+    def _identity(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed,
+                "manifest": self._manifest_sha}

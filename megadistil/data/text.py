@@ -1,0 +1,93 @@
+"""Read a text corpus with `datasets`, tokenise, and pack into fixed-length sequences.
+
+Used by tools/precompute_teacher.py and by the trainer's live-teacher path (``data.text``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def expand_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
+    """Expand globs; keep order; error naming any pattern that matches nothing or an unsupported suffix."""
+    files: list[str] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(str(pat))) if glob.has_magic(str(pat)) else [str(pat)]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise FileNotFoundError(f"text input {pat}: no such file")
+        for m in matches:
+            if Path(m).suffix.lower() not in _BUILDERS:
+                raise ValueError(f"text input {m}: unsupported suffix (use {sorted(_BUILDERS)})")
+            if os.path.getsize(m) == 0:
+                raise ValueError(f"text input {m}: file is empty")
+        files.extend(matches)
+    return files
+
+
+def iter_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:
+    """Yield documents: one per line for .txt, the `text` field for .jsonl/.parquet. Streams, in file order."""
+    import datasets
+
+    for path in expand_files(files):
+        builder = _BUILDERS[Path(path).suffix.lower()]
+        ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
+        n = 0
+        for row in ds:
+            if "text" not in row:
+                raise ValueError(f"text input {path}: rows have no 'text' field (fields: {sorted(row)})")
+            text = row["text"]
+            if text:
+                n += 1
+                yield text
+        if n == 0:
+            raise ValueError(f"text input {path}: holds no non-empty text")
+
+
+def pack_text(
+    files: Sequence[str | os.PathLike],
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    add_eos: bool = True,
+    batch_docs: int = 256,
+    drop_last: bool = True,
+) -> Iterator[np.ndarray]:
+    """Yield int64 arrays of exactly ``seq_len`` tokens (no shift: callers derive labels from it).
+
+    Documents are concatenated with the tokenizer's EOS between them (EOS after every document) and cut into
+    consecutive windows; a trailing partial window is dropped (``drop_last``) or returned shorter.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("tokenizer has no eos_token_id; pass add_eos=False or set one")
+    buf: list[int] = []
+    for docs in _batched(iter_documents(files), batch_docs):
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            buf.extend(ids)
+            if add_eos:
+                buf.append(eos)
+        while len(buf) >= seq_len:
+            yield np.asarray(buf[:seq_len], dtype=np.int64)
+            del buf[:seq_len]
+    if buf and not drop_last:
+        yield np.asarray(buf, dtype=np.int64)
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
