@@ -163,20 +163,22 @@ def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bo
 
 def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor,
                need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V]."""
+    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (left unchanged)."""
     vocab, k = s.shape[-1], ids.shape[-1]
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    logq_top = s.gather(-1, ids) - lse
+    s_top = s.gather(-1, ids)
     if k == vocab:
         # Full target: the complement is empty and the stored tail is rounding noise, so there is no tail bucket.
+        logq_top = s_top - torch.logsumexp(s, -1, keepdim=True)
         kd, g = _bucket_divergence(kind, beta, t_logprobs, logq_top, t_logprobs.exp(), need_grad)
         if g is None:
             return kd, None
         grad_top = g - logq_top.exp() * g.sum(-1, keepdim=True)
         return kd, torch.zeros_like(s).scatter_(-1, ids, grad_top)
-    complement = s.scatter(-1, ids, float("-inf"))
-    lse_tail = torch.logsumexp(complement, -1, keepdim=True)
-    logq = torch.cat([logq_top, lse_tail - lse], -1)
+    # The one [c, V] buffer of this function: the complement's logits, turned in place into exp(s_j - lse_tail).
+    tail_exp = s.scatter(-1, ids, float("-inf"))
+    lse_tail = _logsumexp_(tail_exp)
+    lse = torch.logaddexp(torch.logsumexp(s_top, -1, keepdim=True), lse_tail)
+    logq = torch.cat([s_top, lse_tail], -1) - lse
     p_tail = tail.clamp(0.0, 1.0).unsqueeze(-1)
     logp = torch.cat([t_logprobs, p_tail.clamp_min(TAIL_MASS_FLOOR).log()], -1)
     p = torch.cat([t_logprobs.exp(), p_tail], -1)
@@ -188,8 +190,16 @@ def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tenso
     # Complement ids j: d log q_tail / d s_j = q_j / q_tail - q_j, so grad_j = exp(s_j - lse_tail) * (g_tail -
     # G q_tail) with G = sum_b g_b; written this way nothing divides by a tiny q_tail.
     coef = g[:, -1:] - g_sum * q[:, -1:]
-    grad = complement.sub_(lse_tail).exp_().mul_(coef)
+    grad = tail_exp.mul_(coef)
     return kd, grad.scatter_(-1, ids, g[:, :-1] - q[:, :-1] * g_sum)
+
+
+def _logsumexp_(x: Tensor) -> Tensor:
+    """logsumexp over the last dim (keepdim); overwrites x with exp(x - lse) to avoid a [c, V] temporary."""
+    m = x.amax(-1, keepdim=True)
+    lse = m + x.sub_(m).exp_().sum(-1, keepdim=True).log()
+    x.mul_((m - lse).exp())
+    return lse
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,30 +217,33 @@ class _Chunk:
 
 def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tensor | None,
                  need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz. z: float32 logits [c, V]."""
+    """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz.
+
+    z: float32 logits [c, V], consumed (overwritten) to keep the number of [c, V] buffers low.
+    """
     T = cfg.temperature
-    s = z / T if T != 1.0 else z
-    kd = grad_s = None
-    if chunk.sparse is not None:
-        sp = chunk.sparse
-        kd, grad_s = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_mass, need_grad)
-    elif chunk.teacher_hidden is not None:
-        with torch.no_grad():
-            t_logits = (chunk.teacher_hidden @ teacher_weight.T).float()
-        kd, grad_s = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
-    lse1 = torch.logsumexp(z, -1)
-    ce = lse1 - z.gather(-1, chunk.labels.unsqueeze(-1)).squeeze(-1)
+    lse1 = torch.logsumexp(z, -1, keepdim=True)
+    ce = (lse1 - z.gather(-1, chunk.labels.unsqueeze(-1))).squeeze(-1)
+    kd = grad = None
+    if chunk.sparse is not None or chunk.teacher_hidden is not None:
+        s = z / T if T != 1.0 else z
+        if chunk.sparse is not None:
+            sp = chunk.sparse
+            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_mass, need_grad)
+        else:
+            with torch.no_grad():
+                t_logits = (chunk.teacher_hidden @ teacher_weight.T).float()
+            kd, grad = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
+        del s
     kd_sum = kd.sum() if kd is not None else z.new_zeros(())
     if not need_grad:
         return kd_sum, ce.sum(), None
-    grad_z = torch.zeros_like(z)
-    if grad_s is not None and cfg.kd_weight:
-        grad_z.add_(grad_s, alpha=cfg.kd_weight * T)  # T^2 scaling times ds/dz = 1/T
+    grad = grad.mul_(cfg.kd_weight * T) if grad is not None else None  # T^2 scaling times ds/dz = 1/T
     if cfg.ce_weight:
-        soft = (z - lse1.unsqueeze(-1)).exp_()
-        soft.scatter_add_(-1, chunk.labels.unsqueeze(-1), -torch.ones_like(ce).unsqueeze(-1))
-        grad_z.add_(soft, alpha=cfg.ce_weight)
-    return kd_sum, ce.sum(), grad_z
+        soft = z.sub_(lse1).exp_()
+        soft.scatter_add_(-1, chunk.labels.unsqueeze(-1), -torch.ones_like(lse1))
+        grad = soft.mul_(cfg.ce_weight) if grad is None else grad.add_(soft, alpha=cfg.ce_weight)
+    return kd_sum, ce.sum(), grad if grad is not None else torch.zeros_like(z)
 
 
 def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_hidden: Tensor | None,
