@@ -386,9 +386,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         model = json.loads(backend.to_str()).get("model", {})
-        payload: Any = {"vocab": model.get("vocab"), "merges": model.get("merges"), "type": model.get("type")}
+        payload: Any = {"merges": model.get("merges"), "type": model.get("type")}
     else:
-        payload = {"vocab": tokenizer.get_vocab()}
+        payload = {}
+    payload["vocab"] = tokenizer.get_vocab()  # includes added tokens
     payload["special"] = sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))
     payload["eos"] = getattr(tokenizer, "eos_token_id", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]

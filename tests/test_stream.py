@@ -1,0 +1,146 @@
+"""ShardStream: exact resume (workers + shuffle buffer), disjoint ranks with equal batch counts, corrupt shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from megadistil.data import ShardFormatError, ShardStream
+from megadistil.data.precompute import PrecomputeConfig, run_precompute
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_llama_dir, stdlib_text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    run_precompute(PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(out),
+                                    seq_len=16, top_k=4, batch_size=8, shard_bytes=1500, max_sequences=70,
+                                    progress=False))
+    return out
+
+
+def _rows(batches) -> list[tuple[int, ...]]:
+    return [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
+
+
+def _take(stream, n):
+    out = []
+    for b in stream:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_batch_layout(shards):
+    b = next(iter(ShardStream(shards, batch_size=3, shuffle_buffer=0)))
+    assert b["input_ids"].shape == (3, 16) and b["topk_ids"].shape == (3, 16, 4)
+    assert b["input_ids"].dtype == b["labels"].dtype == b["topk_ids"].dtype == torch.int64
+    assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:]) and (b["labels"][:, -1] == -100).all()
+    total = b["topk_logprobs"].double().exp().sum(-1) + b["tail_logmass"].double().exp()
+    torch.testing.assert_close(total, torch.ones_like(total), atol=2e-3, rtol=0)
+    assert (b["topk_logprobs"].diff(dim=-1) <= 0).all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_yields_the_same_batches(shards, workers):
+    kw = dict(batch_size=4, num_workers=workers, shuffle_buffer=10, seed=3)
+    reference = _take(ShardStream(shards, **kw), 25)  # crosses an epoch boundary (17 batches per epoch)
+    first = ShardStream(shards, **kw)
+    head = _take(first, 7)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = ShardStream(shards, **kw)
+    resumed.load_state_dict(state)
+    _same(head + _take(resumed, 18), reference)
+    assert resumed.state_dict()["batches"] == 25
+
+
+def test_resume_state_must_match(shards):
+    sd = ShardStream(shards, batch_size=4, num_workers=2).state_dict()
+    with pytest.raises(ValueError, match="num_workers=2 but this reader has 0"):
+        ShardStream(shards, batch_size=4).load_state_dict(sd)
+
+
+def test_two_ranks_disjoint_same_batch_count(shards):
+    streams = [ShardStream(shards, batch_size=4, rank=r, world_size=2, num_workers=2, epochs=1) for r in (0, 1)]
+    seen = [_rows(list(s)) for s in streams]
+    assert len(seen[0]) == len(seen[1]) == 4 * streams[0].batches_per_epoch == 4 * len(streams[0])
+    assert not set(seen[0]) & set(seen[1])
+    everything = set(_rows(list(ShardStream(shards, batch_size=1, epochs=1, shuffle_buffer=0))))
+    assert set(seen[0]) | set(seen[1]) <= everything
+
+
+def test_manifest_mismatch_is_refused(shards):
+    with pytest.raises(ValueError, match="student vocab_size 500"):
+        ShardStream(shards, batch_size=2, vocab_size=500)
+    with pytest.raises(ValueError, match="tokenizer fingerprint nope"):
+        ShardStream(shards, batch_size=2, vocab_size=384, tokenizer_fingerprint="nope")
+
+
+def _flip_byte_in_member(path, member_suffix: str):
+    """Rewrite the tar with one bit flipped in the first member ending in member_suffix; return its key."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    key = None
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for m, data in members:
+            if key is None and m.name.endswith(member_suffix):
+                key = m.name[: -len(member_suffix)]
+                data = data[:7] + bytes([data[7] ^ 4]) + data[8:]
+            tf.addfile(m, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+    return key
+
+
+def test_corrupted_member_fail_names_shard_and_key(shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    name = sorted(p.name for p in bad.glob("*.tar"))[2]
+    key = _flip_byte_in_member(bad / name, ".bin")
+    with pytest.raises(ShardFormatError, match=rf"shard {name} key {key}: crc32 mismatch"):
+        list(ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1))
+
+
+def test_corrupted_member_skip_counts_and_logs(shards, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    name = sorted(p.name for p in bad.glob("*.tar"))[0]
+    _flip_byte_in_member(bad / name, ".bin")
+    stream = ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip")
+    with caplog.at_level(logging.WARNING):
+        n = len(list(stream))
+    assert n == len(stream) and stream.skipped == 1 and stream.state_dict()["skipped"] == 1
+    assert f"shard {name} key" in caplog.text
+
+
+def test_truncated_shard(shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    name = sorted(p.name for p in bad.glob("*.tar"))[1]
+    data = (bad / name).read_bytes()
+    (bad / name).write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardFormatError, match=rf"shard {name}"):
+        list(ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1))
+    skipping = ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip")
+    assert len(list(skipping)) == len(skipping) and skipping.skipped >= 1
+
+
+def test_bad_config_is_refused(shards):
+    with pytest.raises(ValueError, match="on_corrupt must be one of"):
+        ShardStream(shards, batch_size=2, on_corrupt="ignore")
+    with pytest.raises(ValueError, match="fewer than world_size 2 x batch_size 1000"):
+        ShardStream(shards, batch_size=1000, world_size=2)
