@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.inspect import describe  # noqa: E402
+from megadistil.data.inspect import describe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.precompute import PrecomputeConfig, run_precompute  # noqa: E402
+from megadistil.data.precompute import PrecomputeConfig, run_precompute
 
 
 def parse(argv: list[str] | None = None) -> PrecomputeConfig:

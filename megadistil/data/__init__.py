@@ -1,7 +1,14 @@
 """Teacher outputs as WebDataset shards: format (shards), reader (stream), corpus packing (text), writer (precompute)."""
 
 from megadistil.data.shards import (
-    FORMAT_VERSION, Manifest, ProbCodec, ShardFormatError, ShardInfo, TeacherSample, decode_sample, encode_sample,
+    FORMAT_VERSION,
+    Manifest,
+    ProbCodec,
+    ShardFormatError,
+    ShardInfo,
+    TeacherSample,
+    decode_sample,
+    encode_sample,
     tokenizer_fingerprint,
 )
 from megadistil.data.stream import DataConfig, ShardStream, collate

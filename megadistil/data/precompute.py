@@ -14,15 +14,21 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from megadistil.data.shards import (
-    Manifest, ProbCodec, ShardInfo, encode_sample, encodings_description, sha256_file,
+    Manifest,
+    ProbCodec,
+    ShardInfo,
+    encode_sample,
+    encodings_description,
+    sha256_file,
     tokenizer_fingerprint,
 )
 from megadistil.data.text import expand_files, pack_text
@@ -69,8 +75,8 @@ class PrecomputeConfig:
 
 def dist_env() -> tuple[int, int]:
     """(rank, world_size) from the launcher's environment (deepspeed, torchrun and srun all set RANK/WORLD_SIZE)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     if world > 1 and not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -109,7 +115,7 @@ def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
 
     tok = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False)
     dtype = _torch_dtype(cfg.dtype)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
     if not cfg.zero3:
         model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False)

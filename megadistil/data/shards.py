@@ -328,7 +328,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, shard_dir: str | os.PathLike) -> "Manifest":
+    def load(cls, shard_dir: str | os.PathLike) -> Manifest:
         path = Path(shard_dir) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no manifest (is {shard_dir} a precompute_teacher output that finished?)")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,7 @@ class _SlotSource:
                     yield raw
         except ShardFormatError:
             raise
-        except Exception as exc:  # tarfile.ReadError, OSError, ...: the shard cannot be read past this point
+        except Exception as exc:  # noqa: BLE001 - tarfile/gzip/OS errors alike: this shard ends here
             self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})")
             return
         if count != expected:
@@ -171,7 +172,7 @@ def collate(samples: list[Any]) -> dict[str, torch.Tensor]:
 class _Streams(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs: one logical stream, fast-forwarded to the resume point."""
 
-    def __init__(self, owner: "ShardStream", start: int):
+    def __init__(self, owner: ShardStream, start: int):
         self.o, self.start = owner, start
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
@@ -230,7 +231,7 @@ class ShardStream:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                    **kw: Any) -> "ShardStream":
+                    **kw: Any) -> ShardStream:
         return cls(cfg.shards, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
                    shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, on_corrupt=cfg.on_corrupt, epochs=cfg.epochs,
                    prefetch_factor=cfg.prefetch_factor, **kw)

@@ -1,0 +1,149 @@
+"""Teacher-output shard format: bytes/token, reconstruction KL, codec and loader throughput.
+
+    .venv/bin/python bench/shards.py [--seq-len 512] [--sequences 8]
+
+Teachers are tiny random Llamas (1 layer) with the given vocab; "peaked" scales the LM head so the next-token
+entropy resembles a trained model's (a few nats), "random" leaves init weights (near-uniform distributions).
+Writes bench/results/shards.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megadistil.data import Manifest, ShardStream, decode_sample, encode_sample
+from megadistil.data.precompute import PrecomputeConfig, run_precompute
+from tests.conftest import _stdlib_text, _train_tokenizer
+
+
+def make_teacher(root: Path, vocab: int, head_scale: float) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _train_tokenizer(384)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    out = root / f"teacher-{vocab}-{head_scale}"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def exact_logprobs(teacher: Path, ids: np.ndarray, temperature: float) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.from_numpy(ids)[None]).logits[0] / temperature, -1).numpy()
+
+
+def mean_kl(lp: np.ndarray, dec, k: int) -> float:
+    top = np.argsort(-lp, axis=1)[:, :k]
+    p = np.take_along_axis(lp, top, 1)
+    pos = {}
+    kls = []
+    for t in range(len(lp)):
+        pos = dict(zip(dec.topk_ids[t].tolist(), dec.topk_logprobs[t].astype(np.float64)))
+        q = np.array([pos.get(i, -np.inf) for i in top[t]])
+        kl = np.sum(np.exp(p[t]) * (p[t] - q))
+        tail = np.log1p(-np.exp(np.logaddexp.reduce(p[t])))
+        if np.isfinite(tail):
+            kl += np.exp(tail) * (tail - dec.tail_logmass[t])
+        kls.append(kl)
+    return float(np.mean(kls))
+
+
+def first_sample(out: Path, m: Manifest):
+    import webdataset as wds
+
+    raw = next(iter(wds.tariterators.tarfile_samples([{"url": str(out / m.shards[0].name)}])))
+    return raw, decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec)
+
+
+def codec_throughput(raw, m: Manifest, dec) -> tuple[float, float]:
+    kw = dict(seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec)
+    n = 5
+    t = time.perf_counter()
+    for _ in range(n):
+        decode_sample(raw, **kw)
+    dec_s = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    for _ in range(n):
+        encode_sample(dec.input_ids, dec.topk_ids, dec.topk_logprobs, vocab_size=m.vocab_size, codec=m.codec)
+    enc_s = (time.perf_counter() - t) / n
+    return m.seq_len / enc_s, m.seq_len / dec_s
+
+
+def loader_tokens_per_s(out: Path, workers: int, batches: int) -> float:
+    stream = ShardStream(out, batch_size=2, num_workers=workers, shuffle_buffer=4)
+    it = iter(stream)
+    next(it)  # worker start-up is not throughput
+    t = time.perf_counter()
+    tokens = 0
+    for _ in range(batches):
+        tokens += next(it)["input_ids"].numel()
+    rate = tokens / (time.perf_counter() - t)
+    it.close()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--sequences", type=int, default=8)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        text = root / "corpus.txt"
+        text.write_text("\n".join(_stdlib_text()))
+        for vocab, kind, scale in [(128256, "random", 1.0), (128256, "peaked", 40.0), (384, "peaked", 20.0)]:
+            teacher = make_teacher(root, vocab, scale)
+            lp_cache = {}
+            for k in (16, 50, 64, 128):
+                out = root / f"s-{vocab}-{kind}-{k}"
+                m = run_precompute(PrecomputeConfig(teacher=str(teacher), text=[str(text)], out=str(out),
+                                                    seq_len=args.seq_len, top_k=k, max_sequences=args.sequences,
+                                                    progress=False, batch_size=4))
+                raw, dec = first_sample(out, m)
+                key = tuple(dec.input_ids[:8])
+                if key not in lp_cache:
+                    lp_cache[key] = exact_logprobs(teacher, dec.input_ids, m.temperature)
+                lp = lp_cache[key]
+                entropy = float(-(np.exp(lp) * lp).sum(1).mean())
+                enc_tps, dec_tps = codec_throughput(raw, m, dec)
+                row = {"vocab": vocab, "teacher": kind, "entropy_nats": round(entropy, 2), "k": k,
+                       "bytes_per_token": sum(s.bytes for s in m.shards) / (m.total_samples * m.seq_len),
+                       "kl_mean": mean_kl(lp, dec, k), "encode_tok_s": enc_tps, "decode_tok_s": dec_tps}
+                if k == 64:
+                    for w in (0, 1, 2):
+                        row[f"loader_tok_s_w{w}"] = loader_tokens_per_s(out, w, batches=8)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print(f"{'vocab':>7} {'teacher':>7} {'H':>5} {'k':>4} {'B/tok':>7} {'KL':>9} {'enc tok/s':>10} {'dec tok/s':>10}"
+          f" {'load w0':>9} {'w1':>9} {'w2':>9}")
+    for r in rows:
+        load = " ".join(f"{r.get(f'loader_tok_s_w{w}', float('nan')):9.0f}" for w in (0, 1, 2))
+        print(f"{r['vocab']:7d} {r['teacher']:>7} {r['entropy_nats']:5.2f} {r['k']:4d} {r['bytes_per_token']:7.1f} "
+              f"{r['kl_mean']:9.2e} {r['encode_tok_s']:10.0f} {r['decode_tok_s']:10.0f} {load}")
+    res = Path(__file__).resolve().parent / "results"
+    res.mkdir(exist_ok=True)
+    (res / "shards.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
