@@ -261,3 +261,15 @@ def test_compiled_quantizers_give_the_eager_codes():
     for (c0, s0), (c1, s1) in zip(eager, compiled):
         assert torch.equal(c0, c1)
         torch.testing.assert_close(s0, s1, rtol=1e-6, atol=0)
+
+
+def test_merge_then_reset_leaves_student_output_bitwise_unchanged():
+    layer = _random_layer(subln=True, backward="int8")
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge_lora_()
+        layer.reset_lora(torch.Generator().manual_seed(5))
+        after = layer(x)
+    assert torch.equal(before, after)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0

@@ -21,9 +21,19 @@ BACKWARD_MODES = ("int8", "bf16")
 def effective_weight(
     weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """W + ΔW + s·B·A in float32 (transient: computed in forward and again in backward, never saved)."""
-    w = torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
-    return w if delta is None else w.add_(delta.float())
+    """W + (ΔW + s·B·A) in float32 (transient: computed in forward and again in backward, never saved).
+
+    The bracket is `merged_delta`: after a ReLoRA merge (ΔW' = ΔW + s·B·A, B = 0) it evaluates to the same float32
+    value bit for bit, so a merge leaves the student's logits exactly unchanged when ΔW is stored in float32.
+    """
+    if delta is None:
+        return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
+    return merged_delta(delta, lora_A, lora_B, scaling).add_(weight.float())
+
+
+def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW."""
+    return torch.addmm(delta.float(), lora_B.float(), lora_A.float(), alpha=scaling)
 
 
 class BitLinearFunction(torch.autograd.Function):
@@ -153,6 +163,13 @@ class BitLinear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         return effective_weight(self.weight, self.delta, self.lora_A, self.lora_B, self.scaling)
+
+    @torch.no_grad()
+    def merge_lora_(self) -> None:
+        """ΔW += s·B·A; the caller re-initialises A and B (and, under ZeRO-3, their optimizer master copies)."""
+        if self.delta is None:
+            raise RuntimeError("BitLinear was built without ΔW (delta=False): ReLoRA merges need it")
+        self.delta.copy_(merged_delta(self.delta, self.lora_A, self.lora_B, self.scaling))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.teacher:

@@ -1,0 +1,245 @@
+"""The run config: typed sections composed into one schema, merged defaults <- yaml <- dotlist (strict), validated
+in one place before any heavy work, and reconciled with the DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megadistil.bitnet import BitNetConfig
+from megadistil.data.stream import DataConfig
+from megadistil.distill.losses import LossConfig
+
+DTYPES = ("auto", "bf16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+class ConfigError(ValueError):
+    """A run config or ds_config problem, named by its key."""
+
+
+@dataclass
+class ModelConfig:
+    student: str = "???"  # HF model dir: the teacher's weights, which the student starts from
+    teacher: str = "shared"  # shared (teacher mode of the student's own W) | an HF dir | none (offline shards)
+    teacher_top_k: int = 64  # a separate HF teacher's live targets: top-k log-probs + tail, like the shards
+    tokenizer: str | None = None  # default: the student dir
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa
+    activation_checkpointing: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ReLoRAConfig:
+    reset_every: int = 0  # steps between merges of B·A into ΔW; 0 = no merges (and no ΔW allocated)
+    restart_warmup_steps: int = 10  # the jagged schedule's warmup after each reset
+    optimizer_reset: str = "prune"  # zero | prune: what happens to the Adam moments of the re-initialised adapters
+    prune_ratio: float = 0.99  # fraction of the moments (smallest magnitude) zeroed by `prune`
+
+
+@dataclass
+class ParamGroup:
+    pattern: str = ".*"  # regex on parameter names; first match wins
+    lr_mult: float = 1.0  # 0 freezes
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Trainable by default: the LoRA factors and SubLN. Groups here may unfreeze others (e.g. norms) or freeze.
+    param_groups: list[ParamGroup] = field(default_factory=list)
+
+
+@dataclass
+class RunDataConfig(DataConfig):
+    text: list[str] = field(default_factory=list)  # text files for a live teacher (instead of shards)
+    eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
+    seq_len: int = 256  # packing length for text (shards carry their own)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    output_dir: str = "runs/tiny"
+    save_every: int = 50
+    seed: int = 0
+    resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest if present | never
+    eval_every: int = 0  # steps between held-out perplexity evaluations; 0 = only at the end
+    eval_batches: int = 8
+    max_nan_steps: int = 3  # consecutive non-finite losses that stop the run
+    dist_timeout_s: float = 600.0  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megadistil"
+    name: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class StageConfig:
+    """From `start_step` on, these dotted overrides apply (e.g. BitDistill's stages: loss weights, lr, groups)."""
+
+    start_step: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bitnet: BitNetConfig = field(default_factory=BitNetConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    data: RunDataConfig = field(default_factory=RunDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """defaults <- yaml <- dotlist, strict: an unknown key or a wrong type is an error naming the key."""
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}" if key else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def stage_config(cfg: RunConfig, step: int) -> RunConfig:
+    """The config in force at `step`: the base with every stage that has started applied in order."""
+    active = [s for s in cfg.stages if s.start_step <= step]
+    if not active:
+        return cfg
+    merged = OmegaConf.structured(cfg)
+    for stage in active:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{k}={json.dumps(v)}" for k, v in stage.overrides.items()]))
+    return OmegaConf.to_object(merged)
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no heavy work. Sections validate themselves; cross-section rules live here."""
+    m, t, o, r = cfg.model, cfg.train, cfg.optim, cfg.relora
+    _check(m.student != "???", "model.student", "is required (an HF model directory)")
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {ATTN_IMPLEMENTATIONS}")
+    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data")):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    _check(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _check(t.save_every >= 1, "train.save_every", "must be >= 1")
+    _check(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
+    _check(t.max_nan_steps >= 1, "train.max_nan_steps", "must be >= 1")
+    _check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
+    _check(o.lr > 0, "optim.lr", "must be > 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
+    for i, group in enumerate(o.param_groups):
+        _check(group.lr_mult >= 0, f"optim.param_groups.{i}.lr_mult", "must be >= 0")
+        try:
+            re.compile(group.pattern)
+        except re.error as e:
+            raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
+    _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
+    _check(r.optimizer_reset in ("zero", "prune"), "relora.optimizer_reset", "must be zero or prune")
+    _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
+    _check(bool(cfg.data.shards) != bool(cfg.data.text), "data", "set exactly one of data.shards and data.text")
+    if cfg.data.text:
+        _check(m.teacher != "none", "model.teacher", "data.text needs a live teacher (shared or an HF dir)")
+        _check(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2")
+    _check(cfg.log.wandb.mode in ("offline", "online", "disabled"), "log.wandb.mode", "must be offline, online or disabled")
+    for i, stage in enumerate(cfg.stages):
+        _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
+        for key in stage.overrides:
+            _check(key.split(".")[0] in ("loss", "optim"), f"stages.{i}.overrides.{key}",
+                   "stages may override loss.* and optim.* only")
+        try:
+            stage_config(cfg, stage.start_step).loss.validate()
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
+
+
+def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size: int, bf16: bool) -> dict[str, Any]:
+    """Fill the ds_config's "auto" values from the run config; a value that contradicts it is an error."""
+    ds = json.loads(json.dumps(ds_config))
+    t = cfg.train
+    expected = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, want in expected.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and have != want:
+            raise ConfigError(f"ds_config {key}={have} contradicts the run config ({want}); set it to \"auto\"")
+        ds[key] = want
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"ds_config has an {section!r} section: megadistil builds it from optim.*; remove it")
+    for key, want in (("bf16", bf16), ("fp16", False)):
+        have = ds.get(key, {}).get("enabled", "auto")
+        if have != "auto" and bool(have) != want:
+            raise ConfigError(f"ds_config {key}.enabled={have} contradicts model.dtype={cfg.model.dtype} "
+                              f"(resolved to {'bf16' if bf16 else 'fp32'})")
+        ds.setdefault(key, {})["enabled"] = want
+    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    return ds
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"ds_config {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
+
+
+def as_dict(cfg: RunConfig) -> DictConfig:
+    return OmegaConf.structured(cfg)

@@ -1,0 +1,53 @@
+"""Packed text in memory for a live teacher: deterministic epochs, rank slices, exact resume by position."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from megadistil.data.text import pack_text
+
+IGNORE_INDEX = -100
+
+
+def shifted_batch(seqs: np.ndarray) -> dict[str, torch.Tensor]:
+    """input_ids and labels aligned to logit positions: labels[:, t] = input_ids[:, t+1], last = ignore."""
+    ids = torch.from_numpy(np.ascontiguousarray(seqs, dtype=np.int64))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return {"input_ids": ids, "labels": labels}
+
+
+class PackedTextBatches:
+    """Every epoch a seeded permutation of all sequences; each global batch is split across ranks."""
+
+    def __init__(self, sequences: np.ndarray, *, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.seqs, self.batch_size, self.rank, self.world = sequences, batch_size, rank, world_size
+        self.seed = seed
+        self.per_epoch = len(sequences) // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"data.text holds {len(sequences)} sequences: fewer than one global batch "
+                             f"({batch_size} x {world_size} ranks)")
+        self.epoch, self.index = 0, 0
+
+    @classmethod
+    def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
+        return cls(np.stack(list(pack_text(files, tokenizer, seq_len))), **kwargs)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.seqs))
+            while self.index < self.per_epoch:
+                start = (self.index * self.world + self.rank) * self.batch_size
+                self.index += 1
+                yield shifted_batch(self.seqs[order[start:start + self.batch_size]])
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])

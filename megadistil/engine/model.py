@@ -1,0 +1,91 @@
+"""Build the student (sharded from the start under ZeRO-3) and its optimizer parameter groups."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+
+from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
+from megadistil.config import ConfigError, RunConfig
+
+# Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
+DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
+
+
+def resolve_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
+
+
+def resolve_attn(cfg: RunConfig) -> str:
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def check_model_dir(path: str, key: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"config key {key!r}: {path} is not a model directory (no config.json)")
+
+
+def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any]) -> nn.Module:
+    """Load an HF causal LM; under ZeRO-3 transformers loads it straight into shards (zero.Init)."""
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must stay alive during from_pretrained
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(cfg), attn_implementation=resolve_attn(cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def build_student(cfg: RunConfig, ds_config: dict[str, Any]) -> nn.Module:
+    check_model_dir(cfg.model.student, "model.student")
+    model = load_causal_lm(cfg.model.student, cfg, ds_config)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    b = cfg.bitnet
+    # New parameters (ΔW, LoRA, SubLN) are born partitioned too; zero.Init broadcasts rank 0's init.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        to_bitnet(model, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
+                  delta=cfg.relora.reset_every > 0, backward=b.backward)
+    if b.compile_quantizers:
+        compile_quantizers()
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing saves nothing in the first forward, so keeping a layer's int8 weight codes
+        # from its recompute to its backward costs one layer at a time.
+        for _, layer in bitlinear_modules(model):
+            layer.keep_weight_codes = True
+    model.config.use_cache = False
+    return model
+
+
+def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """Set requires_grad from the groups (first matching pattern wins; lr_mult 0 freezes) and return the
+    optimizer's param groups, each with its `lr_mult`."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    patterns = [(re.compile(g.pattern), g.lr_mult) for g in cfg.optim.param_groups]
+    shared_teacher = cfg.model.teacher == "shared"
+    for name, param in model.named_parameters():
+        mult = next((m for p, m in patterns if p.search(name)), 1.0 if DEFAULT_TRAINABLE.search(name) else 0.0)
+        if mult > 0 and shared_teacher and not DEFAULT_TRAINABLE.search(name):
+            raise ConfigError(
+                f"config key 'optim.param_groups': {name} would train, but the shared teacher uses it; "
+                "train only lora_A / lora_B / sub_norm with model.teacher=shared"
+            )
+        param.requires_grad_(mult > 0)
+        if mult > 0:
+            groups.setdefault(mult, []).append(param)
+    if not groups:
+        raise ConfigError("config key 'optim.param_groups': no parameter is trainable")
+    return [{"params": ps, "lr_mult": mult, "weight_decay": cfg.optim.weight_decay} for mult, ps in groups.items()]

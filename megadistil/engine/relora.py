@@ -1,0 +1,46 @@
+"""ReLoRA resets under ZeRO-3: merge s·B·A into ΔW, re-initialise the adapters in the working copy and in the
+optimizer's fp32 master copy, and reset or prune their Adam moments."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state
+from torch import nn
+
+from megadistil.bitnet import bitlinear_modules
+from megadistil.config import ReLoRAConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def relora_reset(model: nn.Module, cfg: ReLoRAConfig, *, seed: int, reset_index: int) -> None:
+    """Collective: every rank calls it. The new A comes from a generator seeded by (seed, reset, layer) on every
+    rank, so ranks agree without a broadcast; rank 0's copy is the one ZeRO-3 re-partitions."""
+    for layer_index, (_, layer) in enumerate(bitlinear_modules(model)):
+        params = [layer.delta, layer.lora_A, layer.lora_B]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            layer.merge_lora_()
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + reset_index * 10_007 + layer_index)
+            layer.reset_lora(generator)
+            new_a, new_b = layer.lora_A.detach().float().clone(), torch.zeros_like(layer.lora_B, dtype=torch.float32)
+        safe_set_full_fp32_param(layer.lora_A, new_a)
+        safe_set_full_fp32_param(layer.lora_B, new_b)
+        for param in (layer.lora_A, layer.lora_B):
+            _reset_moments(param, cfg)
+
+
+def _reset_moments(param: nn.Parameter, cfg: ReLoRAConfig) -> None:
+    for key in MOMENTS:
+        state = safe_get_full_optimizer_state(param, key)
+        if state is None:
+            continue  # no optimizer step taken yet, or a plain (non-DeepSpeed) optimizer
+        if cfg.optimizer_reset == "zero" or cfg.prune_ratio >= 1.0:
+            state = torch.zeros_like(state)
+        elif cfg.prune_ratio > 0:
+            # ReLoRA's magnitude pruning: keep only the largest (1 - ratio) fraction of each moment.
+            k = int(state.numel() * cfg.prune_ratio)
+            if k > 0:
+                threshold = state.abs().flatten().kthvalue(k).values
+                state = torch.where(state.abs() > threshold, state, torch.zeros_like(state))
+        safe_set_full_optimizer_state(param, state, key)

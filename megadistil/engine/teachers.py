@@ -1,0 +1,114 @@
+"""Teachers behind one interface: `targets(batch) -> Targets`.
+
+- SharedTeacher: teacher mode of the student's own weights (zero extra bytes; hidden states and attention too).
+- HFTeacher: a separate frozen HF model as a ZeRO-3 inference engine; gives top-k + tail targets like the shards.
+- OfflineTeacher: targets precomputed into shards, carried by the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import deepspeed
+import torch
+from torch import Tensor, nn
+
+from megadistil.bitnet import teacher_mode
+from megadistil.distill.losses import SparseTarget
+
+
+@dataclass
+class Targets:
+    sparse: SparseTarget | None = None  # top-k + tail per token
+    hidden: Tensor | None = None  # final-norm hidden [B, S, H] for the student's own lm_head (shared teacher)
+    layer_hidden: list[Tensor] = field(default_factory=list)  # per-layer outputs, for the hidden-state loss
+    qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # layer -> q/k/v projections
+
+
+class Teacher(Protocol):
+    live: bool
+
+    def targets(self, batch: dict[str, Tensor]) -> Targets: ...
+
+
+@contextlib.contextmanager
+def capture_qkv(model: nn.Module, layers: list[int]):
+    """Record the q/k/v projection outputs of the given decoder layers during a forward."""
+    captured: dict[int, dict[str, Tensor]] = {i: {} for i in layers}
+    handles = []
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            def hook(_module, _inputs, output, i=i, name=name):
+                captured[i][name] = output
+            handles.append(getattr(attn, name).register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def as_qkv(captured: dict[int, dict[str, Tensor]]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+    return {i: (d["q_proj"], d["k_proj"], d["v_proj"]) for i, d in captured.items()}
+
+
+class SharedTeacher:
+    live = True
+
+    def __init__(self, student: nn.Module, *, hidden_layers: list[int], qkv_layers: list[int]) -> None:
+        self.student, self.hidden_layers, self.qkv_layers = student, hidden_layers, qkv_layers
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor]) -> Targets:
+        with teacher_mode(self.student), capture_qkv(self.student, self.qkv_layers) as qkv:
+            out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(self.hidden_layers))
+        layer_hidden = [out.hidden_states[i + 1] for i in self.hidden_layers] if self.hidden_layers else []
+        return Targets(hidden=out.last_hidden_state, layer_hidden=layer_hidden, qkv=as_qkv(qkv))
+
+
+class OfflineTeacher:
+    live = False
+
+    def targets(self, batch: dict[str, Tensor]) -> Targets:
+        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"].exp()))
+
+
+class TopKHead(nn.Module):
+    """A separate teacher that emits top-k log-probs at temperature T + tail mass, chunk by chunk over tokens."""
+
+    def __init__(self, model: nn.Module, top_k: int, temperature: float, chunk_tokens: int) -> None:
+        super().__init__()
+        self.model, self.top_k, self.temperature, self.chunk_tokens = model, top_k, temperature, chunk_tokens
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden = self.model.model(input_ids=input_ids).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        ids, logps = [], []
+        for start in range(0, flat.shape[0], self.chunk_tokens):
+            logits = self.model.lm_head(flat[start:start + self.chunk_tokens]).float() / self.temperature
+            top = torch.log_softmax(logits, -1).topk(self.top_k, dim=-1)
+            ids.append(top.indices)
+            logps.append(top.values)
+        ids, logps = torch.cat(ids), torch.cat(logps)
+        tail = (1 - logps.exp().sum(-1)).clamp_(min=0)
+        shape = input_ids.shape
+        return ids.reshape(*shape, -1), logps.reshape(*shape, -1), tail.reshape(shape)
+
+
+class HFTeacher:
+    live = True
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int, temperature: float,
+                 chunk_tokens: int) -> None:
+        model.requires_grad_(False).eval()
+        inference_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        self.engine, *_ = deepspeed.initialize(model=TopKHead(model, top_k, temperature, chunk_tokens),
+                                               config=inference_config)
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor]) -> Targets:
+        ids, logps, tail = self.engine(batch["input_ids"])
+        return Targets(sparse=SparseTarget(ids, logps, tail))

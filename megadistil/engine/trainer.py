@@ -1,0 +1,348 @@
+"""The distillation recipe on a DeepSpeed engine: setup / train / save / cleanup."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer
+
+from megadistil.bitnet import set_quant_lambda
+from megadistil.config import ConfigError, RunConfig, load_ds_config, reconcile_ds_config, stage_config, to_yaml
+from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
+from megadistil.data.packed import PackedTextBatches, shifted_batch
+from megadistil.data.text import pack_text
+from megadistil.distill.losses import (
+    IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss, resolve_layers,
+)
+from megadistil.engine import checkpoint
+from megadistil.engine.distributed import init_distributed
+from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
+from megadistil.engine.model import (
+    assign_param_groups, build_student, check_model_dir, load_causal_lm, resolve_dtype,
+)
+from megadistil.engine.relora import relora_reset
+from megadistil.engine.schedule import is_reset_step, lr_at
+from megadistil.engine.teachers import HFTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher, as_qkv, capture_qkv
+
+
+class DistillModule(nn.Module):
+    """The student plus its loss, as one module so that ZeRO-3 gathers the lm_head weight for the chunked loss."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig,
+                hidden_layers: list[int], qkv_layers: list[int]) -> dict[str, Tensor]:
+        with capture_qkv(self.student, qkv_layers) as qkv:
+            out = self.student.model(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
+        weight = self.student.lm_head.weight
+        parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg, sparse=targets.sparse,
+                                     teacher_hidden=targets.hidden,
+                                     teacher_lm_head_weight=weight if targets.hidden is not None else None)
+        mask = labels != IGNORE_INDEX
+        if hidden_layers and targets.layer_hidden:
+            student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
+            parts["hidden"] = hidden_state_loss(student_hidden, targets.layer_hidden, mask,
+                                                magnitude_weight=cfg.hidden_magnitude_weight)
+            parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
+        if qkv_layers and targets.qkv:
+            student_qkv = as_qkv(qkv)
+            terms = [attention_relation_loss(student_qkv[i], targets.qkv[i], mask,
+                                             num_relation_heads=cfg.attn_relation_heads,
+                                             temperature=cfg.attn_relation_temperature) for i in qkv_layers]
+            parts["attn"] = torch.stack(terms).mean()
+            parts["loss"] = parts["loss"] + cfg.attn_relation_weight * parts["attn"]
+        return parts
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: str) -> None:
+        self.cfg, self.ds_config_path = cfg, ds_config_path
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.step = 0
+        self.resets = 0
+        self.nan_total = 0
+        self.logger: MetricsLogger | None = None
+        self.faults = _faults_from_env()
+        self._batches_drawn = 0
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        _seed_everything(cfg.train.seed)
+        bf16 = resolve_dtype(cfg) == torch.bfloat16
+        self.ds_config = reconcile_ds_config(cfg, load_ds_config(self.ds_config_path),
+                                             world_size=self.dist.world_size, bf16=bf16)
+        self._check_inputs()
+        self.data = self._build_data()
+        student = build_student(cfg, self.ds_config)
+        groups = assign_param_groups(student, cfg)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.module = DistillModule(student)
+        if self.ds_config["zero_optimization"]["stage"] == 3:
+            deepspeed.zero.register_external_parameter(self.module, student.lm_head.weight)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
+                                                                 config=self.ds_config)
+        self.num_layers = student.config.num_hidden_layers
+        self.teacher = self._build_teacher(student)
+        self.eval_seqs = self._build_eval()
+        self._prepare_run_dir()
+        if cfg.train.resume == "auto":
+            self._resume()
+
+    def _check_inputs(self) -> None:
+        """Everything that can be checked before a weight is loaded."""
+        cfg = self.cfg
+        check_model_dir(cfg.model.student, "model.student")
+        if cfg.model.teacher not in ("shared", "none"):
+            check_model_dir(cfg.model.teacher, "model.teacher")
+        if cfg.model.teacher == "none" and not cfg.data.shards:
+            raise ConfigError("config key 'model.teacher': none needs data.shards (offline targets)")
+        student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.data.shards:
+            manifest = Manifest.load(cfg.data.shards)
+            try:
+                manifest.check_compatible(vocab_size=student_config.vocab_size,
+                                          tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))
+            except ValueError as e:
+                raise ConfigError(f"config key 'data.shards': {e}") from None
+            if not math.isclose(manifest.temperature, cfg.loss.temperature):
+                raise ConfigError(f"config key 'loss.temperature': {cfg.loss.temperature} but the shards in "
+                                  f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+
+    def _build_data(self):
+        cfg, d = self.cfg, self.cfg.data
+        common = dict(batch_size=cfg.train.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size)
+        if d.shards:
+            return ShardStream(d.shards, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+                               seed=d.seed or cfg.train.seed, on_corrupt=d.on_corrupt, epochs=d.epochs, **common)
+        return PackedTextBatches.from_files(list(d.text), self.tokenizer, d.seq_len, seed=cfg.train.seed, **common)
+
+    def _build_eval(self) -> np.ndarray | None:
+        d = self.cfg.data
+        if not d.eval_text:
+            return None
+        seq_len = d.seq_len if d.text else Manifest.load(d.shards).seq_len
+        seqs = list(pack_text(list(d.eval_text), self.tokenizer, seq_len))
+        return np.stack(seqs[: self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size])
+
+    def _build_teacher(self, student: nn.Module) -> Teacher:
+        cfg = self.cfg
+        if cfg.model.teacher == "none":
+            return OfflineTeacher()
+        if cfg.model.teacher == "shared":
+            if cfg.data.shards:
+                return OfflineTeacher()  # the shards are the targets; the shared teacher is still used for eval
+            hidden = resolve_layers(cfg.loss.hidden_layers, self.num_layers, "loss.hidden_layers") \
+                if cfg.loss.hidden_weight else []
+            qkv = resolve_layers(cfg.loss.attn_relation_layers, self.num_layers, "loss.attn_relation_layers") \
+                if cfg.loss.attn_relation_weight else []
+            return SharedTeacher(self.engine.module.student, hidden_layers=hidden, qkv_layers=qkv)
+        model = load_causal_lm(cfg.model.teacher, cfg, self.ds_config)
+        return HFTeacher(model, self.ds_config, top_k=cfg.model.teacher_top_k, temperature=cfg.loss.temperature,
+                         chunk_tokens=cfg.loss.chunk_tokens)
+
+    def _prepare_run_dir(self) -> None:
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / "run.json").write_text(json.dumps({
+                "git_sha": _git_sha(), "world_size": self.dist.world_size, "ds_config": self.ds_config,
+            }, indent=1))
+        if dist.is_initialized():
+            dist.barrier()
+        self.logger = MetricsLogger(self.run_dir, self.cfg.log, rank=self.dist.rank,
+                                    run_config=json.loads(json.dumps(self.ds_config)))
+
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.ckpt_root)
+        if tag is None:
+            return
+        meta, state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
+        self.step, self.resets, self.nan_total = meta["step"], meta["resets"], meta["nan_total"]
+        self.data.load_state_dict(state["data"])
+        self._print(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> None:
+        cfg = self.cfg
+        batches = iter(self.data)
+        self.engine.train()
+        if self.step == 0 and self.eval_seqs is not None:
+            self._evaluate(teacher=True)
+        while self.step < cfg.train.max_steps:
+            step = self.step + 1
+            active = stage_config(cfg, step) if cfg.stages else cfg
+            self._before_step(step, active)
+            start = time.perf_counter()
+            parts, tokens = self._optimizer_step(batches, active)
+            self.step = step
+            self._log_step(step, parts, tokens, time.perf_counter() - start)
+            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+                self.save()
+            if self.eval_seqs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                self._evaluate()
+            self._fault("kill_after_step", step)
+        if self.eval_seqs is not None and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
+            self._evaluate()
+
+    def _before_step(self, step: int, active: RunConfig) -> None:
+        if is_reset_step(step, self.cfg.relora):
+            self.resets += 1
+            relora_reset(self.engine.module.student, self.cfg.relora, seed=self.cfg.train.seed,
+                         reset_index=self.resets)
+        lr = lr_at(step, active.optim, self.cfg.relora, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        self.lr = lr
+        warmup = self.cfg.bitnet.quant_warmup_steps
+        if warmup:
+            set_quant_lambda(self.engine.module.student, min(1.0, (step - 1) / warmup))
+
+    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, float], int]:
+        """grad_accum finite micro-batches. A non-finite loss (on any rank) skips that micro-batch: no backward,
+        no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact."""
+        done, consecutive, sums, tokens = 0, 0, {}, 0
+        while done < self.cfg.train.grad_accum:
+            batch = next(batches)
+            parts = self._forward(batch, active.loss)
+            if self._fault("nan_batches", self._batches_drawn):
+                parts["loss"] = parts["loss"] * float("nan")
+            if not self._all_finite(parts["loss"]):
+                consecutive += 1
+                self.nan_total += 1
+                self._print(f"step {self.step + 1}: non-finite loss, micro-batch skipped ({consecutive} in a row)")
+                if consecutive >= self.cfg.train.max_nan_steps:
+                    raise FloatingPointError(f"{consecutive} non-finite losses in a row at step {self.step + 1}; "
+                                             f"stopping (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
+                continue
+            consecutive = 0
+            self.engine.backward(parts["loss"])
+            self.engine.step()
+            done += 1
+            tokens += int(parts["tokens"])
+            for k, v in parts.items():
+                if k != "tokens":
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.train.grad_accum
+        return sums, tokens
+
+    def _forward(self, batch: dict[str, Tensor], loss_cfg: LossConfig) -> dict[str, Tensor]:
+        self._batches_drawn += 1
+        targets = self.teacher.targets(batch)
+        hidden = getattr(self.teacher, "hidden_layers", [])
+        qkv = getattr(self.teacher, "qkv_layers", [])
+        return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, hidden, qkv)
+
+    def _all_finite(self, loss: Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _log_step(self, step: int, parts: dict[str, float], tokens: int, seconds: float) -> None:
+        if step % self.cfg.log.every and step != self.cfg.train.max_steps:
+            return
+        total_tokens = tokens * self.dist.world_size
+        record = {"step": step, **parts, "lr": self.lr, "tokens": total_tokens,
+                  "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
+                  "peak_mem_mb": peak_memory_mb(), "resets": self.resets, "nan_skipped": self.nan_total}
+        self.logger.log(record)
+
+    @torch.no_grad()
+    def _evaluate(self, teacher: bool = False) -> None:
+        """Held-out perplexity of the student (and, once, of the teacher), over every rank's slice."""
+        from megadistil.bitnet import teacher_mode
+
+        self.engine.eval()
+        ce_only = LossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
+        results = {"student": self._eval_ce(ce_only)}
+        if teacher and self.cfg.model.teacher == "shared":
+            with teacher_mode(self.engine.module.student):
+                results["teacher"] = self._eval_ce(ce_only)
+        self.engine.train()
+        record = {"step": self.step, **{f"eval_ppl_{k}": math.exp(v) for k, v in results.items()}}
+        self.logger.log(record)
+
+    def _eval_ce(self, ce_only: LossConfig) -> float:
+        mb, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
+        total = torch.zeros(2, dtype=torch.float64)
+        for start in range(rank * mb, len(self.eval_seqs), mb * world):
+            batch = shifted_batch(self.eval_seqs[start:start + mb])
+            parts = self.engine(batch["input_ids"], batch["labels"], Targets(), ce_only, [], [])
+            total += torch.tensor([float(parts["ce"]) * int(parts["tokens"]), int(parts["tokens"])], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
+
+    # ---------------------------------------------------------------- save / cleanup
+    def save(self) -> None:
+        tag = checkpoint.save(self.engine, self.ckpt_root, self.step,
+                              rank_state={"data": self.data.state_dict()},
+                              meta={"resets": self.resets, "nan_total": self.nan_total})
+        self._print(f"saved {self.ckpt_root / tag}")
+
+    def cleanup(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+    # ---------------------------------------------------------------- helpers
+    def _print(self, message: str) -> None:
+        if self.dist.rank == 0:
+            print(f"[megadistil] {message}", flush=True)
+
+    def _fault(self, name: str, value: int) -> bool:
+        """Fault injection for the tests (MEGADISTIL_FAULT_<NAME>=n,m): kill_after_step SIGKILLs every rank."""
+        hit = value in self.faults.get(name, ())
+        if hit and name == "kill_after_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return hit
+
+
+def _faults_from_env() -> dict[str, set[int]]:
+    faults = {}
+    for name in ("kill_after_step", "nan_batches"):
+        raw = os.environ.get(f"MEGADISTIL_FAULT_{name.upper()}", "")
+        faults[name] = {int(v) for v in raw.split(",") if v.strip()}
+    return faults
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(cfg: RunConfig, ds_config_path: str) -> Trainer:
+    trainer = Trainer(cfg, ds_config_path)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
