@@ -294,7 +294,9 @@ class Trainer:
     def save(self) -> None:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step,
                               rank_state={"data": self.data.state_dict()},
-                              meta={"resets": self.resets, "nan_total": self.nan_total})
+                              meta={"resets": self.resets, "nan_total": self.nan_total,
+                                    "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
+                              config_yaml=to_yaml(self.cfg))
         self._print(f"saved {self.ckpt_root / tag}")
 
     def cleanup(self) -> None:
