@@ -1,0 +1,348 @@
+"""Process-group set-up from whatever launched us: torchrun/deepspeed, SLURM's srun, OpenMPI's mpirun, or nothing.
+
+DeepSpeed reads only RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (its own MPI discovery uses an unbounded
+default timeout and a fixed port), so megadistil derives these itself, exports them, and then initialises the
+process group with a bounded collective timeout: a dead or frozen rank makes the others fail instead of hanging.
+
+Discovery order (first match wins):
+
+1. launcher env (torchrun, ``deepspeed``): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+2. OpenMPI (``mpirun``): OMPI_COMM_WORLD_*; master address and port broadcast from rank 0 with mpi4py when it is
+   importable, else MASTER_ADDR/MASTER_PORT from the env (``mpirun -x``) or localhost when all ranks share a node;
+3. SLURM (an ``srun`` step): SLURM_PROCID, SLURM_STEP_NUM_TASKS/SLURM_NTASKS, SLURM_LOCALID, tasks per node,
+   master = first host of the step's nodelist, port derived from SLURM_JOB_ID unless MASTER_PORT is set;
+4. a single process on a free local port.
+
+OpenMPI is checked before SLURM because ``mpirun`` inside an allocation inherits the SLURM_* variables of the
+step that started its daemons, which describe the daemons, not the ranks.
+
+The parsing helpers are pure functions of an env mapping so that they are tested without starting processes.
+``python -m megadistil.engine.distributed CMD ...`` exports the discovered variables and execs CMD, for entry
+points that read RANK/WORLD_SIZE themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+
+DERIVED_PORT_BASE = 20000  # below Linux's ephemeral range (32768+), so a derived port rarely collides
+DERIVED_PORT_SPAN = 10000
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Run-config section for the process group."""
+
+    backend: str | None = None  # None: nccl with CUDA, gloo without
+    timeout_s: float = 600.0  # every collective and the rendezvous fail after this long instead of hanging
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "deepspeed", "env", "openmpi", "slurm" or "single"
+
+    def env(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous (and DeepSpeed) read."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "LOCAL_WORLD_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
+
+class DistEnvError(ValueError):
+    """The launcher's environment is missing a variable or contradicts itself."""
+
+
+# ---------------------------------------------------------------- pure parsing helpers
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise DistEnvError(f"{name} is not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistEnvError(f"{name}={raw!r} is not an integer") from None
+
+
+def _split_top_level(text: str, where: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise DistEnvError(f"{where}: unbalanced ']' in {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise DistEnvError(f"{where}: unbalanced '[' in {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_range_set(body: str, nodelist: str) -> list[str]:
+    """'01-03,07' -> ['01', '02', '03', '07'] (zero padding kept from the lower bound, as Slurm does)."""
+    out: list[str] = []
+    for item in body.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise DistEnvError(f"nodelist {nodelist!r}: bad range {item!r}")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise DistEnvError(f"nodelist {nodelist!r}: range {item!r} runs backwards")
+        out.extend(str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm hostlist expression -> host names: 'node[01-03,07],gpu5' -> node01 node02 node03 node07 gpu5.
+
+    Several bracket groups in one name expand as a product ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2). This is the
+    fallback for machines without ``scontrol``; see :func:`slurm_hostnames`.
+    """
+    if not nodelist.strip():
+        raise DistEnvError("nodelist is empty")
+    hosts: list[str] = []
+    for expr in _split_top_level(nodelist.strip(), "nodelist"):
+        names = [""]
+        for literal, body in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", expr):
+            if literal == "" and body == "":
+                continue
+            suffixes = _expand_range_set(body, nodelist) if body else [""]
+            names = [n + literal + s for n in names for s in suffixes]
+        if names == [""]:
+            raise DistEnvError(f"nodelist {nodelist!r}: empty host name")
+        hosts.extend(names)
+    return hosts
+
+
+def parse_tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE syntax -> tasks on each node: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if not m:
+            raise DistEnvError(f"tasks-per-node {spec!r}: cannot parse {item!r}")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def derived_port(job_id: int) -> int:
+    """A port every task of one job computes alike, different for concurrent jobs (up to 10000 apart)."""
+    return DERIVED_PORT_BASE + job_id % DERIVED_PORT_SPAN
+
+
+def _check(info: DistInfo) -> DistInfo:
+    where = f"[{info.launcher}]"
+    if info.world_size < 1:
+        raise DistEnvError(f"{where} world size {info.world_size} must be >= 1")
+    if not 0 <= info.rank < info.world_size:
+        raise DistEnvError(f"{where} rank {info.rank} is outside [0, world size {info.world_size})")
+    if not 1 <= info.local_world_size <= info.world_size:
+        raise DistEnvError(f"{where} local world size {info.local_world_size} is outside [1, {info.world_size}]")
+    if not 0 <= info.local_rank < info.local_world_size:
+        raise DistEnvError(f"{where} local rank {info.local_rank} is outside [0, local world size "
+                           f"{info.local_world_size})")
+    if not 0 < info.master_port < 65536:
+        raise DistEnvError(f"{where} master port {info.master_port} is not a TCP port")
+    if not info.master_addr:
+        raise DistEnvError(f"{where} master address is empty")
+    return info
+
+
+def from_launcher_env(env: Mapping[str, str]) -> DistInfo | None:
+    """torchrun / deepspeed launcher / a user who exported the five variables."""
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    missing = [v for v in LAUNCHER_VARS if not env.get(v)]
+    if missing:
+        raise DistEnvError(f"RANK/WORLD_SIZE are set but {', '.join(missing)} not: a launcher must set all of "
+                           f"{', '.join(LAUNCHER_VARS)}")
+    world = _int(env, "WORLD_SIZE")
+    # torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed" if "LOCAL_SIZE" in env else "env"
+    return _check(DistInfo(rank=_int(env, "RANK"), world_size=world, local_rank=_int(env, "LOCAL_RANK"),
+                           local_world_size=local_world, master_addr=env["MASTER_ADDR"],
+                           master_port=_int(env, "MASTER_PORT"), launcher=launcher))
+
+
+def from_openmpi_env(env: Mapping[str, str], rank0_endpoint: tuple[str, int] | None = None) -> DistInfo | None:
+    """mpirun's OMPI_COMM_WORLD_*; ``rank0_endpoint`` is rank 0's (address, port) when mpi4py broadcast it."""
+    if "OMPI_COMM_WORLD_RANK" not in env:
+        return None
+    world = _int(env, "OMPI_COMM_WORLD_SIZE")
+    local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1 if world == 1 else None)
+    if rank0_endpoint is not None:
+        addr, port = rank0_endpoint
+    else:
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if local_world == world else "")
+        if not addr:
+            raise DistEnvError("mpirun across several nodes without mpi4py: install mpi4py (pip install "
+                               "'megadistil[mpi]') or pass the master address with `mpirun -x MASTER_ADDR=<host>`")
+        port = _int(env, "MASTER_PORT", derived_port(_int(env, "OMPI_MCA_ess_base_jobid", 0)))
+    return _check(DistInfo(rank=_int(env, "OMPI_COMM_WORLD_RANK"), world_size=world,
+                           local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), local_world_size=local_world,
+                           master_addr=addr, master_port=port, launcher="openmpi"))
+
+
+def _slurm_local_world(env: Mapping[str, str], ntasks: int, n_hosts: int) -> int:
+    spec_var = next((v for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+                     if env.get(v)), None)
+    if spec_var is None:
+        if n_hosts != 1:
+            raise DistEnvError("SLURM: no SLURM_STEP_TASKS_PER_NODE/SLURM_TASKS_PER_NODE/SLURM_NTASKS_PER_NODE")
+        return ntasks
+    per_node = parse_tasks_per_node(env[spec_var])
+    if spec_var == "SLURM_NTASKS_PER_NODE" and len(per_node) == 1:
+        per_node *= n_hosts  # a single number applies to every node
+    if len(per_node) != n_hosts:
+        raise DistEnvError(f"SLURM: {spec_var}={env[spec_var]!r} describes {len(per_node)} nodes but the nodelist "
+                           f"has {n_hosts}")
+    if sum(per_node) != ntasks:
+        raise DistEnvError(f"SLURM: {spec_var}={env[spec_var]!r} adds up to {sum(per_node)} tasks, the step has "
+                           f"{ntasks}")
+    node = _int(env, "SLURM_NODEID", 0)
+    if not 0 <= node < n_hosts:
+        raise DistEnvError(f"SLURM: SLURM_NODEID={node} is outside the {n_hosts} nodes of the step")
+    return per_node[node]
+
+
+def from_slurm_env(env: Mapping[str, str],
+                   hostnames: Callable[[str], list[str]] = expand_nodelist) -> DistInfo | None:
+    """An srun task. A batch script or salloc shell with several tasks is refused: its tasks were never started."""
+    if "SLURM_JOB_ID" not in env or "SLURM_PROCID" not in env:
+        return None
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEP_NUM_TASKS" in env
+    ntasks = _int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS", 1)
+    if not in_step:
+        if ntasks > 1:
+            raise DistEnvError(f"SLURM job {env['SLURM_JOB_ID']} has SLURM_NTASKS={ntasks} but this process is not "
+                               f"in an srun step: start the tasks with `srun python ...` (see launch/slurm/)")
+        return None
+    nodelist_var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    if not env.get(nodelist_var):
+        raise DistEnvError("SLURM: neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
+    hosts = hostnames(env[nodelist_var])
+    port = _int(env, "MASTER_PORT", derived_port(_int(env, "SLURM_JOB_ID")))
+    return _check(DistInfo(rank=_int(env, "SLURM_PROCID"), world_size=ntasks, local_rank=_int(env, "SLURM_LOCALID"),
+                           local_world_size=_slurm_local_world(env, ntasks, len(hosts)), master_addr=hosts[0],
+                           master_port=port, launcher="slurm"))
+
+
+def discover(env: Mapping[str, str], *, hostnames: Callable[[str], list[str]] = expand_nodelist,
+             rank0_endpoint: Callable[[], tuple[str, int] | None] = lambda: None,
+             free_port: Callable[[], int] | None = None) -> DistInfo:
+    """Rank layout of this process from ``env`` (see the module doc for the order)."""
+    for found in (lambda: from_launcher_env(env),
+                  lambda: from_openmpi_env(env, rank0_endpoint() if "OMPI_COMM_WORLD_RANK" in env else None),
+                  lambda: from_slurm_env(env, hostnames)):
+        info = found()
+        if info is not None:
+            return info
+    port = _int(env, "MASTER_PORT", free_port() if free_port else 29500)
+    return _check(DistInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, "single"))
+
+
+# ---------------------------------------------------------------- side effects: processes, sockets, mpi4py
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand with ``scontrol show hostnames`` (Slurm's own parser) when it is installed, else in Python."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False,
+                             timeout=30)
+        hosts = out.stdout.split()
+        if out.returncode == 0 and hosts:
+            return hosts
+    return expand_nodelist(nodelist)
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mpi_rank0_endpoint() -> tuple[str, int] | None:
+    """Rank 0's (address, port) broadcast over MPI; None when mpi4py is not importable."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    endpoint = None
+    if comm.Get_rank() == 0:
+        single_node = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "0")) == comm.Get_size()
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else socket.gethostname())
+        port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else free_local_port()
+        endpoint = (addr, port)
+    return comm.bcast(endpoint, root=0)
+
+
+def export_env(info: DistInfo, environ: dict[str, str] | None = None) -> None:
+    (os.environ if environ is None else environ).update(info.env())
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistInfo:
+    """Discover the rank layout, export it, and start DeepSpeed's process group with a bounded timeout."""
+    import deepspeed
+    import torch
+
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    info = discover(os.environ, hostnames=slurm_hostnames, rank0_endpoint=mpi_rank0_endpoint,
+                    free_port=free_local_port)
+    export_env(info)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
+                               timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
+                               verbose=info.rank == 0)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m megadistil.engine.distributed CMD ...``: export the discovered layout, then exec CMD."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:  # no mpi4py here: MPI must not be initialised in a process that is about to exec
+        info = discover(os.environ, hostnames=slurm_hostnames, free_port=free_local_port)
+    except DistEnvError as exc:
+        print(f"megadistil.engine.distributed: error: {exc}", file=sys.stderr)
+        return 2
+    export_env(info)
+    if info.rank == 0:
+        print(f"megadistil.engine.distributed: {asdict(info)}", file=sys.stderr, flush=True)
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

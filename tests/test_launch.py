@@ -1,0 +1,343 @@
+"""Launch paths tested for real: SLURM (a one-node cluster on localhost, the shipped sbatch script), OpenMPI's
+mpirun, a dead or frozen rank; plus the pure env parsing of megadistil.engine.distributed.
+
+The cluster and OpenMPI come from tests/cluster/ (installed with apt-get when missing). A machine where that cannot
+happen fails these tests with the installer's message: they are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megadistil.engine.distributed import (
+    DistEnvError,
+    DistInfo,
+    derived_port,
+    discover,
+    expand_nodelist,
+    export_env,
+    free_local_port,
+    from_launcher_env,
+    from_openmpi_env,
+    from_slurm_env,
+    parse_tasks_per_node,
+)
+from tests.cluster import harness
+
+REPO = harness.REPO
+PROBE = REPO / "tests" / "_launch_probe.py"
+TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+PRECOMPUTE_SBATCH = REPO / "launch" / "slurm" / "precompute.sbatch"
+JOB_WAIT_S = 300  # generous: the first DeepSpeed init on a fresh machine JIT-builds its CPU comm op (~1-2 min)
+FAULT_TIMEOUT_S = 5  # collective timeout the fault tests give the probe
+
+
+# ---------------------------------------------------------------- pure env parsing
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("n[8-10]", ["n8", "n9", "n10"]),
+    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+    ("gpu5,node[1-2]", ["gpu5", "node1", "node2"]),
+    ("x[001-002],y", ["x001", "x002", "y"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("a[1-2]-ib", ["a1-ib", "a2-ib"]),
+    ("localhost", ["localhost"]),
+])
+def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist, message", [
+    ("node[01-03", "unbalanced '\\['"),
+    ("node01]", "unbalanced '\\]'"),
+    ("node[3-1]", "runs backwards"),
+    ("node[a-b]", "bad range 'a-b'"),
+    ("node[1,,2]", "bad range ''"),
+    ("", "nodelist is empty"),
+])
+def test_expand_nodelist_rejects(nodelist: str, message: str) -> None:
+    with pytest.raises(DistEnvError, match=message):
+        expand_nodelist(nodelist)
+
+
+def test_tasks_per_node() -> None:
+    assert parse_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert parse_tasks_per_node("8") == [8]
+    assert parse_tasks_per_node("4(x2)") == [4, 4]
+    with pytest.raises(DistEnvError, match="cannot parse '2\\(x\\)'"):
+        parse_tasks_per_node("2(x)")
+
+
+def _slurm_step(**over: str) -> dict[str, str]:
+    """srun's env for task 3 of a 2-node x 2-task step (a real one, see test_sbatch_*)."""
+    env = {"SLURM_JOB_ID": "123457", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+           "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    env.update(over)
+    return {k: v for k, v in env.items() if v != "<unset>"}
+
+
+def test_slurm_step() -> None:
+    assert from_slurm_env(_slurm_step()) == DistInfo(3, 4, 1, 2, "gpu07", 20000 + 3457, "slurm")
+
+
+def test_slurm_uneven_nodes_and_port_override() -> None:
+    env = _slurm_step(SLURM_STEP_TASKS_PER_NODE="3,1", SLURM_PROCID="3", SLURM_LOCALID="0", MASTER_PORT="29777")
+    assert from_slurm_env(env) == DistInfo(3, 4, 0, 1, "gpu07", 29777, "slurm")
+
+
+def test_slurm_step_nodelist_wins_and_ntasks_per_node_fallback() -> None:
+    # a step on a subset of the job's nodes rendezvous on the step's first node
+    env = _slurm_step(SLURM_JOB_NODELIST="gpu[01-08]", SLURM_STEP_TASKS_PER_NODE="<unset>",
+                      SLURM_TASKS_PER_NODE="<unset>", SLURM_NTASKS_PER_NODE="2")
+    assert from_slurm_env(env) == DistInfo(3, 4, 1, 2, "gpu07", 23457, "slurm")
+
+
+def test_slurm_uses_the_given_hostname_resolver() -> None:
+    seen = []
+    info = from_slurm_env(_slurm_step(), hostnames=lambda nl: seen.append(nl) or ["first", "second"])
+    assert (seen, info.master_addr) == (["gpu[07-08]"], "first")
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"SLURM_STEP_TASKS_PER_NODE": "3(x2)"}, "adds up to 6 tasks, the step has 4"),
+    ({"SLURM_STEP_TASKS_PER_NODE": "4"}, "describes 1 nodes but the nodelist has 2"),
+    ({"SLURM_PROCID": "4"}, "rank 4 is outside \\[0, world size 4\\)"),
+    ({"SLURM_LOCALID": "2"}, "local rank 2 is outside \\[0, local world size 2\\)"),
+    ({"SLURM_PROCID": "three"}, "SLURM_PROCID='three' is not an integer"),
+    ({"SLURM_NODEID": "5"}, "SLURM_NODEID=5 is outside the 2 nodes"),
+    ({"SLURM_STEP_NODELIST": "<unset>", "SLURM_JOB_NODELIST": "<unset>"}, "neither SLURM_STEP_NODELIST"),
+    ({"SLURM_STEP_NODELIST": "gpu[07-08"}, "unbalanced"),
+    ({"SLURM_JOB_ID": "12a"}, "SLURM_JOB_ID='12a' is not an integer"),
+])
+def test_slurm_inconsistent_env(over: dict[str, str], message: str) -> None:
+    with pytest.raises(DistEnvError, match=message):
+        from_slurm_env(_slurm_step(**over))
+
+
+def test_slurm_batch_script_without_srun() -> None:
+    batch = {"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}
+    with pytest.raises(DistEnvError, match="not in an srun step: start the tasks with `srun"):
+        discover(batch)
+    one_task = {**batch, "SLURM_NTASKS": "1"}
+    assert discover(one_task, free_port=lambda: 31111) == DistInfo(0, 1, 0, 1, "127.0.0.1", 31111, "single")
+
+
+def test_launcher_env() -> None:
+    env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "n1",
+           "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+    assert from_launcher_env(env) == DistInfo(5, 16, 1, 8, "n1", 29500, "torchrun")
+    ds = {k: v for k, v in env.items() if k not in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE")} | {"LOCAL_SIZE": "4"}
+    assert from_launcher_env(ds) == DistInfo(5, 16, 1, 4, "n1", 29500, "deepspeed")
+    with pytest.raises(DistEnvError, match="MASTER_ADDR, MASTER_PORT not"):
+        from_launcher_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(DistEnvError, match="master port 70000 is not a TCP port"):
+        from_launcher_env({**env, "MASTER_PORT": "70000"})
+
+
+def _ompi(**over: str) -> dict[str, str]:
+    env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "OMPI_MCA_ess_base_jobid": "1989738497"}
+    return env | over
+
+
+def test_openmpi_env() -> None:
+    assert from_openmpi_env(_ompi()) == DistInfo(1, 2, 1, 2, "127.0.0.1", derived_port(1989738497), "openmpi")
+    assert from_openmpi_env(_ompi(), ("n0", 31000)) == DistInfo(1, 2, 1, 2, "n0", 31000, "openmpi")
+    two_nodes = _ompi(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_RANK="3")
+    with pytest.raises(DistEnvError, match="without mpi4py: install mpi4py"):
+        from_openmpi_env(two_nodes)
+    assert from_openmpi_env(two_nodes | {"MASTER_ADDR": "n0", "MASTER_PORT": "29400"}).master_addr == "n0"
+
+
+def test_discovery_order() -> None:
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+    assert discover(_slurm_step() | _ompi() | launcher).launcher == "env"
+    # mpirun inside an allocation inherits SLURM_* describing its daemons: OMPI's variables describe the ranks
+    assert discover(_slurm_step() | _ompi()).launcher == "openmpi"
+    assert discover(_slurm_step()).launcher == "slurm"
+    assert discover({}, free_port=lambda: 30001) == DistInfo(0, 1, 0, 1, "127.0.0.1", 30001, "single")
+
+
+def test_exported_env_round_trips() -> None:
+    info = from_slurm_env(_slurm_step())
+    env: dict[str, str] = {}
+    export_env(info, env)
+    assert from_launcher_env(env) == DistInfo(3, 4, 1, 2, "gpu07", 23457, "env")
+
+
+def test_exec_wrapper_exports_slurm_layout() -> None:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **_slurm_step()}
+    out = subprocess.run([sys.executable, "-m", "megadistil.engine.distributed", "sh", "-c",
+                          'echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT"'],
+                         env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["3", "4", "1", "2", "gpu07", "23457"]
+    bad = subprocess.run([sys.executable, "-m", "megadistil.engine.distributed", "true"], capture_output=True,
+                         text=True, timeout=60, env=env | {"SLURM_PROCID": "9"}, check=False)
+    assert bad.returncode == 2 and "rank 9 is outside" in bad.stderr
+
+
+# ---------------------------------------------------------------- the real cluster and mpirun
+
+
+@pytest.fixture(scope="module")
+def slurm() -> dict[str, str]:
+    return harness.slurm_env()  # SetupError (a failure, with the installer's output) if it cannot come up
+
+
+def test_nodelist_matches_scontrol(slurm: dict[str, str]) -> None:
+    for nodelist in ("node[01-03,07]", "n[08-11],gpu5", "r[1-2]n[1-2]", "x[001-002],y"):
+        ref = subprocess.run(["scontrol", "show", "hostnames", nodelist], env=slurm, capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        assert expand_nodelist(nodelist) == ref, nodelist
+
+
+def _job(script: Path, tmp_path: Path, slurm: dict[str, str], *args: str,
+         **env: str) -> tuple[int, dict[str, str], Path]:
+    """sbatch a shipped script with 2 tasks on the one node (the probe as the train entry); wait for the end.
+
+    Returns the job id, its ``scontrol show job`` fields plus "wall_s" (submit to end, as seen here), its log.
+    """
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    job_env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable,
+               "MEGADISTIL_ENTRY": "tests/_launch_probe.py", "PROBE_OUT": str(tmp_path / "out"), **env}
+    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+               "--job-name=megadistil-test"]
+    start = time.monotonic()
+    job = harness.sbatch(script, list(args), options=options, env=job_env, cwd=tmp_path)
+    fields = harness.wait_job(job, slurm, JOB_WAIT_S)
+    fields["wall_s"] = str(time.monotonic() - start)
+    return job, fields, tmp_path / "logs" / f"megadistil-test-{job}.out"
+
+
+def _train_job(tmp_path: Path, slurm: dict[str, str], *args: str, **env: str) -> tuple[int, dict[str, str], Path]:
+    return _job(TRAIN_SBATCH, tmp_path, slurm, *args, **env)
+
+
+def _reports(out: Path) -> dict[int, dict]:
+    return {int(p.stem[4:]): json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))}
+
+
+def _configs(tmp_path: Path) -> tuple[Path, Path]:
+    cfg, ds = tmp_path / "probe.yaml", tmp_path / "ds.json"
+    cfg.write_text("train: {lr: 1.0e-3}\n")
+    ds.write_text('{"train_micro_batch_size_per_gpu": 1}\n')
+    return cfg, ds
+
+
+@pytest.mark.multirank
+def test_sbatch_train_two_tasks(tmp_path: Path, slurm: dict[str, str]) -> None:
+    cfg, ds = _configs(tmp_path)
+    job, fields, log = _train_job(tmp_path, slurm, "--config", str(cfg), "--ds_config", str(ds), "train.lr=0.5",
+                                  "run.name=with space", PROBE_TIMEOUT_S="60")
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
+    reports = _reports(tmp_path / "out")
+    assert sorted(reports) == [0, 1]
+    for rank, r in reports.items():
+        assert (r["rank"], r["world_size"], r["local_rank"], r["local_world_size"]) == (rank, 2, rank, 2)
+        assert (r["torch_rank"], r["torch_world_size"], r["env_rank"]) == (rank, 2, str(rank))
+        assert (r["launcher"], r["master_addr"], r["master_port"]) == ("slurm", "localhost", derived_port(job))
+        assert r["allreduce_sum"] == 1.0 + 2.0
+        assert r["argv"] == {"config": str(cfg), "ds_config": str(ds), "overrides": ["train.lr=0.5",
+                                                                                      "run.name=with space"]}
+    assert "train.sbatch: job" in log.read_text()
+
+
+@pytest.mark.multirank
+def test_sbatch_missing_config_fails_fast(tmp_path: Path, slurm: dict[str, str]) -> None:
+    _, ds = _configs(tmp_path)
+    _, fields, log = _train_job(tmp_path, slurm, "--config", "configs/nope.yaml", "--ds_config", str(ds))
+    assert float(fields["wall_s"]) < 30
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0"
+    assert "train.sbatch: error: 'configs/nope.yaml' does not exist on" in log.read_text()
+    assert _reports(tmp_path / "out") == {}  # no task was started
+
+
+@pytest.mark.multirank
+def test_sbatch_frozen_rank_fails_the_job(tmp_path: Path, slurm: dict[str, str]) -> None:
+    """Rank 1 freezes (SIGSTOP, sockets open): only the collective timeout can end rank 0; srun then kills rank 1."""
+    cfg, ds = _configs(tmp_path)
+    _, fields, log = _train_job(tmp_path, slurm, "--config", str(cfg), "--ds_config", str(ds),
+                                PROBE_FAULT="stop:1", PROBE_TIMEOUT_S=str(FAULT_TIMEOUT_S))
+    assert fields["JobState"] == "FAILED", log.read_text()[-3000:]
+    survivor = _reports(tmp_path / "out")[0]
+    assert survivor["second_allreduce"] != "returned"
+    assert FAULT_TIMEOUT_S * 0.8 <= survivor["second_allreduce_s"] < FAULT_TIMEOUT_S + 20
+    assert float(fields["wall_s"]) < JOB_WAIT_S / 2
+
+
+@pytest.mark.multirank
+def test_mpirun_two_ranks(tmp_path: Path) -> None:
+    mpirun = harness.ensure_openmpi()
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))}
+    done = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", f"PROBE_OUT={out}",
+                           sys.executable, str(PROBE), "--config", "c.yaml", "k=v"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=JOB_WAIT_S, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = _reports(out)
+    assert sorted(reports) == [0, 1]
+    for rank, r in reports.items():
+        assert (r["rank"], r["world_size"], r["local_rank"], r["local_world_size"]) == (rank, 2, rank, 2)
+        assert (r["launcher"], r["master_addr"], r["allreduce_sum"]) == ("openmpi", "127.0.0.1", 3.0)
+        assert r["argv"]["overrides"] == ["k=v"]
+        assert r["mpi4py"], "mpi4py is not importable: `pip install mpi4py` (the dev extra should carry it)"
+    assert reports[0]["master_port"] == reports[1]["master_port"]
+
+
+@pytest.mark.multirank
+def test_killed_rank_makes_the_other_fail(tmp_path: Path) -> None:
+    """No launcher to clean up: rank 0 alone must notice that rank 1 died, and exit with an error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    port = str(free_local_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "PROBE_OUT": str(out), "PROBE_FAULT": "kill:1",
+               "PROBE_TIMEOUT_S": str(FAULT_TIMEOUT_S)}
+        procs.append(subprocess.Popen([sys.executable, str(PROBE)], env=env, cwd=REPO, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        rc0 = procs[0].wait(timeout=JOB_WAIT_S)
+        rc1 = procs[1].wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    err0 = procs[0].stderr.read()
+    assert (rc0, rc1) == (3, -signal.SIGKILL), err0[-3000:]
+    survivor = _reports(out)[0]
+    assert survivor["second_allreduce"] != "returned" and "rank 0: second all_reduce:" in err0
+    assert survivor["second_allreduce_s"] < FAULT_TIMEOUT_S + 20
+
+
+@pytest.mark.multirank
+def test_sbatch_precompute_two_tasks(tmp_path: Path, slurm: dict[str, str], tiny_llama_dir: Path,
+                                     stdlib_text_file: Path) -> None:
+    """The real tools/precompute_teacher.py, its ranks found by the exec wrapper from SLURM's environment."""
+    from megadistil.data.shards import Manifest
+
+    out = tmp_path / "shards"
+    job, fields, log = _job(PRECOMPUTE_SBATCH, tmp_path, slurm, "--teacher", str(tiny_llama_dir), "--text",
+                            str(stdlib_text_file), "--out", str(out), "--seq-len", "32", "--top-k", "8",
+                            "--shard-bytes", "4000", "--max-sequences", "24", "--no-progress",
+                            MEGADISTIL_ENTRY="tools/precompute_teacher.py")
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    manifest = Manifest.load(out)
+    assert {s.name[:10] for s in manifest.shards} == {"shard-r000", "shard-r001"}
+    assert manifest.total_samples == 24
+    assert "'world_size': 2" in text and f"'master_port': {derived_port(job)}" in text and "'launcher': 'slurm'" in text
