@@ -1,0 +1,24 @@
+"""Export a megadistil run as a packed 1.58-bit checkpoint that vanilla transformers loads."""
+
+from megadistil.export.ternary import (
+    BaseModel,
+    CheckpointRef,
+    ExportConfig,
+    ExportError,
+    ExportResult,
+    StudentParts,
+    StudentSpec,
+    convert_checkpoint,
+    export_student,
+    format_size_report,
+    locate_checkpoint,
+    quantize_layer,
+    student_spec,
+)
+from megadistil.export.verify import VerifyConfig, format_figures, verify_export
+
+__all__ = [
+    "BaseModel", "CheckpointRef", "ExportConfig", "ExportError", "ExportResult", "StudentParts", "StudentSpec",
+    "VerifyConfig", "convert_checkpoint", "export_student", "format_figures", "format_size_report",
+    "locate_checkpoint", "quantize_layer", "student_spec", "verify_export",
+]
