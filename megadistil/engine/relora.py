@@ -31,16 +31,16 @@ def relora_reset(model: nn.Module, cfg: ReLoRAConfig, *, seed: int, reset_index:
 
 
 def _reset_moments(param: nn.Parameter, cfg: ReLoRAConfig) -> None:
-    for key in MOMENTS:
-        state = safe_get_full_optimizer_state(param, key)
-        if state is None:
-            continue  # no optimizer step taken yet, or a plain (non-DeepSpeed) optimizer
-        if cfg.optimizer_reset == "zero" or cfg.prune_ratio >= 1.0:
-            state = torch.zeros_like(state)
-        elif cfg.prune_ratio > 0:
-            # ReLoRA's magnitude pruning: keep only the largest (1 - ratio) fraction of each moment.
-            k = int(state.numel() * cfg.prune_ratio)
-            if k > 0:
-                threshold = state.abs().flatten().kthvalue(k).values
-                state = torch.where(state.abs() > threshold, state, torch.zeros_like(state))
-        safe_set_full_optimizer_state(param, state, key)
+    states = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
+    if any(v is None for v in states.values()):
+        return  # no optimizer step taken yet, or a plain (non-DeepSpeed) optimizer
+    if cfg.optimizer_reset == "zero" or cfg.prune_ratio >= 1.0:
+        keep = torch.zeros_like(states["exp_avg_sq"], dtype=torch.bool)
+    else:
+        # ReLoRA's magnitude pruning, with one mask for both moments: pruning them separately can keep a first
+        # moment whose second moment was zeroed, and Adam's m / (sqrt(v) + eps) then explodes.
+        v = states["exp_avg_sq"]
+        k = int(v.numel() * cfg.prune_ratio)
+        keep = v > v.flatten().kthvalue(k).values if k > 0 else torch.ones_like(v, dtype=torch.bool)
+    for key, state in states.items():
+        safe_set_full_optimizer_state(param, torch.where(keep, state, torch.zeros_like(state)), key)

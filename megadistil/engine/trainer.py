@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 import deepspeed
 import numpy as np
@@ -266,29 +267,37 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, teacher: bool = False) -> None:
-        """Held-out perplexity of the student (and, once, of the teacher), over every rank's slice."""
+        """Held-out perplexity of the student and, with the shared teacher, its KD to the teacher on the same text
+        (once also the teacher's own perplexity), over every rank's slice of the eval sequences."""
         from megadistil.bitnet import teacher_mode
 
         self.engine.eval()
-        ce_only = LossConfig(kd_weight=0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
-        results = {"student": self._eval_ce(ce_only)}
-        if teacher and self.cfg.model.teacher == "shared":
+        live = self.cfg.model.teacher == "shared"
+        loss_cfg = LossConfig(kind=self.cfg.loss.kind, temperature=self.cfg.loss.temperature,
+                              kd_weight=1.0 if live else 0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
+        ce, kd = self._eval_pass(loss_cfg, live)
+        record = {"step": self.step, "eval_ppl_student": math.exp(ce), **({"eval_kd": kd} if live else {})}
+        if teacher and live:
             with teacher_mode(self.engine.module.student):
-                results["teacher"] = self._eval_ce(ce_only)
+                record["eval_ppl_teacher"] = math.exp(self._eval_pass(replace(loss_cfg, kd_weight=0.0), False)[0])
         self.engine.train()
-        record = {"step": self.step, **{f"eval_ppl_{k}": math.exp(v) for k, v in results.items()}}
         self.logger.log(record)
 
-    def _eval_ce(self, ce_only: LossConfig) -> float:
+    def _eval_pass(self, loss_cfg: LossConfig, live: bool) -> tuple[float, float]:
+        """Token-weighted mean CE and KD over the eval sequences (all ranks)."""
         mb, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
-        total = torch.zeros(2, dtype=torch.float64)
+        shared = SharedTeacher(self.engine.module.student, hidden_layers=[], qkv_layers=[])
+        total = torch.zeros(3, dtype=torch.float64)
         for start in range(rank * mb, len(self.eval_seqs), mb * world):
             batch = shifted_batch(self.eval_seqs[start:start + mb])
-            parts = self.engine(batch["input_ids"], batch["labels"], Targets(), ce_only, [], [])
-            total += torch.tensor([float(parts["ce"]) * int(parts["tokens"]), int(parts["tokens"])], dtype=torch.float64)
+            targets = shared.targets(batch) if live else Targets()
+            parts = self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, [], [])
+            n = int(parts["tokens"])
+            total += torch.tensor([float(parts["ce"]) * n, float(parts["kd"]) * n, n], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(total)
-        return float(total[0] / total[1].clamp(min=1))
+        n = float(total[2].clamp(min=1))
+        return float(total[0]) / n, float(total[1]) / n
 
     # ---------------------------------------------------------------- save / cleanup
     def save(self) -> None:

@@ -1,0 +1,167 @@
+"""The engine end to end: `deepspeed --num_gpus 2 launch/train.py` on gloo (CPU), ZeRO-3."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megadistil.config import ConfigError, load_config
+from megadistil.engine.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+TIMEOUT_S = 300
+
+
+def deepspeed_run(script: str, args: list[str], *, nproc: int = 2, env: dict | None = None, port: int = 29511):
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, **(env or {})})
+
+
+def train(out: Path, overrides: list[str], **kwargs):
+    args = ["--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml",
+            f"train.output_dir={out}", *overrides]
+    return deepspeed_run("launch/train.py", args, **kwargs)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run) if "loss" in m}
+
+
+def ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def text_overrides(tiny_llama_dir, stdlib_text_file):
+    return [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", f"data.eval_text=[{stdlib_text_file}]",
+            "data.seq_len=64", "train.micro_batch_size=2", "train.eval_batches=2", "relora.reset_every=4",
+            "relora.restart_warmup_steps=2", "optim.warmup_steps=2", "bitnet.lora_rank=8", "optim.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, text_overrides):
+    out = tmp_path_factory.mktemp("straight")
+    ok(train(out, [*text_overrides, "train.max_steps=12", "train.save_every=6"]))
+    return out
+
+
+def _held_out_kd_falls(run: Path) -> None:
+    """KD of the student to the (shared) teacher on the same held-out sequences, before and after training."""
+    evals = [m for m in metrics(run) if "eval_kd" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] > 0
+    assert evals[-1]["eval_kd"] < 0.9 * evals[0]["eval_kd"], evals
+
+
+@pytest.mark.multirank
+def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
+    _held_out_kd_falls(straight_run)
+    assert (straight_run / "config.yaml").is_file() and (straight_run / "run.json").is_file()
+    assert (straight_run / "checkpoints" / "latest").read_text() == "step00000012"
+    records = metrics(straight_run)
+    step_records = [m for m in records if "loss" in m]
+    assert [m["step"] for m in step_records] == list(range(1, 13))
+    assert {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s", "ce"} <= set(step_records[0])
+    assert step_records[-1]["resets"] == 2  # before steps 5 and 9
+    evals = [m for m in records if "eval_ppl_student" in m]
+    assert "eval_ppl_teacher" in evals[0] and evals[-1]["step"] == 12
+
+
+@pytest.mark.multirank
+def test_killed_run_resumes_with_identical_losses(tmp_path, straight_run, text_overrides):
+    """Bit-exact on CPU: same data order, same reductions, RNG and optimizer state restored."""
+    overrides = [*text_overrides, "train.max_steps=12", "train.save_every=6"]
+    killed = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_KILL_AFTER_STEP": "6"}, port=29512)
+    assert killed.returncode != 0
+    assert sorted(step_losses(tmp_path)) == list(range(1, 7))
+    ok(train(tmp_path, overrides, port=29512))
+    resumed, straight = step_losses(tmp_path), step_losses(straight_run)
+    assert [resumed[s] for s in range(7, 13)] == [straight[s] for s in range(7, 13)]
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
+    from megadistil.data.precompute import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("shards")
+    run_precompute(PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(out),
+                                    seq_len=64, top_k=16, max_sequences=96, progress=False))
+    return out
+
+
+@pytest.mark.multirank
+def test_offline_shards_run_lowers_kd(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
+    """Training targets come from the shards only; the shared teacher is used for the held-out KD measurement."""
+    overrides = [f"model.student={tiny_llama_dir}", f"data.shards={shards_dir}", "data.text=[]",
+                 f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
+                 "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2",
+                 "optim.warmup_steps=2", "data.shuffle_buffer=16"]
+    ok(train(tmp_path, overrides, port=29513))
+    _held_out_kd_falls(tmp_path)
+    assert (tmp_path / "checkpoints" / "step00000010" / "meta.json").is_file()
+
+
+@pytest.mark.multirank
+def test_relora_invariant_frozen_teacher_on_two_ranks(tmp_path, text_overrides):
+    """After training: a full ReLoRA reset leaves the student's logits bitwise equal and zeroes the Adam moments
+    (2 ranks, ZeRO-3); the teacher's W is bitwise the base model's; the shared teacher is the original model."""
+    out = tmp_path / "probe"
+    proc = deepspeed_run("tests/_train_probe.py", [str(out), "configs/tiny.yaml", *text_overrides,
+                                                   "train.max_steps=6", "train.save_every=100",
+                                                   "relora.optimizer_reset=zero", f"train.output_dir={tmp_path}"],
+                         port=29514)
+    ok(proc)
+    for rank in (0, 1):
+        result = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        assert all(result.values()), result
+
+
+@pytest.mark.multirank
+def test_nan_losses_are_skipped_and_a_streak_stops_with_checkpoint_intact(tmp_path, text_overrides):
+    overrides = [*text_overrides, "train.max_steps=12", "train.save_every=3", "train.max_nan_steps=3"]
+    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_NAN_BATCHES": "2,7,8,9"}, port=29515)
+    assert proc.returncode != 0
+    assert "3 non-finite losses in a row" in proc.stdout + proc.stderr
+    steps = [m for m in metrics(tmp_path) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]  # batch 2 skipped; batches 7-9 (step 6) stop the run
+    assert steps[-1]["nan_skipped"] == 1
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
+    assert (tmp_path / "checkpoints" / "step00000003" / "meta.json").is_file()
+
+
+def _trainer(tmp_path, overrides):
+    return Trainer(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]),
+                   str(ROOT / "ds_configs/zero3.json"))
+
+
+def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
+    with pytest.raises(ConfigError, match="model.teacher.*/no/such/teacher is not a model directory"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "model.teacher=/no/such/teacher",
+                            f"data.text=[{stdlib_text_file}]"])._check_inputs()
+    with pytest.raises(ConfigError, match="model.student"):
+        _trainer(tmp_path, ["model.student=/no/such/student"])._check_inputs()
+    other = tmp_path / "other_model"
+    from megadistil.tiny import make_tiny_llama
+
+    make_tiny_llama(other, texts=[stdlib_text_file.read_text()[:20000]], vocab_size=300)
+    with pytest.raises(ConfigError, match="data.shards.*vocab"):
+        _trainer(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
+    with pytest.raises(ConfigError, match="loss.temperature"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", f"data.shards={shards_dir}", "data.text=[]",
+                            "loss.temperature=2.0"])._check_inputs()
+
+
+@pytest.mark.multirank
+def test_cli_reports_config_errors_on_every_rank_without_training(tmp_path):
+    proc = train(tmp_path, ["train.max_stepz=3"], port=29516)
+    assert proc.returncode != 0
+    assert "config key 'train.max_stepz'" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
