@@ -20,6 +20,11 @@ DTYPES = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
+# What a stage may change mid-run. Parameter groups are fixed when the engine is built (ZeRO-3 partitions the
+# trainable set once), so a stage cannot move a parameter in or out of training.
+STAGE_OPTIM_KEYS = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.weight_decay")
+
+
 class ConfigError(ValueError):
     """A run config or ds_config problem, named by its key."""
 
@@ -196,8 +201,8 @@ def validate(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
         for key in stage.overrides:
-            _check(key.split(".")[0] in ("loss", "optim"), f"stages.{i}.overrides.{key}",
-                   "stages may override loss.* and optim.* only")
+            _check(key.startswith("loss.") or key in STAGE_OPTIM_KEYS, f"stages.{i}.overrides.{key}",
+                   f"stages may override loss.* and {', '.join(STAGE_OPTIM_KEYS)} only")
         try:
             stage_config(cfg, stage.start_step).loss.validate()
         except (OmegaConfBaseException, ValueError) as e:

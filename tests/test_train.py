@@ -1,6 +1,7 @@
 """The engine end to end: `deepspeed --num_gpus 2 launch/train.py` on gloo (CPU), ZeRO-3."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def ok(proc) -> None:
 def text_overrides(tiny_llama_dir, stdlib_text_file):
     return [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", f"data.eval_text=[{stdlib_text_file}]",
             "data.seq_len=64", "train.micro_batch_size=2", "train.eval_batches=2", "relora.reset_every=4",
-            "relora.restart_warmup_steps=2", "optim.warmup_steps=2", "bitnet.lora_rank=8", "optim.lr=1e-2"]
+            "relora.restart_warmup_steps=2", "optim.warmup_steps=2", "bitnet.lora_rank=8", "optim.lr=1e-2",
+            "loss.hidden_weight=0.1", "loss.attn_relation_weight=0.1", "loss.attn_relation_heads=4"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
     records = metrics(straight_run)
     step_records = [m for m in records if "loss" in m]
     assert [m["step"] for m in step_records] == list(range(1, 13))
-    assert {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s", "ce"} <= set(step_records[0])
+    assert {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s", "ce", "hidden", "attn"} <= set(step_records[0])
     assert step_records[-1]["resets"] == 2  # before steps 5 and 9
     evals = [m for m in records if "eval_ppl_student" in m]
     assert "eval_ppl_teacher" in evals[0] and evals[-1]["step"] == 12
@@ -107,6 +109,20 @@ def test_offline_shards_run_lowers_kd(tmp_path, tiny_llama_dir, shards_dir, stdl
     ok(train(tmp_path, overrides, port=29513))
     _held_out_kd_falls(tmp_path)
     assert (tmp_path / "checkpoints" / "step00000010" / "meta.json").is_file()
+
+
+@pytest.mark.multirank
+def test_separate_hf_teacher_as_zero3_inference_engine(tmp_path, tiny_llama_dir, stdlib_text_file):
+    """The teacher is another HF model (here: the same weights, loaded again) partitioned by its own ZeRO-3 engine;
+    its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher."""
+    overrides = [f"model.student={tiny_llama_dir}", f"model.teacher={tiny_llama_dir}", "model.teacher_top_k=32",
+                 f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2",
+                 "train.max_steps=8", "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2",
+                 "optim.warmup_steps=2"]
+    ok(train(tmp_path, overrides, port=29517))
+    kd = [m["kd"] for m in metrics(tmp_path) if "kd" in m]
+    assert len(kd) == 8 and all(math.isfinite(v) and v > 0 for v in kd)
+    assert sum(kd[-3:]) < sum(kd[:3])
 
 
 @pytest.mark.multirank

@@ -211,6 +211,7 @@ class Trainer:
         lr = lr_at(step, active.optim, self.cfg.relora, self.cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = active.optim.weight_decay
         self.lr = lr
         warmup = self.cfg.bitnet.quant_warmup_steps
         if warmup:

@@ -1,0 +1,24 @@
+import json
+
+from megadistil.config import LogConfig, WandbConfig
+from megadistil.engine.metrics import MetricsLogger
+
+
+def test_rank0_writes_jsonl_stdout_and_offline_wandb(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = LogConfig(wandb=WandbConfig(enabled=True, mode="offline", project="megadistil-test"))
+    logger = MetricsLogger(tmp_path, cfg, rank=0, run_config={"train": {"max_steps": 2}})
+    logger.log({"step": 1, "loss": 0.5, "lr": 1e-3})
+    logger.log({"step": 2, "loss": 0.25, "lr": 1e-3})
+    logger.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in lines] == [0.5, 0.25]
+    assert "step 2 | loss 0.25 | lr 0.001" in capsys.readouterr().out
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_other_ranks_log_nothing(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, LogConfig(), rank=1, run_config={})
+    logger.log({"step": 1, "loss": 0.5})
+    assert not (tmp_path / "metrics.jsonl").exists() and capsys.readouterr().out == ""
