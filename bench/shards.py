@@ -1,6 +1,9 @@
 """Teacher-output shard format: bytes/token, reconstruction KL, codec and loader throughput.
 
-    .venv/bin/python bench/shards.py [--seq-len 512] [--sequences 8]
+    .venv/bin/python bench/shards.py [--seq-len 2048] [--sequences 8]
+
+seq_len 2048 is the real setting: per-sample tar overhead (one 512-byte member header + padding) amortises
+over it. Columns ids/lvl/tok are the bytes/token of the top-k id, probability-level and input-token sections.
 
 Teachers are tiny random Llamas (1 layer) with the given vocab; "peaked" scales the LM head so the next-token
 entropy resembles a trained model's (a few nats), "random" leaves init weights (near-uniform distributions).
@@ -22,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.data import Manifest, ShardStream, decode_sample, encode_sample
+from megadistil.data.shards import check_raw_sample
 from megadistil.data.precompute import PrecomputeConfig, run_precompute
 from tests.conftest import _stdlib_text, _train_tokenizer
 
@@ -51,19 +55,19 @@ def exact_logprobs(teacher: Path, ids: np.ndarray, temperature: float) -> np.nda
 
 
 def mean_kl(lp: np.ndarray, dec, k: int) -> float:
-    top = np.argsort(-lp, axis=1)[:, :k]
-    p = np.take_along_axis(lp, top, 1)
-    pos = {}
-    kls = []
-    for t in range(len(lp)):
-        pos = dict(zip(dec.topk_ids[t].tolist(), dec.topk_logprobs[t].astype(np.float64)))
-        q = np.array([pos.get(i, -np.inf) for i in top[t]])
-        kl = np.sum(np.exp(p[t]) * (p[t] - q))
-        tail = np.log1p(-np.exp(np.logaddexp.reduce(p[t])))
-        if np.isfinite(tail):
-            kl += np.exp(tail) * (tail - dec.tail_logmass[t])
-        kls.append(kl)
-    return float(np.mean(kls))
+    """KL(exact || decoded) over the decoded k ids + the rest; exact in float64.
+
+    Uses the decoded id set, not the float64 top-k: the teacher ran in float32, so on near-uniform rows the k-th
+    and (k+1)-th ids can swap, which would make a float64-top-k KL infinite without any codec error.
+    """
+    ids = dec.topk_ids.astype(np.int64)
+    p = np.take_along_axis(lp, ids, 1)
+    q = dec.topk_logprobs.astype(np.float64)
+    kl = (np.exp(p) * (p - q)).sum(1)
+    with np.errstate(divide="ignore"):
+        p_rest = np.log1p(-np.minimum(np.exp(np.logaddexp.reduce(p, axis=1)), 1.0))
+    rest = np.where(np.isfinite(p_rest), np.exp(p_rest) * (p_rest - dec.tail_logmass.astype(np.float64)), 0.0)
+    return float(np.mean(kl + rest))
 
 
 def first_sample(out: Path, m: Manifest):
@@ -87,6 +91,13 @@ def codec_throughput(raw, m: Manifest, dec) -> tuple[float, float]:
     return m.seq_len / enc_s, m.seq_len / dec_s
 
 
+def section_bytes_per_token(raw, m: Manifest) -> dict[str, float]:
+    header = check_raw_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size)
+    sizes = header["sizes"]
+    ids = sizes["id_unary"] + sizes["id_prefix"] + sizes["id_extra"]
+    return {"ids_B": ids / m.seq_len, "levels_B": sizes["levels"] / m.seq_len, "tokens_B": sizes["tokens"] / m.seq_len}
+
+
 def loader_tokens_per_s(out: Path, workers: int, batches: int) -> float:
     stream = ShardStream(out, batch_size=2, num_workers=workers, shuffle_buffer=4)
     it = iter(stream)
@@ -102,7 +113,7 @@ def loader_tokens_per_s(out: Path, workers: int, batches: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--sequences", type=int, default=8)
     args = ap.parse_args()
     rows = []
@@ -117,7 +128,7 @@ def main() -> None:
                 out = root / f"s-{vocab}-{kind}-{k}"
                 m = run_precompute(PrecomputeConfig(teacher=str(teacher), text=[str(text)], out=str(out),
                                                     seq_len=args.seq_len, top_k=k, max_sequences=args.sequences,
-                                                    progress=False, batch_size=4))
+                                                    progress=False, batch_size=2))
                 raw, dec = first_sample(out, m)
                 key = tuple(dec.input_ids[:8])
                 if key not in lp_cache:
@@ -131,15 +142,17 @@ def main() -> None:
                 if k == 64:
                     for w in (0, 1, 2):
                         row[f"loader_tok_s_w{w}"] = loader_tokens_per_s(out, w, batches=8)
+                row.update(section_bytes_per_token(raw, m))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
     print(f"{'vocab':>7} {'teacher':>7} {'H':>5} {'k':>4} {'B/tok':>7} {'KL':>9} {'enc tok/s':>10} {'dec tok/s':>10}"
-          f" {'load w0':>9} {'w1':>9} {'w2':>9}")
+          f" {'ids':>6} {'lvl':>6} {'tok':>5} {'load w0':>9} {'w1':>9} {'w2':>9}")
     for r in rows:
         load = " ".join(f"{r.get(f'loader_tok_s_w{w}', float('nan')):9.0f}" for w in (0, 1, 2))
         print(f"{r['vocab']:7d} {r['teacher']:>7} {r['entropy_nats']:5.2f} {r['k']:4d} {r['bytes_per_token']:7.1f} "
-              f"{r['kl_mean']:9.2e} {r['encode_tok_s']:10.0f} {r['decode_tok_s']:10.0f} {load}")
+              f"{r['kl_mean']:9.2e} {r['encode_tok_s']:10.0f} {r['decode_tok_s']:10.0f} {r['ids_B']:6.1f} "
+              f"{r['levels_B']:6.1f} {r['tokens_B']:5.2f} {load}")
     res = Path(__file__).resolve().parent / "results"
     res.mkdir(exist_ok=True)
     (res / "shards.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
