@@ -72,7 +72,8 @@ def pretrain(model: LlamaForCausalLM, tokens: torch.Tensor, *, steps: int, seq_l
 
 
 def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512, seed: int = 0,
-                    pretrain_steps: int = 0, **arch) -> Path:
+                    pretrain_steps: int = 0, pretrain_seq_len: int = 128, pretrain_batch: int = 16,
+                    **arch) -> Path:
     """Write an HF dir: a tiny Llama (random, or pretrained for `pretrain_steps` on `texts`) + a tokenizer trained
     on `texts`, plus corpus.txt holding the texts."""
     out = Path(out)
@@ -83,7 +84,7 @@ def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512,
     if pretrain_steps:
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         flat = torch.tensor([t for doc in ids for t in (*doc, tokenizer.eos_token_id)], dtype=torch.int64)
-        pretrain(model, flat, steps=pretrain_steps, seed=seed)
+        pretrain(model, flat, steps=pretrain_steps, seq_len=pretrain_seq_len, batch_size=pretrain_batch, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "corpus.txt").write_text("\n".join(texts))

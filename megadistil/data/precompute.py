@@ -74,17 +74,16 @@ class PrecomputeConfig:
 
 
 def dist_env() -> tuple[int, int]:
-    """(rank, world_size) from the launcher's environment (deepspeed, torchrun and srun all set RANK/WORLD_SIZE)."""
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    if world > 1 and not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
-    return rank, world
+    """(rank, world_size) from whatever launched us (deepspeed, torchrun, srun, mpirun; see engine.distributed),
+    with the process group started (bounded timeout) when there is more than one rank."""
+    from megadistil.engine.distributed import discover, free_local_port, init_distributed
+
+    if discover(os.environ, free_port=free_local_port).world_size == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        info = init_distributed()
+        return info.rank, info.world_size
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _barrier(world: int) -> None:

@@ -1,0 +1,311 @@
+"""`make demo`: the whole product on real text, offline, on a 2-core CPU in about 15 minutes.
+
+Corpus: the Python standard library's own source (on every machine), split by file into a training split and a
+held-out split. A small Llama teacher is pretrained on the whole training split; the students see a slice of a few
+percent of those tokens, many times over, and everything is evaluated on the held-out files. The runs:
+
+  shards   BitNet student distilled from precomputed teacher shards      (2-rank ZeRO-3, ReLoRA, int8 backward)
+  shared   BitNet student distilled from the live shared teacher          (same budget)
+  ce       BitNet student trained with CE only on the slice (QAT without a teacher, same budget)
+
+The naive ternary model (post-training quantization) is every run's step-0 evaluation. The `shards` student is then
+converted with tools/convert_to_ternary.py --verify and evaluated in vanilla transformers.
+
+  python -m megadistil.demo --out runs/demo [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from megadistil.tiny import make_tiny_llama, stdlib_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DemoSettings:
+    hidden: int = 256
+    layers: int = 4
+    vocab: int = 4096
+    teacher_steps: int = 800
+    teacher_batch: int = 16
+    seq_len: int = 256
+    slice_tokens: int = 60_000
+    distill_steps: int = 600
+    micro_batch: int = 8  # per rank: 2 ranks x 8 = 16 sequences of 256 tokens per step
+    lora_rank: int = 64
+    reset_every: int = 200
+    lr: float = 3e-3
+    eval_sequences: int = 64
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """The same path with fewer steps (CI's end-to-end test)."""
+        return cls(hidden=128, layers=2, vocab=1024, teacher_steps=150, slice_tokens=30_000, distill_steps=60,
+                   micro_batch=4, lora_rank=16, reset_every=20, seq_len=128, eval_sequences=32)
+
+
+def banner(index: int, total: int, text: str) -> None:
+    print(f"\n==> [{index}/{total}] {text}", flush=True)
+
+
+def split_corpus(out: Path) -> dict[str, Path]:
+    """Every 10th stdlib file is held out; the rest is the teacher's training split."""
+    files = stdlib_files()
+    held_out = [f for i, f in enumerate(files) if i % 10 == 0]
+    train = [f for i, f in enumerate(files) if i % 10 != 0]
+    paths = {}
+    for name, group in (("train", train), ("heldout", held_out)):
+        paths[name] = out / f"{name}.txt"
+        paths[name].write_text("\n".join(f.read_text(errors="replace") for f in group))
+    return paths
+
+
+def make_slice(train_text: Path, tokenizer_dir: Path, tokens: int, out: Path) -> int:
+    """The first whole lines of the training split that hold about `tokens` tokens: the students' whole world."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lines, count = [], 0
+    for line in train_text.read_text().splitlines(keepends=True):
+        lines.append(line)
+        count += len(tok(line, add_special_tokens=False)["input_ids"])
+        if count >= tokens:
+            break
+    out.write_text("".join(lines))
+    return count
+
+
+def make_teacher(s: DemoSettings, out: Path, train_text: Path) -> Path:
+    """Pretrain the teacher, or reuse the one a previous demo with the same settings made."""
+    teacher, stamp = out / "teacher", out / "teacher" / "demo_settings.json"
+    settings = json.dumps(asdict(s), sort_keys=True)
+    if stamp.is_file() and stamp.read_text() == settings:
+        print(f"reusing {teacher} (same settings)")
+        return teacher
+    make_tiny_llama(teacher, texts=[train_text.read_text()], vocab_size=s.vocab, pretrain_steps=s.teacher_steps,
+                    pretrain_seq_len=s.seq_len, pretrain_batch=s.teacher_batch, hidden_size=s.hidden,
+                    layers=s.layers, intermediate_size=s.hidden * 8 // 3 // 4 * 4)
+    stamp.write_text(settings)
+    return teacher
+
+
+def train_run(name: str, out: Path, overrides: list[str], steps: int, log: Path) -> float:
+    """One `deepspeed --num_gpus 2 launch/train.py` run, with a progress bar over its metrics.jsonl."""
+    from tqdm import tqdm
+
+    from megadistil.engine.distributed import free_local_port
+
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_local_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+           "--config", "configs/tiny.yaml", f"train.output_dir={out}", *overrides]
+    start = time.time()
+    with log.open("w") as f, tqdm(total=steps, desc=f"distil [{name}]", unit="step") as bar:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            bar.update(_last_step(out) - bar.n)
+        bar.update(_last_step(out) - bar.n)
+    if proc.returncode:
+        raise RuntimeError(f"training run {name!r} failed (exit {proc.returncode}); see {log}")
+    return time.time() - start
+
+
+def _last_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if '"loss"' in line]
+    return max(steps, default=0)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@torch.no_grad()
+def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: int) -> float:
+    """Held-out perplexity of an HF dir loaded by transformers alone (the packed ternary checkpoint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadistil.data.text import pack_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seqs = list(pack_text([str(heldout)], tok, seq_len))[:sequences]
+    nll, count = 0.0, 0
+    for seq in seqs:
+        ids = torch.from_numpy(seq).unsqueeze(0)
+        nll += float(model(input_ids=ids, labels=ids).loss) * (seq_len - 1)
+        count += seq_len - 1
+    return math.exp(nll / count)
+
+
+def run_overrides(s: DemoSettings, teacher: Path, heldout: Path) -> list[str]:
+    return [f"model.student={teacher}", f"data.eval_text=[{heldout}]", f"data.seq_len={s.seq_len}",
+            f"train.max_steps={s.distill_steps}", f"train.save_every={s.distill_steps}",
+            f"train.micro_batch_size={s.micro_batch}", f"train.eval_every={max(s.distill_steps // 4, 1)}",
+            f"train.eval_batches={max(s.eval_sequences // (2 * s.micro_batch), 1)}",
+            f"bitnet.lora_rank={s.lora_rank}", "bitnet.backward=int8", f"relora.reset_every={s.reset_every}",
+            f"optim.lr={s.lr}", "loss.kind=forward_kl"]
+
+
+def distil_all(s: DemoSettings, out: Path, teacher: Path, paths: dict[str, Path], shards: Path) -> dict[str, dict]:
+    common = run_overrides(s, teacher, paths["heldout"])
+    runs = {
+        "shards": [*common, f"data.shards={shards}", "data.text=[]"],
+        "shared": [*common, f"data.text=[{paths['slice']}]"],
+        "ce": [*common, f"data.text=[{paths['slice']}]", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
+    }
+    results = {}
+    for name, overrides in runs.items():
+        shutil.rmtree(out / f"run-{name}", ignore_errors=True)  # a fresh run, not a resume of an older demo
+        seconds = train_run(name, out / f"run-{name}", overrides, s.distill_steps, out / f"run-{name}.log")
+        results[name] = {"metrics": read_metrics(out / f"run-{name}"), "wall_s": seconds}
+    return results
+
+
+def convert(run: Path, output: Path, log: Path) -> dict:
+    cmd = [sys.executable, "tools/convert_to_ternary.py", "--checkpoint", str(run), "--output", str(output),
+           "--verify", "--overwrite", "--dtype", "fp32"]
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"convert_to_ternary failed (exit {proc.returncode}); see {log}")
+    return {"log": log.read_text()}
+
+
+def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
+    return sum(f.stat().st_size for f in path.glob(pattern))
+
+
+def plot_losses(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        steps = [m for m in r["metrics"] if "loss" in m]
+        key = "ce" if name == "ce" else "kd"
+        train_ax.plot([m["step"] for m in steps], [m[key] for m in steps], label=f"{name} ({key})")
+        evals = [m for m in r["metrics"] if "eval_ppl_student" in m]
+        eval_ax.plot([m["step"] for m in evals], [m["eval_ppl_student"] for m in evals], marker="o", label=name)
+    train_ax.set(title="training loss", xlabel="step", yscale="log")
+    eval_ax.set(title="held-out perplexity (student)", xlabel="step", yscale="log")
+    train_ax.legend(), eval_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def final_eval(r: dict) -> float:
+    return [m for m in r["metrics"] if "eval_ppl_student" in m][-1]["eval_ppl_student"]
+
+
+def step0_eval(r: dict) -> dict:
+    return next(m for m in r["metrics"] if "eval_ppl_student" in m and m["step"] == 0)
+
+
+def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict, wall_s: float,
+              tokens: dict) -> dict:
+    teacher = step0_eval(results["shared"])["eval_ppl_teacher"]
+    rows = {
+        "teacher (bf16/fp32, pretrained on the whole training split)": teacher,
+        "naive ternary (post-training quantization, no training)": step0_eval(results["shared"])["eval_ppl_student"],
+        "CE-only student (QAT on the slice, no teacher)": final_eval(results["ce"]),
+        "distilled from shards": final_eval(results["shards"]),
+        "distilled from the shared live teacher": final_eval(results["shared"]),
+        "converted checkpoint in vanilla transformers": converted_ppl,
+    }
+    steps = [m for m in results["shards"]["metrics"] if "loss" in m]
+    return {"settings": asdict(s), "perplexity": rows, "teacher_ppl": teacher, "wall_s": wall_s,
+            "tokens": {**tokens, "distilled": sum(m["tokens"] for m in steps)},
+            "peak_mem_mb_rank0": {k: max(m["peak_mem_mb"] for m in r["metrics"] if "loss" in m)
+                                  for k, r in results.items()},
+            "run_wall_s": {k: r["wall_s"] for k, r in results.items()}, "sizes": sizes}
+
+
+def write_report(summary: dict, out: Path) -> Path:
+    teacher = summary["teacher_ppl"]
+    lines = ["# megadistil demo", "",
+             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; total wall time "
+             f"{summary['wall_s'] / 60:.1f} min.", "",
+             "| model | held-out perplexity | vs teacher |", "|---|---:|---:|"]
+    lines += [f"| {name} | {ppl:.2f} | {ppl / teacher:.3f}x |" for name, ppl in summary["perplexity"].items()]
+    t = summary["tokens"]
+    lines += ["", f"Tokens: teacher pretraining {t['teacher']:,}; distillation slice {t['slice']:,} "
+              f"({100 * t['slice'] / t['teacher_split']:.1f}% of the {t['teacher_split']:,}-token training split); "
+              f"tokens trained per student {t['distilled']:,}.", "",
+              "| run | wall time | peak RSS per rank (rank 0) |", "|---|---:|---:|"]
+    lines += [f"| {k} | {summary['run_wall_s'][k]:.0f} s | {summary['peak_mem_mb_rank0'][k]:.0f} MB |"
+              for k in summary["run_wall_s"]]
+    sz = summary["sizes"]
+    lines += ["", f"Files: teacher safetensors {sz['teacher_bytes'] / 2**20:.2f} MiB (fp32; bf16 would be "
+              f"{sz['teacher_bytes'] / 2**21:.2f} MiB); packed student {sz['student_bytes'] / 2**20:.2f} MiB.",
+              "", "![loss curves](loss_curves.png)", "", "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer steps: the end-to-end test's setting")
+    a = p.parse_args(argv)
+    s = DemoSettings.quick() if a.quick else DemoSettings()
+    out = (ROOT / a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start, total = time.time(), 7
+    banner(1, total, "corpus: the Python standard library's source, split by file (every 10th file held out)")
+    paths = split_corpus(out)
+    banner(2, total, f"teacher: {s.layers}-layer {s.hidden}-wide Llama-3.1-shaped model, {s.vocab}-token BPE, "
+           f"{s.teacher_steps} pretraining steps on the whole training split")
+    teacher = make_teacher(s, out, paths["train"])
+    banner(3, total, f"distillation slice: ~{s.slice_tokens:,} tokens of the training split")
+    paths["slice"] = out / "slice.txt"
+    slice_tokens = make_slice(paths["train"], teacher, s.slice_tokens, paths["slice"])
+    banner(4, total, "precompute teacher shards on the slice (top-64 log-probs + tail)")
+    shards = out / "shards"
+    # Rerunning with the same settings resumes: complete shards are kept, so this is then nearly free.
+    subprocess.run([sys.executable, "tools/precompute_teacher.py", "--teacher", str(teacher), "--text",
+                    str(paths["slice"]), "--out", str(shards), "--seq-len", str(s.seq_len), "--top-k", "64"],
+                   cwd=ROOT, check=True)
+    banner(5, total, f"distil on a 2-rank ZeRO-3 engine: 3 students x {s.distill_steps} steps")
+    results = distil_all(s, out, teacher, paths, shards)
+    banner(6, total, "convert the shards-distilled student to a packed 1.58-bit checkpoint and verify it")
+    converted = out / "student-ternary"
+    convert(out / "run-shards", converted, out / "convert.log")
+    converted_ppl = vanilla_perplexity(converted, paths["heldout"], s.seq_len, s.eval_sequences)
+    banner(7, total, "report")
+    plot_losses(results, out / "loss_curves.png")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    split_tokens = len(tok(paths["train"].read_text(), add_special_tokens=False)["input_ids"])
+    tokens = {"teacher": s.teacher_steps * s.teacher_batch * s.seq_len, "slice": slice_tokens,
+              "teacher_split": split_tokens}
+    sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
+    summary = summarize(s, results, converted_ppl, sizes, time.time() - start, tokens)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = write_report(summary, out)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
