@@ -42,7 +42,7 @@ def write_card(directory: Path, *, run_config: DictConfig, meta: dict[str, Any],
                sizes: dict[str, Any], export_config: dict[str, Any], base_path: Path, warnings: list[str],
                verify: dict[str, Any] | None = None) -> None:
     q = export_config["quantization_config"]
-    arch = export_config["architectures"][0]
+    arch = (export_config.get("architectures") or [f"AutoModelForCausalLM ({export_config.get('model_type')})"])[0]
     subln = export_config["model_type"] == "bitnet"
     loss = OmegaConf.to_yaml(run_config.loss).strip()
     text = f"""---

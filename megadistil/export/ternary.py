@@ -378,11 +378,17 @@ def quantize_layer(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: tor
                    scaling: float, train_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [out/4, in], scale = 1/mean|W_eff| as float32 [1]): Q3 of W + ΔW + s·B·A, with every operand
     first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were not used there)."""
-    w_eff = effective_weight(weight.to(train_dtype), None if delta is None else delta,
-                             lora_A.to(train_dtype), lora_B.to(train_dtype), scaling)
-    del weight, delta
-    codes, scale = ternary_codes(w_eff)
-    del w_eff
+    return _pack(lambda: _effective(lambda: weight, lambda: delta, lora_A, lora_B, scaling, train_dtype))
+
+
+def _effective(weight: Callable[[], torch.Tensor], delta: Callable[[], torch.Tensor | None], lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> torch.Tensor:
+    # Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its temporaries.
+    return effective_weight(weight().to(train_dtype), delta(), lora_A.to(train_dtype), lora_B.to(train_dtype), scaling)
+
+
+def _pack(w_eff: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale = ternary_codes(w_eff())
     return pack_ternary(codes), scale.reshape(1).float()
 
 
@@ -413,9 +419,9 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     out, inp = base.shape(f"{m}.weight")
 
     def packed() -> torch.Tensor:
-        delta = parts.get(f"{m}.delta") if parts.has(f"{m}.delta") else None
-        p, scale = quantize_layer(base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                                  parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
+        delta = (lambda: parts.get(f"{m}.delta")) if parts.has(f"{m}.delta") else (lambda: None)
+        p, scale = _pack(lambda: _effective(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                                            parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype))
         cache[m] = scale
         return p
 
@@ -484,6 +490,27 @@ class StreamingSafetensors:
         self.file.close()
 
 
+def _release_freed_memory() -> None:
+    """glibc keeps freed tensor buffers in its heap (its mmap threshold grows after the first large free), so RSS
+    would creep up by a few tensors over the conversion; trimming after each tensor keeps it at what is live."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 def write_weights(directory: Path, plan: list[OutputTensor], max_bytes: int, progress: bool = True) -> dict[str, Any]:
     """Shards (+ index when more than one); returns the size figures."""
     shards = assign_shards(plan, max_bytes)
@@ -494,6 +521,7 @@ def write_weights(directory: Path, plan: list[OutputTensor], max_bytes: int, pro
         for t in shard:
             bar.set_postfix_str(t.name, refresh=False)
             writer.write(t.produce())
+            _release_freed_memory()
             bar.update()
         writer.close()
     bar.close()

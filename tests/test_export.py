@@ -1,0 +1,352 @@
+"""tools/convert_to_ternary.py: packed 1.58-bit export of real ZeRO-3 checkpoints, loaded by vanilla transformers.
+
+One 2-rank training run (SubLN + ReLoRA merges, so LoRA, ΔW and sub-norms are all non-trivial) feeds the tests; a
+1-rank DeepSpeed re-save of the same weights and a synthetic large model come from one more `deepspeed` launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megadistil.bitnet import unpack_ternary
+from megadistil.export import ExportConfig, convert_checkpoint
+from megadistil.export.ternary import locate_checkpoint, shard_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+RSS_CONSTANT = 10  # peak RSS growth of a conversion < RSS_CONSTANT x the largest tensor (measured: ~8 with ΔW)
+
+# Runs under `deepspeed --num_gpus 1`: (1) re-saves a checkpoint's weights through a 1-rank ZeRO-3 engine with the
+# engine's own checkpoint.save; (2) makes the checkpoint of a synthetic large model (LoRA rank 4 + dense ΔW).
+DS_SCRIPT = textwrap.dedent(r"""
+    import json, shutil, sys
+    from pathlib import Path
+    import deepspeed, torch
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+    from torch import nn
+    from megadistil.config import RunConfig
+    from megadistil.engine import checkpoint
+    from megadistil.export.ternary import BaseModel, StudentParts, locate_checkpoint
+
+    DS = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+
+    def engine_over(tensors):
+        root = nn.Module()
+        for name, value in tensors.items():
+            *path, leaf = ("student." + name).split(".")
+            module = root
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=not name.endswith(".delta")))
+        opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-3)
+        return deepspeed.initialize(model=root, optimizer=opt, config=DS)[0]
+
+    def resave(src, dst):
+        ckpt = locate_checkpoint(src)
+        parts = StudentParts.from_checkpoint(ckpt)
+        engine = engine_over({n: parts.get(n) for n in parts.tensors})
+        meta = {k: v for k, v in ckpt.meta.items() if k not in ("step", "tag", "world_size")}
+        checkpoint.save(engine, Path(dst) / "checkpoints", ckpt.meta["step"], rank_state={"data": {}}, meta=meta,
+                        config_yaml=(ckpt.dir / "config.yaml").read_text())
+        for f in ("run.json", "metrics.jsonl", "config.yaml"):
+            shutil.copy(ckpt.root.parent / f, Path(dst) / f)
+
+    def synthetic(base_dir, dst):
+        base, g = BaseModel(base_dir), torch.Generator().manual_seed(0)
+        tensors = {}
+        for name in base.names():
+            if ".layers." in name and name.endswith("proj.weight"):
+                m, (out, inp) = name[: -len(".weight")], base.shape(name)
+                tensors[m + ".lora_A"] = torch.randn(4, inp, generator=g) / inp**0.5
+                tensors[m + ".lora_B"] = torch.randn(out, 4, generator=g) * 0.01
+                tensors[m + ".delta"] = torch.randn(out, inp, generator=g) * 0.01
+        engine = engine_over(tensors)
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), {"model": {"student": str(base_dir), "dtype": "fp32"},
+                              "bitnet": {"lora_rank": 4}, "relora": {"reset_every": 1}, "data": {"text": ["x"]}})
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        (Path(dst) / "run.json").write_text(json.dumps({"ds_config": {"bf16": {"enabled": False}}}))
+        checkpoint.save(engine, Path(dst) / "checkpoints", 1, rank_state={"data": {}},
+                        meta={"resets": 1, "base_fingerprint": checkpoint.model_dir_fingerprint(base_dir)},
+                        config_yaml=OmegaConf.to_yaml(cfg))
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    resave(args[0], args[1])
+    synthetic(args[2], args[3])
+""")
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False, **kwargs)
+    assert proc.returncode == 0, f"{' '.join(cmd[:4])}... failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _large_base(path: Path, tokenizer_from: Path) -> Path:
+    """A Llama dir made large on purpose: 8 layers whose MLP matrices (the largest tensors) are 8 MiB each."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    path.mkdir(parents=True)
+    cfg.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    weight_map = {}
+    for layer in range(cfg.num_hidden_layers):  # one file per layer: the base is read through its index
+        p = f"model.layers.{layer}."
+        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h // 2, h), "self_attn.v_proj": (h // 2, h),
+                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+        tensors = {f"{p}{k}.weight": torch.randn(*s, generator=g) * 0.02 for k, s in shapes.items()}
+        tensors |= {f"{p}input_layernorm.weight": torch.ones(h), f"{p}post_attention_layernorm.weight": torch.ones(h)}
+        save_file(tensors, str(path / f"layer{layer}.safetensors"))
+        weight_map |= dict.fromkeys(tensors, f"layer{layer}.safetensors")
+    rest = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g),
+            "lm_head.weight": torch.randn(cfg.vocab_size, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
+    save_file(rest, str(path / "rest.safetensors"))
+    weight_map |= dict.fromkeys(rest, "rest.safetensors")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama trained 4 steps by 2 ranks (SubLN, a ReLoRA merge at step 3), its 1-rank re-save, and a
+    synthetic large model's checkpoint."""
+    from megadistil.tiny import make_tiny_llama, stdlib_files
+
+    tmp = tmp_path_factory.mktemp("export")
+    texts = [f.read_text(errors="replace") for f in stdlib_files(6)]
+    tiny = make_tiny_llama(tmp / "tiny", texts=texts, vocab_size=384, seed=0)
+    eval_file = tmp / "eval.txt"
+    eval_file.write_text((Path(os.__file__).parent / "textwrap.py").read_text())
+    _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+          "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
+          f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
+          "relora.reset_every=2", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2"])
+    large = _large_base(tmp / "large", tiny)
+    script = tmp / "ds_script.py"
+    script.write_text(DS_SCRIPT)
+    _run([DEEPSPEED, "--num_gpus", "1", str(script), str(tmp / "run2"), str(tmp / "run1"), str(large),
+          str(tmp / "run_large")])
+    return {"tmp": tmp, "tiny": tiny, "run2": tmp / "run2", "run1": tmp / "run1", "large": large,
+            "run_large": tmp / "run_large"}
+
+
+def _tool_main():
+    """tools/convert_to_ternary.py's main, run in-process (the tool is a thin shell: no package import path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_to_ternary", REPO / "tools" / "convert_to_ternary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    out = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.mark.multirank
+def test_two_rank_run_converts_and_vanilla_transformers_matches_the_student(runs, monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # transformers' BitLinear compiles itself; eager is the same math
+    out = runs["tmp"] / "out_fp32"
+    result = convert_checkpoint(runs["run2"], out, ExportConfig(dtype="fp32", max_shard_size="40KB", progress=False),
+                                verify=True)
+    v = result.verify
+    assert v["loaded_as"]["model_class"] == "BitNetForCausalLM"
+    assert v["loaded_as"]["linear_classes"] == ["transformers.integrations.bitnet.BitLinear"]
+    assert v["loaded_as"]["megadistil_imported"] is False
+    assert v["max_abs_diff"] <= 1e-3 and v["argmax_agreement"] == 1.0 and v["generations_identical"]
+    assert v["source"] == "data.eval_text" and v["passed"]
+    # sharded, with an index naming every tensor; the config says what the loader needs
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert result.sizes["shards"] > 1 and len(set(index["weight_map"].values())) == result.sizes["shards"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bitnet" and config["quantization_config"] == {
+        "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
+        "modules_to_not_convert": ["lm_head"], "use_rms_norm": False, "rms_norm_eps": config["rms_norm_eps"]}
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (runs["tiny"] / f).read_bytes() or f == "generation_config.json"
+    card = (out / "README.md").read_text()
+    metrics = [json.loads(line) for line in (runs["run2"] / "metrics.jsonl").read_text().splitlines()]
+    teacher_ppl = next(m["eval_ppl_teacher"] for m in metrics if "eval_ppl_teacher" in m)
+    assert f"{teacher_ppl:.3f}" in card and "accelerate" in card and "BitNetForCausalLM" in card
+    assert str(sum(m.get("tokens", 0) for m in metrics)) in card
+    assert not list(out.parent.glob(".out_fp32.*"))
+    _check_against_float64(runs, _tensors(out))
+
+
+def _check_against_float64(runs, exported: dict[str, torch.Tensor]) -> None:
+    """Every packed layer is Q3 of W + ΔW + s·B·A, rebuilt in float64 with independent readers: DeepSpeed's eager
+    consolidation and the engine's own read_delta."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megadistil.engine.checkpoint import read_delta
+
+    ckpt = locate_checkpoint(runs["run2"])
+    trainable = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag, exclude_frozen_parameters=True)
+    base = _tensors(runs["tiny"])
+    scaling = 32 / 16
+    layers = [n.removeprefix("student.").removesuffix(".lora_A") for n in trainable if n.endswith("lora_A")]
+    assert len(layers) == 14
+    boundary_total = 0
+    for m in layers:
+        a, b = trainable[f"student.{m}.lora_A"].double(), trainable[f"student.{m}.lora_B"].double()
+        assert b.abs().max() > 0  # trained: B is no longer its zero init
+        delta = read_delta(ckpt.dir, f"student.{m}.delta").double()
+        w = base[f"{m}.weight"].double() + delta + scaling * b @ a
+        scale = 1 / w.abs().mean()
+        assert torch.allclose(exported[f"{m}.weight_scale"].double(), scale.reshape(1), rtol=1e-6)
+        codes = unpack_ternary(exported[f"{m}.weight"], w.shape[0])
+        expect = (w * scale).round().clamp(-1, 1)
+        near_half = ((w * scale).abs() - 0.5).abs() < 1e-5  # float32 vs float64 may round these either way
+        assert torch.equal(codes[~near_half].double(), expect[~near_half]), m
+        boundary_total += int(near_half.sum())
+    assert boundary_total < 10
+    assert any(delta.abs().max() > 0 for delta in [read_delta(ckpt.dir, f"student.{layers[0]}.delta")])
+    for i in range(2):
+        sub = trainable[f"student.model.layers.{i}.self_attn.o_proj.sub_norm.weight"]
+        assert torch.equal(exported[f"model.layers.{i}.self_attn.attn_sub_norm.weight"], sub)
+        assert not torch.equal(sub, torch.ones_like(sub))  # trained: the test could tell a dropped SubLN
+
+
+@pytest.mark.multirank
+def test_checkpoints_saved_by_two_ranks_and_one_rank_convert_to_identical_files(runs):
+    ckpts = {n: locate_checkpoint(runs[n]) for n in ("run2", "run1")}
+    assert [c.meta["world_size"] for c in ckpts.values()] == [2, 1]
+    assert [len(list(c.dir.glob("*_optim_states.pt"))) for c in ckpts.values()] == [2, 1]
+    assert [json.loads((c.dir / "delta.json").read_text())["world_size"] for c in ckpts.values()] == [2, 1]
+    outs = {}
+    for name in ckpts:
+        outs[name] = runs["tmp"] / f"out_{name}"
+        convert_checkpoint(runs[name], outs[name], ExportConfig(progress=False))
+    files = sorted(p.name for p in outs["run2"].iterdir())
+    assert files == sorted(p.name for p in outs["run1"].iterdir())
+    for f in files:
+        if f != "README.md":  # the card says how many ranks trained it
+            assert (outs["run2"] / f).read_bytes() == (outs["run1"] / f).read_bytes(), f
+    sizes = json.loads((outs["run2"] / "config.json").read_text())
+    assert sizes["dtype"] == "bfloat16"
+
+
+@pytest.mark.multirank
+def test_packed_weights_are_two_bits_and_the_size_report_adds_up(runs, capsys):
+    main = _tool_main()
+
+    out = runs["tmp"] / "out_sizes"
+    assert main(["--checkpoint", str(runs["run2"] / "checkpoints"), "--output", str(out), "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    exported = _tensors(out)
+    packed = {n: t for n, t in exported.items() if t.dtype == torch.uint8}
+    ternary_values = sum(t.numel() * 4 for t in packed.values())
+    packed_bytes = sum(t.numel() for t in packed.values())
+    assert abs(8 * packed_bytes / ternary_values - 2) <= 0.02  # within 1% of 2 bits per weight
+    assert "2.0000 bits/weight" in report and f"{packed_bytes:,} bytes" in report
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    teacher_bf16 = sum(t.numel() * 2 for t in _tensors(runs["tiny"]).values())
+    assert f"({100 * on_disk / teacher_bf16:.1f}%)" in report
+
+
+@pytest.mark.multirank
+def test_bad_input_gives_clear_errors(runs, tmp_path, capsys):
+    main = _tool_main()
+
+    def error(*args: str) -> str:
+        assert main([*args, "--no-progress"]) == 2
+        return capsys.readouterr().err
+
+    assert "is not a megadistil checkpoint" in error("--checkpoint", str(runs["tiny"]), "--output", str(tmp_path / "a"))
+    # a base of another shape: named by layer
+    msg = error("--checkpoint", str(runs["run2"]), "--output", str(tmp_path / "b"), "--base", str(runs["large"]))
+    assert "does not match the checkpoint" in msg
+    # same shapes, other weights: caught by the fingerprint recorded at training time
+    other = tmp_path / "other_base"
+    shutil.copytree(runs["tiny"], other)
+    tensors = _tensors(other)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"use_cache": true', '"use_cache": false'))
+    save_file(tensors, str(other / "model.safetensors"))
+    assert "fingerprint" in error("--checkpoint", str(runs["run2"]), "--output", str(tmp_path / "c"), "--base", str(other))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert "not empty; pass --overwrite" in error("--checkpoint", str(runs["run2"]), "--output", str(busy))
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert main(["--checkpoint", str(runs["run2"]), "--output", str(busy), "--overwrite", "--no-progress"]) == 0
+    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
+    assert "not a size" in error("--checkpoint", str(runs["run2"]), "--output", str(tmp_path / "d"),
+                                 "--max-shard-size", "lots")
+    assert shard_bytes("5GB") == 5 * 10**9
+
+
+@pytest.mark.multirank
+def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(runs, tmp_path, monkeypatch):
+    from megadistil.export import ternary
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return quantize(*args, **kwargs)
+
+    quantize = ternary._pack
+    monkeypatch.setattr(ternary, "_pack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(runs["run2"], tmp_path / "out", ExportConfig(progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.multirank
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
+    """Converting a model of ~0.25 GiB (fp32, + as much ΔW) whose largest tensor is T = 8 MiB grows RSS by less than
+    RSS_CONSTANT x T."""
+    probe = textwrap.dedent("""
+        import json, re, sys
+        import deepspeed, transformers, torch  # the runtime, measured before the conversion starts
+        import deepspeed.utils.zero_to_fp32, transformers.utils.hub, megadistil.export.card
+        from transformers import GenerationConfig
+        from megadistil.export import ExportConfig, convert_checkpoint
+        def status(key):
+            return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        before = status("VmRSS")
+        convert_checkpoint(sys.argv[1], sys.argv[2], ExportConfig(dtype="bf16", progress=False))
+        print(json.dumps({"before": before, "peak": status("VmHWM")}))
+    """)
+    out = runs["tmp"] / "out_large"
+    proc = _run([PY, "-c", probe, str(runs["run_large"]), str(out)])
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = _tensors(runs["large"])
+    largest = max(t.numel() * t.element_size() for t in base.values())
+    model_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    delta_bytes = model_bytes - sum(t.numel() * 4 for n, t in base.items() if ".layers." not in n or "norm" in n)
+    growth = rss["peak"] - rss["before"]
+    print(f"RSS growth {growth / 2**20:.1f} MiB; largest tensor {largest / 2**20:.1f} MiB; model {model_bytes / 2**20:.0f}"
+          f" MiB + ΔW {delta_bytes / 2**20:.0f} MiB; growth / largest = {growth / largest:.2f}")
+    assert model_bytes + delta_bytes > 5 * RSS_CONSTANT * largest  # the bound is far below "load the model"
+    assert growth < RSS_CONSTANT * largest
+    packed = _tensors(out)["model.layers.7.mlp.down_proj.weight"]
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (512 // 4, 4096)
