@@ -5,7 +5,7 @@
       [--dtype bf16] [--verify] [--max-shard-size 5GB] [--overwrite]
 
 Exit status: 0 converted (and verified), 1 verification outside tolerance, 2 bad input.
-DeepSpeed's ZeRO files are pickles: convert only checkpoints you trust.
+DeepSpeed's ZeRO files are read with torch.load(weights_only=True): nothing in them can run code.
 """
 
 import argparse

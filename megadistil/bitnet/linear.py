@@ -115,6 +115,7 @@ class BitLinear(nn.Module):
         bias: bool = False,
         delta: bool = True,
         subln: bool = False,
+        subln_eps: float = 1e-6,
         backward: str = "int8",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -139,7 +140,7 @@ class BitLinear(nn.Module):
         self.delta = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False) if delta else None
         self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, **factory))
-        self.sub_norm = SubLN(in_features, **factory) if subln else None
+        self.sub_norm = SubLN(in_features, eps=subln_eps, **factory) if subln else None
         self.teacher = False
         self.quant_lambda = 1.0  # < 1 during the HF 1.58-bit warmup (fake-quant path)
         self.keep_weight_codes = False

@@ -70,10 +70,12 @@ def to_bitnet(
         )
     for name, linear in targets:
         _check_convertible(name, linear, lora_rank)
+    # SubLN uses the model's own RMSNorm eps, as transformers' `bitnet` architecture does on export.
+    eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
     for name, linear in targets:
         layer = BitLinear.from_linear(
             linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, backward=backward,
-            subln=subln and name.rsplit(".", 1)[-1] in SUBLN_TARGETS,
+            subln=subln and name.rsplit(".", 1)[-1] in SUBLN_TARGETS, subln_eps=eps,
         )
         model.set_submodule(name, layer)
     return model

@@ -28,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from megadistil.engine.safe_load import weights_only_torch_load
+
 LATEST = "latest"
 
 
@@ -155,8 +157,9 @@ def latest_tag(ckpt_root: Path) -> str | None:
 
 def load(engine, ckpt_root: Path, tag: str, *, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective. Restores the engine (model + optimizer) and RNG; returns (meta, this rank's state)."""
-    path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False, load_module_strict=False)
+    with weights_only_torch_load():
+        path, _ = engine.load_checkpoint(str(ckpt_root), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     world = dist.get_world_size() if dist.is_initialized() else 1

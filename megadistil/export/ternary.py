@@ -35,7 +35,6 @@ WRAPPER_PREFIX = "student."  # the engine trains a DistillModule whose `student`
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}
 assert set(SUBNORM_NAMES) == set(SUBLN_TARGETS)
-SUBLN_EPS = 1e-6  # megadistil.bitnet.linear.SubLN's default, which to_bitnet uses
 _ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
@@ -245,8 +244,11 @@ def _trainable_loaders(ckpt: CheckpointRef) -> tuple[dict[str, Callable], dict[s
     every rank's flat partition only when asked for (any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from megadistil.engine.safe_load import weights_only_torch_load
+
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would interleave with ours
+        # its progress prints would interleave with ours; its torch.load calls become weights_only=True
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_torch_load():
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag,
                                                             exclude_frozen_parameters=True, lazy_mode=True)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
@@ -632,9 +634,6 @@ def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, outp
     dtype = DTYPES[cfg.dtype]
     config = output_config(base.config, spec, cfg)
     warnings = []
-    if spec.subln and config.get("rms_norm_eps", 1e-6) != SUBLN_EPS:
-        warnings.append(f"the student's SubLN used eps={SUBLN_EPS:g}; transformers' bitnet model uses the config's "
-                        f"rms_norm_eps={config.get('rms_norm_eps')} for its sub-norms too (small logit differences)")
     plan = plan_output(base, parts, spec, dtype)
     with staged_output(Path(output), cfg.overwrite) as staging:
         sizes = write_weights(staging, plan, shard_bytes(cfg.max_shard_size), cfg.progress)
