@@ -1,0 +1,316 @@
+"""Per-GPU memory plan of a run before it is queued: what ZeRO-3 keeps on each rank, term by term.
+
+The model is counted from its dimensions (config.json), not built. Every term is a formula a reader can check:
+
+  weights W, ΔW      the frozen teacher weight and the ReLoRA merge buffer, ZeRO-3 partitions: numel·p / world
+                     (tensors below stage3_param_persistence_threshold stay whole on every rank); on the CPU
+                     with offload_param
+  adapters + optim   LoRA + SubLN (the trainable set): param and grad partitions in p bytes, and the fp32 master,
+                     Adam m and v and fp32 grad (16 B) partitions; those 16 B on the CPU with offload_optimizer
+  gathered params    ZeRO-3's working set of all-gathered (whole) parameters: everything up to
+                     stage3_max_live_parameters when a step reuses every parameter within
+                     stage3_max_reuse_distance, else the prefetch bucket plus the two largest blocks in flight
+  all-gather buffer  the flat buffer a fetch gathers into (more than one rank): the prefetch bucket, at most
+                     the model (twice on CPU/gloo, as measured)
+  activations        activation checkpointing: the block inputs of every layer (p bytes per token and hidden
+                     unit) plus the internals of the one block being recomputed (int8 inputs of its BitLinears,
+                     attention and MLP tensors, norms in fp32), its int8 weight codes and the fp32 W_eff transients
+                     of its largest linear; without checkpointing every block's internals
+  teacher targets    the shared/HF teacher's final hidden states (and the hidden layers the loss uses)
+  chunked logits     loss.chunk_tokens × vocab fp32 buffers (student logits, teacher logits, softmax/gradient)
+  grad buckets       reduce_bucket_size elements of p bytes, twice with overlap_comm, at most the trainable set
+  framework          CUDA context, NCCL and cuBLAS workspaces (fixed), and allocator fragmentation (a fraction)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megadistil.config import ConfigError, RunConfig
+
+GiB = 2**30
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_LLAMA31_COMMON = {"vocab_size": 128256, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                   "rope_theta": 500000.0, "rope_scaling": LLAMA31_ROPE, "tie_word_embeddings": False,
+                   "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001}
+# Meta's config.json values (transformers.LlamaConfig kwargs): used when the model dir is not on this machine.
+LLAMA31_PRESETS: dict[str, dict[str, Any]] = {
+    "llama3.1-8b": {**_LLAMA31_COMMON, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32},
+    "llama3.1-70b": {**_LLAMA31_COMMON, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                     "num_attention_heads": 64},
+}
+# Fixed per-GPU cost outside PyTorch's tensors: CUDA context (~0.5 GB), NCCL buffers and cuBLAS workspaces.
+CUDA_FRAMEWORK_BYTES = int(1.5 * GiB)
+CUDA_FRAGMENTATION = 0.05
+# DeepSpeed's defaults for the keys a ds_config may leave out.
+ZERO3_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
+                  "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9, "reduce_bucket_size": 5e8,
+                  "overlap_comm": True}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], source: str) -> ModelDims:
+        try:
+            heads = int(config["num_attention_heads"])
+            return cls(hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
+                       layers=int(config["num_hidden_layers"]), heads=heads,
+                       kv_heads=int(config.get("num_key_value_heads") or heads),
+                       head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+                       vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)))
+        except KeyError as e:
+            raise ConfigError(f"{source}: model config has no {e.args[0]!r}") from None
+
+    def block_linears(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven linears of a Llama block: q, k, v, o, gate, up, down."""
+        h, kv, q, ff = self.hidden, self.kv_heads * self.head_dim, self.heads * self.head_dim, self.intermediate
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, ff), (h, ff), (ff, h)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    nodes: int
+    gpus_per_node: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Estimate:
+    rows: list[tuple[str, int, str]] = field(default_factory=list)  # (term, bytes per GPU, how)
+    cpu_rows: list[tuple[str, int, str]] = field(default_factory=list)  # offloaded bytes per rank (host memory)
+    capacity: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def term(self, name: str) -> int:
+        return next(b for n, b, _ in self.rows if n == name)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.capacity is None else self.total <= self.capacity
+
+    def verdict(self) -> str:
+        if self.capacity is None:
+            return f"needs {self.total / GiB:.1f} GiB per GPU"
+        margin = self.capacity - self.total
+        word = "fits" if margin >= 0 else "does not fit"
+        return (f"{word}: {self.total / GiB:.1f} GiB of {self.capacity / GiB:.1f} GiB per GPU "
+                f"({'+' if margin >= 0 else '-'}{abs(margin) / GiB:.1f} GiB, {100 * margin / self.capacity:+.0f}%)")
+
+
+# ---------------------------------------------------------------------------------------------------- model dims
+
+
+def preset_for(*names: str) -> str | None:
+    """The preset whose name a path or config stem spells (Llama-3.1-8B, llama3.1_70b_instruct, ...)."""
+    for name in names:
+        flat = Path(name).name.lower().replace("-", "").replace("_", "")
+        for key in sorted(LLAMA31_PRESETS, key=len, reverse=True):
+            if key.replace("-", "") in flat:
+                return key
+    return None
+
+
+def resolve_dims(cfg: RunConfig, *, model_config: str | None = None, config_path: str = "") -> tuple[ModelDims, str]:
+    """Dims from the student's config.json when it exists, else --model-config, else a preset named by the student
+    path or the run config's file name. Returns the dims and where they came from."""
+    student = Path(cfg.model.student) / "config.json"
+    if student.is_file():
+        return ModelDims.from_hf(json.loads(student.read_text()), str(student)), str(student)
+    if model_config:
+        if model_config in LLAMA31_PRESETS:
+            return ModelDims.from_hf(LLAMA31_PRESETS[model_config], model_config), f"preset {model_config}"
+        path = Path(model_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--model-config {model_config}: no such file (a config.json, a model dir or one of "
+                              f"{sorted(LLAMA31_PRESETS)})")
+        return ModelDims.from_hf(json.loads(path.read_text()), str(path)), str(path)
+    preset = preset_for(cfg.model.student, Path(config_path).stem)
+    if preset is None:
+        raise ConfigError(f"config key 'model.student': {student} does not exist and no preset matches "
+                          f"{cfg.model.student!r}; pass --model-config (a config.json or one of {sorted(LLAMA31_PRESETS)})")
+    return ModelDims.from_hf(LLAMA31_PRESETS[preset], preset), f"preset {preset} (model.student not on this machine)"
+
+
+# ---------------------------------------------------------------------------------------------------- counting
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """numel of each parameter tensor, by role: what ZeRO-3 partitions, one tensor at a time."""
+
+    base: list[int]  # W of the blocks, norms, embeddings, lm_head
+    delta: list[int]
+    trainable: list[int]  # LoRA A/B, SubLN
+    block_numel: int  # every parameter of one block (what one fetch gathers)
+    largest_linear: int
+
+
+def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
+    r, L, h = cfg.bitnet.lora_rank, dims.layers, dims.hidden
+    linears = dims.block_linears()
+    weights = [i * o for i, o in linears]
+    lora = [n for i, o in linears for n in (r * i, r * o)]
+    subln = [h, dims.intermediate] if cfg.bitnet.subln else []
+    delta = weights if cfg.relora.reset_every > 0 else []
+    embeddings = [dims.vocab * h] * (1 if dims.tied else 2)
+    base = L * (weights + [h, h]) + embeddings + [h]
+    block = sum(weights) + 2 * h + sum(delta) + sum(lora) + sum(subln)
+    return Tensors(base=base, delta=L * delta, trainable=L * (lora + subln), block_numel=block,
+                   largest_linear=max(weights))
+
+
+def sharded_numel(tensors: list[int], world: int, persistence: float) -> float:
+    """Elements each rank holds: small tensors stay whole (ZeRO-3's persistence threshold), the rest partitioned."""
+    return sum(n if n < persistence else n / world for n in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------- the estimate
+
+
+def zero_options(ds_config: dict[str, Any], offload: bool) -> dict[str, Any]:
+    z = {**ZERO3_DEFAULTS, **ds_config.get("zero_optimization", {})}
+    if z.get("stage", 3) != 3:
+        raise ConfigError(f"ds_config zero_optimization.stage={z.get('stage')}: the estimator models ZeRO-3 only")
+    z["offload_param"] = offload or z.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
+    z["offload_optimizer"] = offload or z.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    return z
+
+
+def dtype_bytes(cfg: RunConfig) -> int:
+    """auto resolves to bf16 on a GPU (the case this plans for)."""
+    return 4 if cfg.model.dtype == "fp32" else 2
+
+
+def block_internals_per_token(dims: ModelDims, cfg: RunConfig, p: int) -> float:
+    """Bytes per token one block saves for its backward: int8 BitLinear inputs (+ a float32 scale each), the
+    attention inputs after RoPE and its output, the MLP's gate/up/activation, RMSNorms upcast to float32."""
+    h, ff, q, kv = dims.hidden, dims.intermediate, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    int8_inputs = (3 * h + q + 2 * h + ff) + 7 * 4
+    attention = (2 * q + 2 * kv) * p + q * p + dims.heads * 4  # q, k before/after RoPE, v, out, logsumexp
+    mlp = 3 * ff * p
+    norms = 2 * h * (4 + p)
+    subln = (q + ff) * (4 + p) if cfg.bitnet.subln else 0
+    return int8_inputs + attention + mlp + norms + subln
+
+
+def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[str, Any], *, offload: bool = False,
+             capacity: int | None = None, device: str = "cuda") -> Estimate:
+    """Per-GPU bytes of a training step's peak. device="cpu" leaves out the CUDA framework terms (used to check
+    the estimate against measured CPU runs, where the process's own baseline is subtracted instead)."""
+    z, p, world = zero_options(ds_config, offload), dtype_bytes(cfg), layout.world
+    t = count_tensors(dims, cfg)
+    keep = z["stage3_param_persistence_threshold"]
+    est = Estimate(capacity=capacity)
+    gpu_or_cpu = est.cpu_rows if z["offload_param"] else est.rows
+    where = " (CPU: offload_param)" if z["offload_param"] else ""
+    gpu_or_cpu.append(("weights W", int(sharded_numel(t.base, world, keep) * p), f"{sum(t.base):,} / {world}{where}"))
+    gpu_or_cpu.append(("ΔW", int(sharded_numel(t.delta, world, keep) * p),
+                       f"{sum(t.delta):,} / {world}{where}" if t.delta else "relora.reset_every=0: none"))
+    train_local = sharded_numel(t.trainable, world, keep)
+    train_part = sum(t.trainable) / world
+    est.rows.append(("adapters + grads", int(train_local * p + train_part * p),
+                     f"{sum(t.trainable):,} trainable (LoRA r={cfg.bitnet.lora_rank}"
+                     f"{' + SubLN' if cfg.bitnet.subln else ''}), param + grad in {p} B"))
+    (est.cpu_rows if z["offload_optimizer"] else est.rows).append(
+        ("fp32 master + Adam", int(train_part * 16), "16 B per trainable / world" +
+         (" (CPU: offload_optimizer)" if z["offload_optimizer"] else "")))
+    _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1)
+    _activations(est, cfg, dims, t, p)
+    est.rows.append(("grad buckets", int(min(z["reduce_bucket_size"] * (2 if z["overlap_comm"] else 1),
+                                             sum(t.trainable)) * p), f"reduce_bucket_size={z['reduce_bucket_size']:g}"))
+    if device == "cuda":
+        est.rows.append(("framework", int(CUDA_FRAMEWORK_BYTES + CUDA_FRAGMENTATION * est.total),
+                         f"CUDA context + NCCL {CUDA_FRAMEWORK_BYTES / GiB:.1f} GiB + {CUDA_FRAGMENTATION:.0%} "
+                         "fragmentation"))
+    return est
+
+
+def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: int, staging: int) -> None:
+    total = sum(t.base) + sum(t.delta) + sum(t.trainable)
+    if total <= z["stage3_max_reuse_distance"]:
+        live = min(total, z["stage3_max_live_parameters"])
+        how = f"all {total:,} (every reuse within stage3_max_reuse_distance)"
+    else:
+        live = min(total, z["stage3_prefetch_bucket_size"] + 2 * t.block_numel)
+        how = f"prefetch {z['stage3_prefetch_bucket_size']:g} + 2 blocks of {t.block_numel:,}"
+    est.rows.append(("gathered params", int(live * p), how))
+    # On gloo (CPU) the measured 2-rank runs need a second bucket-sized buffer: the gather is staged, then copied.
+    buffer = staging * min(z["stage3_prefetch_bucket_size"], total) if world > 1 else 0
+    est.rows.append(("all-gather buffer", int(buffer * p),
+                     (f"prefetch bucket{' x2 (gloo staging)' if staging > 1 else ''}") if world > 1 else
+                     "one rank: none"))
+
+
+def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: int) -> None:
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    per_block = block_internals_per_token(dims, cfg, p) * tokens
+    block_weights = sum(i * o for i, o in dims.block_linears())
+    transients = 3 * t.largest_linear * 4  # fp32 W + ΔW + s·B·A and its ternary codes' working copies
+    if cfg.model.activation_checkpointing:
+        act = dims.layers * tokens * dims.hidden * p + per_block + block_weights + transients
+        how = (f"{tokens} tokens: {dims.layers} block inputs + 1 recomputed block "
+               f"({per_block / 2**20:.0f} MiB) + its int8 W codes + fp32 W_eff")
+    else:
+        act = dims.layers * per_block + transients
+        how = f"{tokens} tokens x {dims.layers} blocks, no checkpointing"
+    est.rows.append(("activations", int(act), how))
+    teacher = tokens * dims.hidden * p * (1 + _hidden_layers(cfg, dims)) if cfg.model.teacher != "none" else 0
+    est.rows.append(("teacher targets", int(teacher), "final hidden states" if teacher else "offline: in the batch"))
+    chunk = min(cfg.loss.chunk_tokens, tokens)
+    est.rows.append(("chunked logits", int(chunk * dims.vocab * 4 * 4),
+                     f"{chunk} x {dims.vocab} fp32 x 4 buffers"))
+
+
+def _hidden_layers(cfg: RunConfig, dims: ModelDims) -> int:
+    if not cfg.loss.hidden_weight:
+        return 0
+    spec = cfg.loss.hidden_layers
+    return dims.layers if spec == "all" else len(list(spec))
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def table(est: Estimate, title: str) -> str:
+    width = max(len(n) for n, _, _ in est.rows + est.cpu_rows)
+    lines = [title, "", f"| {'term':<{width}} | GiB/GPU | how |", f"|{'-' * (width + 2)}|--------:|-----|"]
+    lines += [f"| {n:<{width}} | {b / GiB:7.2f} | {how} |" for n, b, how in est.rows]
+    lines.append(f"| {'total':<{width}} | {est.total / GiB:7.2f} | |")
+    if est.cpu_rows:
+        lines += ["", "host memory per rank (offloaded):"]
+        lines += [f"  {n}: {b / GiB:.2f} GiB ({how})" for n, b, how in est.cpu_rows]
+    lines += ["", est.verdict()]
+    return "\n".join(lines)
+
+
+def parse_bytes(text: str) -> int:
+    """80GB, 80GiB, 40G, 81920MiB, 8.5e10 -> bytes (GB and GiB both mean 2^30: what nvidia-smi calls 80 GB)."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        return int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(float(s))
+    except ValueError:
+        raise ConfigError(f"--gpu-memory {text!r}: expected a size like 80GB or 81920MiB") from None

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Will a run fit? Per-GPU memory of a megadistil run under ZeRO-3, term by term, and a verdict.
+
+  python tools/estimate_memory.py --config configs/llama3.1-8b.yaml --nodes 1 --gpus-per-node 8
+  python tools/estimate_memory.py --config configs/llama3.1-70b.yaml --nodes 1 --gpus-per-node 8 --offload
+  python tools/estimate_memory.py --config configs/llama3.1-70b.yaml --nodes 8 --gpus-per-node 8 data.seq_len=4096
+
+Model dimensions come from model.student's config.json when it exists, else --model-config (a config.json, a model
+dir, or llama3.1-8b / llama3.1-70b), else the preset that the student path or config file name spells.
+Exit status: 0 fits, 1 does not fit, 2 bad input.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megadistil.config import ConfigError, load_config, load_ds_config  # noqa: E402
+from megadistil.engine.memory import Layout, estimate, parse_bytes, resolve_dims, table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config yaml")
+    parser.add_argument("--ds_config", "--ds-config", default="ds_configs/zero3.json", help="DeepSpeed config json")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--offload", action="store_true", help="optimizer and parameters on the CPU "
+                        "(as ds_configs/zero3_offload.json)")
+    parser.add_argument("--gpu-memory", default="80GB", help="memory of one GPU (default 80GB)")
+    parser.add_argument("--model-config", default=None, help="config.json, model dir or preset name")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
+    args = parser.parse_args(argv)
+    try:
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: both must be >= 1")
+        cfg = load_config(args.config, args.overrides)
+        dims, source = resolve_dims(cfg, model_config=args.model_config, config_path=args.config)
+        layout = Layout(args.nodes, args.gpus_per_node)
+        est = estimate(cfg, dims, layout, load_ds_config(args.ds_config), offload=args.offload,
+                       capacity=parse_bytes(args.gpu_memory))
+    except ConfigError as e:
+        print(f"estimate_memory: error: {e}", file=sys.stderr)
+        return 2
+    title = (f"{args.config} on {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {layout.world} ranks, "
+             f"{args.ds_config}{' + --offload' if args.offload else ''}; model: {source}; micro batch "
+             f"{cfg.train.micro_batch_size} x seq {cfg.data.seq_len}")
+    print(table(est, title))
+    return 0 if est.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
