@@ -219,6 +219,15 @@ def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
     }
+    fixed = ds.get("train_batch_size", "auto")
+    if fixed != "auto" and fixed != expected["train_batch_size"]:
+        per_step = t.micro_batch_size * world_size
+        hint = (f"set train.grad_accum={fixed // per_step}" if fixed % per_step == 0 else
+                f"it is not divisible by train.micro_batch_size {t.micro_batch_size} x {world_size} ranks "
+                f"(nodes x GPUs) = {per_step}")
+        raise ConfigError(f"ds_config train_batch_size={fixed} != train.micro_batch_size {t.micro_batch_size} x "
+                          f"train.grad_accum {t.grad_accum} x {world_size} ranks = {expected['train_batch_size']}: "
+                          f"{hint}, or set it to \"auto\"")
     for key, want in expected.items():
         have = ds.get(key, "auto")
         if have != "auto" and have != want:

