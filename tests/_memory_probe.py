@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.config import load_config  # noqa: E402
-from megadistil.engine.trainer import Trainer  # noqa: E402
+from megadistil.config import load_config
+from megadistil.engine.trainer import Trainer
 
 
 def rss_mb(field: str = "VmRSS") -> float:

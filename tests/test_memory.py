@@ -51,7 +51,8 @@ def test_offload_moves_states_to_the_host() -> None:
 
 def test_cli_verdicts_and_errors(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              check=False)
 
     fits = run("--config", "configs/llama3.1-70b.yaml", "--nodes", "8", "--gpus-per-node", "8")
     assert fits.returncode == 0 and "fits:" in fits.stdout and "| weights W" in fits.stdout
@@ -97,7 +98,7 @@ def test_estimate_within_25_percent_of_measured_cpu_runs(tmp_path: Path, mem_mod
     proc = subprocess.run([DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29540 + ranks),
                            "tests/_memory_probe.py", "--out", str(out), "--ds_config", "ds_configs/zero3.json",
                            "--config", "configs/tiny.yaml", *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     dims, _ = resolve_dims(cfg)

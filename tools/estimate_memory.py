@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.config import ConfigError, load_config, load_ds_config  # noqa: E402
-from megadistil.engine.memory import Layout, estimate, parse_bytes, resolve_dims, table  # noqa: E402
+from megadistil.config import ConfigError, load_config, load_ds_config
+from megadistil.engine.memory import Layout, estimate, parse_bytes, resolve_dims, table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,8 +232,8 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     train_local = sharded_numel(t.trainable, world, keep)
     train_part = sum(t.trainable) / world
     est.rows.append(("adapters + grads", int(train_local * p + train_part * p),
-                     f"{sum(t.trainable):,} trainable (LoRA r={cfg.bitnet.lora_rank}"
-                     f"{' + SubLN' if cfg.bitnet.subln else ''}), param + grad in {p} B"))
+                     (f"{sum(t.trainable):,} trainable (LoRA r={cfg.bitnet.lora_rank}"
+                      f"{' + SubLN' if cfg.bitnet.subln else ''}), param + grad in {p} B")))
     (est.cpu_rows if z["offload_optimizer"] else est.rows).append(
         ("fp32 master + Adam", int(train_part * 16), "16 B per trainable / world" +
          (" (CPU: offload_optimizer)" if z["offload_optimizer"] else "")))
@@ -243,8 +243,8 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
                                              sum(t.trainable)) * p), f"reduce_bucket_size={z['reduce_bucket_size']:g}"))
     if device == "cuda":
         est.rows.append(("framework", int(CUDA_FRAMEWORK_BYTES + CUDA_FRAGMENTATION * est.total),
-                         f"CUDA context + NCCL {CUDA_FRAMEWORK_BYTES / GiB:.1f} GiB + {CUDA_FRAGMENTATION:.0%} "
-                         "fragmentation"))
+                         (f"CUDA context + NCCL {CUDA_FRAMEWORK_BYTES / GiB:.1f} GiB + {CUDA_FRAGMENTATION:.0%} "
+                          "fragmentation")))
     return est
 
 
