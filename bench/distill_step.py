@@ -11,7 +11,7 @@ Memory: peak RSS (VmHWM = ru_maxrss) of every rank process, polled from /proc wh
 rank-0 peak_mem_mb is printed beside it as a cross-check. The "floor" is the peak RSS of a rank that only imports
 the engine and starts the process group: the runtime's fixed cost, which no method can remove.
 
-Usage: python bench/distill_step.py [--hidden 1024 --layers 8 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
+Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
 Writes bench/results/distill_step.json.
 """
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,15 +59,17 @@ def write_train_text(model_dir: Path, args: argparse.Namespace, work: Path) -> P
     return path
 
 
-def build_shards(model_dir: Path, text: Path, args: argparse.Namespace, work: Path) -> tuple[Path, float]:
+def build_shards(model_dir: Path, text: Path, args: argparse.Namespace, work: Path) -> tuple[Path, float | None]:
+    """Teacher top-k shards for (b), written once (None seconds: reused from an earlier bench run)."""
     from megadistil.data.precompute import PrecomputeConfig, run_precompute
 
     out = work / f"shards-{model_dir.name}-s{args.seq_len}-k{args.top_k}-n{args.steps * args.micro_batch * WORLD}"
+    if (out / "manifest.json").is_file():
+        return out, None
     start = time.perf_counter()
-    if not (out / "manifest.json").is_file():
-        run_precompute(PrecomputeConfig(teacher=str(model_dir), text=[str(text)], out=str(out), seq_len=args.seq_len,
-                                        top_k=args.top_k, max_sequences=args.steps * args.micro_batch * WORLD,
-                                        progress=False))
+    run_precompute(PrecomputeConfig(teacher=str(model_dir), text=[str(text)], out=str(out), seq_len=args.seq_len,
+                                    top_k=args.top_k, max_sequences=args.steps * args.micro_batch * WORLD,
+                                    progress=False))
     return out, time.perf_counter() - start
 
 
@@ -132,9 +135,15 @@ def common_overrides(args: argparse.Namespace, model_dir: Path, text: Path, dtyp
             "relora.restart_warmup_steps=1", "optim.warmup_steps=1", f"loss.chunk_tokens={args.chunk_tokens}"]
 
 
+def fresh(run_dir: Path) -> Path:
+    """The engine appends to metrics.jsonl: a previous bench run's records must not mix into this one's median."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_dir
+
+
 def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dict:
     argv = ["--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml",
-            f"train.output_dir={run_dir}", *overrides]
+            f"train.output_dir={fresh(run_dir)}", *overrides]
     peaks = launch("launch/train.py", argv, port, run_dir.with_suffix(".log"))
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb"],
@@ -142,7 +151,7 @@ def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dic
 
 
 def run_naive(overrides: list[str], run_dir: Path, port: int) -> dict:
-    argv = ["--config", "configs/tiny.yaml", "--out", str(run_dir), *overrides]
+    argv = ["--config", "configs/tiny.yaml", "--out", str(fresh(run_dir)), *overrides]
     peaks = launch("bench/_naive_kd.py", argv, port, run_dir.with_suffix(".log"))
     steps = [json.loads(line) for line in (run_dir / "rank0.jsonl").read_text().splitlines()]
     return {"name": "c", "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb"],
@@ -234,11 +243,11 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=2)
@@ -246,7 +255,7 @@ def main() -> None:
     p.add_argument("--reset-every", type=int, default=4, help="ReLoRA merge period of (a)/(b); a reset is in the run")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--chunk-tokens", type=int, default=512)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median step time")
     p.add_argument("--dtype", choices=("bf16", "fp32", "both"), default="bf16")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_distill_step")
@@ -265,7 +274,8 @@ def main() -> None:
           f"intermediate {args.intermediate}, vocab {json.loads((model_dir / 'config.json').read_text())['vocab_size']}"
           f", {counts['total'] / 1e6:.1f}M params (LoRA r={args.lora_rank}: {counts['lora'] / 1e6:.2f}M trainable); "
           f"batch {args.micro_batch} x {args.seq_len} tokens per rank, {args.steps} steps, median of steps "
-          f"{args.warmup + 1}..{args.steps}; shards precomputed once in {precompute_s:.0f} s")
+          f"{args.warmup + 1}..{args.steps}; shards "
+          + ("reused from an earlier run" if precompute_s is None else f"precomputed once in {precompute_s:.0f} s"))
     report = {"machine": desc, "args": {k: str(v) for k, v in vars(args).items()}, "params": counts,
               "precompute_s": precompute_s, "targets": {"mem_ratio_max": MEM_TARGET, "speed_ratio_min": SPEED_TARGET}}
     for dtype in (("bf16", "fp32") if args.dtype == "both" else (args.dtype,)):
