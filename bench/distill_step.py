@@ -146,7 +146,7 @@ def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dic
             f"train.output_dir={fresh(run_dir)}", *overrides]
     peaks = launch("launch/train.py", argv, port, run_dir.with_suffix(".log"))
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb"],
+    return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb_rank0"],
             "step_times": [m["step_time_s"] for m in steps], "losses": [m["loss"] for m in steps]}
 
 

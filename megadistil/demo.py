@@ -233,8 +233,8 @@ def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict,
     steps = [m for m in results["shards"]["metrics"] if "loss" in m]
     return {"settings": asdict(s), "perplexity": rows, "teacher_ppl": teacher, "wall_s": wall_s,
             "tokens": {**tokens, "distilled": sum(m["tokens"] for m in steps)},
-            "peak_mem_mb_rank0": {k: max(m["peak_mem_mb"] for m in r["metrics"] if "loss" in m)
-                                  for k, r in results.items()},
+            "peak_mem_mb_per_rank": {k: [max(m[f"peak_mem_mb_rank{i}"] for m in r["metrics"] if "loss" in m)
+                                         for i in range(2)] for k, r in results.items()},
             "run_wall_s": {k: r["wall_s"] for k, r in results.items()}, "sizes": sizes}
 
 
@@ -249,8 +249,9 @@ def write_report(summary: dict, out: Path) -> Path:
     lines += ["", f"Tokens: teacher pretraining {t['teacher']:,}; distillation slice {t['slice']:,} "
               f"({100 * t['slice'] / t['teacher_split']:.1f}% of the {t['teacher_split']:,}-token training split); "
               f"tokens trained per student {t['distilled']:,}.", "",
-              "| run | wall time | peak RSS per rank (rank 0) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {summary['run_wall_s'][k]:.0f} s | {summary['peak_mem_mb_rank0'][k]:.0f} MB |"
+              "| run | wall time | peak RSS rank 0 | peak RSS rank 1 |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {summary['run_wall_s'][k]:.0f} s | " +
+              " | ".join(f"{mb:.0f} MB" for mb in summary["peak_mem_mb_per_rank"][k]) + " |"
               for k in summary["run_wall_s"]]
     sz = summary["sizes"]
     lines += ["", f"Files: teacher safetensors {sz['teacher_bytes'] / 2**20:.2f} MiB (fp32; bf16 would be "

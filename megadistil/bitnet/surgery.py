@@ -22,7 +22,9 @@ class BitNetConfig:
     backward: str = "int8"  # int8 | bf16: kernel for the input gradient
     exclude: tuple[str, ...] = ("lm_head",)
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
-    compile_quantizers: bool = False  # torch.compile the quantizers (fused; needs a C++ compiler / triton)
+    # torch.compile the quantizers into one fused pass each (they, not the matmuls, decide BitLinear's speed).
+    # None: on CUDA only, where it pays at once; on CPU compilation costs ~10 s per layer shape at start-up.
+    compile_quantizers: bool | None = None
 
     def validate(self) -> None:
         if self.lora_rank < 1:

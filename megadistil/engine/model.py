@@ -58,7 +58,7 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any]) -> nn.Module:
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         to_bitnet(model, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
                   delta=cfg.relora.reset_every > 0, backward=b.backward)
-    if b.compile_quantizers:
+    if b.compile_quantizers or (b.compile_quantizers is None and torch.cuda.is_available()):
         compile_quantizers()
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -104,6 +104,7 @@ class Trainer:
         self._prepare_run_dir()
         if cfg.train.resume == "auto":
             self._resume()
+        self._truncate_metrics()
 
     def _check_inputs(self) -> None:
         """Everything that can be checked before a weight is loaded."""
@@ -170,6 +171,15 @@ class Trainer:
             dist.barrier()
         self.logger = MetricsLogger(self.run_dir, self.cfg.log, rank=self.dist.rank,
                                     run_config=json.loads(json.dumps(self.ds_config)))
+
+    def _truncate_metrics(self) -> None:
+        """A killed run may have logged steps past its last checkpoint, and resume=never starts over: keep only the
+        records up to the step we start from, so metrics.jsonl reads as one run."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.dist.rank == 0 and path.is_file():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.step
+                    or (self.step and json.loads(line).get("step") == self.step)]
+            checkpoint.write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_root)
@@ -251,6 +261,15 @@ class Trainer:
         qkv = getattr(self.teacher, "qkv_layers", [])
         return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, hidden, qkv)
 
+    def _peak_memory(self) -> dict[str, float]:
+        """peak_mem_mb (the largest over ranks) and peak_mem_mb_rank<r> for each rank."""
+        every = [torch.tensor([peak_memory_mb()], dtype=torch.float64)]
+        if dist.is_initialized():
+            mine, every = every[0], [torch.zeros(1, dtype=torch.float64) for _ in range(self.dist.world_size)]
+            dist.all_gather(every, mine)
+        per_rank = {f"peak_mem_mb_rank{r}": round(float(t), 1) for r, t in enumerate(every)}
+        return {"peak_mem_mb": max(per_rank.values()), **per_rank}
+
     def _all_finite(self, loss: Tensor) -> bool:
         flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
         if dist.is_initialized():
@@ -263,7 +282,7 @@ class Trainer:
         total_tokens = tokens * self.dist.world_size
         record = {"step": step, **parts, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
-                  "peak_mem_mb": peak_memory_mb(), "resets": self.resets, "nan_skipped": self.nan_total}
+                  "resets": self.resets, "nan_skipped": self.nan_total, **self._peak_memory())
         self.logger.log(record)
 
     @torch.no_grad()
