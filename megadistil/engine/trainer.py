@@ -282,7 +282,7 @@ class Trainer:
         total_tokens = tokens * self.dist.world_size
         record = {"step": step, **parts, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
-                  "resets": self.resets, "nan_skipped": self.nan_total, **self._peak_memory())
+                  "resets": self.resets, "nan_skipped": self.nan_total, **self._peak_memory()}
         self.logger.log(record)
 
     @torch.no_grad()
