@@ -29,8 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not multirank"
 
 demo: setup
-	@echo "megadistil demo: placeholder until the demo issue lands; checking the install"
-	$(PY) -c "import megadistil, torch, deepspeed, transformers; print('megadistil', megadistil.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	$(PY) -m megadistil.demo --out runs/demo $(DEMO_ARGS)
 
 bench: setup
 	for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
