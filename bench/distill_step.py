@@ -141,8 +141,22 @@ def fresh(run_dir: Path) -> Path:
     return run_dir
 
 
+DS_CONFIG = "ds_configs/zero3.json"  # replaced in main() by the work dir's copy with the --max-live limits
+
+
+def write_ds_config(work: Path, max_live: float) -> str:
+    """zero3.json with ZeRO-3's live-parameter and reuse-distance limits scaled to the bench model: DeepSpeed's
+    defaults (1e9) keep every parameter of a model under 1B gathered between uses, which at this size would measure
+    a replicated model, not the sharded regime an 8B/70B run is in. The same file serves all three cases."""
+    ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_max_live_parameters=max_live, stage3_max_reuse_distance=max_live)
+    path = work / "ds_config.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return str(path)
+
+
 def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dict:
-    argv = ["--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml",
+    argv = ["--ds_config", DS_CONFIG, "--config", "configs/tiny.yaml",
             f"train.output_dir={fresh(run_dir)}", *overrides]
     peaks = launch("launch/train.py", argv, port, run_dir.with_suffix(".log"))
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
@@ -151,7 +165,7 @@ def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dic
 
 
 def run_naive(overrides: list[str], run_dir: Path, port: int) -> dict:
-    argv = ["--config", "configs/tiny.yaml", "--out", str(fresh(run_dir)), *overrides]
+    argv = ["--config", "configs/tiny.yaml", "--ds_config", DS_CONFIG, "--out", str(fresh(run_dir)), *overrides]
     peaks = launch("bench/_naive_kd.py", argv, port, run_dir.with_suffix(".log"))
     steps = [json.loads(line) for line in (run_dir / "rank0.jsonl").read_text().splitlines()]
     return {"name": "c", "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb"],
@@ -260,10 +274,14 @@ def main() -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32", "both"), default="bf16")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_distill_step")
     p.add_argument("--port", type=int, default=29620)
+    p.add_argument("--max-live", type=float, default=1e7,
+                   help="ZeRO-3 stage3_max_live_parameters / max_reuse_distance for all cases (see write_ds_config)")
     args = p.parse_args()
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
     args.work.mkdir(parents=True, exist_ok=True)
+    global DS_CONFIG
+    DS_CONFIG = write_ds_config(args.work, args.max_live)
     desc = machine()
     model_dir = build_model(args, args.work)
     text = write_train_text(model_dir, args, args.work)

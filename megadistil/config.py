@@ -37,8 +37,8 @@ class ModelConfig:
     tokenizer: str | None = None  # default: the student dir
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa
-    activation_checkpointing: bool = True
-    trust_remote_code: bool = False
+    activation_checkpointing: bool = True  # non-reentrant, per decoder layer; keeps int8 W codes one layer at a time
+    trust_remote_code: bool = False  # off: only transformers' own architectures load
 
 
 @dataclass
@@ -57,15 +57,15 @@ class ParamGroup:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = 1e-3  # peak learning rate of the adapters (times each group's lr_mult)
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at train.max_steps
+    warmup_steps: int = 10  # linear warmup at the start of the run
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW eps
+    grad_clip: float = 1.0  # global gradient norm clip (the ds_config's gradient_clipping)
     # Trainable by default: the LoRA factors and SubLN. Groups here may unfreeze others (e.g. norms) or freeze.
-    param_groups: list[ParamGroup] = field(default_factory=list)
+    param_groups: list[ParamGroup] = field(default_factory=list)  # [{pattern: regex, lr_mult: x}], first match wins
 
 
 @dataclass
@@ -77,30 +77,30 @@ class RunDataConfig(DataConfig):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    output_dir: str = "runs/tiny"
-    save_every: int = 50
-    seed: int = 0
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # sequences per rank per micro step (the ds_config's train_micro_batch_size_per_gpu)
+    grad_accum: int = 1  # micro steps per optimizer step
+    output_dir: str = "runs/tiny"  # the run dir: config.yaml, metrics.jsonl, checkpoints/
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    seed: int = 0  # seeds torch/numpy/python, the data order and ReLoRA's re-initialisation
     resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest if present | never
     eval_every: int = 0  # steps between held-out perplexity evaluations; 0 = only at the end
-    eval_batches: int = 8
+    eval_batches: int = 8  # micro batches per rank of held-out sequences per evaluation
     max_nan_steps: int = 3  # consecutive non-finite losses that stop the run
     dist_timeout_s: float = 600.0  # collective timeout: a dead rank ends the job instead of hanging it
 
 
 @dataclass
 class WandbConfig:
-    enabled: bool = False
-    project: str = "megadistil"
-    name: str | None = None
+    enabled: bool = False  # log to wandb as well (pip install megadistil[wandb])
+    project: str = "megadistil"  # wandb project
+    name: str | None = None  # wandb run name
     mode: str = "offline"  # offline | online | disabled
 
 
 @dataclass
 class LogConfig:
-    every: int = 1
+    every: int = 1  # log every N steps (the last step always)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -122,7 +122,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    stages: list[StageConfig] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)  # [{start_step: n, overrides: {loss.x: v, optim.lr: v}}]
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -257,3 +257,47 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
 
 def as_dict(cfg: RunConfig) -> DictConfig:
     return OmegaConf.structured(cfg)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# ...` comment on each field's line of a dataclass's source (the schema documents itself)."""
+    import inspect
+    import io
+    import tokenize
+
+    comments, line_of = {}, {}
+    source = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_of.values():
+            line_of.setdefault(tok.string, tok.start[0])
+        elif tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("# ").strip()
+    return {name: comments.get(line, "") for name, line in line_of.items()}
+
+
+def reference_markdown() -> str:
+    """The config reference table, generated from the schema (README's copy is checked against it by a test)."""
+    import dataclasses
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        notes = {}
+        for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+            notes.update(_field_comments(base))
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            shown = "required" if default == "???" else json.dumps(default, default=str)
+            kind, note = kind.replace("|", "\\|"), notes.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{kind}` | `{shown}` | {note} |")
+
+    walk(RunConfig, "")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

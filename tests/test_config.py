@@ -83,3 +83,13 @@ def test_jagged_cosine_schedule_rewarms_after_each_reset():
     assert lrs[10] == pytest.approx(cosine(11) / 5)  # first step after a reset: 1/5 of the cosine value
     assert lrs[14] == pytest.approx(cosine(15))  # warm again after restart_warmup_steps
     assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_readme_config_reference_is_the_generated_one():
+    from megadistil.config import reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == reference_markdown(), \
+        "README's config reference is stale: paste the output of `python -m megadistil.config`"
+    assert "| `train.max_steps` | `int` | `100` | optimizer steps |" in reference_markdown()

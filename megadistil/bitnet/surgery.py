@@ -16,15 +16,14 @@ from megadistil.bitnet.quant import VALUES_PER_BYTE
 class BitNetConfig:
     """The `bitnet.*` section of a run config."""
 
-    lora_rank: int = 64
+    lora_rank: int = 64  # rank r of the one trainable adapter B·A of every BitLinear
     lora_alpha: float | None = None  # None: alpha = rank, scaling 1
     subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
     backward: str = "int8"  # int8 | bf16: kernel for the input gradient
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes) that stay nn.Linear
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
-    # torch.compile the quantizers into one fused pass each (they, not the matmuls, decide BitLinear's speed).
-    # None: on CUDA only, where it pays at once; on CPU compilation costs ~10 s per layer shape at start-up.
-    compile_quantizers: bool | None = None
+    # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds per layer shape.
+    compile_quantizers: bool | None = None  # torch.compile the quantizers (fused); None: on CUDA only
 
     def validate(self) -> None:
         if self.lora_rank < 1:

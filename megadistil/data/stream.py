@@ -39,13 +39,13 @@ ON_CORRUPT = ("fail", "skip")
 class DataConfig:
     """Reader knobs; the trainer supplies batch size, rank and world size."""
 
-    shards: str = ""
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    on_corrupt: str = "fail"
-    epochs: int | None = None
-    prefetch_factor: int = 2
+    shards: str = ""  # a precomputed shard dir (tools/precompute_teacher.py) with its manifest.json
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer (0: stream order)
+    seed: int = 0  # shuffle seed (0: train.seed)
+    on_corrupt: str = "fail"  # fail | skip: a corrupt sample stops the run, or is skipped and counted
+    epochs: int | None = None  # passes over the shards (None: endless)
+    prefetch_factor: int = 2  # batches prefetched per worker
 
     def validate(self) -> None:
         if self.on_corrupt not in ON_CORRUPT:

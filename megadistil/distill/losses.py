@@ -41,19 +41,19 @@ LayerSpec = list[int] | str
 class LossConfig:
     """Loss settings; composed into the run config under the key `loss`."""
 
-    kind: str = "forward_kl"
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    hidden_weight: float = 0.0
-    hidden_magnitude_weight: float = 0.0
-    hidden_layers: LayerSpec = "all"
-    attn_relation_weight: float = 0.0
-    attn_relation_heads: int = 8
-    attn_relation_layers: LayerSpec = field(default_factory=lambda: [-1])
-    attn_relation_temperature: float = 1.0
-    chunk_tokens: int = 1024
+    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd: the divergence on the teacher's distribution
+    jsd_beta: float = 0.5  # JSD's β (mixture weight of the teacher)
+    temperature: float = 1.0  # softmax temperature of teacher and student; the KD term is scaled by T²
+    kd_weight: float = 1.0  # weight of the KD term
+    ce_weight: float = 0.0  # weight of CE on the labels
+    hidden_weight: float = 0.0  # weight of the hidden-state cosine term (live teacher)
+    hidden_magnitude_weight: float = 0.0  # weight of the relative-norm term inside the hidden-state loss
+    hidden_layers: LayerSpec = "all"  # "all" or a list of decoder layer indices
+    attn_relation_weight: float = 0.0  # weight of MiniLM/BitDistill attention-relation distillation (live teacher)
+    attn_relation_heads: int = 8  # relation heads Q/K/V are split into
+    attn_relation_layers: LayerSpec = field(default_factory=lambda: [-1])  # layers distilled by relation
+    attn_relation_temperature: float = 1.0  # temperature of the relation softmax
+    chunk_tokens: int = 1024  # tokens per LM-head chunk: no [tokens x vocab] tensor is ever materialised
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
