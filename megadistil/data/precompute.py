@@ -31,7 +31,7 @@ from megadistil.data.shards import (
     sha256_file,
     tokenizer_fingerprint,
 )
-from megadistil.data.text import expand_files, pack_text
+from megadistil.data.text import batched, expand_files, pack_text
 
 log = logging.getLogger(__name__)
 
@@ -252,17 +252,6 @@ def _my_sequences(cfg: PrecomputeConfig, tok: Any, rank: int, world: int, skip: 
             yield i, seq
 
 
-def _batches(seqs: Iterator[tuple[int, np.ndarray]], n: int) -> Iterator[list[tuple[int, np.ndarray]]]:
-    batch: list[tuple[int, np.ndarray]] = []
-    for item in seqs:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
     """Write shards for this rank; rank 0 returns the merged manifest (others return None)."""
     import webdataset as wds
@@ -286,7 +275,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
                              post=sidecars, start_shard=start_shard, verbose=0, encoder=False, mtime=0.0)
     bar = tqdm(unit="seq", disable=not cfg.progress or rank != 0, desc="teacher", initial=done)
     t0, tokens = time.time(), 0
-    batches = _batches(_my_sequences(cfg, tok, rank, world, done), cfg.batch_size)
+    batches = batched(_my_sequences(cfg, tok, rank, world, done), cfg.batch_size)
     try:
         while True:
             batch = next(batches, None)

@@ -9,10 +9,11 @@ import glob
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -71,7 +72,7 @@ def pack_text(
     if add_eos and eos is None:
         raise ValueError("tokenizer has no eos_token_id; pass add_eos=False or set one")
     buf: list[int] = []
-    for docs in _batched(iter_documents(files), batch_docs):
+    for docs in batched(iter_documents(files), batch_docs):
         for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
             buf.extend(ids)
             if add_eos:
@@ -83,8 +84,9 @@ def pack_text(
         yield np.asarray(buf, dtype=np.int64)
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    """Lists of n items (the last may be shorter); itertools.batched from Python 3.12 on."""
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == n:
