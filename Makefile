@@ -32,7 +32,8 @@ demo: setup
 	$(PY) -m megadistil.demo --out runs/demo $(DEMO_ARGS)
 
 bench: setup
-	for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	for f in bitlinear shards losses distill_step; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done
+	$(PY) bench/report.py
 
 lint: setup
 	$(PY) -m ruff check megadistil launch tools bench tests

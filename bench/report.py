@@ -1,0 +1,77 @@
+"""One table of the performance figures that the bench/ scripts wrote to bench/results/, with the targets beside them.
+
+`make bench` runs every bench script, then this. Missing results are listed as such, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name: str):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def bitlinear_rows(d) -> list[tuple[str, str, str]]:
+    rows = [("int8/bf16 GEMM ceiling (this CPU)", f"{d['gemm']['ceiling']:.2f}x", "-")]
+    for r in d["rows"]:
+        if r["path"] == "bitlinear/int8":
+            rows.append((f"BitLinear int8 fwd+bwd vs bf16 fake-quant, {r['shape']}", f"{r['speedup_vs_fake_quant']:.2f}x",
+                         ">= 1.80x"))
+    return rows
+
+
+def shards_rows(d) -> list[tuple[str, str, str]]:
+    rows = []
+    for r in d["rows"]:
+        if r["vocab"] == 128256 and r["k"] == 64:
+            rows.append((f"shard bytes/token, V=128,256, k=64, {r['teacher']} teacher (KL {r['kl_mean']:.1e})",
+                         f"{r['bytes_per_token']:.1f}", "<= 128 (KL <= 1e-3)"))
+    return rows
+
+
+def losses_rows(d) -> list[tuple[str, str, str]]:
+    naive = next(r for r in d if r["mode"] == "naive")
+    return [(f"chunked loss peak extra memory, chunk {r['chunk']} ({r['mode']})",
+             f"{r['peak_extra_mib']:.0f} MiB", f"< naive {naive['peak_extra_mib']:.0f} MiB")
+            for r in d if r["mode"] != "naive"]
+
+
+def distill_rows(d) -> list[tuple[str, str, str]]:
+    rows = []
+    for dtype in ("bf16", "fp32"):
+        if dtype not in d:
+            continue
+        runs = d[dtype]["runs"]
+        a, c = runs["a"], runs["c"]
+        rows.append((f"distill step ({dtype}): shared-teacher ReLoRA peak RSS / naive",
+                     f"{a['peak_rss_mb'] / c['peak_rss_mb']:.2f}x", "<= 0.25x"))
+        rows.append((f"distill step ({dtype}): shared-teacher ReLoRA tokens/s / naive",
+                     f"{a['tokens_per_s'] / c['tokens_per_s']:.2f}x", ">= 1.50x"))
+    return rows
+
+
+def main() -> None:
+    table: list[tuple[str, str, str]] = []
+    missing = []
+    for name, rows in (("bitlinear", bitlinear_rows), ("shards", shards_rows), ("losses", losses_rows),
+                       ("distill_step", distill_rows)):
+        d = load(name)
+        if d is None:
+            missing.append(name)
+        else:
+            table += rows(d)
+    width = max(len(r[0]) for r in table) if table else 20
+    print(f"{'figure':<{width}}  {'measured':>12}  target")
+    for what, value, target in table:
+        print(f"{what:<{width}}  {value:>12}  {target}")
+    for name in missing:
+        print(f"(no results for bench/{name}.py: run it)")
+
+
+if __name__ == "__main__":
+    main()
