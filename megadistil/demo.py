@@ -76,18 +76,24 @@ def split_corpus(out: Path) -> dict[str, Path]:
     return paths
 
 
-def make_slice(train_text: Path, tokenizer_dir: Path, tokens: int, out: Path) -> int:
-    """The first whole lines of the training split that hold about `tokens` tokens: the students' whole world."""
+def make_slice(train_text: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: int = 0) -> int:
+    """About `tokens` tokens of whole lines drawn from all over the training split (shuffled blocks of 40 lines):
+    the students' whole world, from the same distribution as the teacher's data and the held-out files."""
+    import random
+
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines, count = [], 0
-    for line in train_text.read_text().splitlines(keepends=True):
-        lines.append(line)
-        count += len(tok(line, add_special_tokens=False)["input_ids"])
+    lines = train_text.read_text().splitlines(keepends=True)
+    blocks = [lines[i:i + 40] for i in range(0, len(lines), 40)]
+    random.Random(seed).shuffle(blocks)
+    chosen, count = [], 0
+    for block in blocks:
+        chosen.append("".join(block))
+        count += len(tok(chosen[-1], add_special_tokens=False)["input_ids"])
         if count >= tokens:
             break
-    out.write_text("".join(lines))
+    out.write_text("".join(chosen))
     return count
 
 
@@ -140,16 +146,16 @@ def read_metrics(run: Path) -> list[dict]:
 
 @torch.no_grad()
 def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: int) -> float:
-    """Held-out perplexity of an HF dir loaded by transformers alone (the packed ternary checkpoint)."""
+    """Held-out perplexity of an HF dir loaded by transformers alone (the packed ternary checkpoint), on the same
+    sequences the trainer evaluates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megadistil.data.text import pack_text
+    from megadistil.data.packed import eval_sequences
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    seqs = list(pack_text([str(heldout)], tok, seq_len))[:sequences]
     nll, count = 0.0, 0
-    for seq in seqs:
+    for seq in eval_sequences([str(heldout)], tok, seq_len, sequences):
         ids = torch.from_numpy(seq).unsqueeze(0)
         nll += float(model(input_ids=ids, labels=ids).loss) * (seq_len - 1)
         count += seq_len - 1

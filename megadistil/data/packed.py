@@ -13,6 +13,16 @@ from megadistil.data.text import pack_text
 IGNORE_INDEX = -100
 
 
+def eval_sequences(files: list[str], tokenizer: Any, seq_len: int, count: int) -> np.ndarray:
+    """`count` packed sequences spread evenly over all of `files` (not the first ones), so that held-out perplexity
+    measures the whole held-out distribution."""
+    seqs = list(pack_text(files, tokenizer, seq_len))
+    if not seqs:
+        raise ValueError(f"held-out text {files} holds fewer than {seq_len} tokens")
+    picks = np.linspace(0, len(seqs) - 1, num=min(count, len(seqs))).round().astype(int)
+    return np.stack([seqs[i] for i in picks])
+
+
 def shifted_batch(seqs: np.ndarray) -> dict[str, torch.Tensor]:
     """input_ids and labels aligned to logit positions: labels[:, t] = input_ids[:, t+1], last = ignore."""
     ids = torch.from_numpy(np.ascontiguousarray(seqs, dtype=np.int64))

@@ -21,8 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 from megadistil.bitnet import set_quant_lambda
 from megadistil.config import ConfigError, RunConfig, load_ds_config, reconcile_ds_config, stage_config, to_yaml
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
-from megadistil.data.packed import PackedTextBatches, shifted_batch
-from megadistil.data.text import pack_text
+from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.distill.losses import (
     IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss, resolve_layers,
 )
@@ -141,8 +140,8 @@ class Trainer:
         if not d.eval_text:
             return None
         seq_len = d.seq_len if d.text else Manifest.load(d.shards).seq_len
-        seqs = list(pack_text(list(d.eval_text), self.tokenizer, seq_len))
-        return np.stack(seqs[: self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size])
+        count = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size
+        return eval_sequences(list(d.eval_text), self.tokenizer, seq_len, count)
 
     def _build_teacher(self, student: nn.Module) -> Teacher:
         cfg = self.cfg
