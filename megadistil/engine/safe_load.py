@@ -1,5 +1,5 @@
-"""Nothing unpickles: DeepSpeed reads its checkpoint files with torch.load(weights_only=False); inside
-`weights_only_torch_load()` every torch.load is weights_only=True, with the few plain DeepSpeed types that its
+"""Nothing unpickles: DeepSpeed reads its checkpoint files with torch's loader and weights_only=False; inside
+`weights_only_torch_load()` every such load is weights_only=True, with the few plain DeepSpeed types that its
 optimizer files hold allow-listed (an enum and the loss-scaler records), so a crafted file cannot run code."""
 
 from __future__ import annotations
