@@ -287,13 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher = make_teacher(s, out, paths["train"])
     banner(3, total, f"distillation slice: ~{s.slice_tokens:,} tokens of the training split")
     paths["slice"] = out / "slice.txt"
-    previous = paths["slice"].read_text() if paths["slice"].is_file() else None
     slice_tokens = make_slice(paths["train"], teacher, s.slice_tokens, paths["slice"])
-    if previous != paths["slice"].read_text():
-        shutil.rmtree(out / "shards", ignore_errors=True)  # made from another slice: precompute would refuse them
     banner(4, total, "precompute teacher shards on the slice (top-64 log-probs + tail)")
     shards = out / "shards"
-    # Rerunning with the same settings resumes: complete shards are kept, so this is then nearly free.
+    shutil.rmtree(shards, ignore_errors=True)  # seconds to remake; an older demo's may come from another slice
     subprocess.run([sys.executable, "tools/precompute_teacher.py", "--teacher", str(teacher), "--text",
                     str(paths["slice"]), "--out", str(shards), "--seq-len", str(s.seq_len), "--top-k", "64"],
                    cwd=ROOT, check=True)
