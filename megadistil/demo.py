@@ -64,47 +64,53 @@ def banner(index: int, total: int, text: str) -> None:
     print(f"\n==> [{index}/{total}] {text}", flush=True)
 
 
+def write_docs(path: Path, docs: list[str]) -> Path:
+    """JSON lines with a `text` field: one document per source file, so that packing puts EOS between files (a
+    .txt file would be read one line per document, newlines dropped, which is not how the teacher saw code)."""
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def read_docs(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
 def split_corpus(out: Path) -> dict[str, Path]:
     """Every 10th stdlib file is held out; the rest is the teacher's training split."""
     files = stdlib_files()
-    held_out = [f for i, f in enumerate(files) if i % 10 == 0]
-    train = [f for i, f in enumerate(files) if i % 10 != 0]
-    paths = {}
-    for name, group in (("train", train), ("heldout", held_out)):
-        paths[name] = out / f"{name}.txt"
-        paths[name].write_text("\n".join(f.read_text(errors="replace") for f in group))
-    return paths
+    docs = [f.read_text(errors="replace") for f in files]
+    return {"train": write_docs(out / "train.jsonl", [d for i, d in enumerate(docs) if i % 10]),
+            "heldout": write_docs(out / "heldout.jsonl", [d for i, d in enumerate(docs) if i % 10 == 0])}
 
 
-def make_slice(train_text: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: int = 0) -> int:
-    """About `tokens` tokens of whole lines drawn from all over the training split (shuffled blocks of 40 lines):
-    the students' whole world, from the same distribution as the teacher's data and the held-out files."""
+def make_slice(train: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: int = 0) -> int:
+    """Whole training files drawn at random until about `tokens` tokens: the students' whole world, from the same
+    distribution as the teacher's data and the held-out files."""
     import random
 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    lines = train_text.read_text().splitlines(keepends=True)
-    blocks = [lines[i:i + 40] for i in range(0, len(lines), 40)]
-    random.Random(seed).shuffle(blocks)
+    docs = read_docs(train)
+    random.Random(seed).shuffle(docs)
     chosen, count = [], 0
-    for block in blocks:
-        chosen.append("".join(block))
-        count += len(tok(chosen[-1], add_special_tokens=False)["input_ids"])
+    for doc in docs:
+        chosen.append(doc)
+        count += len(tok(doc, add_special_tokens=False)["input_ids"]) + 1
         if count >= tokens:
             break
-    out.write_text("".join(chosen))
+    write_docs(out, chosen)
     return count
 
 
 def make_teacher(s: DemoSettings, out: Path, train_text: Path) -> Path:
     """Pretrain the teacher, or reuse the one a previous demo with the same settings made."""
     teacher, stamp = out / "teacher", out / "teacher" / "demo_settings.json"
-    settings = json.dumps(asdict(s), sort_keys=True)
+    settings = json.dumps({**asdict(s), "corpus": "jsonl, one document per file"}, sort_keys=True)
     if stamp.is_file() and stamp.read_text() == settings:
         print(f"reusing {teacher} (same settings)")
         return teacher
-    make_tiny_llama(teacher, texts=[train_text.read_text()], vocab_size=s.vocab, pretrain_steps=s.teacher_steps,
+    make_tiny_llama(teacher, texts=read_docs(train_text), vocab_size=s.vocab, pretrain_steps=s.teacher_steps,
                     pretrain_seq_len=s.seq_len, pretrain_batch=s.teacher_batch, hidden_size=s.hidden,
                     layers=s.layers, intermediate_size=s.hidden * 8 // 3 // 4 * 4)
     stamp.write_text(settings)
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{s.teacher_steps} pretraining steps on the whole training split")
     teacher = make_teacher(s, out, paths["train"])
     banner(3, total, f"distillation slice: ~{s.slice_tokens:,} tokens of the training split")
-    paths["slice"] = out / "slice.txt"
+    paths["slice"] = out / "slice.jsonl"
     slice_tokens = make_slice(paths["train"], teacher, s.slice_tokens, paths["slice"])
     banner(4, total, "precompute teacher shards on the slice (top-64 log-probs + tail)")
     shards = out / "shards"
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    split_tokens = len(tok(paths["train"].read_text(), add_special_tokens=False)["input_ids"])
+    split_tokens = sum(len(ids) + 1 for ids in tok(read_docs(paths["train"]), add_special_tokens=False)["input_ids"])
     tokens = {"teacher": s.teacher_steps * s.teacher_batch * s.seq_len, "slice": slice_tokens,
               "teacher_split": split_tokens}
     sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
