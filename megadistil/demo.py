@@ -124,8 +124,9 @@ def train_run(name: str, out: Path, overrides: list[str], steps: int, log: Path)
     from megadistil.engine.distributed import free_local_port
 
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_local_port()), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
-           "--config", "configs/tiny.yaml", f"train.output_dir={out}", *overrides]
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_local_port()), "launch/train.py",
+           "--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml", f"train.output_dir={out}",
+           *overrides]
     start = time.time()
     with log.open("w") as f, tqdm(total=steps, desc=f"distil [{name}]", unit="step") as bar:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
