@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megadistil.bitnet import BitNetConfig
@@ -253,10 +253,6 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"ds_config {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
-
-
-def as_dict(cfg: RunConfig) -> DictConfig:
-    return OmegaConf.structured(cfg)
 
 
 def _field_comments(cls: type) -> dict[str, str]:

@@ -39,14 +39,6 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 
 @dataclass(frozen=True)
-class DistConfig:
-    """Run-config section for the process group."""
-
-    backend: str | None = None  # None: nccl with CUDA, gloo without
-    timeout_s: float = 600.0  # every collective and the rendezvous fail after this long instead of hanging
-
-
-@dataclass(frozen=True)
 class DistInfo:
     rank: int
     world_size: int
