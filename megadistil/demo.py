@@ -17,14 +17,17 @@ converted with tools/convert_to_ternary.py --verify and evaluated in vanilla tra
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,30 +37,43 @@ from megadistil.tiny import make_tiny_llama, stdlib_files
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TEACHER_ASSET = Path(__file__).resolve().parent / "assets" / "demo-teacher"
+
+
+@dataclass
+class TeacherSettings:
+    """The demo's teacher: a 4-layer, 256-wide Llama-3.1-shaped model with a 4k-token BPE, pretrained for 800 steps
+    of 16 x 256 tokens (~3 epochs of the training split). Pretraining it takes ~8 min on 2 cores, so the result is
+    shipped in megadistil/assets/demo-teacher (bf16, ~10 MB); `--remake-teacher` makes it again with this code."""
+
+    hidden: int = 256
+    layers: int = 4
+    vocab: int = 4096
+    steps: int = 800
+    batch: int = 16
+    seq_len: int = 256
+    seed: int = 0
+
+
 @dataclass
 class DemoSettings:
-    """Sized for ~15 minutes on 2 CPU cores; the teacher sees ~1 epoch of the training split, the students ~10
-    passes over a slice of ~3 % of it."""
+    """The students' budget, sized for ~15 minutes on 2 CPU cores: a slice of a few percent of the teacher's
+    tokens, seen many times over."""
 
-    hidden: int = 128
-    layers: int = 4
-    vocab: int = 2048
-    teacher_steps: int = 600
-    teacher_batch: int = 16
-    seq_len: int = 128
-    slice_tokens: int = 40_000
-    distill_steps: int = 200
-    micro_batch: int = 8  # per rank: 2 ranks x 8 = 16 sequences per step
-    lora_rank: int = 32
-    reset_every: int = 50
+    seq_len: int = 256
+    slice_tokens: int = 30_000
+    distill_steps: int = 320
+    micro_batch: int = 4  # per rank: 2 ranks x 4 = 8 sequences per step
+    lora_rank: int = 64
+    reset_every: int = 80
     lr: float = 3e-3
     eval_sequences: int = 64
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """The same path with fewer steps (for a quick look, and an end-to-end test)."""
-        return cls(hidden=128, layers=2, vocab=1024, teacher_steps=150, slice_tokens=30_000, distill_steps=60,
-                   micro_batch=4, lora_rank=16, reset_every=20, eval_sequences=32)
+        """The same path with fewer steps (for a quick look, and the end-to-end test)."""
+        return cls(slice_tokens=20_000, distill_steps=30, micro_batch=4, reset_every=15, eval_sequences=16)
 
 
 def banner(index: int, total: int, text: str) -> None:
@@ -75,12 +91,17 @@ def read_docs(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
+def is_heldout(file: Path) -> bool:
+    """About one file in ten, chosen by a hash of its name: the same files are held out on every Python version,
+    so the shipped teacher never saw a held-out file."""
+    return zlib.crc32(file.name.encode()) % 10 == 0
+
+
 def split_corpus(out: Path) -> dict[str, Path]:
-    """Every 10th stdlib file is held out; the rest is the teacher's training split."""
     files = stdlib_files()
-    docs = [f.read_text(errors="replace") for f in files]
-    return {"train": write_docs(out / "train.jsonl", [d for i, d in enumerate(docs) if i % 10]),
-            "heldout": write_docs(out / "heldout.jsonl", [d for i, d in enumerate(docs) if i % 10 == 0])}
+    docs = {f: f.read_text(errors="replace") for f in files}
+    return {"train": write_docs(out / "train.jsonl", [d for f, d in docs.items() if not is_heldout(f)]),
+            "heldout": write_docs(out / "heldout.jsonl", [d for f, d in docs.items() if is_heldout(f)])}
 
 
 def make_slice(train: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: int = 0) -> int:
@@ -103,18 +124,22 @@ def make_slice(train: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: i
     return count
 
 
-def make_teacher(s: DemoSettings, out: Path, train_text: Path) -> Path:
-    """Pretrain the teacher, or reuse the one a previous demo with the same settings made."""
-    teacher, stamp = out / "teacher", out / "teacher" / "demo_settings.json"
-    settings = json.dumps({**asdict(s), "corpus": "jsonl, one document per file"}, sort_keys=True)
-    if stamp.is_file() and stamp.read_text() == settings:
-        print(f"reusing {teacher} (same settings)")
-        return teacher
-    make_tiny_llama(teacher, texts=read_docs(train_text), vocab_size=s.vocab, pretrain_steps=s.teacher_steps,
-                    pretrain_seq_len=s.seq_len, pretrain_batch=s.teacher_batch, hidden_size=s.hidden,
-                    layers=s.layers, intermediate_size=s.hidden * 8 // 3 // 4 * 4)
-    stamp.write_text(settings)
-    return teacher
+def make_teacher(t: TeacherSettings, train_text: Path, out: Path, *, remake: bool = False) -> Path:
+    """The shipped teacher when it was made with these settings; otherwise pretrain one into `out` (bf16)."""
+    settings = json.dumps(asdict(t), sort_keys=True)
+    for candidate in ([] if remake else [TEACHER_ASSET, out]):
+        stamp = candidate / "teacher_settings.json"
+        if stamp.is_file() and json.dumps(json.loads(stamp.read_text())["settings"], sort_keys=True) == settings:
+            print(f"using the teacher in {candidate} (made with these settings)")
+            return candidate
+    make_tiny_llama(out, texts=read_docs(train_text), vocab_size=t.vocab, seed=t.seed, pretrain_steps=t.steps,
+                    pretrain_seq_len=t.seq_len, pretrain_batch=t.batch, hidden_size=t.hidden, layers=t.layers,
+                    intermediate_size=t.hidden * 8 // 3 // 4 * 4, save_dtype=torch.bfloat16, keep_corpus=False)
+    provenance = {"settings": asdict(t), "made_by": "python -m megadistil.demo --remake-teacher",
+                  "python": platform.python_version(), "torch": torch.__version__,
+                  "train_split_sha256": hashlib.sha256(train_text.read_bytes()).hexdigest()}
+    (out / "teacher_settings.json").write_text(json.dumps(provenance, indent=1))
+    return out
 
 
 def train_run(name: str, out: Path, overrides: list[str], steps: int, log: Path) -> float:
@@ -195,7 +220,7 @@ def distil_all(s: DemoSettings, out: Path, teacher: Path, paths: dict[str, Path]
 
 def convert(run: Path, output: Path, log: Path) -> dict:
     cmd = [sys.executable, "tools/convert_to_ternary.py", "--checkpoint", str(run), "--output", str(output),
-           "--verify", "--overwrite", "--dtype", "fp32"]
+           "--verify", "--overwrite", "--dtype", "bf16"]
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
@@ -235,19 +260,29 @@ def step0_eval(r: dict) -> dict:
     return next(m for m in r["metrics"] if "eval_ppl_student" in m and m["step"] == 0)
 
 
+MODELS = {  # summary key -> what the report calls it
+    "teacher": "teacher (pretrained on the whole training split)",
+    "naive_ternary": "teacher naively ternarized (post-training quantization, no training)",
+    "ce_only": "CE-only student (QAT on the slice, no teacher)",
+    "distilled_shards": "student distilled from shards",
+    "distilled_shared": "student distilled from the shared live teacher",
+    "converted": "converted 1.58-bit checkpoint in vanilla transformers",
+}
+TARGETS = [  # (numerator, denominator, bound, what the bound is)
+    ("distilled_shards", "teacher", 1.05, "at most"),
+    ("ce_only", "distilled_shards", 1.5, "at least"),
+    ("naive_ternary", "distilled_shards", 1.5, "at least"),
+]
+
+
 def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict, wall_s: float,
               tokens: dict) -> dict:
-    teacher = step0_eval(results["shared"])["eval_ppl_teacher"]
-    rows = {
-        "teacher (bf16/fp32, pretrained on the whole training split)": teacher,
-        "naive ternary (post-training quantization, no training)": step0_eval(results["shared"])["eval_ppl_student"],
-        "CE-only student (QAT on the slice, no teacher)": final_eval(results["ce"]),
-        "distilled from shards": final_eval(results["shards"]),
-        "distilled from the shared live teacher": final_eval(results["shared"]),
-        "converted checkpoint in vanilla transformers": converted_ppl,
-    }
+    start = step0_eval(results["shared"])
+    ppl = {"teacher": start["eval_ppl_teacher"], "naive_ternary": start["eval_ppl_student"],
+           "ce_only": final_eval(results["ce"]), "distilled_shards": final_eval(results["shards"]),
+           "distilled_shared": final_eval(results["shared"]), "converted": converted_ppl}
     steps = [m for m in results["shards"]["metrics"] if "loss" in m]
-    return {"settings": asdict(s), "perplexity": rows, "teacher_ppl": teacher, "wall_s": wall_s,
+    return {"settings": asdict(s), "perplexity": ppl, "wall_s": wall_s,
             "tokens": {**tokens, "distilled": sum(m["tokens"] for m in steps)},
             "peak_mem_mb_per_rank": {k: [max(m[f"peak_mem_mb_rank{i}"] for m in r["metrics"] if "loss" in m)
                                          for i in range(2)] for k, r in results.items()},
@@ -255,23 +290,29 @@ def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict,
 
 
 def write_report(summary: dict, out: Path) -> Path:
-    teacher = summary["teacher_ppl"]
+    ppl, t, sz = summary["perplexity"], summary["tokens"], summary["sizes"]
     lines = ["# megadistil demo", "",
-             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; total wall time "
-             f"{summary['wall_s'] / 60:.1f} min.", "",
+             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.processor() or platform.machine()}"
+             f"; total wall time {summary['wall_s'] / 60:.1f} min.", "",
+             "Held-out perplexity on files no model trained on:", "",
              "| model | held-out perplexity | vs teacher |", "|---|---:|---:|"]
-    lines += [f"| {name} | {ppl:.2f} | {ppl / teacher:.3f}x |" for name, ppl in summary["perplexity"].items()]
-    t = summary["tokens"]
+    lines += [f"| {MODELS[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x |" for k, v in ppl.items()]
+    lines += ["", "| target | measured | met |", "|---|---:|---|"]
+    for num, den, bound, how in TARGETS:
+        ratio = ppl[num] / ppl[den]
+        met = ratio <= bound if how == "at most" else ratio >= bound
+        lines.append(f"| {num} / {den}: {how} {bound}x | {ratio:.3f}x | {'yes' if met else 'no'} |")
     lines += ["", f"Tokens: teacher pretraining {t['teacher']:,}; distillation slice {t['slice']:,} "
               f"({100 * t['slice'] / t['teacher_split']:.1f}% of the {t['teacher_split']:,}-token training split); "
-              f"tokens trained per student {t['distilled']:,}.", "",
+              f"tokens trained per student {t['distilled']:,} ({t['distilled'] / t['slice']:.0f} passes over the "
+              "slice).", "",
               "| run | wall time | peak RSS rank 0 | peak RSS rank 1 |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {summary['run_wall_s'][k]:.0f} s | " +
               " | ".join(f"{mb:.0f} MB" for mb in summary["peak_mem_mb_per_rank"][k]) + " |"
               for k in summary["run_wall_s"]]
-    sz = summary["sizes"]
-    lines += ["", f"Files: teacher safetensors {sz['teacher_bytes'] / 2**20:.2f} MiB (fp32; bf16 would be "
-              f"{sz['teacher_bytes'] / 2**21:.2f} MiB); packed student {sz['student_bytes'] / 2**20:.2f} MiB.",
+    lines += ["", f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit student "
+              f"{sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x smaller; "
+              "embeddings and lm_head stay in their dtype).",
               "", "![loss curves](loss_curves.png)", "", "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -282,16 +323,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps: the end-to-end test's setting")
+    p.add_argument("--remake-teacher", action="store_true",
+                   help=f"pretrain the teacher again (~8 min) into {TEACHER_ASSET.relative_to(ROOT)} and stop")
     a = p.parse_args(argv)
     s = DemoSettings.quick() if a.quick else DemoSettings()
+    t = s.teacher
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, total = time.time(), 7
-    banner(1, total, "corpus: the Python standard library's source, split by file (every 10th file held out)")
+    banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)
-    banner(2, total, f"teacher: {s.layers}-layer {s.hidden}-wide Llama-3.1-shaped model, {s.vocab}-token BPE, "
-           f"{s.teacher_steps} pretraining steps on the whole training split")
-    teacher = make_teacher(s, out, paths["train"])
+    banner(2, total, f"teacher: {t.layers}-layer {t.hidden}-wide Llama-3.1-shaped model, {t.vocab}-token BPE, "
+           f"{t.steps} steps x {t.batch} x {t.seq_len} tokens of pretraining on the whole training split")
+    if a.remake_teacher:
+        print(f"wrote {make_teacher(t, paths['train'], TEACHER_ASSET, remake=True)}")
+        return 0
+    teacher = make_teacher(t, paths["train"], out / "teacher")
     banner(3, total, f"distillation slice: ~{s.slice_tokens:,} tokens of the training split")
     paths["slice"] = out / "slice.jsonl"
     slice_tokens = make_slice(paths["train"], teacher, s.slice_tokens, paths["slice"])
@@ -313,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(teacher)
     split_tokens = sum(len(ids) + 1 for ids in tok(read_docs(paths["train"]), add_special_tokens=False)["input_ids"])
-    tokens = {"teacher": s.teacher_steps * s.teacher_batch * s.seq_len, "slice": slice_tokens,
+    tokens = {"teacher": t.steps * t.batch * t.seq_len, "slice": slice_tokens,
               "teacher_split": split_tokens}
     sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
     summary = summarize(s, results, converted_ppl, sizes, time.time() - start, tokens)

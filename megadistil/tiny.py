@@ -73,9 +73,9 @@ def pretrain(model: LlamaForCausalLM, tokens: torch.Tensor, *, steps: int, seq_l
 
 def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512, seed: int = 0,
                     pretrain_steps: int = 0, pretrain_seq_len: int = 128, pretrain_batch: int = 16,
-                    **arch) -> Path:
-    """Write an HF dir: a tiny Llama (random, or pretrained for `pretrain_steps` on `texts`) + a tokenizer trained
-    on `texts`, plus corpus.txt holding the texts."""
+                    save_dtype: torch.dtype = torch.float32, keep_corpus: bool = True, **arch) -> Path:
+    """Write an HF dir: a tiny Llama (random, or pretrained in fp32 for `pretrain_steps` on `texts`) saved in
+    `save_dtype` + a tokenizer trained on `texts`, and (keep_corpus) corpus.txt holding the texts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bpe_tokenizer(texts, vocab_size)
@@ -85,7 +85,8 @@ def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512,
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         flat = torch.tensor([t for doc in ids for t in (*doc, tokenizer.eos_token_id)], dtype=torch.int64)
         pretrain(model, flat, steps=pretrain_steps, seq_len=pretrain_seq_len, batch_size=pretrain_batch, seed=seed)
-    model.save_pretrained(out)
+    model.to(save_dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "corpus.txt").write_text("\n".join(texts))
+    if keep_corpus:
+        (out / "corpus.txt").write_text("\n".join(texts))
     return out

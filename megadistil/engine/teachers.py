@@ -3,6 +3,7 @@
 - SharedTeacher: teacher mode of the student's own weights (zero extra bytes; hidden states and attention too).
 - HFTeacher: a separate frozen HF model as a ZeRO-3 inference engine; gives top-k + tail targets like the shards.
 - OfflineTeacher: targets precomputed into shards, carried by the batch.
+- NoTeacher: CE only (the shared teacher still gives the held-out comparison in eval).
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ class SharedTeacher:
             out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(self.hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in self.hidden_layers] if self.hidden_layers else []
         return Targets(hidden=out.last_hidden_state, layer_hidden=layer_hidden, qkv=as_qkv(qkv))
+
+
+class NoTeacher:
+    """A loss with no teacher term (CE only): the targets are the labels alone."""
+
+    live = False
+
+    def targets(self, batch: dict[str, Tensor]) -> Targets:
+        return Targets()
 
 
 class OfflineTeacher:

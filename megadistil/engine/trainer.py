@@ -33,7 +33,9 @@ from megadistil.engine.model import (
 )
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
-from megadistil.engine.teachers import HFTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher, as_qkv, capture_qkv
+from megadistil.engine.teachers import (
+    HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher, as_qkv, capture_qkv,
+)
 
 
 class DistillModule(nn.Module):
@@ -145,6 +147,8 @@ class Trainer:
 
     def _build_teacher(self, student: nn.Module) -> Teacher:
         cfg = self.cfg
+        if not (cfg.loss.kd_weight or cfg.loss.hidden_weight or cfg.loss.attn_relation_weight or cfg.stages):
+            return NoTeacher()  # CE only: a teacher forward every step would be thrown away
         if cfg.model.teacher == "none":
             return OfflineTeacher()
         if cfg.model.teacher == "shared":

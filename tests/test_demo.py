@@ -1,0 +1,78 @@
+"""`make demo`'s path end to end, reduced (`--quick`): corpus, shipped teacher, slice, shards, three 2-rank students,
+conversion with --verify, vanilla-transformers perplexity, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megadistil.demo import MODELS, TEACHER_ASSET, TeacherSettings, is_heldout, read_docs, split_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    # transformers' BitLinear torch.compiles itself on first use (~45 s on this CPU); same math without it.
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "megadistil.demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.multirank
+def test_quick_demo_writes_every_artifact(quick_demo: Path) -> None:
+    for name in ("report.md", "summary.json", "shards/manifest.json", "student-ternary/config.json",
+                 "student-ternary/tokenizer.json", "run-shards/checkpoints/latest", "run-shared/metrics.jsonl",
+                 "run-ce/metrics.jsonl"):
+        assert (quick_demo / name).is_file(), name
+    assert (quick_demo / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (quick_demo / "report.md").read_text()
+    for label in MODELS.values():
+        assert label in report
+    assert "![loss curves](loss_curves.png)" in report
+    config = json.loads((quick_demo / "student-ternary/config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitnet"
+    assert "PASSED" in (quick_demo / "convert.log").read_text()
+
+
+@pytest.mark.multirank
+def test_distilled_student_beats_naive_ternary_and_ce_only(quick_demo: Path) -> None:
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    ppl = summary["perplexity"]
+    assert set(ppl) == set(MODELS)
+    for distilled in ("distilled_shards", "distilled_shared"):
+        assert ppl[distilled] < ppl["naive_ternary"], ppl
+        assert ppl[distilled] < ppl["ce_only"], ppl
+    assert ppl["teacher"] < ppl["distilled_shards"]
+    # the packed checkpoint in vanilla transformers is the shards student (bf16 export: close, not bitwise)
+    assert abs(ppl["converted"] / ppl["distilled_shards"] - 1) < 0.02, ppl
+    steps = summary["settings"]["distill_steps"]
+    for run in ("shards", "shared", "ce"):
+        records = [json.loads(line) for line in (quick_demo / f"run-{run}/metrics.jsonl").read_text().splitlines()]
+        assert max(r["resets"] for r in records if "loss" in r) >= 1  # ReLoRA merges happened during the run
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
+    assert summary["sizes"]["student_bytes"] < summary["sizes"]["teacher_bytes"]
+
+
+def test_heldout_split_is_by_file_name_and_disjoint(tmp_path: Path) -> None:
+    paths = split_corpus(tmp_path)
+    train, heldout = read_docs(paths["train"]), read_docs(paths["heldout"])
+    assert train and heldout and not set(train) & set(heldout)
+    assert 0.05 < len(heldout) / (len(train) + len(heldout)) < 0.2
+    assert is_heldout(Path("/any/version/of/random.py")) == is_heldout(Path("random.py"))
+
+
+def test_shipped_teacher_matches_its_settings_and_the_size_limit() -> None:
+    provenance = json.loads((TEACHER_ASSET / "teacher_settings.json").read_text())
+    assert provenance["settings"] == TeacherSettings().__dict__
+    assert sum(f.stat().st_size for f in TEACHER_ASSET.iterdir()) <= 20 * 2**20
+    config = json.loads((TEACHER_ASSET / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (TeacherSettings.hidden, TeacherSettings.layers)
