@@ -1,8 +1,9 @@
 """`make demo`: the whole product on real text, offline, on a 2-core CPU in about 15 minutes.
 
 Corpus: the Python standard library's own source (on every machine), split by file into a training split and a
-held-out split. A small Llama teacher is pretrained on the whole training split; the students see a slice of a few
-percent of those tokens, many times over, and everything is evaluated on the held-out files. The runs:
+held-out split. The teacher, a small Llama-3.1-shaped model pretrained on the whole training split, ships in
+megadistil/assets/demo-teacher (`--remake-teacher` makes it again with this code, ~8 min). The students see a slice
+of a few percent of those tokens, many times over, and everything is evaluated on the held-out files. The runs:
 
   shards   BitNet student distilled from precomputed teacher shards      (2-rank ZeRO-3, ReLoRA, int8 backward)
   shared   BitNet student distilled from the live shared teacher          (same budget)
@@ -11,7 +12,7 @@ percent of those tokens, many times over, and everything is evaluated on the hel
 The naive ternary model (post-training quantization) is every run's step-0 evaluation. The `shards` student is then
 converted with tools/convert_to_ternary.py --verify and evaluated in vanilla transformers.
 
-  python -m megadistil.demo --out runs/demo [--quick]
+  python -m megadistil.demo --out runs/demo [--quick] [--remake-teacher]
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """The same path with fewer steps (for a quick look, and the end-to-end test)."""
-        return cls(slice_tokens=20_000, distill_steps=30, micro_batch=4, reset_every=15, eval_sequences=16)
+        return cls(distill_steps=30, reset_every=15, eval_sequences=16)
 
 
 def banner(index: int, total: int, text: str) -> None:
@@ -197,7 +198,7 @@ def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: 
 def run_overrides(s: DemoSettings, teacher: Path, heldout: Path) -> list[str]:
     return [f"model.student={teacher}", f"data.eval_text=[{heldout}]", f"data.seq_len={s.seq_len}",
             f"train.max_steps={s.distill_steps}", f"train.save_every={s.distill_steps}",
-            f"train.micro_batch_size={s.micro_batch}", f"train.eval_every={max(s.distill_steps // 4, 1)}",
+            f"train.micro_batch_size={s.micro_batch}", f"train.eval_every={max(s.distill_steps // 8, 1)}",
             f"train.eval_batches={max(s.eval_sequences // (2 * s.micro_batch), 1)}",
             f"bitnet.lora_rank={s.lora_rank}", "bitnet.backward=int8", f"relora.reset_every={s.reset_every}",
             f"optim.lr={s.lr}", "loss.kind=forward_kl"]
@@ -232,7 +233,7 @@ def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
     return sum(f.stat().st_size for f in path.glob(pattern))
 
 
-def plot_losses(results: dict[str, dict], path: Path) -> None:
+def plot_losses(results: dict[str, dict], teacher_ppl: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,8 +246,9 @@ def plot_losses(results: dict[str, dict], path: Path) -> None:
         train_ax.plot([m["step"] for m in steps], [m[key] for m in steps], label=f"{name} ({key})")
         evals = [m for m in r["metrics"] if "eval_ppl_student" in m]
         eval_ax.plot([m["step"] for m in evals], [m["eval_ppl_student"] for m in evals], marker="o", label=name)
-    train_ax.set(title="training loss", xlabel="step", yscale="log")
-    eval_ax.set(title="held-out perplexity (student)", xlabel="step", yscale="log")
+    eval_ax.axhline(teacher_ppl, color="black", linestyle="--", label="teacher")
+    train_ax.set(title="training loss (KD for the distilled students, CE for ce)", xlabel="step", yscale="log")
+    eval_ax.set(title="held-out perplexity (step 0: the naive ternary model)", xlabel="step", yscale="log")
     train_ax.legend(), eval_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     convert(out / "run-shards", converted, out / "convert.log")
     converted_ppl = vanilla_perplexity(converted, paths["heldout"], s.seq_len, s.eval_sequences)
     banner(7, total, "report")
-    plot_losses(results, out / "loss_curves.png")
+    plot_losses(results, step0_eval(results["shared"])["eval_ppl_teacher"], out / "loss_curves.png")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
