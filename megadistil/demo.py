@@ -41,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TEACHER_ASSET = Path(__file__).resolve().parent / "assets" / "demo-teacher"
 
 
+class DemoError(RuntimeError):
+    """A stage failed; the message names it and the log that holds its output."""
+
+
 @dataclass
 class TeacherSettings:
     """The demo's teacher: a 4-layer, 256-wide Llama-3.1-shaped model with a 4k-token BPE, pretrained for 800 steps
@@ -161,7 +165,7 @@ def train_run(name: str, out: Path, overrides: list[str], steps: int, log: Path)
             bar.update(_last_step(out) - bar.n)
         bar.update(_last_step(out) - bar.n)
     if proc.returncode:
-        raise RuntimeError(f"training run {name!r} failed (exit {proc.returncode}); see {log}")
+        raise DemoError(f"training run {name!r} failed (exit {proc.returncode}); see {log}")
     return time.time() - start
 
 
@@ -219,14 +223,13 @@ def distil_all(s: DemoSettings, out: Path, teacher: Path, paths: dict[str, Path]
     return results
 
 
-def convert(run: Path, output: Path, log: Path) -> dict:
+def convert(run: Path, output: Path, log: Path) -> None:
     cmd = [sys.executable, "tools/convert_to_ternary.py", "--checkpoint", str(run), "--output", str(output),
            "--verify", "--overwrite", "--dtype", "bf16"]
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
-        raise RuntimeError(f"convert_to_ternary failed (exit {proc.returncode}); see {log}")
-    return {"log": log.read_text()}
+        raise DemoError(f"convert_to_ternary failed (exit {proc.returncode}); see {log}")
 
 
 def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
@@ -347,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     banner(4, total, "precompute teacher shards on the slice (top-64 log-probs + tail)")
     shards = out / "shards"
     shutil.rmtree(shards, ignore_errors=True)  # seconds to remake; an older demo's may come from another slice
-    subprocess.run([sys.executable, "tools/precompute_teacher.py", "--teacher", str(teacher), "--text",
-                    str(paths["slice"]), "--out", str(shards), "--seq-len", str(s.seq_len), "--top-k", "64"],
-                   cwd=ROOT, check=True)
+    precompute = subprocess.run([sys.executable, "tools/precompute_teacher.py", "--teacher", str(teacher), "--text",
+                                 str(paths["slice"]), "--out", str(shards), "--seq-len", str(s.seq_len),
+                                 "--top-k", "64"], cwd=ROOT, check=False)
+    if precompute.returncode:
+        raise DemoError(f"precompute_teacher failed (exit {precompute.returncode}); its output is above")
     banner(5, total, f"distil on a 2-rank ZeRO-3 engine: 3 students x {s.distill_steps} steps")
     results = distil_all(s, out, teacher, paths, shards)
     banner(6, total, "convert the shards-distilled student to a packed 1.58-bit checkpoint and verify it")
@@ -374,4 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DemoError as e:
+        sys.exit(f"demo: {e}")

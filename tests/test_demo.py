@@ -76,3 +76,13 @@ def test_shipped_teacher_matches_its_settings_and_the_size_limit() -> None:
     assert sum(f.stat().st_size for f in TEACHER_ASSET.iterdir()) <= 20 * 2**20
     config = json.loads((TEACHER_ASSET / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"]) == (TeacherSettings.hidden, TeacherSettings.layers)
+
+
+@pytest.mark.multirank
+def test_a_failed_stage_names_itself_and_its_log(tmp_path: Path) -> None:
+    from megadistil.demo import DemoError, train_run
+
+    log = tmp_path / "run-bad.log"
+    with pytest.raises(DemoError, match=r"training run 'bad' failed \(exit [1-9]\d*\); see .*run-bad.log"):
+        train_run("bad", tmp_path / "run-bad", ["model.student=/nonexistent/teacher"], 1, log)
+    assert "/nonexistent/teacher" in log.read_text()
