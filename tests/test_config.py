@@ -93,3 +93,20 @@ def test_readme_config_reference_is_the_generated_one():
     assert readme[readme.index(start) + len(start):readme.index(end)] == reference_markdown(), \
         "README's config reference is stale: paste the output of `python -m megadistil.config`"
     assert "| `train.max_steps` | `int` | `100` | optimizer steps |" in reference_markdown()
+
+
+@pytest.mark.parametrize("overrides, teacher", [
+    (["loss.kd_weight=0.0", "loss.ce_weight=1.0"], "NoTeacher"),  # CE only: no teacher forward per step
+    (["loss.kd_weight=0.0", "loss.ce_weight=1.0", "loss.hidden_weight=0.5"], "SharedTeacher"),
+    (["loss.kd_weight=0.0", "loss.ce_weight=1.0", "stages=[{start_step: 5, overrides: {loss.kd_weight: 1.0}}]"],
+     "SharedTeacher"),
+])
+def test_the_teacher_runs_only_when_the_loss_uses_it(overrides, teacher):
+    from types import SimpleNamespace
+
+    from megadistil.engine.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.student=/m", *overrides])
+    trainer = Trainer(cfg, str(ROOT / "ds_configs/zero3.json"))
+    trainer.num_layers, trainer.engine = 2, SimpleNamespace(module=SimpleNamespace(student=None))  # no model needed
+    assert type(trainer._build_teacher(student=None)).__name__ == teacher
