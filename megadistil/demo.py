@@ -78,7 +78,7 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """The same path with fewer steps (for a quick look, and the end-to-end test)."""
-        return cls(distill_steps=30, reset_every=15, eval_sequences=16)
+        return cls(distill_steps=40, reset_every=20, eval_sequences=16)
 
 
 def banner(index: int, total: int, text: str) -> None:
