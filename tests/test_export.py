@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from megadistil.bitnet import unpack_ternary
 from megadistil.export import ExportConfig, convert_checkpoint
-from megadistil.export.ternary import locate_checkpoint, shard_bytes
+from megadistil.export.sources import locate_checkpoint
+from megadistil.export.ternary import shard_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -39,7 +40,7 @@ DS_SCRIPT = textwrap.dedent(r"""
     from torch import nn
     from megadistil.config import RunConfig
     from megadistil.engine import checkpoint
-    from megadistil.export.ternary import BaseModel, StudentParts, locate_checkpoint
+    from megadistil.export.sources import BaseModel, StudentParts, locate_checkpoint
 
     DS = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
 

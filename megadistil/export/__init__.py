@@ -1,17 +1,13 @@
 """Export a megadistil run as a packed 1.58-bit checkpoint that vanilla transformers loads."""
 
+from megadistil.export.sources import BaseModel, CheckpointRef, ExportError, StudentParts, locate_checkpoint
 from megadistil.export.ternary import (
-    BaseModel,
-    CheckpointRef,
     ExportConfig,
-    ExportError,
     ExportResult,
-    StudentParts,
     StudentSpec,
     convert_checkpoint,
     export_student,
     format_size_report,
-    locate_checkpoint,
     quantize_layer,
     student_spec,
 )

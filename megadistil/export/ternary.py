@@ -8,40 +8,37 @@ shards are streamed to disk tensor by tensor, so peak memory is a few of the lar
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
-from tqdm import tqdm
+from omegaconf import DictConfig
 
 from megadistil.bitnet.linear import effective_weight
 from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary, ternary_codes
 from megadistil.bitnet.surgery import SUBLN_TARGETS
-from megadistil.config import RunConfig
+from megadistil.export.sources import (
+    DTYPES,
+    BaseModel,
+    ExportError,
+    StudentParts,
+    _nbytes,
+    check_fingerprint,
+    locate_checkpoint,
+    training_dtype,
+)
+from megadistil.export.writer import OutputTensor, staged_output, write_weights
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
-WRAPPER_PREFIX = "student."  # the engine trains a DistillModule whose `student` is the causal LM
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}
 assert set(SUBNORM_NAMES) == set(SUBLN_TARGETS)
-_ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-class ExportError(ValueError):
-    """Bad input to the exporter, naming the file, key or layer at fault."""
 
 
 @dataclass
@@ -72,237 +69,6 @@ def shard_bytes(size: str | int) -> int:
     if value <= 0:
         raise ExportError(f"--max-shard-size must be > 0, got {size!r}")
     return value
-
-
-# ---------------------------------------------------------------- locating a checkpoint
-
-@dataclass
-class CheckpointRef:
-    root: Path  # <run>/checkpoints
-    tag: str
-    config: DictConfig  # the resolved run config (read only: the files it names may be gone)
-    meta: dict[str, Any]
-    run_dir: Path | None
-
-    @property
-    def dir(self) -> Path:
-        return self.root / self.tag
-
-
-def locate_checkpoint(path: str | Path) -> CheckpointRef:
-    """A run dir (its `checkpoints/latest`), a checkpoints root (its `latest`) or one checkpoint dir."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ExportError(f"checkpoint {path} does not exist or is not a directory")
-    if (path / "checkpoints" / "latest").is_file():
-        root, tag = path / "checkpoints", (path / "checkpoints" / "latest").read_text().strip()
-    elif (path / "latest").is_file():
-        root, tag = path, (path / "latest").read_text().strip()
-    elif (path / "meta.json").is_file():
-        root, tag = path.parent, path.name
-    else:
-        raise ExportError(f"{path} is not a megadistil checkpoint: no checkpoints/latest, latest or meta.json in it "
-                          "(pass a run dir, its checkpoints/ dir or one checkpoints/<tag>/ dir)")
-    ckpt = root / tag
-    for required in ("meta.json", "config.yaml"):
-        if not (ckpt / required).is_file():
-            raise ExportError(f"checkpoint {ckpt} is incomplete or not a megadistil checkpoint: no {required}")
-    if not list(ckpt.glob("*_optim_states.pt")):
-        raise ExportError(f"checkpoint {ckpt} holds no DeepSpeed ZeRO files (*_optim_states.pt)")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    run_dir = root.parent if (root.parent / "config.yaml").is_file() else None
-    return CheckpointRef(root=root, tag=tag, config=read_run_config(ckpt / "config.yaml"), meta=meta, run_dir=run_dir)
-
-
-def read_run_config(path: Path) -> DictConfig:
-    """The run config as written, merged on the schema for defaults, without validating the files it names."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-    except Exception as e:  # noqa: BLE001 - OmegaConf/yaml raise several unrelated types for a malformed file
-        raise ExportError(f"{path}: not a megadistil run config ({str(e).splitlines()[0]})") from None
-
-
-def training_dtype(ckpt: CheckpointRef) -> torch.dtype:
-    """The dtype the student's parameters had in training: the fp32 masters are rounded to it, as the forward saw."""
-    run_json = ckpt.root.parent / "run.json"
-    if run_json.is_file():
-        ds = json.loads(run_json.read_text()).get("ds_config", {})
-        return torch.bfloat16 if ds.get("bf16", {}).get("enabled") is True else torch.float32
-    if ckpt.config.model.dtype != "auto":
-        return DTYPES[ckpt.config.model.dtype]
-    delta_index = ckpt.dir / "delta.json"
-    if delta_index.is_file():
-        dtypes = {t["dtype"] for t in json.loads(delta_index.read_text())["tensors"].values()}
-        if len(dtypes) == 1:
-            return getattr(torch, dtypes.pop())
-    raise ExportError(f"cannot tell the training dtype of {ckpt.dir}: model.dtype is 'auto' and there is no "
-                      f"{run_json} recording the resolved ds_config; restore run.json or pass a run dir")
-
-
-# ---------------------------------------------------------------- reading tensors
-
-class BaseModel:
-    """The base (teacher) HF dir, read tensor by tensor through safetensors' mmap."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise ExportError(f"base model {self.path} is not a model directory (no config.json)")
-        self.config = json.loads((self.path / "config.json").read_text())
-        self.files = self._weight_map()
-        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        for file in sorted(set(self.files.values())):
-            with safe_open(str(self.path / file), "pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    s = f.get_slice(name)
-                    self._meta[name] = (_torch_dtype(s.get_dtype()), tuple(s.get_shape()))
-        missing = [n for n in self.files if n not in self._meta]
-        if missing:
-            raise ExportError(f"base model {self.path}: index names {missing[0]!r} but its shard does not hold it")
-
-    def _weight_map(self) -> dict[str, str]:
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
-        single = self.path / "model.safetensors"
-        if not single.is_file():
-            raise ExportError(f"base model {self.path} has no model.safetensors or model.safetensors.index.json")
-        with safe_open(str(single), "pt") as f:
-            return {name: single.name for name in f.keys()}  # noqa: SIM118
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._meta[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][1]
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path / self.files[name]), "pt") as f:
-            return f.get_tensor(name)
-
-    def total_bytes(self) -> int:
-        return sum(_nbytes(d, s) for d, s in self._meta.values())
-
-
-def _torch_dtype(st: str) -> torch.dtype:
-    for dt, code in _ST_DTYPES.items():
-        if code == st:
-            return dt
-    return {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}[st]
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-class StudentParts:
-    """The trainable (LoRA, SubLN) and ΔW tensors of the student, by name without the engine's `student.` prefix.
-
-    `tensors` maps a name to a zero-argument loader so that a checkpoint is read one tensor at a time.
-    """
-
-    def __init__(self, tensors: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]]) -> None:
-        self.tensors, self.shapes = tensors, shapes
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]()
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> StudentParts:
-        """In-memory parts (e.g. a live student's state_dict): only lora_A / lora_B / delta / sub_norm are kept."""
-        keep = {n: t for n, t in state.items() if _is_student_part(n)}
-        return cls({n: (lambda t=t: t) for n, t in keep.items()}, {n: tuple(t.shape) for n, t in keep.items()})
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: CheckpointRef) -> StudentParts:
-        tensors, shapes = _trainable_loaders(ckpt)
-        delta_tensors, delta_shapes = _delta_loaders(ckpt.dir)
-        tensors.update(delta_tensors)
-        shapes.update(delta_shapes)
-        return cls(tensors, shapes)
-
-
-def _is_student_part(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B", ".delta", ".sub_norm.weight"))
-
-
-def _strip(name: str) -> str:
-    return name.removeprefix(WRAPPER_PREFIX)
-
-
-def _trainable_loaders(ckpt: CheckpointRef) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
-    """DeepSpeed's own consolidation, in lazy mode: the ZeRO files are mmapped and each parameter is gathered from
-    every rank's flat partition only when asked for (any world size)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from megadistil.engine.safe_load import weights_only_torch_load
-
-    try:
-        # its progress prints would interleave with ours; its torch.load calls become weights_only=True
-        with contextlib.redirect_stdout(io.StringIO()), weights_only_torch_load():
-            lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag,
-                                                            exclude_frozen_parameters=True, lazy_mode=True)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
-        raise ExportError(f"checkpoint {ckpt.dir}: DeepSpeed could not read its ZeRO files ({e})") from None
-    tensors, shapes = {}, {}
-    for name, t in lazy.items():
-        if not _is_student_part(name):
-            continue
-        if not isinstance(t, torch.Tensor):
-            tensors[_strip(name)] = (lambda t=t: t.contiguous())
-        else:
-            tensors[_strip(name)] = (lambda t=t: t)
-        shapes[_strip(name)] = tuple(t.shape)
-    if not any(n.endswith(".lora_A") for n in tensors):
-        raise ExportError(f"checkpoint {ckpt.dir} has no LoRA parameters (lora_A): not a megadistil student")
-    return tensors, shapes
-
-
-def _delta_loaders(directory: Path) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
-    index_path = directory / "delta.json"
-    if not index_path.is_file():
-        return {}, {}
-    index = json.loads(index_path.read_text())
-    files = [directory / f"delta.rank{r}.safetensors" for r in range(index["world_size"])]
-    for f in files:
-        if not f.is_file():
-            raise ExportError(f"checkpoint {directory}: delta.json names world size {index['world_size']} "
-                              f"but {f.name} is missing")
-    tensors, shapes = {}, {}
-    for name, info in index["tensors"].items():
-        tensors[_strip(name)] = (lambda name=name, info=info: _read_delta(files, name, info))
-        shapes[_strip(name)] = tuple(info["shape"])
-    return tensors, shapes
-
-
-def _read_delta(files: list[Path], name: str, info: dict[str, Any]) -> torch.Tensor:
-    """cat(partition_r for r)[:numel], copied part by part into one buffer (no second full-size copy)."""
-    shape = tuple(info["shape"])
-    numel = _nbytes(torch.uint8, shape)
-    out = torch.empty(numel, dtype=getattr(torch, info["dtype"]))
-    offset = 0
-    for file in files:
-        if offset >= numel:
-            break
-        with safe_open(str(file), "pt") as f:
-            if name not in f.keys():  # noqa: SIM118
-                raise ExportError(f"{file}: no partition of {name!r}")
-            part = f.get_tensor(name).reshape(-1)
-        take = min(part.numel(), numel - offset)
-        out[offset:offset + take].copy_(part[:take])
-        offset += take
-    if offset != numel:
-        raise ExportError(f"ΔW {name!r}: partitions hold {offset} values, its shape {list(shape)} needs {numel}")
-    return out.view(shape)
 
 
 # ---------------------------------------------------------------- the student's layout
@@ -336,19 +102,6 @@ def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch
 
 
 # ---------------------------------------------------------------- the output plan
-
-@dataclass
-class OutputTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-    ternary_values: int = 0  # how many ternary weights it packs (for the size report)
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.dtype, self.shape)
-
 
 def subnorm_output_name(module: str) -> str:
     parent, leaf = module.rsplit(".", 1)
@@ -438,105 +191,6 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     return tensors
 
 
-def assign_shards(plan: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
-    """Greedy, in plan order, like transformers' save_pretrained: a new shard when the next tensor would overflow."""
-    shards: list[list[OutputTensor]] = [[]]
-    size = 0
-    for t in plan:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
-# ---------------------------------------------------------------- writing
-
-class StreamingSafetensors:
-    """Writes one safetensors file whose header is known up front, tensor by tensor, so that a shard never has to sit
-    in memory whole (safetensors' save_file takes a dict of every tensor in the file)."""
-
-    def __init__(self, path: Path, entries: list[OutputTensor], metadata: dict[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        for t in entries:
-            header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self.entries, self.index = entries, 0
-        self.file = path.open("wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, tensor: torch.Tensor) -> None:
-        t = self.entries[self.index]
-        if tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
-            raise RuntimeError(f"tensor {t.name}: produced {tensor.dtype} {list(tensor.shape)}, "
-                               f"planned {t.dtype} {list(t.shape)}")
-        self.file.write(tensor.contiguous().view(torch.uint8).reshape(-1).numpy().data)
-        self.index += 1
-
-    def close(self) -> None:
-        if self.index != len(self.entries):
-            raise RuntimeError(f"{self.file.name}: wrote {self.index} of {len(self.entries)} tensors")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-
-def _release_freed_memory() -> None:
-    """glibc keeps freed tensor buffers in its heap (its mmap threshold grows after the first large free), so RSS
-    would creep up by a few tensors over the conversion; trimming after each tensor keeps it at what is live."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def write_weights(directory: Path, plan: list[OutputTensor], max_bytes: int, progress: bool = True) -> dict[str, Any]:
-    """Shards (+ index when more than one); returns the size figures."""
-    shards = assign_shards(plan, max_bytes)
-    names = shard_names(len(shards))
-    bar = tqdm(total=len(plan), desc="convert", unit="tensor", disable=not progress)
-    for shard, file in zip(shards, names):
-        writer = StreamingSafetensors(directory / file, shard, {"format": "pt"})
-        for t in shard:
-            bar.set_postfix_str(t.name, refresh=False)
-            writer.write(t.produce())
-            _release_freed_memory()
-            bar.update()
-        writer.close()
-    bar.close()
-    total = sum(t.nbytes for t in plan)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {t.name: file for shard, file in zip(shards, names) for t in shard}}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    packed = [t for t in plan if t.ternary_values]
-    return {"packed_bytes": sum(t.nbytes for t in packed), "ternary_values": sum(t.ternary_values for t in packed),
-            "weights_bytes": total, "shards": len(shards)}
-
-
 def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig) -> dict[str, Any]:
     config = {k: v for k, v in base_config.items() if k not in ("quantization_config", "transformers_version")}
     config["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[cfg.dtype]
@@ -574,33 +228,6 @@ def write_side_files(directory: Path, base: BaseModel, tokenizer_dir: Path, conf
         shutil.copyfile(tokenizer_dir / f, directory / f)
 
 
-# ---------------------------------------------------------------- the output directory
-
-@contextlib.contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temp dir next to `output`; on success it replaces `output` in one rename. An interruption leaves only
-    a dot-named `.partial` dir, never something that looks like a finished checkpoint."""
-    output = output.resolve()
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    trash = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, trash)
-    os.replace(staging, output)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- the whole conversion
 
 @dataclass
@@ -610,18 +237,6 @@ class ExportResult:
     config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
-
-
-def check_fingerprint(ckpt: CheckpointRef, base: BaseModel) -> None:
-    recorded = ckpt.meta.get("base_fingerprint")
-    if recorded is None:
-        return  # older checkpoints: the shape checks are all we have
-    from megadistil.engine.checkpoint import model_dir_fingerprint
-
-    if model_dir_fingerprint(base.path) != recorded:
-        raise ExportError(f"base model {base.path} does not match the checkpoint {ckpt.dir}: its fingerprint "
-                          "(config.json + safetensors headers) differs from the one recorded in meta.json at "
-                          "training time; pass --base with the model the run trained from")
 
 
 def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, output: str | Path, cfg: ExportConfig,

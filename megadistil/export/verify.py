@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from megadistil.export.ternary import BaseModel, StudentParts, StudentSpec
+from megadistil.export.sources import BaseModel, StudentParts
+from megadistil.export.ternary import StudentSpec
 
 
 @dataclass
