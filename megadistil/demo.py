@@ -297,8 +297,8 @@ def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict,
 def write_report(summary: dict, out: Path) -> Path:
     ppl, t, sz = summary["perplexity"], summary["tokens"], summary["sizes"]
     lines = ["# megadistil demo", "",
-             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.processor() or platform.machine()}"
-             f"; total wall time {summary['wall_s'] / 60:.1f} min.", "",
+             (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+              f"{platform.processor() or platform.machine()}; total wall time {summary['wall_s'] / 60:.1f} min."), "",
              "Held-out perplexity on files no model trained on:", "",
              "| model | held-out perplexity | vs teacher |", "|---|---:|---:|"]
     lines += [f"| {MODELS[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x |" for k, v in ppl.items()]
@@ -307,17 +307,17 @@ def write_report(summary: dict, out: Path) -> Path:
         ratio = ppl[num] / ppl[den]
         met = ratio <= bound if how == "at most" else ratio >= bound
         lines.append(f"| {num} / {den}: {how} {bound}x | {ratio:.3f}x | {'yes' if met else 'no'} |")
-    lines += ["", f"Tokens: teacher pretraining {t['teacher']:,}; distillation slice {t['slice']:,} "
-              f"({100 * t['slice'] / t['teacher_split']:.1f}% of the {t['teacher_split']:,}-token training split); "
-              f"tokens trained per student {t['distilled']:,} ({t['distilled'] / t['slice']:.0f} passes over the "
-              "slice).", "",
+    lines += ["", (f"Tokens: teacher pretraining {t['teacher']:,}; distillation slice {t['slice']:,} "
+                   f"({100 * t['slice'] / t['teacher_split']:.1f}% of the {t['teacher_split']:,}-token training "
+                   f"split); tokens trained per student {t['distilled']:,} ({t['distilled'] / t['slice']:.0f} passes "
+                   "over the slice)."), "",
               "| run | wall time | peak RSS rank 0 | peak RSS rank 1 |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {summary['run_wall_s'][k]:.0f} s | " +
               " | ".join(f"{mb:.0f} MB" for mb in summary["peak_mem_mb_per_rank"][k]) + " |"
               for k in summary["run_wall_s"]]
-    lines += ["", f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit student "
-              f"{sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x smaller; "
-              "embeddings and lm_head stay in their dtype).",
+    lines += ["", (f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit "
+                   f"student {sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x "
+                   "smaller; embeddings and lm_head stay in their dtype)."),
               "", "![loss curves](loss_curves.png)", "", "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

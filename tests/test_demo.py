@@ -22,7 +22,7 @@ def quick_demo(tmp_path_factory) -> Path:
     # transformers' BitLinear torch.compiles itself on first use (~45 s on this CPU); same math without it.
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     proc = subprocess.run([sys.executable, "-m", "megadistil.demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 
