@@ -36,8 +36,6 @@ import torch
 from megadistil.tiny import make_tiny_llama, stdlib_files
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 TEACHER_ASSET = Path(__file__).resolve().parent / "assets" / "demo-teacher"
 
 
@@ -131,10 +129,9 @@ def make_slice(train: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: i
 
 def make_teacher(t: TeacherSettings, train_text: Path, out: Path, *, remake: bool = False) -> Path:
     """The shipped teacher when it was made with these settings; otherwise pretrain one into `out` (bf16)."""
-    settings = json.dumps(asdict(t), sort_keys=True)
     for candidate in ([] if remake else [TEACHER_ASSET, out]):
         stamp = candidate / "teacher_settings.json"
-        if stamp.is_file() and json.dumps(json.loads(stamp.read_text())["settings"], sort_keys=True) == settings:
+        if stamp.is_file() and json.loads(stamp.read_text())["settings"] == asdict(t):
             print(f"using the teacher in {candidate} (made with these settings)")
             return candidate
     make_tiny_llama(out, texts=read_docs(train_text), vocab_size=t.vocab, seed=t.seed, pretrain_steps=t.steps,
