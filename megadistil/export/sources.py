@@ -20,7 +20,7 @@ from megadistil.config import RunConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 WRAPPER_PREFIX = "student."  # the engine trains a DistillModule whose `student` is the causal LM
-_ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+ST_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 class ExportError(ValueError):
@@ -137,17 +137,17 @@ class BaseModel:
             return f.get_tensor(name)
 
     def total_bytes(self) -> int:
-        return sum(_nbytes(d, s) for d, s in self._meta.values())
+        return sum(tensor_nbytes(d, s) for d, s in self._meta.values())
 
 
 def _torch_dtype(st: str) -> torch.dtype:
-    for dt, code in _ST_DTYPES.items():
+    for dt, code in ST_DTYPES.items():
         if code == st:
             return dt
     return {"F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}[st]
 
 
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -240,7 +240,7 @@ def _delta_loaders(directory: Path) -> tuple[dict[str, Callable], dict[str, tupl
 def _read_delta(files: list[Path], name: str, info: dict[str, Any]) -> torch.Tensor:
     """cat(partition_r for r)[:numel], copied part by part into one buffer (no second full-size copy)."""
     shape = tuple(info["shape"])
-    numel = _nbytes(torch.uint8, shape)
+    numel = tensor_nbytes(torch.uint8, shape)
     out = torch.empty(numel, dtype=getattr(torch, info["dtype"]))
     offset = 0
     for file in files:

@@ -26,9 +26,9 @@ from megadistil.export.sources import (
     BaseModel,
     ExportError,
     StudentParts,
-    _nbytes,
     check_fingerprint,
     locate_checkpoint,
+    tensor_nbytes,
     training_dtype,
 )
 from megadistil.export.writer import OutputTensor, staged_output, write_weights
@@ -263,8 +263,9 @@ def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, outp
 def size_report(sizes: dict[str, Any], base: BaseModel, directory: Path) -> dict[str, Any]:
     ideal = sizes["ternary_values"] * 2 / 8
     # The teacher as it would be shipped in bf16, whatever dtype its files happen to be in.
-    teacher_bf16 = sum(_nbytes(torch.bfloat16 if base.dtype(n).is_floating_point else base.dtype(n), base.shape(n))
-                       for n in base.names())
+    teacher_bf16 = sum(
+        tensor_nbytes(torch.bfloat16 if base.dtype(n).is_floating_point else base.dtype(n), base.shape(n))
+        for n in base.names())
     on_disk = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     return {"ideal_2bit_bytes": ideal, "packed_vs_ideal": sizes["packed_bytes"] / ideal if ideal else float("nan"),
             "bits_per_ternary_weight": 8 * sizes["packed_bytes"] / max(sizes["ternary_values"], 1),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megadistil.export.sources import _ST_DTYPES, ExportError, _nbytes
+from megadistil.export.sources import ST_DTYPES, ExportError, tensor_nbytes
 
 
 @dataclass
@@ -29,7 +29,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.dtype, self.shape)
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def assign_shards(plan: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
@@ -61,7 +61,7 @@ class StreamingSafetensors:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         for t in entries:
-            header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+            header[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
                               "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
