@@ -26,7 +26,8 @@ import megadistil.engine.trainer  # noqa: F401 - the floor must import exactly w
 from megadistil.config import RunConfig, load_config, load_ds_config, reconcile_ds_config
 from megadistil.data.packed import IGNORE_INDEX, PackedTextBatches
 from megadistil.engine.distributed import init_distributed
-from megadistil.engine.model import load_causal_lm, resolve_dtype
+from megadistil.engine.device import place
+from megadistil.engine.model import load_causal_lm
 
 
 def peak_rss_mb() -> float:
@@ -42,24 +43,24 @@ def full_logits_kd(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
     return temperature**2 * kl[mask].mean()
 
 
-def build_engines(cfg: RunConfig, ds_config: dict):
+def build_engines(cfg: RunConfig, ds_config: dict, dtype: torch.dtype):
     import deepspeed
 
-    student = load_causal_lm(cfg.model.student, cfg, ds_config)
+    student = load_causal_lm(cfg.model.student, cfg, ds_config, dtype)
     if cfg.model.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     student_engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    teacher = load_causal_lm(cfg.model.student, cfg, ds_config).requires_grad_(False).eval()
+    teacher = load_causal_lm(cfg.model.student, cfg, ds_config, dtype).requires_grad_(False).eval()
     teacher.config.use_cache = False
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     return student_engine, teacher_engine
 
 
-def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path) -> None:
-    student, teacher = build_engines(cfg, ds_config)
+def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path, placement) -> None:
+    student, teacher = build_engines(cfg, ds_config, placement.dtype)
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(cfg.model.student)
     data = iter(PackedTextBatches.from_files(list(cfg.data.text), tokenizer, cfg.data.seq_len,
                                              batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
@@ -68,7 +69,7 @@ def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path) -> 
     log = (out / f"rank{rank}.jsonl").open("w")
     for step in range(1, cfg.train.max_steps + 1):
         start = time.perf_counter()  # like the engine's step time: data, teacher, student, backward, update
-        batch = next(data)
+        batch = {k: v.to(placement.device, non_blocking=True) for k, v in next(data).items()}
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"]).logits
         student_logits = student(input_ids=batch["input_ids"]).logits
@@ -100,9 +101,10 @@ def main() -> None:
         torch.distributed.barrier()
         (out / f"floor.rank{info.rank}.json").write_text(json.dumps({"peak_mem_mb": peak_rss_mb()}))
         return
-    bf16 = resolve_dtype(cfg) == torch.bfloat16
+    placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=info.local_world_size)
+    bf16 = placement.dtype == torch.bfloat16
     ds_config = reconcile_ds_config(cfg, load_ds_config(args.ds_config), world_size=info.world_size, bf16=bf16)
-    train(cfg, ds_config, info.rank, info.world_size, out)
+    train(cfg, ds_config, info.rank, info.world_size, out, placement)
 
 
 if __name__ == "__main__":

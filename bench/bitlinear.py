@@ -1,15 +1,19 @@
-"""BitLinear forward+backward speed and saved-activation bytes, measured side by side in one run.
+"""BitLinear forward+backward speed on this machine, measured side by side in one run.
 
-Prints one table and writes bench/results/bitlinear.json. Rows, at Llama-like shapes (bf16 activations):
-  linear+lora   plain bf16 nn.Linear (frozen W) + LoRA: what a LoRA fine-tune costs, no quantization
-  fake-quant    naive BitNet QAT: STE fake-quant of x and W_eff in bf16, F.linear, plain autograd
-  bitlinear/bf16  megadistil BitLinear, int8 forward, bf16 input gradient
-  bitlinear/int8  megadistil BitLinear, int8 forward, int8 input gradient
-  int8+kept     as int8, with the layer's ternary codes kept for its backward (what activation checkpointing allows)
-The target is int8 >= 1.8x faster than fake-quant where the CPU has int8 matrix units; the int8/bf16 GEMM ratio of
-this machine, printed first, is the ceiling.
+Prints the machine's GEMM table (int8 / bf16 / fp32 GFLOP/s, the CPU's model name, the kernel `auto` chose) and
+the cost of a BitLinear MLP block against float32 nn.Linear + LoRA of the same shapes, then writes
+bench/results/bitlinear.json. Rows (--tokens tokens through d -> ffn -> d, LoRA rank --rank, W frozen):
 
-  python bench/bitlinear.py [--tokens 2048] [--shapes 4096x4096,4096x14336] [--rank 64] [--repeat 3] [--compile]
+  linear+lora     float32 nn.Linear (frozen W) + LoRA: what a LoRA fine-tune costs, no quantization
+  bitlinear       megadistil BitLinear with the defaults: kernel auto, the dtype model.dtype=auto gives here
+  bitlinear+kept  the same, with each layer's ternary codes kept for its backward (activation checkpointing)
+  fake-quant/bf16 naive BitNet QAT (STE fake-quant in bf16, F.linear, plain autograd)  } measured where the device
+  bitlinear/int8  BitLinear, int8 kernel, bf16 activations                             } has int8 units (--all: always)
+
+Targets: bitlinear at most 2.5x linear+lora on any CPU; bitlinear/int8 at least 1.8x faster than fake-quant/bf16
+wherever int8 units exist.
+
+  python bench/bitlinear.py [--tokens 1024] [--dims 1024x4096] [--rank 64] [--repeat 3] [--compile] [--all]
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
-from megadistil.bitnet import BitLinear, q3, q8
-from megadistil.bitnet import quant
+from megadistil.bitnet import BitLinear, Kernel, hardware, q3, q8, resolve_dtype
+from megadistil.bitnet import kernels, quant
 
 
 def timed(fn, repeat: int) -> float:
@@ -37,98 +40,110 @@ def timed(fn, repeat: int) -> float:
     return best * 1000
 
 
-def saved_bytes(fn, params) -> int:
-    ptrs = {p.data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        if t.data_ptr() not in ptrs:
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+def gemm_table(repeat: int) -> dict[str, float]:
+    """GFLOP/s of a 1024^3 product on int8 codes with each kernel: the ceiling of every row below."""
+    return {k.value: kernels.measure_gflops(k, torch.device("cpu"), (1024, 1024, 1024), repeat)
+            for k in (Kernel.INT8, Kernel.BF16, Kernel.FP32)}
 
 
-def gemm_ceiling(tokens: int, d_in: int, d_out: int, repeat: int) -> dict:
-    a8 = torch.randint(-127, 128, (tokens, d_in), dtype=torch.int8)
-    b8 = torch.randint(-1, 2, (d_in, d_out), dtype=torch.int8)
-    a16, b16 = a8.bfloat16(), b8.bfloat16()
-    int8_ms = timed(lambda: torch._int_mm(a8, b8), repeat)
-    bf16_ms = timed(lambda: a16 @ b16, repeat)
-    return {"int8_gemm_ms": int8_ms, "bf16_gemm_ms": bf16_ms, "ceiling": bf16_ms / int8_ms}
+def linear_lora_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype):
+    weights = []
+    for d_in, d_out in dims:
+        W = torch.randn(d_out, d_in, dtype=dtype) * 0.02
+        A = (torch.randn(rank, d_in, dtype=dtype) * 0.01).requires_grad_()
+        B = (torch.randn(d_out, rank, dtype=dtype) * 0.01).requires_grad_()
+        weights.append((W, A, B))
+
+    def fn(x):
+        for W, A, B in weights:
+            x = F.linear(x, W) + F.linear(F.linear(x, A), B)
+        return x
+    return fn
 
 
-def make_cases(d_in: int, d_out: int, rank: int):
-    torch.manual_seed(0)
-    W = torch.randn(d_out, d_in, dtype=torch.bfloat16) * 0.02
-    A = (torch.randn(rank, d_in, dtype=torch.bfloat16) * 0.01).requires_grad_()
-    B = (torch.randn(d_out, rank, dtype=torch.bfloat16) * 0.01).requires_grad_()
+def fake_quant_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype):
+    weights = [(torch.randn(o, i, dtype=dtype) * 0.02, (torch.randn(rank, i, dtype=dtype) * 0.01).requires_grad_(),
+                (torch.randn(o, rank, dtype=dtype) * 0.01).requires_grad_()) for i, o in dims]
 
-    def linear_lora(x):
-        return F.linear(x, W) + F.linear(F.linear(x, A), B)
+    def fn(x):
+        for W, A, B in weights:
+            x = F.linear(q8(x), q3(W + B @ A))
+        return x
+    return fn
 
-    def fake_quant(x):
-        w_eff = W + B @ A
-        return F.linear(q8(x), q3(w_eff))
 
-    def bitlinear(mode, keep=False):
-        layer = BitLinear(d_in, d_out, lora_rank=rank, backward=mode, dtype=torch.bfloat16)
+def bitlinear_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype, kernel: Kernel, keep: bool = False):
+    layers = []
+    for d_in, d_out in dims:
+        layer = BitLinear(d_in, d_out, lora_rank=rank, kernel=kernel, dtype=dtype)
         with torch.no_grad():
-            layer.weight.copy_(W), layer.lora_A.copy_(A), layer.lora_B.copy_(B)
+            layer.weight.normal_(0, 0.02)
+            layer.lora_B.normal_(0, 0.01)
         layer.keep_weight_codes = keep
-        return layer
+        layers.append(layer)
 
-    return {
-        "linear+lora": (linear_lora, [W, A, B]),
-        "fake-quant": (fake_quant, [W, A, B]),
-        "bitlinear/bf16": (layer := bitlinear("bf16"), list(layer.parameters())),
-        "bitlinear/int8": (layer := bitlinear("int8"), list(layer.parameters())),
-        "int8+kept": (layer := bitlinear("int8", keep=True), list(layer.parameters())),
-    }
+    def fn(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+    return fn
 
 
-def measure(tokens: int, d_in: int, d_out: int, rank: int, repeat: int) -> list[dict]:
-    x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(tokens, d_out, dtype=torch.bfloat16)
-    rows = []
-    for name, (fn, params) in make_cases(d_in, d_out, rank).items():
-        ms = timed(lambda: fn(x).backward(grad), repeat)
-        rows.append({"shape": f"{d_in}x{d_out}", "path": name, "fwd_bwd_ms": ms,
-                     "saved_bytes_per_token": saved_bytes(lambda: fn(x), params) / tokens})
-    fake = next(r["fwd_bwd_ms"] for r in rows if r["path"] == "fake-quant")
-    for r in rows:
-        r["speedup_vs_fake_quant"] = fake / r["fwd_bwd_ms"]
-    return rows
+def fwd_bwd_ms(fn, tokens: int, d: int, dtype: torch.dtype, repeat: int) -> float:
+    x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+    return timed(lambda: fn(x).float().square().mean().backward(), repeat)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--shapes", default="4096x4096,4096x14336")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--dims", default="1024x4096", help="d x ffn: the block is d -> ffn -> d")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the quantizers (fused single pass)")
+    parser.add_argument("--all", action="store_true", help="measure the int8 rows even without int8 units")
     parser.add_argument("--out", default="bench/results/bitlinear.json")
     args = parser.parse_args()
     if args.compile:
         quant.compile_quantizers()
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ceiling = gemm_ceiling(args.tokens, *shapes[0], args.repeat)
-    rows = [row for d_in, d_out in shapes for row in measure(args.tokens, d_in, d_out, args.rank, args.repeat)]
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"machine: {machine}; tokens {args.tokens}, LoRA rank {args.rank}, compiled quantizers: {args.compile}")
-    print(f"GEMM ceiling {shapes[0][0]}x{shapes[0][1]}: int8 {ceiling['int8_gemm_ms']:.1f} ms, "
-          f"bf16 {ceiling['bf16_gemm_ms']:.1f} ms -> {ceiling['ceiling']:.2f}x")
-    print(f"{'shape':<11} {'path':<15} {'fwd+bwd ms':>10} {'vs fake-quant':>13} {'saved B/token':>13}")
-    for r in rows:
-        print(f"{r['shape']:<11} {r['path']:<15} {r['fwd_bwd_ms']:>10.1f} {r['speedup_vs_fake_quant']:>12.2f}x "
-              f"{r['saved_bytes_per_token']:>13.0f}")
-    print("target: bitlinear/int8 >= 1.80x vs fake-quant (ceiling above)")
+    d, ffn = (int(v) for v in args.dims.split("x"))
+    dims = [(d, ffn), (ffn, d)]
+    hw = hardware("cpu")
+    dtype = resolve_dtype("auto", hw)
+    gemm = gemm_table(args.repeat)
+    print(f"machine: {hw.name} ({hw.capability}; int8/bf16 units: {', '.join(hw.units) or 'none'}), "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("GEMM 1024^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
+    print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
+          f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {args.compile}")
+    rows = {"linear+lora": fwd_bwd_ms(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d,
+                                      torch.float32, args.repeat)}
+    rows["bitlinear"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, dtype, hw.kernel), args.tokens, d, dtype,
+                                   args.repeat)
+    rows["bitlinear+kept"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, dtype, hw.kernel, keep=True), args.tokens,
+                                        d, dtype, args.repeat)
+    if "int8" in hw.units or args.all:
+        bf16 = torch.bfloat16
+        rows["fake-quant/bf16"] = fwd_bwd_ms(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16, args.repeat)
+        rows["bitlinear/int8"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, bf16, Kernel.INT8), args.tokens, d, bf16,
+                                            args.repeat)
+    base = rows["linear+lora"]
+    print(f"{'path':<16} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")
+    for name, ms in rows.items():
+        print(f"{name:<16} {ms:>10.1f} {ms / base:>14.2f}x")
+    result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "args": vars(args), "gemm_gflops": gemm, "dtype": str(dtype).removeprefix("torch."), "rows_ms": rows,
+              "bitlinear_vs_linear_lora": rows["bitlinear"] / base}
+    print(f"target: bitlinear <= 2.50x linear+lora: {result['bitlinear_vs_linear_lora']:.2f}x")
+    if "bitlinear/int8" in rows:
+        result["int8_speedup_vs_fake_quant"] = rows["fake-quant/bf16"] / rows["bitlinear/int8"]
+        print(f"target: bitlinear/int8 >= 1.80x faster than fake-quant/bf16: "
+              f"{result['int8_speedup_vs_fake_quant']:.2f}x")
+    else:
+        print("target: bitlinear/int8 vs fake-quant/bf16: n/a, this CPU has no int8 units (--all measures it anyway)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "args": vars(args), "gemm": ceiling, "rows": rows}, indent=1))
+    out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadistil.bitnet.quant import int8_codes, int8_matmul, q3, q8, ternary_codes
+from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
+from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
 
 BACKWARD_MODES = ("int8", "bf16")
 
@@ -42,22 +43,23 @@ class BitLinearFunction(torch.autograd.Function):
     Gradients (x̂ = Q8(x) dequantized, g = dL/dy, s = LoRA scaling):
       dA = s·(g·B)ᵀ·x̂ and dB = s·gᵀ·(x̂·Aᵀ), O(tokens·r·(in+out)), no dense dW;
       dx = g·Q3(W_eff), with g quantized per row to int8 (`int8`) or kept in the activation dtype (`bf16`).
+    The integer products run on `kernel` (kernels.py): the result is the same on every kernel.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, delta, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes):
+    def forward(ctx, x, weight, delta, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes, kernel):
         x2 = x.reshape(-1, x.shape[-1])
         x_codes, x_scale = int8_codes(x2)
         w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling))
-        acc = int8_matmul(x_codes, w_codes.t().contiguous())
-        y = (acc.float() / (x_scale * w_scale)).to(x.dtype)
+        acc = code_matmul(x_codes, w_codes.t(), kernel)
+        y = (acc / (x_scale * w_scale)).to(x.dtype)
         if bias is not None:
             y = y + bias
         # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
         # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
         kept = (w_codes, w_scale) if keep_weight_codes else (None, None)
         ctx.save_for_backward(x_codes, x_scale, weight, delta, lora_A, lora_B, *kept)
-        ctx.scaling, ctx.backward_mode, ctx.x_shape = scaling, backward_mode, x.shape
+        ctx.scaling, ctx.backward_mode, ctx.kernel, ctx.x_shape = scaling, backward_mode, kernel, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -69,7 +71,7 @@ class BitLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if w_codes is None:
                 w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, s))
-            grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode).reshape(ctx.x_shape)
+            grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode, ctx.kernel).reshape(ctx.x_shape)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             dt = lora_A.dtype
             x_int = x_codes.to(dt)  # exact: |codes| <= 128 is representable in bf16
@@ -78,13 +80,14 @@ class BitLinearFunction(torch.autograd.Function):
             # x̂ = codes / scale row-wise: fold 1/scale into the narrow [tokens, r] factor, not the wide input.
             grad_A = s * ((g @ lora_B) * inv_scale).t() @ x_int
             grad_B = s * g.t() @ ((x_int @ lora_A.t()) * inv_scale)
-        return grad_x, None, None, grad_A, grad_B, None, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None
 
 
-def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, mode: str) -> torch.Tensor:
+def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, mode: str,
+                kernel: Kernel) -> torch.Tensor:
     if mode == "int8":
         g_codes, g_scale = int8_codes(g)
-        return (int8_matmul(g_codes, w_codes).float() / (g_scale * w_scale)).to(g.dtype)
+        return (code_matmul(g_codes, w_codes, kernel) / (g_scale * w_scale)).to(g.dtype)
     return (g @ w_codes.to(g.dtype)) * (1.0 / w_scale).to(g.dtype)
 
 
@@ -117,6 +120,7 @@ class BitLinear(nn.Module):
         subln: bool = False,
         subln_eps: float = 1e-6,
         backward: str = "int8",
+        kernel: Kernel | str = Kernel.AUTO,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         weight: nn.Parameter | None = None,
@@ -128,6 +132,7 @@ class BitLinear(nn.Module):
         self.in_features, self.out_features, self.lora_rank = in_features, out_features, lora_rank
         self.scaling = (lora_alpha if lora_alpha is not None else lora_rank) / lora_rank
         self.backward_mode = backward
+        self.kernel = Kernel(kernel)  # auto: the device's measured choice, resolved at the first forward
         factory = {"device": device, "dtype": dtype}
         if weight is None:
             weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -179,9 +184,11 @@ class BitLinear(nn.Module):
             x = self.sub_norm(x)
         if self.quant_lambda < 1.0:
             return self.fake_quant_forward(x)
+        if self.kernel is Kernel.AUTO:
+            self.kernel = hardware(x.device).kernel
         return BitLinearFunction.apply(
             x, self.weight, self.delta, self.lora_A, self.lora_B, self.bias,
-            self.scaling, self.backward_mode, self.keep_weight_codes,
+            self.scaling, self.backward_mode, self.keep_weight_codes, self.kernel,
         )
 
     def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,5 +200,5 @@ class BitLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, lora_rank={self.lora_rank}, "
             f"scaling={self.scaling:g}, delta={self.delta is not None}, subln={self.sub_norm is not None}, "
-            f"backward={self.backward_mode}"
+            f"backward={self.backward_mode}, kernel={self.kernel.value}"
         )

@@ -70,20 +70,6 @@ def q8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     return _ste(x, (codes.float() / scale).to(x.dtype), lam)
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M,K] int8 @ b [K,N] int8 -> int32 [M,N], exact.
-
-    `torch._int_mm` runs on int8 units of CPUs (AMX/VNNI) and CUDA tensor cores. Where it refuses a shape (CUDA needs
-    M > 16 and K, N multiples of 8) we fall back to a float32 matmul, which is still exact while K * 128 < 2**24.
-    """
-    try:
-        return torch._int_mm(a, b)
-    except RuntimeError:
-        if a.shape[-1] * 128 * 128 >= 2**24:
-            raise
-        return (a.float() @ b.float()).to(torch.int32)
-
-
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 ternary codes [out, ...] into uint8 [ceil(out/4), ...]: value+1, row block i in bits 2i..2i+1.
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from megadistil.bitnet.kernels import Kernel
 from megadistil.bitnet.linear import BACKWARD_MODES, BitLinear
 from megadistil.bitnet.quant import VALUES_PER_BYTE
 
@@ -19,7 +20,8 @@ class BitNetConfig:
     lora_rank: int = 64  # rank r of the one trainable adapter B·A of every BitLinear
     lora_alpha: float | None = None  # None: alpha = rank, scaling 1
     subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
-    backward: str = "int8"  # int8 | bf16: kernel for the input gradient
+    backward: str = "int8"  # int8 | bf16: the input gradient's numerics (g quantized per row to int8, or kept)
+    kernel: str = "auto"  # auto | int8 | fp32 | bf16: the GEMM for the integer products (auto: measured per device)
     exclude: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes) that stay nn.Linear
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
     # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds per layer shape.
@@ -32,6 +34,8 @@ class BitNetConfig:
             raise ValueError(f"bitnet.lora_alpha must be > 0, got {self.lora_alpha}")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"bitnet.backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if self.kernel not in {k.value for k in Kernel}:
+            raise ValueError(f"bitnet.kernel must be one of {[k.value for k in Kernel]}, got {self.kernel!r}")
         if self.quant_warmup_steps < 0:
             raise ValueError(f"bitnet.quant_warmup_steps must be >= 0, got {self.quant_warmup_steps}")
 
@@ -52,11 +56,13 @@ def to_bitnet(
     subln: bool = False,
     delta: bool = True,
     backward: str = "int8",
+    kernel: Kernel | str = Kernel.AUTO,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (except `exclude` and the output embedding) by a BitLinear, in place.
 
     The BitLinear adopts the original weight Parameter, so teacher mode is the original model bit for bit.
     `delta=False` leaves out the dense ΔW (no ReLoRA merges); `subln=True` adds SubLN before o_proj / down_proj.
+    `kernel` computes the integer products (kernels.py; auto: measured on the device at the first forward).
     """
     BitNetConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, backward=backward).validate()
     output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -75,7 +81,7 @@ def to_bitnet(
     eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
     for name, linear in targets:
         layer = BitLinear.from_linear(
-            linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, backward=backward,
+            linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, backward=backward, kernel=kernel,
             subln=subln and name.rsplit(".", 1)[-1] in SUBLN_TARGETS, subln_eps=eps,
         )
         model.set_submodule(name, layer)

@@ -34,9 +34,10 @@ def shifted_batch(seqs: np.ndarray) -> dict[str, torch.Tensor]:
 class PackedTextBatches:
     """Every epoch a seeded permutation of all sequences; each global batch is split across ranks."""
 
-    def __init__(self, sequences: np.ndarray, *, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, sequences: np.ndarray, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 pin_memory: bool = False) -> None:
         self.seqs, self.batch_size, self.rank, self.world = sequences, batch_size, rank, world_size
-        self.seed = seed
+        self.seed, self.pin_memory = seed, pin_memory  # pinned: non-blocking copies to CUDA
         self.per_epoch = len(sequences) // (batch_size * world_size)
         if self.per_epoch == 0:
             raise ValueError(f"data.text holds {len(sequences)} sequences: fewer than one global batch "
@@ -53,7 +54,8 @@ class PackedTextBatches:
             while self.index < self.per_epoch:
                 start = (self.index * self.world + self.rank) * self.batch_size
                 self.index += 1
-                yield shifted_batch(self.seqs[order[start:start + self.batch_size]])
+                batch = shifted_batch(self.seqs[order[start:start + self.batch_size]])
+                yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
             self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:

@@ -47,7 +47,7 @@ class PrecomputeConfig:
     batch_size: int = 4
     shard_bytes: float = 1e9
     max_sequences: int | None = None
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"  # auto = bfloat16 where bf16 GEMMs are fast (CUDA, AMX CPUs), else float32
     zero3: bool = False  # shard a teacher too large for one device with ZeRO-3 inference
     logit_chunk: int = 1024  # positions per lm_head chunk: never materialise [B, S, V] logits
     codec: dict[str, float] = field(default_factory=lambda: asdict(ProbCodec()))
@@ -91,10 +91,10 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _any_rank(flag: bool, world: int) -> bool:
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
     if world == 1:
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
 
@@ -102,10 +102,23 @@ def _any_rank(flag: bool, world: int) -> bool:
 # ---------------------------------------------------------------- teacher
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, name)
+def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where bf16 GEMMs are fast on `device` (CUDA, AMX CPUs), else float32 (the trainer's rule)."""
+    from megadistil.bitnet import hardware, resolve_dtype
+
+    return resolve_dtype("auto", hardware(device)) if name == "auto" else getattr(torch, name)
+
+
+def _device() -> torch.device:
+    """This rank's device; on CPU, its share of the node's cores (see engine.device.cpu_threads)."""
+    from megadistil.engine.device import cpu_threads
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.device("cpu")
 
 
 def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
@@ -113,9 +126,8 @@ def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False)
-    dtype = _torch_dtype(cfg.dtype)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
-        torch.device("cpu")
+    device = _device()
+    dtype = _torch_dtype(cfg.dtype, device)
     if not cfg.zero3:
         model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False)
         return tok, model.to(device).eval(), device
@@ -279,7 +291,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
     try:
         while True:
             batch = next(batches, None)
-            if cfg.zero3 and not _any_rank(batch is not None, world):
+            if cfg.zero3 and not _any_rank(batch is not None, world, device):
                 break  # ZeRO-3 ranks must run every forward together; idle ranks feed a dummy
             if batch is None and not cfg.zero3:
                 break

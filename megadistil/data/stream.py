@@ -206,6 +206,7 @@ class ShardStream:
         self, shard_dir: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
         shuffle_buffer: int = 1000, seed: int = 0, on_corrupt: str = "fail", epochs: int | None = None,
         prefetch_factor: int = 2, vocab_size: int | None = None, tokenizer_fingerprint: str | None = None,
+        pin_memory: bool = False,
     ):
         DataConfig(str(shard_dir), num_workers, shuffle_buffer, seed, on_corrupt, epochs).validate()
         if not 0 <= rank < world_size:
@@ -220,7 +221,7 @@ class ShardStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory  # pinned: non-blocking copies to CUDA
         self.batches_per_epoch = self.manifest.total_samples // (world_size * batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
@@ -266,7 +267,8 @@ class ShardStream:
             return
         ds = _Streams(self, self.consumed)
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, **kw)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, **kw)
         it = iter(loader)
         try:
             while total is None or self.consumed < total:

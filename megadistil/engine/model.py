@@ -15,15 +15,10 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
 from megadistil.config import ConfigError, RunConfig
+from megadistil.engine.device import Placement
 
 # Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
 DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
-
-
-def resolve_dtype(cfg: RunConfig) -> torch.dtype:
-    if cfg.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.model.dtype]
 
 
 def resolve_attn(cfg: RunConfig) -> str:
@@ -39,25 +34,25 @@ def check_model_dir(path: str, key: str) -> None:
         raise ConfigError(f"config key {key!r}: {path} is not a model directory (no config.json)")
 
 
-def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any]) -> nn.Module:
+def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """Load an HF causal LM; under ZeRO-3 transformers loads it straight into shards (zero.Init)."""
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must stay alive during from_pretrained
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(cfg), attn_implementation=resolve_attn(cfg),
+        path, dtype=dtype, attn_implementation=resolve_attn(cfg),
         trust_remote_code=cfg.model.trust_remote_code,
     )
 
 
-def build_student(cfg: RunConfig, ds_config: dict[str, Any]) -> nn.Module:
+def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placement) -> nn.Module:
     check_model_dir(cfg.model.student, "model.student")
-    model = load_causal_lm(cfg.model.student, cfg, ds_config)
+    model = load_causal_lm(cfg.model.student, cfg, ds_config, placement.dtype)
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     b = cfg.bitnet
     # New parameters (ΔW, LoRA, SubLN) are born partitioned too; zero.Init broadcasts rank 0's init.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         to_bitnet(model, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
-                  delta=cfg.relora.reset_every > 0, backward=b.backward)
+                  delta=cfg.relora.reset_every > 0, backward=b.backward, kernel=placement.kernel)
     if b.compile_quantizers or (b.compile_quantizers is None and torch.cuda.is_available()):
         compile_quantizers()
     if cfg.model.activation_checkpointing:

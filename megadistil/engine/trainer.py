@@ -26,11 +26,10 @@ from megadistil.distill.losses import (
     IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss, resolve_layers,
 )
 from megadistil.engine import checkpoint
+from megadistil.engine.device import place
 from megadistil.engine.distributed import init_distributed
 from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
-from megadistil.engine.model import (
-    assign_param_groups, build_student, check_model_dir, load_causal_lm, resolve_dtype,
-)
+from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
 from megadistil.engine.teachers import (
@@ -80,18 +79,25 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.faults = _faults_from_env()
         self._batches_drawn = 0
+        self._interval = _StepClock()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        try:
+            self.placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
+        except ValueError as e:
+            raise ConfigError(f"config key 'bitnet.kernel': {e}") from None
+        self.device = self.placement.device
+        self._print(self.placement.describe())
         _seed_everything(cfg.train.seed)
-        bf16 = resolve_dtype(cfg) == torch.bfloat16
+        bf16 = self.placement.dtype == torch.bfloat16
         self.ds_config = reconcile_ds_config(cfg, load_ds_config(self.ds_config_path),
                                              world_size=self.dist.world_size, bf16=bf16)
         self._check_inputs()
         self.data = self._build_data()
-        student = build_student(cfg, self.ds_config)
+        student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.module = DistillModule(student)
@@ -131,7 +137,8 @@ class Trainer:
 
     def _build_data(self):
         cfg, d = self.cfg, self.cfg.data
-        common = dict(batch_size=cfg.train.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size)
+        common = dict(batch_size=cfg.train.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                      pin_memory=self.device.type == "cuda")
         if d.shards:
             return ShardStream(d.shards, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                                seed=d.seed or cfg.train.seed, on_corrupt=d.on_corrupt, epochs=d.epochs, **common)
@@ -159,7 +166,7 @@ class Trainer:
             qkv = resolve_layers(cfg.loss.attn_relation_layers, self.num_layers, "loss.attn_relation_layers") \
                 if cfg.loss.attn_relation_weight else []
             return SharedTeacher(self.engine.module.student, hidden_layers=hidden, qkv_layers=qkv)
-        model = load_causal_lm(cfg.model.teacher, cfg, self.ds_config)
+        model = load_causal_lm(cfg.model.teacher, cfg, self.ds_config, self.placement.dtype)
         return HFTeacher(model, self.ds_config, top_k=cfg.model.teacher_top_k, temperature=cfg.loss.temperature,
                          chunk_tokens=cfg.loss.chunk_tokens)
 
@@ -168,7 +175,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             (self.run_dir / "run.json").write_text(json.dumps({
-                "git_sha": _git_sha(), "world_size": self.dist.world_size, "ds_config": self.ds_config,
+                "git_sha": _git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
+                "ds_config": self.ds_config,
             }, indent=1))
         if dist.is_initialized():
             dist.barrier()
@@ -207,7 +215,10 @@ class Trainer:
             start = time.perf_counter()
             parts, tokens = self._optimizer_step(batches, active)
             self.step = step
-            self._log_step(step, parts, tokens, time.perf_counter() - start)
+            if self._is_log_step(step):
+                self._log_step(step, parts, tokens, start)
+            else:
+                self._interval.add(time.perf_counter() - start)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
                 self.save()
             if self.eval_seqs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
@@ -230,12 +241,13 @@ class Trainer:
         if warmup:
             set_quant_lambda(self.engine.module.student, min(1.0, (step - 1) / warmup))
 
-    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, float], int]:
+    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor]:
         """grad_accum finite micro-batches. A non-finite loss (on any rank) skips that micro-batch: no backward,
-        no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact."""
-        done, consecutive, sums, tokens = 0, 0, {}, 0
+        no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact.
+        The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch."""
+        done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
         while done < self.cfg.train.grad_accum:
-            batch = next(batches)
+            batch = self._to_device(next(batches))
             parts = self._forward(batch, active.loss)
             if self._fault("nan_batches", self._batches_drawn):
                 parts["loss"] = parts["loss"] * float("nan")
@@ -251,11 +263,14 @@ class Trainer:
             self.engine.backward(parts["loss"])
             self.engine.step()
             done += 1
-            tokens += int(parts["tokens"])
+            tokens += parts.pop("tokens")
             for k, v in parts.items():
-                if k != "tokens":
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.cfg.train.grad_accum
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
         return sums, tokens
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The loader's (pinned, on CUDA) CPU tensors onto the engine's device, without blocking the host."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, Tensor], loss_cfg: LossConfig) -> dict[str, Tensor]:
         self._batches_drawn += 1
@@ -266,24 +281,30 @@ class Trainer:
 
     def _peak_memory(self) -> dict[str, float]:
         """peak_mem_mb (the largest over ranks) and peak_mem_mb_rank<r> for each rank."""
-        every = [torch.tensor([peak_memory_mb()], dtype=torch.float64)]
+        mine = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=self.device)
+        every = [mine]
         if dist.is_initialized():
-            mine, every = every[0], [torch.zeros(1, dtype=torch.float64) for _ in range(self.dist.world_size)]
+            every = [torch.zeros_like(mine) for _ in range(self.dist.world_size)]
             dist.all_gather(every, mine)
         per_rank = {f"peak_mem_mb_rank{r}": round(float(t), 1) for r, t in enumerate(every)}
         return {"peak_mem_mb": max(per_rank.values()), **per_rank}
 
     def _all_finite(self, loss: Tensor) -> bool:
-        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _log_step(self, step: int, parts: dict[str, float], tokens: int, seconds: float) -> None:
-        if step % self.cfg.log.every and step != self.cfg.train.max_steps:
-            return
-        total_tokens = tokens * self.dist.world_size
-        record = {"step": step, **parts, "lr": self.lr, "tokens": total_tokens,
+    def _is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log.every == 0 or step == self.cfg.train.max_steps
+
+    def _log_step(self, step: int, parts: dict[str, Tensor], tokens: Tensor, start: float) -> None:
+        """The logged step's loss parts (read back here, the one place they leave the device) and the speed over the
+        steps since the last record; step time excludes checkpoints and evaluations."""
+        values = {k: float(v) for k, v in parts.items()}  # waits for the device: the interval ends here
+        seconds = self._interval.add(time.perf_counter() - start).mean_and_reset()
+        total_tokens = int(tokens) * self.dist.world_size
+        record = {"step": step, **values, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
                   "resets": self.resets, "nan_skipped": self.nan_total, **self._peak_memory()}
         self.logger.log(record)
@@ -310,13 +331,13 @@ class Trainer:
         """Token-weighted mean CE and KD over the eval sequences (all ranks)."""
         mb, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
         shared = SharedTeacher(self.engine.module.student, hidden_layers=[], qkv_layers=[])
-        total = torch.zeros(3, dtype=torch.float64)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for start in range(rank * mb, len(self.eval_seqs), mb * world):
-            batch = shifted_batch(self.eval_seqs[start:start + mb])
+            batch = self._to_device(shifted_batch(self.eval_seqs[start:start + mb]))
             targets = shared.targets(batch) if live else Targets()
             parts = self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, [], [])
-            n = int(parts["tokens"])
-            total += torch.tensor([float(parts["ce"]) * n, float(parts["kd"]) * n, n], dtype=torch.float64)
+            n = parts["tokens"].double()
+            total += torch.stack([parts["ce"].double() * n, parts["kd"].double() * n, n])
         if dist.is_initialized():
             dist.all_reduce(total)
         n = float(total[2].clamp(min=1))
@@ -334,6 +355,8 @@ class Trainer:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     # ---------------------------------------------------------------- helpers
     def _print(self, message: str) -> None:
@@ -346,6 +369,22 @@ class Trainer:
         if hit and name == "kill_after_step":
             os.kill(os.getpid(), signal.SIGKILL)
         return hit
+
+
+class _StepClock:
+    """Step time between log records: device work queued by unlogged steps finishes inside the logged one."""
+
+    def __init__(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> _StepClock:
+        self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+        return self
+
+    def mean_and_reset(self) -> float:
+        mean = self.seconds / max(self.steps, 1)
+        self.seconds, self.steps = 0.0, 0
+        return mean
 
 
 def _faults_from_env() -> dict[str, set[int]]:

@@ -1,0 +1,201 @@
+"""Which GEMM computes BitLinear's integer products, chosen by the hardware.
+
+The products Q8(x)·Q3(W)ᵀ and Q8(g)·Q3(W) are sums of small integers, so any kernel that adds them exactly gives the
+same result: int8 `torch._int_mm` (int32 accumulators) where the device has int8 units (AMX or VNNI CPUs, CUDA tensor
+cores); otherwise a float32 GEMM on the codes, exact while every partial sum stays below 2**24 (K * 128 < 2**24,
+K < 1024 for an int8 x int8 product, K < 131072 for int8 x ternary) and within float32 rounding beyond; or a bf16
+GEMM (codes are exact in bf16) where bf16 units make it the fastest. The choice is a speed choice made once per
+process and device: capability flags say which kernels have units, a short measurement says which is fastest, and
+`auto` never picks one that measured slower than float32. Nothing here knows about DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class Kernel(str, enum.Enum):
+    AUTO = "auto"
+    INT8 = "int8"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+# How much faster than float32 a kernel must measure for `auto` to take it: a near tie keeps float32, so that timing
+# noise never selects a kernel that is slower in the run.
+AUTO_MARGIN = 1.10
+# model.dtype=auto takes bf16 only where bf16 GEMMs beat float32 by this much: bf16 also costs conversions and
+# elementwise passes that float32 does not, so a small GEMM win does not make a step faster.
+BF16_DTYPE_MARGIN = 1.5
+# M, K, N of the measurement: milliseconds on any unit that counts (a GPU needs a larger one to leave launch overhead).
+PROBE_SHAPES = {"cpu": (256, 1024, 1024), "cuda": (4096, 4096, 4096)}
+
+
+def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """a [M, K] int8 codes @ b [K, N] int8 codes -> float32 [M, N] integer sums, on `kernel`.
+
+    int8 is exact for any K; fp32 is exact while K * max|a| * max|b| < 2**24; bf16 rounds the output to bf16 where
+    the backend has no float32-output bf16 GEMM (CPU), which `auto` therefore only picks when nothing else is faster.
+    `torch._int_mm` refuses some shapes on CUDA (M <= 16, K or N not a multiple of 8): those fall back to float32.
+    """
+    if kernel is Kernel.INT8:
+        try:
+            return torch._int_mm(a, b).float()
+        except RuntimeError:
+            return a.float() @ b.float()
+    if kernel is Kernel.FP32:
+        return a.float() @ b.float()
+    if kernel is Kernel.BF16:
+        if a.is_cuda:
+            return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+        return (a.bfloat16() @ b.bfloat16()).float()
+    raise ValueError(f"code_matmul needs a concrete kernel, got {kernel!r} (resolve 'auto' with choose_kernel)")
+
+
+@dataclass
+class Hardware:
+    """What a device offers, measured once per process: which kernels have units, and their GEMM speed."""
+
+    device: str  # "cpu" or "cuda:N"
+    name: str  # CPU model name (lscpu's) or the GPU's name
+    capability: str  # torch's CPU capability (AVX2, AVX512...) or the CUDA compute capability
+    units: list[str]  # kernels with matrix units on this device: subset of int8, bf16 (fp32 always runs)
+    gflops: dict[str, float] = field(default_factory=dict)  # measured GEMM throughput of fp32 and each unit kernel
+
+    @property
+    def kernel(self) -> Kernel:
+        """The fastest kernel measured, unless it fails to beat float32 by AUTO_MARGIN."""
+        best = max(self.gflops, key=self.gflops.get)
+        return Kernel(best) if self.gflops[best] >= AUTO_MARGIN * self.gflops["fp32"] else Kernel.FP32
+
+    @property
+    def bf16_fast(self) -> bool:
+        if self.device.startswith("cuda"):
+            return "bf16" in self.units  # tensor cores: bf16 is the GPU's native training dtype
+        return "bf16" in self.units and self.gflops.get("bf16", 0.0) >= BF16_DTYPE_MARGIN * self.gflops["fp32"]
+
+    def describe(self) -> str:
+        speeds = ", ".join(f"{k} {v:.0f}" for k, v in self.gflops.items())
+        return (f"{self.name} ({self.capability}; units: {', '.join(self.units) or 'none'}), GEMM GFLOP/s: {speeds}")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"kernel": self.kernel.value, "bf16_fast": self.bf16_fast}
+
+
+def cpu_model_name() -> str:
+    """lscpu's 'Model name' (from /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_units(flags: set[str]) -> list[str]:
+    """int8 units: AMX-INT8, AVX512-VNNI or AVX-VNNI; bf16 units: AMX-BF16 or AVX512-BF16."""
+    units = []
+    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"}:
+        units.append("int8")
+    if flags & {"amx_bf16", "avx512_bf16"}:
+        units.append("bf16")
+    return units
+
+
+def _cuda_units(device: torch.device) -> list[str]:
+    units = []
+    try:  # _int_mm needs int8 tensor-core support (sm_75+ with cuBLASLt); a probe is the honest test
+        a = torch.ones(32, 32, dtype=torch.int8, device=device)
+        torch._int_mm(a, a)
+        units.append("int8")
+    except RuntimeError:
+        pass
+    if torch.cuda.is_bf16_supported():
+        units.append("bf16")
+    return units
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_gflops(kernel: Kernel, device: torch.device, shape: tuple[int, int, int] | None = None,
+                   repeat: int = 3) -> float:
+    """Best-of-`repeat` throughput of `code_matmul` on random codes of `shape` (M, K, N), warm-up excluded."""
+    m, k, n = shape or PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"])
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(device)
+    b = torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g).to(device)
+    code_matmul(a, b, kernel)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        code_matmul(a, b, kernel)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _hardware(device: str) -> Hardware:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        hw = Hardware(device, props.name, f"sm_{props.major}{props.minor}", _cuda_units(dev))
+    else:
+        hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(), cpu_units(_cpu_flags()))
+    # Only kernels with units are measured: without them int8 runs at ~1 GFLOP/s and the probe alone would take
+    # seconds, for an answer known in advance.
+    for kernel in ("fp32", *hw.units):
+        hw.gflops[kernel] = measure_gflops(Kernel(kernel), dev)
+    return hw
+
+
+def hardware(device: torch.device | str | None = None) -> Hardware:
+    """The device's Hardware profile (default: CUDA's current device when there is one, else the CPU), measured on
+    first use and cached for the process."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    key = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index if dev.index is not None else 0}"
+    return _hardware(key)
+
+
+def resolve_kernel(requested: Kernel | str, hw: Hardware, key: str = "bitnet.kernel") -> Kernel:
+    """`auto` -> the measured choice; an explicit kernel must have units on the device (fp32 always does)."""
+    kernel = Kernel(requested)
+    if kernel is Kernel.AUTO:
+        return hw.kernel
+    if kernel is not Kernel.FP32 and kernel.value not in hw.units:
+        need = "int8 matrix units (AMX, AVX512-VNNI or AVX-VNNI; CUDA tensor cores)" if kernel is Kernel.INT8 \
+            else "bf16 matrix units (AMX-BF16 or AVX512-BF16; CUDA sm_80+)"
+        raise ValueError(f"{key}={kernel.value} needs {need}, which {hw.device} ({hw.name}, {hw.capability}) lacks; "
+                         "use auto or fp32")
+    return kernel
+
+
+def resolve_dtype(requested: str, hw: Hardware) -> torch.dtype:
+    """model.dtype: auto -> bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs), else float32."""
+    if requested == "auto":
+        return torch.bfloat16 if hw.bf16_fast else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[requested]

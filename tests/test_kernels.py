@@ -1,0 +1,142 @@
+"""Kernel choice: every kernel computes the integer products of the float64 reference, `auto` follows the
+measurement, explicit kernels the device lacks are refused, and ranks do not oversubscribe the cores."""
+
+import pytest
+import torch
+
+from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, resolve_dtype, resolve_kernel
+from megadistil.bitnet.kernels import cpu_units
+from megadistil.config import ConfigError, load_config
+from megadistil.engine.device import cpu_threads, place
+
+CONCRETE = [Kernel.INT8, Kernel.FP32, Kernel.BF16]
+
+
+def _codes(m, k, n, seed=0, ternary=True):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    low = -1 if ternary else -128
+    b = torch.randint(low, -low + (0 if not ternary else 1), (k, n), dtype=torch.int8, generator=g)
+    return a, b
+
+
+@pytest.mark.parametrize("kernel", CONCRETE)
+def test_every_kernel_computes_the_float64_integer_product(kernel):
+    a, b = _codes(37, 4096, 24)  # int8 x ternary, the BitLinear case: sums reach ~1e5, far past bf16's 256
+    ref = a.double() @ b.double()
+    got = code_matmul(a, b, kernel)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    if kernel is Kernel.BF16:  # CPU bf16 GEMMs round the output to bf16 (8 significant bits)
+        torch.testing.assert_close(got.double(), ref, rtol=2**-8, atol=0)
+        assert not torch.equal(got.double(), ref)  # and that rounding is real: why auto must measure, not assume
+    else:
+        assert torch.equal(got.double(), ref)  # exact: sums of 4096 int8 x ternary terms stay below 2**24
+
+
+def test_float32_kernel_is_within_float32_rounding_beyond_2_pow_24():
+    a, b = _codes(8, 2048, 8, ternary=False)  # int8 x int8: |sum| can reach 2048 * 128 * 128 = 2**25
+    ref = a.double() @ b.double()
+    torch.testing.assert_close(code_matmul(a, b, Kernel.FP32).double(), ref, rtol=2**-23 * 4, atol=2.0)
+    assert torch.equal(code_matmul(a, b, Kernel.INT8).double(), ref)
+
+
+def test_auto_refuses_to_resolve_inside_the_matmul():
+    a, b = _codes(4, 8, 4)
+    with pytest.raises(ValueError, match="concrete kernel"):
+        code_matmul(a, b, Kernel.AUTO)
+
+
+@pytest.mark.parametrize("backward", ["int8", "bf16"])
+def test_bitlinear_is_bitwise_the_same_on_int8_and_fp32_kernels(backward):
+    """The products are exact integers on both, so outputs and every gradient agree to the bit."""
+    results = []
+    for kernel in (Kernel.INT8, Kernel.FP32):
+        torch.manual_seed(0)
+        layer = BitLinear(256, 128, lora_rank=8, backward=backward, kernel=kernel)
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.05)
+            layer.lora_B.normal_(0, 0.05)
+        x = torch.randn(3, 16, 256, requires_grad=True)
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y, x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def _hw(gflops, units=("int8", "bf16"), device="cpu"):
+    return Hardware(device, "test CPU", "AVX512", list(units), dict(gflops))
+
+
+@pytest.mark.parametrize("gflops, expected", [
+    ({"fp32": 67.0, "int8": 1.0, "bf16": 0.8}, Kernel.FP32),  # the AVX2-only EPYC, were its int8 ever measured
+    ({"fp32": 205.0, "int8": 1786.0, "bf16": 900.0}, Kernel.INT8),  # an AMX Xeon
+    ({"fp32": 100.0, "int8": 105.0}, Kernel.FP32),  # a near tie keeps float32
+    ({"fp32": 100.0, "int8": 50.0, "bf16": 300.0}, Kernel.BF16),
+])
+def test_auto_takes_the_fastest_measured_kernel_and_never_a_slower_one_than_fp32(gflops, expected):
+    hw = _hw(gflops)
+    assert hw.kernel is expected
+    assert resolve_kernel("auto", hw) is expected
+    assert hw.gflops[hw.kernel.value] >= hw.gflops["fp32"]
+
+
+def test_this_machines_auto_kernel_is_not_slower_than_fp32_as_measured():
+    hw = hardware("cpu")
+    assert "fp32" in hw.gflops and set(hw.gflops) == {"fp32", *hw.units}
+    assert hw.gflops[hw.kernel.value] >= hw.gflops["fp32"]
+    assert hardware("cpu") is hw  # measured once per process
+
+
+def test_cpu_units_come_from_the_flags():
+    assert cpu_units({"avx2", "fma"}) == []
+    assert cpu_units({"avx512f", "avx512_vnni"}) == ["int8"]
+    assert cpu_units({"amx_int8", "amx_bf16", "amx_tile"}) == ["int8", "bf16"]
+    assert cpu_units({"avx512_bf16"}) == ["bf16"]
+
+
+def test_an_explicit_kernel_the_device_lacks_is_refused_naming_key_and_device():
+    hw = Hardware("cpu", "AMD EPYC", "AVX2", [], {"fp32": 67.0})
+    for kernel in ("int8", "bf16"):
+        with pytest.raises(ValueError, match=rf"bitnet.kernel={kernel} needs .*cpu \(AMD EPYC, AVX2\) lacks"):
+            resolve_kernel(kernel, hw)
+    assert resolve_kernel("fp32", hw) is Kernel.FP32
+    assert resolve_kernel("int8", _hw({"fp32": 1.0, "int8": 2.0})) is Kernel.INT8
+
+
+def test_place_refuses_a_kernel_this_cpu_lacks_and_otherwise_records_the_choice():
+    hw = hardware("cpu")
+    missing = [k for k in ("int8", "bf16") if k not in hw.units]
+    for kernel in missing:
+        with pytest.raises(ValueError, match=f"bitnet.kernel={kernel}"):
+            place(kernel, "auto", local_world_size=1, device=torch.device("cpu"))
+    placed = place("auto", "auto", local_world_size=1, device=torch.device("cpu"))
+    assert placed.kernel is hw.kernel and placed.dtype == resolve_dtype("auto", hw)
+    record = placed.as_dict()
+    assert record["kernel"] == hw.kernel.value and record["hardware"]["name"] == hw.name
+    assert record["hardware"]["gflops"]["fp32"] > 0
+
+
+def test_dtype_auto_is_bf16_only_where_bf16_gemms_are_fast():
+    assert resolve_dtype("auto", _hw({"fp32": 205.0, "int8": 1786.0, "bf16": 900.0})) == torch.bfloat16
+    assert resolve_dtype("auto", _hw({"fp32": 100.0, "bf16": 120.0})) == torch.float32  # not 1.5x: float32
+    assert resolve_dtype("auto", _hw({"fp32": 67.0}, units=())) == torch.float32
+    assert resolve_dtype("auto", _hw({"fp32": 1.0, "bf16": 1.0}, device="cuda:0")) == torch.bfloat16
+    assert resolve_dtype("fp32", _hw({"fp32": 1.0, "bf16": 900.0})) == torch.float32
+
+
+def test_ranks_share_the_cores_unless_omp_num_threads_is_set():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(1, {}) == cores
+    assert cpu_threads(2, {}) == max(1, cores // 2)
+    assert cpu_threads(4 * cores, {}) == 1
+    assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) is None  # the user's (or launcher's) choice stands
+
+
+def test_config_names_a_bad_kernel(tiny_llama_dir, stdlib_text_file):
+    base = [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]"]
+    assert load_config("configs/tiny.yaml", [*base, "bitnet.kernel=fp32"]).bitnet.kernel == "fp32"
+    with pytest.raises(ConfigError, match="bitnet.kernel must be one of"):
+        load_config("configs/tiny.yaml", [*base, "bitnet.kernel=fp8"])
