@@ -186,8 +186,10 @@ def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: 
 
     from megadistil.data.packed import eval_sequences
 
+    from megadistil.bitnet import hardware, resolve_dtype
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware())).eval()
     nll, count = 0.0, 0
     for seq in eval_sequences([str(heldout)], tok, seq_len, sequences):
         ids = torch.from_numpy(seq).unsqueeze(0)

@@ -54,7 +54,10 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
         return a.float() @ b.float()
     if kernel is Kernel.BF16:
         if a.is_cuda:
-            return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+            try:  # float32 accumulate *and* output (torch >= 2.8 on CUDA): exact like fp32 below 2**24
+                return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
+            except (TypeError, RuntimeError):
+                pass
         return (a.bfloat16() @ b.bfloat16()).float()
     raise ValueError(f"code_matmul needs a concrete kernel, got {kernel!r} (resolve 'auto' with choose_kernel)")
 

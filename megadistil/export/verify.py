@@ -108,9 +108,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-out_dir, io_dir, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out_dir, io_dir, new_tokens, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 ref = load_file(f"{io_dir}/reference.safetensors")
-model = AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="sdpa").eval()
+model = AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="sdpa",
+                                             dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
 with torch.no_grad():
     logits = model(input_ids=ref["input_ids"]).logits.float()
     prompts = ref["prompts"]
@@ -123,11 +124,21 @@ print(json.dumps({"megadistil_imported": any(k.split(".")[0] == "megadistil" for
 """
 
 
-def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyConfig) -> tuple[dict, dict]:
+def compute_dtype(export_dtype: str) -> str:
+    """The dtype the exported model runs in for the check: its own ("auto"), except that a bf16/fp16 export runs in
+    float32 on a device without fast bf16 GEMMs (the rule of model.dtype=auto; ~80x faster on AVX2-only CPUs).
+    Upcasting is exact, so the export's own rounding (weight scales in its dtype) is still what is checked."""
+    from megadistil.bitnet import hardware
+
+    return "auto" if export_dtype == "fp32" or hardware().bf16_fast else "float32"
+
+
+def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyConfig,
+                 dtype: str = "auto") -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(prefix="megadistil-verify-") as io_dir:
         save_file({k: v.contiguous() for k, v in reference.items()}, f"{io_dir}/reference.safetensors")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens)],
+        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens), dtype],
                               capture_output=True, text=True, cwd=io_dir, env=env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"verify: transformers could not load/run {output}:\n{proc.stderr[-4000:]}")
@@ -164,7 +175,7 @@ def verify_export(output: Path, base: BaseModel, parts: StudentParts, spec: Stud
     ids, source = held_out_sequences(run_config, tokenizer, cfg, model.config.vocab_size)
     reference = reference_outputs(model, ids, cfg)
     del model
-    exported, info = run_exported(Path(output), reference, cfg)
+    exported, info = run_exported(Path(output), reference, cfg, compute_dtype(dtype))
     figures = compare(reference, exported, dtype, cfg, source)
     figures.update(loaded_as=info)
     if info["megadistil_imported"]:
