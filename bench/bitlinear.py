@@ -26,33 +26,36 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megadistil.bitnet import BitLinear, Kernel, hardware, q3, q8, resolve_dtype
-from megadistil.bitnet import kernels, quant
+from megadistil.bitnet import BitLinear, Kernel, hardware, kernels, q3, q8, quant, resolve_dtype
+
+DEVICE = torch.device("cpu")
 
 
 def timed(fn, repeat: int) -> float:
     fn()  # warm-up (and compilation)
     best = float("inf")
     for _ in range(repeat):
+        kernels.synchronize(DEVICE)
         start = time.perf_counter()
         fn()
+        kernels.synchronize(DEVICE)
         best = min(best, time.perf_counter() - start)
     return best * 1000
 
 
-def gemm_table(repeat: int) -> dict[str, float]:
-    """GFLOP/s of a 1024^3 product on int8 codes with each kernel: the ceiling of every row below."""
-    return {k.value: kernels.measure_gflops(k, torch.device("cpu"), (1024, 1024, 1024), repeat)
+def gemm_table(repeat: int, size: int) -> dict[str, float]:
+    """GFLOP/s of a size^3 product on int8 codes with each kernel: the ceiling of every row below."""
+    return {k.value: kernels.measure_gflops(k, DEVICE, (size, size, size), repeat)
             for k in (Kernel.INT8, Kernel.BF16, Kernel.FP32)}
 
 
+def _param(*shape, dtype, scale, grad=False):
+    return (torch.randn(*shape, dtype=dtype, device=DEVICE) * scale).requires_grad_(grad)
+
+
 def linear_lora_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype):
-    weights = []
-    for d_in, d_out in dims:
-        W = torch.randn(d_out, d_in, dtype=dtype) * 0.02
-        A = (torch.randn(rank, d_in, dtype=dtype) * 0.01).requires_grad_()
-        B = (torch.randn(d_out, rank, dtype=dtype) * 0.01).requires_grad_()
-        weights.append((W, A, B))
+    weights = [(_param(o, i, dtype=dtype, scale=0.02), _param(rank, i, dtype=dtype, scale=0.01, grad=True),
+                _param(o, rank, dtype=dtype, scale=0.01, grad=True)) for i, o in dims]
 
     def fn(x):
         for W, A, B in weights:
@@ -62,8 +65,8 @@ def linear_lora_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype
 
 
 def fake_quant_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype):
-    weights = [(torch.randn(o, i, dtype=dtype) * 0.02, (torch.randn(rank, i, dtype=dtype) * 0.01).requires_grad_(),
-                (torch.randn(o, rank, dtype=dtype) * 0.01).requires_grad_()) for i, o in dims]
+    weights = [(_param(o, i, dtype=dtype, scale=0.02), _param(rank, i, dtype=dtype, scale=0.01, grad=True),
+                _param(o, rank, dtype=dtype, scale=0.01, grad=True)) for i, o in dims]
 
     def fn(x):
         for W, A, B in weights:
@@ -75,7 +78,7 @@ def fake_quant_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype)
 def bitlinear_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype, kernel: Kernel, keep: bool = False):
     layers = []
     for d_in, d_out in dims:
-        layer = BitLinear(d_in, d_out, lora_rank=rank, kernel=kernel, dtype=dtype)
+        layer = BitLinear(d_in, d_out, lora_rank=rank, kernel=kernel, dtype=dtype, device=DEVICE)
         with torch.no_grad():
             layer.weight.normal_(0, 0.02)
             layer.lora_B.normal_(0, 0.01)
@@ -90,7 +93,7 @@ def bitlinear_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype, 
 
 
 def fwd_bwd_ms(fn, tokens: int, d: int, dtype: torch.dtype, repeat: int) -> float:
-    x = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+    x = torch.randn(tokens, d, dtype=dtype, device=DEVICE, requires_grad=True)
     return timed(lambda: fn(x).float().square().mean().backward(), repeat)
 
 
@@ -102,18 +105,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the quantizers (fused single pass)")
     parser.add_argument("--all", action="store_true", help="measure the int8 rows even without int8 units")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh: Llama-3.1-8B shapes)")
+    parser.add_argument("--gemm-size", type=int, default=1024)
     parser.add_argument("--out", default="bench/results/bitlinear.json")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.compile:
         quant.compile_quantizers()
     d, ffn = (int(v) for v in args.dims.split("x"))
     dims = [(d, ffn), (ffn, d)]
-    hw = hardware("cpu")
+    hw = hardware(DEVICE)
     dtype = resolve_dtype("auto", hw)
-    gemm = gemm_table(args.repeat)
+    gemm = gemm_table(args.repeat, args.gemm_size)
     print(f"machine: {hw.name} ({hw.capability}; int8/bf16 units: {', '.join(hw.units) or 'none'}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("GEMM 1024^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
+    print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
     print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
           f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {args.compile}")
     rows = {"linear+lora": fwd_bwd_ms(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d,
@@ -140,7 +147,7 @@ def main() -> None:
         print(f"target: bitlinear/int8 >= 1.80x faster than fake-quant/bf16: "
               f"{result['int8_speedup_vs_fake_quant']:.2f}x")
     else:
-        print("target: bitlinear/int8 vs fake-quant/bf16: n/a, this CPU has no int8 units (--all measures it anyway)")
+        print("target: bitlinear/int8 vs fake-quant/bf16: n/a, this device has no int8 units (--all measures it anyway)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

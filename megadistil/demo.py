@@ -184,9 +184,8 @@ def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: 
     sequences the trainer evaluates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megadistil.data.packed import eval_sequences
-
     from megadistil.bitnet import hardware, resolve_dtype
+    from megadistil.data.packed import eval_sequences
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware())).eval()

@@ -136,7 +136,8 @@ def _cuda_units(device: torch.device) -> list[str]:
     return units
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -149,17 +150,17 @@ def measure_gflops(kernel: Kernel, device: torch.device, shape: tuple[int, int, 
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(device)
     b = torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g).to(device)
     code_matmul(a, b, kernel)
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
         code_matmul(a, b, kernel)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best / 1e9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hardware(device: str) -> Hardware:
     dev = torch.device(device)
     if dev.type == "cuda":

@@ -11,6 +11,7 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
+
 import deepspeed
 import numpy as np
 import torch

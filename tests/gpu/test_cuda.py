@@ -1,0 +1,74 @@
+"""BitLinear and the engine's device boundary on CUDA: numerics against float64, and the kernel/dtype choice."""
+
+import pytest
+import torch
+
+from megadistil.bitnet import BitLinear, Kernel, code_matmul, hardware, resolve_dtype
+
+CUDA = torch.device("cuda")
+
+
+def _layer(kernel: Kernel, dtype: torch.dtype, backward: str = "int8") -> BitLinear:
+    torch.manual_seed(0)
+    layer = BitLinear(512, 256, lora_rank=16, backward=backward, kernel=kernel, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        layer.lora_B.normal_(0, 0.05)
+    return layer.to(CUDA, dtype)
+
+
+def _float64_reference(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """Q8(x) · Q3(W + s·B·A)ᵀ in float64 (the forward the straight-through estimator differentiates)."""
+    h = x.double()
+    sx = 127 / h.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    hq = (h * sx).round().clamp(-128, 127) / sx
+    w = layer.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    sw = 1 / w.abs().mean().clamp(min=1e-5)
+    return hq @ ((w * sw).round().clamp(-1, 1) / sw).t()
+
+
+@pytest.mark.parametrize("kernel", [Kernel.INT8, Kernel.FP32, Kernel.BF16])
+def test_code_matmul_on_cuda_is_the_integer_product(kernel):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 4096), dtype=torch.int8, generator=g)
+    b = torch.randint(-1, 2, (4096, 128), dtype=torch.int8, generator=g)
+    got = code_matmul(a.to(CUDA), b.to(CUDA), kernel).cpu().double()
+    ref = a.double() @ b.double()
+    if kernel is Kernel.BF16 and not torch.equal(got, ref):  # only where torch lacks mm(out_dtype=float32)
+        torch.testing.assert_close(got, ref, rtol=2**-8, atol=0)
+    else:
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kernel", [Kernel.INT8, Kernel.FP32])
+def test_bitlinear_forward_on_cuda_matches_float64(kernel):
+    layer = _layer(kernel, torch.float32)
+    x = torch.randn(4, 32, 512, device=CUDA)
+    torch.testing.assert_close(layer(x).double(), _float64_reference(layer, x), rtol=1e-4, atol=1e-4)
+
+
+def test_bitlinear_gradients_on_cuda_agree_across_kernels_to_the_bit():
+    outs = []
+    for kernel in (Kernel.INT8, Kernel.FP32):
+        layer = _layer(kernel, torch.float32)
+        x = torch.randn(4, 32, 512, device=CUDA, generator=torch.Generator(CUDA).manual_seed(1), requires_grad=True)
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append((y, x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_bf16_bitlinear_on_cuda_within_bf16_rounding_of_float64():
+    layer = _layer(hardware(CUDA).kernel, torch.bfloat16)
+    x = torch.randn(4, 32, 512, device=CUDA, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.device.type == "cuda"
+    torch.testing.assert_close(y.double(), _float64_reference(layer, x), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_on_cuda_has_int8_units_bf16_dtype_and_never_a_kernel_slower_than_fp32():
+    hw = hardware(CUDA)
+    assert "int8" in hw.units and "bf16" in hw.units, hw.describe()
+    assert resolve_dtype("auto", hw) == torch.bfloat16
+    assert hw.gflops[hw.kernel.value] >= hw.gflops["fp32"]
