@@ -258,50 +258,46 @@ def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
-    """Forward: per-chunk logits + loss sums, nothing [N, V] kept. Backward: recompute each chunk's logits."""
+    """Per-chunk logits + loss sums, nothing [N, V] kept. When gradients are wanted, each chunk's gradient is formed
+    in the same pass (the loss is the graph's end, so dL/dloss is a scalar known to scale it linearly): backward only
+    scales the [N, H] (and [V, H]) gradients, and no logits are computed twice."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight):
         sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         ce_sum = kd_sum.clone()
-        with torch.no_grad():
-            for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, cfg.chunk_tokens):
-                z = (hidden[idx] @ weight.T).float()
-                kd, ce, _ = _chunk_terms(z, chunk, cfg, teacher_weight, need_grad=False)
-                kd_sum += kd
-                ce_sum += ce
+        # Accumulated in float32 over chunks (bf16 weights too), cast once in backward.
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, cfg.chunk_tokens):
+            h = hidden[idx]
+            z = (h @ weight.T).float()
+            kd, ce, grad_z = _chunk_terms(z, chunk, cfg, teacher_weight, need_grad=want_h or want_w)
+            del z
+            kd_sum += kd
+            ce_sum += ce
+            if grad_z is not None:
+                grad_z = grad_z.to(weight.dtype)
+                if want_h:
+                    grad_h.index_add_(0, idx, (grad_z @ weight).float())
+                if want_w:
+                    grad_w.addmm_(grad_z.T.float(), h.float())
         count = max(valid.numel(), 1)
         kd_mean, ce_mean = kd_sum / count, ce_sum / count
         loss = cfg.kd_weight * cfg.temperature ** 2 * kd_mean + cfg.ce_weight * ce_mean
-        ctx.cfg = cfg
-        ctx.save_for_backward(hidden, weight, labels, valid, ids, logprobs, tail, teacher_hidden, teacher_weight)
+        ctx.count, ctx.dtypes = count, (hidden.dtype, weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(kd_mean, ce_mean)
         return loss, kd_mean, ce_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        hidden, weight, labels, valid, ids, logprobs, tail, teacher_hidden, teacher_weight = ctx.saved_tensors
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
-        grad_h = torch.zeros_like(hidden) if want_h else None
-        # bf16 weights accumulate their gradient over chunks in float32, cast once at the end.
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                             device=weight.device) if want_w else None
-        scale = grad_loss.float() / max(valid.numel(), 1)
-        with torch.no_grad():
-            for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, ctx.cfg.chunk_tokens):
-                h = hidden[idx]
-                z = (h @ weight.T).float()
-                _, _, grad_z = _chunk_terms(z, chunk, ctx.cfg, teacher_weight, need_grad=True)
-                del z
-                grad_z = grad_z.mul_(scale).to(weight.dtype)
-                if want_h:
-                    grad_h.index_add_(0, idx, (grad_z @ weight).to(grad_h.dtype))
-                if want_w:
-                    grad_w.addmm_(grad_z.T.to(grad_w.dtype), h.to(grad_w.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss.float() / ctx.count
+        grad_h = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
+        grad_w = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
