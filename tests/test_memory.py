@@ -49,10 +49,30 @@ def test_offload_moves_states_to_the_host() -> None:
     assert sum(b for _, b, _ in off.cpu_rows) == sum(plain.term(n) for n in moved)
 
 
-def test_cli_verdicts_and_errors(tmp_path: Path) -> None:
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                              check=False)
+def _tool_main():
+    """tools/estimate_memory.py's main, loaded as the script is (a thin shell over the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: each interpreter start costs seconds here, and the script is only `sys.exit(main())`."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    main = _tool_main()
+    monkeypatch.chdir(ROOT)
+
+    def run(*args: str) -> SimpleNamespace:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+        return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
     fits = run("--config", "configs/llama3.1-70b.yaml", "--nodes", "8", "--gpus-per-node", "8")
     assert fits.returncode == 0 and "fits:" in fits.stdout and "| weights W" in fits.stdout
