@@ -1,0 +1,186 @@
+"""tools/evaluate.py: lm-eval tasks offline on local YAMLs, perplexity, generations, one results schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megadistil.eval.generate import continuations, generations_markdown
+from megadistil.eval.models import EvalError, files_sha256, parse_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool_main():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _docs(n: int = 12) -> list[dict]:
+    """Lines of a stdlib file as contexts; the true next line and three lines from elsewhere as choices."""
+    lines = [ln.strip() for ln in (Path(os.__file__).parent / "textwrap.py").read_text().splitlines()]
+    lines = [ln for ln in lines if len(ln) > 12]
+    docs = []
+    for i in range(n):
+        k = 7 * i + 3
+        choices = [lines[k + 1], lines[(k + 97) % len(lines)], lines[(k + 211) % len(lines)], lines[(k + 331) % len(lines)]]
+        label = i % 4  # the true line moves around, so "always choice 0" cannot score by accident
+        choices[0], choices[label] = choices[label], choices[0]
+        docs.append({"context": lines[k], "choices": choices, "label": label, "target": " " + lines[k + 1]})
+    return docs
+
+
+YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: {output_type}
+doc_to_text: "{{{{context}}}}"
+{extra}
+metric_list:
+{metrics}
+"""
+
+
+def _write_task(directory: Path, name: str, docs: list[dict], output_type: str, data: Path | None = None) -> None:
+    data = data or directory / f"{name}.jsonl"
+    if docs:
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    if output_type == "multiple_choice":
+        extra = 'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"'
+        metrics = ["acc", "acc_norm"]
+    else:
+        extra = 'doc_to_target: "{{target}}"\ntarget_delimiter: ""'
+        metrics = ["perplexity", "acc"]
+    metric_yaml = "\n".join(f"  - metric: {m}\n    higher_is_better: {str(m != 'perplexity').lower()}" for m in metrics)
+    (directory / f"{name}.yaml").write_text(YAML.format(name=name, data=data, output_type=output_type, extra=extra,
+                                                        metrics=metric_yaml))
+
+
+@torch.no_grad()
+def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) summed over its tokens, and whether greedy decoding yields it: by hand."""
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    logp = model(input_ids=torch.tensor([whole])).logits[0].float().log_softmax(-1)
+    positions = range(len(ctx), len(whole))
+    total = sum(float(logp[t - 1, whole[t]]) for t in positions)
+    greedy = all(int(logp[t - 1].argmax()) == whole[t] for t in positions)
+    return total, greedy
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tasks")
+    docs = _docs()
+    _write_task(d, "local_choice", docs, "multiple_choice")
+    _write_task(d, "local_next", docs, "loglikelihood")
+    return d
+
+
+def test_local_task_yaml_scores_equal_a_hand_computation(tiny_llama_dir, task_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "results.json"
+    rc = _tool_main()(["--model", f"tiny={tiny_llama_dir}", "--tasks", "local_choice,local_next",
+                       "--include-path", str(task_dir), "--batch-size", "5", "--out", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    scores = results["models"][0]["tasks"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    docs = _docs()
+    acc, acc_norm, lls, greedy = [], [], [], []
+    for d in docs:
+        ll = np.array([_loglikelihood(model, tok, d["context"], " " + c)[0] for c in d["choices"]])
+        acc.append(float(ll.argmax() == d["label"]))
+        acc_norm.append(float((ll / [len(c) for c in d["choices"]]).argmax() == d["label"]))
+        total, is_greedy = _loglikelihood(model, tok, d["context"], d["target"])
+        lls.append(total)
+        greedy.append(float(is_greedy))
+    assert 0 < np.mean(acc) < 1  # a task the model neither always wins nor always loses: the check can fail
+    assert scores["local_choice"]["samples"] == len(docs)
+    assert scores["local_choice"]["acc"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert scores["local_choice"]["acc_norm"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
+    assert scores["local_next"]["perplexity"] == pytest.approx(math.exp(-np.mean(lls)), rel=1e-4)
+    assert scores["local_next"]["acc"] == pytest.approx(np.mean(greedy), abs=1e-12)
+    # the schema every model kind shares: provenance and the model's fingerprint (over its weights' contents)
+    assert results["schema"] == "megadistil.eval/1" and results["megadistil"]["version"]
+    assert results["megadistil"]["git_commit"] is None or len(results["megadistil"]["git_commit"]) == 40
+    m = results["models"][0]
+    assert (m["name"], m["kind"], m["model_class"]) == ("tiny", "hf", "LlamaForCausalLM")
+    expected = files_sha256([tiny_llama_dir / "config.json", *sorted(tiny_llama_dir.glob("*.safetensors"))])
+    assert m["fingerprint"]["sha256"] == expected
+
+
+def test_a_task_whose_data_is_missing_is_a_clear_error_naming_it(tiny_llama_dir, tmp_path, capsys):
+    _write_task(tmp_path, "gone_local", [], "multiple_choice", data=tmp_path / "not-here.jsonl")
+    hub = (tmp_path / "gone_local.yaml").read_text().replace("gone_local", "gone_hub")
+    hub = hub.replace("dataset_path: json", "dataset_path: megadistil-test/no-such-dataset")
+    (tmp_path / "gone_hub.yaml").write_text(hub.split("dataset_kwargs")[0] + "test_split" + hub.split("test_split")[1])
+    for task, missing in (("gone_local", "not-here.jsonl"), ("gone_hub", "megadistil-test/no-such-dataset")):
+        rc = _tool_main()(["--model", str(tiny_llama_dir), "--tasks", task, "--include-path", str(tmp_path),
+                           "--out", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"task {task!r}: its data is not on this machine" in err and missing in err, err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_model_arguments_gguf_is_refused_and_kinds_are_recognised(tiny_llama_dir, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(EvalError, match="GGUF models are not supported"):
+        parse_model(str(gguf))
+    with pytest.raises(EvalError, match="does not exist"):
+        parse_model(str(tmp_path / "absent"))
+    with pytest.raises(EvalError, match="GGUF models are not supported"):
+        parse_model(str(tmp_path))  # a dir holding only a GGUF file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match="neither an HF model dir"):
+        parse_model(str(tmp_path / "empty"))
+    spec = parse_model(f"naive=ternary:{tiny_llama_dir}")
+    assert (spec.name, spec.kind, spec.path) == ("naive", "ternary", tiny_llama_dir)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_1")
+    assert parse_model(str(tmp_path / "run")).kind == "student"
+
+
+def test_text_perplexity_and_seeded_generations(tiny_llama_dir, stdlib_text_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadistil.data.packed import eval_sequences
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nimport os\\nimport \n")
+    out = tmp_path / "r.json"
+    rc = _tool_main()(["--model", f"a={tiny_llama_dir}", "--model", f"b={tiny_llama_dir}", "--text",
+                       str(stdlib_text_file), "--seq-len", "32", "--text-sequences", "6", "--generate", str(prompts),
+                       "--max-new-tokens", "6", "--out", str(out)])
+    assert rc == 0
+    a, b = json.loads(out.read_text())["models"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = torch.from_numpy(eval_sequences([str(stdlib_text_file)], tok, 32, 6)).long()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss  # HF's own mean over the same next-token positions
+    assert a["perplexity"]["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert a["generations"] == b["generations"]  # greedy, and sampling seeded per prompt
+    assert [g["prompt"] for g in a["generations"]] == ["def main(", "import os\nimport "]
+    other_seed = continuations(model, tok, ["def main("], max_new_tokens=6, seed=1)
+    assert other_seed[0]["greedy"] == a["generations"][0]["greedy"]
+    table = (tmp_path / "r.generations.md").read_text()
+    assert table == generations_markdown({"a": a["generations"], "b": b["generations"]}, seed=0, temperature=0.8)
+    assert "| a |" in table and "| b |" in table and "`import os⏎import `" in table
