@@ -84,8 +84,11 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints (and one at the end)
     seed: int = 0  # seeds torch/numpy/python, the data order and ReLoRA's re-initialisation
     resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest if present | never
-    eval_every: int = 0  # steps between held-out perplexity evaluations; 0 = only at the end
+    eval_every: int = 0  # steps between evaluations (held-out perplexity, eval_tasks); 0 = only at the end
     eval_batches: int = 8  # micro batches per rank of held-out sequences per evaluation
+    eval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks scored on the student at every evaluation
+    eval_tasks_include_path: str = ""  # a dir of local task YAMLs for eval_tasks (dataset_path: json + data_files)
+    eval_tasks_limit: int | None = None  # documents per task (None: all)
     max_nan_steps: int = 3  # consecutive non-finite losses that stop the run
     dist_timeout_s: float = 600.0  # collective timeout: a dead rank ends the job instead of hanging it
 
@@ -179,6 +182,9 @@ def validate(cfg: RunConfig) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", "must be >= 1")
     _check(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
+    _check(t.eval_tasks_limit is None or t.eval_tasks_limit >= 1, "train.eval_tasks_limit", "must be >= 1 or null")
+    _check(not t.eval_tasks_include_path or Path(t.eval_tasks_include_path).is_dir(), "train.eval_tasks_include_path",
+           f"{t.eval_tasks_include_path} is not a directory")
     _check(t.max_nan_steps >= 1, "train.max_nan_steps", "must be >= 1")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     _check(o.lr > 0, "optim.lr", "must be > 0")

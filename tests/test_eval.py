@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 
 from megadistil.eval.generate import continuations, generations_markdown
 from megadistil.eval.models import EvalError, files_sha256, parse_model
+from tests._tasks import task_docs, write_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,49 +23,6 @@ def _tool_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
-
-
-def _docs(n: int = 12) -> list[dict]:
-    """Lines of a stdlib file as contexts; the true next line and three lines from elsewhere as choices."""
-    lines = [ln.strip() for ln in (Path(os.__file__).parent / "textwrap.py").read_text().splitlines()]
-    lines = [ln for ln in lines if len(ln) > 12]
-    docs = []
-    for i in range(n):
-        k = 7 * i + 3
-        choices = [lines[k + 1], lines[(k + 97) % len(lines)], lines[(k + 211) % len(lines)], lines[(k + 331) % len(lines)]]
-        label = i % 4  # the true line moves around, so "always choice 0" cannot score by accident
-        choices[0], choices[label] = choices[label], choices[0]
-        docs.append({"context": lines[k], "choices": choices, "label": label, "target": " " + lines[k + 1]})
-    return docs
-
-
-YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: {output_type}
-doc_to_text: "{{{{context}}}}"
-{extra}
-metric_list:
-{metrics}
-"""
-
-
-def _write_task(directory: Path, name: str, docs: list[dict], output_type: str, data: Path | None = None) -> None:
-    data = data or directory / f"{name}.jsonl"
-    if docs:
-        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    if output_type == "multiple_choice":
-        extra = 'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"'
-        metrics = ["acc", "acc_norm"]
-    else:
-        extra = 'doc_to_target: "{{target}}"\ntarget_delimiter: ""'
-        metrics = ["perplexity", "acc"]
-    metric_yaml = "\n".join(f"  - metric: {m}\n    higher_is_better: {str(m != 'perplexity').lower()}" for m in metrics)
-    (directory / f"{name}.yaml").write_text(YAML.format(name=name, data=data, output_type=output_type, extra=extra,
-                                                        metrics=metric_yaml))
 
 
 @torch.no_grad()
@@ -83,9 +40,9 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tasks")
-    docs = _docs()
-    _write_task(d, "local_choice", docs, "multiple_choice")
-    _write_task(d, "local_next", docs, "loglikelihood")
+    docs = task_docs()
+    write_task(d, "local_choice", docs, "multiple_choice")
+    write_task(d, "local_next", docs, "loglikelihood")
     return d
 
 
@@ -101,7 +58,7 @@ def test_local_task_yaml_scores_equal_a_hand_computation(tiny_llama_dir, task_di
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    docs = _docs()
+    docs = task_docs()
     acc, acc_norm, lls, greedy = [], [], [], []
     for d in docs:
         ll = np.array([_loglikelihood(model, tok, d["context"], " " + c)[0] for c in d["choices"]])
@@ -126,7 +83,7 @@ def test_local_task_yaml_scores_equal_a_hand_computation(tiny_llama_dir, task_di
 
 
 def test_a_task_whose_data_is_missing_is_a_clear_error_naming_it(tiny_llama_dir, tmp_path, capsys):
-    _write_task(tmp_path, "gone_local", [], "multiple_choice", data=tmp_path / "not-here.jsonl")
+    write_task(tmp_path, "gone_local", [], "multiple_choice", data=tmp_path / "not-here.jsonl")
     hub = (tmp_path / "gone_local.yaml").read_text().replace("gone_local", "gone_hub")
     hub = hub.replace("dataset_path: json", "dataset_path: megadistil-test/no-such-dataset")
     (tmp_path / "gone_hub.yaml").write_text(hub.split("dataset_kwargs")[0] + "test_split" + hub.split("test_split")[1])
@@ -184,3 +141,19 @@ def test_text_perplexity_and_seeded_generations(tiny_llama_dir, stdlib_text_file
     table = (tmp_path / "r.generations.md").read_text()
     assert table == generations_markdown({"a": a["generations"], "b": b["generations"]}, seed=0, temperature=0.8)
     assert "| a |" in table and "| b |" in table and "`import os⏎import `" in table
+
+
+def test_a_run_with_eval_tasks_whose_data_is_missing_stops_before_any_weight_loads(tiny_llama_dir, stdlib_text_file,
+                                                                                    tmp_path):
+    from megadistil.config import ConfigError, load_config
+    from megadistil.engine.trainer import Trainer
+
+    write_task(tmp_path, "gone_in_training", [], "multiple_choice", data=tmp_path / "absent.jsonl")
+    cfg = load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
+                                            "train.eval_tasks=[gone_in_training]",
+                                            f"train.eval_tasks_include_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"train.eval_tasks.*'gone_in_training'.*absent.jsonl"):
+        Trainer(cfg, "ds_configs/zero3.json")._check_inputs()
+    with pytest.raises(ConfigError, match="train.eval_tasks_include_path"):
+        load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
+                                          f"train.eval_tasks_include_path={tmp_path}/nope"])

@@ -23,6 +23,7 @@ from megadistil.bitnet import unpack_ternary
 from megadistil.export import ExportConfig, convert_checkpoint
 from megadistil.export.sources import locate_checkpoint
 from megadistil.export.ternary import shard_bytes
+from tests._tasks import task_docs, write_task
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -133,14 +134,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     from megadistil.tiny import make_tiny_llama, stdlib_files
 
     tmp = tmp_path_factory.mktemp("export")
+    (tmp / "tasks").mkdir()
     texts = [f.read_text(errors="replace") for f in stdlib_files(6)]
     tiny = make_tiny_llama(tmp / "tiny", texts=texts, vocab_size=384, seed=0)
     eval_file = tmp / "eval.txt"
     eval_file.write_text((Path(os.__file__).parent / "textwrap.py").read_text())
+    write_task(tmp / "tasks", "local_choice", task_docs(16), "multiple_choice")  # scored in training and after
     _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
-          "relora.reset_every=2", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2"])
+          "relora.reset_every=2", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
+          "train.eval_tasks=[local_choice]", f"train.eval_tasks_include_path={tmp}/tasks"])
     large = _large_base(tmp / "large", tiny)
     script = tmp / "ds_script.py"
     script.write_text(DS_SCRIPT)
@@ -351,3 +355,30 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
     assert growth < RSS_CONSTANT * largest
     packed = _tensors(out)["model.layers.7.mlp.down_proj.weight"]
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (512 // 4, 4096)
+
+
+@pytest.mark.multirank
+def test_task_scores_of_the_run_the_student_and_the_converted_checkpoint_agree(runs, monkeypatch):
+    """train.eval_tasks logged the task at step 0 and at the end; tools/evaluate.py gives the run's last figure for the
+    student rebuilt from its checkpoint, and the same scores for the fp32 export (exact up to summation order)."""
+    from megadistil.eval.harness import EvalSettings, evaluate_models
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    key = "eval_task/local_choice/acc"
+    logged = [m for m in (json.loads(line) for line in (runs["run2"] / "metrics.jsonl").read_text().splitlines())
+              if key in m]
+    assert [m["step"] for m in logged] == [0, 4]
+    out = runs["tmp"] / "out_eval_fp32"
+    convert_checkpoint(runs["run2"], out, ExportConfig(dtype="fp32", progress=False, overwrite=True))
+    settings = EvalSettings(tasks=["local_choice"], include_path=str(runs["tmp"] / "tasks"), batch_size=4,
+                            text=[str(runs["tmp"] / "eval.txt")], seq_len=32, text_sequences=4)
+    student, converted = evaluate_models([f"student={runs['run2']}", f"converted={out}"], settings)["models"]
+    assert (student["kind"], converted["kind"]) == ("student", "hf")
+    assert converted["model_class"] == "BitNetForCausalLM"
+    assert student["tasks"]["local_choice"]["samples"] == 16
+    for metric in ("acc", "acc_norm"):
+        assert converted["tasks"]["local_choice"][metric] == student["tasks"]["local_choice"][metric]
+    assert student["tasks"]["local_choice"]["acc"] == logged[-1][key]
+    assert converted["perplexity"]["perplexity"] == pytest.approx(student["perplexity"]["perplexity"], rel=1e-4)
+    assert student["fingerprint"]["sha256"] != converted["fingerprint"]["sha256"]
+

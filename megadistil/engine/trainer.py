@@ -135,6 +135,13 @@ class Trainer:
             if not math.isclose(manifest.temperature, cfg.loss.temperature):
                 raise ConfigError(f"config key 'loss.temperature': {cfg.loss.temperature} but the shards in "
                                   f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+        if cfg.train.eval_tasks:
+            from megadistil.eval.tasks import EvalError, preflight
+
+            try:
+                preflight(list(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path or None)
+            except EvalError as e:
+                raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
 
     def _build_data(self):
         cfg, d = self.cfg, self.cfg.data
@@ -207,7 +214,7 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.data)
         self.engine.train()
-        if self.step == 0 and self.eval_seqs is not None:
+        if self.step == 0 and self._evaluates():
             self._evaluate(teacher=True)
         while self.step < cfg.train.max_steps:
             step = self.step + 1
@@ -222,10 +229,10 @@ class Trainer:
                 self._interval.add(time.perf_counter() - start)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
                 self.save()
-            if self.eval_seqs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            if self._evaluates() and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self._evaluate()
             self._fault("kill_after_step", step)
-        if self.eval_seqs is not None and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
+        if self._evaluates() and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
             self._evaluate()
 
     def _before_step(self, step: int, active: RunConfig) -> None:
@@ -320,13 +327,31 @@ class Trainer:
         live = self.cfg.model.teacher == "shared"
         loss_cfg = LossConfig(kind=self.cfg.loss.kind, temperature=self.cfg.loss.temperature,
                               kd_weight=1.0 if live else 0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
-        ce, kd = self._eval_pass(loss_cfg, live)
-        record = {"step": self.step, "eval_ppl_student": math.exp(ce), **({"eval_kd": kd} if live else {})}
-        if teacher and live:
+        record = {"step": self.step, **self._task_scores()}
+        if self.eval_seqs is not None:
+            ce, kd = self._eval_pass(loss_cfg, live)
+            record.update({"eval_ppl_student": math.exp(ce), **({"eval_kd": kd} if live else {})})
+        if teacher and live and self.eval_seqs is not None:
             with teacher_mode(self.engine.module.student):
                 record["eval_ppl_teacher"] = math.exp(self._eval_pass(replace(loss_cfg, kd_weight=0.0), False)[0])
         self.engine.train()
         self.logger.log(record)
+
+    def _evaluates(self) -> bool:
+        return self.eval_seqs is not None or bool(self.cfg.train.eval_tasks)
+
+    def _task_scores(self) -> dict[str, float]:
+        """train.eval_tasks on the student, as tools/evaluate.py scores them. Every rank runs the same documents in
+        lockstep (ZeRO-3 gathers each layer collectively, so no rank may skip a forward); rank 0 logs."""
+        t = self.cfg.train
+        if not t.eval_tasks:
+            return {}
+        from megadistil.eval.tasks import flat_scores, run_tasks
+
+        table = run_tasks(self.engine.module.student, self.tokenizer, list(t.eval_tasks), checked=True,
+                          include_path=t.eval_tasks_include_path or None, limit=t.eval_tasks_limit,
+                          batch_size=t.micro_batch_size)
+        return flat_scores(table)
 
     def _eval_pass(self, loss_cfg: LossConfig, live: bool) -> tuple[float, float]:
         """Token-weighted mean CE and KD over the eval sequences (all ranks)."""

@@ -78,6 +78,16 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [""])[0]
 
 
+def preflight(tasks: list[str], include_path: str | None = None) -> None:
+    """Before a run loads any weight: lm-eval is installed, the tasks exist and their data is on the machine."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvalError("evaluating tasks needs lm-evaluation-harness: pip install 'megadistil[eval]'") from None
+    go_offline()
+    check_tasks(tasks, task_manager(include_path, tuple(tasks)))
+
+
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """lm-eval seeds the global RNGs; a run that evaluates mid-training must go on exactly as it would have."""
