@@ -157,3 +157,15 @@ def test_a_run_with_eval_tasks_whose_data_is_missing_stops_before_any_weight_loa
     with pytest.raises(ConfigError, match="train.eval_tasks_include_path"):
         load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
                                           f"train.eval_tasks_include_path={tmp_path}/nope"])
+
+
+def test_model_card_takes_one_named_model_of_a_results_file(tmp_path):
+    from megadistil.export.card import eval_record
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"models": [{"name": "a", "tasks": {}}, {"name": "b", "tasks": {}}]}))
+    assert eval_record(path, "b")["name"] == "b"
+    with pytest.raises(ValueError, match=r"holds models \['a', 'b'\]; name one with --eval-model"):
+        eval_record(path)
+    with pytest.raises(ValueError, match="none is named 'c'"):
+        eval_record(path, "c")

@@ -360,21 +360,26 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
 @pytest.mark.multirank
 def test_task_scores_of_the_run_the_student_and_the_converted_checkpoint_agree(runs, monkeypatch):
     """train.eval_tasks logged the task at step 0 and at the end; tools/evaluate.py gives the run's last figure for the
-    student rebuilt from its checkpoint, and the same scores for the fp32 export (exact up to summation order)."""
+    student rebuilt from its checkpoint, and the same scores for the fp32 export (exact up to summation order), whose
+    model card carries them in its model-index with the provenance of the run."""
+    import yaml
+
     from megadistil.eval.harness import EvalSettings, evaluate_models
+    from megadistil.eval.models import files_sha256
 
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     key = "eval_task/local_choice/acc"
     logged = [m for m in (json.loads(line) for line in (runs["run2"] / "metrics.jsonl").read_text().splitlines())
               if key in m]
     assert [m["step"] for m in logged] == [0, 4]
-    out = runs["tmp"] / "out_eval_fp32"
-    convert_checkpoint(runs["run2"], out, ExportConfig(dtype="fp32", progress=False, overwrite=True))
     settings = EvalSettings(tasks=["local_choice"], include_path=str(runs["tmp"] / "tasks"), batch_size=4,
                             text=[str(runs["tmp"] / "eval.txt")], seq_len=32, text_sequences=4)
-    student, converted = evaluate_models([f"student={runs['run2']}", f"converted={out}"], settings)["models"]
-    assert (student["kind"], converted["kind"]) == ("student", "hf")
-    assert converted["model_class"] == "BitNetForCausalLM"
+    (student,) = evaluate_models([f"student={runs['run2']}"], settings)["models"]
+    out = runs["tmp"] / "out_eval_fp32"
+    convert_checkpoint(runs["run2"], out, ExportConfig(dtype="fp32", progress=False, overwrite=True),
+                       evaluated=student)
+    (converted,) = evaluate_models([f"converted={out}"], settings)["models"]
+    assert (student["kind"], converted["kind"], converted["model_class"]) == ("student", "hf", "BitNetForCausalLM")
     assert student["tasks"]["local_choice"]["samples"] == 16
     for metric in ("acc", "acc_norm"):
         assert converted["tasks"]["local_choice"][metric] == student["tasks"]["local_choice"][metric]
@@ -382,3 +387,15 @@ def test_task_scores_of_the_run_the_student_and_the_converted_checkpoint_agree(r
     assert converted["perplexity"]["perplexity"] == pytest.approx(student["perplexity"]["perplexity"], rel=1e-4)
     assert student["fingerprint"]["sha256"] != converted["fingerprint"]["sha256"]
 
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    (index,) = meta["model-index"]
+    metrics = {(r["dataset"]["name"], m["name"]): m["value"] for r in index["results"] for m in r["metrics"]}
+    assert metrics[("local_choice", "acc (training run, step 4)")] == round(logged[-1][key], 4)
+    assert metrics[("local_choice", "acc_norm (tools/evaluate.py)")] == round(student["tasks"]["local_choice"]["acc_norm"], 4)
+    assert metrics[("eval.txt", "perplexity (tools/evaluate.py)")] == round(student["perplexity"]["perplexity"], 4)
+    last_ppl = [m for m in (json.loads(line) for line in (runs["run2"] / "metrics.jsonl").read_text().splitlines())
+                if "eval_ppl_student" in m][-1]["eval_ppl_student"]
+    assert metrics[("held-out text: eval.txt", "held-out perplexity (training run, step 4)")] == round(last_ppl, 4)
+    assert files_sha256([runs["tiny"] / "corpus.txt"]) in card  # the training data's fingerprint
+    assert "megadistil version (export) | 0.1.0" in card

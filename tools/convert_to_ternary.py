@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from megadistil.export import ExportConfig, ExportError, VerifyConfig, convert_checkpoint, format_figures
+from megadistil.export.card import eval_record
 from megadistil.export.ternary import format_size_report
 
 
@@ -28,13 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-sequences", type=int, default=8)
     p.add_argument("--verify-seq-len", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-results", default=None, help="a tools/evaluate.py results JSON: its scores go into the "
+                   "model card's model-index")
+    p.add_argument("--eval-model", default=None, help="the model of --eval-results to use (default: its only one)")
     a = p.parse_args(argv)
     cfg = ExportConfig(dtype=a.dtype, max_shard_size=a.max_shard_size, linear_class=a.linear_class,
                        overwrite=a.overwrite, progress=not a.no_progress)
     try:
+        evaluated = eval_record(a.eval_results, a.eval_model) if a.eval_results else None
         result = convert_checkpoint(a.checkpoint, a.output, cfg, base=a.base, verify=a.verify,
-                                    verify_config=VerifyConfig(sequences=a.verify_sequences, seq_len=a.verify_seq_len))
-    except ExportError as e:
+                                    verify_config=VerifyConfig(sequences=a.verify_sequences, seq_len=a.verify_seq_len),
+                                    evaluated=evaluated)
+    except (ExportError, ValueError, OSError) as e:
         print(f"convert_to_ternary: error: {e}", file=sys.stderr)
         return 2
     for w in result.warnings:

@@ -320,7 +320,7 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, teacher: bool = False) -> None:
         """Held-out perplexity of the student and, with the shared teacher, its KD to the teacher on the same text
-        (once also the teacher's own perplexity), over every rank's slice of the eval sequences."""
+        (once also the teacher's own perplexity), over every rank's slice of the eval sequences; train.eval_tasks."""
         from megadistil.bitnet import teacher_mode
 
         self.engine.eval()

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 def run_metrics(run_dir: Path | None, step: int) -> dict[str, Any]:
     """Held-out perplexities (teacher: the first record; student: the last at or before `step`) and tokens trained
     up to `step`, from metrics.jsonl. Missing figures stay None."""
-    found: dict[str, Any] = {"eval_ppl_teacher": None, "eval_ppl_student": None, "eval_step": None, "tokens": None}
+    found: dict[str, Any] = {"eval_ppl_teacher": None, "eval_ppl_student": None, "eval_step": None, "tokens": None,
+                             "eval_tasks": {}, "eval_tasks_step": None}
     path = run_dir / "metrics.jsonl" if run_dir else None
     if path is None or not path.is_file():
         return found
@@ -30,8 +31,100 @@ def run_metrics(run_dir: Path | None, step: int) -> dict[str, Any]:
             found["eval_ppl_teacher"] = record["eval_ppl_teacher"]
         if record.get("eval_ppl_student") is not None:
             found["eval_ppl_student"], found["eval_step"] = record["eval_ppl_student"], record["step"]
+        tasks = {k: v for k, v in record.items() if k.startswith("eval_task/")}
+        if tasks:  # train.eval_tasks: the last evaluation's scores
+            found["eval_tasks"], found["eval_tasks_step"] = tasks, record["step"]
     found["tokens"] = tokens
     return found
+
+
+def data_fingerprint(run_config: DictConfig) -> dict[str, Any]:
+    """What the student was trained on: the shards' manifest (it lists every shard's sha256) or the text files."""
+    from megadistil.eval.models import files_sha256
+
+    d = run_config.data
+    if d.shards:
+        manifest = Path(d.shards) / "manifest.json"
+        found = manifest.is_file()
+        return {"kind": "shards", "path": str(d.shards), "sha256": files_sha256([manifest]) if found else None,
+                "over": "manifest.json (per-shard sha256)" if found else "manifest.json not on this machine"}
+    files = [Path(f) for f in d.text]
+    present = all(f.is_file() for f in files)
+    return {"kind": "text", "path": [str(f) for f in files], "sha256": files_sha256(files) if present else None,
+            "over": "the text files' contents" if present else "some text files are not on this machine"}
+
+
+def eval_record(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """One model's record of a tools/evaluate.py results JSON (named, or the file's only one)."""
+    results = json.loads(Path(path).read_text())
+    models = results.get("models", [])
+    chosen = [m for m in models if name is None or m["name"] == name]
+    if len(chosen) != 1:
+        raise ValueError(f"--eval-results {path}: holds models {[m['name'] for m in models]}; "
+                         + ("name one with --eval-model" if name is None else f"none is named {name!r}"))
+    return chosen[0]
+
+
+def model_index(name: str, run_config: DictConfig, metrics: dict[str, Any],
+                evaluated: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Hugging Face `model-index` results: held-out perplexity and train.eval_tasks scores from the run, and the
+    tasks and perplexity of a tools/evaluate.py record of the exported model when one is given."""
+    results = []
+    if metrics["eval_ppl_student"] is not None:
+        results.append({"task": _task(), "dataset": {"type": "megadistil-heldout", "name": "held-out text: "
+                                                 + ", ".join(Path(f).name for f in run_config.data.eval_text)},
+                        "metrics": [{"type": "perplexity", "value": round(float(metrics["eval_ppl_student"]), 4),
+                                     "name": f"held-out perplexity (training run, step {metrics['eval_step']})"}]})
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for key, value in metrics["eval_tasks"].items():
+        _, task, metric = key.split("/", 2)
+        by_task.setdefault(task, []).append({"type": metric, "value": round(float(value), 4),
+                                             "name": f"{metric} (training run, step {metrics['eval_tasks_step']})"})
+    for task, row in ((evaluated or {}).get("tasks") or {}).items():
+        by_task.setdefault(task, []).extend({"type": k, "value": round(float(v), 4), "name": f"{k} (tools/evaluate.py)"}
+                                            for k, v in row.items() if k != "samples")
+    results += [{"task": _task(), "dataset": {"type": task, "name": task}, "metrics": rows} for task, rows in by_task.items()]
+    ppl = (evaluated or {}).get("perplexity")
+    if ppl:
+        results.append({"task": _task(), "dataset": {"type": "text", "name": ", ".join(Path(f).name for f in ppl["files"])},
+                        "metrics": [{"type": "perplexity", "value": round(ppl["perplexity"], 4),
+                                     "name": "perplexity (tools/evaluate.py)"}]})
+    return [{"name": name, "results": results}] if results else []
+
+
+def _task() -> dict[str, str]:
+    return {"type": "text-generation", "name": "Text Generation"}  # a fresh dict each: no YAML anchors in the card
+
+
+def front_matter(name: str, run_config: DictConfig, metrics: dict[str, Any], evaluated: dict[str, Any] | None) -> str:
+    import yaml
+
+    meta: dict[str, Any] = {"library_name": "transformers",
+                            "tags": ["bitnet", "ternary", "1.58-bit", "distillation", "megadistil"]}
+    index = model_index(name, run_config, metrics, evaluated)
+    if index:
+        meta["model-index"] = index
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def provenance_section(run_dir: Path | None, run_config: DictConfig, metrics: dict[str, Any]) -> str:
+    from megadistil.eval.harness import provenance
+
+    now = provenance()
+    run_json = run_dir / "run.json" if run_dir else None
+    trained = json.loads(run_json.read_text()).get("git_sha") if run_json and run_json.is_file() else None
+    data = data_fingerprint(run_config)
+    return f"""
+## Provenance
+
+| | value |
+|---|---|
+| megadistil version (export) | {now['version']} |
+| megadistil commit (training run / export) | {trained or 'n/a'} / {now['git_commit'] or 'n/a'} |
+| training data ({data['kind']}) | {', '.join(f'`{p}`' for p in ([data['path']] if isinstance(data['path'], str) else data['path']))} |
+| training data sha256 | {data['sha256'] or 'n/a'} ({data['over']}) |
+| tokens trained | {metrics['tokens'] if metrics['tokens'] is not None else 'n/a'} |
+"""
 
 
 def _fmt(x: float | None) -> str:
@@ -40,16 +133,13 @@ def _fmt(x: float | None) -> str:
 
 def write_card(directory: Path, *, run_config: DictConfig, meta: dict[str, Any], metrics: dict[str, Any],
                sizes: dict[str, Any], export_config: dict[str, Any], base_path: Path, warnings: list[str],
-               verify: dict[str, Any] | None = None) -> None:
+               verify: dict[str, Any] | None = None, evaluated: dict[str, Any] | None = None,
+               name: str | None = None, run_dir: Path | None = None) -> None:
     q = export_config["quantization_config"]
     arch = (export_config.get("architectures") or [f"AutoModelForCausalLM ({export_config.get('model_type')})"])[0]
     subln = export_config["model_type"] == "bitnet"
     loss = OmegaConf.to_yaml(run_config.loss).strip()
-    text = f"""---
-library_name: transformers
-tags: [bitnet, ternary, 1.58-bit, distillation, megadistil]
----
-
+    text = front_matter(name or f"{base_path.name}-bitnet", run_config, metrics, evaluated) + f"""
 # BitNet b1.58 student of `{base_path.name}`
 
 Ternary weights {{-1, 0, +1}} with one absmean scale per tensor and int8 per-token activations, distilled by
@@ -100,6 +190,7 @@ Loss config:
 | whole checkpoint (safetensors) | {sizes['checkpoint_bytes']:,} |
 | teacher in bf16 | {sizes['teacher_bf16_bytes']:,} ({100 * sizes['checkpoint_vs_teacher_bf16']:.1f}%) |
 """
+    text += provenance_section(run_dir, run_config, metrics)
     if verify:
         text += f"""
 ## Verification

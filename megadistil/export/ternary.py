@@ -285,8 +285,10 @@ def format_size_report(sizes: dict[str, Any]) -> str:
 
 
 def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | None = None, *,
-                       base: str | Path | None = None, verify: bool = False, verify_config=None) -> ExportResult:
-    """The whole tool: locate the checkpoint, check the base, export, optionally verify, write the model card."""
+                       base: str | Path | None = None, verify: bool = False, verify_config=None,
+                       evaluated: dict[str, Any] | None = None) -> ExportResult:
+    """The whole tool: locate the checkpoint, check the base, export, optionally verify, write the model card
+    (`evaluated`: a tools/evaluate.py record of this model, whose scores join the card's model-index)."""
     from megadistil.export.card import run_metrics, write_card
     from megadistil.export.verify import verify_export
 
@@ -308,6 +310,6 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
         write_card(staging, run_config=ckpt.config, meta=ckpt.meta,
                    metrics=run_metrics(ckpt.run_dir, int(ckpt.meta.get("step", 0))), sizes=result.sizes,
                    export_config=result.config, base_path=base_model.path, warnings=result.warnings,
-                   verify=result.verify)
+                   verify=result.verify, evaluated=evaluated, name=Path(output).name, run_dir=ckpt.run_dir)
 
     return export_student(base_model, parts, spec, output, cfg, tokenizer_dir=tokenizer_dir, finish=finish)
