@@ -1,7 +1,8 @@
 """launch/train.py with memory readings, for tests/test_memory.py: the real Trainer, plus the process's resident
 memory at three moments, as JSON per rank (<out>.rank<r>.json).
 
-  baseline_mb   VmRSS after every import (torch, deepspeed, transformers, megadistil), before any model exists
+  baseline_mb   VmRSS after every import (torch, deepspeed, transformers, megadistil, and the libraries setup
+                imports lazily), before any model exists
   setup_peak_mb the highest VmRSS sampled (every 2 ms) while the trainer set up: init, load, shard, engine
   train_peak_mb the highest VmRSS sampled while it trained (steps 1..max_steps)
   maxrss_mb     ru_maxrss at the end (what the engine logs as peak_mem_mb)
@@ -12,6 +13,8 @@ Usage: python tests/_memory_probe.py --out OUT --ds_config FILE --config FILE [k
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import resource
 import sys
@@ -59,6 +62,11 @@ def main() -> int:
     parser.add_argument("--local_rank", type=int, default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    # Libraries the run imports lazily while it sets up (datasets reading the text, and what it and transformers pull
+    # in when installed, e.g. scipy with the eval extra): their module state is import cost, not model memory.
+    for name in ("datasets", "pandas", "pyarrow", "scipy.sparse", "scipy.stats", "sympy", "networkx"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     baseline, baseline_anon = rss_mb(), rss_mb("RssAnon")
     trainer = Trainer(load_config(args.config, args.overrides), args.ds_config)
     try:
