@@ -46,7 +46,7 @@ def timed(fn, repeat: int) -> float:
 def gemm_table(repeat: int, size: int) -> dict[str, float]:
     """GFLOP/s of a size^3 product on int8 codes with each kernel: the ceiling of every row below."""
     return {k.value: kernels.measure_gflops(k, DEVICE, (size, size, size), repeat)
-            for k in (Kernel.INT8, Kernel.BF16, Kernel.FP32)}
+            for k in (Kernel.int8, Kernel.bf16, Kernel.fp32)}
 
 
 def _param(*shape, dtype, scale, grad=False):
@@ -132,7 +132,7 @@ def main() -> None:
     if "int8" in hw.units or args.all:
         bf16 = torch.bfloat16
         rows["fake-quant/bf16"] = fwd_bwd_ms(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16, args.repeat)
-        rows["bitlinear/int8"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, bf16, Kernel.INT8), args.tokens, d, bf16,
+        rows["bitlinear/int8"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, bf16, Kernel.int8), args.tokens, d, bf16,
                                             args.repeat)
     base = rows["linear+lora"]
     print(f"{'path':<16} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")

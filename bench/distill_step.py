@@ -2,7 +2,7 @@
 
   (a)  megadistil, shared teacher (teacher mode of the student's own W), ReLoRA (ΔW allocated, resets on)
   (a0) the same with relora.reset_every=0 (no ΔW)
-  (b)  megadistil, offline teacher shards (precomputed once here), model.teacher=none, ReLoRA
+  (b)  megadistil, offline teacher shards (precomputed once here), teacher.kind=shards, ReLoRA
   (c)  naive baseline (bench/_naive_kd.py): separate frozen teacher copy + full-parameter AdamW student,
        forward KL on full logits, no LoRA, no quantisation (what TRL GKD / DistillKit do)
 
@@ -239,9 +239,9 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
     tokens_per_step = WORLD * args.micro_batch * args.seq_len
     port = args.port
     runs = {}
-    for name, extra in (("a", ["model.teacher=shared"]),
-                        ("a0", ["model.teacher=shared", "relora.reset_every=0"]),
-                        ("b", ["model.teacher=none", "data.text=[]", f"data.shards={shards}",
+    for name, extra in (("a", ["teacher.kind=shared"]),
+                        ("a0", ["teacher.kind=shared", "relora.reset_every=0"]),
+                        ("b", ["teacher.kind=shards", "data.text=[]", f"data.shards={shards}",
                                "data.shuffle_buffer=16"])):
         if name == "a0" and args.reset_every == 0:
             continue

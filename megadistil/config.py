@@ -3,21 +3,56 @@ in one place before any heavy work, and reconciled with the DeepSpeed config."""
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megadistil.bitnet import BitNetConfig
 from megadistil.data.stream import DataConfig
-from megadistil.distill.losses import LossConfig
+from megadistil.distill.losses import LossConfig, Target, resolve_layers
 
-DTYPES = ("auto", "bf16", "fp32")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+
+class Dtype(enum.StrEnum):
+    """model.dtype: auto = bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs; measured), else fp32."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class AttnImplementation(enum.StrEnum):
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class TeacherKind(enum.StrEnum):
+    """Where the distillation targets come from."""
+
+    shared = "shared"  # teacher mode of the student's own frozen W: zero extra bytes; logits, hidden states, q/k/v
+    hf = "hf"  # a separate frozen HF model (teacher.path) as a ZeRO-3 inference engine: live top-k + tail
+    shards = "shards"  # top-k + tail precomputed into data.shards by tools/precompute_teacher.py
+    none = "none"  # no teacher: CE only
+
+
+# The contract: what each teacher kind can feed the loss (LossConfig.needs() says what a loss reads).
+TEACHER_PROVIDES: dict[TeacherKind, frozenset[Target]] = {
+    TeacherKind.shared: frozenset(Target),
+    TeacherKind.hf: frozenset({Target.logits}),
+    TeacherKind.shards: frozenset({Target.logits}),
+    TeacherKind.none: frozenset(),
+}
+
+# Keys that moved, with where they went (load_config's error for an old key says so).
+MOVED_KEYS = {"model.teacher": "teacher.kind (shared | hf | shards | none) and teacher.path",
+              "model.teacher_top_k": "teacher.top_k"}
 
 
 # What a stage may change mid-run. Parameter groups are fixed when the engine is built (ZeRO-3 partitions the
@@ -32,20 +67,43 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     student: str = "???"  # HF model dir: the teacher's weights, which the student starts from
-    teacher: str = "shared"  # shared (teacher mode of the student's own W) | an HF dir | none (offline shards)
-    teacher_top_k: int = 64  # a separate HF teacher's live targets: top-k log-probs + tail, like the shards
     tokenizer: str | None = None  # default: the student dir
-    dtype: str = "auto"  # auto: bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs; measured), else fp32
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa
+    dtype: Dtype = Dtype.auto  # auto: bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs; measured), else fp32
+    attn_implementation: AttnImplementation = AttnImplementation.auto  # auto: the best the model supports here
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer; keeps int8 W codes one layer at a time
     trust_remote_code: bool = False  # off: only transformers' own architectures load
+
+
+@dataclass
+class TeacherConfig:
+    kind: TeacherKind = TeacherKind.shared  # shared | hf (teacher.path) | shards (data.shards) | none (CE only)
+    path: str = ""  # kind hf: the teacher's HF model dir (same tokenizer as the student)
+    top_k: int = 64  # kind hf: live targets as top-k log-probs + tail, like the shards
+
+
+class OptimizerReset(enum.StrEnum):
+    """relora.optimizer_reset: what happens to the Adam moments of the re-initialised adapters."""
+
+    zero = "zero"
+    prune = "prune"
+
+
+class Resume(enum.StrEnum):
+    auto = "auto"  # continue from <output_dir>/checkpoints/latest if present
+    never = "never"
+
+
+class WandbMode(enum.StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @dataclass
 class ReLoRAConfig:
     reset_every: int = 0  # steps between merges of B·A into ΔW; 0 = no merges (and no ΔW allocated)
     restart_warmup_steps: int = 10  # the jagged schedule's warmup after each reset
-    optimizer_reset: str = "prune"  # zero | prune: what happens to the Adam moments of the re-initialised adapters
+    optimizer_reset: OptimizerReset = OptimizerReset.prune  # the re-initialised adapters' Adam moments: zeroed or pruned
     prune_ratio: float = 0.99  # fraction of the moments (smallest magnitude) zeroed by `prune`
 
 
@@ -83,7 +141,7 @@ class TrainConfig:
     output_dir: str = "runs/tiny"  # the run dir: config.yaml, metrics.jsonl, checkpoints/
     save_every: int = 50  # steps between checkpoints (and one at the end)
     seed: int = 0  # seeds torch/numpy/python, the data order and ReLoRA's re-initialisation
-    resume: str = "auto"  # auto: continue from <output_dir>/checkpoints/latest if present | never
+    resume: Resume = Resume.auto  # auto: continue from <output_dir>/checkpoints/latest if present | never
     eval_every: int = 0  # steps between evaluations (held-out perplexity, eval_tasks); 0 = only at the end
     eval_batches: int = 8  # micro batches per rank of held-out sequences per evaluation
     eval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks scored on the student at every evaluation
@@ -98,7 +156,7 @@ class WandbConfig:
     enabled: bool = False  # log to wandb as well (pip install megadistil[wandb])
     project: str = "megadistil"  # wandb project
     name: str | None = None  # wandb run name
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline  # offline | online | disabled
 
 
 @dataclass
@@ -118,6 +176,7 @@ class StageConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     bitnet: BitNetConfig = field(default_factory=BitNetConfig)
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     data: RunDataConfig = field(default_factory=RunDataConfig)
@@ -129,20 +188,46 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """defaults <- yaml <- dotlist, strict: an unknown key or a wrong type is an error naming the key."""
+    """defaults <- yaml <- dotlist, strict: an unknown key or a wrong type is an error naming the key. A list key given
+    one value (data.text=corpus.txt) is a list of one; a key that moved names its new place."""
     try:
-        merged = OmegaConf.structured(RunConfig)
+        schema = OmegaConf.structured(RunConfig)
+        layers = [OmegaConf.from_dotlist(list(overrides))]
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            layers.insert(0, OmegaConf.load(path))
+        merged = schema
+        for layer in layers:
+            raw = OmegaConf.to_container(layer, resolve=False)
+            _refuse_moved(raw)
+            merged = OmegaConf.merge(merged, _listify(schema, raw))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}" if key else str(e)) from None
     validate(cfg)
     return cfg
+
+
+def _refuse_moved(raw: dict[str, Any]) -> None:
+    for key, where in MOVED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raise ConfigError(f"config key {key!r} moved to {where} (README: migrating configs)")
+
+
+def _listify(schema: DictConfig, raw: dict[str, Any]) -> dict[str, Any]:
+    """A scalar given for a list key becomes a list of one, at any depth of the typed sections."""
+    out = {}
+    for key, value in raw.items():
+        node = schema._get_node(key) if key in schema else None
+        if isinstance(node, ListConfig) and not isinstance(value, (list, dict)) and value is not None:
+            value = [value]
+        elif isinstance(node, DictConfig) and isinstance(value, dict) and node._metadata.object_type is not dict:
+            value = _listify(node, value)
+        out[key] = value
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -169,9 +254,6 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no heavy work. Sections validate themselves; cross-section rules live here."""
     m, t, o, r = cfg.model, cfg.train, cfg.optim, cfg.relora
     _check(m.student != "???", "model.student", "is required (an HF model directory)")
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
-    _check(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
-           f"must be one of {ATTN_IMPLEMENTATIONS}")
     for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data")):
         try:
             section.validate()
@@ -181,7 +263,6 @@ def validate(cfg: RunConfig) -> None:
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _check(t.save_every >= 1, "train.save_every", "must be >= 1")
-    _check(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
     _check(t.eval_tasks_limit is None or t.eval_tasks_limit >= 1, "train.eval_tasks_limit", "must be >= 1 or null")
     _check(not t.eval_tasks_include_path or Path(t.eval_tasks_include_path).is_dir(), "train.eval_tasks_include_path",
            f"{t.eval_tasks_include_path} is not a directory")
@@ -197,13 +278,10 @@ def validate(cfg: RunConfig) -> None:
         except re.error as e:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
     _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
-    _check(r.optimizer_reset in ("zero", "prune"), "relora.optimizer_reset", "must be zero or prune")
     _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
     _check(bool(cfg.data.shards) != bool(cfg.data.text), "data", "set exactly one of data.shards and data.text")
     if cfg.data.text:
-        _check(m.teacher != "none", "model.teacher", "data.text needs a live teacher (shared or an HF dir)")
         _check(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2")
-    _check(cfg.log.wandb.mode in ("offline", "online", "disabled"), "log.wandb.mode", "must be offline, online or disabled")
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
         for key in stage.overrides:
@@ -213,6 +291,48 @@ def validate(cfg: RunConfig) -> None:
             stage_config(cfg, stage.start_step).loss.validate()
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
+    validate_teacher(cfg)
+
+
+def loss_configs(cfg: RunConfig) -> list[tuple[str, LossConfig]]:
+    """The loss in force at each stage: ("", base) then ("stages.<i>.overrides.", the stage's merged loss)."""
+    return [("", cfg.loss)] + [(f"stages.{i}.overrides.", stage_config(cfg, s.start_step).loss)
+                               for i, s in enumerate(cfg.stages)]
+
+
+def needed_targets(cfg: RunConfig) -> set[Target]:
+    """Every teacher target some stage of the run reads."""
+    return {target for _, loss in loss_configs(cfg) for target in loss.needs()}
+
+
+def validate_teacher(cfg: RunConfig) -> None:
+    """The teacher <-> loss contract, for the base config and every stage: each term a stage turns on gets its
+    targets from the teacher kind, and a teacher that no term reads is not loaded or decoded."""
+    teacher, kind = cfg.teacher, cfg.teacher.kind
+    provides = TEACHER_PROVIDES[kind]
+    for where, loss in loss_configs(cfg):
+        overridden = cfg.stages[int(where.split(".")[1])].overrides if where else {}
+        for target, key in loss.needs().items():
+            named = f"{where}{key}" if key in overridden or not where else key
+            _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
+                   f"not provide (kinds that do: {', '.join(k for k, p in TEACHER_PROVIDES.items() if target in p)})")
+    _check(bool(teacher.path) == (kind == TeacherKind.hf), "teacher.path",
+           "is required with teacher.kind=hf" if kind == TeacherKind.hf else f"is unused with teacher.kind={kind}")
+    _check(teacher.top_k >= 1, "teacher.top_k", "must be >= 1")
+    _check(teacher.top_k == TeacherConfig.top_k or kind == TeacherKind.hf, "teacher.top_k",
+           f"is unused with teacher.kind={kind} (shards carry their own top-k)")
+    if kind in (TeacherKind.hf, TeacherKind.shards):
+        _check(Target.logits in needed_targets(cfg), "teacher.kind",
+               f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
+    _check(kind != TeacherKind.shards or bool(cfg.data.shards), "teacher.kind", "shards needs data.shards")
+
+
+def layer_lists(loss: LossConfig, num_layers: int) -> tuple[list[int], list[int]]:
+    """The decoder layers the hidden-state and attention-relation terms read (empty when their weight is 0)."""
+    hidden = resolve_layers(loss.hidden_layers, num_layers, "loss.hidden_layers") if loss.hidden_weight else []
+    qkv = resolve_layers(loss.attn_relation_layers, num_layers, "loss.attn_relation_layers") \
+        if loss.attn_relation_weight else []
+    return hidden, qkv
 
 
 def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -280,6 +400,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def reference_markdown() -> str:
     """The config reference table, generated from the schema (README's copy is checked against it by a test)."""
     import dataclasses
+    import typing
 
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
@@ -287,12 +408,15 @@ def reference_markdown() -> str:
         notes = {}
         for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
             notes.update(_field_comments(base))
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if dataclasses.is_dataclass(default) and not isinstance(default, type):
                 walk(type(default), f"{prefix}{f.name}.")
                 continue
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            hint = hints[f.name]
+            kind = " | ".join(hint) if isinstance(hint, enum.EnumMeta) else \
+                f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             shown = "required" if default == "???" else json.dumps(default, default=str)
             kind, note = kind.replace("|", "\\|"), notes.get(f.name, "").replace("|", "\\|")
             rows.append(f"| `{prefix}{f.name}` | `{kind}` | `{shown}` | {note} |")

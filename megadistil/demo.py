@@ -216,7 +216,7 @@ def run_overrides(s: DemoSettings, teacher: Path, heldout: Path) -> list[str]:
 def distil_all(s: DemoSettings, out: Path, teacher: Path, paths: dict[str, Path], shards: Path) -> dict[str, dict]:
     common = run_overrides(s, teacher, paths["heldout"])
     runs = {
-        "shards": [*common, f"data.shards={shards}", "data.text=[]"],
+        "shards": [*common, "teacher.kind=shards", f"data.shards={shards}", "data.text=[]"],
         "shared": [*common, f"data.text=[{paths['slice']}]"],
         "ce": [*common, f"data.text=[{paths['slice']}]", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
     }

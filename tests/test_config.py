@@ -95,18 +95,60 @@ def test_readme_config_reference_is_the_generated_one():
     assert "| `train.max_steps` | `int` | `100` | optimizer steps |" in reference_markdown()
 
 
-@pytest.mark.parametrize("overrides, teacher", [
-    (["loss.kd_weight=0.0", "loss.ce_weight=1.0"], "NoTeacher"),  # CE only: no teacher forward per step
-    (["loss.kd_weight=0.0", "loss.ce_weight=1.0", "loss.hidden_weight=0.5"], "SharedTeacher"),
-    (["loss.kd_weight=0.0", "loss.ce_weight=1.0", "stages=[{start_step: 5, overrides: {loss.kd_weight: 1.0}}]"],
-     "SharedTeacher"),
+BASE = ["model.student=/m", "data.text=[a.txt]"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.kind=shards", "data.text=[]", "data.shards=/s", "loss.hidden_weight=0.1"],
+     "'loss.hidden_weight': needs the teacher's hidden, which teacher.kind=shards does not provide"),
+    (["teacher.kind=hf", "teacher.path=/t", "stages=[{start_step: 3, overrides: {loss.attn_relation_weight: 0.1}}]"],
+     "'stages.0.overrides.loss.attn_relation_weight': needs the teacher's qkv, which teacher.kind=hf"),
+    (["teacher.kind=none"], "'loss.kd_weight': needs the teacher's logits, which teacher.kind=none"),
+    (["teacher.kind=hf"], "'teacher.path': is required with teacher.kind=hf"),
+    (["teacher.path=/t"], "'teacher.path': is unused with teacher.kind=shared"),
+    (["teacher.top_k=8"], "'teacher.top_k': is unused with teacher.kind=shared"),
+    (["teacher.kind=hf", "teacher.path=/t", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
+     "'teacher.kind': hf: no loss term reads its targets"),
+    (["teacher.kind=shards"], "'teacher.kind': shards needs data.shards"),
+    (["teacher.kind=live"], "'teacher.kind': Invalid value 'live', expected one of \\[shared, hf, shards, none\\]"),
+    (["model.teacher=/t"], "'model.teacher' moved to teacher.kind"),
+    (["model.teacher_top_k=8"], "'model.teacher_top_k' moved to teacher.top_k"),
 ])
-def test_the_teacher_runs_only_when_the_loss_uses_it(overrides, teacher):
-    from types import SimpleNamespace
+def test_the_teacher_contract_is_checked_for_every_stage(overrides, message):
+    """Each loss term, in the base config and in every stage, is fed by the teacher kind or refused by name; a
+    teacher setting nothing reads is refused too. All before any weight loads."""
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [*BASE, *overrides])
 
-    from megadistil.engine.trainer import Trainer
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.student=/m", *overrides])
-    trainer = Trainer(cfg, str(ROOT / "ds_configs/zero3.json"))
-    trainer.num_layers, trainer.engine = 2, SimpleNamespace(module=SimpleNamespace(student=None))  # no model needed
-    assert type(trainer._build_teacher(student=None)).__name__ == teacher
+def test_a_stage_that_turns_a_term_on_is_accepted_where_the_teacher_feeds_it():
+    cfg = load_config(None, [*BASE, "stages=[{start_step: 3, overrides: {loss.hidden_weight: 0.1}}]"])
+    assert stage_config(cfg, 3).loss.needs() == {"logits": "loss.kd_weight", "hidden": "loss.hidden_weight"}
+
+
+def test_a_single_value_for_a_list_key_is_a_list_of_one(tmp_path):
+    cfg = load_config(None, ["model.student=/m", "data.text=corpus.txt", "train.eval_tasks=hellaswag"])
+    assert (cfg.data.text, cfg.train.eval_tasks) == (["corpus.txt"], ["hellaswag"])
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("model: {student: /m}\ndata: {text: corpus.txt, eval_text: held.txt}\n")
+    cfg = load_config(yaml)
+    assert (cfg.data.text, cfg.data.eval_text) == (["corpus.txt"], ["held.txt"])
+
+
+def test_the_shared_teacher_runs_only_for_stages_whose_loss_reads_it():
+    """A CE-only stage costs no teacher forward; a stage that turns on the hidden-state term gets its layers."""
+    import torch
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.engine.teachers import SharedTeacher
+    from tests._tiny import tiny_llama31
+
+    cfg = load_config(None, [*BASE, "loss.kd_weight=0.0", "loss.ce_weight=1.0",
+                             "stages=[{start_step: 5, overrides: {loss.hidden_weight: 0.5, loss.hidden_layers: [1]}}]"])
+    student = to_bitnet(tiny_llama31(seed=0), lora_rank=4)
+    batch = {"input_ids": torch.randint(0, 256, (2, 8))}
+    forwards = []
+    student.model.register_forward_hook(lambda *_: forwards.append(1))
+    assert SharedTeacher(student).targets(batch, stage_config(cfg, 4).loss).layer_hidden == [] and not forwards
+    later = SharedTeacher(student).targets(batch, stage_config(cfg, 5).loss)
+    assert len(forwards) == 1 and len(later.layer_hidden) == 1 and later.hidden is None

@@ -49,7 +49,7 @@ def _ref_loss(h, W, labels, cfg, *, sparse=None, teacher_logits=None):
     if sparse is not None:
         q_top = q.gather(-1, sparse.topk_ids)
         Q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True))], -1)
-        P = torch.cat([sparse.topk_logprobs.double().exp(), sparse.tail_mass.double()[:, None]], -1)
+        P = torch.cat([sparse.topk_logprobs.double().exp(), sparse.tail_logmass.double().exp()[:, None]], -1)
         kd = _ref_divergence(cfg.kind, cfg.jsd_beta, P, Q)
     elif teacher_logits is not None:
         kd = _ref_divergence(cfg.kind, cfg.jsd_beta, torch.softmax(teacher_logits.double() / cfg.temperature, -1), q)
@@ -72,7 +72,7 @@ def _ref_grads(h, W, labels, cfg, **targets):
 def _make_sparse(teacher_logits: torch.Tensor, k: int, T: float) -> SparseTarget:
     logp = torch.log_softmax(teacher_logits.double() / T, -1)
     top, ids = logp.topk(k, -1)
-    tail = (1 - top.exp().sum(-1)).clamp_min(0)
+    tail = torch.log1p(-top.exp().sum(-1).clamp_max(1.0))
     return SparseTarget(ids, top.float(), tail.float())
 
 
@@ -104,7 +104,7 @@ def test_sparse_kd_matches_float64_reference(kind, beta):
     h, W, labels, teacher_logits = _problem()
     cfg = LossConfig(kind=kind, jsd_beta=beta, temperature=2.0, kd_weight=0.7, ce_weight=0.4, chunk_tokens=6)
     sparse = _make_sparse(teacher_logits, k=8, T=cfg.temperature)
-    assert sparse.tail_mass.min() > 0.05  # the tail bucket really matters in this test
+    assert sparse.tail_logmass.exp().min() > 0.05  # the tail bucket really matters in this test
     ref = _ref_grads(h, W, labels, cfg, sparse=sparse)
     out = chunked_lm_head_loss(h, W, labels, cfg, sparse=sparse)
     assert out["tokens"].item() == 20
@@ -187,9 +187,9 @@ def test_ignored_positions_are_excluded_from_every_term():
     # Garbage at ignored positions (hidden, teacher targets) changes nothing.
     h_bad = h.detach().clone()
     h_bad[ignored] = 1e4
-    bad = SparseTarget(sparse.topk_ids.clone(), sparse.topk_logprobs.clone(), sparse.tail_mass.clone())
+    bad = SparseTarget(sparse.topk_ids.clone(), sparse.topk_logprobs.clone(), sparse.tail_logmass.clone())
     bad.topk_logprobs[ignored] = 0.0
-    bad.tail_mass[ignored] = 0.7
+    bad.tail_logmass[ignored] = math.log(0.7)
     again = chunked_lm_head_loss(h_bad, W, labels, cfg, sparse=bad)
     for key in ("loss", "kd", "ce", "tokens"):
         torch.testing.assert_close(again[key], out[key])
@@ -208,12 +208,33 @@ def test_all_ignored_gives_zero_loss_and_zero_grads():
 def test_zero_tail_mass_stays_finite():
     h, W, labels, teacher_logits = _problem(seed=11)
     sparse = _make_sparse(teacher_logits, k=8, T=1.0)
-    sparse.tail_mass.zero_()
+    sparse.tail_logmass.fill_(float("-inf"))
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         h.grad = W.grad = None
         out = chunked_lm_head_loss(h, W, labels, LossConfig(kind=kind), sparse=sparse)
         out["loss"].backward()
         assert torch.isfinite(out["loss"]) and torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
+
+
+def test_topk_target_tail_is_exact_where_one_minus_sum_cancels():
+    """The one top-k producer (precompute and the live HF teacher): ids and log-probs are the float64 top-k, and the
+    tail's log-mass is accurate even when it is far below float32's 1 - sum(exp(top-k)) resolution."""
+    from megadistil.distill.losses import TAIL_LOGMASS_FLOOR
+    from megadistil.distill.targets import topk_target
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    logits[:, :4] += torch.tensor([24.0, 23.0, 22.5, 22.0], dtype=torch.float64)  # the rest holds ~1e-9 of the mass
+    logp = torch.log_softmax(logits, -1)
+    ref_top, ref_ids = logp.topk(4, -1)
+    ref_tail = torch.logsumexp(logp[:, 4:], -1)
+    target = topk_target(logits.float(), 4)
+    assert torch.equal(target.topk_ids, ref_ids)
+    torch.testing.assert_close(target.topk_logprobs.double(), ref_top, rtol=0, atol=1e-5)
+    torch.testing.assert_close(target.tail_logmass.double(), ref_tail, rtol=1e-4, atol=1e-3)
+    assert (1 - target.topk_logprobs.exp().sum(-1)).abs().max() < 1e-6  # what the old tail formula saw
+    full = topk_target(logits.float(), 40)
+    assert torch.all(full.tail_logmass == TAIL_LOGMASS_FLOOR)
 
 
 def test_bf16_hidden_close_to_float32():
@@ -409,11 +430,11 @@ def test_bad_inputs_name_the_thing_at_fault():
     cfg = LossConfig()
     with pytest.raises(ValueError, match="needs a KD target"):
         chunked_lm_head_loss(h, W, labels, cfg)
-    bad_ids = SparseTarget(sparse.topk_ids + W.shape[0], sparse.topk_logprobs, sparse.tail_mass)
+    bad_ids = SparseTarget(sparse.topk_ids + W.shape[0], sparse.topk_logprobs, sparse.tail_logmass)
     with pytest.raises(ValueError, match=r"sparse\.topk_ids"):
         chunked_lm_head_loss(h, W, labels, cfg, sparse=bad_ids)
-    short = SparseTarget(sparse.topk_ids, sparse.topk_logprobs, sparse.tail_mass[:-1])
-    with pytest.raises(ValueError, match=r"sparse\.tail_mass has 22 tokens"):
+    short = SparseTarget(sparse.topk_ids, sparse.topk_logprobs, sparse.tail_logmass[:-1])
+    with pytest.raises(ValueError, match=r"sparse\.tail_logmass has 22 tokens"):
         chunked_lm_head_loss(h, W, labels, cfg, sparse=short)
     with pytest.raises(ValueError, match="labels has values outside"):
         chunked_lm_head_loss(h, W, labels.clamp_min(0) + W.shape[0] - 1, cfg, sparse=sparse)

@@ -22,3 +22,21 @@ def test_other_ranks_log_nothing(tmp_path, capsys):
     logger = MetricsLogger(tmp_path, LogConfig(), rank=1, run_config={})
     logger.log({"step": 1, "loss": 0.5})
     assert not (tmp_path / "metrics.jsonl").exists() and capsys.readouterr().out == ""
+
+
+def test_wandb_gets_the_resolved_run_config():
+    """The run config after defaults <- yaml <- dotlist (enums as their strings), plus what it resolved to."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from megadistil.config import load_config
+    from megadistil.engine.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs/tiny.yaml", ["model.student=/m", "train.max_steps=7", "loss.kind=jsd"])
+    trainer = Trainer(cfg, "unused.json")
+    trainer.ds_config, trainer.placement = {"train_batch_size": 8}, SimpleNamespace(as_dict=lambda: {"kernel": "fp32"})
+    got = trainer._wandb_config()
+    assert got["train"]["max_steps"] == 7 and got["loss"]["kind"] == "jsd" and got["teacher"]["kind"] == "shared"
+    assert type(got["loss"]["kind"]) is str and got["ds_config"] == {"train_batch_size": 8}
+    assert got["placement"] == {"kernel": "fp32"} and got["model"]["student"] == "/m"

@@ -15,7 +15,8 @@ import torch
 import webdataset as wds
 
 from megadistil.data import Manifest, decode_sample
-from megadistil.data.precompute import PrecomputeConfig, run_precompute, teacher_topk
+from megadistil.data.precompute import PrecomputeConfig, run_precompute
+from megadistil.distill.targets import teacher_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,8 @@ def test_shards_hold_the_teachers_exact_topk(full_run, tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     raw = next(iter(wds.tariterators.tarfile_samples([{"url": str(out / manifest.shards[1].name)}])))
     dec = decode_sample(raw, seq_len=32, top_k=8, vocab_size=manifest.vocab_size, codec=manifest.codec)
-    ids, lp = teacher_topk(model, torch.from_numpy(dec.input_ids)[None], top_k=8, temperature=1.0)
+    target = teacher_topk(model, torch.from_numpy(dec.input_ids)[None], top_k=8, temperature=1.0)
+    ids, lp = target.topk_ids, target.topk_logprobs
     assert np.array_equal(np.sort(dec.topk_ids, 1), np.sort(ids[0].numpy(), 1))
     np.testing.assert_allclose(np.exp(dec.topk_logprobs), np.exp(np.sort(lp[0].numpy(), 1)[:, ::-1]), atol=0.02)
 

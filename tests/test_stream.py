@@ -55,6 +55,34 @@ def test_batch_layout(shards):
     assert (b["topk_logprobs"].diff(dim=-1) <= 0).all()
 
 
+def test_a_run_that_reads_no_targets_decodes_only_tokens(shards, monkeypatch):
+    """teacher.kind other than shards: the same token batches, and the top-k + tail are never decoded."""
+    import megadistil.data.stream as stream
+
+    full = _take(ShardStream(shards, batch_size=3, shuffle_buffer=5, seed=1), 4)
+    monkeypatch.setattr(stream, "decode_sample", lambda *a, **k: pytest.fail("decoded the targets"))
+    tokens = _take(ShardStream(shards, batch_size=3, shuffle_buffer=5, seed=1, targets=False), 4)
+    assert all(t.keys() == {"input_ids", "labels"} for t in tokens)
+    _same(tokens, [{k: b[k] for k in ("input_ids", "labels")} for b in full])
+
+
+@pytest.mark.parametrize("kind, targets", [("shards", True), ("shared", False)])
+def test_the_trainer_reader_gets_every_data_key(shards, kind, targets):
+    from types import SimpleNamespace
+
+    from megadistil.config import load_config
+    from megadistil.engine.trainer import Trainer
+
+    cfg = load_config(None, ["model.student=/m", f"teacher.kind={kind}", f"data.shards={shards}",
+                             "data.prefetch_factor=5", "data.num_workers=2", "data.shuffle_buffer=7",
+                             "data.on_corrupt=skip", "data.epochs=3", "train.seed=11"])
+    trainer = Trainer(cfg, "unused.json")
+    trainer.dist, trainer.device = SimpleNamespace(rank=0, world_size=1), torch.device("cpu")
+    reader = trainer._build_data()
+    assert (reader.prefetch_factor, reader.num_workers, reader.shuffle_buffer, reader.on_corrupt, reader.epochs,
+            reader.seed, reader.targets) == (5, 2, 7, "skip", 3, 11, targets)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_yields_the_same_batches(shards, workers):
     kw = dict(batch_size=4, num_workers=workers, shuffle_buffer=10, seed=3)

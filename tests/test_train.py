@@ -24,9 +24,11 @@ def deepspeed_run(script: str, args: list[str], *, nproc: int = 2, env: dict | N
 
 
 def train(out: Path, overrides: list[str], **kwargs):
+    """launch/train.py; with MEGADISTIL_FAULT_* in env, the tests' fault-injecting wrapper of it."""
     args = ["--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml",
             f"train.output_dir={out}", *overrides]
-    return deepspeed_run("launch/train.py", args, **kwargs)
+    faults = any(k.startswith("MEGADISTIL_FAULT_") for k in kwargs.get("env") or {})
+    return deepspeed_run("tests/_fault_train.py" if faults else "launch/train.py", args, **kwargs)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -104,7 +106,7 @@ def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
 @pytest.mark.multirank
 def test_offline_shards_run_lowers_kd(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
     """Training targets come from the shards only; the shared teacher is used for the held-out KD measurement."""
-    overrides = [f"model.student={tiny_llama_dir}", f"data.shards={shards_dir}", "data.text=[]",
+    overrides = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
                  f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
                  "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2",
                  "optim.warmup_steps=2", "data.shuffle_buffer=16"]
@@ -117,7 +119,7 @@ def test_offline_shards_run_lowers_kd(tmp_path, tiny_llama_dir, shards_dir, stdl
 def test_separate_hf_teacher_as_zero3_inference_engine(tmp_path, tiny_llama_dir, stdlib_text_file):
     """The teacher is another HF model (here: the same weights, loaded again) partitioned by its own ZeRO-3 engine;
     its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher."""
-    overrides = [f"model.student={tiny_llama_dir}", f"model.teacher={tiny_llama_dir}", "model.teacher_top_k=32",
+    overrides = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
                  f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2",
                  "train.max_steps=8", "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2",
                  "optim.warmup_steps=2"]
@@ -161,8 +163,8 @@ def _trainer(tmp_path, overrides):
 
 
 def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
-    with pytest.raises(ConfigError, match="model.teacher.*/no/such/teacher is not a model directory"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "model.teacher=/no/such/teacher",
+    with pytest.raises(ConfigError, match="teacher.path.*/no/such/teacher is not a model directory"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", "teacher.path=/no/such/teacher",
                             f"data.text=[{stdlib_text_file}]"])._check_inputs()
     with pytest.raises(ConfigError, match="model.student"):
         _trainer(tmp_path, ["model.student=/no/such/student"])._check_inputs()
@@ -173,8 +175,8 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
     with pytest.raises(ConfigError, match="data.shards.*vocab"):
         _trainer(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
     with pytest.raises(ConfigError, match="loss.temperature"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", f"data.shards={shards_dir}", "data.text=[]",
-                            "loss.temperature=2.0"])._check_inputs()
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}",
+                            "data.text=[]", "loss.temperature=2.0"])._check_inputs()
 
 
 @pytest.mark.multirank

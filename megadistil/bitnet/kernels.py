@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 
-class Kernel(str, enum.Enum):
-    AUTO = "auto"
-    INT8 = "int8"
-    FP32 = "fp32"
-    BF16 = "bf16"
+class Kernel(enum.StrEnum):
+    """bitnet.kernel: the GEMM that computes the integer products (auto: the fastest measured on the device)."""
+
+    auto = "auto"
+    int8 = "int8"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 # How much faster than float32 a kernel must measure for `auto` to take it: a near tie keeps float32, so that timing
@@ -45,14 +47,14 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
     the backend has no float32-output bf16 GEMM (CPU), which `auto` therefore only picks when nothing else is faster.
     `torch._int_mm` refuses some shapes on CUDA (M <= 16, K or N not a multiple of 8): those fall back to float32.
     """
-    if kernel is Kernel.INT8:
+    if kernel is Kernel.int8:
         try:
             return torch._int_mm(a, b).float()
         except RuntimeError:
             return a.float() @ b.float()
-    if kernel is Kernel.FP32:
+    if kernel is Kernel.fp32:
         return a.float() @ b.float()
-    if kernel is Kernel.BF16:
+    if kernel is Kernel.bf16:
         if a.is_cuda:
             try:  # float32 accumulate *and* output (torch >= 2.8 on CUDA): exact like fp32 below 2**24
                 return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
@@ -76,7 +78,7 @@ class Hardware:
     def kernel(self) -> Kernel:
         """The fastest kernel measured, unless it fails to beat float32 by AUTO_MARGIN."""
         best = max(self.gflops, key=self.gflops.get)
-        return Kernel(best) if self.gflops[best] >= AUTO_MARGIN * self.gflops["fp32"] else Kernel.FP32
+        return Kernel(best) if self.gflops[best] >= AUTO_MARGIN * self.gflops["fp32"] else Kernel.fp32
 
     @property
     def bf16_fast(self) -> bool:
@@ -188,10 +190,10 @@ def hardware(device: torch.device | str | None = None) -> Hardware:
 def resolve_kernel(requested: Kernel | str, hw: Hardware, key: str = "bitnet.kernel") -> Kernel:
     """`auto` -> the measured choice; an explicit kernel must have units on the device (fp32 always does)."""
     kernel = Kernel(requested)
-    if kernel is Kernel.AUTO:
+    if kernel is Kernel.auto:
         return hw.kernel
-    if kernel is not Kernel.FP32 and kernel.value not in hw.units:
-        need = "int8 matrix units (AMX, AVX512-VNNI or AVX-VNNI; CUDA tensor cores)" if kernel is Kernel.INT8 \
+    if kernel is not Kernel.fp32 and kernel.value not in hw.units:
+        need = "int8 matrix units (AMX, AVX512-VNNI or AVX-VNNI; CUDA tensor cores)" if kernel is Kernel.int8 \
             else "bf16 matrix units (AMX-BF16 or AVX512-BF16; CUDA sm_80+)"
         raise ValueError(f"{key}={kernel.value} needs {need}, which {hw.device} ({hw.name}, {hw.capability}) lacks; "
                          "use auto or fp32")

@@ -7,6 +7,7 @@ in backward, and never forms a dense weight gradient (only the LoRA factors trai
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
@@ -16,7 +17,13 @@ from torch import nn
 from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
 from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
 
-BACKWARD_MODES = ("int8", "bf16")
+
+
+class Backward(enum.StrEnum):
+    """bitnet.backward: the input gradient's numerics (g quantized per row to int8, or kept in the compute dtype)."""
+
+    int8 = "int8"
+    bf16 = "bf16"
 
 
 def effective_weight(
@@ -120,15 +127,15 @@ class BitLinear(nn.Module):
         subln: bool = False,
         subln_eps: float = 1e-6,
         backward: str = "int8",
-        kernel: Kernel | str = Kernel.AUTO,
+        kernel: Kernel | str = Kernel.auto,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         weight: nn.Parameter | None = None,
         bias_param: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
-        if backward not in BACKWARD_MODES:
-            raise ValueError(f"bitnet.backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        if backward not in set(Backward):
+            raise ValueError(f"bitnet.backward must be one of {[b.value for b in Backward]}, got {backward!r}")
         self.in_features, self.out_features, self.lora_rank = in_features, out_features, lora_rank
         self.scaling = (lora_alpha if lora_alpha is not None else lora_rank) / lora_rank
         self.backward_mode = backward
@@ -184,7 +191,7 @@ class BitLinear(nn.Module):
             x = self.sub_norm(x)
         if self.quant_lambda < 1.0:
             return self.fake_quant_forward(x)
-        if self.kernel is Kernel.AUTO:
+        if self.kernel is Kernel.auto:
             self.kernel = hardware(x.device).kernel
         return BitLinearFunction.apply(
             x, self.weight, self.delta, self.lora_A, self.lora_B, self.bias,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel
-from megadistil.bitnet.linear import BACKWARD_MODES, BitLinear
+from megadistil.bitnet.linear import Backward, BitLinear
 from megadistil.bitnet.quant import VALUES_PER_BYTE
 
 
@@ -20,8 +20,8 @@ class BitNetConfig:
     lora_rank: int = 64  # rank r of the one trainable adapter B·A of every BitLinear
     lora_alpha: float | None = None  # None: alpha = rank, scaling 1
     subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
-    backward: str = "int8"  # int8 | bf16: the input gradient's numerics (g quantized per row to int8, or kept)
-    kernel: str = "auto"  # auto | int8 | fp32 | bf16: the GEMM for the integer products (auto: measured per device)
+    backward: Backward = Backward.int8  # the input gradient's numerics (g quantized per row to int8, or kept)
+    kernel: Kernel = Kernel.auto  # the GEMM for the integer products (auto: the fastest measured on the device)
     exclude: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes) that stay nn.Linear
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
     # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds per layer shape.
@@ -32,10 +32,6 @@ class BitNetConfig:
             raise ValueError(f"bitnet.lora_rank must be >= 1, got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"bitnet.lora_alpha must be > 0, got {self.lora_alpha}")
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"bitnet.backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
-        if self.kernel not in {k.value for k in Kernel}:
-            raise ValueError(f"bitnet.kernel must be one of {[k.value for k in Kernel]}, got {self.kernel!r}")
         if self.quant_warmup_steps < 0:
             raise ValueError(f"bitnet.quant_warmup_steps must be >= 0, got {self.quant_warmup_steps}")
 
@@ -56,7 +52,7 @@ def to_bitnet(
     subln: bool = False,
     delta: bool = True,
     backward: str = "int8",
-    kernel: Kernel | str = Kernel.AUTO,
+    kernel: Kernel | str = Kernel.auto,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (except `exclude` and the output embedding) by a BitLinear, in place.
 

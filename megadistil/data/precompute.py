@@ -32,6 +32,7 @@ from megadistil.data.shards import (
     tokenizer_fingerprint,
 )
 from megadistil.data.text import batched, expand_files, pack_text
+from megadistil.distill.targets import teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +143,6 @@ def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
     engine.module.eval()
     engine.module._megadistil_ds_config = keep_alive
     return tok, engine.module, device
-
-
-@torch.no_grad()
-def teacher_topk(model: Any, input_ids: torch.Tensor, *, top_k: int, temperature: float,
-                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k ids [B,S,k] (descending) and their log-probs at temperature T [B,S,k] (float32), chunked over positions."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-    head = model.get_output_embeddings()
-    ids, lps = [], []
-    for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start:start + chunk]).float() / temperature
-        vals, idx = logits.topk(top_k, dim=-1)
-        lps.append(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
-        ids.append(idx)
-    return torch.cat(ids, dim=1), torch.cat(lps, dim=1)
 
 
 # ---------------------------------------------------------------- fingerprints and run identity
@@ -297,9 +283,10 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
                 break
             rows = batch or [(-1, np.zeros(cfg.seq_len, dtype=np.int64))]
             ids = torch.from_numpy(np.stack([s for _, s in rows])).to(device)
-            top_ids, top_lp = teacher_topk(model, ids, top_k=cfg.top_k, temperature=cfg.temperature,
-                                           chunk=cfg.logit_chunk)
-            for (index, seq), ti, tl in zip(batch or [], top_ids.cpu().numpy(), top_lp.cpu().double().numpy()):
+            target = teacher_topk(model, ids, top_k=cfg.top_k, temperature=cfg.temperature,
+                                  chunk_tokens=cfg.logit_chunk)
+            for (index, seq), ti, tl in zip(batch or [], target.topk_ids.cpu().numpy(),
+                                            target.topk_logprobs.cpu().double().numpy()):
                 sample = encode_sample(seq, ti, tl, vocab_size=vocab, codec=codec)
                 writer.write({"__key__": f"r{rank:03d}-{index:010d}", **sample})
                 sidecars.add(len(seq))

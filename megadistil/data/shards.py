@@ -41,10 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from megadistil.distill.losses import TAIL_LOGMASS_FLOOR
+
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 LOGP_FLOOR = -60.0  # probabilities below e^-60 are stored as e^-60; they carry no mass worth a bit
-TAIL_LOGMASS_FLOOR = -80.0  # k == vocab gives an exactly empty tail; keep it finite for the losses
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 22, "lc": 0, "lp": 0, "pb": 0}]
 
 
@@ -283,6 +284,13 @@ def check_raw_sample(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_
     if len(blob) != header["offset"] + sum(sizes.values()):
         raise ValueError(f"bin member has {len(blob)} bytes, header says {header['offset'] + sum(sizes.values())}")
     return header
+
+
+def decode_tokens(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int) -> np.ndarray:
+    """Only the token ids of a raw sample (validated like decode_sample): for a run that does not read the targets."""
+    header = check_raw_sample(sample, seq_len=seq_len, top_k=top_k, vocab_size=vocab_size)
+    return _unpack_fixed(sample["bin"][header["offset"]:header["offset"] + header["sizes"]["tokens"]], seq_len,
+                         _id_bits(vocab_size))
 
 
 def decode_sample(

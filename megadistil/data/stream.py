@@ -17,6 +17,7 @@ The state is the number of batches yielded. A restarted reader replays each stre
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -28,11 +29,17 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample, decode_sample
+from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample, decode_sample, decode_tokens
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-ON_CORRUPT = ("fail", "skip")
+
+
+class OnCorrupt(enum.StrEnum):
+    """data.on_corrupt: a corrupt sample stops the run, or is skipped and counted."""
+
+    fail = "fail"
+    skip = "skip"
 
 
 @dataclass
@@ -43,13 +50,13 @@ class DataConfig:
     num_workers: int = 0  # loader worker processes per rank
     shuffle_buffer: int = 1000  # samples in the shuffle buffer (0: stream order)
     seed: int = 0  # shuffle seed (0: train.seed)
-    on_corrupt: str = "fail"  # fail | skip: a corrupt sample stops the run, or is skipped and counted
+    on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample stops the run, or is skipped and counted
     epochs: int | None = None  # passes over the shards (None: endless)
     prefetch_factor: int = 2  # batches prefetched per worker
 
     def validate(self) -> None:
-        if self.on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"data.on_corrupt must be one of {ON_CORRUPT}, got {self.on_corrupt!r}")
+        if self.on_corrupt not in set(OnCorrupt):
+            raise ValueError(f"data.on_corrupt must be one of {[c.value for c in OnCorrupt]}, got {self.on_corrupt!r}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
         if self.epochs is not None and self.epochs < 1:
@@ -156,10 +163,14 @@ def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Gene
 
 
 def collate(samples: list[Any]) -> dict[str, torch.Tensor]:
-    """Stack decoded samples; labels[t] = input_ids[t+1], last position -100 (all fields at logit positions)."""
-    ids = torch.from_numpy(np.stack([s.input_ids for s in samples]).astype(np.int64))
+    """Stack decoded samples (TeacherSamples, or token arrays alone); labels[t] = input_ids[t+1], last position -100
+    (all fields at logit positions)."""
+    tokens_only = isinstance(samples[0], np.ndarray)
+    ids = torch.from_numpy(np.stack(samples if tokens_only else [s.input_ids for s in samples]).astype(np.int64))
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
+    if tokens_only:
+        return {"input_ids": ids, "labels": labels}
     return {
         "input_ids": ids,
         "labels": labels,
@@ -206,7 +217,7 @@ class ShardStream:
         self, shard_dir: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
         shuffle_buffer: int = 1000, seed: int = 0, on_corrupt: str = "fail", epochs: int | None = None,
         prefetch_factor: int = 2, vocab_size: int | None = None, tokenizer_fingerprint: str | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool = False, targets: bool = True,
     ):
         DataConfig(str(shard_dir), num_workers, shuffle_buffer, seed, on_corrupt, epochs).validate()
         if not 0 <= rank < world_size:
@@ -222,6 +233,7 @@ class ShardStream:
         self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory  # pinned: non-blocking copies to CUDA
+        self.targets = targets  # False: token ids only, the top-k + tail are never decoded
         self.batches_per_epoch = self.manifest.total_samples // (world_size * batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
@@ -256,7 +268,8 @@ class ShardStream:
         for raw in raws:
             try:
                 out.append(decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size,
-                                         codec=m.codec))
+                                         codec=m.codec) if self.targets else
+                           decode_tokens(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size))
             except ValueError as exc:
                 raise ShardFormatError(f"shard {Path(raw['__url__']).name} key {raw['__key__']}: {exc}") from None
         return collate(out)

@@ -19,6 +19,7 @@ The hidden-state and attention-relation terms are separate functions; the traine
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,11 +29,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
-# A stored tail mass of 0 (teacher's top-k held everything up to float32 rounding) would make log p_tail = -inf
-# and reverse KL infinite as soon as the student puts any mass there. Below this floor the tail's log is clamped;
-# the tail's *probability* is not, so forward KL is unaffected.
-TAIL_MASS_FLOOR = 1e-12
+# A tail of exactly 0 (k == vocab, or a top-k holding everything in float32) would make log p_tail = -inf and
+# reverse KL infinite as soon as the student puts any mass there. The one floor for the tail's log-mass, wherever
+# a target is made or read (live teachers, shards); exp(floor) = 1e-12 is far below any mass that matters.
+TAIL_LOGMASS_FLOOR = math.log(1e-12)
+
+
+class KDKind(enum.StrEnum):
+    """loss.kind: the divergence on the teacher's distribution."""
+
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+
+
+class Target(enum.StrEnum):
+    """What a loss term reads from the teacher (a teacher kind declares which of these it provides)."""
+
+    logits = "logits"  # a distribution over the vocabulary: top-k + tail, or dense logits
+    hidden = "hidden"  # per-layer hidden states
+    qkv = "qkv"  # attention q/k/v projections
 
 LayerSpec = list[int] | str
 
@@ -41,7 +57,7 @@ LayerSpec = list[int] | str
 class LossConfig:
     """Loss settings; composed into the run config under the key `loss`."""
 
-    kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd: the divergence on the teacher's distribution
+    kind: KDKind = KDKind.forward_kl  # the divergence on the teacher's distribution
     jsd_beta: float = 0.5  # JSD's β (mixture weight of the teacher)
     temperature: float = 1.0  # softmax temperature of teacher and student; the KD term is scaled by T²
     kd_weight: float = 1.0  # weight of the KD term
@@ -55,10 +71,15 @@ class LossConfig:
     attn_relation_temperature: float = 1.0  # temperature of the relation softmax
     chunk_tokens: int = 1024  # tokens per LM-head chunk: no [tokens x vocab] tensor is ever materialised
 
+    def needs(self) -> dict[Target, str]:
+        """The teacher targets this loss reads, each with the key that asks for it."""
+        weights = ((Target.logits, "kd_weight"), (Target.hidden, "hidden_weight"), (Target.qkv, "attn_relation_weight"))
+        return {target: f"loss.{key}" for target, key in weights if getattr(self, key)}
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
-        if self.kind not in KD_KINDS:
-            raise ValueError(f"loss.kind must be one of {KD_KINDS}, got {self.kind!r}")
+        if self.kind not in set(KDKind):
+            raise ValueError(f"loss.kind must be one of {[k.value for k in KDKind]}, got {self.kind!r}")
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
         _require(self.temperature > 0 and math.isfinite(self.temperature), "loss.temperature", self.temperature, "> 0")
@@ -105,19 +126,19 @@ def resolve_layers(spec: LayerSpec, num_layers: int, key: str) -> list[int]:
 
 @dataclass
 class SparseTarget:
-    """Offline teacher target per token: top-k ids and log-probs (at temperature T, sorted desc) + tail mass."""
+    """A teacher's target per token: top-k ids and log-probs (at temperature T, sorted desc) + the tail's log-mass."""
 
     topk_ids: Tensor  # int64 [N, k]
     topk_logprobs: Tensor  # float [N, k]
-    tail_mass: Tensor  # float [N], 1 - sum(exp(topk_logprobs)), may be ~0
+    tail_logmass: Tensor  # float [N], log(1 - sum(exp(topk_logprobs))) computed in log space, >= TAIL_LOGMASS_FLOOR
 
     def flat(self, num_tokens: int, vocab: int) -> SparseTarget:
         """Flatten leading dims to [N, k] and check shapes and id range (errors name the field)."""
         k = self.topk_ids.shape[-1]
         ids = self.topk_ids.reshape(-1, k)
         logprobs = self.topk_logprobs.reshape(-1, k)
-        tail = self.tail_mass.reshape(-1)
-        for name, t in (("sparse.topk_ids", ids), ("sparse.topk_logprobs", logprobs), ("sparse.tail_mass", tail)):
+        tail = self.tail_logmass.reshape(-1)
+        for name, t in (("sparse.topk_ids", ids), ("sparse.topk_logprobs", logprobs), ("sparse.tail_logmass", tail)):
             if t.shape[0] != num_tokens:
                 raise ValueError(f"{name} has {t.shape[0]} tokens, hidden has {num_tokens}")
         if ids.dtype != torch.int64:
@@ -179,9 +200,9 @@ def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tenso
     lse_tail = _logsumexp_(tail_exp)
     lse = torch.logaddexp(torch.logsumexp(s_top, -1, keepdim=True), lse_tail)
     logq = torch.cat([s_top, lse_tail], -1) - lse
-    p_tail = tail.clamp(0.0, 1.0).unsqueeze(-1)
-    logp = torch.cat([t_logprobs, p_tail.clamp_min(TAIL_MASS_FLOOR).log()], -1)
-    p = torch.cat([t_logprobs.exp(), p_tail], -1)
+    log_tail = tail.clamp(TAIL_LOGMASS_FLOOR, 0.0).unsqueeze(-1)
+    logp = torch.cat([t_logprobs, log_tail], -1)
+    p = logp.exp()
     kd, g = _bucket_divergence(kind, beta, logp, logq, p, need_grad)
     if g is None:
         return kd, None
@@ -229,7 +250,7 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
         s = z / T if T != 1.0 else z
         if chunk.sparse is not None:
             sp = chunk.sparse
-            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_mass, need_grad)
+            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass, need_grad)
         else:
             with torch.no_grad():
                 t_logits = (chunk.teacher_hidden @ teacher_weight.T).float()
@@ -252,7 +273,7 @@ def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_
         idx = valid[start:start + chunk_tokens]
         sp = None
         if sparse is not None:
-            sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_mass[idx])
+            sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_logmass[idx])
         th = teacher_hidden[idx] if teacher_hidden is not None else None
         yield idx, _Chunk(labels[idx], sp, th)
 
@@ -331,7 +352,7 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
         raise ValueError("give either sparse or teacher_hidden as the KD target, not both")
     if sparse is not None:
         flat = sparse.flat(hidden.shape[0], vocab)
-        ids, logprobs, tail = flat.topk_ids, flat.topk_logprobs, flat.tail_mass
+        ids, logprobs, tail = flat.topk_ids, flat.topk_logprobs, flat.tail_logmass
     if teacher_hidden is not None:
         teacher_hidden, teacher_lm_head_weight = _check_teacher(teacher_hidden, teacher_lm_head_weight,
                                                                 hidden.shape[0], vocab)

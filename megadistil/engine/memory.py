@@ -277,7 +277,7 @@ def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: 
         act = dims.layers * per_block + transients
         how = f"{tokens} tokens x {dims.layers} blocks, no checkpointing"
     est.rows.append(("activations", int(act), how))
-    teacher = tokens * dims.hidden * p * (1 + _hidden_layers(cfg, dims)) if cfg.model.teacher != "none" else 0
+    teacher = tokens * dims.hidden * p * (1 + _hidden_layers(cfg, dims)) if cfg.teacher.kind in ("shared", "hf") else 0
     est.rows.append(("teacher targets", int(teacher), "final hidden states" if teacher else "offline: in the batch"))
     chunk = min(cfg.loss.chunk_tokens, tokens)
     est.rows.append(("chunked logits", int(chunk * dims.vocab * 4 * 4),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
-from megadistil.config import ConfigError, RunConfig
+from megadistil.config import ConfigError, RunConfig, TeacherKind
 from megadistil.engine.device import Placement
 
 # Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
@@ -70,13 +70,13 @@ def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]
     optimizer's param groups, each with its `lr_mult`."""
     groups: dict[float, list[nn.Parameter]] = {}
     patterns = [(re.compile(g.pattern), g.lr_mult) for g in cfg.optim.param_groups]
-    shared_teacher = cfg.model.teacher == "shared"
+    shared_teacher = cfg.teacher.kind == TeacherKind.shared
     for name, param in model.named_parameters():
         mult = next((m for p, m in patterns if p.search(name)), 1.0 if DEFAULT_TRAINABLE.search(name) else 0.0)
         if mult > 0 and shared_teacher and not DEFAULT_TRAINABLE.search(name):
             raise ConfigError(
                 f"config key 'optim.param_groups': {name} would train, but the shared teacher uses it; "
-                "train only lora_A / lora_B / sub_norm with model.teacher=shared"
+                "train only lora_A / lora_B / sub_norm with teacher.kind=shared"
             )
         param.requires_grad_(mult > 0)
         if mult > 0:

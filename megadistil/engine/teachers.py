@@ -1,9 +1,12 @@
-"""Teachers behind one interface: `targets(batch) -> Targets`.
+"""Teachers behind one interface: `targets(batch, loss) -> Targets`, exactly the targets that `loss` reads.
 
-- SharedTeacher: teacher mode of the student's own weights (zero extra bytes; hidden states and attention too).
-- HFTeacher: a separate frozen HF model as a ZeRO-3 inference engine; gives top-k + tail targets like the shards.
-- OfflineTeacher: targets precomputed into shards, carried by the batch.
-- NoTeacher: CE only (the shared teacher still gives the held-out comparison in eval).
+One class per `teacher.kind`; what each provides is config.TEACHER_PROVIDES, checked against every stage's loss before
+any weight loads, so a teacher is never asked for a target it lacks.
+
+- SharedTeacher (shared): teacher mode of the student's own weights (zero extra bytes; hidden states and q/k/v too).
+- HFTeacher (hf): a separate frozen HF model as a ZeRO-3 inference engine; top-k + tail targets like the shards.
+- OfflineTeacher (shards): targets precomputed into shards, carried by the batch.
+- NoTeacher (none): CE only.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from megadistil.bitnet import teacher_mode
-from megadistil.distill.losses import SparseTarget
+from megadistil.config import layer_lists
+from megadistil.distill.losses import LossConfig, SparseTarget, Target
+from megadistil.distill.targets import teacher_topk
 
 
 @dataclass
@@ -29,9 +34,7 @@ class Targets:
 
 
 class Teacher(Protocol):
-    live: bool
-
-    def targets(self, batch: dict[str, Tensor]) -> Targets: ...
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets: ...
 
 
 @contextlib.contextmanager
@@ -57,68 +60,60 @@ def as_qkv(captured: dict[int, dict[str, Tensor]]) -> dict[int, tuple[Tensor, Te
 
 
 class SharedTeacher:
-    live = True
+    """The student's own weights in teacher mode; the layers captured are the ones the step's loss reads."""
 
-    def __init__(self, student: nn.Module, *, hidden_layers: list[int], qkv_layers: list[int]) -> None:
-        self.student, self.hidden_layers, self.qkv_layers = student, hidden_layers, qkv_layers
+    def __init__(self, student: nn.Module) -> None:
+        self.student = student
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor]) -> Targets:
-        with teacher_mode(self.student), capture_qkv(self.student, self.qkv_layers) as qkv:
-            out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(self.hidden_layers))
-        layer_hidden = [out.hidden_states[i + 1] for i in self.hidden_layers] if self.hidden_layers else []
-        return Targets(hidden=out.last_hidden_state, layer_hidden=layer_hidden, qkv=as_qkv(qkv))
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+        if not loss.needs():
+            return Targets()  # a CE-only stage: no teacher forward
+        hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
+        with teacher_mode(self.student), capture_qkv(self.student, qkv_layers) as qkv:
+            out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
+        layer_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
+        return Targets(hidden=out.last_hidden_state if Target.logits in loss.needs() else None,
+                       layer_hidden=layer_hidden, qkv=as_qkv(qkv))
 
 
 class NoTeacher:
-    """A loss with no teacher term (CE only): the targets are the labels alone."""
+    """CE only: the targets are the labels alone."""
 
-    live = False
-
-    def targets(self, batch: dict[str, Tensor]) -> Targets:
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
         return Targets()
 
 
 class OfflineTeacher:
-    live = False
+    """The shards' top-k + tail, decoded by the reader into the batch."""
 
-    def targets(self, batch: dict[str, Tensor]) -> Targets:
-        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"].exp()))
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+        if Target.logits not in loss.needs():
+            return Targets()
+        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]))
 
 
 class TopKHead(nn.Module):
-    """A separate teacher that emits top-k log-probs at temperature T + tail mass, chunk by chunk over tokens."""
+    """A separate teacher's top-k log-probs at temperature T + tail log-mass (the precompute's producer), as one
+    module so that its ZeRO-3 engine gathers every weight the forward uses."""
 
-    def __init__(self, model: nn.Module, top_k: int, temperature: float, chunk_tokens: int) -> None:
+    def __init__(self, model: nn.Module, top_k: int) -> None:
         super().__init__()
-        self.model, self.top_k, self.temperature, self.chunk_tokens = model, top_k, temperature, chunk_tokens
+        self.model, self.top_k = model, top_k
 
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hidden = self.model.model(input_ids=input_ids).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        ids, logps = [], []
-        for start in range(0, flat.shape[0], self.chunk_tokens):
-            logits = self.model.lm_head(flat[start:start + self.chunk_tokens]).float() / self.temperature
-            top = torch.log_softmax(logits, -1).topk(self.top_k, dim=-1)
-            ids.append(top.indices)
-            logps.append(top.values)
-        ids, logps = torch.cat(ids), torch.cat(logps)
-        tail = (1 - logps.exp().sum(-1)).clamp_(min=0)
-        shape = input_ids.shape
-        return ids.reshape(*shape, -1), logps.reshape(*shape, -1), tail.reshape(shape)
+    def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        t = teacher_topk(self.model, input_ids, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
+        return t.topk_ids, t.topk_logprobs, t.tail_logmass
 
 
 class HFTeacher:
-    live = True
-
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int, temperature: float,
-                 chunk_tokens: int) -> None:
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int) -> None:
         model.requires_grad_(False).eval()
         inference_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-        self.engine, *_ = deepspeed.initialize(model=TopKHead(model, top_k, temperature, chunk_tokens),
-                                               config=inference_config)
+        self.engine, *_ = deepspeed.initialize(model=TopKHead(model, top_k), config=inference_config)
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor]) -> Targets:
-        ids, logps, tail = self.engine(batch["input_ids"])
-        return Targets(sparse=SparseTarget(ids, logps, tail))
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+        if Target.logits not in loss.needs():
+            return Targets()
+        return Targets(sparse=SparseTarget(*self.engine(batch["input_ids"], loss.temperature, loss.chunk_tokens)))

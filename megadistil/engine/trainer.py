@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
 from megadistil.bitnet import set_quant_lambda
-from megadistil.config import ConfigError, RunConfig, load_ds_config, reconcile_ds_config, stage_config, to_yaml
+from megadistil.config import (
+    ConfigError, Resume, RunConfig, TeacherKind, layer_lists, load_ds_config, loss_configs, reconcile_ds_config,
+    stage_config, to_yaml,
+)
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
+from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import (
-    IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss, resolve_layers,
+    IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss,
 )
 from megadistil.engine import checkpoint
 from megadistil.engine.device import place
@@ -45,8 +49,8 @@ class DistillModule(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig,
-                hidden_layers: list[int], qkv_layers: list[int]) -> dict[str, Tensor]:
+    def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
+        hidden_layers, qkv_layers = layer_lists(cfg, self.student.config.num_hidden_layers)
         with capture_qkv(self.student, qkv_layers) as qkv:
             out = self.student.model(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
         weight = self.student.lm_head.weight
@@ -54,12 +58,12 @@ class DistillModule(nn.Module):
                                      teacher_hidden=targets.hidden,
                                      teacher_lm_head_weight=weight if targets.hidden is not None else None)
         mask = labels != IGNORE_INDEX
-        if hidden_layers and targets.layer_hidden:
+        if hidden_layers:
             student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
             parts["hidden"] = hidden_state_loss(student_hidden, targets.layer_hidden, mask,
                                                 magnitude_weight=cfg.hidden_magnitude_weight)
             parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
-        if qkv_layers and targets.qkv:
+        if qkv_layers:
             student_qkv = as_qkv(qkv)
             terms = [attention_relation_loss(student_qkv[i], targets.qkv[i], mask,
                                              num_relation_heads=cfg.attn_relation_heads,
@@ -69,17 +73,29 @@ class DistillModule(nn.Module):
         return parts
 
 
+@dataclass
+class TrainState:
+    """What the loop counts, saved in every checkpoint's meta.json and restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    resets: int = 0  # ReLoRA merges done
+    nan_skipped: int = 0  # micro-batches skipped for a non-finite loss
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str) -> None:
         self.cfg, self.ds_config_path = cfg, ds_config_path
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.step = 0
-        self.resets = 0
-        self.nan_total = 0
+        self.state = TrainState()
         self.logger: MetricsLogger | None = None
-        self.faults = _faults_from_env()
-        self._batches_drawn = 0
         self._interval = _StepClock()
 
     # ---------------------------------------------------------------- setup
@@ -106,11 +122,11 @@ class Trainer:
             deepspeed.zero.register_external_parameter(self.module, student.lm_head.weight)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=self.ds_config)
-        self.num_layers = student.config.num_hidden_layers
-        self.teacher = self._build_teacher(student)
+        self.teacher = self._build_teacher()
         self.eval_seqs = self._build_eval()
+        self.eval_kd = self.eval_seqs is not None and self._shared_is_the_teacher()
         self._prepare_run_dir()
-        if cfg.train.resume == "auto":
+        if cfg.train.resume == Resume.auto:
             self._resume()
         self._truncate_metrics()
 
@@ -118,23 +134,18 @@ class Trainer:
         """Everything that can be checked before a weight is loaded."""
         cfg = self.cfg
         check_model_dir(cfg.model.student, "model.student")
-        if cfg.model.teacher not in ("shared", "none"):
-            check_model_dir(cfg.model.teacher, "model.teacher")
-        if cfg.model.teacher == "none" and not cfg.data.shards:
-            raise ConfigError("config key 'model.teacher': none needs data.shards (offline targets)")
+        if cfg.teacher.kind == TeacherKind.hf:
+            check_model_dir(cfg.teacher.path, "teacher.path")
         student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
+        for where, loss in loss_configs(cfg):
+            try:
+                layer_lists(loss, student_config.num_hidden_layers)
+            except ValueError as e:
+                raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         if cfg.data.shards:
-            manifest = Manifest.load(cfg.data.shards)
-            try:
-                manifest.check_compatible(vocab_size=student_config.vocab_size,
-                                          tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))
-            except ValueError as e:
-                raise ConfigError(f"config key 'data.shards': {e}") from None
-            if not math.isclose(manifest.temperature, cfg.loss.temperature):
-                raise ConfigError(f"config key 'loss.temperature': {cfg.loss.temperature} but the shards in "
-                                  f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+            self._check_shards(Manifest.load(cfg.data.shards), student_config.vocab_size)
         if cfg.train.eval_tasks:
             from megadistil.eval.tasks import EvalError, preflight
 
@@ -143,13 +154,26 @@ class Trainer:
             except EvalError as e:
                 raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
 
+    def _check_shards(self, manifest: Manifest, vocab_size: int) -> None:
+        cfg = self.cfg
+        try:
+            manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.shards': {e}") from None
+        if cfg.teacher.kind != TeacherKind.shards:
+            return  # the shards are the token source only; their targets are never decoded
+        for where, loss in loss_configs(cfg):
+            if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
+                raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
+                                  f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+
     def _build_data(self):
         cfg, d = self.cfg, self.cfg.data
         common = dict(batch_size=cfg.train.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
                       pin_memory=self.device.type == "cuda")
         if d.shards:
-            return ShardStream(d.shards, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                               seed=d.seed or cfg.train.seed, on_corrupt=d.on_corrupt, epochs=d.epochs, **common)
+            return ShardStream.from_config(replace(d, seed=d.seed or cfg.train.seed),
+                                           targets=cfg.teacher.kind == TeacherKind.shards, **common)
         return PackedTextBatches.from_files(list(d.text), self.tokenizer, d.seq_len, seed=cfg.train.seed, **common)
 
     def _build_eval(self) -> np.ndarray | None:
@@ -160,23 +184,25 @@ class Trainer:
         count = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size
         return eval_sequences(list(d.eval_text), self.tokenizer, seq_len, count)
 
-    def _build_teacher(self, student: nn.Module) -> Teacher:
-        cfg = self.cfg
-        if not (cfg.loss.kd_weight or cfg.loss.hidden_weight or cfg.loss.attn_relation_weight or cfg.stages):
-            return NoTeacher()  # CE only: a teacher forward every step would be thrown away
-        if cfg.model.teacher == "none":
+    def _build_teacher(self) -> Teacher:
+        kind = self.cfg.teacher.kind
+        if kind == TeacherKind.shared:
+            return SharedTeacher(self.engine.module.student)
+        if kind == TeacherKind.shards:
             return OfflineTeacher()
-        if cfg.model.teacher == "shared":
-            if cfg.data.shards:
-                return OfflineTeacher()  # the shards are the targets; the shared teacher is still used for eval
-            hidden = resolve_layers(cfg.loss.hidden_layers, self.num_layers, "loss.hidden_layers") \
-                if cfg.loss.hidden_weight else []
-            qkv = resolve_layers(cfg.loss.attn_relation_layers, self.num_layers, "loss.attn_relation_layers") \
-                if cfg.loss.attn_relation_weight else []
-            return SharedTeacher(self.engine.module.student, hidden_layers=hidden, qkv_layers=qkv)
-        model = load_causal_lm(cfg.model.teacher, cfg, self.ds_config, self.placement.dtype)
-        return HFTeacher(model, self.ds_config, top_k=cfg.model.teacher_top_k, temperature=cfg.loss.temperature,
-                         chunk_tokens=cfg.loss.chunk_tokens)
+        if kind == TeacherKind.none:
+            return NoTeacher()
+        model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
+        return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
+
+    def _shared_is_the_teacher(self) -> bool:
+        """Whether the held-out KD to the shared teacher (the base model) measures distillation to this run's
+        teacher: with the shared kind, or with shards precomputed from the student's own base model."""
+        kind = self.cfg.teacher.kind
+        if kind == TeacherKind.shards:
+            return Manifest.load(self.cfg.data.shards).teacher_fingerprint == \
+                teacher_dir_fingerprint(self.cfg.model.student)
+        return kind == TeacherKind.shared
 
     def _prepare_run_dir(self) -> None:
         if self.dist.rank == 0:
@@ -189,40 +215,45 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         self.logger = MetricsLogger(self.run_dir, self.cfg.log, rank=self.dist.rank,
-                                    run_config=json.loads(json.dumps(self.ds_config)))
+                                    run_config=self._wandb_config())
+
+    def _wandb_config(self) -> dict[str, Any]:
+        """The resolved run config as wandb's run config, with the ds_config and placement it resolved to."""
+        run = OmegaConf.to_container(OmegaConf.structured(self.cfg), enum_to_str=True)
+        return {**run, "ds_config": self.ds_config, "placement": self.placement.as_dict()}
 
     def _truncate_metrics(self) -> None:
         """A killed run may have logged steps past its last checkpoint, and resume=never starts over: keep only the
         records up to the step we start from, so metrics.jsonl reads as one run."""
         path = self.run_dir / "metrics.jsonl"
         if self.dist.rank == 0 and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.step
-                    or (self.step and json.loads(line).get("step") == self.step)]
+            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.state.step
+                    or (self.state.step and json.loads(line).get("step") == self.state.step)]
             checkpoint.write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_root)
         if tag is None:
             return
-        meta, state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
-        self.step, self.resets, self.nan_total = meta["step"], meta["resets"], meta["nan_total"]
-        self.data.load_state_dict(state["data"])
-        self._print(f"resumed from {self.ckpt_root / tag} at step {self.step}")
+        meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
+        self.state.load_state_dict(meta)
+        self.data.load_state_dict(rank_state["data"])
+        self._print(f"resumed from {self.ckpt_root / tag} at step {self.state.step}")
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
         cfg = self.cfg
         batches = iter(self.data)
         self.engine.train()
-        if self.step == 0 and self._evaluates():
+        if self.state.step == 0 and self._evaluates():
             self._evaluate(teacher=True)
-        while self.step < cfg.train.max_steps:
-            step = self.step + 1
+        while self.state.step < cfg.train.max_steps:
+            step = self.state.step + 1
             active = stage_config(cfg, step) if cfg.stages else cfg
             self._before_step(step, active)
             start = time.perf_counter()
             parts, tokens = self._optimizer_step(batches, active)
-            self.step = step
+            self.state.step = step
             if self._is_log_step(step):
                 self._log_step(step, parts, tokens, start)
             else:
@@ -231,15 +262,14 @@ class Trainer:
                 self.save()
             if self._evaluates() and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self._evaluate()
-            self._fault("kill_after_step", step)
-        if self._evaluates() and not (cfg.train.eval_every and self.step % cfg.train.eval_every == 0):
+        if self._evaluates() and not (cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0):
             self._evaluate()
 
     def _before_step(self, step: int, active: RunConfig) -> None:
         if is_reset_step(step, self.cfg.relora):
-            self.resets += 1
+            self.state.resets += 1
             relora_reset(self.engine.module.student, self.cfg.relora, seed=self.cfg.train.seed,
-                         reset_index=self.resets)
+                         reset_index=self.state.resets)
         lr = lr_at(step, active.optim, self.cfg.relora, self.cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -257,14 +287,12 @@ class Trainer:
         while done < self.cfg.train.grad_accum:
             batch = self._to_device(next(batches))
             parts = self._forward(batch, active.loss)
-            if self._fault("nan_batches", self._batches_drawn):
-                parts["loss"] = parts["loss"] * float("nan")
             if not self._all_finite(parts["loss"]):
                 consecutive += 1
-                self.nan_total += 1
-                self._print(f"step {self.step + 1}: non-finite loss, micro-batch skipped ({consecutive} in a row)")
+                self.state.nan_skipped += 1
+                self._print(f"step {self.state.step + 1}: non-finite loss, micro-batch skipped ({consecutive} in a row)")
                 if consecutive >= self.cfg.train.max_nan_steps:
-                    raise FloatingPointError(f"{consecutive} non-finite losses in a row at step {self.step + 1}; "
+                    raise FloatingPointError(f"{consecutive} non-finite losses in a row at step {self.state.step + 1}; "
                                              f"stopping (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
                 continue
             consecutive = 0
@@ -281,11 +309,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, Tensor], loss_cfg: LossConfig) -> dict[str, Tensor]:
-        self._batches_drawn += 1
-        targets = self.teacher.targets(batch)
-        hidden = getattr(self.teacher, "hidden_layers", [])
-        qkv = getattr(self.teacher, "qkv_layers", [])
-        return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, hidden, qkv)
+        return self.engine(batch["input_ids"], batch["labels"], self.teacher.targets(batch, loss_cfg), loss_cfg)
 
     def _peak_memory(self) -> dict[str, float]:
         """peak_mem_mb (the largest over ranks) and peak_mem_mb_rank<r> for each rank."""
@@ -314,7 +338,7 @@ class Trainer:
         total_tokens = int(tokens) * self.dist.world_size
         record = {"step": step, **values, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
-                  "resets": self.resets, "nan_skipped": self.nan_total, **self._peak_memory()}
+                  "resets": self.state.resets, "nan_skipped": self.state.nan_skipped, **self._peak_memory()}
         self.logger.log(record)
 
     @torch.no_grad()
@@ -324,10 +348,10 @@ class Trainer:
         from megadistil.bitnet import teacher_mode
 
         self.engine.eval()
-        live = self.cfg.model.teacher == "shared"
+        live = self.eval_kd
         loss_cfg = LossConfig(kind=self.cfg.loss.kind, temperature=self.cfg.loss.temperature,
                               kd_weight=1.0 if live else 0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
-        record = {"step": self.step, **self._task_scores()}
+        record = {"step": self.state.step, **self._task_scores()}
         if self.eval_seqs is not None:
             ce, kd = self._eval_pass(loss_cfg, live)
             record.update({"eval_ppl_student": math.exp(ce), **({"eval_kd": kd} if live else {})})
@@ -356,12 +380,12 @@ class Trainer:
     def _eval_pass(self, loss_cfg: LossConfig, live: bool) -> tuple[float, float]:
         """Token-weighted mean CE and KD over the eval sequences (all ranks)."""
         mb, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
-        shared = SharedTeacher(self.engine.module.student, hidden_layers=[], qkv_layers=[])
+        shared = SharedTeacher(self.engine.module.student)
         total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for start in range(rank * mb, len(self.eval_seqs), mb * world):
             batch = self._to_device(shifted_batch(self.eval_seqs[start:start + mb]))
-            targets = shared.targets(batch) if live else Targets()
-            parts = self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg, [], [])
+            targets = shared.targets(batch, loss_cfg) if live else Targets()
+            parts = self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg)
             n = parts["tokens"].double()
             total += torch.stack([parts["ce"].double() * n, parts["kd"].double() * n, n])
         if dist.is_initialized():
@@ -371,9 +395,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- save / cleanup
     def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.ckpt_root, self.step,
+        tag = checkpoint.save(self.engine, self.ckpt_root, self.state.step,
                               rank_state={"data": self.data.state_dict()},
-                              meta={"resets": self.resets, "nan_total": self.nan_total,
+                              meta={**self.state.state_dict(),
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
                               config_yaml=to_yaml(self.cfg))
         self._print(f"saved {self.ckpt_root / tag}")
@@ -388,13 +412,6 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
-
-    def _fault(self, name: str, value: int) -> bool:
-        """Fault injection for the tests (MEGADISTIL_FAULT_<NAME>=n,m): kill_after_step SIGKILLs every rank."""
-        hit = value in self.faults.get(name, ())
-        if hit and name == "kill_after_step":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return hit
 
 
 class _StepClock:
@@ -411,14 +428,6 @@ class _StepClock:
         mean = self.seconds / max(self.steps, 1)
         self.seconds, self.steps = 0.0, 0
         return mean
-
-
-def _faults_from_env() -> dict[str, set[int]]:
-    faults = {}
-    for name in ("kill_after_step", "nan_batches"):
-        raw = os.environ.get(f"MEGADISTIL_FAULT_{name.upper()}", "")
-        faults[name] = {int(v) for v in raw.split(",") if v.strip()}
-    return faults
 
 
 def _seed_everything(seed: int) -> None:

@@ -27,20 +27,20 @@ def _float64_reference(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
     return hq @ ((w * sw).round().clamp(-1, 1) / sw).t()
 
 
-@pytest.mark.parametrize("kernel", [Kernel.INT8, Kernel.FP32, Kernel.BF16])
+@pytest.mark.parametrize("kernel", [Kernel.int8, Kernel.fp32, Kernel.bf16])
 def test_code_matmul_on_cuda_is_the_integer_product(kernel):
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (64, 4096), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (4096, 128), dtype=torch.int8, generator=g)
     got = code_matmul(a.to(CUDA), b.to(CUDA), kernel).cpu().double()
     ref = a.double() @ b.double()
-    if kernel is Kernel.BF16 and not torch.equal(got, ref):  # only where torch lacks mm(out_dtype=float32)
+    if kernel is Kernel.bf16 and not torch.equal(got, ref):  # only where torch lacks mm(out_dtype=float32)
         torch.testing.assert_close(got, ref, rtol=2**-8, atol=0)
     else:
         assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("kernel", [Kernel.INT8, Kernel.FP32])
+@pytest.mark.parametrize("kernel", [Kernel.int8, Kernel.fp32])
 def test_bitlinear_forward_on_cuda_matches_float64(kernel):
     layer = _layer(kernel, torch.float32)
     x = torch.randn(4, 32, 512, device=CUDA)
@@ -49,7 +49,7 @@ def test_bitlinear_forward_on_cuda_matches_float64(kernel):
 
 def test_bitlinear_gradients_on_cuda_agree_across_kernels_to_the_bit():
     outs = []
-    for kernel in (Kernel.INT8, Kernel.FP32):
+    for kernel in (Kernel.int8, Kernel.fp32):
         layer = _layer(kernel, torch.float32)
         x = torch.randn(4, 32, 512, device=CUDA, generator=torch.Generator(CUDA).manual_seed(1), requires_grad=True)
         y = layer(x)

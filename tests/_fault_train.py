@@ -1,0 +1,44 @@
+"""launch/train.py with faults injected from outside the training loop (the tests' harness, not production code).
+
+    MEGADISTIL_FAULT_KILL_AFTER_STEP=n[,m]  every rank SIGKILLs itself once step n is done (saved, evaluated)
+    MEGADISTIL_FAULT_NAN_BATCHES=i[,j]      the i-th micro-batch drawn (1-based, counting skipped ones) has a NaN loss
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launch.train import main  # noqa: E402
+from megadistil.engine.trainer import Trainer  # noqa: E402
+
+
+def _steps(name: str) -> set[int]:
+    return {int(v) for v in os.environ.get(f"MEGADISTIL_FAULT_{name}", "").split(",") if v.strip()}
+
+
+def inject(kill_after: set[int], nan_batches: set[int]) -> None:
+    forward, before_step = Trainer._forward, Trainer._before_step
+    drawn = 0
+
+    def faulty_forward(self, batch, loss_cfg):
+        nonlocal drawn
+        drawn += 1
+        parts = forward(self, batch, loss_cfg)
+        if drawn in nan_batches:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    def killing_before_step(self, step, active):
+        if step - 1 in kill_after:  # step - 1 finished entirely: its checkpoint and evaluation are written
+            os.kill(os.getpid(), signal.SIGKILL)
+        before_step(self, step, active)
+
+    Trainer._forward, Trainer._before_step = faulty_forward, killing_before_step
+
+
+if __name__ == "__main__":
+    inject(_steps("KILL_AFTER_STEP"), _steps("NAN_BATCHES"))
+    sys.exit(main())
