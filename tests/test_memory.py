@@ -89,6 +89,50 @@ def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert parse_bytes("80GB") == 80 * GiB and parse_bytes("81920MiB") == 80 * GiB
 
 
+def test_readme_planner_tables_are_the_tools_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ```-quoted `$ python tools/estimate_memory.py ...` in the README is what the tool prints now."""
+    import contextlib
+    import io
+    import re
+    import shlex
+
+    main = _tool_main()
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"```\n\$ python tools/estimate_memory\.py (.*?)\n(.*?)```", (ROOT / "README.md").read_text(),
+                        re.DOTALL)
+    assert len(blocks) >= 6 and {"configs/qwen2.5-0.5b.yaml", "configs/phi-3-mini.yaml"} <= \
+        {shlex.split(args)[1] for args, _ in blocks}
+    for args, shown in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main(shlex.split(args))
+        assert shown == out.getvalue(), f"README's table for `{args}` is stale: paste the tool's output"
+
+
+def test_block_layout_by_architecture_and_unknown_ones_said(tmp_path: Path) -> None:
+    from megadistil.engine.memory import MODEL_PRESETS, ModelDims
+
+    names = lambda d: [lin.name.split(".")[-1] for lin in d.block_linears()]
+    phi = ModelDims.from_hf(MODEL_PRESETS["phi-3-mini"], "phi")
+    assert names(phi) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert [(lin.inp, lin.out) for lin in phi.block_linears()] == [(3072, 9216), (3072, 3072), (3072, 16384),
+                                                                   (8192, 3072)]
+    qwen = ModelDims.from_hf(MODEL_PRESETS["qwen2.5-0.5b"], "qwen")
+    assert [lin.bias for lin in qwen.block_linears()] == [True, True, True, False, False, False, False] and qwen.tied
+    qwen3 = ModelDims.from_hf({**MODEL_PRESETS["qwen2.5-0.5b"], "model_type": "qwen3", "head_dim": 128}, "qwen3")
+    assert qwen3.block_norms() == [896, 896, 128, 128] and not any(lin.bias for lin in qwen3.block_linears())
+    llama = ModelDims.from_hf({**MODEL_PRESETS["llama3.1-8b"], "attention_bias": True}, "llama")
+    assert [lin.bias for lin in llama.block_linears()] == [True] * 4 + [False] * 3
+
+    unknown = tmp_path / "config.json"
+    unknown.write_text(json.dumps({**MODEL_PRESETS["llama3.1-8b"], "model_type": "gpt_neox"}))
+    cfg = _cfg("tiny.yaml", "model.student=/nowhere")
+    dims, source = resolve_dims(cfg, model_config=str(unknown))
+    assert not dims.layout_known and source == f"{unknown}; model_type 'gpt_neox' counted as a Llama block"
+    _, known = resolve_dims(cfg, model_config="phi-3-mini")
+    assert known == "preset phi-3-mini"
+
+
 # ---------------------------------------------------------------- against measured runs
 
 

@@ -4,9 +4,12 @@
   python tools/estimate_memory.py --config configs/llama3.1-8b.yaml --nodes 1 --gpus-per-node 8
   python tools/estimate_memory.py --config configs/llama3.1-70b.yaml --nodes 1 --gpus-per-node 8 --offload
   python tools/estimate_memory.py --config configs/llama3.1-70b.yaml --nodes 8 --gpus-per-node 8 data.seq_len=4096
+  python tools/estimate_memory.py --config configs/qwen2.5-0.5b.yaml --nodes 1 --gpus-per-node 1 --gpu-memory 24GB
 
 Model dimensions come from model.student's config.json when it exists, else --model-config (a config.json, a model
-dir, or llama3.1-8b / llama3.1-70b), else the preset that the student path or config file name spells.
+dir, or a preset: llama3.1-8b, llama3.1-70b, qwen2.5-0.5b, phi-3-mini), else the preset that the student path or
+config file name spells. The block is counted per architecture (Qwen2's q/k/v biases, Phi-3's fused qkv_proj and
+gate_up_proj, a tied LM head); an unknown model_type is counted as a Llama block, and the title says so.
 Exit status: 0 fits, 1 does not fit, 2 bad input.
 """
 

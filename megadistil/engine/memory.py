@@ -27,22 +27,47 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from megadistil.bitnet.surgery import SUBLN_TARGETS
 from megadistil.config import ConfigError, RunConfig
 
 GiB = 2**30
+# The presets are the models' own config.json files (transformers config kwargs, model_type included): the planner
+# and the tests size a model from them when its directory is not on this machine. Copied from the Hugging Face hub.
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
-_LLAMA31_COMMON = {"vocab_size": 128256, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                   "rope_theta": 500000.0, "rope_scaling": LLAMA31_ROPE, "tie_word_embeddings": False,
-                   "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001}
-# Meta's config.json values (transformers.LlamaConfig kwargs): used when the model dir is not on this machine.
-LLAMA31_PRESETS: dict[str, dict[str, Any]] = {
+_LLAMA31_COMMON = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+                   "num_key_value_heads": 8, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                   "rope_scaling": LLAMA31_ROPE, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+                   "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001}
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-3.1-8B and -70B config.json (Meta).
     "llama3.1-8b": {**_LLAMA31_COMMON, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                     "num_attention_heads": 32},
     "llama3.1-70b": {**_LLAMA31_COMMON, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                      "num_attention_heads": 64},
+    # Qwen/Qwen2.5-0.5B config.json (the base model; -Instruct has the same shapes, eos 151645).
+    # Qwen2ForCausalLM: GQA 14 query / 2 KV heads of 64, q/k/v with biases (the modelling
+    # code's, not a config key), the LM head tied to the embeddings: 494,032,768 parameters ("0.49B").
+    "qwen2.5-0.5b": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+                     "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                     "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                     "hidden_act": "silu", "use_sliding_window": False, "sliding_window": 32768,
+                     "max_window_layers": 24, "attention_dropout": 0.0, "bos_token_id": 151643,
+                     "eos_token_id": 151643},
+    # microsoft/Phi-3-mini-4k-instruct config.json (there is no base release; -128k-instruct has the same shapes
+    # with longrope scaling to 131072 positions, so a 128k student path also resolves here: same memory).
+    # Phi3ForCausalLM: fused qkv_proj (3072 -> 3 x 3072) and gate_up_proj (3072 -> 2 x 8192), no biases, 32 KV
+    # heads (no GQA), untied LM head: 3,821,079,552 parameters (model card "3.8B", hub "3.82B").
+    "phi-3-mini": {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072,
+                   "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "vocab_size": 32064, "tie_word_embeddings": False,
+                   "max_position_embeddings": 4096, "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+                   "rope_scaling": None, "sliding_window": 2047, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                   "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 32000,
+                   "pad_token_id": 32000},
 }
 # Fixed per-GPU cost outside PyTorch's tensors: CUDA context (~0.5 GB), NCCL buffers and cuBLAS workspaces.
 CUDA_FRAMEWORK_BYTES = int(1.5 * GiB)
@@ -51,6 +76,27 @@ CUDA_FRAGMENTATION = 0.05
 ZERO3_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
                   "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9, "reduce_bucket_size": 5e8,
                   "overlap_comm": True}
+
+
+class BlockLinear(NamedTuple):
+    """One linear of a decoder block: its module name in the block, (in, out) features, whether it has a bias."""
+
+    name: str
+    inp: int
+    out: int
+    bias: bool = False
+
+
+# model_type -> how its block differs from Llama's (q, k, v, o, gate, up, down; biases from attention_bias /
+# mlp_bias), read from transformers' modelling code: Qwen2 hard-codes biases on q/k/v only; Phi-3 fuses q/k/v into
+# qkv_proj and gate/up into gate_up_proj, without biases (its config's attention_bias is not read); Qwen3 adds a
+# per-head RMSNorm on q and k. Any other model_type is counted as a Llama block, and resolve_dims says so.
+BLOCK_LAYOUTS: dict[str, dict[str, bool]] = {
+    "llama": {}, "mistral": {},
+    "qwen2": {"qkv_bias": True, "o_bias": False, "mlp_bias": False},
+    "qwen3": {"qk_norm": True},
+    "phi3": {"fused_qkv": True, "fused_gate_up": True, "qkv_bias": False, "o_bias": False, "mlp_bias": False},
+}
 
 
 @dataclass(frozen=True)
@@ -63,23 +109,57 @@ class ModelDims:
     head_dim: int
     vocab: int
     tied: bool = False
+    model_type: str = "llama"
+    fused_qkv: bool = False  # one qkv_proj: hidden -> (heads + 2 kv_heads) x head_dim
+    fused_gate_up: bool = False  # one gate_up_proj: hidden -> 2 x intermediate
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of head_dim on q and k
+    layout_known: bool = True  # False: model_type not in BLOCK_LAYOUTS, counted as a Llama block
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], source: str) -> ModelDims:
+        """From a config.json dict of any of BLOCK_LAYOUTS' architectures (GQA, tied, fused, biased)."""
+        model_type = str(config.get("model_type") or "llama")
+        attention_bias = bool(config.get("attention_bias", False))
+        layout = {"qkv_bias": attention_bias, "o_bias": attention_bias, "mlp_bias": bool(config.get("mlp_bias", False)),
+                  **BLOCK_LAYOUTS.get(model_type, {})}
         try:
             heads = int(config["num_attention_heads"])
             return cls(hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
                        layers=int(config["num_hidden_layers"]), heads=heads,
                        kv_heads=int(config.get("num_key_value_heads") or heads),
                        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-                       vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)))
+                       vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)),
+                       model_type=model_type, layout_known=model_type in BLOCK_LAYOUTS, **layout)
         except KeyError as e:
             raise ConfigError(f"{source}: model config has no {e.args[0]!r}") from None
 
-    def block_linears(self) -> list[tuple[int, int]]:
-        """(in, out) of the seven linears of a Llama block: q, k, v, o, gate, up, down."""
+    def block_linears(self) -> list[BlockLinear]:
+        """The linears of one block, named as in transformers: Llama's seven, or Phi-3's four fused ones."""
         h, kv, q, ff = self.hidden, self.kv_heads * self.head_dim, self.heads * self.head_dim, self.intermediate
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, ff), (h, ff), (ff, h)]
+        if self.fused_qkv:
+            attention = [BlockLinear("self_attn.qkv_proj", h, q + 2 * kv, self.qkv_bias)]
+        else:
+            attention = [BlockLinear(f"self_attn.{n}_proj", h, out, self.qkv_bias) for n, out in
+                         (("q", q), ("k", kv), ("v", kv))]
+        attention.append(BlockLinear("self_attn.o_proj", q, h, self.o_bias))
+        if self.fused_gate_up:
+            mlp = [BlockLinear("mlp.gate_up_proj", h, 2 * ff, self.mlp_bias)]
+        else:
+            mlp = [BlockLinear(f"mlp.{n}_proj", h, ff, self.mlp_bias) for n in ("gate", "up")]
+        mlp.append(BlockLinear("mlp.down_proj", ff, h, self.mlp_bias))
+        return attention + mlp
+
+    def block_norms(self) -> list[int]:
+        """Sizes of one block's norm weights: input and post-attention RMSNorm (+ Qwen3's q/k norms)."""
+        return [self.hidden, self.hidden] + ([self.head_dim, self.head_dim] if self.qk_norm else [])
+
+    @property
+    def assumption(self) -> str:
+        """What resolve_dims appends to its source when the block layout is a guess."""
+        return "" if self.layout_known else f"; model_type {self.model_type!r} counted as a Llama block"
 
 
 @dataclass(frozen=True)
@@ -122,10 +202,11 @@ class Estimate:
 
 
 def preset_for(*names: str) -> str | None:
-    """The preset whose name a path or config stem spells (Llama-3.1-8B, llama3.1_70b_instruct, ...)."""
+    """The preset whose name a path or config stem spells (Llama-3.1-8B, llama3.1_70b_instruct,
+    Qwen2.5-0.5B-Instruct, Phi-3-mini-4k-instruct, ...)."""
     for name in names:
         flat = Path(name).name.lower().replace("-", "").replace("_", "")
-        for key in sorted(LLAMA31_PRESETS, key=len, reverse=True):
+        for key in sorted(MODEL_PRESETS, key=len, reverse=True):
             if key.replace("-", "") in flat:
                 return key
     return None
@@ -134,24 +215,30 @@ def preset_for(*names: str) -> str | None:
 def resolve_dims(cfg: RunConfig, *, model_config: str | None = None, config_path: str = "") -> tuple[ModelDims, str]:
     """Dims from the student's config.json when it exists, else --model-config, else a preset named by the student
     path or the run config's file name. Returns the dims and where they came from."""
+    config, source = _model_config(cfg, model_config, config_path)
+    dims = ModelDims.from_hf(config, source)
+    return dims, source + dims.assumption
+
+
+def _model_config(cfg: RunConfig, model_config: str | None, config_path: str) -> tuple[dict[str, Any], str]:
     student = Path(cfg.model.student) / "config.json"
     if student.is_file():
-        return ModelDims.from_hf(json.loads(student.read_text()), str(student)), str(student)
+        return json.loads(student.read_text()), str(student)
     if model_config:
-        if model_config in LLAMA31_PRESETS:
-            return ModelDims.from_hf(LLAMA31_PRESETS[model_config], model_config), f"preset {model_config}"
+        if model_config in MODEL_PRESETS:
+            return MODEL_PRESETS[model_config], f"preset {model_config}"
         path = Path(model_config)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"--model-config {model_config}: no such file (a config.json, a model dir or one of "
-                              f"{sorted(LLAMA31_PRESETS)})")
-        return ModelDims.from_hf(json.loads(path.read_text()), str(path)), str(path)
+                              f"{sorted(MODEL_PRESETS)})")
+        return json.loads(path.read_text()), str(path)
     preset = preset_for(cfg.model.student, Path(config_path).stem)
     if preset is None:
         raise ConfigError(f"config key 'model.student': {student} does not exist and no preset matches "
-                          f"{cfg.model.student!r}; pass --model-config (a config.json or one of {sorted(LLAMA31_PRESETS)})")
-    return ModelDims.from_hf(LLAMA31_PRESETS[preset], preset), f"preset {preset} (model.student not on this machine)"
+                          f"{cfg.model.student!r}; pass --model-config (a config.json or one of {sorted(MODEL_PRESETS)})")
+    return MODEL_PRESETS[preset], f"preset {preset} (model.student not on this machine)"
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -169,15 +256,19 @@ class Tensors:
 
 
 def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
+    """Every linear of a block becomes a BitLinear (its W, bias, ΔW, LoRA A/B; SubLN on the inputs of o_proj and
+    down_proj); embeddings, norms and the LM head stay as they are (one matrix when tied)."""
     r, L, h = cfg.bitnet.lora_rank, dims.layers, dims.hidden
     linears = dims.block_linears()
-    weights = [i * o for i, o in linears]
-    lora = [n for i, o in linears for n in (r * i, r * o)]
-    subln = [h, dims.intermediate] if cfg.bitnet.subln else []
+    weights = [lin.inp * lin.out for lin in linears]
+    biases = [lin.out for lin in linears if lin.bias]
+    lora = [n for lin in linears for n in (r * lin.inp, r * lin.out)]
+    subln = [lin.inp for lin in linears if lin.name.rsplit(".", 1)[-1] in SUBLN_TARGETS] if cfg.bitnet.subln else []
     delta = weights if cfg.relora.reset_every > 0 else []
+    norms = dims.block_norms()
     embeddings = [dims.vocab * h] * (1 if dims.tied else 2)
-    base = L * (weights + [h, h]) + embeddings + [h]
-    block = sum(weights) + 2 * h + sum(delta) + sum(lora) + sum(subln)
+    base = L * (weights + biases + norms) + embeddings + [h]
+    block = sum(weights) + sum(biases) + sum(norms) + sum(delta) + sum(lora) + sum(subln)
     return Tensors(base=base, delta=L * delta, trainable=L * (lora + subln), block_numel=block,
                    largest_linear=max(weights))
 
@@ -206,12 +297,14 @@ def dtype_bytes(cfg: RunConfig) -> int:
 
 def block_internals_per_token(dims: ModelDims, cfg: RunConfig, p: int) -> float:
     """Bytes per token one block saves for its backward: int8 BitLinear inputs (+ a float32 scale each), the
-    attention inputs after RoPE and its output, the MLP's gate/up/activation, RMSNorms upcast to float32."""
+    attention inputs after RoPE and its output, the MLP's gate/up/activation, RMSNorms upcast to float32. A fused
+    linear (Phi-3's qkv_proj, gate_up_proj) quantizes and saves its input once."""
     h, ff, q, kv = dims.hidden, dims.intermediate, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    int8_inputs = (3 * h + q + 2 * h + ff) + 7 * 4
+    linears = dims.block_linears()
+    int8_inputs = sum(lin.inp for lin in linears) + 4 * len(linears)
     attention = (2 * q + 2 * kv) * p + q * p + dims.heads * 4  # q, k before/after RoPE, v, out, logsumexp
     mlp = 3 * ff * p
-    norms = 2 * h * (4 + p)
+    norms = 2 * h * (4 + p) + ((q + kv) * (4 + p) if dims.qk_norm else 0)
     subln = (q + ff) * (4 + p) if cfg.bitnet.subln else 0
     return int8_inputs + attention + mlp + norms + subln
 
@@ -267,7 +360,7 @@ def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: in
 def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: int) -> None:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     per_block = block_internals_per_token(dims, cfg, p) * tokens
-    block_weights = sum(i * o for i, o in dims.block_linears())
+    block_weights = sum(lin.inp * lin.out for lin in dims.block_linears())
     transients = 3 * t.largest_linear * 4  # fp32 W + ΔW + s·B·A and its ternary codes' working copies
     if cfg.model.activation_checkpointing:
         act = dims.layers * tokens * dims.hidden * p + per_block + block_weights + transients
