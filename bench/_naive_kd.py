@@ -25,8 +25,8 @@ from torch import Tensor
 import megadistil.engine.trainer  # noqa: F401 - the floor must import exactly what the engine imports
 from megadistil.config import RunConfig, load_config, load_ds_config, reconcile_ds_config
 from megadistil.data.packed import IGNORE_INDEX, PackedTextBatches
+from megadistil.distributed import init_distributed
 from megadistil.engine.device import place
-from megadistil.engine.distributed import init_distributed
 from megadistil.engine.model import load_causal_lm
 
 

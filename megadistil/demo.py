@@ -153,7 +153,7 @@ def train_run(name: str, out: Path, overrides: list[str], steps: int, log: Path)
     """One `deepspeed --num_gpus 2 launch/train.py` run, with a progress bar over its metrics.jsonl."""
     from tqdm import tqdm
 
-    from megadistil.engine.distributed import free_local_port
+    from megadistil.distributed import free_local_port
 
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_local_port()), "launch/train.py",

@@ -22,13 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.engine.distributed import init_distributed
+from megadistil.distributed import init_distributed
+from megadistil.utils import write_atomic
 
 
 def _write(out: Path, rank: int, report: dict) -> None:
-    tmp = out / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(report))
-    tmp.replace(out / f"rank{rank}.json")
+    write_atomic(out / f"rank{rank}.json", json.dumps(report))
 
 
 def _fault(spec: str) -> tuple[str, int] | None:

@@ -203,12 +203,22 @@ def test_two_rank_run_converts_and_vanilla_transformers_matches_the_student(runs
     _check_against_float64(runs, _tensors(out))
 
 
+def read_delta(directory: Path, name: str) -> torch.Tensor:
+    """One full ΔW: cat(rank partitions)[:numel].view(shape), as delta.json describes them."""
+    index = json.loads((directory / "delta.json").read_text())
+    parts = []
+    for r in range(index["world_size"]):
+        with safe_open(str(directory / f"delta.rank{r}.safetensors"), "pt") as f:
+            parts.append(f.get_tensor(name))
+    shape = index["tensors"][name]["shape"]
+    return torch.cat(parts)[:torch.Size(shape).numel()].view(shape)
+
+
 def _check_against_float64(runs, exported: dict[str, torch.Tensor]) -> None:
     """Every packed layer is Q3 of W + ΔW + s·B·A, rebuilt in float64 with independent readers: DeepSpeed's eager
-    consolidation and the engine's own read_delta."""
+    consolidation and the plain concatenation of ΔW's partitions below (the exporter and the engine share
+    megadistil.rundir.read_delta, so it is not the reference)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from megadistil.engine.checkpoint import read_delta
 
     ckpt = locate_checkpoint(runs["run2"])
     trainable = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag, exclude_frozen_parameters=True)

@@ -7,7 +7,8 @@ import torch
 from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, resolve_dtype, resolve_kernel
 from megadistil.bitnet.kernels import cpu_units
 from megadistil.config import ConfigError, load_config
-from megadistil.engine.device import cpu_threads, place
+from megadistil.distributed import cpu_threads
+from megadistil.engine.device import place
 
 CONCRETE = [Kernel.int8, Kernel.fp32, Kernel.bf16]
 

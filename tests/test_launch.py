@@ -1,6 +1,6 @@
 """Launch paths tested for real: SLURM (a one-node cluster on localhost, the shipped sbatch script running the real
 launch/train.py on configs/tiny.yaml), OpenMPI's mpirun (the real trainer too), a dead or frozen rank, a batch that
-the ranks do not divide; plus the pure env parsing of megadistil.engine.distributed. The dead/frozen-rank and
+the ranks do not divide; plus the pure env parsing of megadistil.distributed. The dead/frozen-rank and
 missing-file cases that need no training use tests/_launch_probe.py as the entry (a few seconds instead of a run).
 
 The cluster and OpenMPI come from tests/cluster/ (installed with apt-get when missing). A machine where that cannot
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from megadistil.engine.distributed import (
+from megadistil.distributed import (
     DistEnvError,
     DistInfo,
     derived_port,
@@ -180,11 +180,11 @@ def test_exported_env_round_trips() -> None:
 
 def test_exec_wrapper_exports_slurm_layout() -> None:
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **_slurm_step()}
-    out = subprocess.run([sys.executable, "-m", "megadistil.engine.distributed", "sh", "-c",
+    out = subprocess.run([sys.executable, "-m", "megadistil.distributed", "sh", "-c",
                           'echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT"'],
                          env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["3", "4", "1", "2", "gpu07", "23457"]
-    bad = subprocess.run([sys.executable, "-m", "megadistil.engine.distributed", "true"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "megadistil.distributed", "true"], capture_output=True,
                          text=True, timeout=60, env=env | {"SLURM_PROCID": "9"}, check=False)
     assert bad.returncode == 2 and "rank 9 is outside" in bad.stderr
 

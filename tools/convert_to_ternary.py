@@ -13,7 +13,7 @@ import sys
 
 from megadistil.export import ExportConfig, ExportError, VerifyConfig, convert_checkpoint, format_figures
 from megadistil.export.card import eval_record
-from megadistil.export.ternary import format_size_report
+from megadistil.export.ternary import EXPORT_DTYPES, format_size_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="run dir (uses checkpoints/latest) or one checkpoint dir")
     p.add_argument("--output", required=True, help="HF dir to write (must be empty or absent unless --overwrite)")
     p.add_argument("--base", default=None, help="base (teacher) HF dir; default: the run's model.student")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=EXPORT_DTYPES)
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--linear-class", default="bitlinear", choices=["bitlinear", "autobitlinear"])
     p.add_argument("--overwrite", action="store_true")
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         print(f"convert_to_ternary: error: {e}", file=sys.stderr)
         return 2
-    for w in result.warnings:
-        print(f"convert_to_ternary: warning: {w}", file=sys.stderr)
     print(f"wrote {result.output} ({result.sizes['shards']} shard(s))")
     print(format_size_report(result.sizes))
     if result.verify is not None:

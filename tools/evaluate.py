@@ -12,7 +12,7 @@ on this machine is an error naming it. Exit status: 0 evaluated, 2 bad input.
 import argparse
 import sys
 
-from megadistil.eval.harness import EvalSettings, evaluate_models, scores_markdown, write_outputs
+from megadistil.eval.harness import EVAL_DTYPES, EvalSettings, evaluate_models, scores_markdown, write_outputs
 from megadistil.eval.models import EvalError
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="documents per task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048, help="context length lm-eval truncates to")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=EVAL_DTYPES)
     p.add_argument("--out", required=True, help="results JSON")
     a = p.parse_args(argv)
     s = EvalSettings(tasks=[t for t in a.tasks.split(",") if t], include_path=a.include_path, limit=a.limit,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.precompute import PrecomputeConfig, run_precompute
+from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute
 
 
 def parse(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -29,7 +29,7 @@ def parse(argv: list[str] | None = None) -> PrecomputeConfig:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--shard-bytes", type=float, default=1e9)
     p.add_argument("--max-sequences", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=PRECOMPUTE_DTYPES)
     p.add_argument("--zero3", action="store_true", help="partition the teacher with ZeRO-3 inference")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from megadistil.utils import torch_dtype
+
 
 class Kernel(enum.StrEnum):
     """bitnet.kernel: the GEMM that computes the integer products (auto: the fastest measured on the device)."""
@@ -204,4 +206,4 @@ def resolve_dtype(requested: str, hw: Hardware) -> torch.dtype:
     """model.dtype: auto -> bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs), else float32."""
     if requested == "auto":
         return torch.bfloat16 if hw.bf16_fast else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[requested]
+    return torch_dtype(requested)

@@ -33,8 +33,11 @@ from megadistil.data.shards import (
 )
 from megadistil.data.text import batched, expand_files, pack_text
 from megadistil.distill.targets import teacher_topk
+from megadistil.distributed import cpu_threads, discover, free_local_port, init_distributed
+from megadistil.utils import torch_dtype, write_atomic
 
 log = logging.getLogger(__name__)
+PRECOMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype (megadistil.utils maps the names)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class PrecomputeConfig:
     batch_size: int = 4
     shard_bytes: float = 1e9
     max_sequences: int | None = None
-    dtype: str = "auto"  # auto = bfloat16 where bf16 GEMMs are fast (CUDA, AMX CPUs), else float32
+    dtype: str = "auto"  # one of PRECOMPUTE_DTYPES; auto = bfloat16 where bf16 GEMMs are fast (CUDA, AMX CPUs), else float32
     zero3: bool = False  # shard a teacher too large for one device with ZeRO-3 inference
     logit_chunk: int = 1024  # positions per lm_head chunk: never materialise [B, S, V] logits
     codec: dict[str, float] = field(default_factory=lambda: asdict(ProbCodec()))
@@ -65,8 +68,8 @@ class PrecomputeConfig:
             raise ValueError("--batch-size and --shard-bytes must be positive")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise ValueError(f"--max-sequences must be >= 1, got {self.max_sequences}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto|float32|bfloat16|float16, got {self.dtype}")
+        if self.dtype not in PRECOMPUTE_DTYPES:
+            raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
         if not os.path.isdir(self.teacher):
             raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
 
@@ -75,10 +78,8 @@ class PrecomputeConfig:
 
 
 def dist_env() -> tuple[int, int]:
-    """(rank, world_size) from whatever launched us (deepspeed, torchrun, srun, mpirun; see engine.distributed),
+    """(rank, world_size) from whatever launched us (deepspeed, torchrun, srun, mpirun; see megadistil.distributed),
     with the process group started (bounded timeout) when there is more than one rank."""
-    from megadistil.engine.distributed import discover, free_local_port, init_distributed
-
     if discover(os.environ, free_port=free_local_port).world_size == 1:
         return 0, 1
     if not torch.distributed.is_initialized():
@@ -107,13 +108,11 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 where bf16 GEMMs are fast on `device` (CUDA, AMX CPUs), else float32 (the trainer's rule)."""
     from megadistil.bitnet import hardware, resolve_dtype
 
-    return resolve_dtype("auto", hardware(device)) if name == "auto" else getattr(torch, name)
+    return resolve_dtype("auto", hardware(device)) if name == "auto" else torch_dtype(name)
 
 
 def _device() -> torch.device:
-    """This rank's device; on CPU, its share of the node's cores (see engine.device.cpu_threads)."""
-    from megadistil.engine.device import cpu_threads
-
+    """This rank's device; on CPU, its share of the node's cores (see megadistil.distributed.cpu_threads)."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -183,12 +182,6 @@ def _shard_pattern(rank: int) -> str:
     return f"shard-r{rank:03d}-%06d.tar"
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def complete_prefix(out: Path, rank: int, run_hash: str) -> tuple[int, int]:
     """(shards to keep, local sequences they hold); deletes this rank's later or damaged shards."""
     keep, seqs, n = 0, 0, 0
@@ -230,9 +223,9 @@ class _Sidecars:
         if self.samples == 0:
             path.unlink(missing_ok=True)  # ShardWriter opens a shard eagerly; drop it if nothing went in
             return
-        _atomic_json(path.with_name(path.name + ".json"), {
+        write_atomic(path.with_name(path.name + ".json"), json.dumps({
             "samples": self.samples, "tokens": self.tokens, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "first_seq": self.first_seq, "run": self.run_hash})
+            "sha256": sha256_file(path), "first_seq": self.first_seq, "run": self.run_hash}, indent=1))
         self.first_seq += self.samples
         self.samples = self.tokens = 0
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from megadistil.distill.losses import TAIL_LOGMASS_FLOOR
+from megadistil.utils import write_atomic
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -377,9 +378,7 @@ class Manifest:
 
     def save(self, shard_dir: str | os.PathLike) -> Path:
         path = Path(shard_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json())
         return path
 
     @classmethod
@@ -457,17 +456,3 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     payload["special"] = sorted(map(str, getattr(tokenizer, "all_special_tokens", [])))
     payload["eos"] = getattr(tokenizer, "eos_token_id", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def teacher_fingerprint(model: Any) -> str:
-    """Hash of the config plus a sample of every parameter (cheap on a 70B; distinguishes checkpoints)."""
-    import torch
-
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            h.update(name.encode())
-            h.update(flat[::step][:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]

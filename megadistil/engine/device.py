@@ -3,12 +3,13 @@ the model dtype. Printed as the run's first log line and recorded in run.json.""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
+from megadistil.distributed import cpu_threads
+from megadistil.utils import dtype_name
 
 
 @dataclass(frozen=True)
@@ -20,13 +21,12 @@ class Placement:
     threads: int  # intra-op threads of this rank (CPU)
 
     def describe(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
         return (f"device {self.device}: {self.hardware.describe()}; BitLinear kernel {self.kernel.value}, "
-                f"dtype {dtype}, {self.threads} intra-op threads")
+                f"dtype {dtype_name(self.dtype)}, {self.threads} intra-op threads")
 
     def as_dict(self) -> dict:
         return {"device": str(self.device), "hardware": self.hardware.as_dict(), "kernel": self.kernel.value,
-                "dtype": str(self.dtype).removeprefix("torch."), "threads": self.threads}
+                "dtype": dtype_name(self.dtype), "threads": self.threads}
 
 
 def engine_device() -> torch.device:
@@ -34,16 +34,6 @@ def engine_device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
-
-
-def cpu_threads(local_world_size: int, environ: dict[str, str] | None = None) -> int | None:
-    """Intra-op threads for one of `local_world_size` ranks sharing this node's cores: cores / ranks, unless the user
-    (or a launcher such as torchrun or deepspeed --bind_cores_to_rank) set OMP_NUM_THREADS. None: leave torch's."""
-    environ = os.environ if environ is None else environ
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
 
 
 def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.device | None = None) -> Placement:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megadistil.config import LogConfig
+from megadistil.rundir import METRICS
 
 
 def peak_memory_mb() -> float:
@@ -24,7 +25,7 @@ def peak_memory_mb() -> float:
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LogConfig, *, rank: int, run_config: dict[str, Any]) -> None:
         self.enabled = rank == 0
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.wandb = None
         if self.enabled and cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             import wandb

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
+from megadistil import rundir, utils
 from megadistil.bitnet import set_quant_lambda
 from megadistil.config import (
     ConfigError, Resume, RunConfig, TeacherKind, layer_lists, load_ds_config, loss_configs, reconcile_ds_config,
@@ -30,9 +30,9 @@ from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import (
     IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss,
 )
+from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.device import place
-from megadistil.engine.distributed import init_distributed
 from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
 from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
@@ -93,7 +93,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str) -> None:
         self.cfg, self.ds_config_path = cfg, ds_config_path
         self.run_dir = Path(cfg.train.output_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = rundir.checkpoints_dir(self.run_dir)
         self.state = TrainState()
         self.logger: MetricsLogger | None = None
         self._interval = _StepClock()
@@ -207,9 +207,9 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-            (self.run_dir / "run.json").write_text(json.dumps({
-                "git_sha": _git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
+            (self.run_dir / rundir.CONFIG).write_text(to_yaml(self.cfg))
+            (self.run_dir / rundir.RUN_INFO).write_text(json.dumps({
+                "git_sha": utils.git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
                 "ds_config": self.ds_config,
             }, indent=1))
         if dist.is_initialized():
@@ -225,11 +225,11 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """A killed run may have logged steps past its last checkpoint, and resume=never starts over: keep only the
         records up to the step we start from, so metrics.jsonl reads as one run."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / rundir.METRICS
         if self.dist.rank == 0 and path.is_file():
             keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.state.step
                     or (self.state.step and json.loads(line).get("step") == self.state.step)]
-            checkpoint.write_atomic(path, "".join(line + "\n" for line in keep))
+            utils.write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_root)
@@ -434,14 +434,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def run(cfg: RunConfig, ds_config_path: str) -> Trainer:

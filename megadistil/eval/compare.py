@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megadistil import rundir
 from megadistil.eval.models import EvalError
 
 IGNORED_KEYS = ("train.output_dir",)  # differs between any two runs, says nothing about them
@@ -33,7 +34,7 @@ def load_run(path: str | Path) -> Run:
     from omegaconf import OmegaConf
 
     path = Path(path)
-    metrics, config = path / "metrics.jsonl", path / "config.yaml"
+    metrics, config = path / rundir.METRICS, path / rundir.CONFIG
     for f in (metrics, config):
         if not f.is_file():
             raise EvalError(f"run {path}: no {f.name} (pass megadistil run dirs, i.e. train.output_dir)")

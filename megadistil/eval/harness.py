@@ -4,23 +4,20 @@ whose schema is the same for every model kind."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import megadistil
 from megadistil.data.text import expand_files
 from megadistil.eval.generate import continuations, generations_markdown, read_prompts
 from megadistil.eval.models import EvalError, LoadedModel, load_model, parse_model
 from megadistil.eval.perplexity import text_perplexity
 from megadistil.eval.tasks import check_tasks, go_offline, run_tasks, task_manager
+from megadistil.utils import provenance, torch_dtype
 
 SCHEMA = "megadistil.eval/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EVAL_DTYPES = ("float32", "bfloat16")  # what --dtype offers (megadistil.utils maps the names)
 
 
 @dataclass
@@ -42,24 +39,14 @@ class EvalSettings:
     def validate(self) -> None:
         if not (self.tasks or self.text or self.generate):
             raise EvalError("nothing to evaluate: pass --tasks, --text and/or --generate")
-        if self.dtype not in DTYPES:
-            raise EvalError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in EVAL_DTYPES:
+            raise EvalError(f"--dtype must be one of {EVAL_DTYPES}, got {self.dtype!r}")
         try:
             self.text = expand_files(self.text)
         except (FileNotFoundError, ValueError) as e:
             raise EvalError(f"--text: {e}") from None
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"--limit must be >= 1, got {self.limit}")
-
-
-def provenance() -> dict[str, Any]:
-    """megadistil's version and the git commit of its source (None outside a checkout)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                                cwd=Path(megadistil.__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"version": megadistil.__version__, "git_commit": commit}
 
 
 def evaluate_one(loaded: LoadedModel, s: EvalSettings, prompts: list[str] | None) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def evaluate_models(model_args: list[str], s: EvalSettings) -> dict[str, Any]:
     prompts = read_prompts(s.generate) if s.generate else None
     records = []
     for spec in specs:
-        loaded = load_model(spec, DTYPES[s.dtype])
+        loaded = load_model(spec, torch_dtype(s.dtype))
         records.append(evaluate_one(loaded, s, prompts))
         del loaded
     return {"schema": SCHEMA, "megadistil": provenance(), "lm_eval_version": _lm_eval_version(),

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from megadistil.rundir import is_checkpoint
+
 
 class EvalError(ValueError):
     """Bad input to an evaluation, naming the model, task or file at fault."""
@@ -50,15 +52,11 @@ def parse_model(arg: str) -> ModelSpec:
     if not p.exists():
         raise EvalError(f"--model {arg}: {p} does not exist")
     if not kind:
-        kind = "student" if _is_checkpoint(p) else "hf"
+        kind = "student" if is_checkpoint(p) else "hf"
     if kind in ("hf", "ternary") and not (p / "config.json").is_file():
         raise EvalError(f"--model {arg}: {p} is neither an HF model dir (no config.json) nor a megadistil run dir "
                         "or checkpoint (no checkpoints/latest, latest or meta.json)")
     return ModelSpec(name=name or p.name, kind=kind, path=p)
-
-
-def _is_checkpoint(p: Path) -> bool:
-    return any((p / f).is_file() for f in ("checkpoints/latest", "latest", "meta.json"))
 
 
 def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> LoadedModel:

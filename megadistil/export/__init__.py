@@ -8,7 +8,6 @@ from megadistil.export.ternary import (
     convert_checkpoint,
     export_student,
     format_size_report,
-    quantize_layer,
     student_spec,
 )
 from megadistil.export.verify import VerifyConfig, format_figures, verify_export
@@ -16,5 +15,5 @@ from megadistil.export.verify import VerifyConfig, format_figures, verify_export
 __all__ = [
     "BaseModel", "CheckpointRef", "ExportConfig", "ExportError", "ExportResult", "StudentParts", "StudentSpec",
     "VerifyConfig", "convert_checkpoint", "export_student", "format_figures", "format_size_report",
-    "locate_checkpoint", "quantize_layer", "student_spec", "verify_export",
+    "locate_checkpoint", "student_spec", "verify_export",
 ]

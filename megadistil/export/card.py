@@ -9,13 +9,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from megadistil.rundir import METRICS, RUN_INFO
+from megadistil.utils import provenance
+
 
 def run_metrics(run_dir: Path | None, step: int) -> dict[str, Any]:
     """Held-out perplexities (teacher: the first record; student: the last at or before `step`) and tokens trained
     up to `step`, from metrics.jsonl. Missing figures stay None."""
     found: dict[str, Any] = {"eval_ppl_teacher": None, "eval_ppl_student": None, "eval_step": None, "tokens": None,
                              "eval_tasks": {}, "eval_tasks_step": None}
-    path = run_dir / "metrics.jsonl" if run_dir else None
+    path = run_dir / METRICS if run_dir else None
     if path is None or not path.is_file():
         return found
     tokens = 0
@@ -108,10 +111,8 @@ def front_matter(name: str, run_config: DictConfig, metrics: dict[str, Any], eva
 
 
 def provenance_section(run_dir: Path | None, run_config: DictConfig, metrics: dict[str, Any]) -> str:
-    from megadistil.eval.harness import provenance
-
     now = provenance()
-    run_json = run_dir / "run.json" if run_dir else None
+    run_json = run_dir / RUN_INFO if run_dir else None
     trained = json.loads(run_json.read_text()).get("git_sha") if run_json and run_json.is_file() else None
     data = data_fingerprint(run_config)
     return f"""
@@ -132,7 +133,7 @@ def _fmt(x: float | None) -> str:
 
 
 def write_card(directory: Path, *, run_config: DictConfig, meta: dict[str, Any], metrics: dict[str, Any],
-               sizes: dict[str, Any], export_config: dict[str, Any], base_path: Path, warnings: list[str],
+               sizes: dict[str, Any], export_config: dict[str, Any], base_path: Path,
                verify: dict[str, Any] | None = None, evaluated: dict[str, Any] | None = None,
                name: str | None = None, run_dir: Path | None = None) -> None:
     q = export_config["quantization_config"]
@@ -200,6 +201,4 @@ on {verify['sequences']} x {verify['seq_len']} tokens from {verify['source']}: m
 argmax agreement {100 * verify['argmax_agreement']:.2f}%, greedy 32-token generations identical:
 {verify['generations_identical']}.
 """
-    if warnings:
-        text += "\n## Notes\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     (directory / "README.md").write_text(text)

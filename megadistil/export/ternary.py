@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from megadistil.bitnet.linear import effective_weight
 from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary, ternary_codes
 from megadistil.bitnet.surgery import SUBLN_TARGETS
 from megadistil.export.sources import (
-    DTYPES,
     BaseModel,
     ExportError,
     StudentParts,
@@ -32,7 +31,9 @@ from megadistil.export.sources import (
     training_dtype,
 )
 from megadistil.export.writer import OutputTensor, staged_output, write_weights
+from megadistil.utils import dtype_name, torch_dtype
 
+EXPORT_DTYPES = ("bf16", "fp32", "fp16")  # what --dtype offers (megadistil.utils maps the names)
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}
@@ -52,8 +53,8 @@ class ExportConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ExportError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise ExportError(f"--dtype must be one of {EXPORT_DTYPES}, got {self.dtype!r}")
         if self.linear_class not in LINEAR_CLASSES:
             raise ExportError(f"linear_class must be one of {LINEAR_CLASSES}, got {self.linear_class!r}")
         shard_bytes(self.max_shard_size)
@@ -129,20 +130,16 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
-def quantize_layer(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   scaling: float, train_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 [out/4, in], scale = 1/mean|W_eff| as float32 [1]): Q3 of W + ΔW + s·B·A, with every operand
-    first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were not used there)."""
-    return _pack(lambda: _effective(lambda: weight, lambda: delta, lora_A, lora_B, scaling, train_dtype))
-
-
 def _effective(weight: Callable[[], torch.Tensor], delta: Callable[[], torch.Tensor | None], lora_A: torch.Tensor,
                lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> torch.Tensor:
-    # Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its temporaries.
+    # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
+    # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its
+    # temporaries.
     return effective_weight(weight().to(train_dtype), delta(), lora_A.to(train_dtype), lora_B.to(train_dtype), scaling)
 
 
 def _pack(w_eff: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [out/4, in], scale = 1/mean|W_eff| as float32 [1])."""
     codes, scale = ternary_codes(w_eff())
     return pack_ternary(codes), scale.reshape(1).float()
 
@@ -193,7 +190,7 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
 
 def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig) -> dict[str, Any]:
     config = {k: v for k, v in base_config.items() if k not in ("quantization_config", "transformers_version")}
-    config["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[cfg.dtype]
+    config["dtype"] = dtype_name(torch_dtype(cfg.dtype))
     config.pop("torch_dtype", None)
     if spec.subln:
         if config.get("model_type") != "llama":
@@ -235,7 +232,6 @@ class ExportResult:
     output: Path
     sizes: dict[str, Any]
     config: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
     verify: dict[str, Any] | None = None
 
 
@@ -246,15 +242,14 @@ def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, outp
     runs on the complete files before they take the output's name (verification, model card)."""
     cfg.validate()
     check_base_matches(base, parts, spec)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     config = output_config(base.config, spec, cfg)
-    warnings = []
     plan = plan_output(base, parts, spec, dtype)
     with staged_output(Path(output), cfg.overwrite) as staging:
         sizes = write_weights(staging, plan, shard_bytes(cfg.max_shard_size), cfg.progress)
         write_side_files(staging, base, Path(tokenizer_dir or base.path), config)
         sizes.update(size_report(sizes, base, staging))
-        result = ExportResult(Path(output), sizes, config, warnings)
+        result = ExportResult(Path(output), sizes, config)
         if finish is not None:
             finish(staging, result)
     return result
@@ -309,7 +304,6 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
                                           verify_config)
         write_card(staging, run_config=ckpt.config, meta=ckpt.meta,
                    metrics=run_metrics(ckpt.run_dir, int(ckpt.meta.get("step", 0))), sizes=result.sizes,
-                   export_config=result.config, base_path=base_model.path, warnings=result.warnings,
-                   verify=result.verify, evaluated=evaluated, name=Path(output).name, run_dir=ckpt.run_dir)
+                   export_config=result.config, base_path=base_model.path, verify=result.verify, evaluated=evaluated, name=Path(output).name, run_dir=ckpt.run_dir)
 
     return export_student(base_model, parts, spec, output, cfg, tokenizer_dir=tokenizer_dir, finish=finish)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from megadistil.export.sources import ST_DTYPES, ExportError, tensor_nbytes
+from megadistil.export.sources import ExportError, tensor_nbytes
+from megadistil.utils import safetensors_code
 
 
 @dataclass
@@ -61,7 +62,7 @@ class StreamingSafetensors:
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         for t in entries:
-            header[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+            header[t.name] = {"dtype": safetensors_code(t.dtype), "shape": list(t.shape),
                               "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()

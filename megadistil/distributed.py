@@ -1,4 +1,6 @@
-"""Process-group set-up from whatever launched us: torchrun/deepspeed, SLURM's srun, OpenMPI's mpirun, or nothing.
+"""Process-group set-up from whatever launched us: torchrun/deepspeed, SLURM's srun, OpenMPI's mpirun, or nothing;
+and each rank's share of its node's cores. The trainer and the teacher precompute both start ranks this way, so it
+lives outside engine/ and data/.
 
 DeepSpeed reads only RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (its own MPI discovery uses an unbounded
 default timeout and a fixed port), so megadistil derives these itself, exports them, and then initialises the
@@ -17,7 +19,7 @@ OpenMPI is checked before SLURM because ``mpirun`` inside an allocation inherits
 step that started its daemons, which describe the daemons, not the ranks.
 
 The parsing helpers are pure functions of an env mapping so that they are tested without starting processes.
-``python -m megadistil.engine.distributed CMD ...`` exports the discovered variables and execs CMD, for entry
+``python -m megadistil.distributed CMD ...`` exports the discovered variables and execs CMD, for entry
 points that read RANK/WORLD_SIZE themselves.
 """
 
@@ -279,6 +281,16 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_threads(local_world_size: int, environ: Mapping[str, str] | None = None) -> int | None:
+    """Intra-op threads for one of `local_world_size` ranks sharing this node's cores: cores / ranks, unless the user
+    (or a launcher such as torchrun or deepspeed --bind_cores_to_rank) set OMP_NUM_THREADS. None: leave torch's."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
 def mpi_rank0_endpoint() -> tuple[str, int] | None:
     """Rank 0's (address, port) broadcast over MPI; None when mpi4py is not importable."""
     try:
@@ -319,7 +331,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m megadistil.engine.distributed CMD ...``: export the discovered layout, then exec CMD."""
+    """``python -m megadistil.distributed CMD ...``: export the discovered layout, then exec CMD."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -327,11 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # no mpi4py here: MPI must not be initialised in a process that is about to exec
         info = discover(os.environ, hostnames=slurm_hostnames, free_port=free_local_port)
     except DistEnvError as exc:
-        print(f"megadistil.engine.distributed: error: {exc}", file=sys.stderr)
+        print(f"megadistil.distributed: error: {exc}", file=sys.stderr)
         return 2
     export_env(info)
     if info.rank == 0:
-        print(f"megadistil.engine.distributed: {asdict(info)}", file=sys.stderr, flush=True)
+        print(f"megadistil.distributed: {asdict(info)}", file=sys.stderr, flush=True)
     os.execvp(argv[0], argv)
     return 0  # not reached
 

@@ -1,0 +1,110 @@
+"""Helpers every package of megadistil shares: the atomic file writer, the one dtype table, and provenance.
+
+It imports none of megadistil's packages, so that any of them (bitnet's math included) can use it without depending
+on the engine, the data pipeline or the exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megadistil import __version__
+
+# ---------------------------------------------------------------- files
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a dot-named
+    temp file in the same directory (same filesystem, so the rename is atomic), fsynced, then renamed over `path`.
+    The pid in the temp name keeps concurrent writers (one per rank) from sharing a temp file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@dataclass(frozen=True)
+class DType:
+    """One dtype under each of its names: the short one of megadistil's configs and CLIs (None where none is
+    offered), torch's, the long one that torch attributes, HF's config.json and checkpoint indexes use, and the
+    safetensors header code."""
+
+    short: str | None
+    torch: torch.dtype
+    name: str
+    safetensors: str
+
+
+DTYPES = (
+    DType("bf16", torch.bfloat16, "bfloat16", "BF16"),
+    DType("fp16", torch.float16, "float16", "F16"),
+    DType("fp32", torch.float32, "float32", "F32"),
+    DType(None, torch.float64, "float64", "F64"),
+    DType(None, torch.uint8, "uint8", "U8"),
+    DType(None, torch.int8, "int8", "I8"),
+    DType(None, torch.int32, "int32", "I32"),
+    DType(None, torch.int64, "int64", "I64"),
+    DType(None, torch.bool, "bool", "BOOL"),
+)
+
+
+def _by_torch(dtype: torch.dtype) -> DType:
+    for d in DTYPES:
+        if d.torch == dtype:
+            return d
+    raise ValueError(f"unknown torch dtype {dtype!r}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'bf16' or 'bfloat16' (either name megadistil takes) -> torch.bfloat16. Callers check the names they offer."""
+    for d in DTYPES:
+        if name in (d.short, d.name):
+            return d.torch
+    raise ValueError(f"unknown dtype {name!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16': the name in HF config.json, run.json and checkpoint indexes."""
+    return _by_torch(dtype).name
+
+
+def safetensors_code(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'BF16', as a safetensors header writes it."""
+    return _by_torch(dtype).safetensors
+
+
+def from_safetensors_code(code: str) -> torch.dtype:
+    """'BF16' -> torch.bfloat16."""
+    for d in DTYPES:
+        if d.safetensors == code:
+            return d.torch
+    raise ValueError(f"unknown safetensors dtype {code!r}")
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def git_sha() -> str | None:
+    """The git commit of megadistil's source; None outside a checkout or without git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """megadistil's version and the git commit of its source (None outside a checkout)."""
+    return {"version": __version__, "git_commit": git_sha()}

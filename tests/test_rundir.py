@@ -1,0 +1,102 @@
+"""megadistil.rundir (the run directory and checkpoint layout) and megadistil.utils, without DeepSpeed: ΔW read back
+from partitions of any world size, the checkpoint finder's errors, the atomic writer, the dtype table, and the
+package boundaries (data/ and export/ import no engine module)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megadistil import rundir
+from megadistil.rundir import CheckpointError
+from megadistil.utils import dtype_name, from_safetensors_code, safetensors_code, torch_dtype, write_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _save_partitions(directory: Path, tensors: dict[str, torch.Tensor], world: int) -> None:
+    """What the engine writes under ZeRO-3: each rank's flat, equal-sized (padded) share of every ΔW."""
+    flat = {}
+    for name, t in tensors.items():
+        per_rank = -(-t.numel() // world)
+        flat[name] = torch.cat([t.reshape(-1), t.new_zeros(per_rank * world - t.numel())]).view(world, per_rank)
+    for r in range(world):
+        save_file({n: f[r].clone() for n, f in flat.items()}, str(directory / rundir.delta_file(r)))
+    rundir.write_delta_index(directory, world, {n: (list(t.shape), t.dtype, flat[n].shape[1])
+                                                for n, t in tensors.items()})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_delta_round_trips_through_partitions_of_any_world_size(tmp_path: Path, world: int) -> None:
+    g = torch.Generator().manual_seed(world)
+    tensors = {"student.a.delta": torch.randn(5, 7, generator=g), "student.b.delta": torch.randn(3, 2, generator=g)}
+    _save_partitions(tmp_path, tensors, world)
+    index = rundir.read_delta_index(tmp_path)
+    assert rundir.delta_dtype(index) == torch.float32
+    for name, t in tensors.items():
+        assert torch.equal(rundir.read_delta(tmp_path, name, index), t)
+        assert torch.equal(rundir.read_delta(tmp_path, name), t)
+
+
+def test_delta_errors_name_the_missing_file_or_tensor(tmp_path: Path) -> None:
+    assert rundir.read_delta_index(tmp_path) is None
+    _save_partitions(tmp_path, {"student.a.delta": torch.ones(4, 4)}, 2)
+    with pytest.raises(CheckpointError, match="no ΔW 'student.x.delta'"):
+        rundir.read_delta(tmp_path, "student.x.delta")
+    (tmp_path / rundir.delta_file(1)).unlink()
+    with pytest.raises(CheckpointError, match=r"names world size 2 but delta\.rank1\.safetensors is missing"):
+        rundir.read_delta(tmp_path, "student.a.delta")
+
+
+def test_find_checkpoint_follows_latest_and_refuses_incomplete_ones(tmp_path: Path) -> None:
+    root = rundir.checkpoints_dir(tmp_path)
+    ckpt = root / rundir.tag_for(12)
+    ckpt.mkdir(parents=True)
+    assert ckpt.name == "step00000012" and rundir.latest_tag(root) is None
+    with pytest.raises(CheckpointError, match="is not a megadistil checkpoint"):
+        rundir.find_checkpoint(tmp_path)
+    rundir.write_latest(root, ckpt.name)
+    with pytest.raises(RuntimeError, match="incomplete"):
+        rundir.latest_tag(root)
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        rundir.find_checkpoint(tmp_path)
+    (ckpt / rundir.META).write_text(json.dumps({"step": 12}))
+    (ckpt / rundir.CONFIG).write_text("{}")
+    with pytest.raises(CheckpointError, match="no DeepSpeed ZeRO files"):
+        rundir.find_checkpoint(root)
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    for path in (tmp_path, root, ckpt):
+        assert rundir.find_checkpoint(path) == ckpt and rundir.is_checkpoint(path)
+    assert rundir.latest_tag(root) == ckpt.name and rundir.read_meta(ckpt) == {"step": 12}
+    assert rundir.run_dir_of(root) is None  # no config.yaml beside checkpoints/: copied out of its run dir
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    write_atomic(path, "old")
+    write_atomic(path, b"new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_one_dtype_table_for_every_name() -> None:
+    for short, long, code in (("bf16", "bfloat16", "BF16"), ("fp16", "float16", "F16"), ("fp32", "float32", "F32")):
+        dt = torch_dtype(short)
+        assert dt is torch_dtype(long) and dtype_name(dt) == long and safetensors_code(dt) == code
+        assert from_safetensors_code(code) is dt
+    assert from_safetensors_code("I64") is torch.int64 and safetensors_code(torch.uint8) == "U8"
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        torch_dtype("fp8")
+
+
+def test_data_and_export_import_no_engine_module() -> None:
+    code = ("import sys, megadistil.data.precompute, megadistil.export, megadistil.eval.models; "
+            "print(sorted(m for m in sys.modules if m.startswith('megadistil.engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                         timeout=300)
+    assert out.stdout.strip() == "[]"
