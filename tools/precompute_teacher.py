@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute
+from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute  # noqa: E402
+from megadistil.utils import exit_without_gc  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -52,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_gc(main())
