@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.train import main  # noqa: E402
-from megadistil.engine.trainer import Trainer  # noqa: E402
+from launch.train import main
+from megadistil.engine.trainer import Trainer
 
 
 def _steps(name: str) -> set[int]:

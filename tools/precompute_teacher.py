@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute  # noqa: E402
-from megadistil.utils import exit_without_gc  # noqa: E402
+from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute
+from megadistil.utils import exit_without_gc
 
 
 def parse(argv: list[str] | None = None) -> PrecomputeConfig:
