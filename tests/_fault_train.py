@@ -4,9 +4,11 @@
     MEGADISTIL_FAULT_NAN_BATCHES=i[,j]      the i-th micro-batch drawn (1-based, counting skipped ones) has a NaN loss
 """
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,11 +17,9 @@ from launch.train import main
 from megadistil.engine.trainer import Trainer
 
 
-def _steps(name: str) -> set[int]:
-    return {int(v) for v in os.environ.get(f"MEGADISTIL_FAULT_{name}", "").split(",") if v.strip()}
-
-
-def inject(kill_after: set[int], nan_batches: set[int]) -> None:
+@contextlib.contextmanager
+def faults(kill_after: set[int] = frozenset(), nan_batches: set[int] = frozenset()) -> Iterator[None]:
+    """Every Trainer run inside the block gets the faults (the micro-batch count starts at the block)."""
     forward, before_step = Trainer._forward, Trainer._before_step
     drawn = 0
 
@@ -37,8 +37,17 @@ def inject(kill_after: set[int], nan_batches: set[int]) -> None:
         before_step(self, step, active)
 
     Trainer._forward, Trainer._before_step = faulty_forward, killing_before_step
+    try:
+        yield
+    finally:
+        Trainer._forward, Trainer._before_step = forward, before_step
+
+
+def _numbers(name: str) -> set[int]:
+    return {int(v) for v in os.environ.get(f"MEGADISTIL_FAULT_{name}", "").split(",") if v.strip()}
 
 
 if __name__ == "__main__":
-    inject(_steps("KILL_AFTER_STEP"), _steps("NAN_BATCHES"))
-    sys.exit(main())
+    with faults(_numbers("KILL_AFTER_STEP"), _numbers("NAN_BATCHES")):
+        code = main()
+    sys.exit(code)

@@ -52,10 +52,49 @@ def text_overrides(tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, text_overrides):
-    out = tmp_path_factory.mktemp("straight")
-    ok(train(out, [*text_overrides, "train.max_steps=12", "train.save_every=6"]))
+def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
+    from megadistil.data.precompute import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("shards")
+    run_precompute(PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(out),
+                                    seq_len=64, top_k=16, max_sequences=96, progress=False))
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_overrides, tiny_llama_dir, shards_dir, stdlib_text_file) -> dict[str, Path]:
+    """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
+    processes), each in its own dir. `straight` goes first, as the killed run's fresh processes start."""
+    specs = {
+        "straight": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=6"]},
+        "shards": {"overrides": [
+            f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
+            f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
+            "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
+            "data.shuffle_buffer=16"]},
+        "hf": {"overrides": [
+            f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
+            f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=8",
+            "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2"]},
+        "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
+                                 "relora.optimizer_reset=zero"], "relora_probe": True},
+        "nan": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=3", "train.max_nan_steps=3"],
+                "nan_batches": [2, 7, 8, 9]},
+    }
+    for name, spec in specs.items():
+        spec["out"] = str(tmp_path_factory.mktemp(name))
+    ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
+    return {name: Path(spec["out"]) for name, spec in specs.items()}
+
+
+def probe(run: Path) -> list[dict]:
+    return [json.loads((run / f"probe.rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(runs):
+    assert all(p["error"] is None for p in probe(runs["straight"]))
+    return runs["straight"]
 
 
 def _held_out_kd_falls(run: Path) -> None:
@@ -93,68 +132,42 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, straight_run, text_o
     assert [resumed[s] for s in range(7, 13)] == [straight[s] for s in range(7, 13)]
 
 
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
-    from megadistil.data.precompute import PrecomputeConfig, run_precompute
-
-    out = tmp_path_factory.mktemp("shards")
-    run_precompute(PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(out),
-                                    seq_len=64, top_k=16, max_sequences=96, progress=False))
-    return out
-
-
 @pytest.mark.multirank
-def test_offline_shards_run_lowers_kd(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
+def test_offline_shards_run_lowers_kd(runs):
     """Training targets come from the shards only; the shared teacher is used for the held-out KD measurement."""
-    overrides = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
-                 f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
-                 "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2",
-                 "optim.warmup_steps=2", "data.shuffle_buffer=16"]
-    ok(train(tmp_path, overrides, port=29513))
-    _held_out_kd_falls(tmp_path)
-    assert (tmp_path / "checkpoints" / "step00000010" / "meta.json").is_file()
+    assert all(p["error"] is None for p in probe(runs["shards"]))
+    _held_out_kd_falls(runs["shards"])
+    assert (runs["shards"] / "checkpoints" / "step00000010" / "meta.json").is_file()
 
 
 @pytest.mark.multirank
-def test_separate_hf_teacher_as_zero3_inference_engine(tmp_path, tiny_llama_dir, stdlib_text_file):
+def test_separate_hf_teacher_as_zero3_inference_engine(runs):
     """The teacher is another HF model (here: the same weights, loaded again) partitioned by its own ZeRO-3 engine;
     its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher."""
-    overrides = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
-                 f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2",
-                 "train.max_steps=8", "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2",
-                 "optim.warmup_steps=2"]
-    ok(train(tmp_path, overrides, port=29517))
-    kd = [m["kd"] for m in metrics(tmp_path) if "kd" in m]
+    assert all(p["error"] is None for p in probe(runs["hf"]))
+    kd = [m["kd"] for m in metrics(runs["hf"]) if "kd" in m]
     assert len(kd) == 8 and all(math.isfinite(v) and v > 0 for v in kd)
     assert sum(kd[-3:]) < sum(kd[:3])
 
 
 @pytest.mark.multirank
-def test_relora_invariant_frozen_teacher_on_two_ranks(tmp_path, text_overrides):
+def test_relora_invariant_frozen_teacher_on_two_ranks(runs):
     """After training: a full ReLoRA reset leaves the student's logits bitwise equal and zeroes the Adam moments
     (2 ranks, ZeRO-3); the teacher's W is bitwise the base model's; the shared teacher is the original model."""
-    out = tmp_path / "probe"
-    proc = deepspeed_run("tests/_train_probe.py", [str(out), "configs/tiny.yaml", *text_overrides,
-                                                   "train.max_steps=6", "train.save_every=100",
-                                                   "relora.optimizer_reset=zero", f"train.output_dir={tmp_path}"],
-                         port=29514)
-    ok(proc)
-    for rank in (0, 1):
-        result = json.loads(Path(f"{out}.rank{rank}.json").read_text())
-        assert all(result.values()), result
+    for result in probe(runs["relora"]):
+        assert result.pop("error") is None
+        assert len(result) == 8 and all(result.values()), result
 
 
 @pytest.mark.multirank
-def test_nan_losses_are_skipped_and_a_streak_stops_with_checkpoint_intact(tmp_path, text_overrides):
-    overrides = [*text_overrides, "train.max_steps=12", "train.save_every=3", "train.max_nan_steps=3"]
-    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_NAN_BATCHES": "2,7,8,9"}, port=29515)
-    assert proc.returncode != 0
-    assert "3 non-finite losses in a row" in proc.stdout + proc.stderr
-    steps = [m for m in metrics(tmp_path) if "loss" in m]
+def test_nan_losses_are_skipped_and_a_streak_stops_with_checkpoint_intact(runs):
+    run = runs["nan"]
+    assert all("3 non-finite losses in a row" in p["error"] for p in probe(run))
+    steps = [m for m in metrics(run) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]  # batch 2 skipped; batches 7-9 (step 6) stop the run
     assert steps[-1]["nan_skipped"] == 1
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
-    assert (tmp_path / "checkpoints" / "step00000003" / "meta.json").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step00000003"
+    assert (run / "checkpoints" / "step00000003" / "meta.json").is_file()
 
 
 def _trainer(tmp_path, overrides):

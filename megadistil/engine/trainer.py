@@ -96,11 +96,13 @@ class Trainer:
         self.ckpt_root = rundir.checkpoints_dir(self.run_dir)
         self.state = TrainState()
         self.logger: MetricsLogger | None = None
+        self._owns_process_group = False
         self._interval = _StepClock()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        self._owns_process_group = not dist.is_initialized()  # a harness running several trainers keeps its own
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         try:
             self.placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
@@ -405,7 +407,7 @@ class Trainer:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- helpers

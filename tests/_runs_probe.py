@@ -1,9 +1,16 @@
-"""Run under `deepspeed --num_gpus 2`: train a few steps, then check the ReLoRA reset invariant, the optimizer state
-after a full reset, that the teacher's weights are bitwise the base model's, and that the shared teacher's logits
-are the original model's. Writes one JSON per rank to argv[1]."""
+"""Run under `deepspeed --num_gpus 2`: several training runs in turn inside these two processes (one launch instead
+of one per run: the process group outlives each Trainer). argv[1] is a JSON list of runs:
+
+    {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false}
+
+Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
+checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
+W is bitwise the base model's, and the shared teacher's logits are the original model's.
+"""
 
 import json
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -11,10 +18,14 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from megadistil.bitnet import bitlinear_modules, teacher_mode
 from megadistil.config import load_config
+from megadistil.distributed import init_distributed
 from megadistil.engine.relora import MOMENTS, relora_reset
 from megadistil.engine.trainer import Trainer
+from tests._fault_train import faults
 
 
 def gathered(params):
@@ -22,13 +33,8 @@ def gathered(params):
         return [p.detach().clone() for p in params]
 
 
-def main() -> None:
-    out, config, *overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, "ds_configs/zero3.json")
-    trainer.setup()
-    trainer.train()
-    student = trainer.engine.module.student
+def relora_checks(trainer: Trainer) -> dict[str, bool]:
+    cfg, student = trainer.cfg, trainer.engine.module.student
     ids = torch.randint(0, student.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(7))
     trainer.engine.eval()
     with torch.no_grad():
@@ -47,7 +53,7 @@ def main() -> None:
     moments_zero = all(float(safe_get_full_optimizer_state(p, key).abs().max()) == 0.0
                        for _, layer in layers for p in (layer.lora_A, layer.lora_B) for key in MOMENTS)
     a_full, b_full = gathered([layers[0][1].lora_A, layers[0][1].lora_B])
-    result = {
+    return {
         "logits_equal_after_reset": bool(torch.equal(before, after)),
         "moments_zero": moments_zero,
         "b_zero_working": bool(torch.count_nonzero(b_full) == 0),
@@ -57,8 +63,31 @@ def main() -> None:
         "teacher_logits_equal_original": bool(torch.equal(teacher_logits, original_logits)),
         "student_differs_from_teacher": not torch.allclose(before, teacher_logits),
     }
-    with open(f"{out}.rank{trainer.dist.rank}.json", "w") as f:
-        json.dump(result, f)
+
+
+def run(spec: dict) -> dict:
+    cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
+    trainer = Trainer(cfg, "ds_configs/zero3.json")
+    result = {"error": None}
+    try:
+        with faults(nan_batches=set(spec.get("nan_batches", ()))):
+            trainer.setup()
+            trainer.train()
+        if spec.get("relora_probe"):
+            result.update(relora_checks(trainer))
+    except FloatingPointError as e:  # the NaN streak stops a run on every rank alike
+        result["error"] = str(e)
+    finally:
+        trainer.cleanup()
+    return result
+
+
+def main() -> None:
+    specs = json.loads([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
+    rank = init_distributed().rank  # one process group for every run
+    for spec in specs:
+        result = run(spec)
+        Path(spec["out"], f"probe.rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
