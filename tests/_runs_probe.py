@@ -83,7 +83,7 @@ def run(spec: dict) -> dict:
 
 
 def main() -> None:
-    specs = json.loads([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
+    specs = json.loads(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
     rank = init_distributed().rank  # one process group for every run
     for spec in specs:
         result = run(spec)

@@ -19,7 +19,7 @@ TIMEOUT_S = 300
 
 def deepspeed_run(script: str, args: list[str], *, nproc: int = 2, env: dict | None = None, port: int = 29511):
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
                           env={**os.environ, **(env or {})})
 
 

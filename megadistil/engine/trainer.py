@@ -21,14 +21,26 @@ from transformers import AutoConfig, AutoTokenizer
 from megadistil import rundir, utils
 from megadistil.bitnet import set_quant_lambda
 from megadistil.config import (
-    ConfigError, Resume, RunConfig, TeacherKind, layer_lists, load_ds_config, loss_configs, reconcile_ds_config,
-    stage_config, to_yaml,
+    ConfigError,
+    Resume,
+    RunConfig,
+    TeacherKind,
+    layer_lists,
+    load_ds_config,
+    loss_configs,
+    reconcile_ds_config,
+    stage_config,
+    to_yaml,
 )
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import (
-    IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss,
+    IGNORE_INDEX,
+    LossConfig,
+    attention_relation_loss,
+    chunked_lm_head_loss,
+    hidden_state_loss,
 )
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
@@ -38,7 +50,14 @@ from megadistil.engine.model import assign_param_groups, build_student, check_mo
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
 from megadistil.engine.teachers import (
-    HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher, as_qkv, capture_qkv,
+    HFTeacher,
+    NoTeacher,
+    OfflineTeacher,
+    SharedTeacher,
+    Targets,
+    Teacher,
+    as_qkv,
+    capture_qkv,
 )
 
 
@@ -171,8 +190,8 @@ class Trainer:
 
     def _build_data(self):
         cfg, d = self.cfg, self.cfg.data
-        common = dict(batch_size=cfg.train.micro_batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                      pin_memory=self.device.type == "cuda")
+        common = {"batch_size": cfg.train.micro_batch_size, "rank": self.dist.rank,
+                  "world_size": self.dist.world_size, "pin_memory": self.device.type == "cuda"}
         if d.shards:
             return ShardStream.from_config(replace(d, seed=d.seed or cfg.train.seed),
                                            targets=cfg.teacher.kind == TeacherKind.shards, **common)
