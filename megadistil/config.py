@@ -36,7 +36,7 @@ class ModelConfig:
     teacher_top_k: int = 64  # a separate HF teacher's live targets: top-k log-probs + tail, like the shards
     tokenizer: str | None = None  # default: the student dir
     dtype: str = "auto"  # auto: bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs; measured), else fp32
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on CUDA, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 (CUDA), else sdpa, else eager, as the model supports
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer; keeps int8 W codes one layer at a time
     trust_remote_code: bool = False  # off: only transformers' own architectures load
 

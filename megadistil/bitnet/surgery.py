@@ -19,7 +19,7 @@ class BitNetConfig:
 
     lora_rank: int = 64  # rank r of the one trainable adapter B·A of every BitLinear
     lora_alpha: float | None = None  # None: alpha = rank, scaling 1
-    subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
+    subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj (Llama bases: the export's bitnet model)
     backward: str = "int8"  # int8 | bf16: the input gradient's numerics (g quantized per row to int8, or kept)
     kernel: str = "auto"  # auto | int8 | fp32 | bf16: the GEMM for the integer products (auto: measured per device)
     exclude: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes) that stay nn.Linear

@@ -148,11 +148,13 @@ def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
 def teacher_topk(model: Any, input_ids: torch.Tensor, *, top_k: int, temperature: float,
                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k ids [B,S,k] (descending) and their log-probs at temperature T [B,S,k] (float32), chunked over positions."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-    head = model.get_output_embeddings()
+    from megadistil.models import decoder, logit_transform, output_head
+
+    hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    head, transform = output_head(model), logit_transform(model.config, type(model))
     ids, lps = [], []
     for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start:start + chunk]).float() / temperature
+        logits = transform.apply_(head(hidden[:, start:start + chunk]).float()) / temperature
         vals, idx = logits.topk(top_k, dim=-1)
         lps.append(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
         ids.append(idx)

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from megadistil.bitnet import teacher_mode
 from megadistil.distill.losses import SparseTarget
+from megadistil.models import capture_qkv, decoder, logit_transform, output_head
 
 
 @dataclass
@@ -34,28 +34,6 @@ class Teacher(Protocol):
     def targets(self, batch: dict[str, Tensor]) -> Targets: ...
 
 
-@contextlib.contextmanager
-def capture_qkv(model: nn.Module, layers: list[int]):
-    """Record the q/k/v projection outputs of the given decoder layers during a forward."""
-    captured: dict[int, dict[str, Tensor]] = {i: {} for i in layers}
-    handles = []
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            def hook(_module, _inputs, output, i=i, name=name):
-                captured[i][name] = output
-            handles.append(getattr(attn, name).register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def as_qkv(captured: dict[int, dict[str, Tensor]]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    return {i: (d["q_proj"], d["k_proj"], d["v_proj"]) for i, d in captured.items()}
-
-
 class SharedTeacher:
     live = True
 
@@ -65,9 +43,9 @@ class SharedTeacher:
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor]) -> Targets:
         with teacher_mode(self.student), capture_qkv(self.student, self.qkv_layers) as qkv:
-            out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(self.hidden_layers))
+            out = decoder(self.student)(input_ids=batch["input_ids"], output_hidden_states=bool(self.hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in self.hidden_layers] if self.hidden_layers else []
-        return Targets(hidden=out.last_hidden_state, layer_hidden=layer_hidden, qkv=as_qkv(qkv))
+        return Targets(hidden=out.last_hidden_state, layer_hidden=layer_hidden, qkv=qkv)
 
 
 class NoTeacher:
@@ -92,13 +70,15 @@ class TopKHead(nn.Module):
     def __init__(self, model: nn.Module, top_k: int, temperature: float, chunk_tokens: int) -> None:
         super().__init__()
         self.model, self.top_k, self.temperature, self.chunk_tokens = model, top_k, temperature, chunk_tokens
+        self.logit_transform = logit_transform(model.config, type(model))
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        hidden = self.model.model(input_ids=input_ids).last_hidden_state
+        hidden = decoder(self.model)(input_ids=input_ids).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         ids, logps = [], []
         for start in range(0, flat.shape[0], self.chunk_tokens):
-            logits = self.model.lm_head(flat[start:start + self.chunk_tokens]).float() / self.temperature
+            logits = self.logit_transform.apply_(output_head(self.model)(flat[start:start + self.chunk_tokens]).float())
+            logits = logits / self.temperature
             top = torch.log_softmax(logits, -1).topk(self.top_k, dim=-1)
             ids.append(top.indices)
             logps.append(top.values)

@@ -27,15 +27,15 @@ from megadistil.distill.losses import (
     IGNORE_INDEX, LossConfig, attention_relation_loss, chunked_lm_head_loss, hidden_state_loss, resolve_layers,
 )
 from megadistil.engine import checkpoint
+from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import place
 from megadistil.engine.distributed import init_distributed
 from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
 from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
-from megadistil.engine.teachers import (
-    HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher, as_qkv, capture_qkv,
-)
+from megadistil.engine.teachers import HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher
+from megadistil.models import capture_qkv, decoder, logit_transform, output_head
 
 
 class DistillModule(nn.Module):
@@ -44,15 +44,17 @@ class DistillModule(nn.Module):
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
+        self.logit_transform = logit_transform(student.config, type(student))  # softcapping etc.: the model's logits
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig,
                 hidden_layers: list[int], qkv_layers: list[int]) -> dict[str, Tensor]:
         with capture_qkv(self.student, qkv_layers) as qkv:
-            out = self.student.model(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
-        weight = self.student.lm_head.weight
+            out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
+        weight = output_head(self.student).weight
         parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg, sparse=targets.sparse,
                                      teacher_hidden=targets.hidden,
-                                     teacher_lm_head_weight=weight if targets.hidden is not None else None)
+                                     teacher_lm_head_weight=weight if targets.hidden is not None else None,
+                                     logit_transform=self.logit_transform)
         mask = labels != IGNORE_INDEX
         if hidden_layers and targets.layer_hidden:
             student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
@@ -60,8 +62,7 @@ class DistillModule(nn.Module):
                                                 magnitude_weight=cfg.hidden_magnitude_weight)
             parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
         if qkv_layers and targets.qkv:
-            student_qkv = as_qkv(qkv)
-            terms = [attention_relation_loss(student_qkv[i], targets.qkv[i], mask,
+            terms = [attention_relation_loss(qkv[i], targets.qkv[i], mask,
                                              num_relation_heads=cfg.attn_relation_heads,
                                              temperature=cfg.attn_relation_temperature) for i in qkv_layers]
             parts["attn"] = torch.stack(terms).mean()
@@ -81,6 +82,7 @@ class Trainer:
         self.faults = _faults_from_env()
         self._batches_drawn = 0
         self._interval = _StepClock()
+        self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -103,7 +105,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.module = DistillModule(student)
         if self.ds_config["zero_optimization"]["stage"] == 3:
-            deepspeed.zero.register_external_parameter(self.module, student.lm_head.weight)
+            deepspeed.zero.register_external_parameter(self.module, output_head(student).weight)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.num_layers = student.config.num_hidden_layers
@@ -123,6 +125,7 @@ class Trainer:
         if cfg.model.teacher == "none" and not cfg.data.shards:
             raise ConfigError("config key 'model.teacher': none needs data.shards (offline targets)")
         student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
+        check_architecture(student_config, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         if cfg.data.shards:
@@ -381,7 +384,7 @@ class Trainer:
     def cleanup(self) -> None:
         if self.logger is not None:
             self.logger.close()
-        if dist.is_initialized():
+        if dist.is_initialized() and self._owns_process_group:
             dist.destroy_process_group()
 
     # ---------------------------------------------------------------- helpers

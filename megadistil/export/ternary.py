@@ -32,6 +32,7 @@ from megadistil.export.sources import (
     training_dtype,
 )
 from megadistil.export.writer import OutputTensor, staged_output, write_weights
+from megadistil.models import output_head_name
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
@@ -97,7 +98,7 @@ def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch
             raise ExportError(f"layer {m}: lora_A has rank {parts.shapes[f'{m}.lora_A'][0]} but the run config "
                               f"says bitnet.lora_rank={rank}")
     subln = any(n.endswith(".sub_norm.weight") for n in parts.tensors)
-    not_convert = list(dict.fromkeys(["lm_head", *b.exclude]))
+    not_convert = list(dict.fromkeys(b.exclude))
     return StudentSpec(modules, alpha / rank, train_dtype, subln, not_convert, rank)
 
 
@@ -191,21 +192,37 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     return tensors
 
 
+def subln_unsupported(config: dict[str, Any]) -> str | None:
+    """Why a SubLN student of this base cannot be exported, or None if it can. A SubLN student is written as
+    transformers' `bitnet` model: Llama's blocks (attention_bias on q/k/v/o alike, bias-free MLP) plus RMSNorms of
+    hidden_size on the inputs of o_proj and down_proj. Only a Llama base computes exactly that; every other family
+    differs in its blocks (fused or biased projections, q/k norms, extra norms, sliding windows, parallel residuals)."""
+    name = f"model_type={config.get('model_type')!r} ({', '.join(config.get('architectures') or ['?'])})"
+    if config.get("model_type") != "llama":
+        return (f"a SubLN student exports as transformers' `bitnet` model (Llama blocks + sub-norms), which cannot "
+                f"express {name}; train it without SubLN")
+    if config.get("mlp_bias"):
+        return f"transformers' `bitnet` model has a bias-free MLP, but {name} has mlp_bias=true"
+    heads, head_dim = config["num_attention_heads"], config.get("head_dim") or 0
+    if head_dim and heads * head_dim != config["hidden_size"]:
+        return (f"transformers' `bitnet` attention sub-norm is hidden_size={config['hidden_size']} wide, but {name} "
+                f"has {heads} heads x head_dim {head_dim}")
+    return None
+
+
 def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig) -> dict[str, Any]:
     config = {k: v for k, v in base_config.items() if k not in ("quantization_config", "transformers_version")}
     config["dtype"] = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[cfg.dtype]
     config.pop("torch_dtype", None)
     if spec.subln:
-        if config.get("model_type") != "llama":
-            raise ExportError(f"a SubLN student exports as transformers' `bitnet` model (Llama + sub-norms); the base "
-                              f"is model_type={config.get('model_type')!r}, which it cannot express")
-        if config.get("mlp_bias"):
-            raise ExportError("a SubLN student exports as transformers' `bitnet` model, whose MLP has no bias; "
-                              "the base has mlp_bias=true")
+        if reason := subln_unsupported(config):
+            raise ExportError(reason)
         config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
+    # The output head stays full precision whatever it is called (transformers' quantizer matches module names).
+    not_convert = list(dict.fromkeys([output_head_name(base_config), *spec.modules_to_not_convert]))
     config["quantization_config"] = {
         "quant_method": "bitnet", "linear_class": cfg.linear_class, "quantization_mode": "offline",
-        "modules_to_not_convert": spec.modules_to_not_convert, "use_rms_norm": False,
+        "modules_to_not_convert": not_convert, "use_rms_norm": False,
         "rms_norm_eps": base_config.get("rms_norm_eps", 1e-6),
     }
     return config
