@@ -16,7 +16,6 @@ import inspect
 import keyword
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,14 +63,8 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
-def output_head_name(config: dict[str, Any]) -> str:
-    """The output head's module name for a config.json's contents, from the model built on the meta device (no
-    memory, no weights): what transformers' quantizers match against."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = causal_lm_class(config)._from_config(config)
+def output_head_name(model: nn.Module) -> str:
+    """The output head's module name (what transformers' quantizers match against: lm_head, output_projection...)."""
     head = output_head(model)
     return next(name for name, module in model.named_modules() if module is head)
 

@@ -200,8 +200,13 @@ def test_an_unknown_output_transform_is_refused_naming_the_class():
         logit_transform(tiny_config("llama31"), ClampedLlama)
 
 
-def test_output_head_name_for_every_family():
-    assert {output_head_name(tiny_config(a).to_dict()) for a in TRAINED} == {"lm_head"}
+def test_output_head_name_is_the_heads_module_name_whatever_the_family_calls_it():
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    assert {output_head_name(tiny_model(a)) for a in TRAINED} == {"lm_head"}
+    biogpt = BioGptForCausalLM(BioGptConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+    assert output_head_name(biogpt) == "output_projection"
 
 
 # ---------------------------------------------------------------------------------------------------- SubLN
@@ -276,11 +281,14 @@ def end_to_end(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> dict[str, 
 
 
 def _convert_as_runs_finish(launch: subprocess.Popen, probe: Path, out_root: Path, results: dict) -> None:
+    """Convert each family as soon as the probe records its run; stop when all are in, when the launch has ended
+    with nothing new, or at the deadline."""
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while len(results) < len(TRAINED) and time.monotonic() < deadline:
         finished = launch.poll() is not None
-        lines = probe.read_text().splitlines() if probe.is_file() else []
-        new = [json.loads(line) for line in lines if Path(json.loads(line)["model_dir"]).name not in results]
+        complete = probe.read_text().split("\n")[:-1] if probe.is_file() else []  # a line being written waits
+        records = [json.loads(line) for line in complete]
+        new = [r for r in records if Path(r["model_dir"]).name not in results]
         for record in new:
             arch = Path(record["model_dir"]).name
             results[arch] = _convert_and_load(record, out_root / arch)
@@ -294,6 +302,7 @@ def _convert_and_load(record: dict, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from megadistil.export import ExportConfig, convert_checkpoint
+    from megadistil.export.sources import locate_checkpoint
     from megadistil.export.verify import VerifyConfig
 
     metrics = [json.loads(line) for line in (Path(record["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -304,7 +313,9 @@ def _convert_and_load(record: dict, out: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - reported by the family's own test, not by every family's
         return {**record, "metrics": metrics, "error": f"{type(e).__name__}: {e}"}
     return {**record, "metrics": metrics, "verify": result.verify, "loaded_class": type(model).__name__,
-            "loaded_bitlinear": sum("BitLinear" in type(m).__name__ for m in model.modules())}
+            "loaded_bitlinear": sum("BitLinear" in type(m).__name__ for m in model.modules()),
+            "checkpoint_meta": locate_checkpoint(record["run_dir"]).meta,
+            "modules_to_not_convert": result.config["quantization_config"]["modules_to_not_convert"]}
 
 
 @pytest.mark.multirank
@@ -319,6 +330,8 @@ def test_family_trains_with_the_models_own_teacher_perplexity_converts_verifies_
     teacher_ppl = next(m["eval_ppl_teacher"] for m in run["metrics"] if m["step"] == 0 and "eval_ppl_teacher" in m)
     assert run["eval_sequences"] == 4
     assert abs(teacher_ppl - run["vanilla_ppl"]) / run["vanilla_ppl"] < 1e-4, (teacher_ppl, run["vanilla_ppl"])
+    assert run["checkpoint_meta"]["output_head"] == "lm_head"
+    assert run["modules_to_not_convert"] == ["lm_head"]  # the run's head, read from its checkpoint, stays unpacked
     v = run["verify"]
     assert v["passed"] and v["max_abs_diff"] <= 1e-3 and v["generations_identical"], v
     assert v["loaded_as"]["attn_implementation"] == ("eager" if arch == "gemma2" else "sdpa")

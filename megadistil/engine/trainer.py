@@ -35,7 +35,7 @@ from megadistil.engine.model import assign_param_groups, build_student, check_mo
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
 from megadistil.engine.teachers import HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher
-from megadistil.models import capture_qkv, decoder, logit_transform, output_head
+from megadistil.models import capture_qkv, decoder, logit_transform, output_head, output_head_name
 
 
 class DistillModule(nn.Module):
@@ -377,6 +377,7 @@ class Trainer:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step,
                               rank_state={"data": self.data.state_dict()},
                               meta={"resets": self.resets, "nan_total": self.nan_total,
+                                    "output_head": output_head_name(self.engine.module.student),
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
                               config_yaml=to_yaml(self.cfg))
         self._print(f"saved {self.ckpt_root / tag}")

@@ -32,12 +32,14 @@ from megadistil.export.sources import (
     training_dtype,
 )
 from megadistil.export.writer import OutputTensor, staged_output, write_weights
-from megadistil.models import output_head_name
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}
 assert set(SUBNORM_NAMES) == set(SUBLN_TARGETS)
+# A checkpoint's meta.json names its output head (module name), which stays full precision; checkpoints written before
+# it did were all of transformers models whose head is lm_head.
+LEGACY_OUTPUT_HEAD = "lm_head"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -86,7 +88,8 @@ class StudentSpec:
     lora_rank: int
 
 
-def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch.dtype) -> StudentSpec:
+def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch.dtype,
+                 output_head: str = LEGACY_OUTPUT_HEAD) -> StudentSpec:
     b = run_config.bitnet
     rank = int(b.lora_rank)
     alpha = float(b.lora_alpha) if b.lora_alpha is not None else float(rank)
@@ -98,7 +101,7 @@ def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch
             raise ExportError(f"layer {m}: lora_A has rank {parts.shapes[f'{m}.lora_A'][0]} but the run config "
                               f"says bitnet.lora_rank={rank}")
     subln = any(n.endswith(".sub_norm.weight") for n in parts.tensors)
-    not_convert = list(dict.fromkeys(b.exclude))
+    not_convert = list(dict.fromkeys([output_head, *b.exclude]))
     return StudentSpec(modules, alpha / rank, train_dtype, subln, not_convert, rank)
 
 
@@ -218,11 +221,9 @@ def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportCon
         if reason := subln_unsupported(config):
             raise ExportError(reason)
         config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
-    # The output head stays full precision whatever it is called (transformers' quantizer matches module names).
-    not_convert = list(dict.fromkeys([output_head_name(base_config), *spec.modules_to_not_convert]))
     config["quantization_config"] = {
         "quant_method": "bitnet", "linear_class": cfg.linear_class, "quantization_mode": "offline",
-        "modules_to_not_convert": not_convert, "use_rms_norm": False,
+        "modules_to_not_convert": spec.modules_to_not_convert, "use_rms_norm": False,
         "rms_norm_eps": base_config.get("rms_norm_eps", 1e-6),
     }
     return config
@@ -315,7 +316,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
     base_model = BaseModel(base or ckpt.config.model.student)
     check_fingerprint(ckpt, base_model)
     parts = StudentParts.from_checkpoint(ckpt)
-    spec = student_spec(parts, ckpt.config, training_dtype(ckpt))
+    spec = student_spec(parts, ckpt.config, training_dtype(ckpt), ckpt.meta.get("output_head", LEGACY_OUTPUT_HEAD))
     tokenizer_dir = Path(ckpt.config.model.tokenizer or base_model.path)
     if ckpt.config.model.tokenizer and not tokenizer_dir.is_dir():
         tokenizer_dir = base_model.path
