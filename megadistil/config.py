@@ -69,7 +69,7 @@ class ModelConfig:
     student: str = "???"  # HF model dir: the teacher's weights, which the student starts from
     tokenizer: str | None = None  # default: the student dir
     dtype: Dtype = Dtype.auto  # auto: bf16 where bf16 GEMMs are fast (CUDA, AMX CPUs; measured), else fp32
-    attn_implementation: AttnImplementation = AttnImplementation.auto  # auto: the best the model supports here
+    attn_implementation: AttnImplementation = AttnImplementation.auto  # auto: flash_attention_2 (CUDA), else sdpa, else eager, as the model supports
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer; keeps int8 W codes one layer at a time
     trust_remote_code: bool = False  # off: only transformers' own architectures load
 

@@ -3,7 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from megadistil.config import ConfigError, RunConfig, StageConfig, load_config, load_ds_config, reconcile_ds_config, stage_config
+from megadistil.config import (
+    ConfigError,
+    RunConfig,
+    StageConfig,
+    load_config,
+    load_ds_config,
+    reconcile_ds_config,
+    stage_config,
+)
 from megadistil.engine.schedule import is_reset_step, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megadistil.distill import (
     IGNORE_INDEX,
+    LogitTransform,
     LossConfig,
     SparseTarget,
     attention_relation_loss,
@@ -42,9 +43,17 @@ def _ref_divergence(kind: str, beta: float, p: torch.Tensor, q: torch.Tensor) ->
     return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
 
 
-def _ref_loss(h, W, labels, cfg, *, sparse=None, teacher_logits=None):
+def _ref_transform(z: torch.Tensor, transform: LogitTransform | None) -> torch.Tensor:
+    """A model's output transform written as Gemma 2's forward writes it (scale first, as Cohere does)."""
+    if transform is None:
+        return z
+    z = z * transform.scale
+    return transform.softcap * torch.tanh(z / transform.softcap) if transform.softcap else z
+
+
+def _ref_loss(h, W, labels, cfg, *, sparse=None, teacher_logits=None, transform=None):
     """Unchunked float64 loss; the student's tail is 1 - sum of its top-k probabilities."""
-    z = h.double() @ W.double().T
+    z = _ref_transform(h.double() @ W.double().T, transform)
     q = torch.softmax(z / cfg.temperature, -1)
     if sparse is not None:
         q_top = q.gather(-1, sparse.topk_ids)
@@ -444,3 +453,32 @@ def test_bad_inputs_name_the_thing_at_fault():
         chunked_lm_head_loss(h, W, labels, cfg, teacher_hidden=h.detach(), teacher_lm_head_weight=W[:, :3])
     with pytest.raises(ValueError, match=r"loss\.kind"):
         chunked_lm_head_loss(h, W, labels, LossConfig(kind="x"), sparse=sparse)
+
+
+# --------------------------------------------------------------------------- the model's output transform
+
+TRANSFORMS = [LogitTransform(softcap=2.5), LogitTransform(scale=1.3, softcap=2.5), LogitTransform(scale=0.4)]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["softcap", "scale+softcap", "scale"])
+@pytest.mark.parametrize("target", ["sparse", "dense"])
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_logit_transform_matches_float64_reference(kind, beta, target, transform):
+    """Student logits transform(h W^T) (and the live teacher's, from its hidden states) in value and gradient: the
+    chain rule through the softcap's tanh is in the in-forward gradient."""
+    h, W, labels, _ = _problem(seed=4)
+    g = torch.Generator().manual_seed(6)
+    th, TW = torch.randn(h.shape, generator=g), torch.randn(W.shape, generator=g) * 0.5
+    teacher_logits = _ref_transform(th.double() @ TW.double().T, transform)
+    assert (h.detach() @ W.detach().T).abs().max() > 2 * 2.5  # deep in the softcap's bend
+    cfg = LossConfig(kind=kind, jsd_beta=beta, temperature=1.5, ce_weight=0.3, chunk_tokens=5)
+    if target == "sparse":
+        targets = {"sparse": _make_sparse(teacher_logits, k=6, T=cfg.temperature)}
+        ref = _ref_grads(h, W, labels, cfg, transform=transform, **targets)
+    else:
+        targets = {"teacher_hidden": th, "teacher_lm_head_weight": TW}
+        ref = _ref_grads(h, W, labels, cfg, transform=transform, teacher_logits=teacher_logits)
+    out = chunked_lm_head_loss(h, W, labels, cfg, logit_transform=transform, **targets)
+    _assert_matches_ref(out, h, W, ref)
+    without = chunked_lm_head_loss(h.detach(), W.detach(), labels, cfg, **targets)
+    assert not torch.allclose(without["loss"].double(), ref[0], rtol=1e-2)  # the transform is not a no-op here

@@ -18,7 +18,6 @@ from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
 from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
 
 
-
 class Backward(enum.StrEnum):
     """bitnet.backward: the input gradient's numerics (g quantized per row to int8, or kept in the compute dtype)."""
 

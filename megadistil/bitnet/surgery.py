@@ -19,10 +19,10 @@ class BitNetConfig:
 
     lora_rank: int = 64  # rank r of the one trainable adapter B·A of every BitLinear
     lora_alpha: float | None = None  # None: alpha = rank, scaling 1
-    subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj
+    subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj (Llama bases: the export's bitnet model)
     backward: Backward = Backward.int8  # the input gradient's numerics (g quantized per row to int8, or kept)
     kernel: Kernel = Kernel.auto  # the GEMM for the integer products (auto: the fastest measured on the device)
-    exclude: tuple[str, ...] = ("lm_head",)  # module names (or name suffixes) that stay nn.Linear
+    exclude: tuple[str, ...] = ()  # module names (or name suffixes) that stay nn.Linear; the output head always does
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
     # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds per layer shape.
     compile_quantizers: bool | None = None  # torch.compile the quantizers (fused); None: on CUDA only
@@ -48,7 +48,7 @@ def to_bitnet(
     *,
     lora_rank: int,
     lora_alpha: float | None = None,
-    exclude: tuple[str, ...] = ("lm_head",),
+    exclude: tuple[str, ...] = (),
     subln: bool = False,
     delta: bool = True,
     backward: str = "int8",

@@ -2,6 +2,7 @@
 
 from megadistil.distill.losses import (
     IGNORE_INDEX,
+    LogitTransform,
     LossConfig,
     SparseTarget,
     attention_relation_loss,
@@ -12,6 +13,7 @@ from megadistil.distill.losses import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "LogitTransform",
     "LossConfig",
     "SparseTarget",
     "attention_relation_loss",

@@ -124,6 +124,34 @@ def resolve_layers(spec: LayerSpec, num_layers: int, key: str) -> list[int]:
     return sorted(out)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward applies to its LM head's output z: y = cap * tanh(scale * z / cap) with a softcap
+    (Gemma 2/3's final_logit_softcapping), else y = scale * z (Cohere's logit_scale, 1 / Granite's logits_scaling).
+    The identity for most models. megadistil.models.logit_transform reads it from a model."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply_(self, z: Tensor) -> Tensor:
+        """y from z, in place."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def derivative(self, y: Tensor) -> Tensor | float:
+        """dy/dz, elementwise, from the transformed y (tanh' = 1 - tanh^2, so z is not needed)."""
+        if self.softcap is None:
+            return self.scale
+        return (y / self.softcap).square_().neg_().add_(1.0).mul_(self.scale)
+
+
 @dataclass
 class SparseTarget:
     """A teacher's target per token: top-k ids and log-probs (at temperature T, sorted desc) + the tail's log-mass."""
@@ -236,13 +264,16 @@ class _Chunk:
     teacher_hidden: Tensor | None = None
 
 
-def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tensor | None,
+def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tensor | None, transform: LogitTransform,
                  need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz.
 
-    z: float32 logits [c, V], consumed (overwritten) to keep the number of [c, V] buffers low.
+    z: float32 head outputs [c, V], consumed (overwritten) to keep the number of [c, V] buffers low. The losses are
+    on the model's logits transform(z); a softcap costs one more [c, V] buffer (its derivative) when grads are wanted.
     """
     T = cfg.temperature
+    z = transform.apply_(z)
+    dy_dz = transform.derivative(z) if need_grad and not transform.identity else None
     lse1 = torch.logsumexp(z, -1, keepdim=True)
     ce = (lse1 - z.gather(-1, chunk.labels.unsqueeze(-1))).squeeze(-1)
     kd = grad = None
@@ -253,7 +284,7 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
             kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass, need_grad)
         else:
             with torch.no_grad():
-                t_logits = (chunk.teacher_hidden @ teacher_weight.T).float()
+                t_logits = transform.apply_((chunk.teacher_hidden @ teacher_weight.T).float())
             kd, grad = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
         del s
     kd_sum = kd.sum() if kd is not None else z.new_zeros(())
@@ -264,7 +295,9 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
         soft = z.sub_(lse1).exp_()
         soft.scatter_add_(-1, chunk.labels.unsqueeze(-1), -torch.ones_like(lse1))
         grad = soft.mul_(cfg.ce_weight) if grad is None else grad.add_(soft, alpha=cfg.ce_weight)
-    return kd_sum, ce.sum(), grad if grad is not None else torch.zeros_like(z)
+    if grad is None:
+        return kd_sum, ce.sum(), torch.zeros_like(z)
+    return kd_sum, ce.sum(), grad.mul_(dy_dz) if dy_dz is not None else grad  # chain rule through the transform
 
 
 def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_hidden: Tensor | None,
@@ -284,7 +317,8 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     scales the [N, H] (and [V, H]) gradients, and no logits are computed twice."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight):
+    def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight,
+                transform):
         sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -295,7 +329,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, cfg.chunk_tokens):
             h = hidden[idx]
             z = (h @ weight.T).float()
-            kd, ce, grad_z = _chunk_terms(z, chunk, cfg, teacher_weight, need_grad=want_h or want_w)
+            kd, ce, grad_z = _chunk_terms(z, chunk, cfg, teacher_weight, transform, need_grad=want_h or want_w)
             del z
             kd_sum += kd
             ce_sum += ce
@@ -319,18 +353,21 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scale = grad_loss.float() / ctx.count
         grad_h = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
         grad_w = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, cfg: LossConfig, *,
                          sparse: SparseTarget | None = None, teacher_hidden: Tensor | None = None,
-                         teacher_lm_head_weight: Tensor | None = None) -> dict[str, Tensor]:
+                         teacher_lm_head_weight: Tensor | None = None,
+                         logit_transform: LogitTransform | None = None) -> dict[str, Tensor]:
     """LM head + KD/CE loss in token chunks; the [N, V] logits never exist, in forward or backward.
 
     hidden [..., H] (student final-norm output), lm_head_weight [V, H], labels [...] (IGNORE_INDEX = skip).
     Targets: `sparse` (offline top-k + tail, log-probs at cfg.temperature) or `teacher_hidden` [..., H] with
     `teacher_lm_head_weight` [V, H] (live teacher; may be the student's own lm_head tensor). Teacher tensors get
-    no gradient. The matmul runs in the inputs' dtype; the softmax math runs in float32.
+    no gradient. The matmul runs in the inputs' dtype; the softmax math runs in float32. `logit_transform` is what
+    the model's forward applies to the head's output (softcapping, scaling): applied to the student's logits and to
+    the live teacher's, so both are the model's own (sparse targets were made from transformed logits already).
 
     Returns {"loss": kd_weight*T^2*kd + ce_weight*ce (differentiable), "kd": mean divergence, "ce": mean CE
     (both detached, for logging), "tokens": number of non-ignored tokens}.
@@ -359,7 +396,7 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     if cfg.kd_weight and ids is None and teacher_hidden is None:
         raise ValueError("loss.kd_weight > 0 needs a KD target: pass sparse= or teacher_hidden=")
     loss, kd, ce = _ChunkedLMHeadLoss.apply(hidden, lm_head_weight, labels, valid, cfg, ids, logprobs, tail,
-                                            teacher_hidden, teacher_lm_head_weight)
+                                            teacher_hidden, teacher_lm_head_weight, logit_transform or LogitTransform())
     return {"loss": loss, "kd": kd, "ce": ce, "tokens": torch.tensor(valid.numel(), device=hidden.device)}
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from megadistil.distill.losses import TAIL_LOGMASS_FLOOR, SparseTarget
+from megadistil.models import decoder, logit_transform, output_head
 
 
 def topk_target(logits: Tensor, top_k: int) -> SparseTarget:
@@ -25,11 +26,12 @@ def topk_target(logits: Tensor, top_k: int) -> SparseTarget:
 def teacher_topk(model: nn.Module, input_ids: Tensor, *, top_k: int, temperature: float,
                  chunk_tokens: int = 1024) -> SparseTarget:
     """A causal LM's targets at temperature T for input_ids [B, S]: fields [B, S, k] and [B, S]. The LM head runs
-    `chunk_tokens` positions at a time, so no [tokens x vocab] logits exist beyond one chunk."""
-    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-    head = model.get_output_embeddings()
+    `chunk_tokens` positions at a time, so no [tokens x vocab] logits exist beyond one chunk; its result goes through
+    the model's own output transform (e.g. Gemma2's softcap) before the temperature."""
+    hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    head, transform = output_head(model), logit_transform(model.config, type(model))
     flat = hidden.reshape(-1, hidden.shape[-1])
-    parts = [topk_target(head(flat[i:i + chunk_tokens]).float() / temperature, top_k)
+    parts = [topk_target(transform.apply_(head(flat[i:i + chunk_tokens]).float()) / temperature, top_k)
              for i in range(0, flat.shape[0], chunk_tokens)]
     shape = input_ids.shape
     return SparseTarget(torch.cat([p.topk_ids for p in parts]).reshape(*shape, top_k),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -10,23 +9,16 @@ from typing import Any
 import deepspeed
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
 from megadistil.config import ConfigError, RunConfig, TeacherKind
 from megadistil.engine.device import Placement
+from megadistil.models import attn_implementation
 
 # Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
 DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
-
-
-def resolve_attn(cfg: RunConfig) -> str:
-    if cfg.model.attn_implementation != "auto":
-        return cfg.model.attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def check_model_dir(path: str, key: str) -> None:
@@ -38,9 +30,12 @@ def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any], dtype: 
     """Load an HF causal LM; under ZeRO-3 transformers loads it straight into shards (zero.Init)."""
     zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 - must stay alive during from_pretrained
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=resolve_attn(cfg),
-        trust_remote_code=cfg.model.trust_remote_code,
+        path, dtype=dtype, trust_remote_code=trust,
+        attn_implementation=attn_implementation(config, cfg.model.attn_implementation,
+                                                deepspeed.get_accelerator().device_name(), trust),
     )
 
 

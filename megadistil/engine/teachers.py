@@ -11,7 +11,6 @@ any weight loads, so a teacher is never asked for a target it lacks.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +22,7 @@ from megadistil.bitnet import teacher_mode
 from megadistil.config import layer_lists
 from megadistil.distill.losses import LossConfig, SparseTarget, Target
 from megadistil.distill.targets import teacher_topk
+from megadistil.models import capture_qkv, decoder
 
 
 @dataclass
@@ -37,28 +37,6 @@ class Teacher(Protocol):
     def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets: ...
 
 
-@contextlib.contextmanager
-def capture_qkv(model: nn.Module, layers: list[int]):
-    """Record the q/k/v projection outputs of the given decoder layers during a forward."""
-    captured: dict[int, dict[str, Tensor]] = {i: {} for i in layers}
-    handles = []
-    for i in layers:
-        attn = model.model.layers[i].self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            def hook(_module, _inputs, output, i=i, name=name):
-                captured[i][name] = output
-            handles.append(getattr(attn, name).register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def as_qkv(captured: dict[int, dict[str, Tensor]]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    return {i: (d["q_proj"], d["k_proj"], d["v_proj"]) for i, d in captured.items()}
-
-
 class SharedTeacher:
     """The student's own weights in teacher mode; the layers captured are the ones the step's loss reads."""
 
@@ -71,10 +49,10 @@ class SharedTeacher:
             return Targets()  # a CE-only stage: no teacher forward
         hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
         with teacher_mode(self.student), capture_qkv(self.student, qkv_layers) as qkv:
-            out = self.student.model(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
+            out = decoder(self.student)(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
         return Targets(hidden=out.last_hidden_state if Target.logits in loss.needs() else None,
-                       layer_hidden=layer_hidden, qkv=as_qkv(qkv))
+                       layer_hidden=layer_hidden, qkv=qkv)
 
 
 class NoTeacher:

@@ -44,21 +44,14 @@ from megadistil.distill.losses import (
 )
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
+from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import place
 from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
 from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
-from megadistil.engine.teachers import (
-    HFTeacher,
-    NoTeacher,
-    OfflineTeacher,
-    SharedTeacher,
-    Targets,
-    Teacher,
-    as_qkv,
-    capture_qkv,
-)
+from megadistil.engine.teachers import HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher
+from megadistil.models import capture_qkv, decoder, logit_transform, output_head, output_head_name
 
 
 class DistillModule(nn.Module):
@@ -67,15 +60,17 @@ class DistillModule(nn.Module):
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
+        self.logit_transform = logit_transform(student.config, type(student))  # softcapping etc.: the model's logits
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
         hidden_layers, qkv_layers = layer_lists(cfg, self.student.config.num_hidden_layers)
         with capture_qkv(self.student, qkv_layers) as qkv:
-            out = self.student.model(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
-        weight = self.student.lm_head.weight
+            out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
+        weight = output_head(self.student).weight
         parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg, sparse=targets.sparse,
                                      teacher_hidden=targets.hidden,
-                                     teacher_lm_head_weight=weight if targets.hidden is not None else None)
+                                     teacher_lm_head_weight=weight if targets.hidden is not None else None,
+                                     logit_transform=self.logit_transform)
         mask = labels != IGNORE_INDEX
         if hidden_layers:
             student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
@@ -83,8 +78,7 @@ class DistillModule(nn.Module):
                                                 magnitude_weight=cfg.hidden_magnitude_weight)
             parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
         if qkv_layers:
-            student_qkv = as_qkv(qkv)
-            terms = [attention_relation_loss(student_qkv[i], targets.qkv[i], mask,
+            terms = [attention_relation_loss(qkv[i], targets.qkv[i], mask,
                                              num_relation_heads=cfg.attn_relation_heads,
                                              temperature=cfg.attn_relation_temperature) for i in qkv_layers]
             parts["attn"] = torch.stack(terms).mean()
@@ -121,7 +115,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self._owns_process_group = not dist.is_initialized()  # a harness running several trainers keeps its own
+        self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         try:
             self.placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
@@ -140,7 +134,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.module = DistillModule(student)
         if self.ds_config["zero_optimization"]["stage"] == 3:
-            deepspeed.zero.register_external_parameter(self.module, student.lm_head.weight)
+            deepspeed.zero.register_external_parameter(self.module, output_head(student).weight)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.teacher = self._build_teacher()
@@ -158,6 +152,7 @@ class Trainer:
         if cfg.teacher.kind == TeacherKind.hf:
             check_model_dir(cfg.teacher.path, "teacher.path")
         student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
+        check_architecture(student_config, cfg)
         for where, loss in loss_configs(cfg):
             try:
                 layer_lists(loss, student_config.num_hidden_layers)
@@ -419,6 +414,7 @@ class Trainer:
         tag = checkpoint.save(self.engine, self.ckpt_root, self.state.step,
                               rank_state={"data": self.data.state_dict()},
                               meta={**self.state.state_dict(),
+                                    "output_head": output_head_name(self.engine.module.student),
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
                               config_yaml=to_yaml(self.cfg))
         self._print(f"saved {self.ckpt_root / tag}")

@@ -38,6 +38,9 @@ LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}
 assert set(SUBNORM_NAMES) == set(SUBLN_TARGETS)
+# A checkpoint's meta.json names its output head (module name), which stays full precision; checkpoints written before
+# it did were all of transformers models whose head is lm_head.
+LEGACY_OUTPUT_HEAD = "lm_head"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
 
@@ -86,7 +89,8 @@ class StudentSpec:
     lora_rank: int
 
 
-def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch.dtype) -> StudentSpec:
+def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch.dtype,
+                 output_head: str = LEGACY_OUTPUT_HEAD) -> StudentSpec:
     b = run_config.bitnet
     rank = int(b.lora_rank)
     alpha = float(b.lora_alpha) if b.lora_alpha is not None else float(rank)
@@ -98,7 +102,7 @@ def student_spec(parts: StudentParts, run_config: DictConfig, train_dtype: torch
             raise ExportError(f"layer {m}: lora_A has rank {parts.shapes[f'{m}.lora_A'][0]} but the run config "
                               f"says bitnet.lora_rank={rank}")
     subln = any(n.endswith(".sub_norm.weight") for n in parts.tensors)
-    not_convert = list(dict.fromkeys(["lm_head", *b.exclude]))
+    not_convert = list(dict.fromkeys([output_head, *b.exclude]))
     return StudentSpec(modules, alpha / rank, train_dtype, subln, not_convert, rank)
 
 
@@ -188,17 +192,31 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     return tensors
 
 
+def subln_unsupported(config: dict[str, Any]) -> str | None:
+    """Why a SubLN student of this base cannot be exported, or None if it can. A SubLN student is written as
+    transformers' `bitnet` model: Llama's blocks (attention_bias on q/k/v/o alike, bias-free MLP) plus RMSNorms of
+    hidden_size on the inputs of o_proj and down_proj. Only a Llama base computes exactly that; every other family
+    differs in its blocks (fused or biased projections, q/k norms, extra norms, sliding windows, parallel residuals)."""
+    name = f"model_type={config.get('model_type')!r} ({', '.join(config.get('architectures') or ['?'])})"
+    if config.get("model_type") != "llama":
+        return (f"a SubLN student exports as transformers' `bitnet` model (Llama blocks + sub-norms), which cannot "
+                f"express {name}; train it without SubLN")
+    if config.get("mlp_bias"):
+        return f"transformers' `bitnet` model has a bias-free MLP, but {name} has mlp_bias=true"
+    heads, head_dim = config["num_attention_heads"], config.get("head_dim") or 0
+    if head_dim and heads * head_dim != config["hidden_size"]:
+        return (f"transformers' `bitnet` attention sub-norm is hidden_size={config['hidden_size']} wide, but {name} "
+                f"has {heads} heads x head_dim {head_dim}")
+    return None
+
+
 def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig) -> dict[str, Any]:
     config = {k: v for k, v in base_config.items() if k not in ("quantization_config", "transformers_version")}
     config["dtype"] = dtype_name(torch_dtype(cfg.dtype))
     config.pop("torch_dtype", None)
     if spec.subln:
-        if config.get("model_type") != "llama":
-            raise ExportError(f"a SubLN student exports as transformers' `bitnet` model (Llama + sub-norms); the base "
-                              f"is model_type={config.get('model_type')!r}, which it cannot express")
-        if config.get("mlp_bias"):
-            raise ExportError("a SubLN student exports as transformers' `bitnet` model, whose MLP has no bias; "
-                              "the base has mlp_bias=true")
+        if reason := subln_unsupported(config):
+            raise ExportError(reason)
         config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
     config["quantization_config"] = {
         "quant_method": "bitnet", "linear_class": cfg.linear_class, "quantization_mode": "offline",
@@ -293,7 +311,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
     base_model = BaseModel(base or ckpt.config.model.student)
     check_fingerprint(ckpt, base_model)
     parts = StudentParts.from_checkpoint(ckpt)
-    spec = student_spec(parts, ckpt.config, training_dtype(ckpt))
+    spec = student_spec(parts, ckpt.config, training_dtype(ckpt), ckpt.meta.get("output_head", LEGACY_OUTPUT_HEAD))
     tokenizer_dir = Path(ckpt.config.model.tokenizer or base_model.path)
     if ckpt.config.model.tokenizer and not tokenizer_dir.is_dir():
         tokenizer_dir = base_model.path

@@ -60,7 +60,8 @@ def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_c
 
     from megadistil.bitnet import to_bitnet
 
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=spec.train_dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=spec.train_dtype,
+                                                 attn_implementation=run_attention(base, run_config))
     b = run_config.bitnet
     to_bitnet(model, lora_rank=spec.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=spec.subln,
               delta=any(n.endswith(".delta") for n in parts.tensors), backward=b.backward)
@@ -71,6 +72,20 @@ def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_c
                 raise RuntimeError(f"checkpoint tensor {name!r} has no place in the rebuilt student")
             state[name].copy_(parts.get(name).to(state[name].dtype))
     return model.float().eval()
+
+
+def run_attention(base: BaseModel, run_config) -> str:
+    """The run's model.attn_implementation as resolved for this machine (the check runs on CPU); a choice this machine
+    cannot run (a GPU run's flash_attention_2) becomes what `auto` picks for the model here."""
+    from transformers import AutoConfig
+
+    from megadistil.models import attn_implementation
+
+    config = AutoConfig.from_pretrained(base.path)
+    try:
+        return attn_implementation(config, run_config.model.attn_implementation, "cpu")
+    except ValueError:
+        return attn_implementation(config, "auto", "cpu")
 
 
 def held_out_sequences(run_config, tokenizer, cfg: VerifyConfig, vocab_size: int) -> tuple[torch.Tensor, str]:
@@ -108,9 +123,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-out_dir, io_dir, new_tokens, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+out_dir, io_dir, new_tokens, dtype, attn = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 ref = load_file(f"{io_dir}/reference.safetensors")
-model = AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="sdpa",
+model = AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation=attn,
                                              dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
 with torch.no_grad():
     logits = model(input_ids=ref["input_ids"]).logits.float()
@@ -120,7 +135,8 @@ with torch.no_grad():
 save_file({"logits": logits.contiguous(), "generations": gens.contiguous()}, f"{io_dir}/exported.safetensors")
 linear = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules() if "BitLinear" in type(m).__name__})
 print(json.dumps({"megadistil_imported": any(k.split(".")[0] == "megadistil" for k in sys.modules),
-                  "model_class": type(model).__name__, "linear_classes": linear, "dtype": str(model.dtype)}))
+                  "model_class": type(model).__name__, "linear_classes": linear, "dtype": str(model.dtype),
+                  "attn_implementation": model.config._attn_implementation}))
 """
 
 
@@ -134,11 +150,11 @@ def compute_dtype(export_dtype: str) -> str:
 
 
 def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyConfig,
-                 dtype: str = "auto") -> tuple[dict, dict]:
+                 dtype: str = "auto", attn: str = "sdpa") -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(prefix="megadistil-verify-") as io_dir:
         save_file({k: v.contiguous() for k, v in reference.items()}, f"{io_dir}/reference.safetensors")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens), dtype],
+        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens), dtype, attn],
                               capture_output=True, text=True, cwd=io_dir, env=env, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"verify: transformers could not load/run {output}:\n{proc.stderr[-4000:]}")
@@ -175,7 +191,7 @@ def verify_export(output: Path, base: BaseModel, parts: StudentParts, spec: Stud
     ids, source = held_out_sequences(run_config, tokenizer, cfg, model.config.vocab_size)
     reference = reference_outputs(model, ids, cfg)
     del model
-    exported, info = run_exported(Path(output), reference, cfg, compute_dtype(dtype))
+    exported, info = run_exported(Path(output), reference, cfg, compute_dtype(dtype), run_attention(base, run_config))
     figures = compare(reference, exported, dtype, cfg, source)
     figures.update(loaded_as=info)
     if info["megadistil_imported"]:
@@ -188,7 +204,8 @@ def format_figures(f: dict[str, Any]) -> str:
     tol = f["tolerance"]
     loaded = f["loaded_as"]
     head = (f"verify: {loaded['model_class']} ({', '.join(loaded['linear_classes'])}) loaded by vanilla transformers "
-            f"in {loaded['dtype']}; {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}")
+            f"in {loaded['dtype']} with {loaded['attn_implementation']} attention; {f['sequences']} sequences x "
+            f"{f['seq_len']} tokens from {f['source']}")
     diff = (f"  max |logit diff| = {f['max_abs_diff']:.3g}  (tolerance {tol['max_abs_diff']:g}; "
             f"logits up to {f['logit_range']:.3g})")
     agree = (f"  argmax agreement = {100 * f['argmax_agreement']:.2f}%  "

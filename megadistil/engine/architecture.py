@@ -1,0 +1,29 @@
+"""What the student's architecture allows, checked from its config before any weight loads (Trainer._check_inputs):
+an attention implementation it can run, an output transform megadistil models, and SubLN only where the export can
+write it."""
+
+from __future__ import annotations
+
+import deepspeed
+from transformers import PretrainedConfig
+
+from megadistil.config import ConfigError, RunConfig
+from megadistil.export.ternary import subln_unsupported
+from megadistil.models import attn_implementation, causal_lm_class, logit_transform
+
+
+def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
+    """Raise ConfigError naming the key the student's architecture cannot honour (attention: on this process's
+    accelerator, as load_causal_lm resolves it)."""
+    trust = cfg.model.trust_remote_code
+    try:
+        model_class = causal_lm_class(config, trust)
+        logit_transform(config, model_class)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.student': {e}") from None
+    try:
+        attn_implementation(config, cfg.model.attn_implementation, deepspeed.get_accelerator().device_name(), trust)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.attn_implementation': {e}") from None
+    if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict())):
+        raise ConfigError(f"config key 'bitnet.subln': {reason}")
