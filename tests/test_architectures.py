@@ -109,20 +109,23 @@ def test_teacher_mode_of_the_bitnet_student_is_the_original_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama31", "gemma2", "cohere", "granite"])
 def test_top_k_targets_are_of_the_models_own_logits(arch):
-    """Both producers of top-k targets (precompute's teacher_topk and the live HF teacher's TopKHead) see the
-    model's logits, softcapped or scaled as its forward makes them."""
-    from megadistil.data.precompute import teacher_topk
+    """The one producer of top-k targets (precompute's and the live HF teacher's TopKHead) sees the model's logits,
+    softcapped or scaled as its forward makes them; the tail is the rest of the mass, in log space."""
+    from megadistil.distill.targets import teacher_topk
     from megadistil.engine.teachers import TopKHead
 
     model, ids, T = tiny_model(arch, head_scale=HEAD_SCALE), _ids(), 2.0
     with torch.no_grad():
-        expected = torch.log_softmax(model(input_ids=ids).logits.double() / T, -1).topk(5, dim=-1)
-        top_ids, top_logps = teacher_topk(model, ids, top_k=5, temperature=T, chunk=7)
-        head_ids, head_logps, tail = TopKHead(model, top_k=5, temperature=T, chunk_tokens=7)(ids)
-    for got_ids, got_logps in ((top_ids, top_logps), (head_ids, head_logps)):
+        logp = torch.log_softmax(model(input_ids=ids).logits.double() / T, -1)
+        expected = logp.topk(5, dim=-1)
+        target = teacher_topk(model, ids, top_k=5, temperature=T, chunk_tokens=7)
+        head_ids, head_logps, head_tail = TopKHead(model, top_k=5)(ids, T, 7)
+    rest = torch.logsumexp(logp.scatter(-1, expected.indices, float("-inf")), -1)
+    for got_ids, got_logps, tail in ((target.topk_ids, target.topk_logprobs, target.tail_logmass),
+                                     (head_ids, head_logps, head_tail)):
         assert torch.equal(got_ids, expected.indices)
         torch.testing.assert_close(got_logps.double(), expected.values, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tail.double(), 1 - expected.values.exp().sum(-1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tail.double(), rest, rtol=1e-4, atol=1e-4)
 
 
 # The projections by hand from the weights, in each family's own layout (transformers' modeling code).
