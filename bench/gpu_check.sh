@@ -25,9 +25,9 @@ else
   NPROC=(--num_gpus 1)  # a CPU rehearsal of the same flow (gloo); the CUDA-only tests are not collected there
 fi
 step() { echo; echo "== $*"; }
-train() {  # train OUTPUT_DIR [overrides...]
+train() {  # train OUTPUT_DIR [overrides...]; SCRIPT=tests/_fault_train.py injects MEGADISTIL_FAULT_* faults
   local dir=$1; shift
-  "$PY" -m deepspeed.launcher.runner "${NPROC[@]}" --master_port 29517 launch/train.py \
+  "$PY" -m deepspeed.launcher.runner "${NPROC[@]}" --master_port 29517 "${SCRIPT:-launch/train.py}" \
     --ds_config ds_configs/zero3.json --config configs/tiny.yaml train.output_dir="$dir" \
     model.student=$RUNS/tiny-llama data.text="[$RUNS/tiny-llama/corpus.txt]" train.max_steps=20 train.save_every=10 "$@"
 }
@@ -60,9 +60,9 @@ step "3c. precompute teacher shards on the device"
 "$PY" tools/precompute_teacher.py --teacher $RUNS/tiny-llama --text $RUNS/tiny-llama/corpus.txt \
   --out $RUNS/shards --seq-len 128 --top-k 16 --no-progress
 step "3d. a run from the shards"
-train $RUNS/from-shards data.shards=$RUNS/shards "data.text=[]" model.teacher=none
+train $RUNS/from-shards data.shards=$RUNS/shards "data.text=[]" teacher.kind=shards
 step "3e. killed after step 10, then resumed"
-MEGADISTIL_FAULT_KILL_AFTER_STEP=10 train $RUNS/resumed && { echo "the killed run did not die"; exit 1; } || true
+SCRIPT=tests/_fault_train.py MEGADISTIL_FAULT_KILL_AFTER_STEP=10 train $RUNS/resumed && { echo "the killed run did not die"; exit 1; } || true
 train $RUNS/resumed
 "$PY" - "$RUNS" <<'PY'
 import json, sys
