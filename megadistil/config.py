@@ -300,18 +300,12 @@ def loss_configs(cfg: RunConfig) -> list[tuple[str, LossConfig]]:
                                for i, s in enumerate(cfg.stages)]
 
 
-def needed_targets(cfg: RunConfig) -> set[Target]:
-    """Every teacher target some stage of the run reads."""
-    return {target for _, loss in loss_configs(cfg) for target in loss.needs()}
-
-
 def validate_teacher(cfg: RunConfig) -> None:
     """The teacher <-> loss contract, for the base config and every stage: each term a stage turns on gets its
     targets from the teacher kind, and a teacher that no term reads is not loaded or decoded."""
     teacher, kind = cfg.teacher, cfg.teacher.kind
-    provides = TEACHER_PROVIDES[kind]
-    for where, loss in loss_configs(cfg):
-        overridden = cfg.stages[int(where.split(".")[1])].overrides if where else {}
+    provides, losses = TEACHER_PROVIDES[kind], loss_configs(cfg)
+    for (where, loss), overridden in zip(losses, [{}] + [s.overrides for s in cfg.stages]):
         for target, key in loss.needs().items():
             named = f"{where}{key}" if key in overridden or not where else key
             _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
@@ -322,7 +316,7 @@ def validate_teacher(cfg: RunConfig) -> None:
     _check(teacher.top_k == TeacherConfig.top_k or kind == TeacherKind.hf, "teacher.top_k",
            f"is unused with teacher.kind={kind} (shards carry their own top-k)")
     if kind in (TeacherKind.hf, TeacherKind.shards):
-        _check(Target.logits in needed_targets(cfg), "teacher.kind",
+        _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
                f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
     _check(kind != TeacherKind.shards or bool(cfg.data.shards), "teacher.kind", "shards needs data.shards")
 

@@ -45,13 +45,14 @@ class SharedTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
-        if not loss.needs():
+        needs = loss.needs()
+        if not needs:
             return Targets()  # a CE-only stage: no teacher forward
         hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
         with teacher_mode(self.student), capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
-        return Targets(hidden=out.last_hidden_state if Target.logits in loss.needs() else None,
+        return Targets(hidden=out.last_hidden_state if Target.logits in needs else None,
                        layer_hidden=layer_hidden, qkv=qkv)
 
 
@@ -75,12 +76,12 @@ class TopKHead(nn.Module):
     """A separate teacher's top-k log-probs at temperature T + tail log-mass (the precompute's producer), as one
     module so that its ZeRO-3 engine gathers every weight the forward uses."""
 
-    def __init__(self, model: nn.Module, top_k: int) -> None:
+    def __init__(self, teacher: nn.Module, top_k: int) -> None:
         super().__init__()
-        self.model, self.top_k = model, top_k
+        self.teacher, self.top_k = teacher, top_k
 
     def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        t = teacher_topk(self.model, input_ids, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
+        t = teacher_topk(self.teacher, input_ids, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
         return t.topk_ids, t.topk_logprobs, t.tail_logmass
 
 

@@ -110,6 +110,7 @@ class Trainer:
         self.state = TrainState()
         self.logger: MetricsLogger | None = None
         self._owns_process_group = False
+        self._stage_config = (0, cfg)  # (stages started, the config they make)
         self._interval = _StepClock()
 
     # ---------------------------------------------------------------- setup
@@ -265,7 +266,7 @@ class Trainer:
             self._evaluate(teacher=True)
         while self.state.step < cfg.train.max_steps:
             step = self.state.step + 1
-            active = stage_config(cfg, step) if cfg.stages else cfg
+            active = self._config_at(step)
             self._before_step(step, active)
             start = time.perf_counter()
             parts, tokens = self._optimizer_step(batches, active)
@@ -280,6 +281,14 @@ class Trainer:
                 self._evaluate()
         if self._evaluates() and not (cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0):
             self._evaluate()
+
+    def _config_at(self, step: int) -> RunConfig:
+        """The config in force at `step`, merged again only when another stage has started (an OmegaConf merge per
+        step would be host time on the hot path)."""
+        started = sum(s.start_step <= step for s in self.cfg.stages)
+        if started != self._stage_config[0]:
+            self._stage_config = (started, stage_config(self.cfg, step))
+        return self._stage_config[1]
 
     def _before_step(self, step: int, active: RunConfig) -> None:
         if is_reset_step(step, self.cfg.relora):
