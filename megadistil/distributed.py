@@ -311,6 +311,18 @@ def export_env(info: DistInfo, environ: dict[str, str] | None = None) -> None:
     (os.environ if environ is None else environ).update(info.env())
 
 
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce at process-group start (g++ and ninja, ~70 s on
+    a fresh 2-core machine) that only tensor-parallel inference calls (inference_all_reduce); training's collectives
+    go through the process group either way. Marking the op incompatible in the dict DeepSpeed probed (and keeps)
+    skips the build."""
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistInfo:
     """Discover the rank layout, export it, and start DeepSpeed's process group with a bounded timeout."""
     import deepspeed
@@ -324,6 +336,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
                                timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
                                verbose=info.rank == 0)

@@ -30,6 +30,12 @@ def _write(out: Path, rank: int, report: dict) -> None:
     write_atomic(out / f"rank{rank}.json", json.dumps(report))
 
 
+def _shm_comm_op_loaded() -> bool:
+    from deepspeed.comm import comm  # the module whose global is the live backend
+
+    return getattr(comm.cdb, "shm_comm_op", None) is not None
+
+
 def _fault(spec: str) -> tuple[str, int] | None:
     if not spec:
         return None
@@ -57,7 +63,7 @@ def main() -> int:
     report = {**info.__dict__, "allreduce_sum": total.item(), "torch_rank": dist.get_rank(),
               "torch_world_size": dist.get_world_size(), "backend": dist.get_backend(), "argv": vars(args),
               "hostname": socket.gethostname(), "pid": os.getpid(), "env_rank": os.environ["RANK"],
-              "mpi4py": "mpi4py.MPI" in sys.modules}
+              "mpi4py": "mpi4py.MPI" in sys.modules, "shm_comm_op": _shm_comm_op_loaded()}
     _write(out, info.rank, report)
     if fault is None:
         dist.barrier()
