@@ -72,12 +72,17 @@ class DemoSettings:
     lr: float = 3e-3
     eval_sequences: int = 64
     evals: int = 4  # held-out evaluations per run, after step 0's
+    task_docs: int = 200  # documents in each of the two tasks made from the held-out split
+    task_context_chars: int = 400  # the text before each task's target
+    prompts: int = 4  # generations: prompts (held-out files' first `def` lines) and new tokens each
+    new_tokens: int = 32
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
 
     @classmethod
     def quick(cls) -> DemoSettings:
         """The same path with fewer, smaller steps (for a quick look, and the end-to-end test)."""
-        return cls(distill_steps=24, micro_batch=2, reset_every=12, eval_sequences=16, evals=1)
+        return cls(distill_steps=24, micro_batch=2, reset_every=12, eval_sequences=16, evals=1, task_docs=24,
+                   task_context_chars=200, prompts=1, new_tokens=8)
 
 
 def banner(index: int, total: int, text: str) -> None:
@@ -237,6 +242,49 @@ def convert(run: Path, output: Path, log: Path) -> None:
         raise DemoError(f"convert_to_ternary failed (exit {proc.returncode}); see {log}")
 
 
+# task -> the score the report ranks models by (last_word's word-level perplexity: lower is better)
+TASKS = {"demo_next_line": "acc_mutual_info", "demo_last_word": "perplexity"}
+
+
+def evaluate_models(s: DemoSettings, out: Path, teacher: Path, heldout: Path, converted: Path) -> dict:
+    """Two tasks from the held-out files (a file's next two lines among other files' lines; a line's last
+    identifier), scored by tools/evaluate.py for every model, with greedy and sampled generations."""
+    from megadistil.eval.local_tasks import last_word_docs, next_line_docs, write_task
+
+    docs = read_docs(heldout)
+    chars = s.task_context_chars
+    write_task(out / "tasks", "demo_next_line", "next_line", next_line_docs(docs, s.task_docs, context_chars=chars))
+    write_task(out / "tasks", "demo_last_word", "last_word", last_word_docs(docs, s.task_docs, context_chars=chars))
+    firsts = [ln for ln in (next((x for x in d.splitlines() if x.startswith("def ")), "") for d in docs) if ln]
+    (out / "prompts.txt").write_text("".join(ln.split("(")[0] + "(\n" for ln in firsts[:s.prompts]))
+    models = {"teacher": teacher, "naive_ternary": f"ternary:{teacher}", "ce_only": out / "run-ce",
+              "distilled_shards": out / "run-shards", "distilled_shared": out / "run-shared", "converted": converted}
+    cmd = [sys.executable, "tools/evaluate.py", *[a for k, v in models.items() for a in ("--model", f"{k}={v}")],
+           "--tasks", ",".join(TASKS), "--include-path", str(out / "tasks"), "--batch-size", "32",
+           "--generate", str(out / "prompts.txt"), "--max-new-tokens", str(s.new_tokens),
+           "--out", str(out / "eval.json"), "--generations-out", str(out / "generations.md")]
+    with (out / "evaluate.log").open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode:
+        raise DemoError(f"evaluate failed (exit {proc.returncode}); see {out / 'evaluate.log'}")
+    return {m["name"]: m["tasks"] for m in json.loads((out / "eval.json").read_text())["models"]}
+
+
+def task_report(summary: dict, out: Path) -> list[str]:
+    docs = summary["settings"]["task_docs"]
+    lines = ["", (f"Tasks made from the held-out files ({docs} documents each, tools/evaluate.py through "
+                  "lm-evaluation-harness, offline): `demo_next_line` picks a file's next two lines among lines of "
+                  "other files (acc_mutual_info: log p(choice | context) - log p(choice), so a choice cannot win "
+                  "by being common text); `demo_last_word` predicts a line's last identifier (perplexity per "
+                  "identifier: lower is better; eval.json also holds acc, the greedy match)."),
+             "", "| model | " + " | ".join(f"{t} {m}" for t, m in TASKS.items()) + " |", "|---|---:|---:|"]
+    lines += [f"| {MODELS[k]} | " + " | ".join(f"{scores[t][m]:.4g}" for t, m in TASKS.items()) + " |"
+              for k, scores in summary["tasks"].items()]
+    lines += ["", "Generations (greedy, and sampled with a fixed seed) from the first `def` line of held-out files:",
+              "", (out / "generations.md").read_text().rstrip()]
+    return lines
+
+
 def dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
     return sum(f.stat().st_size for f in path.glob(pattern))
 
@@ -323,7 +371,8 @@ def write_report(summary: dict, out: Path) -> Path:
     lines += ["", (f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit "
                    f"student {sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x "
                    "smaller; embeddings and lm_head stay in their dtype)."),
-              "", "![loss curves](loss_curves.png)", "", "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
+              *task_report(summary, out), "", "![loss curves](loss_curves.png)", "",
+              "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -344,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     t = s.teacher
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    start, total = time.time(), 7
+    start, total = time.time(), 8
     banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)
     banner(2, total, f"teacher: {t.layers}-layer {t.hidden}-wide Llama-3.1-shaped model, {t.vocab}-token BPE, "
@@ -370,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     converted = out / "student-ternary"
     convert(out / "run-shards", converted, out / "convert.log")
     converted_ppl = vanilla_perplexity(converted, paths["heldout"], s.seq_len, s.eval_sequences)
-    banner(7, total, "report")
+    banner(7, total, f"evaluate: 2 tasks x {s.task_docs} documents made from the held-out files, generations "
+           "(tools/evaluate.py on all six models)")
+    task_scores = evaluate_models(s, out, teacher, paths["heldout"], converted)
+    banner(8, total, "report")
     plot_losses(results, step0_eval(results["shared"])["eval_ppl_teacher"], out / "loss_curves.png")
     from transformers import AutoTokenizer
 
@@ -380,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
               "teacher_split": split_tokens}
     sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
     summary = summarize(s, results, converted_ppl, sizes, time.time() - start, tokens)
+    summary["tasks"] = task_scores
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     report = write_report(summary, out)
     print(report.read_text())
