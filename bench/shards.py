@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.data import Manifest, ShardStream, decode_sample, encode_sample
-from megadistil.data.shards import check_raw_sample
 from megadistil.data.precompute import PrecomputeConfig, run_precompute
+from megadistil.data.shards import check_raw_sample
 from tests.conftest import _stdlib_text, _train_tokenizer
 
 
@@ -78,7 +78,7 @@ def first_sample(out: Path, m: Manifest):
 
 
 def codec_throughput(raw, m: Manifest, dec) -> tuple[float, float]:
-    kw = dict(seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec)
+    kw = {"seq_len": m.seq_len, "top_k": m.top_k, "vocab_size": m.vocab_size, "codec": m.codec}
     n = 5
     t = time.perf_counter()
     for _ in range(n):

@@ -20,6 +20,7 @@ import resource
 import sys
 import threading
 from pathlib import Path
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +45,7 @@ class Sampler:
             self.peak = max(self.peak, rss_mb())
             self.anon_peak = max(self.anon_peak, rss_mb("RssAnon"))
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

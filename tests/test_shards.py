@@ -147,8 +147,8 @@ def test_corrupted_bytes_are_rejected():
 
 
 def _manifest(**kw) -> Manifest:
-    base = dict(vocab_size=384, top_k=16, temperature=1.0, seq_len=64, teacher_fingerprint="t",
-                tokenizer_fingerprint="abc")
+    base = {"vocab_size": 384, "top_k": 16, "temperature": 1.0, "seq_len": 64, "teacher_fingerprint": "t",
+                "tokenizer_fingerprint": "abc"}
     return Manifest(**{**base, **kw})
 
 

@@ -57,7 +57,7 @@ def test_batch_layout(shards):
 
 def test_a_run_that_reads_no_targets_decodes_only_tokens(shards, monkeypatch):
     """teacher.kind other than shards: the same token batches, and the top-k + tail are never decoded."""
-    import megadistil.data.stream as stream
+    from megadistil.data import stream
 
     full = _take(ShardStream(shards, batch_size=3, shuffle_buffer=5, seed=1), 4)
     monkeypatch.setattr(stream, "decode_sample", lambda *a, **k: pytest.fail("decoded the targets"))
@@ -85,7 +85,7 @@ def test_the_trainer_reader_gets_every_data_key(shards, kind, targets):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_yields_the_same_batches(shards, workers):
-    kw = dict(batch_size=4, num_workers=workers, shuffle_buffer=10, seed=3)
+    kw = {"batch_size": 4, "num_workers": workers, "shuffle_buffer": 10, "seed": 3}
     reference = _take(ShardStream(shards, **kw), 25)  # crosses an epoch boundary (17 batches per epoch)
     first = ShardStream(shards, **kw)
     head = _take(first, 7)
@@ -146,7 +146,7 @@ def test_corrupted_member_fail_names_shard_and_key(shards, tmp_path):
 def test_corrupted_member_skip_counts_and_logs(shards, tmp_path, caplog):
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
-    name = sorted(p.name for p in bad.glob("*.tar"))[0]
+    name = min(p.name for p in bad.glob("*.tar"))
     _flip_byte_in_member(bad / name, ".bin")
     stream = ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip")
     with caplog.at_level(logging.WARNING):

@@ -18,12 +18,12 @@ def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 
     tokens = m.seq_len * m.total_samples
     total_bytes = sum(s.bytes for s in m.shards)
     lines = [
-        f"manifest: format {m.format_version}  vocab {m.vocab_size}  k {m.top_k}  T {m.temperature}  "
-        f"seq_len {m.seq_len}",
+        (f"manifest: format {m.format_version}  vocab {m.vocab_size}  k {m.top_k}  T {m.temperature}  "
+         f"seq_len {m.seq_len}"),
         f"teacher {m.teacher} ({m.teacher_fingerprint})  tokenizer {m.tokenizer_fingerprint}",
         f"encodings: {json.dumps(m.encodings)}",
-        f"{len(m.shards)} shards  {m.total_samples} sequences  {tokens} tokens  {total_bytes / 1e6:.2f} MB  "
-        f"{total_bytes / max(tokens, 1):.1f} bytes/token (tar overhead included)",
+        (f"{len(m.shards)} shards  {m.total_samples} sequences  {tokens} tokens  {total_bytes / 1e6:.2f} MB  "
+         f"{total_bytes / max(tokens, 1):.1f} bytes/token (tar overhead included)"),
     ]
     lines += [f"  {s.name}: {s.samples} samples  {s.bytes} B  sha256 {s.sha256[:16]}..." for s in m.shards[:20]]
     raws = wds.tariterators.tarfile_samples([{"url": str(Path(shard_dir) / m.shards[0].name)}])

@@ -107,7 +107,7 @@ def golomb_parameter(vocab_size: int, k: int) -> int:
 
 
 def _golomb_encode(sorted_ids: np.ndarray, vocab_size: int) -> tuple[bytes, bytes, bytes]:
-    rows, k = sorted_ids.shape
+    _rows, k = sorted_ids.shape
     m = golomb_parameter(vocab_size, k)
     gaps = np.diff(sorted_ids.astype(np.int64), axis=1, prepend=-1).reshape(-1) - 1
     q, r = np.divmod(gaps, m)
