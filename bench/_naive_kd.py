@@ -5,7 +5,8 @@ plus a full-parameter student trained with AdamW on the same ZeRO-3 engine, loss
 [tokens x vocab] logits (temperature, T² scaling). No LoRA, no quantisation. Same data pipeline, ds_config
 reconciliation, dtype, attention and activation checkpointing as megadistil's engine, so only the method differs.
 
-Each rank writes <out>/rank<r>.jsonl: one JSON per step (step, loss, step_time_s, peak_mem_mb = ru_maxrss).
+Each rank writes <out>/rank<r>.jsonl: one JSON per step (step, loss, step_time_s, peak_mem_mb: lifetime peak,
+steps_peak_mem_mb: the peak over the training steps alone; the engine's PeakMemory, so both sides measure alike).
 With --floor it only imports what the engine imports, starts the process group and writes <out>/floor.rank<r>.json:
 the runtime's own peak RSS, before any model exists.
 """
@@ -27,6 +28,7 @@ from megadistil.config import RunConfig, load_config, load_ds_config, reconcile_
 from megadistil.data.packed import IGNORE_INDEX, PackedTextBatches
 from megadistil.distributed import init_distributed
 from megadistil.engine.device import place
+from megadistil.engine.metrics import PeakMemory
 from megadistil.engine.model import load_causal_lm
 
 
@@ -66,6 +68,8 @@ def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path, pla
                                              batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
                                              seed=cfg.train.seed))
     student.train()
+    peak = PeakMemory()
+    peak.start_steps()
     log = (out / f"rank{rank}.jsonl").open("w")
     for step in range(1, cfg.train.max_steps + 1):
         start = time.perf_counter()  # like the engine's step time: data, teacher, student, backward, update
@@ -79,7 +83,7 @@ def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path, pla
         seconds = time.perf_counter() - start
         del teacher_logits, student_logits
         log.write(json.dumps({"step": step, "loss": float(loss), "step_time_s": seconds,
-                              "peak_mem_mb": peak_rss_mb()}) + "\n")
+                              "peak_mem_mb": peak.lifetime_mb(), "steps_peak_mem_mb": peak.steps_mb()}) + "\n")
         log.flush()
     log.close()
 

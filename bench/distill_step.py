@@ -7,8 +7,9 @@
        forward KL on full logits, no LoRA, no quantisation (what TRL GKD / DistillKit do)
 
 Throughput: global tokens per step / the median step time of the steps after the warm-up (rank 0's log).
-Memory: peak RSS (VmHWM = ru_maxrss) of every rank process, polled from /proc while it runs; the engine's own
-rank-0 peak_mem_mb is printed beside it as a cross-check. The "floor" is the peak RSS of a rank that only imports
+Memory: peak RSS (VmHWM = ru_maxrss) of every rank process, polled from /proc while it runs (the lifetime peak,
+loading included), and the steady-state peak each rank logs (the max over the training steps: the engine's and the
+baseline's PeakMemory reset the high-water mark once loading is done); the memory target reads the steady-state one. The "floor" is the peak RSS of a rank that only imports
 the engine and starts the process group: the runtime's fixed cost, which no method can remove.
 
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
@@ -161,14 +162,18 @@ def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dic
     peaks = launch("launch/train.py", argv, port, run_dir.with_suffix(".log"))
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb_rank0"],
+            "steps_rss_mb": {r: max(m[f"steps_peak_mem_mb_rank{r}"] for m in steps) for r in range(WORLD)},
             "step_times": [m["step_time_s"] for m in steps], "losses": [m["loss"] for m in steps]}
 
 
 def run_naive(overrides: list[str], run_dir: Path, port: int) -> dict:
     argv = ["--config", "configs/tiny.yaml", "--ds_config", DS_CONFIG, "--out", str(fresh(run_dir)), *overrides]
     peaks = launch("bench/_naive_kd.py", argv, port, run_dir.with_suffix(".log"))
-    steps = [json.loads(line) for line in (run_dir / "rank0.jsonl").read_text().splitlines()]
+    per_rank = {r: [json.loads(line) for line in (run_dir / f"rank{r}.jsonl").read_text().splitlines()]
+                for r in range(WORLD)}
+    steps = per_rank[0]
     return {"name": "c", "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb"],
+            "steps_rss_mb": {r: max(m["steps_peak_mem_mb"] for m in recs) for r, recs in per_rank.items()},
             "step_times": [m["step_time_s"] for m in steps], "losses": [m["loss"] for m in steps]}
 
 
@@ -192,7 +197,7 @@ def summarize(run: dict, warmup: int, tokens_per_step: int) -> dict:
     steady = run["step_times"][warmup:]
     median = statistics.median(steady)
     return {**run, "median_step_s": median, "tokens_per_s": tokens_per_step / median,
-            "peak_rss_mb": max(run["rss_mb"].values())}
+            "peak_rss_mb": max(run["rss_mb"].values()), "steps_peak_mb": max(run["steps_rss_mb"].values())}
 
 
 def machine() -> str:
@@ -219,17 +224,20 @@ def print_table(results: dict, floor: dict[int, float], dtype: str) -> None:
     floor_mb = max(floor.values())
     print(f"\n[{dtype}]  runtime floor (imports + process group): "
           + ", ".join(f"rank{r} {v:.0f} MiB" for r, v in sorted(floor.items())))
-    print(f"{'case':<4} {'what':<44} {'step s':>7} {'tok/s':>7} {'rss r0':>7} {'rss r1':>7} {'eng r0':>7}"
-          f" {'mem/c':>6} {'net/c':>6} {'speed/c':>7}")
+    print("rss: lifetime peak RSS per rank (loading included); steps: the peak over the training steps alone")
+    print(f"{'case':<4} {'what':<44} {'step s':>7} {'tok/s':>7} {'rss r0':>7} {'rss r1':>7} {'steps r0':>8}"
+          f" {'steps r1':>8} {'mem/c':>6} {'steps/c':>7} {'net/c':>6} {'speed/c':>7}")
     for name, r in results.items():
-        net = (r["peak_rss_mb"] - floor_mb) / (c["peak_rss_mb"] - floor_mb)
+        net = (r["steps_peak_mb"] - floor_mb) / (c["steps_peak_mb"] - floor_mb)
         print(f"{name:<4} {DESCRIPTIONS[name]:<44} {r['median_step_s']:7.2f} {r['tokens_per_s']:7.0f}"
-              f" {r['rss_mb'][0]:7.0f} {r['rss_mb'][1]:7.0f} {r['engine_rank0_peak_mb']:7.0f}"
-              f" {r['peak_rss_mb'] / c['peak_rss_mb']:6.2f} {net:6.2f} {r['tokens_per_s'] / c['tokens_per_s']:7.2f}")
+              f" {r['rss_mb'][0]:7.0f} {r['rss_mb'][1]:7.0f} {r['steps_rss_mb'][0]:8.0f} {r['steps_rss_mb'][1]:8.0f}"
+              f" {r['peak_rss_mb'] / c['peak_rss_mb']:6.2f} {r['steps_peak_mb'] / c['steps_peak_mb']:7.2f}"
+              f" {net:6.2f} {r['tokens_per_s'] / c['tokens_per_s']:7.2f}")
     a = results["a"]
-    mem, speed = a["peak_rss_mb"] / c["peak_rss_mb"], a["tokens_per_s"] / c["tokens_per_s"]
-    print(f"target (a) peak RSS <= {MEM_TARGET}x (c): {mem:.2f}x  {'MET' if mem <= MEM_TARGET else 'NOT MET'}"
-          f"   (net of the runtime floor: {(a['peak_rss_mb'] - floor_mb) / (c['peak_rss_mb'] - floor_mb):.2f}x)")
+    mem, speed = a["steps_peak_mb"] / c["steps_peak_mb"], a["tokens_per_s"] / c["tokens_per_s"]
+    print(f"target (a) steady-state peak <= {MEM_TARGET}x (c): {mem:.2f}x  {'MET' if mem <= MEM_TARGET else 'NOT MET'}"
+          f"   (lifetime peak {a['peak_rss_mb'] / c['peak_rss_mb']:.2f}x; steady net of the runtime floor: "
+          f"{(a['steps_peak_mb'] - floor_mb) / (c['steps_peak_mb'] - floor_mb):.2f}x)")
     print(f"target (a) tokens/s >= {SPEED_TARGET}x (c): {speed:.2f}x  {'MET' if speed >= SPEED_TARGET else 'NOT MET'}")
 
 

@@ -1,7 +1,7 @@
 import json
 
 from megadistil.config import LogConfig, WandbConfig
-from megadistil.engine.metrics import MetricsLogger
+from megadistil.engine.metrics import MetricsLogger, PeakMemory
 
 
 def test_rank0_writes_jsonl_stdout_and_offline_wandb(tmp_path, capsys, monkeypatch):
@@ -40,3 +40,17 @@ def test_wandb_gets_the_resolved_run_config():
     assert got["train"]["max_steps"] == 7 and got["loss"]["kind"] == "jsd" and got["teacher"]["kind"] == "shared"
     assert type(got["loss"]["kind"]) is str and got["ds_config"] == {"train_batch_size": 8}
     assert got["placement"] == {"kernel": "fp32"} and got["model"]["student"] == "/m"
+
+
+def test_steps_peak_leaves_out_the_load_peak_and_the_lifetime_peak_keeps_it():
+    """200 MB touched and freed while "loading", 50 MB during the "steps": the steps' peak sees only the second, the
+    lifetime peak still the first (the kernel's high-water mark was reset in between)."""
+    peak = PeakMemory()
+    before = peak.lifetime_mb()
+    load = bytearray(200 * 2**20)  # zero-filled: every page is touched
+    del load  # a large block goes back to the kernel at once (glibc mmaps it)
+    peak.start_steps()
+    steps = bytearray(50 * 2**20)
+    assert peak.steps_mb() < before + 200 - 100  # the 200 MB transient is not in it
+    assert peak.lifetime_mb() >= before + 200 - 5
+    assert peak.steps_mb() >= len(steps) / 2**20

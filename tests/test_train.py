@@ -1,5 +1,6 @@
 """The engine end to end: `deepspeed --num_gpus 2 launch/train.py` on gloo (CPU), ZeRO-3."""
 
+import itertools
 import json
 import math
 import os
@@ -113,6 +114,9 @@ def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
     step_records = [m for m in records if "loss" in m]
     assert [m["step"] for m in step_records] == list(range(1, 13))
     assert {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s", "ce", "hidden", "attn"} <= set(step_records[0])
+    for m in step_records:  # each rank's steps-only peak is within its lifetime peak, which never falls
+        assert all(0 < m[f"steps_peak_mem_mb_rank{r}"] <= m[f"peak_mem_mb_rank{r}"] for r in (0, 1)), m
+    assert all(a["peak_mem_mb"] <= b["peak_mem_mb"] for a, b in itertools.pairwise(step_records))
     assert step_records[-1]["resets"] == 2  # before steps 5 and 9
     evals = [m for m in records if "eval_ppl_student" in m]
     assert "eval_ppl_teacher" in evals[0] and evals[-1]["step"] == 12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -15,11 +16,47 @@ from megadistil.config import LogConfig
 from megadistil.rundir import METRICS
 
 
-def peak_memory_mb() -> float:
-    """Peak device memory on CUDA, else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class PeakMemory:
+    """This process's peak memory over its lifetime and over the training steps alone (`start_steps()` marks the
+    end of loading: model, optimizer, data, the step-0 evaluation). CUDA: the allocator's peak, reset with
+    reset_peak_memory_stats. CPU: the kernel's RSS high-water mark (VmHWM), reset by writing 5 to
+    /proc/self/clear_refs, which resets ru_maxrss as well: the load peak is read first and kept. Where the mark
+    cannot be reset (not Linux), the steps' peak is the lifetime one."""
+
+    def __init__(self) -> None:
+        self._load_peak = 0.0
+
+    def start_steps(self) -> None:
+        self._load_peak = self._high_water()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        _return_freed_heap()  # what loading freed but malloc kept would otherwise count as the steps' memory
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def lifetime_mb(self) -> float:
+        return max(self._load_peak, self._high_water())
+
+    def steps_mb(self) -> float:
+        return self._high_water()
+
+    @staticmethod
+    def _high_water() -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; = VmHWM
+
+
+def _return_freed_heap() -> None:
+    """glibc's malloc_trim: hand the heap's free pages back to the kernel (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class MetricsLogger:

@@ -46,7 +46,7 @@ from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import place
-from megadistil.engine.metrics import MetricsLogger, peak_memory_mb
+from megadistil.engine.metrics import MetricsLogger, PeakMemory
 from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
@@ -112,6 +112,7 @@ class Trainer:
         self._owns_process_group = False
         self._stage_config = (0, cfg)  # (stages started, the config they make)
         self._interval = _StepClock()
+        self.peak = PeakMemory()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -264,6 +265,7 @@ class Trainer:
         self.engine.train()
         if self.state.step == 0 and self._evaluates():
             self._evaluate(teacher=True)
+        self.peak.start_steps()
         while self.state.step < cfg.train.max_steps:
             step = self.state.step + 1
             active = self._config_at(step)
@@ -337,14 +339,18 @@ class Trainer:
         return self.engine(batch["input_ids"], batch["labels"], self.teacher.targets(batch, loss_cfg), loss_cfg)
 
     def _peak_memory(self) -> dict[str, float]:
-        """peak_mem_mb (the largest over ranks) and peak_mem_mb_rank<r> for each rank."""
-        mine = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=self.device)
+        """peak_mem_mb (lifetime, loading included) and steps_peak_mem_mb (the training steps only): the largest
+        over ranks, and each rank's as <key>_rank<r>."""
+        mine = torch.tensor([self.peak.lifetime_mb(), self.peak.steps_mb()], dtype=torch.float64, device=self.device)
         every = [mine]
         if dist.is_initialized():
             every = [torch.zeros_like(mine) for _ in range(self.dist.world_size)]
             dist.all_gather(every, mine)
-        per_rank = {f"peak_mem_mb_rank{r}": round(float(t), 1) for r, t in enumerate(every)}
-        return {"peak_mem_mb": max(per_rank.values()), **per_rank}
+        record = {}
+        for i, key in enumerate(("peak_mem_mb", "steps_peak_mem_mb")):
+            per_rank = {f"{key}_rank{r}": round(float(t[i]), 1) for r, t in enumerate(every)}
+            record |= {key: max(per_rank.values()), **per_rank}
+        return record
 
     def _all_finite(self, loss: Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
