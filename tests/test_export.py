@@ -40,6 +40,7 @@ DS_SCRIPT = textwrap.dedent(r"""
     from safetensors import safe_open
     from torch import nn
     from megadistil.config import RunConfig
+    from megadistil.distributed import init_distributed
     from megadistil.engine import checkpoint
     from megadistil.export.sources import BaseModel, StudentParts, locate_checkpoint
 
@@ -87,6 +88,7 @@ DS_SCRIPT = textwrap.dedent(r"""
                         config_yaml=OmegaConf.to_yaml(cfg))
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    init_distributed()  # as every megadistil process starts: bounded timeout, no shm all-reduce build
     resave(args[0], args[1])
     synthetic(args[2], args[3])
 """)
