@@ -5,7 +5,8 @@ of one per run: the process group outlives each Trainer). argv[1] is a JSON list
 
 Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
 checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
-W is bitwise the base model's, and the shared teacher's logits are the original model's.
+W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks sampling in lockstep
+draw what one batch draws.
 """
 
 import json
@@ -25,6 +26,7 @@ from megadistil.config import load_config
 from megadistil.distributed import init_distributed
 from megadistil.engine.relora import MOMENTS, relora_reset
 from megadistil.engine.trainer import Trainer
+from megadistil.sampling import SamplingConfig, lockstep_any, sample
 from tests._fault_train import faults
 
 
@@ -65,6 +67,24 @@ def relora_checks(trainer: Trainer) -> dict[str, bool]:
     }
 
 
+def sampling_checks(trainer: Trainer) -> dict[str, bool]:
+    """Under ZeRO-3, each rank samples its own prompt in lockstep (rank 0's stops at EOS early and keeps stepping on
+    padding while rank 1 runs on) and draws exactly what both prompts sampled as one batch gave for it."""
+    student, rank = trainer.engine.module.student, trainer.dist.rank
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, student.config.vocab_size, (6,), generator=g) for _ in range(2)]
+    cfg = SamplingConfig(max_new_tokens=10, temperatures=[1.0], seed=3)
+    pad = student.config.vocab_size - 1
+    free = sample(student, prompts, cfg, eos_token_id=None, pad_token_id=pad, lockstep=lockstep_any())
+    eos = int(free.tokens[0, 1])  # row 0 stops after two tokens
+    full = sample(student, prompts, cfg, eos_token_id=eos, pad_token_id=pad, lockstep=lockstep_any())
+    mine = sample(student, prompts[rank:rank + 1], cfg, eos_token_id=eos, pad_token_id=pad, first_index=rank,
+                  lockstep=lockstep_any())
+    return {"sampled_share_equals_batch": bool(torch.equal(mine.tokens[0], full.tokens[rank])
+                                               and mine.lengths[0] == full.lengths[rank]),
+            "rank0_stopped_before_rank1": int(full.lengths[0]) == 2 < int(full.lengths[1])}
+
+
 def run(spec: dict) -> dict:
     cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
     trainer = Trainer(cfg, "ds_configs/zero3.json")
@@ -75,6 +95,7 @@ def run(spec: dict) -> dict:
             trainer.train()
         if spec.get("relora_probe"):
             result.update(relora_checks(trainer))
+            result.update(sampling_checks(trainer))
     except FloatingPointError as e:  # the NaN streak stops a run on every rank alike
         result["error"] = str(e)
     finally:

@@ -157,10 +157,12 @@ def test_separate_hf_teacher_as_zero3_inference_engine(runs):
 @pytest.mark.multirank
 def test_relora_invariant_frozen_teacher_on_two_ranks(runs):
     """After training: a full ReLoRA reset leaves the student's logits bitwise equal and zeroes the Adam moments
-    (2 ranks, ZeRO-3); the teacher's W is bitwise the base model's; the shared teacher is the original model."""
+    (2 ranks, ZeRO-3); the teacher's W is bitwise the base model's; the shared teacher is the original model. And
+    megadistil.sampling on the partitioned student: each rank's own prompt, in lockstep (rank 0 stops at EOS first),
+    draws exactly what the two prompts as one batch drew."""
     for result in probe(runs["relora"]):
         assert result.pop("error") is None
-        assert len(result) == 8 and all(result.values()), result
+        assert len(result) == 10 and all(result.values()), result
 
 
 @pytest.mark.multirank

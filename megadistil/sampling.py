@@ -1,0 +1,153 @@
+"""Batched sampling with a KV cache from any causal LM megadistil loads: the shared teacher (in teacher_mode), a
+separate HF teacher, the student; plain torch + transformers, no DeepSpeed.
+
+Reproducible by construction: every sequence draws from its own generator, seeded from (seed, the sequence's global
+index), so its tokens do not depend on the batch it shares, on padding, or on how many ranks split the prompts. Under
+ZeRO-3 every rank must run the same number of forwards (each one gathers the weights together): `lockstep` all-reduces
+"any sequence still running" after every token, and a rank whose sequences have all stopped keeps stepping on padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SamplingError(ValueError):
+    """A sampling setting is out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperatures: position i of the continuation samples at temperatures[min(i, len - 1)] ([1.5, 0.7]: a hot first
+    token, then 0.7); 0 is greedy. top_k = 0 and top_p = 1 leave the distribution whole."""
+
+    max_new_tokens: int = 128
+    temperatures: Sequence[float] = field(default=(1.0,))
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        check_sampling(self)
+
+    def temperature_at(self, position: int) -> float:
+        return float(self.temperatures[min(position, len(self.temperatures) - 1)])
+
+
+def check_sampling(cfg: SamplingConfig, prefix: str = "sampling") -> None:
+    """Every bound, naming the key (`prefix` is where the section sits in a run config)."""
+    if cfg.max_new_tokens < 1:
+        raise SamplingError(f"config key '{prefix}.max_new_tokens': must be >= 1, got {cfg.max_new_tokens}")
+    if not cfg.temperatures or any(t < 0 for t in cfg.temperatures):
+        raise SamplingError(f"config key '{prefix}.temperatures': one or more temperatures >= 0 (0 = greedy), "
+                            f"got {list(cfg.temperatures)}")
+    if cfg.top_k < 0:
+        raise SamplingError(f"config key '{prefix}.top_k': must be >= 0 (0 = off), got {cfg.top_k}")
+    if not 0 < cfg.top_p <= 1:
+        raise SamplingError(f"config key '{prefix}.top_p': must be in (0, 1], got {cfg.top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """-inf outside the top_k tokens and outside the smallest set whose probability reaches top_p (the token that
+    crosses top_p is kept), as transformers' TopK/TopP warpers."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the tokens above
+        drop_sorted = before >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+@dataclass
+class Generation:
+    """tokens [batch, max_new_tokens] (pad after a stop), lengths [batch] (tokens up to and including EOS)."""
+
+    tokens: Tensor
+    lengths: Tensor
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_token_id: int | None,
+           pad_token_id: int, first_index: int = 0, lockstep: Callable[[bool], bool] | None = None) -> Generation:
+    """Continue each prompt (1-D token ids; lengths may differ: left-padded here). `first_index` is the global index
+    of prompts[0] (its generator's seed); `lockstep(any_running) -> any rank running` joins the ranks' loops."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, pad_token_id, device)
+    batch = len(prompts)
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + first_index + i)
+                  for i in range(batch)]
+    tokens = torch.full((batch, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), cfg.max_new_tokens, dtype=torch.long, device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _cache_name(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    for step in range(cfg.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        next_ids = _draw(logits, cfg.temperature_at(step), cfg, generators)
+        next_ids = torch.where(running, next_ids, torch.full_like(next_ids, pad_token_id))
+        tokens[:, step] = next_ids
+        if cfg.stop_at_eos and eos_token_id is not None:
+            stopped = running & (next_ids == eos_token_id)
+            lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
+            running &= ~stopped
+        last = step == cfg.max_new_tokens - 1
+        mine = bool(running.any()) and not last
+        if (lockstep(mine) if lockstep is not None else mine) is False:
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)  # a stopped row steps on padding, unread
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache: out[cache]})
+    return Generation(tokens=tokens, lengths=lengths)
+
+
+def _cache_name(model: nn.Module) -> str:
+    """The KV cache's name in forward's arguments and outputs: transformers 5.2x renamed past_key_values to cache."""
+    forward = getattr(model, "module", model).forward  # a DeepSpeed engine's forward takes **kwargs
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _draw(logits: Tensor, temperature: float, cfg: SamplingConfig, generators: list[torch.Generator]) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(filter_logits(logits / temperature, cfg.top_k, cfg.top_p), dim=-1)
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])
+
+
+def _left_pad(prompts: list[Tensor], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if not prompts or any(p.ndim != 1 or p.numel() == 0 for p in prompts):
+        raise SamplingError("sample() takes a non-empty list of non-empty 1-D token-id tensors")
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - p.numel():] = p.to(device)
+        mask[row, width - p.numel():] = 1
+    return ids, mask
+
+
+def lockstep_any(group=None) -> Callable[[bool], bool]:
+    """`lockstep` for torch.distributed: True while any rank still has a running sequence."""
+    import torch.distributed as dist
+
+    def any_running(mine: bool) -> bool:
+        flag = torch.tensor([float(mine)], device=_collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    return any_running
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
