@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from megadistil.eval.models import EvalError
+from megadistil.sampling import SamplingConfig, sample
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -22,26 +22,23 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-@torch.no_grad()
 def continuations(model: nn.Module, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 32, seed: int = 0,
                   temperature: float = 0.8, top_p: float = 0.95) -> list[dict[str, str]]:
-    """Each prompt alone (no padding, so batching cannot change a result); sampling is seeded per prompt, so a
-    model's sampled text does not depend on which prompts came before it."""
+    """Greedy and seeded sampled continuations through megadistil.sampling. Each prompt alone (no padding, so
+    batching cannot change a result), with the generator of its index, so a model's sampled text does not depend on
+    which prompts came before it. Generation runs to max_new_tokens or EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    greedy_cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperatures=(0.0,))
+    sampled_cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperatures=(temperature,), top_p=top_p, seed=seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        common = {"attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens, "pad_token_id": pad}
-        greedy = model.generate(ids, do_sample=False, **common)
-        torch.manual_seed(seed + i)
-        sampled = model.generate(ids, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
-        rows.append({"prompt": prompt, "greedy": _new_text(tokenizer, ids, greedy),
-                     "sampled": _new_text(tokenizer, ids, sampled)})
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        texts = {}
+        for kind, cfg in (("greedy", greedy_cfg), ("sampled", sampled_cfg)):
+            out = sample(model, [ids], cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, first_index=i)
+            texts[kind] = tokenizer.decode(out.tokens[0, :out.lengths[0]], skip_special_tokens=True)
+        rows.append({"prompt": prompt, **texts})
     return rows
-
-
-def _new_text(tokenizer: Any, prompt_ids: torch.Tensor, out: torch.Tensor) -> str:
-    return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
 def _cell(text: str) -> str:
