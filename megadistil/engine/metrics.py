@@ -27,7 +27,7 @@ class PeakMemory:
         self._load_peak = 0.0
 
     def start_steps(self) -> None:
-        self._load_peak = self._high_water()
+        self._load_peak = max(self._load_peak, self._high_water())  # a second call (a resumed loop) keeps the first
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return
