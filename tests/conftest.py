@@ -55,9 +55,10 @@ def stdlib_text_file(tmp_path_factory) -> Path:
     return path
 
 
-# Longest files first: with `make test`'s two workers taking a file at a time in collection order, the quick demo
-# (~4 min) and the architectures run (~2.5 min) then overlap the short files instead of running last, alone.
-FIRST = ("test_demo.py", "test_architectures.py")
+# Longest files first (as measured on 2 cores): `make test`'s two workers take files in collection order, so the
+# quick demo (~4 min) and the architectures run (~2.5 min) overlap the rest instead of running last, alone.
+FIRST = ("test_demo.py", "test_architectures.py", "test_train.py", "test_launch.py", "test_memory.py",
+         "test_export.py", "test_precompute.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
