@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
-# time in imports and rendezvous, so a second file fills the idle core (13.9 min on 2 cores, ~16 serially).
+# time in imports and rendezvous, so a second file fills the idle core (10.1 min on 2 cores, ~15 serially).
 TEST_WORKERS ?= 2
 
 test: setup
