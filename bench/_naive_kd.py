@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -30,10 +29,6 @@ from megadistil.distributed import init_distributed
 from megadistil.engine.device import place
 from megadistil.engine.metrics import PeakMemory
 from megadistil.engine.model import load_causal_lm
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def full_logits_kd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
@@ -103,7 +98,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.floor:
         torch.distributed.barrier()
-        (out / f"floor.rank{info.rank}.json").write_text(json.dumps({"peak_mem_mb": peak_rss_mb()}))
+        (out / f"floor.rank{info.rank}.json").write_text(json.dumps({"peak_mem_mb": PeakMemory().lifetime_mb()}))
         return
     placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=info.local_world_size)
     bf16 = placement.dtype == torch.bfloat16

@@ -9,8 +9,9 @@
 Throughput: global tokens per step / the median step time of the steps after the warm-up (rank 0's log).
 Memory: peak RSS (VmHWM = ru_maxrss) of every rank process, polled from /proc while it runs (the lifetime peak,
 loading included), and the steady-state peak each rank logs (the max over the training steps: the engine's and the
-baseline's PeakMemory reset the high-water mark once loading is done); the memory target reads the steady-state one. The "floor" is the peak RSS of a rank that only imports
-the engine and starts the process group: the runtime's fixed cost, which no method can remove.
+baseline's PeakMemory reset the high-water mark once loading is done); the memory target reads the steady-state one.
+The "floor" is the peak RSS of a rank that only imports the engine and starts the process group: the runtime's fixed
+cost, which no method can remove.
 
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
 Writes bench/results/distill_step.json.

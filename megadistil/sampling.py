@@ -35,23 +35,19 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        check_sampling(self)
+        """Every bound, naming the key."""
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"config key 'sampling.max_new_tokens': must be >= 1, got {self.max_new_tokens}")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise SamplingError("config key 'sampling.temperatures': one or more temperatures >= 0 (0 = greedy), "
+                                f"got {list(self.temperatures)}")
+        if self.top_k < 0:
+            raise SamplingError(f"config key 'sampling.top_k': must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"config key 'sampling.top_p': must be in (0, 1], got {self.top_p}")
 
     def temperature_at(self, position: int) -> float:
         return float(self.temperatures[min(position, len(self.temperatures) - 1)])
-
-
-def check_sampling(cfg: SamplingConfig, prefix: str = "sampling") -> None:
-    """Every bound, naming the key (`prefix` is where the section sits in a run config)."""
-    if cfg.max_new_tokens < 1:
-        raise SamplingError(f"config key '{prefix}.max_new_tokens': must be >= 1, got {cfg.max_new_tokens}")
-    if not cfg.temperatures or any(t < 0 for t in cfg.temperatures):
-        raise SamplingError(f"config key '{prefix}.temperatures': one or more temperatures >= 0 (0 = greedy), "
-                            f"got {list(cfg.temperatures)}")
-    if cfg.top_k < 0:
-        raise SamplingError(f"config key '{prefix}.top_k': must be >= 0 (0 = off), got {cfg.top_k}")
-    if not 0 < cfg.top_p <= 1:
-        raise SamplingError(f"config key '{prefix}.top_p': must be in (0, 1], got {cfg.top_p}")
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -101,9 +97,8 @@ def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_
             stopped = running & (next_ids == eos_token_id)
             lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
             running &= ~stopped
-        last = step == cfg.max_new_tokens - 1
-        mine = bool(running.any()) and not last
-        if (lockstep(mine) if lockstep is not None else mine) is False:
+        mine = bool(running.any()) and step < cfg.max_new_tokens - 1
+        if not (lockstep(mine) if lockstep is not None else mine):
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)  # a stopped row steps on padding, unread
         positions = positions[:, -1:] + 1
@@ -137,17 +132,14 @@ def _left_pad(prompts: list[Tensor], pad_token_id: int, device: torch.device) ->
     return ids, mask
 
 
-def lockstep_any(group=None) -> Callable[[bool], bool]:
-    """`lockstep` for torch.distributed: True while any rank still has a running sequence."""
+def lockstep_any(device: torch.device, group=None) -> Callable[[bool], bool]:
+    """`lockstep` for torch.distributed: True while any rank still has a running sequence. `device` is where the
+    process group reduces (the engine's device: CUDA under NCCL)."""
     import torch.distributed as dist
 
     def any_running(mine: bool) -> bool:
-        flag = torch.tensor([float(mine)], device=_collective_device())
+        flag = torch.tensor([float(mine)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
     return any_running
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -75,11 +75,11 @@ def sampling_checks(trainer: Trainer) -> dict[str, bool]:
     prompts = [torch.randint(1, student.config.vocab_size, (6,), generator=g) for _ in range(2)]
     cfg = SamplingConfig(max_new_tokens=10, temperatures=[1.0], seed=3)
     pad = student.config.vocab_size - 1
-    free = sample(student, prompts, cfg, eos_token_id=None, pad_token_id=pad, lockstep=lockstep_any())
+    free = sample(student, prompts, cfg, eos_token_id=None, pad_token_id=pad, lockstep=lockstep_any(trainer.device))
     eos = int(free.tokens[0, 1])  # row 0 stops after two tokens
-    full = sample(student, prompts, cfg, eos_token_id=eos, pad_token_id=pad, lockstep=lockstep_any())
+    full = sample(student, prompts, cfg, eos_token_id=eos, pad_token_id=pad, lockstep=lockstep_any(trainer.device))
     mine = sample(student, prompts[rank:rank + 1], cfg, eos_token_id=eos, pad_token_id=pad, first_index=rank,
-                  lockstep=lockstep_any())
+                  lockstep=lockstep_any(trainer.device))
     return {"sampled_share_equals_batch": bool(torch.equal(mine.tokens[0], full.tokens[rank])
                                                and mine.lengths[0] == full.lengths[rank]),
             "rank0_stopped_before_rank1": int(full.lengths[0]) == 2 < int(full.lengths[1])}

@@ -18,14 +18,12 @@ CONTEXT_CHARS = 400
 WORD = re.compile(r"[A-Za-z_]\w{2,}")
 
 
-def _lines(doc: str) -> list[str]:
-    return doc.splitlines()
-
-
-def _candidates(doc: str) -> list[int]:
-    """Positions i (>= 1) whose line is long enough to be a target."""
-    lines = _lines(doc)
-    return [i for i in range(1, len(lines)) if len(lines[i].strip()) >= MIN_LINE]
+def _split(docs: list[str]) -> list[tuple[list[str], list[int]]]:
+    """Each document's lines and the positions i (>= 1) whose line is long enough to be a target; documents without
+    one are left out. Split once: the task builders draw from these many times."""
+    split = [(lines, [i for i in range(1, len(lines)) if len(lines[i].strip()) >= MIN_LINE])
+             for lines in (d.splitlines() for d in docs)]
+    return [(lines, targets) for lines, targets in split if targets]
 
 
 def _context(lines: list[str], i: int, chars: int = CONTEXT_CHARS) -> str:
@@ -38,22 +36,22 @@ def next_line_docs(docs: list[str], n: int, *, choices: int = 4, span: int = 2, 
     `choices - 1` spans of as many lines from other files, of similar length, at seeded positions. Several lines
     carry enough of the file's names and structure for a small model to tell its own continuation."""
     rng = random.Random(seed)
-    usable = [d for d in docs if _candidates(d)]
+    usable = _split(docs)
     if len(usable) < choices:
         raise ValueError(f"next_line: {len(usable)} usable documents, need at least {choices}")
     out = []
     for _ in range(n):
         k = rng.randrange(len(usable))
-        lines = _lines(usable[k])
-        i = rng.choice(_candidates(usable[k]))
+        lines, targets = usable[k]
+        i = rng.choice(targets)
         true = "\n".join(lines[i:i + span])
         options = [true]
         for _attempt in range(10_000):
             if len(options) == choices:
                 break
             j = rng.randrange(len(usable))
-            other_lines = _lines(usable[j])
-            start = rng.choice(_candidates(usable[j]))
+            other_lines, other_targets = usable[j]
+            start = rng.choice(other_targets)
             other = "\n".join(other_lines[start:start + span])
             # of a similar length: otherwise the shortest option wins on total log-probability alone
             if j != k and abs(len(other) - len(true)) <= max(8, len(true) // 4) and other not in options:
@@ -69,14 +67,13 @@ def next_line_docs(docs: list[str], n: int, *, choices: int = 4, span: int = 2, 
 def last_word_docs(docs: list[str], n: int, *, seed: int = 0, context_chars: int = CONTEXT_CHARS) -> list[dict[str, Any]]:
     """n documents: the text before a line's last identifier (>= 3 characters), and that identifier."""
     rng = random.Random(seed + 1)
-    usable = [(d, [i for i in _candidates(d) if WORD.search(_lines(d)[i])]) for d in docs]
-    usable = [(d, c) for d, c in usable if c]
+    usable = [(lines, [i for i in targets if WORD.search(lines[i])]) for lines, targets in _split(docs)]
+    usable = [(lines, c) for lines, c in usable if c]
     if not usable:
         raise ValueError("last_word: no document has a line with an identifier")
     out = []
     for _ in range(n):
-        doc, candidates = usable[rng.randrange(len(usable))]
-        lines = _lines(doc)
+        lines, candidates = usable[rng.randrange(len(usable))]
         i = rng.choice(candidates)
         word = list(WORD.finditer(lines[i]))[-1]
         context = (_context(lines, i, context_chars) + "\n" + lines[i][:word.start()])[-context_chars:]
