@@ -73,15 +73,21 @@ class Generation:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_token_id: int | None,
-           pad_token_id: int, first_index: int = 0, lockstep: Callable[[bool], bool] | None = None) -> Generation:
-    """Continue each prompt (1-D token ids; lengths may differ: left-padded here). `first_index` is the global index
-    of prompts[0] (its generator's seed); `lockstep(any_running) -> any rank running` joins the ranks' loops."""
+def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_token_id: int | Sequence[int] | None,
+           pad_token_id: int, indices: Sequence[int] | None = None,
+           lockstep: Callable[[bool], bool] | None = None) -> Generation:
+    """Continue each prompt (1-D token ids; lengths may differ: left-padded here). `indices` are the prompts' global
+    indices (their generators' seeds; default 0, 1, ...); any id in `eos_token_id` stops a sequence;
+    `lockstep(any_running) -> any rank running` joins the ranks' loops."""
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_token_id, device)
     batch = len(prompts)
-    generators = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + first_index + i)
-                  for i in range(batch)]
+    indices = range(batch) if indices is None else indices
+    if len(indices) != batch:
+        raise SamplingError(f"sample(): {len(indices)} indices for {batch} prompts")
+    generators = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i) for i in indices]
+    stop_ids = None if eos_token_id is None or not cfg.stop_at_eos else \
+        torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     tokens = torch.full((batch, cfg.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     running = torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), cfg.max_new_tokens, dtype=torch.long, device=device)
@@ -93,8 +99,8 @@ def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_
         next_ids = _draw(logits, cfg.temperature_at(step), cfg, generators)
         next_ids = torch.where(running, next_ids, torch.full_like(next_ids, pad_token_id))
         tokens[:, step] = next_ids
-        if cfg.stop_at_eos and eos_token_id is not None:
-            stopped = running & (next_ids == eos_token_id)
+        if stop_ids is not None:
+            stopped = running & torch.isin(next_ids, stop_ids)
             lengths = torch.where(stopped, torch.full_like(lengths, step + 1), lengths)
             running &= ~stopped
         mine = bool(running.any()) and step < cfg.max_new_tokens - 1

@@ -78,7 +78,7 @@ def sampling_checks(trainer: Trainer) -> dict[str, bool]:
     free = sample(student, prompts, cfg, eos_token_id=None, pad_token_id=pad, lockstep=lockstep_any(trainer.device))
     eos = int(free.tokens[0, 1])  # row 0 stops after two tokens
     full = sample(student, prompts, cfg, eos_token_id=eos, pad_token_id=pad, lockstep=lockstep_any(trainer.device))
-    mine = sample(student, prompts[rank:rank + 1], cfg, eos_token_id=eos, pad_token_id=pad, first_index=rank,
+    mine = sample(student, prompts[rank:rank + 1], cfg, eos_token_id=eos, pad_token_id=pad, indices=[rank],
                   lockstep=lockstep_any(trainer.device))
     return {"sampled_share_equals_batch": bool(torch.equal(mine.tokens[0], full.tokens[rank])
                                                and mine.lengths[0] == full.lengths[rank]),

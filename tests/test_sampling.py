@@ -50,9 +50,9 @@ def test_seeded_samples_repeat_and_follow_the_sequence_not_the_batch():
     cfg = SamplingConfig(max_new_tokens=10, temperatures=[1.0], seed=7)
     a = sample(model, prompts, cfg, eos_token_id=None, pad_token_id=PAD).tokens
     assert torch.equal(a, sample(model, prompts, cfg, eos_token_id=None, pad_token_id=PAD).tokens)
-    # rank 1 of 2 holding prompts 2 and 3 draws what one process drew for them
-    half = sample(model, prompts[2:], cfg, eos_token_id=None, pad_token_id=PAD, first_index=2).tokens
-    assert torch.equal(half, a[2:])
+    # rank 1 of 2 holding prompts 1 and 3 (prompt i on rank i % world) draws what one process drew for them
+    half = sample(model, prompts[1::2], cfg, eos_token_id=None, pad_token_id=PAD, indices=[1, 3]).tokens
+    assert torch.equal(half, a[1::2])
     other = sample(model, prompts, SamplingConfig(max_new_tokens=10, temperatures=[1.0], seed=8),
                    eos_token_id=None, pad_token_id=PAD).tokens
     assert not torch.equal(a, other)
@@ -94,6 +94,10 @@ def test_a_sequence_stops_at_eos_and_the_rest_is_padding():
     assert stopped.lengths[0] == first + 1
     assert stopped.tokens[0, :first + 1].tolist() == greedy[0, :first + 1].tolist()
     assert set(stopped.tokens[0, first + 1:].tolist()) <= {PAD}
+    # several stop ids (a generation_config's eos list): any of them stops a sequence
+    either = sample(model, prompts, SamplingConfig(max_new_tokens=8, temperatures=[0.0]),
+                    eos_token_id=[int(greedy[1, 1]), eos], pad_token_id=PAD)
+    assert either.lengths[0] == first + 1 and either.lengths[1] <= 2
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [

@@ -121,15 +121,15 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
+def load_teacher(teacher: str, dtype_name: str, zero3: bool) -> tuple[Any, Any, torch.device]:
     """Load tokenizer and model (no remote code). With zero3, parameters are partitioned while loading."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(teacher, trust_remote_code=False)
     device = _device()
-    dtype = _torch_dtype(cfg.dtype, device)
-    if not cfg.zero3:
-        model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False)
+    dtype = _torch_dtype(dtype_name, device)
+    if not zero3:
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, trust_remote_code=False)
         return tok, model.to(device).eval(), device
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -137,7 +137,7 @@ def load_teacher(cfg: PrecomputeConfig) -> tuple[Any, Any, torch.device]:
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                  "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
     keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained load straight into zero.Init partitions
-    model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=dtype, trust_remote_code=False)
     engine = deepspeed.initialize(model=model, config=ds_config)[0]
     engine.module.eval()
     engine.module._megadistil_ds_config = keep_alive
@@ -243,8 +243,9 @@ def _my_sequences(cfg: PrecomputeConfig, tok: Any, rank: int, world: int, skip: 
             yield i, seq
 
 
-def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
-    """Write shards for this rank; rank 0 returns the merged manifest (others return None)."""
+def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] | None = None) -> Manifest | None:
+    """Write shards for this rank; rank 0 returns the merged manifest (others return None). `loaded`: the teacher's
+    (tokenizer, model, device) from load_teacher, when the caller holds it already."""
     import webdataset as wds
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -257,7 +258,7 @@ def run_precompute(cfg: PrecomputeConfig) -> Manifest | None:
     codec = ProbCodec(**cfg.codec)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok, model, device = load_teacher(cfg)
+    tok, model, device = loaded or load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
     ident = run_identity(cfg, world, teacher_dir_fingerprint(cfg.teacher), tokenizer_fingerprint(tok))
     run_hash = _hash(ident)
     start_shard, done = complete_prefix(out, rank, run_hash)

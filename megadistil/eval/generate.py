@@ -35,7 +35,7 @@ def continuations(model: nn.Module, tokenizer: Any, prompts: list[str], *, max_n
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         texts = {}
         for kind, cfg in (("greedy", greedy_cfg), ("sampled", sampled_cfg)):
-            out = sample(model, [ids], cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, first_index=i)
+            out = sample(model, [ids], cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, indices=[i])
             texts[kind] = tokenizer.decode(out.tokens[0, :out.lengths[0]], skip_special_tokens=True)
         rows.append({"prompt": prompt, **texts})
     return rows

@@ -1,0 +1,258 @@
+"""Teacher-generated data: continue prompts with a teacher, write the continuations as JSON lines (multi-rank,
+resumable) and, optionally, teacher shards of the generated documents through the precompute writer.
+
+Prompt i (in input order) belongs to rank i % world_size and samples from the generator of its global index (see
+megadistil.sampling), so its continuation does not depend on which rank ran it. Each rank appends its lines to
+parts/r{rank}.jsonl a batch at a time (flushed, fsynced). Restarted with the same arguments, a rank keeps the whole
+batches its part holds (a line cut by the kill and a batch left incomplete are dropped: the batches stay those of an
+uninterrupted run, so the files come out the same) and continues. Rank 0 then merges the parts in prompt order into
+generations.jsonl, and writes generation.json (the run's identity and counts) last.
+
+A line: {"index", "text" (prompt + continuation: what `data.text` and precompute_teacher read), "prompt",
+"continuation", "prompt_ids", "continuation_ids", "stop" ("eos" | "length"), "sampling", "teacher" (fingerprint)}.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megadistil.data.precompute import (
+    PRECOMPUTE_DTYPES,
+    PrecomputeConfig,
+    _any_rank,
+    _barrier,
+    _hash,
+    dist_env,
+    load_teacher,
+    run_precompute,
+    teacher_dir_fingerprint,
+)
+from megadistil.data.shards import tokenizer_fingerprint
+from megadistil.data.text import batched, expand_files, iter_documents
+from megadistil.sampling import SamplingConfig, lockstep_any, sample
+from megadistil.utils import write_atomic
+
+GENERATIONS, IDENTITY, PARTS = "generations.jsonl", "generation.json", "parts"
+
+
+@dataclass
+class ShardOptions:
+    """Teacher shards of the generated documents (precompute_teacher's writer, run on generations.jsonl)."""
+
+    out: str
+    seq_len: int = 512
+    top_k: int = 64
+    temperature: float = 1.0
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str
+    out: str
+    text: list[str] = field(default_factory=list)  # documents: a prompt is a document's first prompt_tokens tokens
+    prompts: str | None = None  # or a prompts file: .txt (a prompt a line, \n escapes) or .jsonl ("prompt" field)
+    prompt_tokens: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    batch_size: int = 8
+    max_prompts: int | None = None
+    dtype: str = "auto"  # as precompute_teacher's --dtype
+    zero3: bool = False  # partition the teacher with ZeRO-3; the ranks then sample in lockstep
+    progress: bool = True
+    shards: ShardOptions | None = None
+
+    def validate(self) -> None:
+        if bool(self.text) == bool(self.prompts):
+            raise ValueError("give either --text (prompts from documents) or --prompts (a prompts file), not both")
+        if self.prompts is not None and Path(self.prompts).suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"--prompts {self.prompts}: use a .txt (a prompt a line) or .jsonl ('prompt' field)")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise FileNotFoundError(f"--prompts {self.prompts}: no such file")
+        if self.text:
+            expand_files(self.text)
+        for key, value in (("--prompt-tokens", self.prompt_tokens), ("--batch-size", self.batch_size),
+                           ("--max-prompts", self.max_prompts or 1)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.dtype not in PRECOMPUTE_DTYPES:
+            raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
+        if not os.path.isdir(self.teacher):
+            raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _prompt_texts(cfg: GenerateConfig) -> Iterator[str]:
+    if cfg.text:
+        yield from iter_documents(cfg.text)
+        return
+    path = Path(cfg.prompts)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            yield line.replace("\\n", "\n")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--prompts {path}: line {n} is not JSON ({exc})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(prompt, str):
+            raise ValueError(f"--prompts {path}: line {n} has no 'prompt' string")  # noqa: TRY004 (bad input)
+        yield prompt
+
+
+def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> Iterator[tuple[int, list[int]]]:
+    """(global index, token ids): the tokenizer's own special tokens (BOS) first; from documents, the first
+    prompt_tokens tokens (a shorter document is a whole prompt); a prompt with no room for max_new_tokens in the model's context is refused."""
+    for n, text in enumerate(_prompt_texts(cfg)):
+        if cfg.max_prompts is not None and n >= cfg.max_prompts:
+            return
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        ids = ids[:cfg.prompt_tokens] if cfg.text else ids
+        if max_positions is not None and len(ids) + cfg.sampling.max_new_tokens > max_positions:
+            raise ValueError(f"prompt {n} ({len(ids)} tokens) + --max-new-tokens {cfg.sampling.max_new_tokens} "
+                             f"exceed the teacher's {max_positions} positions")
+        yield n, ids
+
+
+# ---------------------------------------------------------------- resume
+
+
+def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str) -> dict[str, Any]:
+    inputs = expand_files(cfg.text) if cfg.text else [cfg.prompts]
+    return {"teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
+            "inputs": [[os.path.abspath(f), os.path.getsize(f)] for f in inputs], "from_documents": bool(cfg.text),
+            "prompt_tokens": cfg.prompt_tokens, "sampling": _sampling_dict(cfg.sampling),
+            "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": cfg.dtype, "world_size": world}
+
+
+def _sampling_dict(s: SamplingConfig) -> dict[str, Any]:
+    return {**asdict(s), "temperatures": list(s.temperatures)}
+
+
+def resume_part(part: Path, run_hash: str, batch_size: int) -> int:
+    """Lines of `part` to keep (whole batches of complete lines); truncates the rest. Refuses another run's part."""
+    side = part.with_suffix(".json")
+    if side.is_file() and json.loads(side.read_text())["run"] != run_hash:
+        raise ValueError(f"{part.parent.parent}: {part.name} was written with different arguments or teacher; use a "
+                         "new --out directory or delete the old one")
+    write_atomic(side, json.dumps({"run": run_hash}))
+    if not part.is_file():
+        part.touch()
+        return 0
+    data = part.read_bytes()
+    ends = [i + 1 for i, b in enumerate(data) if b == 0x0A]  # complete lines end in a newline
+    keep = len(ends) // batch_size * batch_size
+    with open(part, "r+b") as f:
+        f.truncate(ends[keep - 1] if keep else 0)
+    return keep
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
+    """Generate this rank's continuations; rank 0 merges them and returns generation.json's contents."""
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg.validate()
+    rank, world = dist_env()
+    max_positions = getattr(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False),
+                            "max_position_embeddings", None)
+    total = sum(1 for _ in iter_prompts(cfg, AutoTokenizer.from_pretrained(cfg.teacher), max_positions))
+    out = Path(cfg.out)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    tok, model, device = load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
+    teacher_fp = teacher_dir_fingerprint(cfg.teacher)
+    ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
+    part = out / PARTS / f"r{rank:03d}.jsonl"
+    done = resume_part(part, _hash(ident), cfg.batch_size)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tok.eos_token_id
+    mine = (p for p in iter_prompts(cfg, tok, max_positions) if p[0] % world == rank)
+    batches = batched((p for i, p in enumerate(mine) if i >= done), cfg.batch_size)
+    lockstep = lockstep_any(device) if cfg.zero3 and world > 1 else None
+    bar = tqdm(total=total, unit="prompt", disable=not cfg.progress or rank != 0, desc="generate",
+               initial=min(done * world, total))
+    t0, new_tokens = time.time(), 0
+    with open(part, "a") as f:
+        while True:
+            batch = next(batches, None)
+            if lockstep is not None and not _any_rank(batch is not None, world, device):
+                break  # ZeRO-3 ranks run every forward together: a rank out of prompts samples a dummy
+            if batch is None and lockstep is None:
+                break
+            rows = batch or [(-1, [pad])]
+            gen = sample(model, [torch.tensor(ids) for _, ids in rows], cfg.sampling, eos_token_id=eos,
+                         pad_token_id=pad, indices=[max(i, 0) for i, _ in rows], lockstep=lockstep)
+            for (index, ids), toks, length in zip(batch or [], gen.tokens.tolist(), gen.lengths.tolist()):
+                f.write(json.dumps(_line(tok, index, ids, toks[:length], eos, cfg.sampling, teacher_fp)) + "\n")
+                new_tokens += length
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch or []) * world)
+            bar.set_postfix(new_tok_s=f"{new_tokens * world / max(time.time() - t0, 1e-9):.0f}")
+    bar.close()
+    _barrier(world)
+    summary = merge_parts(out, ident, world) if rank == 0 else None
+    _barrier(world)
+    if cfg.shards is not None:
+        s = cfg.shards
+        run_precompute(PrecomputeConfig(teacher=cfg.teacher, text=[str(out / GENERATIONS)], out=s.out,
+                                        seq_len=s.seq_len, top_k=s.top_k, temperature=s.temperature,
+                                        batch_size=cfg.batch_size, dtype=cfg.dtype, zero3=cfg.zero3,
+                                        progress=cfg.progress), loaded=(tok, model, device))
+    return summary
+
+
+def _line(tok: Any, index: int, prompt_ids: list[int], new_ids: list[int], eos: int | list[int] | None,
+          sampling: SamplingConfig, teacher_fp: str) -> dict[str, Any]:
+    stops = {eos} if isinstance(eos, int) else set(eos or ())
+    stopped = bool(new_ids) and new_ids[-1] in stops
+    return {"index": index, "text": tok.decode(prompt_ids + new_ids, skip_special_tokens=True),
+            "prompt": tok.decode(prompt_ids, skip_special_tokens=True),
+            "continuation": tok.decode(new_ids, skip_special_tokens=True), "prompt_ids": prompt_ids,
+            "continuation_ids": new_ids, "stop": "eos" if stopped else "length",
+            "sampling": _sampling_dict(sampling), "teacher": teacher_fp}
+
+
+def merge_parts(out: Path, ident: dict[str, Any], world: int) -> dict[str, Any]:
+    """Every rank's lines in prompt order into generations.jsonl (atomically), then generation.json."""
+    parts = [out / PARTS / f"r{r:03d}.jsonl" for r in range(world)]
+    files = [p.open() for p in parts]
+    tmp = out / f".{GENERATIONS}.tmp{os.getpid()}"
+    counts, stops = [0] * world, {"eos": 0, "length": 0}
+    try:
+        with tmp.open("w") as dst:
+            for _, r, stop, line in heapq.merge(*(_keyed(f, r) for r, f in enumerate(files))):
+                dst.write(line)
+                counts[r] += 1
+                stops[stop] += 1
+            dst.flush()
+            os.fsync(dst.fileno())
+    finally:
+        for f in files:
+            f.close()
+    os.replace(tmp, out / GENERATIONS)
+    summary = {**ident, "prompts": sum(counts), "per_rank": counts, "stops": stops}
+    write_atomic(out / IDENTITY, json.dumps(summary, indent=1))
+    return summary
+
+
+def _keyed(lines: Iterator[str], rank: int) -> Iterator[tuple[int, int, str, str]]:
+    for line in lines:
+        row = json.loads(line)
+        yield row["index"], rank, row["stop"], line

@@ -1,0 +1,144 @@
+"""generate_teacher_data end to end: the lines hold each prompt and what the teacher samples for it alone, teacher
+shards of the generations, a killed run resumes to identical files, bad input is refused, 2 ZeRO-3 ranks write what
+one process wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from megadistil.data import Manifest, decode_sample
+from megadistil.data.generate import GENERATIONS, IDENTITY, PARTS, GenerateConfig, ShardOptions, run_generation
+from megadistil.data.precompute import teacher_dir_fingerprint
+from megadistil.data.text import iter_documents, pack_text
+from megadistil.sampling import SamplingConfig, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLING = SamplingConfig(max_new_tokens=10, temperatures=(1.5, 0.7), top_p=0.9, seed=5)
+
+
+def _cfg(teacher, text, out, **kw) -> GenerateConfig:
+    base = {"prompt_tokens": 6, "max_prompts": 7, "batch_size": 3, "sampling": SAMPLING, "progress": False,
+            "dtype": "float32"}  # auto is bf16 on a CPU with fast bf16 units; the references here are float32
+    return GenerateConfig(teacher=str(teacher), out=str(out), text=[str(text)], **{**base, **kw})
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / GENERATIONS).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def gen_run(tiny_llama_dir, stdlib_text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    shards = ShardOptions(out=str(out / "shards"), seq_len=16, top_k=8)
+    summary = run_generation(_cfg(tiny_llama_dir, stdlib_text_file, out / "gen", shards=shards))
+    return summary, out / "gen", Path(shards.out)
+
+
+def test_lines_hold_each_prompt_and_what_the_teacher_samples_for_it_alone(gen_run, tiny_llama_dir, stdlib_text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary, out, _ = gen_run
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    docs = [d for _, d in zip(range(7), iter_documents([stdlib_text_file]), strict=False)]
+    lines = _lines(out)
+    assert [row["index"] for row in lines] == list(range(7))
+    assert summary["prompts"] == 7 == json.loads((out / IDENTITY).read_text())["prompts"]
+    stops = 0
+    for row, doc in zip(lines, docs, strict=True):
+        assert row["prompt_ids"] == tok(doc)["input_ids"][:6]
+        alone = sample(model, [torch.tensor(row["prompt_ids"])], SAMPLING, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.eos_token_id, indices=[row["index"]])
+        assert row["continuation_ids"] == alone.tokens[0, :alone.lengths[0]].tolist()
+        assert row["text"] == tok.decode(row["prompt_ids"] + row["continuation_ids"], skip_special_tokens=True)
+        assert row["stop"] == ("eos" if row["continuation_ids"][-1] == tok.eos_token_id else "length")
+        stops += row["stop"] == "eos"
+        assert row["sampling"] == {**SAMPLING.__dict__, "temperatures": [1.5, 0.7]}
+        assert row["teacher"] == teacher_dir_fingerprint(str(tiny_llama_dir))
+    assert summary["stops"]["eos"] == stops
+    assert len({tuple(r["continuation_ids"]) for r in lines}) > 1, "the prompts differ, so must their samples"
+
+
+def test_shards_hold_the_generated_documents(gen_run, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    _, out, shards = gen_run
+    m = Manifest.load(shards)
+    assert m.args["text"][0][0] == str(out / GENERATIONS) and m.total_samples > 0
+    packed = next(pack_text([out / GENERATIONS], AutoTokenizer.from_pretrained(tiny_llama_dir), 16))
+    raw = next(iter(wds.tariterators.tarfile_samples([{"url": str(shards / m.shards[0].name)}])))
+    dec = decode_sample(raw, seq_len=16, top_k=8, vocab_size=m.vocab_size, codec=m.codec)
+    assert np.array_equal(dec.input_ids, packed)
+
+
+def test_a_killed_run_resumes_to_identical_files(gen_run, tiny_llama_dir, stdlib_text_file, tmp_path):
+    _, full, _ = gen_run
+    out = tmp_path / "resumed"
+    shutil.copytree(full, out)
+    part = out / PARTS / "r000.jsonl"
+    data = part.read_bytes()
+    fifth = data.split(b"\n")[4]
+    part.write_bytes(data[:data.index(fifth) + len(fifth) // 2])  # killed while writing the fifth line
+    (out / GENERATIONS).unlink()
+    (out / IDENTITY).unlink()
+    run_generation(_cfg(tiny_llama_dir, stdlib_text_file, out))
+    assert (out / GENERATIONS).read_bytes() == (full / GENERATIONS).read_bytes()
+    assert part.read_bytes() == data
+
+
+def test_other_arguments_in_the_same_out_dir_are_refused(gen_run, tiny_llama_dir, stdlib_text_file, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(gen_run[1], out)
+    with pytest.raises(ValueError, match="r000.jsonl was written with different arguments"):
+        run_generation(_cfg(tiny_llama_dir, stdlib_text_file, out, sampling=replace(SAMPLING, seed=6)))
+
+
+def test_bad_input_is_refused_naming_it(tiny_llama_dir, stdlib_text_file, tmp_path, capsys):
+    from megadistil.data.generate import iter_prompts
+
+    long = tmp_path / "p.txt"
+    long.write_text("short\n" + "x " * 40 + "\n")
+    cfg = GenerateConfig(teacher=str(tiny_llama_dir), out=str(tmp_path / "a"), prompts=str(long),
+                         sampling=SamplingConfig(max_new_tokens=50))
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match=r"prompt 1 \(\d+ tokens\) \+ --max-new-tokens 50 exceed the teacher's 64"):
+        list(iter_prompts(cfg, AutoTokenizer.from_pretrained(tiny_llama_dir), 64))
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(ValueError, match="p.jsonl: line 2 has no 'prompt' string"):
+        run_generation(replace(cfg, prompts=str(rows)))
+    with pytest.raises(ValueError, match="either --text"):
+        run_generation(replace(cfg, text=[str(stdlib_text_file)]))
+    from tools.generate_teacher_data import main
+
+    assert main(["--teacher", str(tiny_llama_dir), "--prompts", str(long), "--out", str(tmp_path / "b"),
+                 "--top-p", "1.5"]) == 2
+    assert "'sampling.top_p': must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.multirank
+def test_two_zero3_ranks_write_what_one_process_wrote(gen_run, tiny_llama_dir, stdlib_text_file, tmp_path):
+    """Rank 0 holds prompts 0, 2, 4, 6 (two batches), rank 1 holds 1, 3, 5 (one): rank 1 samples a dummy batch in
+    lockstep while rank 0 runs its second."""
+    out = tmp_path / "mr"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29623", str(ROOT / "tools/generate_teacher_data.py"),
+           "--teacher", str(tiny_llama_dir), "--text", str(stdlib_text_file), "--out", str(out), "--zero3",
+           "--prompt-tokens", "6", "--max-prompts", "7", "--batch-size", "3", "--max-new-tokens", "10",
+           "--temperatures", "1.5", "0.7", "--top-p", "0.9", "--seed", "5", "--dtype", "float32",
+           "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads((out / IDENTITY).read_text())["per_rank"] == [4, 3]
+    assert (out / GENERATIONS).read_bytes() == (gen_run[1] / GENERATIONS).read_bytes()
