@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megadistil.bitnet import BitNetConfig
 from megadistil.data.stream import DataConfig
 from megadistil.distill.losses import LossConfig, Target, resolve_layers
+from megadistil.distill.onpolicy import OnPolicyConfig
 
 
 class Dtype(enum.StrEnum):
@@ -55,9 +56,9 @@ MOVED_KEYS = {"model.teacher": "teacher.kind (shared | hf | shards | none) and t
               "model.teacher_top_k": "teacher.top_k"}
 
 
-# What a stage may change mid-run. Parameter groups are fixed when the engine is built (ZeRO-3 partitions the
-# trainable set once), so a stage cannot move a parameter in or out of training.
-STAGE_OPTIM_KEYS = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.weight_decay")
+# What a stage may change mid-run besides loss.*. Parameter groups are fixed when the engine is built (ZeRO-3
+# partitions the trainable set once), so a stage cannot move a parameter in or out of training.
+STAGE_KEYS = ("optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.weight_decay", "onpolicy.fraction")
 
 
 class ConfigError(ValueError):
@@ -181,6 +182,7 @@ class RunConfig:
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     data: RunDataConfig = field(default_factory=RunDataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -254,7 +256,7 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no heavy work. Sections validate themselves; cross-section rules live here."""
     m, t, o, r = cfg.model, cfg.train, cfg.optim, cfg.relora
     _check(m.student != "???", "model.student", "is required (an HF model directory)")
-    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data")):
+    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data"), (cfg.onpolicy, "onpolicy")):
         try:
             section.validate()
         except ValueError as e:
@@ -285,19 +287,31 @@ def validate(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
         for key in stage.overrides:
-            _check(key.startswith("loss.") or key in STAGE_OPTIM_KEYS, f"stages.{i}.overrides.{key}",
-                   f"stages may override loss.* and {', '.join(STAGE_OPTIM_KEYS)} only")
+            _check(key.startswith("loss.") or key in STAGE_KEYS, f"stages.{i}.overrides.{key}",
+                   f"stages may override loss.* and {', '.join(STAGE_KEYS)} only")
         try:
-            stage_config(cfg, stage.start_step).loss.validate()
+            staged = stage_config(cfg, stage.start_step)
+            staged.loss.validate()
+            staged.onpolicy.validate()
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
     validate_teacher(cfg)
+    validate_onpolicy(cfg)
+
+
+def staged_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """The config in force at each stage: ("", base) then ("stages.<i>.overrides.", the config from that stage on)."""
+    return [("", cfg)] + [(f"stages.{i}.overrides.", stage_config(cfg, s.start_step)) for i, s in enumerate(cfg.stages)]
 
 
 def loss_configs(cfg: RunConfig) -> list[tuple[str, LossConfig]]:
-    """The loss in force at each stage: ("", base) then ("stages.<i>.overrides.", the stage's merged loss)."""
-    return [("", cfg.loss)] + [(f"stages.{i}.overrides.", stage_config(cfg, s.start_step).loss)
-                               for i, s in enumerate(cfg.stages)]
+    """The loss in force at each stage, keyed as staged_configs."""
+    return [(where, c.loss) for where, c in staged_configs(cfg)]
+
+
+def uses_onpolicy(cfg: RunConfig) -> bool:
+    """Whether any stage trains on-policy micro-batches."""
+    return any(c.onpolicy.fraction > 0 for _, c in staged_configs(cfg))
 
 
 def validate_teacher(cfg: RunConfig) -> None:
@@ -319,6 +333,26 @@ def validate_teacher(cfg: RunConfig) -> None:
         _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
                f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
     _check(kind != TeacherKind.shards or bool(cfg.data.shards), "teacher.kind", "shards needs data.shards")
+
+
+def validate_onpolicy(cfg: RunConfig) -> None:
+    """On-policy micro-batches need a live teacher to score the student's tokens, a KD term to train on them, and room
+    in data.seq_len; with on-policy off at every stage, an on-policy setting is refused as unused."""
+    op = cfg.onpolicy
+    if not uses_onpolicy(cfg):
+        for key in op.set_keys():
+            _check(key == "onpolicy.fraction", key, "is unused: onpolicy.fraction is 0 at every stage")
+        return
+    _check(cfg.teacher.kind in (TeacherKind.shared, TeacherKind.hf), "onpolicy.fraction",
+           f"on-policy distillation needs a live teacher to score the student's own tokens (teacher.kind shared or "
+           f"hf); teacher.kind={cfg.teacher.kind} has none")
+    for where, c in staged_configs(cfg):
+        _check(c.onpolicy.fraction == 0 or c.loss.kd_weight > 0, f"{where}loss.kd_weight" if where else "loss.kd_weight",
+               "must be > 0 where onpolicy.fraction > 0 (on-policy micro-batches train on the KD term alone)")
+    if cfg.data.text:
+        _check(op.prompt_tokens + op.max_new_tokens <= cfg.data.seq_len, "onpolicy.prompt_tokens",
+               f"{op.prompt_tokens} prompt + {op.max_new_tokens} new tokens (onpolicy.max_new_tokens) exceed "
+               f"data.seq_len {cfg.data.seq_len}")
 
 
 def layer_lists(loss: LossConfig, num_layers: int) -> tuple[list[int], list[int]]:

@@ -35,19 +35,24 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        """Every bound, naming the key."""
-        if self.max_new_tokens < 1:
-            raise SamplingError(f"config key 'sampling.max_new_tokens': must be >= 1, got {self.max_new_tokens}")
-        if not self.temperatures or any(t < 0 for t in self.temperatures):
-            raise SamplingError("config key 'sampling.temperatures': one or more temperatures >= 0 (0 = greedy), "
-                                f"got {list(self.temperatures)}")
-        if self.top_k < 0:
-            raise SamplingError(f"config key 'sampling.top_k': must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise SamplingError(f"config key 'sampling.top_p': must be in (0, 1], got {self.top_p}")
+        check_sampling_settings(self, "sampling.")
 
     def temperature_at(self, position: int) -> float:
         return float(self.temperatures[min(position, len(self.temperatures) - 1)])
+
+
+def check_sampling_settings(s: object, prefix: str) -> None:
+    """Every bound of the settings `s` has (max_new_tokens, temperatures, top_k, top_p), naming the key under
+    `prefix` ('sampling.' here; a config section that embeds them passes its own)."""
+    if s.max_new_tokens < 1:
+        raise SamplingError(f"config key '{prefix}max_new_tokens': must be >= 1, got {s.max_new_tokens}")
+    if not s.temperatures or any(t < 0 for t in s.temperatures):
+        raise SamplingError(f"config key '{prefix}temperatures': one or more temperatures >= 0 (0 = greedy), "
+                            f"got {list(s.temperatures)}")
+    if s.top_k < 0:
+        raise SamplingError(f"config key '{prefix}top_k': must be >= 0 (0 = off), got {s.top_k}")
+    if not 0 < s.top_p <= 1:
+        raise SamplingError(f"config key '{prefix}top_p': must be in (0, 1], got {s.top_p}")
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

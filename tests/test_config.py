@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,28 @@ def test_the_shared_teacher_runs_only_for_stages_whose_loss_reads_it():
     assert SharedTeacher(student).targets(batch, stage_config(cfg, 4).loss).layer_hidden == [] and not forwards
     later = SharedTeacher(student).targets(batch, stage_config(cfg, 5).loss)
     assert len(forwards) == 1 and len(later.layer_hidden) == 1 and later.hidden is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["onpolicy.fraction=1.5"], "'onpolicy.fraction': must be in [0, 1], got 1.5"),
+    (["onpolicy.fraction=0.5", "onpolicy.top_p=0.0"], "'onpolicy.top_p': must be in (0, 1], got 0.0"),
+    (["onpolicy.fraction=0.5", "onpolicy.temperatures=[-1.0]"], "'onpolicy.temperatures': one or more"),
+    (["onpolicy.fraction=0.5", "onpolicy.prompt_tokens=200"],
+     "'onpolicy.prompt_tokens': 200 prompt + 64 new tokens (onpolicy.max_new_tokens) exceed data.seq_len 256"),
+    (["onpolicy.fraction=0.5", "teacher.kind=shards", "data.text=[]", "data.shards=/s"],
+     "'onpolicy.fraction': on-policy distillation needs a live teacher"),
+    (["stages=[{start_step: 3, overrides: {onpolicy.fraction: 1.0, loss.kd_weight: 0.0, loss.ce_weight: 1.0}}]"],
+     "'stages.0.overrides.loss.kd_weight': must be > 0 where onpolicy.fraction > 0"),
+    (["stages=[{start_step: 3, overrides: {onpolicy.fraction: 2.0}}]"],
+     "'stages.0.overrides': config key 'onpolicy.fraction': must be in [0, 1]"),
+    (["onpolicy.top_k=8"], "'onpolicy.top_k': is unused: onpolicy.fraction is 0 at every stage"),
+])
+def test_onpolicy_settings_are_checked_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])
+
+
+def test_a_stage_may_turn_onpolicy_on():
+    cfg = load_config(None, [*BASE, "onpolicy.top_p=0.9", "stages=[{start_step: 3, overrides: {onpolicy.fraction: 1.0}}]"])
+    assert (cfg.onpolicy.fraction, stage_config(cfg, 3).onpolicy.fraction) == (0.0, 1.0)
+    assert stage_config(cfg, 3).onpolicy.sampling(seed=4).top_p == 0.9

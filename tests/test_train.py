@@ -53,6 +53,14 @@ def text_overrides(tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
+def onpolicy_overrides(text_overrides):
+    """Every second micro-batch on-policy, all of them from step 5 on (a stage); ReLoRA merges every 4 steps."""
+    return [*text_overrides, "train.micro_batch_size=4", "train.max_steps=16", "train.save_every=6",
+            "onpolicy.fraction=0.5", "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=32",
+            "stages=[{start_step: 5, overrides: {onpolicy.fraction: 1.0}}]"]
+
+
+@pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
     from megadistil.data.precompute import PrecomputeConfig, run_precompute
 
@@ -63,10 +71,12 @@ def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_overrides, tiny_llama_dir, shards_dir, stdlib_text_file) -> dict[str, Path]:
+def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir,
+         stdlib_text_file) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
-    processes), each in its own dir. `straight` goes first, as the killed run's fresh processes start."""
+    processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
+        "onpolicy": {"overrides": onpolicy_overrides},
         "straight": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=6"]},
         "shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
@@ -77,8 +87,10 @@ def runs(tmp_path_factory, text_overrides, tiny_llama_dir, shards_dir, stdlib_te
             f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
             f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=8",
             "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2"]},
+        # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
+        # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
-                                 "relora.optimizer_reset=zero"], "relora_probe": True},
+                                 "relora.optimizer_reset=zero", "model.dtype=fp32"], "relora_probe": True},
         "nan": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=3", "train.max_nan_steps=3"],
                 "nan_batches": [2, 7, 8, 9]},
     }
@@ -123,17 +135,33 @@ def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
 
 
 @pytest.mark.multirank
-def test_killed_run_resumes_with_identical_losses(tmp_path, straight_run, text_overrides):
-    """Bit-exact on CPU: same data order, same reductions, RNG and optimizer state restored. The run is killed one
-    step after its checkpoint, so the resumed run redoes step 7 and metrics.jsonl keeps one record per step."""
-    overrides = [*text_overrides, "train.max_steps=12", "train.save_every=6"]
-    killed = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_KILL_AFTER_STEP": "7"}, port=29512)
+def test_killed_run_resumes_with_identical_losses(tmp_path, runs, onpolicy_overrides):
+    """Bit-exact on CPU: same data order, same reductions, RNG and optimizer state restored, and the same samples
+    (on-policy micro-batches are seeded by their position in the run). The run is killed one step after its
+    checkpoint, so the resumed run redoes step 7 and metrics.jsonl keeps one record per step."""
+    killed = train(tmp_path, onpolicy_overrides, env={"MEGADISTIL_FAULT_KILL_AFTER_STEP": "7"}, port=29512)
     assert killed.returncode != 0
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == list(range(1, 8))
-    ok(train(tmp_path, overrides, port=29512))
-    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == list(range(1, 13))
-    resumed, straight = step_losses(tmp_path), step_losses(straight_run)
-    assert [resumed[s] for s in range(7, 13)] == [straight[s] for s in range(7, 13)]
+    ok(train(tmp_path, onpolicy_overrides, port=29512))
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == list(range(1, 17))
+    resumed, uninterrupted = metrics(tmp_path), metrics(runs["onpolicy"])
+    keys = ("loss", "kd", "hidden", "attn", "onpolicy_kd", "onpolicy_share", "tokens")
+    assert [{k: m.get(k) for k in keys} for m in resumed if m.get("step", 0) >= 7 and "loss" in m] == \
+        [{k: m.get(k) for k in keys} for m in uninterrupted if m.get("step", 0) >= 7 and "loss" in m]
+
+
+@pytest.mark.multirank
+def test_onpolicy_run_lowers_the_reverse_kl_on_its_own_samples(runs):
+    """The student samples from prompts cut from its batches, the shared teacher scores those tokens, the loss covers
+    them alone; the schedule and the stage decide which steps: 2 and 4 (fraction 0.5), then every step."""
+    steps = [m for m in metrics(runs["onpolicy"]) if "loss" in m]
+    assert [m["onpolicy_share"] for m in steps[:4]] == [0.0, 1.0, 0.0, 1.0]
+    assert all(m["onpolicy_share"] == 1.0 and m["gen_tokens_per_s"] > 0 for m in steps[4:])
+    assert all("onpolicy_kd" not in m for m in steps[0:4:2])
+    assert all(m["tokens"] <= 2 * 4 * 32 for m in steps[4:])  # generated tokens only: 2 ranks x 4 x 32 at most
+    kd = [m["onpolicy_kd"] for m in steps if "onpolicy_kd" in m]
+    first, last = sum(kd[:2]) / 2, sum(kd[-4:]) / 4  # the first two on-policy steps (2 and 4), the last four
+    assert last < 0.9 * first, kd
 
 
 @pytest.mark.multirank

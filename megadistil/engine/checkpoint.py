@@ -76,8 +76,8 @@ def load_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
             start = rank * local.numel()
             piece = full[start:start + local.numel()]
             param.ds_tensor.view(-1)[: piece.numel()].copy_(piece)
-        else:
-            param.copy_(full.view_as(param))
+        if param.data.numel() == full.numel():  # unpartitioned, or a ZeRO-3 persistent (small) tensor kept whole:
+            param.data.copy_(full.view_as(param.data))  # its whole copy is what a forward outside the engine reads
 
 
 def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta: dict[str, Any],

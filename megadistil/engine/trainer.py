@@ -31,6 +31,7 @@ from megadistil.config import (
     reconcile_ds_config,
     stage_config,
     to_yaml,
+    uses_onpolicy,
 )
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
@@ -42,6 +43,7 @@ from megadistil.distill.losses import (
     chunked_lm_head_loss,
     hidden_state_loss,
 )
+from megadistil.distill.onpolicy import OnPolicyConfig, is_onpolicy, onpolicy_batch, sequence_indices
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
@@ -52,6 +54,7 @@ from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
 from megadistil.engine.teachers import HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher
 from megadistil.models import capture_qkv, decoder, logit_transform, output_head, output_head_name
+from megadistil.sampling import lockstep_any, sample
 
 
 class DistillModule(nn.Module):
@@ -140,6 +143,8 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.teacher = self._build_teacher()
+        self.lockstep = lockstep_any(self.device) if dist.is_initialized() and self.dist.world_size > 1 else None
+        self.onpolicy_on = uses_onpolicy(cfg)
         self.eval_seqs = self._build_eval()
         self.eval_kd = self.eval_seqs is not None and self._shared_is_the_teacher()
         self._prepare_run_dir()
@@ -178,6 +183,10 @@ class Trainer:
             manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))
         except ValueError as e:
             raise ConfigError(f"config key 'data.shards': {e}") from None
+        op = cfg.onpolicy
+        if uses_onpolicy(cfg) and op.prompt_tokens + op.max_new_tokens > manifest.seq_len:
+            raise ConfigError(f"config key 'onpolicy.prompt_tokens': {op.prompt_tokens} prompt + {op.max_new_tokens} "
+                              f"new tokens exceed the shards' seq_len {manifest.seq_len}")
         if cfg.teacher.kind != TeacherKind.shards:
             return  # the shards are the token source only; their targets are never decoded
         for where, loss in loss_configs(cfg):
@@ -271,10 +280,10 @@ class Trainer:
             active = self._config_at(step)
             self._before_step(step, active)
             start = time.perf_counter()
-            parts, tokens = self._optimizer_step(batches, active)
+            parts, tokens, onpolicy = self._optimizer_step(batches, active)
             self.state.step = step
             if self._is_log_step(step):
-                self._log_step(step, parts, tokens, start)
+                self._log_step(step, parts, tokens, start, onpolicy)
             else:
                 self._interval.add(time.perf_counter() - start)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
@@ -306,14 +315,22 @@ class Trainer:
         if warmup:
             set_quant_lambda(self.engine.module.student, min(1.0, (step - 1) / warmup))
 
-    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor]:
+    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor, _OnPolicyStats]:
         """grad_accum finite micro-batches. A non-finite loss (on any rank) skips that micro-batch: no backward,
         no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact.
-        The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch."""
+        The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch.
+        An on-policy micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts."""
         done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
+        stats, attempt = _OnPolicyStats(), 0
         while done < self.cfg.train.grad_accum:
             batch = self._to_device(next(batches))
-            parts = self._forward(batch, active.loss)
+            micro = self.state.step * self.cfg.train.grad_accum + attempt  # the schedule's and the seeds' position
+            attempt += 1
+            loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
+            if onpolicy:
+                batch = self._generate(batch, active.onpolicy, micro, stats)
+                loss_cfg = replace(active.loss, kind=active.onpolicy.kind, ce_weight=0.0)
+            parts = self._forward(batch, loss_cfg)
             if not self._all_finite(parts["loss"]):
                 consecutive += 1
                 self.state.nan_skipped += 1
@@ -326,10 +343,32 @@ class Trainer:
             self.engine.backward(parts["loss"])
             self.engine.step()
             done += 1
+            if onpolicy:
+                stats.trained(parts["tokens"], parts["kd"].detach().float())
             tokens += parts.pop("tokens")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
-        return sums, tokens
+        return sums, tokens, stats
+
+    @torch.no_grad()
+    def _generate(self, batch: dict[str, Tensor], op: OnPolicyConfig, micro: int,
+                  stats: _OnPolicyStats) -> dict[str, Tensor]:
+        """The student continues each sequence's first onpolicy.prompt_tokens tokens; every rank in lockstep."""
+        student = self.engine.module.student
+        prompts = batch["input_ids"][:, :op.prompt_tokens]
+        indices = sequence_indices(micro, self.dist.rank, self.dist.world_size, prompts.shape[0])
+        stop = student.generation_config.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        start = time.perf_counter()
+        self.engine.eval()  # transformers turns the KV cache off in train mode under gradient checkpointing
+        try:
+            gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
+                         eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
+                         pad_token_id=pad if pad is not None else 0, indices=indices, lockstep=self.lockstep)
+        finally:
+            self.engine.train()
+        stats.generated(int(gen.lengths.sum()), time.perf_counter() - start)
+        return onpolicy_batch(prompts, gen)
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The loader's (pinned, on CUDA) CPU tensors onto the engine's device, without blocking the host."""
@@ -361,7 +400,8 @@ class Trainer:
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.log.every == 0 or step == self.cfg.train.max_steps
 
-    def _log_step(self, step: int, parts: dict[str, Tensor], tokens: Tensor, start: float) -> None:
+    def _log_step(self, step: int, parts: dict[str, Tensor], tokens: Tensor, start: float,
+                  onpolicy: _OnPolicyStats) -> None:
         """The logged step's loss parts (read back here, the one place they leave the device) and the speed over the
         steps since the last record; step time excludes checkpoints and evaluations."""
         values = {k: float(v) for k, v in parts.items()}  # waits for the device: the interval ends here
@@ -369,7 +409,8 @@ class Trainer:
         total_tokens = int(tokens) * self.dist.world_size
         record = {"step": step, **values, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
-                  "resets": self.state.resets, "nan_skipped": self.state.nan_skipped, **self._peak_memory()}
+                  "resets": self.state.resets, "nan_skipped": self.state.nan_skipped, **self._peak_memory(),
+                  **(onpolicy.record(int(tokens), self.dist.world_size) if self.onpolicy_on else {})}
         self.logger.log(record)
 
     @torch.no_grad()
@@ -444,6 +485,32 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
+
+
+class _OnPolicyStats:
+    """A step's on-policy figures: generation time and tokens, and the KD and loss tokens of its on-policy
+    micro-batches (rank-local; the KD stays on the device until the step is logged)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.new_tokens, self.micro_batches = 0.0, 0, 0
+        self.kd_sum: Tensor | float = 0.0
+        self.loss_tokens: Tensor | int = 0
+
+    def generated(self, new_tokens: int, seconds: float) -> None:
+        self.new_tokens, self.seconds = self.new_tokens + new_tokens, self.seconds + seconds
+
+    def trained(self, loss_tokens: Tensor, kd: Tensor) -> None:
+        self.micro_batches += 1
+        self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd
+
+    def record(self, tokens: int, world_size: int) -> dict[str, float]:
+        """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
+        onpolicy.kind); gen_time_s and gen_tokens_per_s (all ranks) of the step's generation."""
+        if not self.seconds:
+            return {"onpolicy_share": 0.0}
+        return {"onpolicy_share": int(self.loss_tokens) / max(tokens, 1),
+                **({"onpolicy_kd": float(self.kd_sum) / self.micro_batches} if self.micro_batches else {}),
+                "gen_time_s": self.seconds, "gen_tokens_per_s": self.new_tokens * world_size / self.seconds}
 
 
 class _StepClock:
