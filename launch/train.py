@@ -8,7 +8,7 @@ import sys
 
 from megadistil.config import ConfigError, load_config
 from megadistil.engine.trainer import run
-from megadistil.utils import exit_without_gc
+from megadistil.utils import exit_without_teardown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_without_gc(main())
+    exit_without_teardown(main())

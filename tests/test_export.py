@@ -146,7 +146,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
           "relora.reset_every=2", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
-          "train.eval_tasks=[local_choice]", f"train.eval_tasks_include_path={tmp}/tasks"])
+          "train.eval_tasks=[local_choice]", f"train.eval_tasks_include_path={tmp}/tasks",
+          "model.dtype=fp32"])  # the float64 reference rebuilds W_eff from the fp32 masters: the weights trained
     large = _large_base(tmp / "large", tiny)
     script = tmp / "ds_script.py"
     script.write_text(DS_SCRIPT)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cfg(teacher, text, out, **kw) -> PrecomputeConfig:
     base = {"seq_len": 32, "top_k": 8, "temperature": 1.0, "batch_size": 4, "shard_bytes": 4000, "max_sequences": 24,
-                "progress": False}
+                "progress": False, "dtype": "float32"}  # the references below are float32 (auto is bf16 on fast-bf16 CPUs)
     return PrecomputeConfig(teacher=str(teacher), text=[str(text)], out=str(out), **{**base, **kw})
 
 

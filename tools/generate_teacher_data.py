@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megadistil.data.generate import GENERATIONS, GenerateConfig, ShardOptions, run_generation
 from megadistil.data.precompute import PRECOMPUTE_DTYPES
 from megadistil.sampling import SamplingConfig
-from megadistil.utils import exit_without_gc
+from megadistil.utils import exit_without_teardown
 
 
 def parse(argv: list[str] | None = None) -> GenerateConfig:
@@ -73,4 +73,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_without_gc(main())
+    exit_without_teardown(main())

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.data.precompute import PRECOMPUTE_DTYPES, PrecomputeConfig, run_precompute
-from megadistil.utils import exit_without_gc
+from megadistil.utils import exit_without_teardown
 
 
 def parse(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_without_gc(main())
+    exit_without_teardown(main())
