@@ -121,6 +121,9 @@ def exit_without_teardown(code: int) -> None:
     import sys
 
     logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun counts a rank that skips MPI_Finalize as failed
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
