@@ -28,10 +28,10 @@ import torch
 from megadistil.data.precompute import (
     PRECOMPUTE_DTYPES,
     PrecomputeConfig,
-    _any_rank,
-    _barrier,
-    _hash,
+    any_rank,
+    barrier,
     dist_env,
+    identity_hash,
     load_teacher,
     run_precompute,
     teacher_dir_fingerprint,
@@ -178,7 +178,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     teacher_fp = teacher_dir_fingerprint(cfg.teacher)
     ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
     part = out / PARTS / f"r{rank:03d}.jsonl"
-    done = resume_part(part, _hash(ident), cfg.batch_size)
+    done = resume_part(part, identity_hash(ident), cfg.batch_size)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else tok.eos_token_id
@@ -191,7 +191,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     with open(part, "a") as f:
         while True:
             batch = next(batches, None)
-            if lockstep is not None and not _any_rank(batch is not None, world, device):
+            if lockstep is not None and not any_rank(batch is not None, world, device):
                 break  # ZeRO-3 ranks run every forward together: a rank out of prompts samples a dummy
             if batch is None and lockstep is None:
                 break
@@ -206,9 +206,9 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
             bar.update(len(batch or []) * world)
             bar.set_postfix(new_tok_s=f"{new_tokens * world / max(time.time() - t0, 1e-9):.0f}")
     bar.close()
-    _barrier(world)
+    barrier(world)
     summary = merge_parts(out, ident, world) if rank == 0 else None
-    _barrier(world)
+    barrier(world)
     if cfg.shards is not None:
         s = cfg.shards
         run_precompute(PrecomputeConfig(teacher=cfg.teacher, text=[str(out / GENERATIONS)], out=s.out,

@@ -88,12 +88,12 @@ def dist_env() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
 
 
-def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     if world == 1:
         return flag
     t = torch.tensor([int(flag)], device=device)
@@ -171,7 +171,7 @@ def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str
     }
 
 
-def _hash(obj: Any) -> str:
+def identity_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,7 +260,7 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     out.mkdir(parents=True, exist_ok=True)
     tok, model, device = loaded or load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
     ident = run_identity(cfg, world, teacher_dir_fingerprint(cfg.teacher), tokenizer_fingerprint(tok))
-    run_hash = _hash(ident)
+    run_hash = identity_hash(ident)
     start_shard, done = complete_prefix(out, rank, run_hash)
     sidecars = _Sidecars(run_hash, done)
     writer = wds.ShardWriter(str(out / _shard_pattern(rank)), maxsize=cfg.shard_bytes, maxcount=1 << 40,
@@ -271,7 +271,7 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     try:
         while True:
             batch = next(batches, None)
-            if cfg.zero3 and not _any_rank(batch is not None, world, device):
+            if cfg.zero3 and not any_rank(batch is not None, world, device):
                 break  # ZeRO-3 ranks must run every forward together; idle ranks feed a dummy
             if batch is None and not cfg.zero3:
                 break
@@ -290,18 +290,18 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     finally:
         writer.close()
         bar.close()
-    _barrier(world)
+    barrier(world)
     manifest = None
     if rank == 0:
         manifest = merge_manifest(out, ident, vocab, codec, cfg)
-    _barrier(world)
+    barrier(world)
     return manifest
 
 
 def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCodec,
                    cfg: PrecomputeConfig) -> Manifest:
     """Collect every rank's sidecars into manifest.json (written last, atomically)."""
-    run_hash = _hash(ident)
+    run_hash = identity_hash(ident)
     shards = []
     for side in sorted(out.glob("shard-r*.tar.json")):
         meta = json.loads(side.read_text())
