@@ -85,8 +85,10 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "data.shuffle_buffer=16"]},
         "hf": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
-            f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=8",
-            "train.save_every=8", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2"]},
+            f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=10",
+            "train.save_every=10", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
+            "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=16",
+            "stages=[{start_step: 9, overrides: {onpolicy.fraction: 1.0}}]"]},
         # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
         # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
@@ -175,11 +177,15 @@ def test_offline_shards_run_lowers_kd(runs):
 @pytest.mark.multirank
 def test_separate_hf_teacher_as_zero3_inference_engine(runs):
     """The teacher is another HF model (here: the same weights, loaded again) partitioned by its own ZeRO-3 engine;
-    its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher."""
+    its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher. From step 9 (a
+    stage) it scores the student's own samples instead: its engine's forward runs in lockstep on both ranks."""
     assert all(p["error"] is None for p in probe(runs["hf"]))
-    kd = [m["kd"] for m in metrics(runs["hf"]) if "kd" in m]
-    assert len(kd) == 8 and all(math.isfinite(v) and v > 0 for v in kd)
-    assert sum(kd[-3:]) < sum(kd[:3])
+    steps = [m for m in metrics(runs["hf"]) if "kd" in m]
+    kd = [m["kd"] for m in steps]
+    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
+    assert sum(kd[5:8]) < sum(kd[:3])
+    assert [m["onpolicy_share"] for m in steps] == [0.0] * 8 + [1.0] * 2
+    assert all(m["onpolicy_kd"] == m["kd"] and m["tokens"] <= 2 * 2 * 16 for m in steps[8:])
 
 
 @pytest.mark.multirank
