@@ -28,8 +28,8 @@ import torch
 from megadistil.data.precompute import (
     PRECOMPUTE_DTYPES,
     PrecomputeConfig,
-    any_rank,
     barrier,
+    collective_batches,
     dist_env,
     identity_hash,
     load_teacher,
@@ -114,7 +114,8 @@ def _prompt_texts(cfg: GenerateConfig) -> Iterator[str]:
 
 def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> Iterator[tuple[int, list[int]]]:
     """(global index, token ids): the tokenizer's own special tokens (BOS) first; from documents, the first
-    prompt_tokens tokens (a shorter document is a whole prompt); a prompt with no room for max_new_tokens in the model's context is refused."""
+    prompt_tokens tokens (a shorter document is a whole prompt); a prompt with no room for max_new_tokens in the
+    model's context is refused."""
     for n, text in enumerate(_prompt_texts(cfg)):
         if cfg.max_prompts is not None and n >= cfg.max_prompts:
             return
@@ -151,11 +152,10 @@ def resume_part(part: Path, run_hash: str, batch_size: int) -> int:
     if not part.is_file():
         part.touch()
         return 0
-    data = part.read_bytes()
-    ends = [i + 1 for i, b in enumerate(data) if b == 0x0A]  # complete lines end in a newline
-    keep = len(ends) // batch_size * batch_size
+    lines = part.read_bytes().split(b"\n")[:-1]  # complete lines end in a newline; the last piece is cut or empty
+    keep = len(lines) // batch_size * batch_size
     with open(part, "r+b") as f:
-        f.truncate(ends[keep - 1] if keep else 0)
+        f.truncate(sum(len(line) + 1 for line in lines[:keep]))
     return keep
 
 
@@ -171,7 +171,10 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     rank, world = dist_env()
     max_positions = getattr(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False),
                             "max_position_embeddings", None)
-    total = sum(1 for _ in iter_prompts(cfg, AutoTokenizer.from_pretrained(cfg.teacher), max_positions))
+    # Every prompt is tokenised and checked before the model loads (a bad one stops every rank at once, not one rank
+    # mid-collective); the count is the progress bar's total. The loop below tokenises them again, streaming.
+    total = sum(1 for _ in iter_prompts(cfg, AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False),
+                                        max_positions))
     out = Path(cfg.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     tok, model, device = load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
@@ -189,12 +192,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
                initial=min(done * world, total))
     t0, new_tokens = time.time(), 0
     with open(part, "a") as f:
-        while True:
-            batch = next(batches, None)
-            if lockstep is not None and not any_rank(batch is not None, world, device):
-                break  # ZeRO-3 ranks run every forward together: a rank out of prompts samples a dummy
-            if batch is None and lockstep is None:
-                break
+        for batch in collective_batches(batches, lockstep is not None, world, device):
             rows = batch or [(-1, [pad])]
             gen = sample(model, [torch.tensor(ids) for _, ids in rows], cfg.sampling, eos_token_id=eos,
                          pad_token_id=pad, indices=[max(i, 0) for i, _ in rows], lockstep=lockstep)

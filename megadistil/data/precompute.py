@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from megadistil.distributed import cpu_threads, discover, free_local_port, init_
 from megadistil.utils import torch_dtype, write_atomic
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PRECOMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype (megadistil.utils maps the names)
 
 
@@ -91,6 +92,18 @@ def dist_env() -> tuple[int, int]:
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def collective_batches(batches: Iterator[list[T]], lockstep: bool, world: int,
+                       device: torch.device) -> Iterator[list[T] | None]:
+    """This rank's batches; with `lockstep` (ZeRO-3: every forward gathers the weights on all ranks together) the
+    loop runs until every rank is done, a rank out of batches getting None (it must run a dummy forward)."""
+    for batch in batches:
+        if lockstep:
+            any_rank(True, world, device)
+        yield batch
+    while lockstep and any_rank(False, world, device):
+        yield None
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:
@@ -269,12 +282,7 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     t0, tokens = time.time(), 0
     batches = batched(_my_sequences(cfg, tok, rank, world, done), cfg.batch_size)
     try:
-        while True:
-            batch = next(batches, None)
-            if cfg.zero3 and not any_rank(batch is not None, world, device):
-                break  # ZeRO-3 ranks must run every forward together; idle ranks feed a dummy
-            if batch is None and not cfg.zero3:
-                break
+        for batch in collective_batches(batches, cfg.zero3, world, device):
             rows = batch or [(-1, np.zeros(cfg.seq_len, dtype=np.int64))]
             ids = torch.from_numpy(np.stack([s for _, s in rows])).to(device)
             target = teacher_topk(model, ids, top_k=cfg.top_k, temperature=cfg.temperature,

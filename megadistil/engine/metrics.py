@@ -1,4 +1,5 @@
-"""One metric logger: a line per step on stdout and in metrics.jsonl, and wandb when enabled; no-op off rank 0."""
+"""The run's metrics: one logger (a line per step on stdout and in metrics.jsonl, wandb when enabled; no-op off rank
+0), peak memory, and a step's on-policy figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from megadistil.config import LogConfig
 from megadistil.rundir import METRICS
@@ -87,3 +89,29 @@ class MetricsLogger:
 
 def _fmt(key: str, value: Any) -> str:
     return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+
+
+class OnPolicyStats:
+    """A step's on-policy figures: generation time and tokens, and the KD and loss tokens of its on-policy
+    micro-batches (rank-local; the KD stays on the device until the step is logged)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.new_tokens, self.micro_batches = 0.0, 0, 0
+        self.kd_sum: Tensor | float = 0.0
+        self.loss_tokens: Tensor | int = 0
+
+    def generated(self, new_tokens: int, seconds: float) -> None:
+        self.new_tokens, self.seconds = self.new_tokens + new_tokens, self.seconds + seconds
+
+    def trained(self, loss_tokens: Tensor, kd: Tensor) -> None:
+        self.micro_batches += 1
+        self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd
+
+    def record(self, tokens: int, world_size: int) -> dict[str, float]:
+        """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
+        onpolicy.kind); gen_time_s and gen_tokens_per_s (all ranks) of the step's generation."""
+        if not self.seconds:
+            return {"onpolicy_share": 0.0}
+        return {"onpolicy_share": int(self.loss_tokens) / max(tokens, 1),
+                **({"onpolicy_kd": float(self.kd_sum) / self.micro_batches} if self.micro_batches else {}),
+                "gen_time_s": self.seconds, "gen_tokens_per_s": self.new_tokens * world_size / self.seconds}

@@ -48,7 +48,7 @@ from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import place
-from megadistil.engine.metrics import MetricsLogger, PeakMemory
+from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
 from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
@@ -315,13 +315,13 @@ class Trainer:
         if warmup:
             set_quant_lambda(self.engine.module.student, min(1.0, (step - 1) / warmup))
 
-    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor, _OnPolicyStats]:
+    def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor, OnPolicyStats]:
         """grad_accum finite micro-batches. A non-finite loss (on any rank) skips that micro-batch: no backward,
         no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact.
         The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch.
         An on-policy micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts."""
         done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
-        stats, attempt = _OnPolicyStats(), 0
+        stats, attempt = OnPolicyStats(), 0
         while done < self.cfg.train.grad_accum:
             batch = self._to_device(next(batches))
             micro = self.state.step * self.cfg.train.grad_accum + attempt  # the schedule's and the seeds' position
@@ -352,7 +352,7 @@ class Trainer:
 
     @torch.no_grad()
     def _generate(self, batch: dict[str, Tensor], op: OnPolicyConfig, micro: int,
-                  stats: _OnPolicyStats) -> dict[str, Tensor]:
+                  stats: OnPolicyStats) -> dict[str, Tensor]:
         """The student continues each sequence's first onpolicy.prompt_tokens tokens; every rank in lockstep."""
         student = self.engine.module.student
         prompts = batch["input_ids"][:, :op.prompt_tokens]
@@ -401,7 +401,7 @@ class Trainer:
         return step % self.cfg.log.every == 0 or step == self.cfg.train.max_steps
 
     def _log_step(self, step: int, parts: dict[str, Tensor], tokens: Tensor, start: float,
-                  onpolicy: _OnPolicyStats) -> None:
+                  onpolicy: OnPolicyStats) -> None:
         """The logged step's loss parts (read back here, the one place they leave the device) and the speed over the
         steps since the last record; step time excludes checkpoints and evaluations."""
         values = {k: float(v) for k, v in parts.items()}  # waits for the device: the interval ends here
@@ -485,32 +485,6 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
-
-
-class _OnPolicyStats:
-    """A step's on-policy figures: generation time and tokens, and the KD and loss tokens of its on-policy
-    micro-batches (rank-local; the KD stays on the device until the step is logged)."""
-
-    def __init__(self) -> None:
-        self.seconds, self.new_tokens, self.micro_batches = 0.0, 0, 0
-        self.kd_sum: Tensor | float = 0.0
-        self.loss_tokens: Tensor | int = 0
-
-    def generated(self, new_tokens: int, seconds: float) -> None:
-        self.new_tokens, self.seconds = self.new_tokens + new_tokens, self.seconds + seconds
-
-    def trained(self, loss_tokens: Tensor, kd: Tensor) -> None:
-        self.micro_batches += 1
-        self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd
-
-    def record(self, tokens: int, world_size: int) -> dict[str, float]:
-        """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
-        onpolicy.kind); gen_time_s and gen_tokens_per_s (all ranks) of the step's generation."""
-        if not self.seconds:
-            return {"onpolicy_share": 0.0}
-        return {"onpolicy_share": int(self.loss_tokens) / max(tokens, 1),
-                **({"onpolicy_kd": float(self.kd_sum) / self.micro_batches} if self.micro_batches else {}),
-                "gen_time_s": self.seconds, "gen_tokens_per_s": self.new_tokens * world_size / self.seconds}
 
 
 class _StepClock:
