@@ -35,6 +35,8 @@ class Kernel(enum.StrEnum):
 # How much faster than float32 a kernel must measure for `auto` to take it: a near tie keeps float32, so that timing
 # noise never selects a kernel that is slower in the run.
 AUTO_MARGIN = 1.10
+# How much faster than the best exact kernel the CPU's bf16 kernel (output rounded to bf16) must measure to be taken.
+INEXACT_MARGIN = 1.5
 # model.dtype=auto takes bf16 only where bf16 GEMMs beat float32 by this much: bf16 also costs conversions and
 # elementwise passes that float32 does not, so a small GEMM win does not make a step faster.
 BF16_DTYPE_MARGIN = 1.5
@@ -78,9 +80,15 @@ class Hardware:
 
     @property
     def kernel(self) -> Kernel:
-        """The fastest kernel measured, unless it fails to beat float32 by AUTO_MARGIN."""
-        best = max(self.gflops, key=self.gflops.get)
-        return Kernel(best) if self.gflops[best] >= AUTO_MARGIN * self.gflops["fp32"] else Kernel.fp32
+        """The fastest exact kernel measured, unless it fails to beat float32 by AUTO_MARGIN; the CPU's bf16 kernel
+        (its output rounded to bf16) only where it beats that by INEXACT_MARGIN, so timing noise between two kernels
+        with units (int8 and bf16 on AMX or AVX512-VNNI/BF16 CPUs) never trades exact results for a near tie."""
+        exact = {k: v for k, v in self.gflops.items() if k != "bf16" or self.device.startswith("cuda")}
+        best = max(exact, key=exact.get)
+        choice = best if exact[best] >= AUTO_MARGIN * self.gflops["fp32"] else "fp32"
+        if self.gflops.get("bf16", 0.0) >= INEXACT_MARGIN * max(self.gflops[choice], AUTO_MARGIN * self.gflops["fp32"]):
+            choice = "bf16"
+        return Kernel(choice)
 
     @property
     def bf16_fast(self) -> bool:
