@@ -482,3 +482,123 @@ def test_logit_transform_matches_float64_reference(kind, beta, target, transform
     _assert_matches_ref(out, h, W, ref)
     without = chunked_lm_head_loss(h.detach(), W.detach(), labels, cfg, **targets)
     assert not torch.allclose(without["loss"].double(), ref[0], rtol=1e-2)  # the transform is not a no-op here
+
+
+# --------------------------------------------------------------------------- ULD, KD masks, per-token weights
+
+
+def _ref_uld(h, W, labels, cfg, *, teacher_probs=None, sparse=None, kd_mask=None, weights=None):
+    """ULD from its definition in float64: the r-th largest probabilities of student and teacher paired; with a
+    top-k + tail target, the student's k largest plus its remaining mass against the teacher's k plus its tail."""
+    z = h.double() @ W.double().T
+    q = torch.softmax(z / cfg.temperature, -1)
+    q_sorted = q.sort(-1, descending=True).values
+    if sparse is not None:
+        k = sparse.topk_logprobs.shape[-1]
+        p_top = sparse.topk_logprobs.double().exp().sort(-1, descending=True).values
+        P = torch.cat([p_top, sparse.tail_logmass.double().exp()[:, None]], -1)
+        Q = torch.cat([q_sorted[:, :k], 1 - q_sorted[:, :k].sum(-1, keepdim=True)], -1)
+    else:
+        P, Q = teacher_probs.sort(-1, descending=True).values, q_sorted
+    kd = (Q - P).abs().sum(-1)
+    ce = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    has_kd = valid & (kd_mask if kd_mask is not None else torch.ones_like(valid))
+    w = weights.double() if weights is not None else torch.ones_like(kd)
+    kd_mean = (w * kd)[has_kd].sum() / has_kd.sum()
+    ce_mean = (w * ce)[valid].sum() / valid.sum()
+    return cfg.kd_weight * cfg.temperature**2 * kd_mean + cfg.ce_weight * ce_mean, kd_mean, ce_mean
+
+
+def _ref_uld_grads(h, W, labels, cfg, **kw):
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    loss, kd, ce = _ref_uld(h64, W64, labels, cfg, **kw)
+    loss.backward()
+    return loss.detach(), kd.detach(), ce.detach(), h64.grad, W64.grad
+
+
+def test_uld_sparse_matches_its_definition_in_float64():
+    h, W, labels, teacher_logits = _problem(seed=11)
+    cfg = LossConfig(kind="uld", temperature=1.5, kd_weight=0.8, ce_weight=0.3, chunk_tokens=6)
+    sparse = _make_sparse(teacher_logits, k=8, T=cfg.temperature)
+    # The ids of a target from another tokenizer mean nothing to the student: ULD never reads them.
+    foreign = SparseTarget(sparse.topk_ids + 1000, sparse.topk_logprobs.flip(-1), sparse.tail_logmass)
+    ref = _ref_uld_grads(h, W, labels, cfg, sparse=sparse)
+    _assert_matches_ref(chunked_lm_head_loss(h, W, labels, cfg, sparse=foreign), h, W, ref)
+
+
+def test_uld_dense_matches_its_definition_in_float64():
+    h, W, labels, _ = _problem(seed=12)
+    g = torch.Generator().manual_seed(13)
+    th, TW = torch.randn(h.shape, generator=g), torch.randn(W.shape, generator=g)
+    cfg = LossConfig(kind="uld", temperature=2.0, ce_weight=0.5, chunk_tokens=5)
+    teacher_probs = torch.softmax(th.double() @ TW.double().T / cfg.temperature, -1)
+    ref = _ref_uld_grads(h, W, labels, cfg, teacher_probs=teacher_probs)
+    _assert_matches_ref(chunked_lm_head_loss(h, W, labels, cfg, teacher_hidden=th, teacher_lm_head_weight=TW),
+                        h, W, ref)
+
+
+def test_uld_is_zero_for_a_permuted_copy_of_the_student():
+    """Tokenizer-free: a teacher whose distribution is the student's with the vocabulary relabelled costs nothing."""
+    h, W, labels, _ = _problem(seed=14)
+    cfg = LossConfig(kind="uld", chunk_tokens=8)
+    perm = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(0))
+    out = chunked_lm_head_loss(h, W, labels, cfg, teacher_hidden=h.detach(), teacher_lm_head_weight=W.detach()[perm])
+    assert out["kd"].item() < 1e-6
+    kl = chunked_lm_head_loss(h, W, labels, dataclasses.replace(cfg, kind="forward_kl"), teacher_hidden=h.detach(),
+                              teacher_lm_head_weight=W.detach()[perm])
+    assert kl["kd"].item() > 0.1  # forward KL does compare ids
+
+
+def test_kd_mask_takes_kd_only_where_a_target_exists():
+    h, W, labels, teacher_logits = _problem(seed=15)
+    cfg = LossConfig(kind="uld", ce_weight=0.6, chunk_tokens=4)
+    sparse = _make_sparse(teacher_logits, k=6, T=1.0)
+    mask = torch.ones(labels.shape, dtype=torch.bool)
+    mask[[0, 5, 6, 17]] = False
+    bad = SparseTarget(sparse.topk_ids, sparse.topk_logprobs.clone(), sparse.tail_logmass.clone())
+    bad.topk_logprobs[~mask] = float("nan")  # placeholder rows: nothing of them may reach the loss
+    ref = _ref_uld_grads(h, W, labels, cfg, sparse=sparse, kd_mask=mask)
+    out = chunked_lm_head_loss(h, W, labels, cfg, sparse=bad, kd_mask=mask)
+    valid = labels != IGNORE_INDEX
+    assert out["kd_tokens"].item() == int((mask & valid).sum()) < out["tokens"].item()
+    _assert_matches_ref(out, h, W, ref)
+
+
+def test_token_weights_multiply_kd_and_ce():
+    h, W, labels, teacher_logits = _problem(seed=16)
+    cfg = LossConfig(kind="uld", kd_weight=0.9, ce_weight=0.4, chunk_tokens=5)
+    sparse = _make_sparse(teacher_logits, k=7, T=1.0)
+    w = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) * 3
+    w[3] = 0.0
+    ref = _ref_uld_grads(h, W, labels, cfg, sparse=sparse, weights=w)
+    _assert_matches_ref(chunked_lm_head_loss(h, W, labels, cfg, sparse=sparse, token_weights=w), h, W, ref)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "uld"])
+def test_weights_of_one_reproduce_unweighted_training_bitwise(kind):
+    h, W, labels, teacher_logits = _problem(seed=17)
+    cfg = LossConfig(kind=kind, ce_weight=0.5, chunk_tokens=6)
+    sparse = _make_sparse(teacher_logits, k=9, T=1.0)
+    runs = []
+    for extra in ({}, {"token_weights": torch.ones(labels.shape)},
+                  {"token_weights": torch.ones(labels.shape), "kd_mask": torch.ones(labels.shape, dtype=torch.bool)}):
+        h.grad = W.grad = None
+        out = chunked_lm_head_loss(h, W, labels, cfg, sparse=sparse, **extra)
+        out["loss"].backward()
+        runs.append((out["loss"].detach(), out["kd"], out["ce"], h.grad.clone(), W.grad.clone()))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_per_token_inputs_are_checked():
+    h, W, labels, teacher_logits = _problem(seed=18)
+    sparse = _make_sparse(teacher_logits, k=4, T=1.0)
+    cfg = LossConfig(kind="uld")
+    with pytest.raises(ValueError, match="kd_mask has 5 tokens"):
+        chunked_lm_head_loss(h, W, labels, cfg, sparse=sparse, kd_mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_weights must be finite and >= 0"):
+        chunked_lm_head_loss(h, W, labels, cfg, sparse=sparse, token_weights=-torch.ones(labels.shape))
+    foreign = SparseTarget(sparse.topk_ids + 1000, sparse.topk_logprobs, sparse.tail_logmass)
+    with pytest.raises(ValueError, match="ids outside"):  # an id-matching divergence refuses another vocabulary
+        chunked_lm_head_loss(h, W, labels, LossConfig(kind="forward_kl"), sparse=foreign)

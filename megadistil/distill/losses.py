@@ -7,12 +7,19 @@ KD divergences (teacher p, student q, both at temperature T, per token):
     forward_kl  KL(p || q) = sum_b p_b (log p_b - log q_b)
     reverse_kl  KL(q || p) = sum_b q_b (log q_b - log p_b)
     jsd         JSD(beta)  = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD, beta in (0,1))
+    uld         sum_r |q_(r) - p_(r)|, the r-th largest probabilities of each side          (ULD, Boizard et al. 2024)
 
 The buckets b are either the whole vocabulary (live teacher) or, for an offline sparse target, the teacher's
 top-k ids plus one "tail" bucket holding the remaining mass. The student is mapped to the same buckets; its tail
 log-mass is a logsumexp over the complement of the top-k ids (no 1 - sum cancellation).
 
-Per-token loss = kd_weight * T^2 * kd + ce_weight * ce, averaged over tokens whose label is not IGNORE_INDEX.
+ULD compares sorted probabilities, not ids, so it needs no shared vocabulary: it is the divergence of a teacher with
+another tokenizer. With a top-k + tail target its buckets are the k largest probabilities of each side (sorted) and
+each side's tail mass; with a full target, the whole sorted vocabularies (the shorter padded with zeros).
+
+Per-token loss = kd_weight * T^2 * kd + ce_weight * ce. CE is averaged over tokens whose label is not IGNORE_INDEX;
+KD over those of them that have a target (`kd_mask`: a cross-tokenizer teacher has none where its token boundaries
+differ from the student's). Optional per-token weights (preference-weighted KD) multiply both terms of a token.
 The hidden-state and attention-relation terms are separate functions; the trainer adds them with
 `hidden_weight` and `attn_relation_weight`.
 """
@@ -41,6 +48,7 @@ class KDKind(enum.StrEnum):
     forward_kl = "forward_kl"
     reverse_kl = "reverse_kl"
     jsd = "jsd"
+    uld = "uld"  # sorted-probability L1: tokenizer-free
 
 
 class Target(enum.StrEnum):
@@ -160,8 +168,9 @@ class SparseTarget:
     topk_logprobs: Tensor  # float [N, k]
     tail_logmass: Tensor  # float [N], log(1 - sum(exp(topk_logprobs))) computed in log space, >= TAIL_LOGMASS_FLOOR
 
-    def flat(self, num_tokens: int, vocab: int) -> SparseTarget:
-        """Flatten leading dims to [N, k] and check shapes and id range (errors name the field)."""
+    def flat(self, num_tokens: int, vocab: int, *, student_ids: bool = True) -> SparseTarget:
+        """Flatten leading dims to [N, k] and check shapes and id range (errors name the field). `student_ids`
+        False: the ids are another tokenizer's (a ULD target reads only the sorted probabilities)."""
         k = self.topk_ids.shape[-1]
         ids = self.topk_ids.reshape(-1, k)
         logprobs = self.topk_logprobs.reshape(-1, k)
@@ -172,8 +181,8 @@ class SparseTarget:
         if ids.dtype != torch.int64:
             raise ValueError(f"sparse.topk_ids must be int64, got {ids.dtype}")
         if not 0 < k <= vocab:
-            raise ValueError(f"sparse.topk_ids: k={k} must be in [1, vocab={vocab}]")
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"sparse.topk_ids: k={k} must be in [1, the student's vocab={vocab}]")
+        if student_ids and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"sparse.topk_ids has ids outside [0, {vocab})")
         return SparseTarget(ids, logprobs.float(), tail.float())
 
@@ -185,7 +194,11 @@ class SparseTarget:
 
 def _bucket_divergence(kind: str, beta: float, logp: Tensor, logq: Tensor, p: Tensor,
                        need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """uld expects both sides' buckets sorted by probability (the caller pairs them by rank)."""
     q = logq.exp()
+    if kind == "uld":
+        diff = q - p
+        return diff.abs().sum(-1), (q * diff.sign() if need_grad else None)
     if kind == "forward_kl":
         kd = (p * (logp - logq)).sum(-1)
         return kd, (-p if need_grad else None)
@@ -203,6 +216,8 @@ def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bo
     """KD against a full teacher distribution; s and t_logits are tempered float32 logits [c, V]."""
     logq = torch.log_softmax(s, -1)
     logp = torch.log_softmax(t_logits, -1)
+    if kind == "uld":
+        return _dense_uld(logp, logq, need_grad)
     kd, g = _bucket_divergence(kind, beta, logp, logq, logp.exp(), need_grad)
     if g is None:
         return kd, None
@@ -210,10 +225,26 @@ def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bo
     return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
 
 
+def _dense_uld(logp: Tensor, logq: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """ULD over whole vocabularies: both sorted, paired by rank; the gradient goes back through the student's sort."""
+    logq_sorted, order = logq.sort(-1, descending=True)
+    logp_sorted = logp.sort(-1, descending=True).values
+    kd, g_sorted = _bucket_divergence("uld", 0.0, logp_sorted, logq_sorted, logp_sorted.exp(), need_grad)
+    if g_sorted is None:
+        return kd, None
+    g = torch.empty_like(g_sorted).scatter_(-1, order, g_sorted)
+    return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
+
+
 def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor,
                need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (left unchanged)."""
     vocab, k = s.shape[-1], ids.shape[-1]
+    if kind == "uld":
+        # ULD pairs probabilities by rank, not by id: the student's buckets are its own k largest (sorted), the
+        # teacher's its sorted top-k, and each side's tail; the teacher's ids are never read.
+        ids = s.topk(k, -1).indices
+        t_logprobs = t_logprobs.sort(-1, descending=True).values
     s_top = s.gather(-1, ids)
     if k == vocab:
         # Full target: the complement is empty and the stored tail is rounding noise, so there is no tail bucket.
@@ -262,11 +293,14 @@ class _Chunk:
     labels: Tensor
     sparse: SparseTarget | None = None
     teacher_hidden: Tensor | None = None
+    kd_scale: Tensor | None = None  # per token: its weight, 0 where it has no KD target (None: 1 everywhere)
+    ce_scale: Tensor | None = None  # per token: its weight (None: 1 everywhere)
 
 
 def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tensor | None, transform: LogitTransform,
-                 need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz.
+                 need_grad: bool, kd_norm: float = 1.0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sum of KD and CE over the chunk's tokens and, if asked, d(per-token loss sum)/dz, where the KD part of the
+    sum is scaled by kd_norm (the loss averages KD over fewer tokens than CE when some have no target).
 
     z: float32 head outputs [c, V], consumed (overwritten) to keep the number of [c, V] buffers low. The losses are
     on the model's logits transform(z); a softcap costs one more [c, V] buffer (its derivative) when grads are wanted.
@@ -287,28 +321,44 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
                 t_logits = transform.apply_((chunk.teacher_hidden @ teacher_weight.T).float())
             kd, grad = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
         del s
+        if chunk.kd_scale is not None:
+            kd, grad = _scale_rows(kd, grad, chunk.kd_scale)
+    if chunk.ce_scale is not None:
+        ce = ce * chunk.ce_scale
     kd_sum = kd.sum() if kd is not None else z.new_zeros(())
     if not need_grad:
         return kd_sum, ce.sum(), None
-    grad = grad.mul_(cfg.kd_weight * T) if grad is not None else None  # T^2 scaling times ds/dz = 1/T
+    grad = grad.mul_(cfg.kd_weight * T * kd_norm) if grad is not None else None  # T^2 scaling times ds/dz = 1/T
     if cfg.ce_weight:
         soft = z.sub_(lse1).exp_()
         soft.scatter_add_(-1, chunk.labels.unsqueeze(-1), -torch.ones_like(lse1))
+        if chunk.ce_scale is not None:
+            soft.mul_(chunk.ce_scale.unsqueeze(-1))
         grad = soft.mul_(cfg.ce_weight) if grad is None else grad.add_(soft, alpha=cfg.ce_weight)
     if grad is None:
         return kd_sum, ce.sum(), torch.zeros_like(z)
     return kd_sum, ce.sum(), grad.mul_(dy_dz) if dy_dz is not None else grad  # chain rule through the transform
 
 
+def _scale_rows(kd: Tensor, grad: Tensor | None, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Per-token weights on the KD term; a row of weight 0 (no target there) is exactly 0 even if its target held
+    anything (the placeholder row of an unaligned position)."""
+    dropped = scale == 0
+    kd = (kd * scale).masked_fill_(dropped, 0.0)
+    if grad is not None:
+        grad.mul_(scale.unsqueeze(-1))[dropped] = 0.0
+    return kd, grad
+
+
 def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_hidden: Tensor | None,
-            chunk_tokens: int):
+            kd_scale: Tensor | None, ce_scale: Tensor | None, chunk_tokens: int):
     for start in range(0, valid.numel(), chunk_tokens):
         idx = valid[start:start + chunk_tokens]
         sp = None
         if sparse is not None:
             sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_logmass[idx])
         th = teacher_hidden[idx] if teacher_hidden is not None else None
-        yield idx, _Chunk(labels[idx], sp, th)
+        yield idx, _Chunk(labels[idx], sp, th, *(x[idx] if x is not None else None for x in (kd_scale, ce_scale)))
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
@@ -318,7 +368,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight,
-                transform):
+                transform, kd_scale, ce_scale, kd_count):
         sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -326,10 +376,13 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         # Accumulated in float32 over chunks (bf16 weights too), cast once in backward.
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, cfg.chunk_tokens):
+        count = max(valid.numel(), 1)
+        kd_count = count if kd_count is None else max(kd_count, 1)
+        for idx, chunk in _chunks(valid, labels, sparse, teacher_hidden, kd_scale, ce_scale, cfg.chunk_tokens):
             h = hidden[idx]
             z = (h @ weight.T).float()
-            kd, ce, grad_z = _chunk_terms(z, chunk, cfg, teacher_weight, transform, need_grad=want_h or want_w)
+            kd, ce, grad_z = _chunk_terms(z, chunk, cfg, teacher_weight, transform, need_grad=want_h or want_w,
+                                          kd_norm=count / kd_count if kd_count != count else 1.0)
             del z
             kd_sum += kd
             ce_sum += ce
@@ -339,8 +392,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     grad_h.index_add_(0, idx, (grad_z @ weight).float())
                 if want_w:
                     grad_w.addmm_(grad_z.T.float(), h.float())
-        count = max(valid.numel(), 1)
-        kd_mean, ce_mean = kd_sum / count, ce_sum / count
+        kd_mean, ce_mean = kd_sum / kd_count, ce_sum / count
         loss = cfg.kd_weight * cfg.temperature ** 2 * kd_mean + cfg.ce_weight * ce_mean
         ctx.count, ctx.dtypes = count, (hidden.dtype, weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
@@ -353,13 +405,14 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scale = grad_loss.float() / ctx.count
         grad_h = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
         grad_w = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, *([None] * 12)
 
 
 def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, cfg: LossConfig, *,
                          sparse: SparseTarget | None = None, teacher_hidden: Tensor | None = None,
                          teacher_lm_head_weight: Tensor | None = None,
-                         logit_transform: LogitTransform | None = None) -> dict[str, Tensor]:
+                         logit_transform: LogitTransform | None = None, kd_mask: Tensor | None = None,
+                         token_weights: Tensor | None = None) -> dict[str, Tensor]:
     """LM head + KD/CE loss in token chunks; the [N, V] logits never exist, in forward or backward.
 
     hidden [..., H] (student final-norm output), lm_head_weight [V, H], labels [...] (IGNORE_INDEX = skip).
@@ -368,9 +421,12 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     no gradient. The matmul runs in the inputs' dtype; the softmax math runs in float32. `logit_transform` is what
     the model's forward applies to the head's output (softcapping, scaling): applied to the student's logits and to
     the live teacher's, so both are the model's own (sparse targets were made from transformed logits already).
+    `kd_mask` [...] (bool): the tokens that have a KD target (None: all); a `sparse` target of another tokenizer
+    (loss.kind uld) has placeholder rows where it is False. `token_weights` [...] multiply each token's KD and CE.
 
-    Returns {"loss": kd_weight*T^2*kd + ce_weight*ce (differentiable), "kd": mean divergence, "ce": mean CE
-    (both detached, for logging), "tokens": number of non-ignored tokens}.
+    Returns {"loss": kd_weight*T^2*kd + ce_weight*ce (differentiable), "kd": mean divergence over the tokens with a
+    target, "ce": mean CE (both detached, for logging), "tokens": number of non-ignored tokens, "kd_tokens": how many
+    of them have a KD target}.
     """
     cfg.validate()
     H = hidden.shape[-1]
@@ -388,16 +444,38 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     if sparse is not None and teacher_hidden is not None:
         raise ValueError("give either sparse or teacher_hidden as the KD target, not both")
     if sparse is not None:
-        flat = sparse.flat(hidden.shape[0], vocab)
+        flat = sparse.flat(hidden.shape[0], vocab, student_ids=cfg.kind != KDKind.uld)
         ids, logprobs, tail = flat.topk_ids, flat.topk_logprobs, flat.tail_logmass
     if teacher_hidden is not None:
         teacher_hidden, teacher_lm_head_weight = _check_teacher(teacher_hidden, teacher_lm_head_weight,
                                                                 hidden.shape[0], vocab)
     if cfg.kd_weight and ids is None and teacher_hidden is None:
         raise ValueError("loss.kd_weight > 0 needs a KD target: pass sparse= or teacher_hidden=")
+    mask = _per_token(kd_mask, labels, "kd_mask")
+    weights = _per_token(token_weights, labels, "token_weights")
+    kd_scale = weights if mask is None else (weights if weights is not None else 1.0) * mask
+    kd_count = None if mask is None else int(mask[valid].sum())
     loss, kd, ce = _ChunkedLMHeadLoss.apply(hidden, lm_head_weight, labels, valid, cfg, ids, logprobs, tail,
-                                            teacher_hidden, teacher_lm_head_weight, logit_transform or LogitTransform())
-    return {"loss": loss, "kd": kd, "ce": ce, "tokens": torch.tensor(valid.numel(), device=hidden.device)}
+                                            teacher_hidden, teacher_lm_head_weight, logit_transform or LogitTransform(),
+                                            kd_scale, weights, kd_count)
+    tokens = torch.tensor(valid.numel(), device=hidden.device)
+    return {"loss": loss, "kd": kd, "ce": ce, "tokens": tokens,
+            "kd_tokens": tokens.clone() if kd_count is None else torch.tensor(kd_count, device=hidden.device)}
+
+
+def _per_token(values: Tensor | None, labels: Tensor, name: str) -> Tensor | None:
+    """A per-token tensor flattened to the labels' [N], float32 (a bool mask becomes 0/1)."""
+    if values is None:
+        return None
+    flat = values.reshape(-1)
+    if flat.shape[0] != labels.shape[0]:
+        raise ValueError(f"{name} has {flat.shape[0]} tokens, labels has {labels.shape[0]}")
+    if not values.dtype.is_floating_point and values.dtype != torch.bool:
+        raise ValueError(f"{name} must be bool or float, got {values.dtype}")
+    out = flat.float()
+    if not torch.isfinite(out).all() or (out < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    return out
 
 
 def _check_teacher(teacher_hidden: Tensor, weight: Tensor | None, num_tokens: int,
