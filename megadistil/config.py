@@ -17,6 +17,7 @@ from megadistil.bitnet import BitNetConfig
 from megadistil.data.stream import DataConfig
 from megadistil.distill.losses import LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
+from megadistil.distill.preference import PreferenceConfig
 
 
 class Dtype(enum.StrEnum):
@@ -38,7 +39,8 @@ class TeacherKind(enum.StrEnum):
     """Where the distillation targets come from."""
 
     shared = "shared"  # teacher mode of the student's own frozen W: zero extra bytes; logits, hidden states, q/k/v
-    hf = "hf"  # a separate frozen HF model (teacher.path) as a ZeRO-3 inference engine: live top-k + tail
+    hf = "hf"  # a separate frozen HF model (teacher.path) as a ZeRO-3 inference engine: live top-k + tail; its
+    # tokenizer may differ from the student's (then loss.kind=uld on positions whose token boundaries coincide)
     shards = "shards"  # top-k + tail precomputed into data.shards by tools/precompute_teacher.py
     none = "none"  # no teacher: CE only
 
@@ -78,7 +80,7 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     kind: TeacherKind = TeacherKind.shared  # shared | hf (teacher.path) | shards (data.shards) | none (CE only)
-    path: str = ""  # kind hf: the teacher's HF model dir (same tokenizer as the student)
+    path: str = ""  # kind hf: the teacher's HF model dir (another tokenizer: loss.kind uld, data.text)
     top_k: int = 64  # kind hf: live targets as top-k log-probs + tail, like the shards
 
 
@@ -130,6 +132,7 @@ class OptimConfig:
 @dataclass
 class RunDataConfig(DataConfig):
     text: list[str] = field(default_factory=list)  # text files for a live teacher (instead of shards)
+    preference: list[str] = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected): prompt + chosen, loss on chosen
     eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 256  # packing length for text (shards carry their own)
 
@@ -183,6 +186,7 @@ class RunConfig:
     data: RunDataConfig = field(default_factory=RunDataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -256,7 +260,8 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no heavy work. Sections validate themselves; cross-section rules live here."""
     m, t, o, r = cfg.model, cfg.train, cfg.optim, cfg.relora
     _check(m.student != "???", "model.student", "is required (an HF model directory)")
-    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data"), (cfg.onpolicy, "onpolicy")):
+    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data"), (cfg.onpolicy, "onpolicy"),
+                          (cfg.preference, "preference")):
         try:
             section.validate()
         except ValueError as e:
@@ -281,8 +286,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
     _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
     _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
-    _check(bool(cfg.data.shards) != bool(cfg.data.text), "data", "set exactly one of data.shards and data.text")
-    if cfg.data.text:
+    sources = [key for key in ("shards", "text", "preference") if getattr(cfg.data, key)]
+    _check(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "
+           f"{', '.join('data.' + k for k in sources) or 'none'})")
+    if cfg.data.text or cfg.data.preference:
         _check(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2")
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
@@ -297,6 +304,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
     validate_teacher(cfg)
     validate_onpolicy(cfg)
+    validate_preference(cfg)
 
 
 def staged_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -349,10 +357,25 @@ def validate_onpolicy(cfg: RunConfig) -> None:
     for where, c in staged_configs(cfg):
         _check(c.onpolicy.fraction == 0 or c.loss.kd_weight > 0, f"{where}loss.kd_weight" if where else "loss.kd_weight",
                "must be > 0 where onpolicy.fraction > 0 (on-policy micro-batches train on the KD term alone)")
-    if cfg.data.text:
+    if not cfg.data.shards:
         _check(op.prompt_tokens + op.max_new_tokens <= cfg.data.seq_len, "onpolicy.prompt_tokens",
                f"{op.prompt_tokens} prompt + {op.max_new_tokens} new tokens (onpolicy.max_new_tokens) exceed "
                f"data.seq_len {cfg.data.seq_len}")
+
+
+def validate_preference(cfg: RunConfig) -> None:
+    """Preference weights need the teacher's log p(label) (a live teacher) and a reference model; without a reference,
+    a preference setting is refused as unused."""
+    pref = cfg.preference
+    if not pref.reference:
+        for key in pref.set_keys():
+            _check(False, key, "is unused: preference.reference (the reference model) is not set")
+        return
+    _check(cfg.teacher.kind in (TeacherKind.shared, TeacherKind.hf), "preference.reference",
+           f"token weights need the teacher's log-probs of the labels (teacher.kind shared or hf); teacher.kind="
+           f"{cfg.teacher.kind} has none")
+    _check(Path(pref.reference, "config.json").is_file(), "preference.reference",
+           f"{pref.reference} is not a model directory (no config.json)")
 
 
 def layer_lists(loss: LossConfig, num_layers: int) -> tuple[list[int], list[int]]:

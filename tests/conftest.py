@@ -16,12 +16,14 @@ def _stdlib_text() -> list[str]:
     return [(root / name).read_text() for name in CORPUS_SOURCES]
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, split_digits: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:  # other merges than the default tokenizer's, not only fewer
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|eos|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -46,6 +48,54 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def crosstok_teacher_dir(tmp_path_factory) -> Path:
+    """A teacher with another tokenizer trained on the same text: a larger vocabulary with digits split, so its
+    boundaries are neither finer nor coarser than the student's (a BPE with a prefix of another's merges would only
+    refine it, and align everywhere). Its head is
+    scaled 3x more than the tiny teacher's: sharper distributions than the student's, a direction ULD (which
+    compares sorted probabilities) can learn within a few steps of a test run."""
+    from tests._tiny import tiny_llama31
+
+    out = tmp_path_factory.mktemp("crosstok_teacher")
+    tok = _train_tokenizer(512, split_digits=True)
+    model = tiny_llama31(seed=2, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A preference-tuned teacher's reference: the tiny teacher with its weights moved a little (same tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("reference")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * param.std() * torch.randn_like(param))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def preference_file(tmp_path_factory) -> Path:
+    """Preference JSON lines from stdlib text: a few lines of prompt, the next lines chosen, lines elsewhere rejected."""
+    import json
+
+    lines = [ln for text in _stdlib_text() for ln in text.splitlines() if ln.strip()]
+    rows = [{"prompt": "\n".join(lines[i:i + 3]), "chosen": "\n".join(lines[i + 3:i + 6]),
+             "rejected": "\n".join(lines[i + 40:i + 43])} for i in range(0, 600, 6)]
+    path = tmp_path_factory.mktemp("preference") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -186,3 +186,18 @@ def test_a_stage_may_turn_onpolicy_on():
     cfg = load_config(None, [*BASE, "onpolicy.top_p=0.9", "stages=[{start_step: 3, overrides: {onpolicy.fraction: 1.0}}]"])
     assert (cfg.onpolicy.fraction, stage_config(cfg, 3).onpolicy.fraction) == (0.0, 1.0)
     assert stage_config(cfg, 3).onpolicy.sampling(seed=4).top_p == 0.9
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.preference=[p.jsonl]"], "'data': set exactly one of data.shards, data.text and data.preference "
+                                    "(set: data.text, data.preference)"),
+    (["data.text=[]"], "'data': set exactly one of data.shards, data.text and data.preference (set: none)"),
+    (["preference.beta=2.0"], "'preference.beta': is unused: preference.reference (the reference model) is not set"),
+    (["preference.beta=-1.0"], "'preference.beta': must be finite and > 0"),
+    (["preference.reference=/r", "teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
+     "'preference.reference': token weights need the teacher's log-probs of the labels"),
+    (["preference.reference=/no/such/ref"], "'preference.reference': /no/such/ref is not a model directory"),
+])
+def test_preference_settings_are_checked_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])

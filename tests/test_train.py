@@ -71,8 +71,8 @@ def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir,
-         stdlib_text_file) -> dict[str, Path]:
+def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
+         crosstok_teacher_dir, reference_dir, preference_file) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -89,6 +89,16 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "train.save_every=10", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
             "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=16",
             "stages=[{start_step: 9, overrides: {onpolicy.fraction: 1.0}}]"]},
+        "crosstok": {"overrides": [
+            f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}",
+            "teacher.top_k=32", "loss.kind=uld", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
+            "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10", "bitnet.lora_rank=8",
+            "optim.lr=1e-2", "optim.warmup_steps=2"]},
+        "preference": {"overrides": [
+            f"model.student={tiny_llama_dir}", f"data.preference=[{preference_file}]", "data.text=[]",
+            "data.seq_len=64", f"preference.reference={reference_dir}", "preference.beta=2.0", "loss.ce_weight=0.5",
+            "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=6", "bitnet.lora_rank=8",
+            "optim.lr=1e-2", "optim.warmup_steps=2"]},
         # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
         # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
@@ -189,6 +199,31 @@ def test_separate_hf_teacher_as_zero3_inference_engine(runs):
 
 
 @pytest.mark.multirank
+def test_teacher_with_another_tokenizer_distils_by_uld(runs):
+    """A separate teacher whose tokenizer differs (another vocabulary and merges, same text): it tokenizes each
+    window's text itself, positions where both have read the same text carry its targets, and ULD on them falls."""
+    assert all(p["error"] is None for p in probe(runs["crosstok"]))
+    steps = [m for m in metrics(runs["crosstok"]) if "kd" in m]
+    kd = [m["kd"] for m in steps]
+    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
+    assert sum(kd[6:9]) < 0.9 * sum(kd[:3]), kd
+    assert all(0.3 < m["kd_target_share"] < 1.0 for m in steps), [m["kd_target_share"] for m in steps]
+
+
+@pytest.mark.multirank
+def test_preference_weighted_run_on_chosen_completions(runs):
+    """Prompt + chosen response, loss on the response only; each token's KD and CE weighted by the teacher's and the
+    reference's log-ratio (both scored live on 2 ZeRO-3 ranks)."""
+    assert all(p["error"] is None for p in probe(runs["preference"]))
+    steps = [m for m in metrics(runs["preference"]) if "loss" in m]
+    assert len(steps) == 6 and all(math.isfinite(m["loss"]) for m in steps)
+    weights = [m["token_weight"] for m in steps]
+    assert all(0.0 < w < 4.0 for w in weights) and len(set(weights)) > 1 and 1.0 not in weights, weights
+    # completion-only: far fewer tokens than the 2 ranks x 2 sequences x 63 positions a packed batch trains on
+    assert all(m["tokens"] < 2 * 2 * 63 for m in steps)
+
+
+@pytest.mark.multirank
 def test_relora_invariant_frozen_teacher_on_two_ranks(runs):
     """After training: a full ReLoRA reset leaves the student's logits bitwise equal and zeroes the Adam moments
     (2 ranks, ZeRO-3); the teacher's W is bitwise the base model's; the shared teacher is the original model. And
@@ -230,6 +265,32 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
     with pytest.raises(ConfigError, match="loss.temperature"):
         _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}",
                             "data.text=[]", "loss.temperature=2.0"])._check_inputs()
+
+
+def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,
+                                                                            stdlib_text_file, crosstok_teacher_dir):
+    common = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}"]
+    text = f"data.text=[{stdlib_text_file}]"
+    with pytest.raises(ConfigError, match="'loss.kind': forward_kl: teacher.path .* has another tokenizer than the "
+                                          "student, and only uld compares"):
+        _trainer(tmp_path, [*common, text, "loss.kind=forward_kl"])._check_inputs()
+    with pytest.raises(ConfigError, match="'stages.0.overrides.loss.kind': jsd"):
+        _trainer(tmp_path, [*common, text, "loss.kind=uld",
+                            "stages=[{start_step: 3, overrides: {loss.kind: jsd}}]"])._check_inputs()
+    with pytest.raises(ConfigError, match="'data.text': is required"):
+        _trainer(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
+    with pytest.raises(ConfigError, match="'onpolicy.fraction': on-policy distillation needs the teacher to score"):
+        _trainer(tmp_path, [*common, text, "loss.kind=uld", "onpolicy.fraction=0.5"])._check_inputs()
+    with pytest.raises(ConfigError, match="'preference.reference': .* has another tokenizer than the student"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", text,
+                            f"preference.reference={crosstok_teacher_dir}"])._check_inputs()
+    trainer = _trainer(tmp_path, [*common, text, "loss.kind=uld"])
+    trainer._check_inputs()
+    assert trainer.teacher_tokenizer is not None
+    same = _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}",
+                               text])
+    same._check_inputs()
+    assert same.teacher_tokenizer is None  # the same tokenizer: today's exact path, any divergence
 
 
 @pytest.mark.multirank

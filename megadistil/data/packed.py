@@ -32,11 +32,17 @@ def shifted_batch(seqs: np.ndarray) -> dict[str, torch.Tensor]:
 
 
 class PackedTextBatches:
-    """Every epoch a seeded permutation of all sequences; each global batch is split across ranks."""
+    """Every epoch a seeded permutation of all sequences; each global batch is split across ranks.
+
+    Labels are shifted_batch's unless `labels` (int64 [N, S], parallel to `sequences`) is given: then a batch carries
+    those rows' labels (e.g. completion-only labels from preference data, see `from_preference`)."""
 
     def __init__(self, sequences: np.ndarray, *, batch_size: int, rank: int, world_size: int, seed: int,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, labels: np.ndarray | None = None) -> None:
+        if labels is not None and labels.shape != sequences.shape:
+            raise ValueError(f"labels have shape {labels.shape}, sequences {sequences.shape}: they must match")
         self.seqs, self.batch_size, self.rank, self.world = sequences, batch_size, rank, world_size
+        self.labels = labels
         self.seed, self.pin_memory = seed, pin_memory  # pinned: non-blocking copies to CUDA
         self.per_epoch = len(sequences) // (batch_size * world_size)
         if self.per_epoch == 0:
@@ -48,15 +54,30 @@ class PackedTextBatches:
     def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
         return cls(np.stack(list(pack_text(files, tokenizer, seq_len))), **kwargs)
 
+    @classmethod
+    def from_preference(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
+        """One sequence per preference row (prompt + chosen + EOS), labels on the completion only
+        (megadistil.data.preference; its counts are logged there)."""
+        from megadistil.data.preference import preference_sequences
+
+        seqs, labels, _ = preference_sequences(files, tokenizer, seq_len)
+        return cls(seqs, labels=labels, **kwargs)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.seqs))
             while self.index < self.per_epoch:
                 start = (self.index * self.world + self.rank) * self.batch_size
                 self.index += 1
-                batch = shifted_batch(self.seqs[order[start:start + self.batch_size]])
+                batch = self._batch(order[start:start + self.batch_size])
                 yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
             self.epoch, self.index = self.epoch + 1, 0
+
+    def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.labels is None:
+            return shifted_batch(self.seqs[rows])
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(self.seqs[rows], dtype=np.int64)),
+                "labels": torch.from_numpy(np.ascontiguousarray(self.labels[rows], dtype=np.int64))}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}

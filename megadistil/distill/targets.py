@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megadistil.distill.losses import TAIL_LOGMASS_FLOOR, SparseTarget
+from megadistil.distill.losses import IGNORE_INDEX, TAIL_LOGMASS_FLOOR, LogitTransform, SparseTarget
 from megadistil.models import decoder, logit_transform, output_head
 
 
@@ -29,11 +29,51 @@ def teacher_topk(model: nn.Module, input_ids: Tensor, *, top_k: int, temperature
     `chunk_tokens` positions at a time, so no [tokens x vocab] logits exist beyond one chunk; its result goes through
     the model's own output transform (e.g. Gemma2's softcap) before the temperature."""
     hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    return hidden_topk(model, hidden, top_k=top_k, temperature=temperature, chunk_tokens=chunk_tokens)
+
+
+@torch.no_grad()
+def hidden_topk(model: nn.Module, hidden: Tensor, *, top_k: int, temperature: float,
+                chunk_tokens: int = 1024) -> SparseTarget:
+    """teacher_topk from the decoder's final-norm output [B, S, H] (a caller that needs it for more than targets)."""
     head, transform = output_head(model), logit_transform(model.config, type(model))
     flat = hidden.reshape(-1, hidden.shape[-1])
     parts = [topk_target(transform.apply_(head(flat[i:i + chunk_tokens]).float()) / temperature, top_k)
              for i in range(0, flat.shape[0], chunk_tokens)]
-    shape = input_ids.shape
+    shape = hidden.shape[:-1]
     return SparseTarget(torch.cat([p.topk_ids for p in parts]).reshape(*shape, top_k),
                         torch.cat([p.topk_logprobs for p in parts]).reshape(*shape, top_k),
                         torch.cat([p.tail_logmass for p in parts]).reshape(shape))
+
+
+@torch.no_grad()
+def head_label_logprobs(hidden: Tensor, head_weight: Tensor, labels: Tensor, transform: LogitTransform, *,
+                        chunk_tokens: int = 1024) -> Tensor:
+    """log p(label) at temperature 1 from final-norm hidden states [..., H] and an LM head weight [V, H], float32
+    [...], `chunk_tokens` positions at a time; 0 where the label is IGNORE_INDEX."""
+    flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    out = torch.zeros(flat_labels.shape, dtype=torch.float32, device=hidden.device)
+    valid = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    for i in range(0, valid.numel(), chunk_tokens):
+        idx = valid[i:i + chunk_tokens]
+        logits = transform.apply_((flat[idx] @ head_weight.T).float())
+        out[idx] = logits.gather(-1, flat_labels[idx, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    return out.reshape(labels.shape)
+
+
+@torch.no_grad()
+def model_label_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
+    """A causal LM's log p(label) at temperature 1 (through its output transform) for input_ids [B, S]: [B, S]."""
+    hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    return head_label_logprobs(hidden, output_head(model).weight, labels,
+                               logit_transform(model.config, type(model)), chunk_tokens=chunk_tokens)
+
+
+def aligned_targets(target: SparseTarget, teacher_index: Tensor) -> tuple[SparseTarget, Tensor]:
+    """A teacher's targets [B, T, k] at the teacher positions aligned with each student position (teacher_index [B, S],
+    -1: none) and the mask of positions that have one; unaligned positions hold position 0's row as a placeholder
+    (the loss never reads it)."""
+    at = teacher_index.clamp_min(0)
+    rows = torch.arange(teacher_index.shape[0], device=teacher_index.device)[:, None]
+    picked = SparseTarget(target.topk_ids[rows, at], target.topk_logprobs[rows, at], target.tail_logmass[rows, at])
+    return picked, teacher_index >= 0

@@ -9,11 +9,12 @@ from typing import Any
 import deepspeed
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
 from megadistil.config import ConfigError, RunConfig, TeacherKind
+from megadistil.data import tokenizer_fingerprint
 from megadistil.engine.device import Placement
 from megadistil.models import attn_implementation
 
@@ -24,6 +25,22 @@ DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
 def check_model_dir(path: str, key: str) -> None:
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"config key {key!r}: {path} is not a model directory (no config.json)")
+
+
+def check_same_tokenizer(path: str, tokenizer: Any, key: str, cfg: RunConfig) -> None:
+    """A model that must score the student's own token ids: the same vocabulary size and, where its dir holds a
+    tokenizer, the same tokenizer."""
+    check_model_dir(path, key)
+    trust = cfg.model.trust_remote_code
+    vocab = AutoConfig.from_pretrained(path, trust_remote_code=trust).vocab_size
+    if vocab < len(tokenizer):
+        raise ConfigError(f"config key {key!r}: {path} has a vocabulary of {vocab}, the student's tokenizer "
+                          f"{len(tokenizer)}: it must score the student's token ids")
+    if any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        other = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+            raise ConfigError(f"config key {key!r}: {path} has another tokenizer than the student: it must score the "
+                              "student's token ids")
 
 
 def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any], dtype: torch.dtype) -> nn.Module:

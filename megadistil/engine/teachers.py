@@ -5,6 +5,8 @@ any weight loads, so a teacher is never asked for a target it lacks.
 
 - SharedTeacher (shared): teacher mode of the student's own weights (zero extra bytes; hidden states and q/k/v too).
 - HFTeacher (hf): a separate frozen HF model as a ZeRO-3 inference engine; top-k + tail targets like the shards.
+  With another tokenizer (CrossTokenizerTeacher) it reads the batch's teacher tokens of the same text, and each
+  student position takes the target of the teacher position aligned with it (megadistil.data.crosstok).
 - OfflineTeacher (shards): targets precomputed into shards, carried by the batch.
 - NoTeacher (none): CE only.
 """
@@ -21,8 +23,8 @@ from torch import Tensor, nn
 from megadistil.bitnet import teacher_mode
 from megadistil.config import layer_lists
 from megadistil.distill.losses import LossConfig, SparseTarget, Target
-from megadistil.distill.targets import teacher_topk
-from megadistil.models import capture_qkv, decoder
+from megadistil.distill.targets import aligned_targets, head_label_logprobs, hidden_topk, model_label_logprobs
+from megadistil.models import capture_qkv, decoder, logit_transform, output_head
 
 
 @dataclass
@@ -31,10 +33,14 @@ class Targets:
     hidden: Tensor | None = None  # final-norm hidden [B, S, H] for the student's own lm_head (shared teacher)
     layer_hidden: list[Tensor] = field(default_factory=list)  # per-layer outputs, for the hidden-state loss
     qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)  # layer -> q/k/v projections
+    kd_mask: Tensor | None = None  # [B, S] positions with a KD target (a teacher of another tokenizer); None: all
+    label_logprobs: Tensor | None = None  # [B, S] the teacher's log p(label) at T=1 (preference weights)
+    reference_logprobs: Tensor | None = None  # [B, S] the reference model's, set by the trainer (preference weights)
 
 
 class Teacher(Protocol):
-    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets: ...
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
+        """The targets `loss` reads; with label_logprobs, also what the teacher's log p(label) is computed from."""
 
 
 class SharedTeacher:
@@ -44,55 +50,113 @@ class SharedTeacher:
         self.student = student
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
+        """label_logprobs: the final hidden states come along; the loss module turns them into log p(label) with
+        the LM head it gathers anyway (DistillModule)."""
         needs = loss.needs()
-        if not needs:
+        if not needs and not label_logprobs:
             return Targets()  # a CE-only stage: no teacher forward
         hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
         with teacher_mode(self.student), capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
-        return Targets(hidden=out.last_hidden_state if Target.logits in needs else None,
+        return Targets(hidden=out.last_hidden_state if Target.logits in needs or label_logprobs else None,
                        layer_hidden=layer_hidden, qkv=qkv)
 
 
 class NoTeacher:
     """CE only: the targets are the labels alone."""
 
-    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
         return Targets()
 
 
 class OfflineTeacher:
     """The shards' top-k + tail, decoded by the reader into the batch."""
 
-    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
         if Target.logits not in loss.needs():
             return Targets()
-        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]))
+        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]),
+                       kd_mask=batch.get("kd_mask"))
 
 
 class TopKHead(nn.Module):
-    """A separate teacher's top-k log-probs at temperature T + tail log-mass (the precompute's producer), as one
-    module so that its ZeRO-3 engine gathers every weight the forward uses."""
+    """A separate teacher's top-k log-probs at temperature T + tail log-mass (the precompute's producer) and, given
+    labels, its log p(label) at T=1, as one module so that its ZeRO-3 engine gathers every weight the forward uses."""
 
     def __init__(self, teacher: nn.Module, top_k: int) -> None:
         super().__init__()
         self.teacher, self.top_k = teacher, top_k
 
-    def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
-        t = teacher_topk(self.teacher, input_ids, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
-        return t.topk_ids, t.topk_logprobs, t.tail_logmass
+    def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int,
+                labels: Tensor | None = None) -> tuple[Tensor, ...]:
+        hidden = decoder(self.teacher)(input_ids=input_ids).last_hidden_state
+        t = hidden_topk(self.teacher, hidden, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
+        if labels is None:
+            return t.topk_ids, t.topk_logprobs, t.tail_logmass
+        transform = logit_transform(self.teacher.config, type(self.teacher))
+        label_logprobs = head_label_logprobs(hidden, output_head(self.teacher).weight, labels, transform,
+                                             chunk_tokens=chunk_tokens)
+        return t.topk_ids, t.topk_logprobs, t.tail_logmass, label_logprobs
+
+
+def inference_engine(module: nn.Module, ds_config: dict[str, Any]) -> Any:
+    """A frozen module as a DeepSpeed engine of the run's ZeRO stage, without the optimizer."""
+    module.requires_grad_(False).eval()
+    inference_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=module, config=inference_config)
+    return engine
 
 
 class HFTeacher:
     def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int) -> None:
-        model.requires_grad_(False).eval()
-        inference_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-        self.engine, *_ = deepspeed.initialize(model=TopKHead(model, top_k), config=inference_config)
+        self.engine = inference_engine(TopKHead(model, top_k), ds_config)
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor], loss: LossConfig) -> Targets:
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
+        if Target.logits not in loss.needs() and not label_logprobs:
+            return Targets()
+        out = self.engine(batch["input_ids"], loss.temperature, loss.chunk_tokens,
+                          batch["labels"] if label_logprobs else None)
+        return Targets(sparse=SparseTarget(*out[:3]), label_logprobs=out[3] if label_logprobs else None)
+
+
+class CrossTokenizerTeacher(HFTeacher):
+    """A separate teacher with its own tokenizer. The batch carries the teacher's tokens of the same text
+    (`teacher_input_ids` [B, T], right-padded: a causal model's earlier positions never see the padding) and, per
+    student position, the aligned teacher position (`teacher_index` [B, S], -1 where the token boundaries differ).
+    The targets hold the teacher's top-k + tail at those positions (ids of the teacher's vocabulary: the loss is ULD,
+    which reads only the sorted probabilities) and a mask of the positions that have one."""
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
+        if label_logprobs:
+            raise ValueError("a teacher with another tokenizer has no log-probability of the student's labels")
         if Target.logits not in loss.needs():
             return Targets()
-        return Targets(sparse=SparseTarget(*self.engine(batch["input_ids"], loss.temperature, loss.chunk_tokens)))
+        target = SparseTarget(*self.engine(batch["teacher_input_ids"], loss.temperature, loss.chunk_tokens))
+        sparse, mask = aligned_targets(target, batch["teacher_index"])
+        return Targets(sparse=sparse, kd_mask=mask)
+
+
+class LabelLogprobHead(nn.Module):
+    """A model's log p(label) at T=1 as one module (its ZeRO-3 engine gathers every weight the forward uses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, chunk_tokens: int) -> Tensor:
+        return model_label_logprobs(self.model, input_ids, labels, chunk_tokens=chunk_tokens)
+
+
+class ReferenceModel:
+    """The preference-tuned teacher's reference (preference.reference): its log-probs of the labels."""
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any]) -> None:
+        self.engine = inference_engine(LabelLogprobHead(model), ds_config)
+
+    @torch.no_grad()
+    def label_logprobs(self, batch: dict[str, Tensor], chunk_tokens: int) -> Tensor:
+        return self.engine(batch["input_ids"], batch["labels"], chunk_tokens)

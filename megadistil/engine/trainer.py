@@ -34,25 +34,45 @@ from megadistil.config import (
     uses_onpolicy,
 )
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
+from megadistil.data.crosstok import CrossTokenizerBatches
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import (
     IGNORE_INDEX,
+    KDKind,
     LossConfig,
+    Target,
     attention_relation_loss,
     chunked_lm_head_loss,
     hidden_state_loss,
 )
 from megadistil.distill.onpolicy import OnPolicyConfig, is_onpolicy, onpolicy_batch, sequence_indices
+from megadistil.distill.preference import PreferenceConfig, token_weights
+from megadistil.distill.targets import head_label_logprobs
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import place
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
-from megadistil.engine.model import assign_param_groups, build_student, check_model_dir, load_causal_lm
+from megadistil.engine.model import (
+    assign_param_groups,
+    build_student,
+    check_model_dir,
+    check_same_tokenizer,
+    load_causal_lm,
+)
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
-from megadistil.engine.teachers import HFTeacher, NoTeacher, OfflineTeacher, SharedTeacher, Targets, Teacher
+from megadistil.engine.teachers import (
+    CrossTokenizerTeacher,
+    HFTeacher,
+    NoTeacher,
+    OfflineTeacher,
+    ReferenceModel,
+    SharedTeacher,
+    Targets,
+    Teacher,
+)
 from megadistil.models import capture_qkv, decoder, logit_transform, output_head, output_head_name
 from megadistil.sampling import lockstep_any, sample
 
@@ -60,9 +80,9 @@ from megadistil.sampling import lockstep_any, sample
 class DistillModule(nn.Module):
     """The student plus its loss, as one module so that ZeRO-3 gathers the lm_head weight for the chunked loss."""
 
-    def __init__(self, student: nn.Module) -> None:
+    def __init__(self, student: nn.Module, preference: PreferenceConfig | None = None) -> None:
         super().__init__()
-        self.student = student
+        self.student, self.preference = student, preference
         self.logit_transform = logit_transform(student.config, type(student))  # softcapping etc.: the model's logits
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
@@ -70,11 +90,17 @@ class DistillModule(nn.Module):
         with capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
         weight = output_head(self.student).weight
-        parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg, sparse=targets.sparse,
-                                     teacher_hidden=targets.hidden,
-                                     teacher_lm_head_weight=weight if targets.hidden is not None else None,
-                                     logit_transform=self.logit_transform)
+        kd = Target.logits in cfg.needs()
+        teacher_hidden = targets.hidden if kd else None
+        weights = self._token_weights(targets, weight, labels, cfg) if targets.reference_logprobs is not None else None
+        parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg,
+                                     sparse=targets.sparse if kd else None, teacher_hidden=teacher_hidden,
+                                     teacher_lm_head_weight=weight if teacher_hidden is not None else None,
+                                     logit_transform=self.logit_transform, kd_mask=targets.kd_mask,
+                                     token_weights=weights)
         mask = labels != IGNORE_INDEX
+        if weights is not None:
+            parts["token_weight"] = (weights * mask).sum() / mask.sum().clamp_min(1)  # the mean over trained tokens
         if hidden_layers:
             student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
             parts["hidden"] = hidden_state_loss(student_hidden, targets.layer_hidden, mask,
@@ -87,6 +113,15 @@ class DistillModule(nn.Module):
             parts["attn"] = torch.stack(terms).mean()
             parts["loss"] = parts["loss"] + cfg.attn_relation_weight * parts["attn"]
         return parts
+
+    def _token_weights(self, targets: Targets, head_weight: Tensor, labels: Tensor, cfg: LossConfig) -> Tensor:
+        """Preference weights from the teacher's and the reference's log p(label); the shared teacher's come from its
+        final hidden states through the head this forward has gathered anyway."""
+        teacher = targets.label_logprobs
+        if teacher is None:
+            teacher = head_label_logprobs(targets.hidden, head_weight, labels, self.logit_transform,
+                                          chunk_tokens=cfg.chunk_tokens)
+        return token_weights(teacher, targets.reference_logprobs, self.preference)
 
 
 @dataclass
@@ -137,12 +172,13 @@ class Trainer:
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.module = DistillModule(student)
+        self.module = DistillModule(student, cfg.preference if cfg.preference.reference else None)
         if self.ds_config["zero_optimization"]["stage"] == 3:
             deepspeed.zero.register_external_parameter(self.module, output_head(student).weight)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.teacher = self._build_teacher()
+        self.reference = self._build_reference()
         self.lockstep = lockstep_any(self.device) if dist.is_initialized() and self.dist.world_size > 1 else None
         self.onpolicy_on = uses_onpolicy(cfg)
         self.eval_seqs = self._build_eval()
@@ -167,6 +203,9 @@ class Trainer:
                 raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
                                                        trust_remote_code=cfg.model.trust_remote_code)
+        self.teacher_tokenizer = self._cross_tokenizer()
+        if cfg.preference.reference:
+            check_same_tokenizer(cfg.preference.reference, self.tokenizer, "preference.reference", cfg)
         if cfg.data.shards:
             self._check_shards(Manifest.load(cfg.data.shards), student_config.vocab_size)
         if cfg.train.eval_tasks:
@@ -176,6 +215,26 @@ class Trainer:
                 preflight(list(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path or None)
             except EvalError as e:
                 raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
+
+    def _cross_tokenizer(self) -> Any:
+        """A separate teacher whose tokenizer differs from the student's (None: the same, today's exact path), checked
+        against what the cross-tokenizer path supports."""
+        cfg = self.cfg
+        if cfg.teacher.kind != TeacherKind.hf:
+            return None
+        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, trust_remote_code=cfg.model.trust_remote_code)
+        if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(self.tokenizer):
+            return None
+        why = f"teacher.path {cfg.teacher.path} has another tokenizer than the student"
+        for where, loss in loss_configs(cfg):
+            _refuse(loss.needs() and loss.kind != KDKind.uld, f"{where}loss.kind",
+                    f"{loss.kind}: {why}, and only uld compares distributions over different vocabularies")
+        _refuse(not cfg.data.text, "data.text", f"is required: {why}, which must tokenize the training text itself")
+        _refuse(uses_onpolicy(cfg), "onpolicy.fraction", f"on-policy distillation needs the teacher to score the "
+                f"student's tokens; {why}")
+        _refuse(bool(cfg.preference.reference), "preference.reference",
+                f"token weights need the teacher's log-probs of the student's labels; {why}")
+        return teacher_tok
 
     def _check_shards(self, manifest: Manifest, vocab_size: int) -> None:
         cfg = self.cfg
@@ -201,13 +260,19 @@ class Trainer:
         if d.shards:
             return ShardStream.from_config(replace(d, seed=d.seed or cfg.train.seed),
                                            targets=cfg.teacher.kind == TeacherKind.shards, **common)
+        if d.preference:
+            return PackedTextBatches.from_preference(list(d.preference), self.tokenizer, d.seq_len,
+                                                     seed=cfg.train.seed, **common)
+        if self.teacher_tokenizer is not None:
+            return CrossTokenizerBatches.from_files(list(d.text), self.tokenizer, self.teacher_tokenizer, d.seq_len,
+                                                    seed=cfg.train.seed, **common)
         return PackedTextBatches.from_files(list(d.text), self.tokenizer, d.seq_len, seed=cfg.train.seed, **common)
 
     def _build_eval(self) -> np.ndarray | None:
         d = self.cfg.data
         if not d.eval_text:
             return None
-        seq_len = d.seq_len if d.text else Manifest.load(d.shards).seq_len
+        seq_len = Manifest.load(d.shards).seq_len if d.shards else d.seq_len
         count = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size
         return eval_sequences(list(d.eval_text), self.tokenizer, seq_len, count)
 
@@ -220,7 +285,14 @@ class Trainer:
         if kind == TeacherKind.none:
             return NoTeacher()
         model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
-        return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
+        kind = CrossTokenizerTeacher if self.teacher_tokenizer is not None else HFTeacher
+        return kind(model, self.ds_config, top_k=self.cfg.teacher.top_k)
+
+    def _build_reference(self) -> ReferenceModel | None:
+        path = self.cfg.preference.reference
+        if not path:
+            return None
+        return ReferenceModel(load_causal_lm(path, self.cfg, self.ds_config, self.placement.dtype), self.ds_config)
 
     def _shared_is_the_teacher(self) -> bool:
         """Whether the held-out KD to the shared teacher (the base model) measures distillation to this run's
@@ -321,6 +393,7 @@ class Trainer:
         The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch.
         An on-policy micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts."""
         done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
+        kd_tokens = torch.zeros_like(tokens)
         stats, attempt = OnPolicyStats(), 0
         while done < self.cfg.train.grad_accum:
             batch = self._to_device(next(batches))
@@ -346,8 +419,11 @@ class Trainer:
             if onpolicy:
                 stats.trained(parts["tokens"], parts["kd"].detach().float())
             tokens += parts.pop("tokens")
+            kd_tokens += parts.pop("kd_tokens")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
+        if self.teacher_tokenizer is not None:  # the share of trained tokens whose boundaries the teacher shares
+            sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
         return sums, tokens, stats
 
     @torch.no_grad()
@@ -375,7 +451,11 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, Tensor], loss_cfg: LossConfig) -> dict[str, Tensor]:
-        return self.engine(batch["input_ids"], batch["labels"], self.teacher.targets(batch, loss_cfg), loss_cfg)
+        weighted = self.reference is not None
+        targets = self.teacher.targets(batch, loss_cfg, label_logprobs=weighted)
+        if weighted:
+            targets.reference_logprobs = self.reference.label_logprobs(batch, loss_cfg.chunk_tokens)
+        return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg)
 
     def _peak_memory(self) -> dict[str, float]:
         """peak_mem_mb (lifetime, loading included) and steps_peak_mem_mb (the training steps only): the largest
@@ -501,6 +581,11 @@ class _StepClock:
         mean = self.seconds / max(self.steps, 1)
         self.seconds, self.steps = 0.0, 0
         return mean
+
+
+def _refuse(bad: object, key: str, message: str) -> None:
+    if bad:
+        raise ConfigError(f"config key {key!r}: {message}")
 
 
 def _seed_everything(seed: int) -> None:

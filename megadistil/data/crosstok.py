@@ -1,0 +1,285 @@
+"""Packed text windows that a teacher with a different tokenizer can score: the data half of cross-tokenizer KD.
+
+The student trains on ``pack_text``'s windows. ``pack_text_windows`` yields the same windows together with the text
+they cover (``segments``: contiguous document substrings, ``None`` for each EOS), so that a teacher can tokenize that
+text its own way (``tokenize_segments``) and ``align_positions`` can pair the two sequences position by position.
+
+Window coordinates: the window's segments laid end to end, a text segment contributing its UTF-8 bytes and a
+``None`` (EOS) exactly one unit. A token's *end* is where it stops reading in these coordinates; an EOS token ends at
+its ``None``'s base + 1. Bytes rather than characters, because byte-level vocabularies split a multi-byte character
+over several tokens whose character offsets are all the whole character: in bytes each of them has its own end.
+
+Alignment rule: logit position i predicts the token after the text that ends at ``ends[i]``. Student position i is
+compared with teacher position j when both have read exactly the same text, i.e. ``student_ends[i] ==
+teacher_ends[j]``; if several teacher positions share that end (zero-width tokens), the last one. Where the student's
+boundary falls inside a teacher token there is no teacher distribution conditioned on the same prefix, so the
+position gets -1 (no KD target; the trainer still trains CE there). Identical tokenizers align every position i to i
+wherever they tokenized the text identically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import pre_tokenizers
+
+from megadistil.data.packed import PackedTextBatches
+from megadistil.data.text import batched, iter_documents
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece-style byte tokens
+_BYTE_LEVEL = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2-style byte symbols, one per byte
+
+
+@dataclass
+class TextWindow:
+    """One packed student sequence and the text it covers."""
+
+    input_ids: np.ndarray  # int64 [S]: exactly what pack_text yields for this window
+    ends: np.ndarray  # int64 [S]: each student token's end, in window coordinates
+    segments: list[str | None]  # the window's text in order; None = a document boundary (the EOS token)
+
+
+@dataclass
+class _Run:
+    """Consecutive student tokens of one document (text set) or one EOS (text None); starts/ends in doc bytes."""
+
+    text: str | None
+    char_bytes: np.ndarray | None  # byte offset of every character boundary of text, [len(text)+1]
+    ids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def split(self, k: int) -> tuple[_Run, _Run]:
+        head = _Run(self.text, self.char_bytes, self.ids[:k], self.starts[:k], self.ends[:k])
+        return head, _Run(self.text, self.char_bytes, self.ids[k:], self.starts[k:], self.ends[k:])
+
+
+def _name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"tokenizer {_name(tokenizer)}: has no eos_token_id (needed at every document boundary)")
+    return int(eos)
+
+
+def token_offsets(tokenizer: Any, text: str) -> tuple[list[int], np.ndarray]:
+    """(ids, character offsets int64 [n, 2]) of `text` tokenized alone without special tokens, validated."""
+    return _batch_offsets(tokenizer, [text])[0]
+
+
+def _batch_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
+    """token_offsets for many texts in one tokenizer call (pack_text tokenizes in batches too)."""
+    need_fast = f"tokenizer {_name(tokenizer)}: cross-tokenizer alignment needs a fast tokenizer (one that returns "
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:  # transformers 4 slow tokenizers refuse offsets
+        raise ValueError(need_fast + f"offset mappings): {e}") from e
+    if "offset_mapping" not in enc:  # transformers 5 Python tokenizers silently drop the request
+        raise ValueError(need_fast + "offset mappings); it returned none")
+    return [_checked(tokenizer, text, ids, offs)
+            for text, ids, offs in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
+def _checked(tokenizer: Any, text: str, ids: list[int], offsets: Any) -> tuple[list[int], np.ndarray]:
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    where = f"tokenizer {_name(tokenizer)} on text {text[:40]!r}"
+    if len(offs) != len(ids):
+        raise ValueError(f"{where}: {len(offs)} offsets for {len(ids)} token ids")
+    if len(offs) == 0:
+        return list(ids), offs
+    starts, ends = offs[:, 0], offs[:, 1]
+    if starts.min() < 0 or ends.max() > len(text) or (starts > ends).any():
+        raise ValueError(f"{where}: offsets outside [0, {len(text)}] or with start > end")
+    # Overlap is expected (byte tokens of one character all carry that character's span); a token that lies wholly
+    # before its predecessor is not, and would make ends decrease.
+    if (ends[1:] < starts[:-1]).any():
+        raise ValueError(f"{where}: token ends decrease (offsets are not in text order)")
+    if (starts == ends).all():  # tokenizers < 0.20.1 with ignore_merges (Llama-3) return only empty spans
+        raise ValueError(f"{where}: every offset is empty; upgrade tokenizers (>= 0.20.1 fixes Llama-3 offsets)")
+    return list(ids), offs
+
+
+def _char_bytes(text: str) -> np.ndarray:
+    """int64 [len(text)+1]: the UTF-8 byte offset of every character boundary."""
+    raw = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8)
+    starts = np.flatnonzero((raw & 0xC0) != 0x80)  # continuation bytes are 10xxxxxx
+    return np.append(starts, len(raw)).astype(np.int64)
+
+
+def _token_bytes(token: str) -> int | None:
+    """UTF-8 bytes a partial-character token stands for: <0xNN> = 1, byte-level BPE = one per symbol; else None."""
+    if _BYTE_FALLBACK.fullmatch(token):
+        return 1
+    return len(token) if token and set(token) <= _BYTE_LEVEL else None
+
+
+def _byte_ends(tokenizer: Any, ids: list[int], offsets: np.ndarray, char_bytes: np.ndarray) -> np.ndarray:
+    """int64 [n]: byte offset where each token stops reading its text.
+
+    Character ends are made non-decreasing (running max), then turned into bytes. Tokens sharing a character end
+    with the tokens after them stopped inside that character (or, zero-width, read nothing more): their end is moved
+    back by the bytes those later tokens read.
+    """
+    char_ends = np.maximum.accumulate(offsets[:, 1])
+    ends = char_bytes[char_ends]
+    shared = np.flatnonzero(char_ends[:-1] == char_ends[1:])
+    if shared.size == 0:
+        return ends
+    tokens = tokenizer.convert_ids_to_tokens([ids[k + 1] for k in shared])
+    unread = 0
+    for k, token in zip(shared[::-1], tokens[::-1], strict=True):  # backwards: sum the group's later tokens
+        if k + 1 == len(ids) - 1 or char_ends[k + 2] != char_ends[k + 1]:
+            unread = 0  # k + 1 is the last token of its group
+        nbytes = 0 if offsets[k + 1, 0] == offsets[k + 1, 1] else _token_bytes(token)
+        if nbytes is None:
+            raise ValueError(f"tokenizer {_name(tokenizer)}: token {token!r} shares its character span with the "
+                             "token before it, and how many bytes it covers is unknown (not a byte-level token)")
+        unread += nbytes
+        ends[k] -= unread
+    if ends.min() < 0 or (np.diff(ends) < 0).any():
+        raise ValueError(f"tokenizer {_name(tokenizer)}: byte-level tokens do not add up to the characters their "
+                         "offsets span")
+    return ends
+
+
+def pack_text_windows(files: Sequence[str | os.PathLike], tokenizer: Any, seq_len: int) -> Iterator[TextWindow]:
+    """pack_text(files, tokenizer, seq_len)'s windows (add_eos, drop_last), same ids and order, with their text."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    eos = _eos_id(tokenizer)
+    eos_run = _Run(None, None, np.array([eos], dtype=np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+    runs: deque[_Run] = deque()
+    held = 0
+    for docs in batched(iter_documents(files), 256):
+        for text, (ids, offsets) in zip(docs, _batch_offsets(tokenizer, docs), strict=True):
+            if ids:  # a document with no tokens still gets its EOS, as in pack_text
+                runs.append(_doc_run(tokenizer, text, ids, offsets))
+            runs.append(eos_run)
+            held += len(ids) + 1
+        while held >= seq_len:
+            yield _window(_take(runs, seq_len))
+            held -= seq_len
+
+
+def _doc_run(tokenizer: Any, text: str, ids: list[int], offsets: np.ndarray) -> _Run:
+    char_bytes = _char_bytes(text)
+    ends = _byte_ends(tokenizer, ids, offsets, char_bytes)
+    # A token starts at its character start, or later where the token before it stopped inside that character.
+    starts = np.maximum(char_bytes[offsets[:, 0]], np.concatenate(([0], ends[:-1])))
+    return _Run(text, char_bytes, np.asarray(ids, dtype=np.int64), starts, ends)
+
+
+def _take(runs: deque[_Run], n: int) -> list[_Run]:
+    """Pop the runs holding the next n tokens, splitting the last one if needed."""
+    out: list[_Run] = []
+    while n:
+        run = runs.popleft()
+        if len(run.ids) > n:
+            run, rest = run.split(n)
+            runs.appendleft(rest)
+        out.append(run)
+        n -= len(run.ids)
+    return out
+
+
+def _window(runs: list[_Run]) -> TextWindow:
+    segments: list[str | None] = []
+    ends: list[np.ndarray] = []
+    base = 0
+    for run in runs:
+        if run.text is None:
+            segments.append(None)
+            ends.append(np.array([base + 1], dtype=np.int64))
+            base += 1
+            continue
+        # Whole characters from the first token's start to the last token's end. A window that starts inside a
+        # character begins after it: those leading byte tokens then end at 0 (they read none of the segment).
+        first = int(np.searchsorted(run.char_bytes, run.starts[0]))
+        last = int(np.searchsorted(run.char_bytes, run.ends[-1]))
+        lo = run.char_bytes[first]
+        if last > first:
+            segments.append(run.text[first:last])
+        ends.append(base + np.maximum(run.ends - lo, 0))
+        base += int(run.char_bytes[last] - lo)
+    return TextWindow(np.concatenate([r.ids for r in runs]), np.concatenate(ends), segments)
+
+
+def tokenize_segments(segments: list[str | None], tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher side: (ids int64 [T], ends int64 [T]) in window coordinates; each text segment tokenized alone
+    without special tokens, each None as the tokenizer's EOS."""
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    ends: list[np.ndarray] = []
+    base = 0
+    for seg in segments:
+        if seg is None:
+            ids.append(eos)
+            ends.append(np.array([base + 1], dtype=np.int64))
+            base += 1
+            continue
+        seg_ids, offsets = token_offsets(tokenizer, seg)
+        char_bytes = _char_bytes(seg)
+        ids.extend(seg_ids)
+        ends.append(base + _byte_ends(tokenizer, seg_ids, offsets, char_bytes))
+        base += int(char_bytes[-1])
+    return np.asarray(ids, dtype=np.int64), np.concatenate(ends) if ends else np.zeros(0, np.int64)
+
+
+def align_positions(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
+    """int64 [S]: for each student position the teacher position that has read exactly the same text, else -1."""
+    s, t = _ends(student_ends, "student_ends"), _ends(teacher_ends, "teacher_ends")
+    j = np.searchsorted(t, s, side="right") - 1  # the last teacher position ending at or before each student end
+    hit = j >= 0
+    hit[hit] = t[j[hit]] == s[hit]
+    return np.where(hit, j, -1).astype(np.int64)
+
+
+def _ends(ends: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(ends)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    if (np.diff(arr) < 0).any():
+        i = int(np.flatnonzero(np.diff(arr) < 0)[0])
+        raise ValueError(f"{name}: must be non-decreasing, but position {i + 1} ends at {arr[i + 1]} < {arr[i]}")
+    return arr.astype(np.int64, copy=False)
+
+
+class CrossTokenizerBatches(PackedTextBatches):
+    """PackedTextBatches of pack_text_windows' windows (the same sequences, order and resume), each batch also
+    carrying the teacher's tokens of the same text (`teacher_input_ids` [B, T], right-padded with the teacher's EOS,
+    which a causal teacher's earlier positions never see) and, per student position, the aligned teacher position
+    (`teacher_index` [B, S], -1: none). Both tokenizations are made once, up front."""
+
+    def __init__(self, windows: list[TextWindow], teacher_tokenizer: Any, **kwargs: Any) -> None:
+        super().__init__(np.stack([w.input_ids for w in windows]), **kwargs)
+        self.teacher_ids, index = [], []
+        for w in windows:
+            ids, ends = tokenize_segments(w.segments, teacher_tokenizer)
+            self.teacher_ids.append(ids)
+            index.append(align_positions(w.ends, ends))
+        self.teacher_index = np.stack(index)
+        self.teacher_pad = _eos_id(teacher_tokenizer)
+
+    @classmethod
+    def from_files(cls, files: list[str], tokenizer: Any, teacher_tokenizer: Any, seq_len: int,
+                   **kwargs: Any) -> CrossTokenizerBatches:
+        return cls(list(pack_text_windows(files, tokenizer, seq_len)), teacher_tokenizer, **kwargs)
+
+    def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = super()._batch(rows)
+        width = max(len(self.teacher_ids[r]) for r in rows)
+        teacher = np.full((len(rows), width), self.teacher_pad, dtype=np.int64)
+        for i, r in enumerate(rows):
+            teacher[i, :len(self.teacher_ids[r])] = self.teacher_ids[r]
+        return {**batch, "teacher_input_ids": torch.from_numpy(teacher),
+                "teacher_index": torch.from_numpy(np.ascontiguousarray(self.teacher_index[rows]))}

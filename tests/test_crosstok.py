@@ -1,0 +1,326 @@
+"""Cross-tokenizer windows and alignment (megadistil.data.crosstok) with two real byte-level BPE tokenizers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megadistil.data.crosstok import align_positions, pack_text_windows, token_offsets, tokenize_segments
+from megadistil.data.packed import PackedTextBatches
+from megadistil.data.text import iter_documents, pack_text
+
+EOS = "<|end_of_text|>"
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog 12 times.",
+    "for i in range(10):\n    print(i * 2)\n",
+    "In 2024 the model read 300 pages of text and 45 files of code.",
+    "class Counter:\n    def __init__(self):\n        self.count = 0\n",
+    "A teacher and a student read the same text, token by token.",
+    "import numpy as np\nx = np.zeros(16)\n",
+    "The student learns to predict the next token from the teacher's distribution.",
+    "if x > 0:\n    y = x - 1\nelse:\n    y = 0\n",
+    "Numbers like 7, 42 and 1999 are split into digits by one tokenizer.",
+    "return [t for t in tokens if t]\n",
+    "Every window holds exactly the same number of student tokens.",
+    "with open(path) as f:\n    lines = f.read().splitlines()\n",
+    "The end of a document is marked by a special token.",
+    "total = sum(values) / len(values)\n",
+    "She paid 3.50 for coffee and 12.75 for lunch on day 9.",
+    "while queue:\n    node = queue.pop()\n    seen.add(node)\n",
+    "Text is cut into pieces, and pieces are merged into tokens.",
+    "print('hello world', 2 + 3)\n",
+    "Distillation compares the two models where they have read the same text.",
+    "def mean(xs):\n    return sum(xs) / len(xs)\n",
+    "Both tokenizers see every character between the student's tokens.",
+    "assert len(batch) == 8, 'batch size'\n",
+    "A boundary that falls inside a teacher token has no matching teacher position.",
+    "result = {k: v for k, v in pairs.items() if v > 0}\n",
+    "The logits at one position predict the token that comes next.",
+    "for line in text.split('\\n'):\n    words += line.split()\n",
+    "Windows of 128 tokens are cut from the packed stream in order.",
+]
+
+
+def _train(vocab_size: int, pre_tokenizer):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+@pytest.fixture(scope="module")
+def student():
+    from tokenizers import pre_tokenizers
+
+    return _train(300, pre_tokenizers.ByteLevel(add_prefix_space=False))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from tokenizers import pre_tokenizers
+
+    digits_then_bytes = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return _train(420, digits_then_bytes)
+
+
+def _write_jsonl(path, docs: list[str]):
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_hand_worked_alignment(student, teacher):
+    text = "x = 12 + 345\nprint(x)"
+    segments = [text, None]
+    # Tokens as strings (byte-level symbols decoded), ends in window coordinates (ASCII: bytes = characters; the
+    # EOS after a text of 21 characters ends at 21 + 1).
+    s_tokens = ["x", " =", " 1", "2", " ", "+", " ", "3", "4", "5", "\n", "p", "r", "in", "t", "(", "x", ")", EOS]
+    s_ends = [1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 20, 21, 22]
+    t_tokens = ["x", " =", " ", "1", "2", " +", " ", "3", "4", "5", "\n", "p", "rin", "t", "(", "x", ")", EOS]
+    t_ends = [1, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 17, 18, 19, 20, 21, 22]
+    # Walk-through, student position i -> teacher position j with the same end (same text read), else -1:
+    #   i0 "x" (1) -> j0 "x";  i1 " =" (3) -> j1 " =".
+    #   i2 " 1" (5) -> j3 "1": the teacher read " " and "1" separately (digits are split off), its "1" also ends at 5;
+    #      teacher j2 " " (4) has no student counterpart, which is fine: only student positions need a target.
+    #   i3 "2" (6) -> j4 "2".
+    #   i4 " " (7) -> -1: the teacher's " +" spans 6..8, so no teacher position has read exactly "x = 12 ".
+    #   i5 "+" (8) -> j5 " +";  i6 " " (9) -> j6;  i7..i9 "3" "4" "5" (10..12) -> j7..j9;  i10 "\n" (13) -> j10.
+    #   i11 "p" (14) -> j11 "p".
+    #   i12 "r" (15) -> -1: the boundary falls inside the teacher's "rin" (14..17).
+    #   i13 "in" (17) -> j12 "rin";  i14..i17 "t" "(" "x" ")" (18..21) -> j13..j16;  i18 EOS (22) -> j17 EOS.
+    expected = [0, 1, 3, 4, -1, 5, 6, 7, 8, 9, 10, 11, -1, 12, 13, 14, 15, 16, 17]
+
+    s_ids, s_got = tokenize_segments(segments, student)
+    t_ids, t_got = tokenize_segments(segments, teacher)
+    assert [student.decode([int(i)]) for i in s_ids] == s_tokens
+    assert [teacher.decode([int(i)]) for i in t_ids] == t_tokens
+    assert s_got.tolist() == s_ends and t_got.tolist() == t_ends
+    assert s_got.dtype == np.int64 and t_ids.dtype == np.int64
+    assert align_positions(s_got, t_got).tolist() == expected
+    assert align_positions(s_got, s_got).tolist() == list(range(len(s_ends)))
+
+
+def test_non_ascii_ends_are_bytes_and_identical_tokenizers_align(student, teacher):
+    text = "naïve café — 東京"  # 15 characters, 23 UTF-8 bytes
+    _, offsets = token_offsets(student, text)
+    # Byte-level tokens that split a character each carry the whole character's span: ï's two bytes are both (2, 3).
+    assert offsets[2:4].tolist() == [[2, 3], [2, 3]]
+    # In bytes every token has its own end: n a ï(2 bytes) v e " c" a f é(2) " " —(3) " " 東(3) 京(3).
+    expected = [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
+    for tok in (student, teacher):
+        _, ends = tokenize_segments([text], tok)
+        assert ends.tolist() == expected
+        assert ends[-1] == len(text.encode())
+        assert align_positions(ends, ends).tolist() == list(range(len(ends)))
+
+
+class _FakeTokenizer:
+    """Returns fixed tokens and offsets, to test what real tokenizers rarely produce."""
+
+    name_or_path = "fake-tok"
+    eos_token_id = 0
+
+    def __init__(self, tokens: list[str], offsets: list[tuple[int, int]], eos: int | None = 0):
+        self.tokens, self.offsets, self.eos_token_id = tokens, offsets, eos
+
+    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+        ids = list(range(1, len(self.tokens) + 1))
+        return {"input_ids": [ids for _ in texts], "offset_mapping": [self.offsets for _ in texts]}
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i - 1] for i in ids]
+
+
+def test_partial_character_merges_align_by_bytes():
+    # "東" is 3 bytes, in byte-level symbols "æĿ±". One tokenizer merged the first two bytes, the other the last two;
+    # both report the character's span (0, 1) for each piece. After 2 bytes vs after 1 byte: different text, so the
+    # first student position has no teacher match; after all 3 bytes both match.
+    student = _FakeTokenizer(["æĿ", "±"], [(0, 1), (0, 1)])
+    teacher = _FakeTokenizer(["æ", "Ŀ±"], [(0, 1), (0, 1)])
+    _, s_ends = tokenize_segments(["東"], student)
+    _, t_ends = tokenize_segments(["東"], teacher)
+    assert s_ends.tolist() == [2, 3] and t_ends.tolist() == [1, 3]
+    assert align_positions(s_ends, t_ends).tolist() == [-1, 1]
+    # SentencePiece byte fallback: <0xNN> pieces are one byte each.
+    _, ends = tokenize_segments(["東", None], _FakeTokenizer(["<0xE6>", "<0x9D>", "<0xB1>"], [(0, 1)] * 3))
+    assert ends.tolist() == [1, 2, 3, 4]
+
+
+def test_windows_match_pack_text(student, tmp_path):
+    docs = CORPUS[:10]
+    path = _write_jsonl(tmp_path / "docs.jsonl", docs)
+    windows = list(pack_text_windows([path], student, 24))
+    reference = list(pack_text([path], student, 24))
+    assert len(windows) == len(reference) == 15
+    eos = student.eos_token_id
+    for w, ref in zip(windows, reference, strict=True):
+        assert w.input_ids.dtype == np.int64 and w.ends.dtype == np.int64
+        np.testing.assert_array_equal(w.input_ids, ref)
+        assert w.segments.count(None) == int((w.input_ids == eos).sum())
+        assert all(seg is None or any(seg in d for d in docs) for seg in w.segments)
+        # With the student's own tokenizer the teacher side reproduces the window: same ids, same ends, i -> i.
+        # (True here for every window; in general a window cut inside a word can retokenize differently at its
+        # edges, which the alignment then covers with -1.)
+        ids, ends = tokenize_segments(w.segments, student)
+        np.testing.assert_array_equal(ids, w.input_ids)
+        np.testing.assert_array_equal(ends, w.ends)
+        np.testing.assert_array_equal(align_positions(w.ends, ends), np.arange(24))
+    # The windows' text, read in order, is the documents' text with nothing skipped (the last window's tail dropped).
+    full = "".join(d + "\0" for d in iter_documents([path]))
+    read = "".join("\0" if seg is None else seg for w in windows for seg in w.segments)
+    assert full.startswith(read) and len(full) - len(read) < 40
+
+
+def test_document_boundary_eos_positions_align(student, teacher, tmp_path):
+    path = _write_jsonl(tmp_path / "docs.jsonl", CORPUS[:4])
+    windows = [w for w in pack_text_windows([path], student, 32) if None in w.segments[1:-1]]
+    assert windows, "expected a window with an EOS in its middle"
+    for w in windows:
+        t_ids, t_ends = tokenize_segments(w.segments, teacher)
+        aligned = align_positions(w.ends, t_ends)
+        s_eos = np.flatnonzero(w.input_ids == student.eos_token_id)
+        assert len(s_eos) >= 1
+        assert (t_ids[aligned[s_eos]] == teacher.eos_token_id).all()
+        # The last token of the document before each EOS has read the whole document: it aligns too.
+        assert (aligned[s_eos - 1] >= 0).all() and (aligned[s_eos - 1] == aligned[s_eos] - 1).all()
+
+
+def test_window_starting_inside_a_character(student, tmp_path):
+    path = _write_jsonl(tmp_path / "cjk.jsonl", ["東京東京"])  # each character is 3 single-byte student tokens
+    first, second = list(pack_text_windows([path], student, 4))[:2]
+    # Window 1 ends after the first byte of 京: its text runs to the end of that character.
+    assert first.segments == ["東京"] and first.ends.tolist() == [1, 2, 3, 4]
+    # Window 2 starts with 京's last two bytes: the teacher cannot read part of a character, so its text starts at
+    # the next one, and those two tokens have read none of it (end 0) and get no target.
+    assert second.segments == ["東"] and second.ends.tolist() == [0, 0, 1, 2]
+    _, t_ends = tokenize_segments(second.segments, student)
+    assert align_positions(second.ends, t_ends).tolist() == [-1, -1, 0, 1]
+    # A window holding only a character's tail bytes and an EOS has no text segment at all, just the boundary.
+    _, tail = pack_text_windows([_write_jsonl(tmp_path / "one.jsonl", ["東"])], student, 2)
+    assert tail.segments == [None] and tail.ends.tolist() == [0, 1]
+
+
+def test_slow_tokenizer_is_refused():
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):  # a Python ("slow") tokenizer: no offset mappings
+        def __init__(self, **kwargs):
+            self.vocab = {chr(i): i for i in range(256)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self) -> int:
+            return 256
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    slow = CharTokenizer(eos_token="\x00", name_or_path="char-slow")
+    with pytest.raises(ValueError, match="char-slow.*needs a fast tokenizer"):
+        token_offsets(slow, "hello")
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        tokenize_segments(["hi", None], slow)
+
+
+@pytest.mark.parametrize("offsets, problem", [
+    ([(0, 1)], "1 offsets for 2 token ids"),
+    ([(0, 1), (1, 9)], r"outside \[0, 3\]"),
+    ([(2, 1), (1, 3)], "start > end"),
+    ([(2, 3), (0, 1)], "ends decrease"),
+    ([(0, 0), (3, 3)], "every offset is empty"),
+])
+def test_bad_offsets_are_refused(offsets, problem):
+    with pytest.raises(ValueError, match=f"fake-tok.*{problem}"):
+        token_offsets(_FakeTokenizer(["ab", "c"], offsets), "abc")
+
+
+def test_missing_eos_is_refused(tmp_path):
+    fake = _FakeTokenizer(["ab", "c"], [(0, 2), (2, 3)], eos=None)
+    with pytest.raises(ValueError, match="fake-tok.*no eos_token_id"):
+        tokenize_segments(["abc", None], fake)
+    with pytest.raises(ValueError, match="fake-tok.*no eos_token_id"):
+        next(pack_text_windows([_write_jsonl(tmp_path / "d.jsonl", ["abc"])], fake, 4))
+
+
+def test_align_positions_validates_ends():
+    with pytest.raises(ValueError, match="student_ends.*non-decreasing.*position 2 ends at 3 < 5"):
+        align_positions(np.array([1, 5, 3]), np.array([1, 3, 5]))
+    with pytest.raises(ValueError, match="teacher_ends.*non-decreasing"):
+        align_positions(np.array([1, 3]), np.array([3, 1]))
+    with pytest.raises(ValueError, match="teacher_ends.*1-D integer"):
+        align_positions(np.array([1, 3]), np.array([[1, 3]]))
+    # Zero-width teacher tokens share an end: the last of them is the one that has read everything up to it.
+    assert align_positions(np.array([2, 4]), np.array([2, 2, 3, 4])).tolist() == [1, 3]
+
+
+# --------------------------------------------------------------------------- batches and the KD they feed
+
+
+def _batches(tmp_path, student, teacher_tok, seq_len=24, batch_size=5):
+    from megadistil.data.crosstok import CrossTokenizerBatches
+
+    path = _write_jsonl(tmp_path / "docs.jsonl", CORPUS[:10])
+    return CrossTokenizerBatches.from_files([str(path)], student, teacher_tok, seq_len, batch_size=batch_size,
+                                            rank=0, world_size=1, seed=0)
+
+
+def test_batches_carry_the_teachers_tokens_and_the_alignment(student, teacher, tmp_path):
+    data = _batches(tmp_path, student, teacher)
+    batch = next(iter(data))
+    plain = next(iter(PackedTextBatches.from_files([str(tmp_path / "docs.jsonl")], student, 24, batch_size=5, rank=0,
+                                                   world_size=1, seed=0)))
+    assert all(torch.equal(batch[k], plain[k]) for k in ("input_ids", "labels"))  # the student's batch unchanged
+    index, teacher_ids = batch["teacher_index"], batch["teacher_input_ids"]
+    assert index.shape == batch["input_ids"].shape and index.max() < teacher_ids.shape[1]
+    assert 0.3 < (index >= 0).float().mean() < 1.0  # most boundaries shared, some inside a teacher token
+    for row, ids in zip(index, teacher_ids):
+        aligned = row[row >= 0]
+        assert torch.all(aligned[1:] > aligned[:-1])  # the alignment keeps the order of the text
+        # right padding with the teacher's EOS after its own tokens
+        n = int((ids != teacher.eos_token_id).nonzero().max()) + 1
+        assert torch.all(ids[n:] == teacher.eos_token_id)
+
+
+def test_identical_tokenizers_give_the_exact_paths_loss(student, tmp_path):
+    """Same tokenizer on both sides: every position aligns to itself, and ULD through the cross-tokenizer path (the
+    teacher's own tokens, aligned targets, KD mask) equals ULD on the teacher's targets at the student's tokens."""
+    from megadistil.distill import LossConfig, chunked_lm_head_loss
+    from megadistil.distill.targets import aligned_targets, hidden_topk, teacher_topk
+    from megadistil.models import decoder
+    from tests._tiny import tiny_llama31
+
+    batch = next(iter(_batches(tmp_path, student, student)))
+    assert torch.equal(batch["teacher_input_ids"], batch["input_ids"])
+    model = tiny_llama31(seed=0, vocab_size=len(student), eos_token_id=student.eos_token_id)
+    exact = teacher_topk(model, batch["input_ids"], top_k=16, temperature=1.0)
+    with torch.no_grad():
+        hidden = decoder(model)(input_ids=batch["teacher_input_ids"]).last_hidden_state
+    cross, mask = aligned_targets(hidden_topk(model, hidden, top_k=16, temperature=1.0), batch["teacher_index"])
+    assert bool(mask.all())
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(*batch["input_ids"].shape, 32, generator=g)
+    W = torch.randn(len(student), 32, generator=g)
+    cfg = LossConfig(kind="uld", ce_weight=0.5, chunk_tokens=16)
+    want = chunked_lm_head_loss(h, W, batch["labels"], cfg, sparse=exact)
+    got = chunked_lm_head_loss(h, W, batch["labels"], cfg, sparse=cross, kd_mask=mask)
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-7)
+    assert got["kd_tokens"] == want["tokens"]
