@@ -189,8 +189,8 @@ def test_a_stage_may_turn_onpolicy_on():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.preference=[p.jsonl]"], "'data': set exactly one of data.shards, data.text and data.preference "
-                                    "(set: data.text, data.preference)"),
+    (["data.preference=[p.jsonl]"], ("'data': set exactly one of data.shards, data.text and data.preference "
+                                    "(set: data.text, data.preference)")),
     (["data.text=[]"], "'data': set exactly one of data.shards, data.text and data.preference (set: none)"),
     (["preference.beta=2.0"], "'preference.beta': is unused: preference.reference (the reference model) is not set"),
     (["preference.beta=-1.0"], "'preference.beta': must be finite and > 0"),

@@ -107,3 +107,170 @@ def test_two_ranks_write_disjoint_shards_and_one_manifest(full_run, tiny_llama_d
     keys = [raw["__key__"] for s in m.shards for raw in wds.tariterators.tarfile_samples([{"url": str(out / s.name)}])]
     single = full_run[0]
     assert len(keys) == len(set(keys)) == single.total_samples == m.total_samples
+
+
+# ---------------------------------------------------------------- a teacher with another tokenizer
+
+CROSS_SEQ_LEN, CROSS_SEQUENCES = 64, 32
+
+
+@pytest.fixture(scope="module", params=["crosstok_teacher", "swapped"])
+def cross_run(request, tiny_llama_dir, crosstok_teacher_dir, stdlib_text_file, tmp_path_factory):
+    """Cross-tokenizer shards: the tiny student's tokenizer with the crosstok teacher (boundaries that differ in both
+    directions), and the two swapped (a teacher vocab smaller than the student's; nearly every student boundary is
+    a teacher boundary there)."""
+    student, teacher = tiny_llama_dir, crosstok_teacher_dir
+    if request.param == "swapped":
+        student, teacher = teacher, student
+    out = tmp_path_factory.mktemp(request.param)
+    cfg = _cfg(teacher, stdlib_text_file, out, seq_len=CROSS_SEQ_LEN, max_sequences=CROSS_SEQUENCES,
+               student_tokenizer=str(student))
+    return run_precompute(cfg), out, cfg
+
+
+def _samples(out: Path, manifest: Manifest) -> list[tuple[int, dict]]:
+    """(global sequence index, raw sample) of every sample, in sequence order."""
+    raws = [raw for s in manifest.shards for raw in wds.tariterators.tarfile_samples([{"url": str(out / s.name)}])]
+    return sorted((int(raw["__key__"].split("-")[1]), raw) for raw in raws)
+
+
+def test_cross_tokenizer_shards_hold_the_teachers_topk_at_aligned_positions(cross_run, stdlib_text_file):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from megadistil.data import ShardStream, pack_text, tokenizer_fingerprint
+    from megadistil.data.crosstok import align_positions, pack_text_windows, tokenize_segments
+
+    manifest, out, cfg = cross_run
+    seq_len, n = CROSS_SEQ_LEN, CROSS_SEQUENCES
+    student, teacher = AutoTokenizer.from_pretrained(cfg.student_tokenizer), AutoTokenizer.from_pretrained(cfg.teacher)
+    student_vocab = AutoConfig.from_pretrained(cfg.student_tokenizer).vocab_size  # the student model's config
+    teacher_vocab = AutoConfig.from_pretrained(cfg.teacher).vocab_size
+    assert student_vocab != teacher_vocab
+    assert manifest.cross_tokenizer and manifest.total_samples == n
+    assert (manifest.vocab_size, manifest.target_vocab_size, manifest.target_vocab) == \
+        (student_vocab, teacher_vocab, teacher_vocab)
+    assert manifest.tokenizer_fingerprint == tokenizer_fingerprint(student)
+    assert manifest.teacher_tokenizer_fingerprint == tokenizer_fingerprint(teacher)
+    assert "byte boundaries" in manifest.alignment and manifest.encodings["topk_ids"]["vocab_size"] == teacher_vocab
+    assert Manifest.load(out).cross_tokenizer
+    manifest.check_compatible(vocab_size=student_vocab, tokenizer_fingerprint=tokenizer_fingerprint(student))
+
+    samples = _samples(out, manifest)
+    assert [i for i, _ in samples] == list(range(n))
+    packed = [seq for _, seq in zip(range(n), pack_text([stdlib_text_file], student, seq_len))]
+    windows = [w for _, w in zip(range(n), pack_text_windows([stdlib_text_file], student, seq_len))]
+    model = AutoModelForCausalLM.from_pretrained(cfg.teacher).eval()
+    masks, unaligned = {}, 0
+    for (_, raw), seq, window in zip(samples, packed, windows, strict=True):
+        dec = decode_sample(raw, seq_len=seq_len, top_k=8, vocab_size=student_vocab, codec=manifest.codec,
+                            target_vocab_size=teacher_vocab, aligned=True)
+        assert np.array_equal(dec.input_ids, seq), "the tokens are the student's pack_text windows"
+        teacher_ids, teacher_ends = tokenize_segments(window.segments, teacher)
+        index = align_positions(window.ends, teacher_ends)
+        aligned = index >= 0
+        assert np.array_equal(dec.kd_mask, aligned)
+        masks[tuple(seq.tolist())] = aligned
+        unaligned += int((~aligned).sum())
+        # the teacher on its own tokens of the same text, alone (no padding), at the aligned teacher positions
+        target = teacher_topk(model, torch.from_numpy(teacher_ids)[None], top_k=8, temperature=1.0)
+        ref_ids, ref_lp = target.topk_ids[0, index[aligned]].numpy(), target.topk_logprobs[0, index[aligned]].numpy()
+        assert np.array_equal(np.sort(dec.topk_ids[aligned], 1), np.sort(ref_ids, 1))
+        np.testing.assert_allclose(np.exp(dec.topk_logprobs[aligned]), np.exp(np.sort(ref_lp, 1)[:, ::-1]), atol=0.02)
+    total = n * seq_len
+    assert unaligned < total // 2, f"{unaligned} of {total} positions unaligned"
+    if student_vocab < teacher_vocab:  # the crosstok teacher: the mask holds both kinds
+        assert unaligned > 0, "no unaligned position: the test needs both kinds"
+
+    stream = ShardStream(out, batch_size=4, shuffle_buffer=0, epochs=1, vocab_size=student_vocab,
+                         tokenizer_fingerprint=tokenizer_fingerprint(student))
+    seen = 0
+    for batch in stream:
+        assert batch["kd_mask"].dtype == torch.bool and batch["kd_mask"].shape == (4, seq_len)
+        assert int(batch["topk_ids"].max()) < teacher_vocab
+        for ids, mask in zip(batch["input_ids"], batch["kd_mask"]):
+            assert np.array_equal(mask.numpy(), masks[tuple(ids.tolist())])
+            seen += 1
+    assert seen == n
+
+
+def test_cross_tokenizer_resume_identity_holds_the_student_tokenizer(cross_run, stdlib_text_file, tmp_path):
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    manifest, full, cfg = cross_run
+    out = tmp_path / "o"
+    shutil.copytree(full, out)
+    kept = {s.name: os.stat(out / s.name).st_mtime_ns for s in manifest.shards}
+    again = run_precompute(replace(cfg, out=str(out)))
+    assert again.shards == manifest.shards and again.cross_tokenizer
+    assert {s.name: os.stat(out / s.name).st_mtime_ns for s in manifest.shards} == kept, "nothing is redone"
+    with pytest.raises(ValueError, match="different arguments"):  # the teacher's own tokens: another run
+        run_precompute(replace(cfg, out=str(out), student_tokenizer=None))
+    other = AutoTokenizer.from_pretrained(cfg.student_tokenizer)
+    other.add_tokens(["<extra_tok>"])  # another student tokenizer (the teacher's unchanged): another run
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="different arguments"):
+        run_precompute(replace(cfg, out=str(out), student_tokenizer=str(tmp_path / "other")))
+
+
+def test_student_with_the_teachers_tokenizer_gets_ordinary_shards(full_run, tiny_llama_dir, stdlib_text_file,
+                                                                  tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="megadistil.data.precompute"):
+        manifest = run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "same",
+                                       student_tokenizer=str(tiny_llama_dir)))
+    assert "is the teacher's tokenizer (same fingerprint): writing ordinary shards" in caplog.text
+    assert not manifest.cross_tokenizer and manifest.target_vocab_size == 0 and manifest.alignment == ""
+    assert "aligned" not in manifest.encodings
+    assert [(s.name, s.sha256) for s in manifest.shards] == [(s.name, s.sha256) for s in full_run[0].shards]
+
+
+def test_student_tokenizer_must_be_a_directory(tiny_llama_dir, stdlib_text_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--student-tokenizer .*nope: not a directory"):
+        run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "a", student_tokenizer=str(tmp_path / "nope")))
+
+
+def test_cli_takes_the_student_tokenizer():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from precompute_teacher import parse
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    base = ["--teacher", "t", "--text", "a.txt", "--out", "o"]
+    assert parse(base).student_tokenizer is None
+    assert parse([*base, "--student-tokenizer", "student/"]).student_tokenizer == "student/"
+
+
+@pytest.mark.multirank
+def test_two_ranks_write_cross_tokenizer_shards(crosstok_teacher_dir, tiny_llama_dir, stdlib_text_file, tmp_path):
+    """Sequence i on rank i % 2, with the student's tokens and the mask of aligned positions, through the CLI."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.crosstok import align_positions, pack_text_windows, tokenize_segments
+
+    out = tmp_path / "mr"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29619", str(ROOT / "tools/precompute_teacher.py"),
+           "--teacher", str(crosstok_teacher_dir), "--student-tokenizer", str(tiny_llama_dir), "--text",
+           str(stdlib_text_file), "--out", str(out), "--seq-len", "32", "--top-k", "8", "--shard-bytes", "4000",
+           "--max-sequences", "12", "--dtype", "float32", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    m = Manifest.load(out)
+    student, teacher = AutoTokenizer.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(crosstok_teacher_dir)
+    assert m.cross_tokenizer and (m.vocab_size, m.target_vocab) == (len(student), len(teacher))
+    windows = [w for _, w in zip(range(12), pack_text_windows([stdlib_text_file], student, 32))]
+    unaligned = 0
+    for shard in m.shards:
+        for raw in wds.tariterators.tarfile_samples([{"url": str(out / shard.name)}]):
+            i = int(raw["__key__"].split("-")[1])
+            assert shard.name.startswith(f"shard-r{i % 2:03d}-")
+            dec = decode_sample(raw, seq_len=32, top_k=8, vocab_size=m.vocab_size, codec=m.codec,
+                                target_vocab_size=m.target_vocab, aligned=True)
+            assert np.array_equal(dec.input_ids, windows[i].input_ids)
+            index = align_positions(windows[i].ends, tokenize_segments(windows[i].segments, teacher)[1])
+            assert np.array_equal(dec.kd_mask, index >= 0)
+            unaligned += int((index < 0).sum())
+    assert m.total_samples == 12 and unaligned > 0

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import lzma
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
 from megadistil.data import Manifest, ProbCodec, decode_sample, encode_sample, tokenizer_fingerprint
-from megadistil.data.shards import FORMAT_VERSION, _golomb_decode, _golomb_encode, golomb_parameter
+from megadistil.data.shards import _LZMA_FILTERS, FORMAT_VERSION, _golomb_decode, _golomb_encode, golomb_parameter
 
 
 def _kl_topk_tail(exact_lp: np.ndarray, ids: np.ndarray, dec) -> np.ndarray:
@@ -183,3 +188,139 @@ def test_tokenizer_fingerprint_tracks_vocab(tiny_llama_dir):
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     b.add_tokens(["<extra_tok>"])
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+
+
+# ---------------------------------------------------------------- cross-tokenizer samples and manifests
+
+# encode_sample(_OLD_TOKENS, _OLD_IDS, log([.5, .2, .1]) per row, vocab_size=50) as written before the cross-tokenizer
+# fields existed (format 2): plain samples must keep reading and writing exactly this.
+_OLD_TOKENS = np.array([33, 40, 1, 40, 23, 25])
+_OLD_IDS = np.array([[14, 48, 30], [27, 20, 18], [2, 0, 7], [36, 11, 31], [12, 47, 8], [19, 40, 5]])
+_OLD_BIN = bytes.fromhex(
+    "1792c7ec5e007b2276223a322c22736571223a362c226b223a332c2273697a6573223a7b22746f6b656e73223a352c2269645f756e6172"
+    "79223a352c2269645f707265666978223a352c2269645f6578747261223a332c226c6576656c73223a32357d7d8680685d90527e9b0d20"
+    "f1309616a0696580e00017001100001186607461f256f97b6645cffa7e74e20000")
+
+
+def _split(blob: bytes) -> tuple[dict, dict[str, bytes]]:
+    """(header, sections) of a sample's bin member."""
+    (hlen,) = struct.unpack_from("<H", blob, 4)
+    header, off, parts = json.loads(blob[6:6 + hlen]), 6 + hlen, {}
+    for name, size in header["sizes"].items():
+        parts[name], off = blob[off:off + size], off + size
+    return header, parts
+
+
+def _repack(header: dict, parts: dict[str, bytes]) -> dict[str, bytes]:
+    """A bin member with a valid crc32 around `header` (sizes replaced by those of `parts`) and `parts`."""
+    header = dict(header, sizes={n: len(b) for n, b in parts.items()})
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    body = struct.pack("<H", len(raw)) + raw + b"".join(parts.values())
+    return {"bin": struct.pack("<I", zlib.crc32(body)) + body}
+
+
+def test_plain_samples_keep_the_old_bytes():
+    lp = np.log(np.tile([0.5, 0.2, 0.1], (6, 1)))
+    old = decode_sample({"bin": _OLD_BIN}, seq_len=6, top_k=3, vocab_size=50)
+    assert old.kd_mask is None and np.array_equal(old.input_ids, _OLD_TOKENS)
+    assert np.array_equal(np.sort(old.topk_ids, 1), np.sort(_OLD_IDS, 1))
+    plain = encode_sample(_OLD_TOKENS, _OLD_IDS, lp, vocab_size=50)["bin"]
+    explicit = encode_sample(_OLD_TOKENS, _OLD_IDS, lp, vocab_size=50, target_vocab_size=50, kd_mask=None)["bin"]
+    assert plain == explicit
+    # the old layout byte for byte; the LZMA stream is compared decompressed (its bytes belong to liblzma's version)
+    (h_new, p_new), (h_old, p_old) = _split(plain), _split(_OLD_BIN)
+    assert list(h_new) == list(h_old) == ["v", "seq", "k", "sizes"] and list(h_new["sizes"]) == list(h_old["sizes"])
+    assert dict(h_new, sizes=dict(h_new["sizes"], levels=0)) == dict(h_old, sizes=dict(h_old["sizes"], levels=0))
+    assert {n: b for n, b in p_new.items() if n != "levels"} == {n: b for n, b in p_old.items() if n != "levels"}
+    unlz = [lzma.decompress(p["levels"], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS) for p in (p_new, p_old)]
+    assert unlz[0] == unlz[1]
+    if p_new["levels"] == p_old["levels"]:  # the same liblzma: the whole member
+        assert plain == _OLD_BIN
+
+
+@pytest.mark.parametrize("seq", [13, 16])
+def test_cross_tokenizer_round_trip_mask_and_target_vocab(seq):
+    vocab, target_vocab, k = 50, 3000, 16  # tokens: the student's ids; top-k: the teacher's (a larger vocab)
+    rng = np.random.default_rng(seq)
+    logits = rng.standard_normal((seq, target_vocab)) * 3.0
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-lp, axis=1)[:, :k]
+    ids[0] = np.arange(target_vocab - k, target_vocab)  # the largest teacher ids survive the Golomb code
+    tokens = rng.integers(0, vocab, seq)
+    tokens[-1] = vocab - 1
+    mask = rng.random(seq) < 0.7
+    mask[:2] = [False, True]
+    sample = encode_sample(tokens, ids, np.take_along_axis(lp, ids, 1), vocab_size=vocab,
+                           target_vocab_size=target_vocab, kd_mask=mask)
+    header, parts = _split(sample["bin"])
+    assert header["tv"] == target_vocab and len(parts["aligned"]) == (seq + 7) // 8
+    assert len(parts["tokens"]) == (seq * 6 + 7) // 8, "tokens keep the student's vocab's bit width"
+    for kw in ({}, {"target_vocab_size": target_vocab, "aligned": True}):
+        dec = decode_sample(sample, seq_len=seq, top_k=k, vocab_size=vocab, **kw)
+        assert np.array_equal(dec.input_ids, tokens)
+        assert np.array_equal(np.sort(dec.topk_ids, 1), np.sort(ids, 1))
+        assert dec.kd_mask.dtype == bool and np.array_equal(dec.kd_mask, mask)
+        assert _kl_topk_tail(lp, ids, dec).mean() <= 1e-3
+    with pytest.raises(ValueError, match="top-k ids are over a vocab of 3000, the manifest says 50"):
+        decode_sample(sample, seq_len=seq, top_k=k, vocab_size=vocab, target_vocab_size=vocab)
+    with pytest.raises(ValueError, match="manifest is not cross-tokenizer"):
+        decode_sample(sample, seq_len=seq, top_k=k, vocab_size=vocab, aligned=False)
+    with pytest.raises(ValueError, match=r"topk_ids span \[\d+, 2999\], outside a vocab of 50"):
+        encode_sample(tokens, ids, np.take_along_axis(lp, ids, 1), vocab_size=vocab)
+    with pytest.raises(ValueError, match=r"kd_mask has shape \(3,\)"):
+        encode_sample(tokens, ids, np.take_along_axis(lp, ids, 1), vocab_size=vocab, target_vocab_size=target_vocab,
+                      kd_mask=mask[:3])
+
+
+def test_aligned_section_missing_or_wrong_size_is_refused():
+    lp = np.log(np.tile([0.5, 0.2, 0.1], (6, 1)))
+    masked = encode_sample(_OLD_TOKENS, _OLD_IDS + 100, lp, vocab_size=50, target_vocab_size=200,
+                           kd_mask=np.ones(6, dtype=bool))
+    header, parts = _split(masked["bin"])
+    kw = {"seq_len": 6, "top_k": 3, "vocab_size": 50, "target_vocab_size": 200, "aligned": True}
+    with pytest.raises(ValueError, match="section aligned has 2 bytes, expected 1"):
+        decode_sample(_repack(header, dict(parts, aligned=b"\xff\xff")), **kw)
+    plain = _repack(header, {n: b for n, b in parts.items() if n != "aligned"})
+    with pytest.raises(ValueError, match="no 'aligned' section: cross-tokenizer shards carry the mask"):
+        decode_sample(plain, **kw)
+    assert decode_sample(plain, **{**kw, "aligned": None}).kd_mask is None
+
+
+def test_cross_tokenizer_manifest_fields(tmp_path):
+    _manifest().save(tmp_path)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for name in ("target_vocab_size", "teacher_tokenizer_fingerprint", "alignment"):
+        del raw[name]  # a manifest written before these fields existed
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    old = Manifest.load(tmp_path)
+    assert not old.cross_tokenizer and old.target_vocab == 384 and old.target_vocab_size == 0
+
+    cross = _manifest(target_vocab_size=300, teacher_tokenizer_fingerprint="teach", alignment="byte boundaries")
+    cross.save(tmp_path)
+    m = Manifest.load(tmp_path)
+    assert m.cross_tokenizer and m.target_vocab == 300 and m.teacher_tokenizer_fingerprint == "teach"
+    m.check_compatible(vocab_size=384, tokenizer_fingerprint="abc")
+    m.check_compatible(vocab_size=512, tokenizer_fingerprint="abc")  # padded student embeddings: the tokens fit
+    with pytest.raises(ValueError, match="manifest vocab_size 384 > student vocab_size 383"):
+        m.check_compatible(vocab_size=383, tokenizer_fingerprint="abc")
+    with pytest.raises(ValueError, match="tokenizer_fingerprint abc != student tokenizer fingerprint teach"):
+        m.check_compatible(vocab_size=384, tokenizer_fingerprint="teach")  # the student's tokenizer is checked
+
+    _manifest(target_vocab_size=300).save(tmp_path)
+    with pytest.raises(ValueError, match="target_vocab_size 300 without a teacher_tokenizer_fingerprint"):
+        Manifest.load(tmp_path)
+    _manifest(teacher_tokenizer_fingerprint="abc").save(tmp_path)
+    with pytest.raises(ValueError, match="teacher_tokenizer_fingerprint is the student's"):
+        Manifest.load(tmp_path)
+
+
+def test_encodings_describe_the_cross_tokenizer_sections():
+    from megadistil.data.shards import encodings_description
+
+    plain = encodings_description(ProbCodec(), 384, 16)
+    cross = encodings_description(ProbCodec(), 384, 16, target_vocab_size=128256, aligned=True)
+    assert "aligned" not in plain and "|aligned" not in plain["layout"] and "vocab_size" not in plain["topk_ids"]
+    assert cross["layout"].endswith("tokens|id_unary|id_prefix|id_extra|levels|aligned (sizes in the header)")
+    assert cross["topk_ids"]["vocab_size"] == 128256 and "packbits" in cross["aligned"]
+    assert cross["topk_ids"]["golomb_m"] == golomb_parameter(128256, 16) != plain["topk_ids"]["golomb_m"]
+    assert cross["tokens"] == plain["tokens"] == "uint9 bit-packed, MSB first"

@@ -172,3 +172,91 @@ def test_bad_config_is_refused(shards):
         ShardStream(shards, batch_size=2, on_corrupt="ignore")
     with pytest.raises(ValueError, match="fewer than world_size 2 x batch_size 1000"):
         ShardStream(shards, batch_size=1000, world_size=2)
+
+
+# ---------------------------------------------------------------- cross-tokenizer shards (synthetic)
+
+_CROSS = {"vocab_size": 40, "target_vocab_size": 500, "top_k": 4, "seq_len": 12}
+
+
+def _cross_dir(path, *, with_mask: bool = True, n: int = 6):
+    """A one-shard cross-tokenizer shard dir: tokens < 40 (the student's), top-k ids < 500 (the teacher's), masks."""
+    import numpy as np
+    import webdataset as wds
+
+    from megadistil.data import Manifest, ShardInfo, encode_sample
+    from megadistil.data.shards import sha256_file
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    with wds.TarWriter(str(path / "shard-r000-000000.tar"), encoder=False, mtime=0.0) as tw:
+        for i in range(n):
+            tokens = rng.integers(0, 40, 12)
+            ids = np.stack([rng.choice(500, 4, replace=False) for _ in range(12)])
+            mask = rng.random(12) < 0.6
+            sample = encode_sample(tokens, ids, np.log(np.tile([0.4, 0.3, 0.2, 0.05], (12, 1))), vocab_size=40,
+                                   target_vocab_size=500, kd_mask=mask if with_mask else None)
+            tw.write({"__key__": f"r000-{i:010d}", **sample})
+            rows.append((tokens, ids, mask))
+    tar = path / "shard-r000-000000.tar"
+    Manifest(vocab_size=40, top_k=4, temperature=1.0, seq_len=12, teacher_fingerprint="t",
+             tokenizer_fingerprint="student", target_vocab_size=500, teacher_tokenizer_fingerprint="teacher",
+             alignment="byte boundaries",
+             shards=[ShardInfo(tar.name, n, tar.stat().st_size, sha256_file(tar))]).save(path)
+    return rows
+
+
+def test_cross_tokenizer_batches_carry_kd_mask(tmp_path):
+    rows = _cross_dir(tmp_path / "x")
+    stream = ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, epochs=1, vocab_size=40,
+                         tokenizer_fingerprint="student")
+    batches = list(stream)
+    assert len(batches) == 2
+    for b, start in zip(batches, (0, 3)):
+        assert b["kd_mask"].dtype == torch.bool and b["kd_mask"].shape == (3, 12)
+        for r, (tokens, ids, mask) in enumerate(rows[start:start + 3]):
+            assert b["input_ids"][r].tolist() == tokens.tolist()
+            assert b["kd_mask"][r].tolist() == mask.tolist()
+            assert sorted(b["topk_ids"][r, 5].tolist()) == sorted(ids[5].tolist())  # teacher ids, up to 499
+    assert int(torch.stack([b["topk_ids"] for b in batches]).max()) >= 40
+    tokens_only = next(iter(ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, targets=False)))
+    assert tokens_only.keys() == {"input_ids", "labels"}
+
+
+def test_cross_tokenizer_sample_without_mask_is_refused_naming_shard_and_key(tmp_path):
+    _cross_dir(tmp_path / "x", with_mask=False)
+    with pytest.raises(ShardFormatError, match=r"shard shard-r000-000000.tar key r000-0000000000: no 'aligned' "
+                                               r"section: cross-tokenizer shards carry the mask of aligned positions"):
+        list(ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, epochs=1))
+    for targets in (True, False):  # the tokens-only reader refuses it too (the bytes are validated before decoding)
+        with pytest.raises(ShardFormatError, match="no 'aligned' section"):
+            next(iter(ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, targets=targets)))
+
+
+def test_cross_tokenizer_corrupt_mask_section_is_refused(tmp_path):
+    """A flipped bit in the 'aligned' section fails the crc32, and the message names the shard and key."""
+    _cross_dir(tmp_path / "x")
+    tar = tmp_path / "x" / "shard-r000-000000.tar"
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i, (m, data) in enumerate(members):
+            if i == 1:
+                data = data[:-1] + bytes([data[-1] ^ 1])  # the last byte: the mask's
+            tf.addfile(m, io.BytesIO(data))
+    tar.write_bytes(buf.getvalue())
+    with pytest.raises(ShardFormatError, match=r"shard shard-r000-000000.tar key r000-0000000001: crc32 mismatch"):
+        list(ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, epochs=1))
+
+
+def test_plain_manifest_refuses_masked_samples(tmp_path):
+    import json
+
+    _cross_dir(tmp_path / "x")
+    raw = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    raw.update(target_vocab_size=0, teacher_tokenizer_fingerprint="", alignment="", vocab_size=500)
+    (tmp_path / "x" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ShardFormatError, match="key r000-0000000000: .*manifest is not cross-tokenizer"):
+        list(ShardStream(tmp_path / "x", batch_size=3, shuffle_buffer=0, epochs=1))

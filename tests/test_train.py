@@ -71,8 +71,20 @@ def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
+def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, stdlib_text_file):
+    """Shards of the student's windows with the targets of the teacher with another tokenizer, aligned."""
+    from megadistil.data.precompute import PrecomputeConfig, run_precompute
+
+    out = tmp_path_factory.mktemp("crosstok_shards")
+    run_precompute(PrecomputeConfig(teacher=str(crosstok_teacher_dir), student_tokenizer=str(tiny_llama_dir),
+                                    text=[str(stdlib_text_file)], out=str(out), seq_len=64, top_k=16, max_sequences=96,
+                                    progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
-         crosstok_teacher_dir, reference_dir, preference_file) -> dict[str, Path]:
+         crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -94,6 +106,10 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "teacher.top_k=32", "loss.kind=uld", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
             "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10", "bitnet.lora_rank=8",
             "optim.lr=1e-2", "optim.warmup_steps=2"]},
+        "crosstok_shards": {"overrides": [
+            f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
+            "data.text=[]", "loss.kind=uld", "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10",
+            "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2", "data.shuffle_buffer=16"]},
         "preference": {"overrides": [
             f"model.student={tiny_llama_dir}", f"data.preference=[{preference_file}]", "data.text=[]",
             "data.seq_len=64", f"preference.reference={reference_dir}", "preference.beta=2.0", "loss.ce_weight=0.5",
@@ -211,6 +227,18 @@ def test_teacher_with_another_tokenizer_distils_by_uld(runs):
 
 
 @pytest.mark.multirank
+def test_shards_of_a_teacher_with_another_tokenizer_distil_by_uld(runs):
+    """The same teacher precomputed into shards (tools/precompute_teacher.py --student-tokenizer): the student's
+    windows with the aligned targets and their mask; ULD on them falls as with the live teacher."""
+    assert all(p["error"] is None for p in probe(runs["crosstok_shards"]))
+    steps = [m for m in metrics(runs["crosstok_shards"]) if "kd" in m]
+    kd = [m["kd"] for m in steps]
+    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
+    assert sum(kd[6:9]) < 0.9 * sum(kd[:3]), kd
+    assert all(0.3 < m["kd_target_share"] < 1.0 for m in steps), [m["kd_target_share"] for m in steps]
+
+
+@pytest.mark.multirank
 def test_preference_weighted_run_on_chosen_completions(runs):
     """Prompt + chosen response, loss on the response only; each token's KD and CE weighted by the teacher's and the
     reference's log-ratio (both scored live on 2 ZeRO-3 ranks)."""
@@ -268,7 +296,8 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
 
 
 def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,
-                                                                            stdlib_text_file, crosstok_teacher_dir):
+                                                                            stdlib_text_file, crosstok_teacher_dir,
+                                                                            crosstok_shards_dir):
     common = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}"]
     text = f"data.text=[{stdlib_text_file}]"
     with pytest.raises(ConfigError, match="'loss.kind': forward_kl: teacher.path .* has another tokenizer than the "
@@ -284,6 +313,10 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
     with pytest.raises(ConfigError, match="'preference.reference': .* has another tokenizer than the student"):
         _trainer(tmp_path, [f"model.student={tiny_llama_dir}", text,
                             f"preference.reference={crosstok_teacher_dir}"])._check_inputs()
+    with pytest.raises(ConfigError, match="'loss.kind': forward_kl: the shards in .* hold the targets of a teacher with "
+                                          "another tokenizer"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
+                            "data.text=[]", "loss.kind=forward_kl"])._check_inputs()
     trainer = _trainer(tmp_path, [*common, text, "loss.kind=uld"])
     trainer._check_inputs()
     assert trainer.teacher_tokenizer is not None

@@ -3,6 +3,7 @@
 
     python tools/precompute_teacher.py --teacher DIR --text 'data/*.jsonl' --out shards/ [--top-k 64 ...]
     deepspeed --num_gpus 8 tools/precompute_teacher.py ... [--zero3]     # one set of shards per rank
+    python tools/precompute_teacher.py ... --student-tokenizer STUDENT_DIR  # a teacher with another tokenizer
 
 Started again with the same arguments, an interrupted run keeps its complete shards and redoes the rest.
 """
@@ -32,12 +33,17 @@ def parse(argv: list[str] | None = None) -> PrecomputeConfig:
     p.add_argument("--max-sequences", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=PRECOMPUTE_DTYPES)
     p.add_argument("--zero3", action="store_true", help="partition the teacher with ZeRO-3 inference")
+    p.add_argument("--student-tokenizer", default=None, metavar="DIR",
+                   help="the student's tokenizer when it differs from the teacher's (a dir AutoTokenizer loads): "
+                        "the shards hold the student's tokens, the teacher's top-k at the positions where both have "
+                        "read the same text, and that mask (use loss.kind=uld)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
     return PrecomputeConfig(teacher=a.teacher, text=a.text, out=a.out, seq_len=a.seq_len, top_k=a.top_k,
                             temperature=a.temperature, batch_size=a.batch_size, shard_bytes=a.shard_bytes,
-                            max_sequences=a.max_sequences, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress)
+                            max_sequences=a.max_sequences, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress,
+                            student_tokenizer=a.student_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

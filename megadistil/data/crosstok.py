@@ -254,21 +254,27 @@ def _ends(ends: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def teacher_batch(windows: Sequence[TextWindow], teacher_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's tokens of the windows' text, right-padded with its EOS ([B, T]: a causal teacher's earlier positions
+    never see the padding), and the aligned teacher position of every student position ([B, S], -1: none)."""
+    ids, index = [], []
+    for window in windows:
+        teacher_ids, ends = tokenize_segments(window.segments, teacher_tokenizer)
+        ids.append(teacher_ids)
+        index.append(align_positions(window.ends, ends))
+    padded = np.full((len(ids), max(map(len, ids))), _eos_id(teacher_tokenizer), dtype=np.int64)
+    for i, row in enumerate(ids):
+        padded[i, :len(row)] = row
+    return torch.from_numpy(padded), torch.from_numpy(np.stack(index))
+
+
 class CrossTokenizerBatches(PackedTextBatches):
     """PackedTextBatches of pack_text_windows' windows (the same sequences, order and resume), each batch also
-    carrying the teacher's tokens of the same text (`teacher_input_ids` [B, T], right-padded with the teacher's EOS,
-    which a causal teacher's earlier positions never see) and, per student position, the aligned teacher position
-    (`teacher_index` [B, S], -1: none). Both tokenizations are made once, up front."""
+    carrying teacher_batch's `teacher_input_ids` and `teacher_index` for the windows' text."""
 
     def __init__(self, windows: list[TextWindow], teacher_tokenizer: Any, **kwargs: Any) -> None:
         super().__init__(np.stack([w.input_ids for w in windows]), **kwargs)
-        self.teacher_ids, index = [], []
-        for w in windows:
-            ids, ends = tokenize_segments(w.segments, teacher_tokenizer)
-            self.teacher_ids.append(ids)
-            index.append(align_positions(w.ends, ends))
-        self.teacher_index = np.stack(index)
-        self.teacher_pad = _eos_id(teacher_tokenizer)
+        self.windows, self.teacher_tokenizer = windows, teacher_tokenizer
 
     @classmethod
     def from_files(cls, files: list[str], tokenizer: Any, teacher_tokenizer: Any, seq_len: int,
@@ -276,10 +282,5 @@ class CrossTokenizerBatches(PackedTextBatches):
         return cls(list(pack_text_windows(files, tokenizer, seq_len)), teacher_tokenizer, **kwargs)
 
     def _batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = super()._batch(rows)
-        width = max(len(self.teacher_ids[r]) for r in rows)
-        teacher = np.full((len(rows), width), self.teacher_pad, dtype=np.int64)
-        for i, r in enumerate(rows):
-            teacher[i, :len(self.teacher_ids[r])] = self.teacher_ids[r]
-        return {**batch, "teacher_input_ids": torch.from_numpy(teacher),
-                "teacher_index": torch.from_numpy(np.ascontiguousarray(self.teacher_index[rows]))}
+        teacher_ids, index = teacher_batch([self.windows[r] for r in rows], self.teacher_tokenizer)
+        return {**super()._batch(rows), "teacher_input_ids": teacher_ids, "teacher_index": index}

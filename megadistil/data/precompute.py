@@ -5,6 +5,11 @@ Resume model: global sequence i (after packing) belongs to rank ``i % world_size
 first local sequence, run hash) is written atomically. A restarted run with the same arguments keeps the longest
 prefix of this rank's shards whose sidecar and sha256 check out, deletes the rest, skips the sequences they hold
 (tokenising again, no teacher work) and continues. Rank 0 merges all sidecars into manifest.json, last.
+
+A student whose tokenizer differs from the teacher's (``student_tokenizer``): the sequences are the student's packed
+windows (``pack_text_windows``: exactly pack_text's), the teacher reads the same text tokenized its own way, and each
+student position stores the teacher's top-k (teacher vocabulary ids) at the teacher position that has read the same
+text, with the mask of positions that have one (megadistil.data.crosstok; the manifest says ``cross_tokenizer``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from megadistil.data.crosstok import TextWindow, pack_text_windows, teacher_batch
 from megadistil.data.shards import (
     Manifest,
     ProbCodec,
@@ -32,13 +38,15 @@ from megadistil.data.shards import (
     tokenizer_fingerprint,
 )
 from megadistil.data.text import batched, expand_files, pack_text
-from megadistil.distill.targets import teacher_topk
+from megadistil.distill.targets import aligned_targets, teacher_topk
 from megadistil.distributed import cpu_threads, discover, free_local_port, init_distributed
 from megadistil.utils import torch_dtype, write_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PRECOMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype (megadistil.utils maps the names)
+ALIGNMENT = ("byte boundaries: a student position takes the teacher position that has read the same text "
+             "(megadistil.data.crosstok), others masked")
 
 
 @dataclass
@@ -57,6 +65,7 @@ class PrecomputeConfig:
     logit_chunk: int = 1024  # positions per lm_head chunk: never materialise [B, S, V] logits
     codec: dict[str, float] = field(default_factory=lambda: asdict(ProbCodec()))
     progress: bool = True
+    student_tokenizer: str | None = None  # the student's tokenizer dir when it differs from the teacher's
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -73,6 +82,8 @@ class PrecomputeConfig:
             raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
         if not os.path.isdir(self.teacher):
             raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
+        if self.student_tokenizer is not None and not os.path.isdir(self.student_tokenizer):
+            raise FileNotFoundError(f"--student-tokenizer {self.student_tokenizer}: not a directory")
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -174,14 +185,20 @@ def teacher_dir_fingerprint(teacher_dir: str) -> str:
     return h.hexdigest()[:32]
 
 
-def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str) -> dict[str, Any]:
+def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str,
+                 teacher_tok_fp: str | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the shards it keeps. tok_fp: the tokenizer of the stored tokens (the
+    student's for cross-tokenizer shards, whose teacher's is teacher_tok_fp; None: the same tokenizer)."""
     files = expand_files(cfg.text)
-    return {
+    ident = {
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
         "text": [[os.path.abspath(f), os.path.getsize(f)] for f in files],
         "seq_len": cfg.seq_len, "top_k": cfg.top_k, "temperature": cfg.temperature, "shard_bytes": cfg.shard_bytes,
         "max_sequences": cfg.max_sequences, "dtype": cfg.dtype, "world_size": world, "codec": cfg.codec,
     }
+    if teacher_tok_fp is not None:
+        ident["teacher_tokenizer_fingerprint"] = teacher_tok_fp
+    return ident
 
 
 def identity_hash(obj: Any) -> str:
@@ -243,10 +260,12 @@ class _Sidecars:
         self.samples = self.tokens = 0
 
 
-def _my_sequences(cfg: PrecomputeConfig, tok: Any, rank: int, world: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(global index, tokens) of this rank's sequences, after the `skip` it already wrote."""
+def _my_sequences(cfg: PrecomputeConfig, sequences: Iterator[T], rank: int, world: int,
+                  skip: int) -> Iterator[tuple[int, T]]:
+    """(global index, sequence) of this rank's sequences (token arrays or TextWindows), after the `skip` it already
+    wrote."""
     mine = 0
-    for i, seq in enumerate(pack_text(cfg.text, tok, cfg.seq_len)):
+    for i, seq in enumerate(sequences):
         if cfg.max_sequences is not None and i >= cfg.max_sequences:
             return
         if i % world != rank:
@@ -254,6 +273,43 @@ def _my_sequences(cfg: PrecomputeConfig, tok: Any, rank: int, world: int, skip: 
         mine += 1
         if mine > skip:
             yield i, seq
+
+
+def _student_side(cfg: PrecomputeConfig, teacher_tok: Any) -> tuple[Any, int] | None:
+    """(student tokenizer, student vocab size) when --student-tokenizer names another tokenizer than the teacher's;
+    None when it is absent or has the teacher's fingerprint (ordinary shards)."""
+    if cfg.student_tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.student_tokenizer, trust_remote_code=False)
+    if tokenizer_fingerprint(tok) == tokenizer_fingerprint(teacher_tok):
+        log.info("--student-tokenizer %s is the teacher's tokenizer (same fingerprint): writing ordinary shards",
+                 cfg.student_tokenizer)
+        return None
+    return tok, _vocab_size(cfg.student_tokenizer, tok)
+
+
+def _vocab_size(model_dir: str, tok: Any) -> int:
+    """The vocab size in the dir's config.json (a model's, possibly padded) if it has one, else the tokenizer's."""
+    path = Path(model_dir) / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        if size:
+            return int(size)
+    return len(tok)
+
+
+def _teacher_batch(rows: list[tuple[int, Any]], tok: Any, cross: bool,
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's input ids [B, T] and, for cross-tokenizer shards, the aligned teacher position of every student
+    position [B, S] (crosstok.teacher_batch)."""
+    if not rows:  # ZeRO-3 lockstep: a rank without sequences still runs a forward
+        return torch.zeros(1, seq_len, dtype=torch.int64), None
+    if not cross:
+        return torch.from_numpy(np.stack([s for _, s in rows])), None
+    return teacher_batch([window for _, window in rows], tok)
 
 
 def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] | None = None) -> Manifest | None:
@@ -265,14 +321,30 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
 
     cfg.validate()
     rank, world = dist_env()
-    vocab = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False).vocab_size
-    if cfg.top_k > vocab:
-        raise ValueError(f"--top-k {cfg.top_k} is larger than the teacher's vocab size {vocab}")
+    teacher_vocab = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False).vocab_size
+    if cfg.top_k > teacher_vocab:
+        raise ValueError(f"--top-k {cfg.top_k} is larger than the teacher's vocab size {teacher_vocab}")
     codec = ProbCodec(**cfg.codec)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tok, model, device = loaded or load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
-    ident = run_identity(cfg, world, teacher_dir_fingerprint(cfg.teacher), tokenizer_fingerprint(tok))
+    student = _student_side(cfg, tok)
+    teacher_fp = teacher_dir_fingerprint(cfg.teacher)
+    sequences: Iterator[Any]
+    if student is None:
+        vocab, target_vocab = teacher_vocab, None
+        ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
+        sequences = pack_text(cfg.text, tok, cfg.seq_len)
+    else:
+        student_tok, vocab = student
+        target_vocab = teacher_vocab
+        ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(student_tok),
+                             teacher_tok_fp=tokenizer_fingerprint(tok))
+        sequences = pack_text_windows(cfg.text, student_tok, cfg.seq_len)
+        log.info("cross-tokenizer shards: the student's tokens (%s, vocab %d), the teacher's top-k (vocab %d) at the "
+                 "student positions whose text the teacher read exactly (%s)", cfg.student_tokenizer, vocab,
+                 teacher_vocab, ALIGNMENT)
+    cross = student is not None
     run_hash = identity_hash(ident)
     start_shard, done = complete_prefix(out, rank, run_hash)
     sidecars = _Sidecars(run_hash, done)
@@ -280,16 +352,23 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
                              post=sidecars, start_shard=start_shard, verbose=0, encoder=False, mtime=0.0)
     bar = tqdm(unit="seq", disable=not cfg.progress or rank != 0, desc="teacher", initial=done)
     t0, tokens = time.time(), 0
-    batches = batched(_my_sequences(cfg, tok, rank, world, done), cfg.batch_size)
+    batches = batched(_my_sequences(cfg, sequences, rank, world, done), cfg.batch_size)
+    aligned = positions = 0
     try:
         for batch in collective_batches(batches, cfg.zero3, world, device):
-            rows = batch or [(-1, np.zeros(cfg.seq_len, dtype=np.int64))]
-            ids = torch.from_numpy(np.stack([s for _, s in rows])).to(device)
-            target = teacher_topk(model, ids, top_k=cfg.top_k, temperature=cfg.temperature,
+            ids, teacher_index = _teacher_batch(batch or [], tok, cross, cfg.seq_len)
+            target = teacher_topk(model, ids.to(device), top_k=cfg.top_k, temperature=cfg.temperature,
                                   chunk_tokens=cfg.logit_chunk)
-            for (index, seq), ti, tl in zip(batch or [], target.topk_ids.cpu().numpy(),
-                                            target.topk_logprobs.cpu().double().numpy()):
-                sample = encode_sample(seq, ti, tl, vocab_size=vocab, codec=codec)
+            masks: list[np.ndarray | None] = [None] * len(batch or [])
+            if teacher_index is not None:
+                target, kd_mask = aligned_targets(target, teacher_index.to(device))
+                masks = list(kd_mask.cpu().numpy())
+                aligned, positions = aligned + int(kd_mask.sum()), positions + kd_mask.numel()
+            for (index, item), ti, tl, mask in zip(batch or [], target.topk_ids.cpu().numpy(),
+                                                   target.topk_logprobs.cpu().double().numpy(), masks):
+                seq = item.input_ids if isinstance(item, TextWindow) else item
+                sample = encode_sample(seq, ti, tl, vocab_size=vocab, codec=codec, target_vocab_size=target_vocab,
+                                       kd_mask=mask)
                 writer.write({"__key__": f"r{rank:03d}-{index:010d}", **sample})
                 sidecars.add(len(seq))
             tokens += len(batch or []) * cfg.seq_len
@@ -298,17 +377,21 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     finally:
         writer.close()
         bar.close()
+    if positions:
+        log.info("rank %d: %d of %d student positions (%.1f%%) have a teacher position that read the same text",
+                 rank, aligned, positions, 100.0 * aligned / positions)
     barrier(world)
     manifest = None
     if rank == 0:
-        manifest = merge_manifest(out, ident, vocab, codec, cfg)
+        manifest = merge_manifest(out, ident, vocab, codec, cfg, target_vocab=target_vocab)
     barrier(world)
     return manifest
 
 
-def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCodec,
-                   cfg: PrecomputeConfig) -> Manifest:
-    """Collect every rank's sidecars into manifest.json (written last, atomically)."""
+def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCodec, cfg: PrecomputeConfig, *,
+                   target_vocab: int | None = None) -> Manifest:
+    """Collect every rank's sidecars into manifest.json (written last, atomically). target_vocab: the teacher's vocab
+    for cross-tokenizer shards (ident then holds the teacher's tokenizer fingerprint)."""
     run_hash = identity_hash(ident)
     shards = []
     for side in sorted(out.glob("shard-r*.tar.json")):
@@ -319,11 +402,17 @@ def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCode
                                 sha256=meta["sha256"], tokens=meta["tokens"]))
     if not shards:
         raise ValueError(f"{out}: no sequences were produced (is the text shorter than --seq-len {cfg.seq_len}?)")
+    fingerprints = ("teacher_fingerprint", "tokenizer_fingerprint", "teacher_tokenizer_fingerprint")
+    cross = "teacher_tokenizer_fingerprint" in ident
     manifest = Manifest(
         vocab_size=vocab, top_k=cfg.top_k, temperature=cfg.temperature, seq_len=cfg.seq_len,
         teacher_fingerprint=ident["teacher_fingerprint"], tokenizer_fingerprint=ident["tokenizer_fingerprint"],
-        encodings=encodings_description(codec, vocab, cfg.top_k), shards=shards, teacher=os.path.abspath(cfg.teacher),
-        args={k: v for k, v in ident.items() if k not in ("teacher_fingerprint", "tokenizer_fingerprint")},
+        encodings=encodings_description(codec, vocab, cfg.top_k, target_vocab_size=target_vocab, aligned=cross),
+        shards=shards, teacher=os.path.abspath(cfg.teacher),
+        args={k: v for k, v in ident.items() if k not in fingerprints},
+        target_vocab_size=(target_vocab or vocab) if cross else 0,
+        teacher_tokenizer_fingerprint=ident.get("teacher_tokenizer_fingerprint", ""),
+        alignment=ALIGNMENT if cross else "",
     )
     manifest.save(out)
     return manifest

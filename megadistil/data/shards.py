@@ -22,6 +22,11 @@ Per token position t the teacher's next-token distribution at temperature T is s
   within ~1% of their order-0 entropy and also exploits repeated positions. Decoded values are renormalised over
   the k+1 buckets, so top-k mass + tail mass = 1.
 - input token ids bit-packed with ``ceil(log2 V)`` bits.
+- optional, cross-tokenizer shards only (a teacher with another tokenizer; see megadistil.data.crosstok): the top-k
+  ids are the *teacher's* vocabulary ids, Golomb-coded against the teacher's vocab size (the header then holds it as
+  ``"tv"``; the tokens stay the student's, coded against ``vocab_size``), and a last section ``aligned``: the mask of
+  student positions that have a teacher target, ``np.packbits`` of S bools (ceil(S/8) bytes). Rows at unaligned
+  positions are placeholders that the loss never reads. Without these, a sample is byte for byte the plain layout.
 """
 
 from __future__ import annotations
@@ -212,20 +217,32 @@ def _level_dtype(codec: ProbCodec) -> str:
 
 @dataclass
 class TeacherSample:
-    """One decoded sequence: token ids [S], top-k ids [S,k] (descending prob), log-probs [S,k], tail log-mass [S]."""
+    """One decoded sequence: token ids [S], top-k ids [S,k] (descending prob), log-probs [S,k], tail log-mass [S],
+    and for cross-tokenizer shards the mask of positions with a teacher target (bool [S]; None: every position)."""
 
     input_ids: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     tail_logmass: np.ndarray
+    kd_mask: np.ndarray | None = None
 
 
 def encode_sample(
     input_ids: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, *, vocab_size: int,
-    codec: ProbCodec = ProbCodec(),
+    codec: ProbCodec = ProbCodec(), target_vocab_size: int | None = None, kd_mask: np.ndarray | None = None,
 ) -> dict[str, bytes]:
-    """Encode one sequence. topk_logprobs are exact log-probs at temperature T (any order, matching topk_ids)."""
+    """Encode one sequence. topk_logprobs are exact log-probs at temperature T (any order, matching topk_ids).
+
+    input_ids index a vocab of `vocab_size`; topk_ids one of `target_vocab_size` (None: vocab_size; another value:
+    a teacher with another tokenizer). `kd_mask` (bool [S]): the positions whose row is a real target, stored as the
+    'aligned' section. Without both, the bytes are exactly the plain layout's.
+    """
     seq, k = topk_ids.shape
+    target_vocab = vocab_size if target_vocab_size is None else int(target_vocab_size)
+    _check_range("input_ids", input_ids, vocab_size)
+    _check_range("topk_ids", topk_ids, target_vocab)
+    if kd_mask is not None and np.shape(kd_mask) != (seq,):
+        raise ValueError(f"kd_mask has shape {np.shape(kd_mask)}, expected ({seq},)")
     codec = codec.resolved(k)
     order = np.argsort(topk_ids, axis=1, kind="stable")
     ids = np.take_along_axis(topk_ids.astype(np.int64), order, axis=1)
@@ -233,7 +250,7 @@ def encode_sample(
     log_tail = _log_tail(np.minimum(np.logaddexp.reduce(logp, axis=1), 0.0))
     lo, _ = codec.level_range
     levels = (codec.level(np.concatenate([logp, log_tail[:, None]], axis=1)) - lo).astype(_level_dtype(codec))
-    unary, prefix, extra = _golomb_encode(ids, vocab_size)
+    unary, prefix, extra = _golomb_encode(ids, target_vocab)
     sections = {
         "tokens": _pack_fixed(input_ids.astype(np.int64), _id_bits(vocab_size)),
         "id_unary": unary,
@@ -241,8 +258,13 @@ def encode_sample(
         "id_extra": extra,
         "levels": lzma.compress(levels.tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS),
     }
-    header = json.dumps({"v": FORMAT_VERSION, "seq": seq, "k": k, "sizes": {n: len(b) for n, b in sections.items()}},
-                        separators=(",", ":")).encode()
+    if kd_mask is not None:
+        sections["aligned"] = np.packbits(np.asarray(kd_mask, dtype=bool)).tobytes()
+    fields: dict[str, Any] = {"v": FORMAT_VERSION, "seq": seq, "k": k,
+                              "sizes": {n: len(b) for n, b in sections.items()}}
+    if target_vocab != vocab_size:
+        fields["tv"] = target_vocab
+    header = json.dumps(fields, separators=(",", ":")).encode()
     body = struct.pack("<H", len(header)) + header + b"".join(sections.values())
     return {"bin": struct.pack("<I", zlib.crc32(body)) + body}
 
@@ -251,10 +273,22 @@ def _id_bits(vocab_size: int) -> int:
     return max(1, int(vocab_size - 1).bit_length())
 
 
-def check_raw_sample(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int) -> dict[str, Any]:
+def _check_range(name: str, ids: np.ndarray, vocab_size: int) -> None:
+    """Ids outside [0, vocab) would be silently cut to their low bits by the bit packing."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab size must be >= 1, got {vocab_size} (for {name})")
+    if np.size(ids) and (np.min(ids) < 0 or np.max(ids) >= vocab_size):
+        raise ValueError(f"{name} span [{np.min(ids)}, {np.max(ids)}], outside a vocab of {vocab_size}")
+
+
+def check_raw_sample(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int,
+                     target_vocab_size: int | None = None, aligned: bool | None = None) -> dict[str, Any]:
     """Cheap validation before decoding (member, crc32, header, lengths); raises ValueError saying what is wrong.
 
-    Returns the header with an extra ``"offset"``: where the sections start in the member.
+    `target_vocab_size`: the vocab the top-k ids must index (None: whatever the sample says, i.e. its ``tv`` or
+    vocab_size). `aligned`: True, the sample must carry the 'aligned' section (cross-tokenizer shards); False, it must
+    not; None: either. Returns the header with an extra ``"offset"``: where the sections start in the member, and
+    ``"tv"``: the vocab of the top-k ids.
     """
     if "json" in sample:
         raise ValueError(f"a format-1 sample (json+bin members); this reader knows format {FORMAT_VERSION}: "
@@ -277,35 +311,55 @@ def check_raw_sample(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_
         raise ValueError(f"header (seq_len {header.get('seq')}, k {header.get('k')}) != "
                          f"(seq_len {seq_len}, k {top_k})")
     sizes = header["sizes"]
+    tv = header.get("tv", vocab_size)
+    if target_vocab_size is not None and tv != target_vocab_size:
+        raise ValueError(f"top-k ids are over a vocab of {tv}, the manifest says {target_vocab_size}")
+    if not isinstance(tv, int) or tv < 1:
+        raise ValueError(f"header holds target vocab size {tv!r}")
+    if aligned and "aligned" not in sizes:
+        raise ValueError("no 'aligned' section: cross-tokenizer shards carry the mask of aligned positions")
+    if aligned is False and "aligned" in sizes:
+        raise ValueError("an 'aligned' section (a cross-tokenizer sample) in shards whose manifest is not "
+                         "cross-tokenizer")
     expect = {"tokens": _fixed_nbytes(seq_len, _id_bits(vocab_size))}
+    if "aligned" in sizes:
+        expect["aligned"] = _fixed_nbytes(seq_len, 1)
     for name, size in expect.items():
         if sizes.get(name) != size:
             raise ValueError(f"section {name} has {sizes.get(name)} bytes, expected {size}")
-    header["offset"] = 6 + hlen
+    header["offset"], header["tv"] = 6 + hlen, tv
     if len(blob) != header["offset"] + sum(sizes.values()):
         raise ValueError(f"bin member has {len(blob)} bytes, header says {header['offset'] + sum(sizes.values())}")
     return header
 
 
-def decode_tokens(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int) -> np.ndarray:
+def decode_tokens(sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int,
+                  target_vocab_size: int | None = None, aligned: bool | None = None) -> np.ndarray:
     """Only the token ids of a raw sample (validated like decode_sample): for a run that does not read the targets."""
-    header = check_raw_sample(sample, seq_len=seq_len, top_k=top_k, vocab_size=vocab_size)
+    header = check_raw_sample(sample, seq_len=seq_len, top_k=top_k, vocab_size=vocab_size,
+                              target_vocab_size=target_vocab_size, aligned=aligned)
     return _unpack_fixed(sample["bin"][header["offset"]:header["offset"] + header["sizes"]["tokens"]], seq_len,
                          _id_bits(vocab_size))
 
 
 def decode_sample(
     sample: dict[str, Any], *, seq_len: int, top_k: int, vocab_size: int, codec: ProbCodec = ProbCodec(),
+    target_vocab_size: int | None = None, aligned: bool | None = None,
 ) -> TeacherSample:
-    """Decode a raw sample (dict with 'bin' bytes). Raises ValueError on malformed input."""
-    header = check_raw_sample(sample, seq_len=seq_len, top_k=top_k, vocab_size=vocab_size)
+    """Decode a raw sample (dict with 'bin' bytes). Raises ValueError on malformed input.
+
+    target_vocab_size / aligned: what the manifest says (see check_raw_sample); kd_mask is None without the section.
+    """
+    header = check_raw_sample(sample, seq_len=seq_len, top_k=top_k, vocab_size=vocab_size,
+                              target_vocab_size=target_vocab_size, aligned=aligned)
+    target_vocab = header["tv"]
     codec = codec.resolved(top_k)
     blob, parts, off = sample["bin"], {}, header["offset"]
     for name, size in header["sizes"].items():
         parts[name] = blob[off:off + size]
         off += size
     tokens = _unpack_fixed(parts["tokens"], seq_len, _id_bits(vocab_size))
-    ids = _golomb_decode(parts["id_unary"], parts["id_prefix"], parts["id_extra"], seq_len, top_k, vocab_size)
+    ids = _golomb_decode(parts["id_unary"], parts["id_prefix"], parts["id_extra"], seq_len, top_k, target_vocab)
     try:
         raw_levels = lzma.decompress(parts["levels"], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     except lzma.LZMAError as exc:
@@ -316,7 +370,7 @@ def decode_sample(
                          f"{seq_len * (top_k + 1) * dtype.itemsize}")
     levels = np.frombuffer(raw_levels, dtype=dtype).astype(np.int64).reshape(seq_len, top_k + 1)
     logq = codec.logp_of_level(levels + codec.level_range[0])
-    if top_k >= vocab_size:
+    if top_k >= target_vocab:
         logq[:, -1] = -np.inf  # the tail is exactly empty
     logq -= np.logaddexp.reduce(logq, axis=1, keepdims=True)
     logp, log_tail = logq[:, :-1], np.maximum(logq[:, -1], TAIL_LOGMASS_FLOOR)
@@ -326,6 +380,8 @@ def decode_sample(
         topk_ids=np.take_along_axis(ids, order, axis=1),
         topk_logprobs=np.take_along_axis(logp, order, axis=1).astype(np.float32),
         tail_logmass=log_tail.astype(np.float32),
+        kd_mask=(np.unpackbits(np.frombuffer(parts["aligned"], dtype=np.uint8), count=seq_len).astype(bool)
+                 if "aligned" in parts else None),
     )
 
 
@@ -361,10 +417,25 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     teacher: str = ""
     args: dict[str, Any] = field(default_factory=dict)
+    # Cross-tokenizer shards (a teacher with another tokenizer): vocab_size and tokenizer_fingerprint are the
+    # student's (the tokens are), the top-k ids index the teacher's vocab, and every sample carries the 'aligned' mask.
+    target_vocab_size: int = 0  # the vocab the top-k ids index; 0: vocab_size
+    teacher_tokenizer_fingerprint: str = ""  # set for cross-tokenizer shards only
+    alignment: str = ""  # cross-tokenizer shards: how student positions were paired with teacher positions
 
     @property
     def total_samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """The teacher's tokenizer is not the student's: top-k ids are teacher ids, samples carry kd_mask."""
+        return bool(self.teacher_tokenizer_fingerprint)
+
+    @property
+    def target_vocab(self) -> int:
+        """The vocab size the top-k ids index (the teacher's)."""
+        return self.target_vocab_size or self.vocab_size
 
     @property
     def codec(self) -> ProbCodec:
@@ -399,25 +470,42 @@ class Manifest:
             raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
         try:
             raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
-            return cls(**raw)
+            manifest = cls(**raw)
         except TypeError as exc:
             raise ValueError(f"{path}: bad manifest ({exc})") from None
+        if manifest.target_vocab_size < 0 or (manifest.target_vocab_size and not manifest.cross_tokenizer):
+            raise ValueError(f"{path}: target_vocab_size {manifest.target_vocab_size} without a "
+                             "teacher_tokenizer_fingerprint (only cross-tokenizer shards have their own target vocab)")
+        if manifest.cross_tokenizer and manifest.teacher_tokenizer_fingerprint == manifest.tokenizer_fingerprint:
+            raise ValueError(f"{path}: teacher_tokenizer_fingerprint is the student's tokenizer_fingerprint "
+                             "(shards of one tokenizer are not cross-tokenizer)")
+        return manifest
 
     def check_compatible(self, *, vocab_size: int, tokenizer_fingerprint: str | None) -> None:
-        """Raise ValueError if a student with this vocab / tokenizer cannot learn from these shards."""
-        if vocab_size != self.vocab_size:
+        """Raise ValueError if a student with this vocab / tokenizer cannot learn from these shards.
+
+        Cross-tokenizer shards: the top-k ids never index the student's logits, so a student vocab at least as large
+        as the tokens' (e.g. padded embeddings) is enough; otherwise the vocab must be the same."""
+        if self.cross_tokenizer and vocab_size < self.vocab_size:
+            raise ValueError(f"manifest vocab_size {self.vocab_size} > student vocab_size {vocab_size} (the "
+                             "student's tokens do not fit)")
+        if not self.cross_tokenizer and vocab_size != self.vocab_size:
             raise ValueError(f"manifest vocab_size {self.vocab_size} != student vocab_size {vocab_size}")
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise ValueError(f"manifest tokenizer_fingerprint {self.tokenizer_fingerprint} != student tokenizer "
                              f"fingerprint {tokenizer_fingerprint}")
 
 
-def encodings_description(codec: ProbCodec, vocab_size: int, top_k: int) -> dict[str, Any]:
+def encodings_description(codec: ProbCodec, vocab_size: int, top_k: int, *, target_vocab_size: int | None = None,
+                          aligned: bool = False) -> dict[str, Any]:
+    """The manifest's `encodings`; target_vocab_size / aligned: cross-tokenizer shards (see the module docstring)."""
     codec = codec.resolved(top_k)
-    m = golomb_parameter(vocab_size, top_k)
-    return {
+    target_vocab = vocab_size if target_vocab_size is None else target_vocab_size
+    m = golomb_parameter(target_vocab, top_k)
+    sections = "tokens|id_unary|id_prefix|id_extra|levels" + ("|aligned" if aligned else "")
+    out = {
         "layout": "one member <key>.bin: crc32(rest) u32le | header length u16le | JSON header | sections "
-                  "tokens|id_unary|id_prefix|id_extra|levels (sizes in the header)",
+                  f"{sections} (sizes in the header)",
         "tokens": f"uint{_id_bits(vocab_size)} bit-packed, MSB first",
         "topk_ids": {"scheme": "ids ascending per position; gaps id[j]-id[j-1]-1 Golomb-coded: unary quotients, "
                                "b-1 prefix bits, 1 extra bit when prefix >= 2^b-M (truncated binary)",
@@ -431,6 +519,13 @@ def encodings_description(codec: ProbCodec, vocab_size: int, top_k: int) -> dict
         "tail": "the (k+1)-th quantised value; tail_logmass = log(1 - sum exp(topk_logprobs)), floored at "
                 f"{TAIL_LOGMASS_FLOOR} when k == vocab",
     }
+    if target_vocab != vocab_size:
+        out["topk_ids"]["vocab_size"] = target_vocab
+        out["topk_ids"]["note"] = "the teacher's vocabulary ids (header field tv); tokens are the student's"
+    if aligned:
+        out["aligned"] = ("kd_mask: bool per position, np.packbits (MSB first, ceil(S/8) bytes); False = no teacher "
+                          "position read the same text, that position's top-k row is a placeholder")
+    return out
 
 
 # ---------------------------------------------------------------- fingerprints

@@ -118,7 +118,8 @@ class _SlotSource:
 
     def _valid(self, name: str, raw: dict[str, Any]) -> bool:
         try:
-            check_raw_sample(raw, seq_len=self.m.seq_len, top_k=self.m.top_k, vocab_size=self.m.vocab_size)
+            check_raw_sample(raw, seq_len=self.m.seq_len, top_k=self.m.top_k, vocab_size=self.m.vocab_size,
+                             target_vocab_size=self.m.target_vocab, aligned=self.m.cross_tokenizer)
             return True
         except ValueError as exc:
             self._corrupt(f"shard {name} key {raw['__key__']}: {exc}")
@@ -164,20 +165,26 @@ def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Gene
 
 def collate(samples: list[Any]) -> dict[str, torch.Tensor]:
     """Stack decoded samples (TeacherSamples, or token arrays alone); labels[t] = input_ids[t+1], last position -100
-    (all fields at logit positions)."""
+    (all fields at logit positions). Samples of cross-tokenizer shards add `kd_mask` (bool [B, S])."""
     tokens_only = isinstance(samples[0], np.ndarray)
     ids = torch.from_numpy(np.stack(samples if tokens_only else [s.input_ids for s in samples]).astype(np.int64))
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     if tokens_only:
         return {"input_ids": ids, "labels": labels}
-    return {
+    batch = {
         "input_ids": ids,
         "labels": labels,
         "topk_ids": torch.from_numpy(np.stack([s.topk_ids for s in samples]).astype(np.int64)),
         "topk_logprobs": torch.from_numpy(np.stack([s.topk_logprobs for s in samples])),
         "tail_logmass": torch.from_numpy(np.stack([s.tail_logmass for s in samples])),
     }
+    masks = [s.kd_mask for s in samples]
+    if any(m is not None for m in masks):
+        if any(m is None for m in masks):
+            raise ValueError("a batch mixes samples with and without kd_mask")
+        batch["kd_mask"] = torch.from_numpy(np.stack(masks).astype(bool))
+    return batch
 
 
 class _Streams(torch.utils.data.IterableDataset):
@@ -211,6 +218,8 @@ class ShardStream:
     """Iterable of batches (dicts of tensors aligned to logit positions; see ``collate``).
 
     ``tail_logmass`` is log(1 - sum(exp(topk_logprobs))), float32 [B,S]; topk_* are sorted by descending prob.
+    Cross-tokenizer shards (``manifest.cross_tokenizer``): topk_ids are the teacher's vocabulary ids and batches also
+    carry ``kd_mask`` (bool [B,S], False where no teacher position read the same text; those rows are placeholders).
     """
 
     def __init__(
@@ -267,9 +276,9 @@ class ShardStream:
         m, out = self.manifest, []
         for raw in raws:
             try:
-                out.append(decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size,
-                                         codec=m.codec) if self.targets else
-                           decode_tokens(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size))
+                kw = {"seq_len": m.seq_len, "top_k": m.top_k, "vocab_size": m.vocab_size,
+                      "target_vocab_size": m.target_vocab, "aligned": m.cross_tokenizer}
+                out.append(decode_sample(raw, codec=m.codec, **kw) if self.targets else decode_tokens(raw, **kw))
             except ValueError as exc:
                 raise ShardFormatError(f"shard {Path(raw['__url__']).name} key {raw['__key__']}: {exc}") from None
         return collate(out)

@@ -204,6 +204,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.teacher_tokenizer = self._cross_tokenizer()
+        self.cross_tokenizer_targets = self.teacher_tokenizer is not None  # or shards of such a teacher, below
         if cfg.preference.reference:
             check_same_tokenizer(cfg.preference.reference, self.tokenizer, "preference.reference", cfg)
         if cfg.data.shards:
@@ -248,7 +249,11 @@ class Trainer:
                               f"new tokens exceed the shards' seq_len {manifest.seq_len}")
         if cfg.teacher.kind != TeacherKind.shards:
             return  # the shards are the token source only; their targets are never decoded
+        self.cross_tokenizer_targets = manifest.cross_tokenizer
         for where, loss in loss_configs(cfg):
+            _refuse(manifest.cross_tokenizer and loss.needs() and loss.kind != KDKind.uld, f"{where}loss.kind",
+                    f"{loss.kind}: the shards in {cfg.data.shards} hold the targets of a teacher with another "
+                    "tokenizer, and only uld compares distributions over different vocabularies")
             if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
                 raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
                                   f"{cfg.data.shards} hold targets at T={manifest.temperature}")
@@ -422,7 +427,7 @@ class Trainer:
             kd_tokens += parts.pop("kd_tokens")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
-        if self.teacher_tokenizer is not None:  # the share of trained tokens whose boundaries the teacher shares
+        if self.cross_tokenizer_targets:  # the share of trained tokens whose boundaries the teacher shares
             sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
         return sums, tokens, stats
 
