@@ -274,3 +274,22 @@ def test_two_ranks_write_cross_tokenizer_shards(crosstok_teacher_dir, tiny_llama
             assert np.array_equal(dec.kd_mask, index >= 0)
             unaligned += int((index < 0).sum())
     assert m.total_samples == 12 and unaligned > 0
+
+
+def test_inspect_shows_cross_tokenizer_shards(cross_run):
+    """inspect_shards names the teacher's tokenizer and marks which positions carry a teacher target; the tokens are
+    shown with the student's tokenizer, the candidates with the teacher's."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.inspect import describe
+
+    manifest, out, cfg = cross_run
+    text = describe(out, positions=CROSS_SEQ_LEN)
+    assert f"cross-tokenizer: tokens are the student's, top-k ids the teacher's (vocab {manifest.target_vocab}" in text
+    raw = _samples(out, manifest)[0][1]
+    dec = decode_sample(raw, seq_len=CROSS_SEQ_LEN, top_k=8, vocab_size=manifest.vocab_size, codec=manifest.codec,
+                        target_vocab_size=manifest.target_vocab)
+    assert text.count("(aligned)") == int(dec.kd_mask.sum())
+    assert text.count("(no teacher target)") == CROSS_SEQ_LEN - int(dec.kd_mask.sum())
+    student = AutoTokenizer.from_pretrained(cfg.student_tokenizer)
+    assert f"[0] token {student.decode([int(dec.input_ids[0])])!r} -> " in text

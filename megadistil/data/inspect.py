@@ -25,23 +25,34 @@ def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 
         (f"{len(m.shards)} shards  {m.total_samples} sequences  {tokens} tokens  {total_bytes / 1e6:.2f} MB  "
          f"{total_bytes / max(tokens, 1):.1f} bytes/token (tar overhead included)"),
     ]
+    if m.cross_tokenizer:
+        lines.append(f"cross-tokenizer: tokens are the student's, top-k ids the teacher's (vocab {m.target_vocab}, "
+                     f"tokenizer {m.teacher_tokenizer_fingerprint}); {m.alignment}")
     lines += [f"  {s.name}: {s.samples} samples  {s.bytes} B  sha256 {s.sha256[:16]}..." for s in m.shards[:20]]
     raws = wds.tariterators.tarfile_samples([{"url": str(Path(shard_dir) / m.shards[0].name)}])
     raw = next((r for i, r in enumerate(raws) if i == sample), None)
     if raw is None:
         raise ValueError(f"{m.shards[0].name}: has no sample {sample}")
-    dec = decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec)
-    tok = _tokenizer(tokenizer or m.teacher)
-    show = (lambda i: repr(tok.decode([int(i)]))) if tok is not None else str
+    dec = decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec,
+                        target_vocab_size=m.target_vocab)
+    teacher_tok = _tokenizer(m.teacher)
+    student_tok = _tokenizer(tokenizer or (m.args.get("student_tokenizer") if m.cross_tokenizer else m.teacher))
+    show_token, show = (_shower(tok) for tok in (student_tok, teacher_tok))
     lines.append(f"sample {raw['__key__']} (first {positions} positions; prob at T={m.temperature}):")
     for t in range(min(positions, m.seq_len)):
         cands = ", ".join(f"{show(i)} {np.exp(lp):.3f}" for i, lp in zip(dec.topk_ids[t, :show_k],
                                                                           dec.topk_logprobs[t, :show_k]))
-        lines.append(f"  [{t}] token {show(dec.input_ids[t])} -> {cands}  tail {np.exp(dec.tail_logmass[t]):.4f}")
+        aligned = "" if dec.kd_mask is None else ("  (aligned)" if dec.kd_mask[t] else "  (no teacher target)")
+        lines.append(f"  [{t}] token {show_token(dec.input_ids[t])} -> {cands}  tail "
+                     f"{np.exp(dec.tail_logmass[t]):.4f}{aligned}")
     return "\n".join(lines)
 
 
-def _tokenizer(path: str):
+def _shower(tok):
+    return (lambda i: repr(tok.decode([int(i)]))) if tok is not None else str
+
+
+def _tokenizer(path: str | None):
     if not path or not Path(path).is_dir():
         return None
     from transformers import AutoTokenizer

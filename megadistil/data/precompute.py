@@ -197,7 +197,7 @@ def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str
         "max_sequences": cfg.max_sequences, "dtype": cfg.dtype, "world_size": world, "codec": cfg.codec,
     }
     if teacher_tok_fp is not None:
-        ident["teacher_tokenizer_fingerprint"] = teacher_tok_fp
+        ident |= {"teacher_tokenizer_fingerprint": teacher_tok_fp, "student_tokenizer": cfg.student_tokenizer}
     return ident
 
 
