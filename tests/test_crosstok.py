@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from megadistil.data.crosstok import align_positions, pack_text_windows, token_offsets, tokenize_segments
+from megadistil.data.crosstok import (
+    align_positions,
+    pack_text_windows,
+    token_bytes,
+    token_offsets,
+    tokenize_segments,
+    vocab_map,
+)
 from megadistil.data.packed import PackedTextBatches
 from megadistil.data.text import iter_documents, pack_text
+from megadistil.distill.targets import mapped_targets
 
 EOS = "<|end_of_text|>"
 CORPUS = [
@@ -324,3 +332,46 @@ def test_identical_tokenizers_give_the_exact_paths_loss(student, tmp_path):
     got = chunked_lm_head_loss(h, W, batch["labels"], cfg, sparse=cross, kd_mask=mask)
     torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-7)
     assert got["kd_tokens"] == want["tokens"]
+    # Any other divergence maps the teacher's ids onto the student's vocabulary: here the identity, no holes.
+    vmap = torch.from_numpy(vocab_map(student, student))
+    mapped, kept = mapped_targets(cross, vmap)
+    assert bool(kept.all()) and bool(mapped.present.all())
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        cfg = LossConfig(kind=kind, ce_weight=0.5, chunk_tokens=16)
+        want = chunked_lm_head_loss(h, W, batch["labels"], cfg, sparse=exact)
+        got = chunked_lm_head_loss(h, W, batch["labels"], cfg, sparse=mapped, kd_mask=mask & kept)
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-7)
+
+
+def test_vocab_map_pairs_the_tokens_that_spell_the_same_bytes(student, teacher):
+    vmap = vocab_map(teacher, student)
+    s_bytes, t_bytes = token_bytes(student), token_bytes(teacher)
+    assert vmap[teacher.eos_token_id] == student.eos_token_id and EOS.encode() not in t_bytes.values()
+    assert t_bytes[teacher.convert_tokens_to_ids("Ġ")] == b" "  # GPT-2's byte alphabet: Ġ is the space byte
+    assert t_bytes[teacher.convert_tokens_to_ids("Ã")] == bytes([0xC3])  # half of a two-byte character
+    kept = vmap >= 0
+    assert len(set(vmap[kept].tolist())) == int(kept.sum())  # one-to-one
+    student_spellings = set(s_bytes.values())
+    for tid, spelled in t_bytes.items():
+        if vmap[tid] >= 0:
+            assert s_bytes[int(vmap[tid])] == spelled
+        else:
+            assert spelled not in student_spellings
+    # Both vocabularies hold all 256 bytes and many shared merges, but not every merge: a real partial map.
+    assert 256 < int(kept.sum()) < len(t_bytes)
+    np.testing.assert_array_equal(vocab_map(student, student), np.arange(len(student)))
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary():
+    """Metaspace pieces spell a space as U+2581; the vocabulary maps onto a byte-level one by the bytes spelled."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=[EOS],
+                                                                show_progress=False))
+    sp = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+    spelled = token_bytes(sp)
+    assert spelled[sp.convert_tokens_to_ids("\u2581the")] == b" the"
+    assert sp.eos_token_id not in spelled

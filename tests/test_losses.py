@@ -602,3 +602,74 @@ def test_per_token_inputs_are_checked():
     foreign = SparseTarget(sparse.topk_ids + 1000, sparse.topk_logprobs, sparse.tail_logmass)
     with pytest.raises(ValueError, match="ids outside"):  # an id-matching divergence refuses another vocabulary
         chunked_lm_head_loss(h, W, labels, LossConfig(kind="forward_kl"), sparse=foreign)
+
+
+def _ref_masked_divergence(kind, beta, P, Q, kept):
+    """The divergence over the kept buckets only (a hole is no bucket: p = q = 0 there, and so is its term)."""
+    one = torch.ones_like(P)
+    P, Q = torch.where(kept, P, one), torch.where(kept, Q, one)  # finite logs (and gradients) at the holes
+    if kind == "forward_kl":
+        term = P * (P.log() - Q.log())
+    elif kind == "reverse_kl":
+        term = Q * (Q.log() - P.log())
+    else:
+        M = beta * P + (1 - beta) * Q
+        term = beta * P * (P.log() - M.log()) + (1 - beta) * Q * (Q.log() - M.log())
+    return (term * kept).sum(-1)
+
+
+def _merge_holes(sparse: SparseTarget, present: torch.Tensor):
+    """The reference's view of a target with holes: the kept entries as buckets, the dropped ones' mass in the tail."""
+    p_top = sparse.topk_logprobs.double().exp() * present
+    tail = sparse.tail_logmass.double().exp() + (sparse.topk_logprobs.double().exp() * ~present).sum(-1)
+    return p_top, tail
+
+
+@pytest.mark.parametrize("kind,beta", KINDS)
+def test_a_target_with_holes_matches_float64_reference(kind, beta):
+    """Entries of another tokenizer's top-k that have no student token are holes: their mass is in the tail, their id
+    repeats a kept one, and the loss equals KD over the kept buckets + tail computed in float64."""
+    from megadistil.distill.targets import mapped_targets
+
+    h, W, labels, teacher_logits = _problem(seed=19)
+    cfg = LossConfig(kind=kind, jsd_beta=beta, temperature=1.5, ce_weight=0.3, chunk_tokens=6)
+    # a teacher over 70 ids, 50 of which map onto the student's 50 (shuffled), 20 onto nothing
+    g = torch.Generator().manual_seed(3)
+    vmap = torch.cat([torch.randperm(50, generator=g), torch.full((20,), -1)])[torch.randperm(70, generator=g)]
+    t_logits = torch.cat([teacher_logits, torch.randn(teacher_logits.shape[0], 20, generator=g, dtype=torch.float64)], -1)
+    teacher = _make_sparse(t_logits, k=10, T=cfg.temperature)
+    mapped, has_any = mapped_targets(teacher, vmap)
+    present = mapped.present
+    assert has_any.all() and (~present).any() and present.sum(-1).min() >= 1
+    p_top, p_tail = _merge_holes(teacher, present)
+    # float64 reference: student buckets at the mapped ids (kept entries) + its remaining mass
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    z = h64 @ W64.T
+    q = torch.softmax(z / cfg.temperature, -1)
+    q_top = q.gather(-1, vmap[teacher.topk_ids].clamp_min(0)) * present
+    P = torch.cat([p_top, p_tail[:, None]], -1)
+    Q = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    kd_ref = _ref_masked_divergence(kind, beta, P, Q, torch.cat([present, torch.ones_like(present[:, :1])], -1))
+    ce = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    loss_ref = (cfg.kd_weight * cfg.temperature**2 * kd_ref + cfg.ce_weight * ce)[valid].mean()
+    loss_ref.backward()
+    ref = (loss_ref.detach(), kd_ref[valid].mean().detach(), ce[valid].mean().detach(), h64.grad, W64.grad)
+    _assert_matches_ref(chunked_lm_head_loss(h, W, labels, cfg, sparse=mapped), h, W, ref)
+
+
+def test_a_target_without_holes_is_bitwise_the_plain_one():
+    """present all True (a tokenizer whose every top-k token the student has) changes nothing, bit for bit."""
+    h, W, labels, teacher_logits = _problem(seed=20)
+    sparse = _make_sparse(teacher_logits, k=8, T=1.0)
+    full = SparseTarget(sparse.topk_ids, sparse.topk_logprobs, sparse.tail_logmass, torch.ones_like(sparse.topk_ids,
+                                                                                                   dtype=torch.bool))
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        cfg = LossConfig(kind=kind, ce_weight=0.5, chunk_tokens=5)
+        results = []
+        for target in (sparse, full):
+            h.grad = W.grad = None
+            out = chunked_lm_head_loss(h, W, labels, cfg, sparse=target)
+            out["loss"].backward()
+            results.append((out["loss"].detach(), h.grad.clone(), W.grad.clone()))
+        assert all(torch.equal(a, b) for a, b in zip(*results)), kind

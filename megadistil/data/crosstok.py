@@ -19,6 +19,7 @@ wherever they tokenized the text identically.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import deque
@@ -252,6 +253,53 @@ def _ends(ends: np.ndarray, name: str) -> np.ndarray:
         i = int(np.flatnonzero(np.diff(arr) < 0)[0])
         raise ValueError(f"{name}: must be non-decreasing, but position {i + 1} ends at {arr[i + 1]} < {arr[i]}")
     return arr.astype(np.int64, copy=False)
+
+
+def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> np.ndarray:
+    """int64 [teacher vocab]: for each teacher id, the student id whose token spells the same bytes (-1: none). The
+    EOS tokens map to each other; other special tokens to nothing. One-to-one: a student id is claimed once."""
+    student: dict[bytes, int] = {}
+    for sid, spelled in token_bytes(student_tokenizer).items():
+        student.setdefault(spelled, sid)
+    teacher = token_bytes(teacher_tokenizer)
+    out = np.full(max(len(teacher_tokenizer), max(teacher, default=0) + 1), -1, dtype=np.int64)
+    claimed = {_eos_id(student_tokenizer)}
+    for tid, spelled in teacher.items():
+        sid = student.get(spelled, -1)
+        if sid >= 0 and sid not in claimed:
+            out[tid] = sid
+            claimed.add(sid)
+    out[_eos_id(teacher_tokenizer)] = _eos_id(student_tokenizer)
+    return out
+
+
+def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    """The bytes each ordinary token spells: byte-level BPE symbols (GPT-2's byte alphabet) or SentencePiece pieces
+    ('\u2581' is a space, <0xNN> a byte); special tokens are left out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    special = set(tokenizer.all_special_ids)
+    out = {}
+    for tid, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if tid in special or token is None:
+            continue
+        if byte_level:
+            out[tid] = bytes(_BYTE_DECODER[c] for c in token) if set(token) <= _BYTE_DECODER.keys() else token.encode()
+        elif _BYTE_FALLBACK.fullmatch(token):
+            out[tid] = bytes([int(token[3:5], 16)])
+        else:
+            out[tid] = token.replace("\u2581", " ").encode()
+    return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_DECODER = _byte_decoder()
 
 
 def teacher_batch(windows: Sequence[TextWindow], teacher_tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:

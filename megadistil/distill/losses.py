@@ -167,6 +167,9 @@ class SparseTarget:
     topk_ids: Tensor  # int64 [N, k]
     topk_logprobs: Tensor  # float [N, k]
     tail_logmass: Tensor  # float [N], log(1 - sum(exp(topk_logprobs))) computed in log space, >= TAIL_LOGMASS_FLOOR
+    # bool [N, k]: entries that are buckets (None: all). Another tokenizer's top-k mapped onto the student's vocabulary
+    # has holes where a teacher token has no student token: their mass is in the tail, their id repeats a present one.
+    present: Tensor | None = None
 
     def flat(self, num_tokens: int, vocab: int, *, student_ids: bool = True) -> SparseTarget:
         """Flatten leading dims to [N, k] and check shapes and id range (errors name the field). `student_ids`
@@ -175,6 +178,9 @@ class SparseTarget:
         ids = self.topk_ids.reshape(-1, k)
         logprobs = self.topk_logprobs.reshape(-1, k)
         tail = self.tail_logmass.reshape(-1)
+        present = self.present.reshape(-1, k) if self.present is not None else None
+        if present is not None and k >= vocab:
+            raise ValueError(f"sparse.present: a target with holes needs k={k} < the student's vocab={vocab}")
         for name, t in (("sparse.topk_ids", ids), ("sparse.topk_logprobs", logprobs), ("sparse.tail_logmass", tail)):
             if t.shape[0] != num_tokens:
                 raise ValueError(f"{name} has {t.shape[0]} tokens, hidden has {num_tokens}")
@@ -184,7 +190,7 @@ class SparseTarget:
             raise ValueError(f"sparse.topk_ids: k={k} must be in [1, the student's vocab={vocab}]")
         if student_ids and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"sparse.topk_ids has ids outside [0, {vocab})")
-        return SparseTarget(ids, logprobs.float(), tail.float())
+        return SparseTarget(ids, logprobs.float(), tail.float(), present)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,24 +198,29 @@ class SparseTarget:
 # softmax/bucket map), so one back-map serves every kind.
 
 
-def _bucket_divergence(kind: str, beta: float, logp: Tensor, logq: Tensor, p: Tensor,
-                       need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """uld expects both sides' buckets sorted by probability (the caller pairs them by rank)."""
+def _bucket_divergence(kind: str, beta: float, logp: Tensor, logq: Tensor, p: Tensor, need_grad: bool,
+                       present: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """uld expects both sides' buckets sorted by probability (the caller pairs them by rank). `present` [c, B]: the
+    buckets that exist; an absent one (p = q = 0, log-probs -inf) adds 0 and gets no gradient."""
     q = logq.exp()
-    if kind == "uld":
-        diff = q - p
-        return diff.abs().sum(-1), (q * diff.sign() if need_grad else None)
+    if kind == "jsd":
+        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        to_p, to_q = _kept(p * (logp - logm), present), _kept(q * (logq - logm), present)
+        # d/dq_b of beta*KL(p||m) + (1-beta)*KL(q||m) simplifies to (1-beta) log(q_b/m_b).
+        return beta * to_p.sum(-1) + (1.0 - beta) * to_q.sum(-1), ((1.0 - beta) * to_q if need_grad else None)
     if kind == "forward_kl":
-        kd = (p * (logp - logq)).sum(-1)
-        return kd, (-p if need_grad else None)
-    if kind == "reverse_kl":
+        term, g = p * (logp - logq), (-p if need_grad else None)
+    elif kind == "reverse_kl":
         diff = logq - logp
-        kd = (q * diff).sum(-1)
-        return kd, (q * (diff + 1.0) if need_grad else None)
-    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-    kd = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (q * (logq - logm)).sum(-1)
-    # d/dq_b of beta*KL(p||m) + (1-beta)*KL(q||m) simplifies to (1-beta) log(q_b/m_b).
-    return kd, ((1.0 - beta) * q * (logq - logm) if need_grad else None)
+        term, g = q * diff, (q * (diff + 1.0) if need_grad else None)
+    else:  # uld
+        diff = q - p
+        term, g = diff.abs(), (q * diff.sign() if need_grad else None)
+    return _kept(term, present).sum(-1), (_kept(g, present) if g is not None else None)
+
+
+def _kept(x: Tensor, present: Tensor | None) -> Tensor:
+    return x if present is None else x.masked_fill(~present, 0.0)
 
 
 def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -236,16 +247,22 @@ def _dense_uld(logp: Tensor, logq: Tensor, need_grad: bool) -> tuple[Tensor, Ten
     return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
 
 
-def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor,
-               need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (left unchanged)."""
+def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor, need_grad: bool,
+               present: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (left unchanged). `present`
+    [c, k]: the entries that are buckets; an absent entry's id repeats a present one's (so the complement, the tail,
+    is the same set), its log-probs on both sides are -inf."""
     vocab, k = s.shape[-1], ids.shape[-1]
     if kind == "uld":
         # ULD pairs probabilities by rank, not by id: the student's buckets are its own k largest (sorted), the
         # teacher's its sorted top-k, and each side's tail; the teacher's ids are never read.
         ids = s.topk(k, -1).indices
         t_logprobs = t_logprobs.sort(-1, descending=True).values
+        present = None  # a hole is a probability of 0 in the sorted vector
     s_top = s.gather(-1, ids)
+    if present is not None:
+        s_top, t_logprobs = s_top.masked_fill(~present, float("-inf")), t_logprobs.masked_fill(~present, float("-inf"))
+        present = torch.cat([present, present.new_ones(present.shape[0], 1)], -1)  # the tail bucket always exists
     if k == vocab:
         # Full target: the complement is empty and the stored tail is rounding noise, so there is no tail bucket.
         logq_top = s_top - torch.logsumexp(s, -1, keepdim=True)
@@ -262,7 +279,7 @@ def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tenso
     log_tail = tail.clamp(TAIL_LOGMASS_FLOOR, 0.0).unsqueeze(-1)
     logp = torch.cat([t_logprobs, log_tail], -1)
     p = logp.exp()
-    kd, g = _bucket_divergence(kind, beta, logp, logq, p, need_grad)
+    kd, g = _bucket_divergence(kind, beta, logp, logq, p, need_grad, present)
     if g is None:
         return kd, None
     g_sum = g.sum(-1, keepdim=True)
@@ -270,8 +287,8 @@ def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tenso
     # Complement ids j: d log q_tail / d s_j = q_j / q_tail - q_j, so grad_j = exp(s_j - lse_tail) * (g_tail -
     # G q_tail) with G = sum_b g_b; written this way nothing divides by a tiny q_tail.
     coef = g[:, -1:] - g_sum * q[:, -1:]
-    grad = tail_exp.mul_(coef)
-    return kd, grad.scatter_(-1, ids, g[:, :-1] - q[:, :-1] * g_sum)
+    grad = tail_exp.mul_(coef)  # exactly 0 at the top-k ids, so adding scatters them (an absent entry adds 0)
+    return kd, grad.scatter_add_(-1, ids, g[:, :-1] - q[:, :-1] * g_sum)
 
 
 def _logsumexp_(x: Tensor) -> Tensor:
@@ -315,7 +332,8 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
         s = z / T if T != 1.0 else z
         if chunk.sparse is not None:
             sp = chunk.sparse
-            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass, need_grad)
+            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass, need_grad,
+                                  sp.present)
         else:
             with torch.no_grad():
                 t_logits = transform.apply_((chunk.teacher_hidden @ teacher_weight.T).float())
@@ -356,7 +374,8 @@ def _chunks(valid: Tensor, labels: Tensor, sparse: SparseTarget | None, teacher_
         idx = valid[start:start + chunk_tokens]
         sp = None
         if sparse is not None:
-            sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_logmass[idx])
+            sp = SparseTarget(sparse.topk_ids[idx], sparse.topk_logprobs[idx], sparse.tail_logmass[idx],
+                              sparse.present[idx] if sparse.present is not None else None)
         th = teacher_hidden[idx] if teacher_hidden is not None else None
         yield idx, _Chunk(labels[idx], sp, th, *(x[idx] if x is not None else None for x in (kd_scale, ce_scale)))
 
@@ -367,9 +386,9 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     scales the [N, H] (and [V, H]) gradients, and no logits are computed twice."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, teacher_hidden, teacher_weight,
+    def forward(ctx, hidden, weight, labels, valid, cfg, ids, logprobs, tail, present, teacher_hidden, teacher_weight,
                 transform, kd_scale, ce_scale, kd_count):
-        sparse = SparseTarget(ids, logprobs, tail) if ids is not None else None
+        sparse = SparseTarget(ids, logprobs, tail, present) if ids is not None else None
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         ce_sum = kd_sum.clone()
@@ -405,7 +424,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         scale = grad_loss.float() / ctx.count
         grad_h = (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None
         grad_w = (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None
-        return grad_h, grad_w, *([None] * 12)
+        return grad_h, grad_w, *([None] * 13)
 
 
 def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, cfg: LossConfig, *,
@@ -440,12 +459,12 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     valid = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
     if valid.numel() and (labels[valid].min() < 0 or labels[valid].max() >= vocab):
         raise ValueError(f"labels has values outside [0, {vocab}) other than {IGNORE_INDEX}")
-    ids = logprobs = tail = None
+    ids = logprobs = tail = present = None
     if sparse is not None and teacher_hidden is not None:
         raise ValueError("give either sparse or teacher_hidden as the KD target, not both")
     if sparse is not None:
         flat = sparse.flat(hidden.shape[0], vocab, student_ids=cfg.kind != KDKind.uld)
-        ids, logprobs, tail = flat.topk_ids, flat.topk_logprobs, flat.tail_logmass
+        ids, logprobs, tail, present = flat.topk_ids, flat.topk_logprobs, flat.tail_logmass, flat.present
     if teacher_hidden is not None:
         teacher_hidden, teacher_lm_head_weight = _check_teacher(teacher_hidden, teacher_lm_head_weight,
                                                                 hidden.shape[0], vocab)
@@ -455,7 +474,7 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     weights = _per_token(token_weights, labels, "token_weights")
     kd_scale = weights if mask is None else (weights if weights is not None else 1.0) * mask
     kd_count = None if mask is None else int(mask[valid].sum())
-    loss, kd, ce = _ChunkedLMHeadLoss.apply(hidden, lm_head_weight, labels, valid, cfg, ids, logprobs, tail,
+    loss, kd, ce = _ChunkedLMHeadLoss.apply(hidden, lm_head_weight, labels, valid, cfg, ids, logprobs, tail, present,
                                             teacher_hidden, teacher_lm_head_weight, logit_transform or LogitTransform(),
                                             kd_scale, weights, kd_count)
     tokens = torch.tensor(valid.numel(), device=hidden.device)

@@ -77,3 +77,17 @@ def aligned_targets(target: SparseTarget, teacher_index: Tensor) -> tuple[Sparse
     rows = torch.arange(teacher_index.shape[0], device=teacher_index.device)[:, None]
     picked = SparseTarget(target.topk_ids[rows, at], target.topk_logprobs[rows, at], target.tail_logmass[rows, at])
     return picked, teacher_index >= 0
+
+
+def mapped_targets(target: SparseTarget, vocab_map: Tensor) -> tuple[SparseTarget, Tensor]:
+    """Another tokenizer's top-k + tail on the student's vocabulary: each teacher id that has a student token of the
+    same bytes (vocab_map[id] >= 0) keeps its probability on that student id, the others' mass joins the tail
+    (SparseTarget.present marks the kept entries; a dropped one repeats its row's first kept id). Returns the target
+    and the mask of rows that kept any entry (a row that kept none has no target on the student's vocabulary)."""
+    mapped = vocab_map[target.topk_ids]
+    present = mapped >= 0
+    first = mapped.gather(-1, present.to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)
+    dropped = torch.logsumexp(target.topk_logprobs.masked_fill(present, float("-inf")), -1)
+    tail = torch.logaddexp(target.tail_logmass, dropped).clamp(TAIL_LOGMASS_FLOOR, 0.0)
+    return SparseTarget(torch.where(present, mapped, first), target.topk_logprobs.masked_fill(~present, float("-inf")),
+                        tail, present), present.any(-1)

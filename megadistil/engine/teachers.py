@@ -22,8 +22,14 @@ from torch import Tensor, nn
 
 from megadistil.bitnet import teacher_mode
 from megadistil.config import layer_lists
-from megadistil.distill.losses import LossConfig, SparseTarget, Target
-from megadistil.distill.targets import aligned_targets, head_label_logprobs, hidden_topk, model_label_logprobs
+from megadistil.distill.losses import KDKind, LossConfig, SparseTarget, Target
+from megadistil.distill.targets import (
+    aligned_targets,
+    head_label_logprobs,
+    hidden_topk,
+    mapped_targets,
+    model_label_logprobs,
+)
 from megadistil.models import capture_qkv, decoder, logit_transform, output_head
 
 
@@ -71,14 +77,29 @@ class NoTeacher:
         return Targets()
 
 
+def on_student_vocab(sparse: SparseTarget, mask: Tensor | None, vocab_map: Tensor | None,
+                     loss: LossConfig) -> Targets:
+    """Targets of a teacher with another tokenizer (vocab_map: its ids -> the student's, -1: none) as the loss reads
+    them: ULD as they are (it reads sorted probabilities only); any other divergence on the student's vocabulary, the
+    teacher's tokens without a student token moved into the tail (mapped_targets)."""
+    if vocab_map is None or loss.kind == KDKind.uld:
+        return Targets(sparse=sparse, kd_mask=mask)
+    mapped, kept = mapped_targets(sparse, vocab_map)
+    return Targets(sparse=mapped, kd_mask=kept if mask is None else mask & kept)
+
+
 class OfflineTeacher:
-    """The shards' top-k + tail, decoded by the reader into the batch."""
+    """The shards' top-k + tail, decoded by the reader into the batch; shards of a teacher with another tokenizer
+    carry the mask of aligned positions, and vocab_map maps their ids (None: ULD only)."""
+
+    def __init__(self, vocab_map: Tensor | None = None) -> None:
+        self.vocab_map = vocab_map
 
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
         if Target.logits not in loss.needs():
             return Targets()
-        return Targets(sparse=SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"]),
-                       kd_mask=batch.get("kd_mask"))
+        sparse = SparseTarget(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
+        return on_student_vocab(sparse, batch.get("kd_mask"), self.vocab_map, loss)
 
 
 class TopKHead(nn.Module):
@@ -126,8 +147,12 @@ class CrossTokenizerTeacher(HFTeacher):
     """A separate teacher with its own tokenizer. The batch carries the teacher's tokens of the same text
     (`teacher_input_ids` [B, T], right-padded: a causal model's earlier positions never see the padding) and, per
     student position, the aligned teacher position (`teacher_index` [B, S], -1 where the token boundaries differ).
-    The targets hold the teacher's top-k + tail at those positions (ids of the teacher's vocabulary: the loss is ULD,
-    which reads only the sorted probabilities) and a mask of the positions that have one."""
+    The targets hold the teacher's top-k + tail at those positions, as on_student_vocab gives them to the loss, and a
+    mask of the positions that have one."""
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int, vocab_map: Tensor) -> None:
+        super().__init__(model, ds_config, top_k=top_k)
+        self.vocab_map = vocab_map
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
@@ -136,8 +161,7 @@ class CrossTokenizerTeacher(HFTeacher):
         if Target.logits not in loss.needs():
             return Targets()
         target = SparseTarget(*self.engine(batch["teacher_input_ids"], loss.temperature, loss.chunk_tokens))
-        sparse, mask = aligned_targets(target, batch["teacher_index"])
-        return Targets(sparse=sparse, kd_mask=mask)
+        return on_student_vocab(*aligned_targets(target, batch["teacher_index"]), self.vocab_map, loss)
 
 
 class LabelLogprobHead(nn.Module):

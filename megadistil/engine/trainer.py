@@ -34,7 +34,7 @@ from megadistil.config import (
     uses_onpolicy,
 )
 from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
-from megadistil.data.crosstok import CrossTokenizerBatches
+from megadistil.data.crosstok import CrossTokenizerBatches, vocab_map
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import (
@@ -205,6 +205,7 @@ class Trainer:
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.teacher_tokenizer = self._cross_tokenizer()
         self.cross_tokenizer_targets = self.teacher_tokenizer is not None  # or shards of such a teacher, below
+        self.shards_teacher_tokenizer = None
         if cfg.preference.reference:
             check_same_tokenizer(cfg.preference.reference, self.tokenizer, "preference.reference", cfg)
         if cfg.data.shards:
@@ -227,15 +228,35 @@ class Trainer:
         if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(self.tokenizer):
             return None
         why = f"teacher.path {cfg.teacher.path} has another tokenizer than the student"
-        for where, loss in loss_configs(cfg):
-            _refuse(loss.needs() and loss.kind != KDKind.uld, f"{where}loss.kind",
-                    f"{loss.kind}: {why}, and only uld compares distributions over different vocabularies")
         _refuse(not cfg.data.text, "data.text", f"is required: {why}, which must tokenize the training text itself")
         _refuse(uses_onpolicy(cfg), "onpolicy.fraction", f"on-policy distillation needs the teacher to score the "
                 f"student's tokens; {why}")
         _refuse(bool(cfg.preference.reference), "preference.reference",
                 f"token weights need the teacher's log-probs of the student's labels; {why}")
         return teacher_tok
+
+    def _shards_teacher_tokenizer(self, manifest: Manifest) -> Any:
+        """Shards of a teacher with another tokenizer hold its ids: a divergence other than ULD maps them onto the
+        student's vocabulary, which takes the teacher's tokenizer (manifest.teacher, checked by fingerprint)."""
+        kinds = {loss.kind for _, loss in loss_configs(self.cfg) if loss.needs()}
+        if kinds <= {KDKind.uld}:
+            return None
+        why = (f"the shards in {self.cfg.data.shards} hold the ids of a teacher with another tokenizer, and "
+               f"loss.kind {'/'.join(sorted(k.value for k in kinds - {KDKind.uld}))} maps them onto the student's "
+               f"vocabulary with the teacher's tokenizer")
+        try:
+            tok = AutoTokenizer.from_pretrained(manifest.teacher, trust_remote_code=self.cfg.model.trust_remote_code)
+        except (OSError, ValueError):
+            raise ConfigError(f"config key 'loss.kind': {why}, which is not at manifest.teacher={manifest.teacher!r}; "
+                              "use loss.kind=uld, or run where the teacher's directory is") from None
+        _refuse(tokenizer_fingerprint(tok) != manifest.teacher_tokenizer_fingerprint, "loss.kind",
+                f"{why}, and the tokenizer at {manifest.teacher} is not the one the shards were made with")
+        return tok
+
+    def _vocab_map(self, teacher_tokenizer: Any) -> Tensor | None:
+        if teacher_tokenizer is None:
+            return None
+        return torch.from_numpy(vocab_map(teacher_tokenizer, self.tokenizer)).to(self.device)
 
     def _check_shards(self, manifest: Manifest, vocab_size: int) -> None:
         cfg = self.cfg
@@ -250,10 +271,9 @@ class Trainer:
         if cfg.teacher.kind != TeacherKind.shards:
             return  # the shards are the token source only; their targets are never decoded
         self.cross_tokenizer_targets = manifest.cross_tokenizer
+        if manifest.cross_tokenizer:
+            self.shards_teacher_tokenizer = self._shards_teacher_tokenizer(manifest)
         for where, loss in loss_configs(cfg):
-            _refuse(manifest.cross_tokenizer and loss.needs() and loss.kind != KDKind.uld, f"{where}loss.kind",
-                    f"{loss.kind}: the shards in {cfg.data.shards} hold the targets of a teacher with another "
-                    "tokenizer, and only uld compares distributions over different vocabularies")
             if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
                 raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
                                   f"{cfg.data.shards} hold targets at T={manifest.temperature}")
@@ -286,12 +306,14 @@ class Trainer:
         if kind == TeacherKind.shared:
             return SharedTeacher(self.engine.module.student)
         if kind == TeacherKind.shards:
-            return OfflineTeacher()
+            return OfflineTeacher(self._vocab_map(self.shards_teacher_tokenizer))
         if kind == TeacherKind.none:
             return NoTeacher()
         model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
-        kind = CrossTokenizerTeacher if self.teacher_tokenizer is not None else HFTeacher
-        return kind(model, self.ds_config, top_k=self.cfg.teacher.top_k)
+        if self.teacher_tokenizer is None:
+            return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
+        return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k,
+                                     vocab_map=self._vocab_map(self.teacher_tokenizer))
 
     def _build_reference(self) -> ReferenceModel | None:
         path = self.cfg.preference.reference
