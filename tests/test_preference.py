@@ -135,7 +135,7 @@ def test_rows_are_read_across_files_and_globs_in_order(tok, tmp_path):
     ([{"prompt": None, "chosen": "c", "rejected": "r"}], " row 1: field 'prompt' must be a string, got NoneType"),
     ([ROWS[0], "", "{not json"], " row 3: not valid JSON (Expecting property name enclosed in double quotes)"),
     (['["a list"]'], " row 1: not a JSON object (got list)"),
-    ([], ": holds no rows"),  # an empty file
+    ([], ": file is empty"),
     (["", "  "], ": holds no rows"),
 ])
 def test_bad_rows_name_the_file_row_and_field(tok, tmp_path, rows, message):

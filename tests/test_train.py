@@ -215,29 +215,29 @@ def test_separate_hf_teacher_as_zero3_inference_engine(runs):
     assert all(m["onpolicy_kd"] == m["kd"] and m["tokens"] <= 2 * 2 * 16 for m in steps[8:])
 
 
+def _kd_falls_on_partial_targets(run: Path) -> None:
+    """10 finite steps whose KD falls, on a share of the tokens only (those with a teacher target)."""
+    assert all(p["error"] is None for p in probe(run))
+    steps = [m for m in metrics(run) if "kd" in m]
+    kd = [m["kd"] for m in steps]
+    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
+    assert sum(kd[6:9]) < 0.9 * sum(kd[:3]), kd
+    assert all(0.3 < m["kd_target_share"] < 1.0 for m in steps), [m["kd_target_share"] for m in steps]
+
+
 @pytest.mark.multirank
 def test_teacher_with_another_tokenizer_distils_on_the_shared_vocabulary(runs):
     """A separate teacher whose tokenizer differs (another vocabulary and merges, same text): it tokenizes each
     window's text itself, positions where both have read the same text carry its targets, its top-k is mapped onto
     the student's tokens of the same bytes (the rest in the tail), and the forward KL on them falls."""
-    assert all(p["error"] is None for p in probe(runs["crosstok"]))
-    steps = [m for m in metrics(runs["crosstok"]) if "kd" in m]
-    kd = [m["kd"] for m in steps]
-    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
-    assert sum(kd[6:9]) < 0.9 * sum(kd[:3]), kd
-    assert all(0.3 < m["kd_target_share"] < 1.0 for m in steps), [m["kd_target_share"] for m in steps]
+    _kd_falls_on_partial_targets(runs["crosstok"])
 
 
 @pytest.mark.multirank
 def test_shards_of_a_teacher_with_another_tokenizer_distil_by_uld(runs):
     """The same teacher precomputed into shards (tools/precompute_teacher.py --student-tokenizer): the student's
     windows with the aligned targets and their mask; ULD on them falls as with the live teacher."""
-    assert all(p["error"] is None for p in probe(runs["crosstok_shards"]))
-    steps = [m for m in metrics(runs["crosstok_shards"]) if "kd" in m]
-    kd = [m["kd"] for m in steps]
-    assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
-    assert sum(kd[6:9]) < 0.9 * sum(kd[:3]), kd
-    assert all(0.3 < m["kd_target_share"] < 1.0 for m in steps), [m["kd_target_share"] for m in steps]
+    _kd_falls_on_partial_targets(runs["crosstok_shards"])
 
 
 @pytest.mark.multirank

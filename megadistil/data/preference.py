@@ -20,18 +20,17 @@ is conditioned on) obviously right, at the cost of some padding.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megadistil.data.packed import IGNORE_INDEX
+from megadistil.data.text import expand_files
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +45,6 @@ class PreferenceStats:
     rows: int  # rows read, over all files
     truncated: int  # rows longer than seq_len, cut to it (kept)
     dropped: int  # rows with no completion token left to learn (the prompt alone fills seq_len), left out
-
-
-def expand_preference_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
-    """Expand globs, keeping order; error naming a pattern that matches nothing or a file that is not ``.jsonl``."""
-    files: list[str] = []
-    for pat in patterns:
-        matches = sorted(glob.glob(str(pat))) if glob.has_magic(str(pat)) else [str(pat)]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            raise FileNotFoundError(f"preference data {pat}: no such file")
-        for m in matches:
-            if Path(m).suffix.lower() != ".jsonl":
-                raise ValueError(f"preference data {m}: unsupported suffix (JSON lines, .jsonl)")
-        files.extend(matches)
-    if not files:
-        raise ValueError("preference data: no files given")
-    return files
 
 
 def iter_preference_rows(path: str) -> Iterator[tuple[str, str]]:
@@ -107,7 +90,9 @@ def preference_sequences(files: Sequence[str | os.PathLike], tokenizer: Any,
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id: preference data ends every completion with EOS")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    paths = expand_preference_files(files)
+    paths = expand_files(files, suffixes=(".jsonl",), what="preference data")
+    if not paths:
+        raise ValueError("preference data: no files given")
 
     seqs: list[np.ndarray] = []
     labels: list[np.ndarray] = []

@@ -17,18 +17,20 @@ T = TypeVar("T")
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def expand_files(patterns: Sequence[str | os.PathLike]) -> list[str]:
-    """Expand globs; keep order; error naming any pattern that matches nothing or an unsupported suffix."""
+def expand_files(patterns: Sequence[str | os.PathLike], *, suffixes: Sequence[str] = tuple(_BUILDERS),
+                 what: str = "text input") -> list[str]:
+    """Expand globs; keep order; error naming (as `what`) any pattern that matches nothing, a suffix outside
+    `suffixes`, or an empty file."""
     files: list[str] = []
     for pat in patterns:
         matches = sorted(glob.glob(str(pat))) if glob.has_magic(str(pat)) else [str(pat)]
         if not matches or not all(os.path.isfile(m) for m in matches):
-            raise FileNotFoundError(f"text input {pat}: no such file")
+            raise FileNotFoundError(f"{what} {pat}: no such file")
         for m in matches:
-            if Path(m).suffix.lower() not in _BUILDERS:
-                raise ValueError(f"text input {m}: unsupported suffix (use {sorted(_BUILDERS)})")
+            if Path(m).suffix.lower() not in suffixes:
+                raise ValueError(f"{what} {m}: unsupported suffix (use {sorted(suffixes)})")
             if os.path.getsize(m) == 0:
-                raise ValueError(f"text input {m}: file is empty")
+                raise ValueError(f"{what} {m}: file is empty")
         files.extend(matches)
     return files
 
