@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 # itself goes through pip, which is what finds a local torch wheel (pip's find-links) and keeps its CUDA build.
 UV := $(VENV)/bin/uv
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo demo-crosstok bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m megadistil.demo --out runs/demo $(DEMO_ARGS)
+
+# The demo's student distilled from a teacher with another tokenizer (CE + ULD), against the same-tokenizer and
+# CE-only students: runs/demo-crosstok/report.md
+demo-crosstok: setup
+	$(PY) -m megadistil.demo_crosstok --out runs/demo-crosstok $(DEMO_ARGS)
 
 bench: setup
 	for f in bitlinear shards losses distill_step; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done

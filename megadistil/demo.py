@@ -2,8 +2,10 @@
 
 Corpus: the Python standard library's own source (on every machine), split by file into a training split and a
 held-out split. The teacher, a small Llama-3.1-shaped model pretrained on the whole training split, ships in
-megadistil/assets/demo-teacher (`--remake-teacher` makes it again with this code, ~8 min). The students see a slice
-of a few percent of those tokens, many times over, and everything is evaluated on the held-out files. The runs:
+megadistil/assets/demo-teacher (`--remake-teacher` makes it again with this code, ~8 min). Beside it ships the
+cross-tokenizer demo's teacher, megadistil/assets/demo-teacher-crosstok: the same model trained on the same split with
+another tokenizer (6k vocab, digits split; `--remake-teacher crosstok`). The students see a slice of a few percent of
+those tokens, many times over, and everything is evaluated on the held-out files. The runs:
 
   shards   BitNet student distilled from precomputed teacher shards      (2-rank ZeRO-3, ReLoRA, int8 backward)
   shared   BitNet student distilled from the live shared teacher          (same budget)
@@ -12,7 +14,7 @@ of a few percent of those tokens, many times over, and everything is evaluated o
 The naive ternary model (post-training quantization) is every run's step-0 evaluation. The `shards` student is then
 converted with tools/convert_to_ternary.py --verify and evaluated in vanilla transformers.
 
-  python -m megadistil.demo --out runs/demo [--quick] [--remake-teacher]
+  python -m megadistil.demo --out runs/demo [--quick] [--remake-teacher [{demo,crosstok}]]
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from megadistil.tiny import make_tiny_llama, stdlib_files
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_ASSET = Path(__file__).resolve().parent / "assets" / "demo-teacher"
+# The cross-tokenizer demo's teacher (CROSSTOK_TEACHER): another tokenizer (6k vocab, digits split) trained on the
+# same training split, so its token ids and boundaries differ from the demo teacher's.
+CROSSTOK_ASSET = Path(__file__).resolve().parent / "assets" / "demo-teacher-crosstok"
 
 
 class DemoError(RuntimeError):
@@ -47,15 +52,27 @@ class DemoError(RuntimeError):
 class TeacherSettings:
     """The demo's teacher: a 4-layer, 256-wide Llama-3.1-shaped model with a 4k-token BPE, pretrained for 800 steps
     of 16 x 256 tokens (~3 epochs of the training split). Pretraining it takes ~8 min on 2 cores, so the result is
-    shipped in megadistil/assets/demo-teacher (bf16, ~10 MB); `--remake-teacher` makes it again with this code."""
+    shipped in megadistil/assets/demo-teacher (bf16, ~10 MB); `--remake-teacher` makes it again with this code.
+    split_digits: the tokenizer's pre-tokenizer splits every digit off (train_bpe_tokenizer)."""
 
     hidden: int = 256
     layers: int = 4
     vocab: int = 4096
+    split_digits: bool = False
     steps: int = 800
     batch: int = 16
     seq_len: int = 256
     seed: int = 0
+
+
+CROSSTOK_TEACHER = TeacherSettings(vocab=6144, split_digits=True, seed=1)
+"""The teacher for the cross-tokenizer demo: another tokenizer (6k vocab, digits split) trained on the same training
+split (split_corpus), the same model size, steps and batch otherwise; shipped in CROSSTOK_ASSET
+(`--remake-teacher crosstok` makes it again). More merges than the student's 4k and digits split: its token boundaries
+are neither a refinement nor a coarsening of the student's (fewer merges of the same corpus would only refine them,
+and every student position would align), so the alignment meets partial overlaps as it does between real families."""
+# --remake-teacher NAME -> the settings and the asset directory it (re)makes
+TEACHERS = {"demo": (TeacherSettings(), TEACHER_ASSET), "crosstok": (CROSSTOK_TEACHER, CROSSTOK_ASSET)}
 
 
 @dataclass
@@ -137,17 +154,20 @@ def make_slice(train: Path, tokenizer_dir: Path, tokens: int, out: Path, seed: i
     return count
 
 
-def make_teacher(t: TeacherSettings, train_text: Path, out: Path, *, remake: bool = False) -> Path:
-    """The shipped teacher when it was made with these settings; otherwise pretrain one into `out` (bf16)."""
-    for candidate in ([] if remake else [TEACHER_ASSET, out]):
+def make_teacher(t: TeacherSettings, train_text: Path, out: Path, *, remake: bool = False,
+                 made_by: str = "python -m megadistil.demo") -> Path:
+    """A shipped teacher when it was made with these settings; otherwise pretrain one into `out` (bf16), stamped
+    with the settings and `made_by` (the command that made it)."""
+    for candidate in ([] if remake else [TEACHER_ASSET, CROSSTOK_ASSET, out]):
         stamp = candidate / "teacher_settings.json"
         if stamp.is_file() and json.loads(stamp.read_text())["settings"] == asdict(t):
             print(f"using the teacher in {candidate} (made with these settings)")
             return candidate
     make_tiny_llama(out, texts=read_docs(train_text), vocab_size=t.vocab, seed=t.seed, pretrain_steps=t.steps,
                     pretrain_seq_len=t.seq_len, pretrain_batch=t.batch, hidden_size=t.hidden, layers=t.layers,
-                    intermediate_size=t.hidden * 8 // 3 // 4 * 4, save_dtype=torch.bfloat16, keep_corpus=False)
-    provenance = {"settings": asdict(t), "made_by": "python -m megadistil.demo --remake-teacher",
+                    intermediate_size=t.hidden * 8 // 3 // 4 * 4, save_dtype=torch.bfloat16, keep_corpus=False,
+                    split_digits=t.split_digits)
+    provenance = {"settings": asdict(t), "made_by": made_by,
                   "python": platform.python_version(), "torch": torch.__version__,
                   "train_split_sha256": hashlib.sha256(train_text.read_bytes()).hexdigest()}
     (out / "teacher_settings.json").write_text(json.dumps(provenance, indent=1))
@@ -386,20 +406,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps: the end-to-end test's setting")
-    p.add_argument("--remake-teacher", action="store_true",
-                   help=f"pretrain the teacher again (~8 min) into {TEACHER_ASSET.relative_to(ROOT)} and stop")
+    p.add_argument("--remake-teacher", nargs="?", const="demo", choices=TEACHERS, metavar="{demo,crosstok}",
+                   help=(f"pretrain a shipped teacher again (~8 min) and stop: demo (the default) into "
+                         f"{TEACHER_ASSET.relative_to(ROOT)}, crosstok (the cross-tokenizer demo's teacher) into "
+                         f"{CROSSTOK_ASSET.relative_to(ROOT)}"))
     a = p.parse_args(argv)
     s = DemoSettings.quick() if a.quick else DemoSettings()
-    t = s.teacher
+    t = TEACHERS[a.remake_teacher][0] if a.remake_teacher else s.teacher
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, total = time.time(), 8
     banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)
-    banner(2, total, f"teacher: {t.layers}-layer {t.hidden}-wide Llama-3.1-shaped model, {t.vocab}-token BPE, "
-           f"{t.steps} steps x {t.batch} x {t.seq_len} tokens of pretraining on the whole training split")
+    banner(2, total, f"teacher: {t.layers}-layer {t.hidden}-wide Llama-3.1-shaped model, {t.vocab}-token BPE"
+           f"{' (digits split)' if t.split_digits else ''}, {t.steps} steps x {t.batch} x {t.seq_len} tokens of "
+           "pretraining on the whole training split")
     if a.remake_teacher:
-        print(f"wrote {make_teacher(t, paths['train'], TEACHER_ASSET, remake=True)}")
+        asset = TEACHERS[a.remake_teacher][1]
+        made = make_teacher(t, paths["train"], asset, remake=True,
+                            made_by=f"python -m megadistil.demo --remake-teacher {a.remake_teacher}")
+        print(f"wrote {made}")
         return 0
     teacher = make_teacher(t, paths["train"], out / "teacher")
     banner(3, total, f"distillation slice: ~{s.slice_tokens:,} tokens of the training split")

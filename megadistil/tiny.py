@@ -25,11 +25,16 @@ def stdlib_files(limit: int | None = None) -> list[Path]:
     return files[:limit] if limit else files
 
 
-def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: list[str], vocab_size: int, *, split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`. With split_digits every digit is its own pre-token, so no merge spans
+    digits: a tokenizer whose merges differ from the plain one's, not just its size. Without it, the tokenizer the
+    shipped demo teacher was made with, byte for byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -73,12 +78,14 @@ def pretrain(model: LlamaForCausalLM, tokens: torch.Tensor, *, steps: int, seq_l
 
 def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512, seed: int = 0,
                     pretrain_steps: int = 0, pretrain_seq_len: int = 128, pretrain_batch: int = 16,
-                    save_dtype: torch.dtype = torch.float32, keep_corpus: bool = True, **arch) -> Path:
+                    save_dtype: torch.dtype = torch.float32, keep_corpus: bool = True, split_digits: bool = False,
+                    **arch) -> Path:
     """Write an HF dir: a tiny Llama (random, or pretrained in fp32 for `pretrain_steps` on `texts`) saved in
-    `save_dtype` + a tokenizer trained on `texts`, and (keep_corpus) corpus.txt holding the texts."""
+    `save_dtype` + a tokenizer trained on `texts` (split_digits: see train_bpe_tokenizer), and (keep_corpus)
+    corpus.txt holding the texts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    tokenizer = train_bpe_tokenizer(texts, vocab_size, split_digits=split_digits)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.eos_token_id, **arch))
     if pretrain_steps:
