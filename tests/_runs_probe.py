@@ -1,7 +1,8 @@
 """Run under `deepspeed --num_gpus 2`: several training runs in turn inside these two processes (one launch instead
 of one per run: the process group outlives each Trainer). argv[1] is a JSON list of runs:
 
-    {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false}
+    {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false,
+     "ds_config": path (default ds_configs/zero3.json)}
 
 Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
 checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
@@ -87,7 +88,7 @@ def sampling_checks(trainer: Trainer) -> dict[str, bool]:
 
 def run(spec: dict) -> dict:
     cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
-    trainer = Trainer(cfg, "ds_configs/zero3.json")
+    trainer = Trainer(cfg, spec.get("ds_config", "ds_configs/zero3.json"))
     result = {"error": None}
     try:
         with faults(nan_batches=set(spec.get("nan_batches", ()))):

@@ -375,3 +375,24 @@ def test_token_bytes_of_a_sentencepiece_style_vocabulary():
     spelled = token_bytes(sp)
     assert spelled[sp.convert_tokens_to_ids("\u2581the")] == b" the"
     assert sp.eos_token_id not in spelled
+
+
+def test_teacher_targets_apply_the_head_weight_without_calling_the_head_module():
+    """Ranks hold teacher sequences of different lengths (another tokenizer), so different numbers of LM-head chunks:
+    under ZeRO-3 each call of the head module would be a collective, and ranks calling it a different number of times
+    hang or fail (seen: gloo's 'collective mismatch' in the cross-tokenizer demo). The targets use the weight directly
+    (gathered once per forward by the caller) and equal the model's own logits' top-k."""
+    from megadistil.distill.targets import teacher_topk, topk_target
+    from megadistil.models import output_head
+    from tests._tiny import tiny_llama31
+
+    model = tiny_llama31(seed=0, vocab_size=300)
+    calls = []
+    output_head(model).register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = teacher_topk(model, ids, top_k=5, temperature=1.0, chunk_tokens=4)
+    assert calls == []
+    with torch.no_grad():
+        want = topk_target(model(input_ids=ids).logits.float(), 5)
+    assert torch.equal(target.topk_ids, want.topk_ids)
+    torch.testing.assert_close(target.topk_logprobs, want.topk_logprobs)

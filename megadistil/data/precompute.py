@@ -14,6 +14,7 @@ text, with the mask of positions that have one (megadistil.data.crosstok; the ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from megadistil.data.shards import (
 from megadistil.data.text import batched, expand_files, pack_text
 from megadistil.distill.targets import aligned_targets, teacher_topk
 from megadistil.distributed import cpu_threads, discover, free_local_port, init_distributed
+from megadistil.models import output_head
 from megadistil.utils import torch_dtype, write_atomic
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,16 @@ def _teacher_batch(rows: list[tuple[int, Any]], tok: Any, cross: bool,
     return teacher_batch([window for _, window in rows], tok)
 
 
+def _head_gathered(model: Any, zero3: bool) -> contextlib.AbstractContextManager:
+    """The LM head's weight whole for the chunked top-k (megadistil.distill.targets.hidden_topk applies it chunk by
+    chunk without calling the module): one gather per batch under ZeRO-3, on every rank alike."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([output_head(model).weight])
+
+
 def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] | None = None) -> Manifest | None:
     """Write shards for this rank; rank 0 returns the merged manifest (others return None). `loaded`: the teacher's
     (tokenizer, model, device) from load_teacher, when the caller holds it already."""
@@ -357,8 +369,9 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     try:
         for batch in collective_batches(batches, cfg.zero3, world, device):
             ids, teacher_index = _teacher_batch(batch or [], tok, cross, cfg.seq_len)
-            target = teacher_topk(model, ids.to(device), top_k=cfg.top_k, temperature=cfg.temperature,
-                                  chunk_tokens=cfg.logit_chunk)
+            with _head_gathered(model, cfg.zero3):
+                target = teacher_topk(model, ids.to(device), top_k=cfg.top_k, temperature=cfg.temperature,
+                                      chunk_tokens=cfg.logit_chunk)
             masks: list[np.ndarray | None] = [None] * len(batch or [])
             if teacher_index is not None:
                 target, kd_mask = aligned_targets(target, teacher_index.to(device))

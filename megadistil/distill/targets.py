@@ -4,6 +4,7 @@ feeds them to the loss. Plain torch on a transformers causal LM (no DeepSpeed)."
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megadistil.distill.losses import IGNORE_INDEX, TAIL_LOGMASS_FLOOR, LogitTransform, SparseTarget
@@ -35,11 +36,15 @@ def teacher_topk(model: nn.Module, input_ids: Tensor, *, top_k: int, temperature
 @torch.no_grad()
 def hidden_topk(model: nn.Module, hidden: Tensor, *, top_k: int, temperature: float,
                 chunk_tokens: int = 1024) -> SparseTarget:
-    """teacher_topk from the decoder's final-norm output [B, S, H] (a caller that needs it for more than targets)."""
+    """teacher_topk from the decoder's final-norm output [B, S, H] (a caller that needs it for more than targets).
+
+    The head's weight is applied directly, not by calling the head module once per chunk: the number of chunks
+    follows the token count, which may differ across ranks, and under ZeRO-3 each module call is a collective
+    gather (the callers gather the weight once: an external parameter of their engine's module, or around the call)."""
     head, transform = output_head(model), logit_transform(model.config, type(model))
     flat = hidden.reshape(-1, hidden.shape[-1])
-    parts = [topk_target(transform.apply_(head(flat[i:i + chunk_tokens]).float()) / temperature, top_k)
-             for i in range(0, flat.shape[0], chunk_tokens)]
+    parts = [topk_target(transform.apply_(F.linear(flat[i:i + chunk_tokens], head.weight).float())
+                         / temperature, top_k) for i in range(0, flat.shape[0], chunk_tokens)]
     shape = hidden.shape[:-1]
     return SparseTarget(torch.cat([p.topk_ids for p in parts]).reshape(*shape, top_k),
                         torch.cat([p.topk_logprobs for p in parts]).reshape(*shape, top_k),

@@ -122,9 +122,13 @@ class TopKHead(nn.Module):
         return t.topk_ids, t.topk_logprobs, t.tail_logmass, label_logprobs
 
 
-def inference_engine(module: nn.Module, ds_config: dict[str, Any]) -> Any:
-    """A frozen module as a DeepSpeed engine of the run's ZeRO stage, without the optimizer."""
+def inference_engine(module: nn.Module, ds_config: dict[str, Any], head_weight: Tensor) -> Any:
+    """A frozen module as a DeepSpeed engine of the run's ZeRO stage, without the optimizer. The LM head's weight is
+    applied in chunks without calling its module (megadistil.distill.targets): under ZeRO-3 it is an external
+    parameter of the engine's module, gathered once per forward."""
     module.requires_grad_(False).eval()
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        deepspeed.zero.register_external_parameter(module, head_weight)
     inference_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
     engine, *_ = deepspeed.initialize(model=module, config=inference_config)
     return engine
@@ -132,7 +136,7 @@ def inference_engine(module: nn.Module, ds_config: dict[str, Any]) -> Any:
 
 class HFTeacher:
     def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int) -> None:
-        self.engine = inference_engine(TopKHead(model, top_k), ds_config)
+        self.engine = inference_engine(TopKHead(model, top_k), ds_config, output_head(model).weight)
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
@@ -179,7 +183,7 @@ class ReferenceModel:
     """The preference-tuned teacher's reference (preference.reference): its log-probs of the labels."""
 
     def __init__(self, model: nn.Module, ds_config: dict[str, Any]) -> None:
-        self.engine = inference_engine(LabelLogprobHead(model), ds_config)
+        self.engine = inference_engine(LabelLogprobHead(model), ds_config, output_head(model).weight)
 
     @torch.no_grad()
     def label_logprobs(self, batch: dict[str, Tensor], chunk_tokens: int) -> Tensor:
