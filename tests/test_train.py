@@ -72,6 +72,17 @@ def shards_dir(tmp_path_factory, tiny_llama_dir, stdlib_text_file):
 
 
 @pytest.fixture(scope="module")
+def partitioned_ds_config(tmp_path_factory) -> str:
+    """ZeRO-3 with every parameter partitioned (no persistence threshold), as a large model's head is: the tiny
+    models' would otherwise stay whole on every rank and hide a weight read outside its module's forward."""
+    config = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, stdlib_text_file):
     """Shards of the student's windows with the targets of the teacher with another tokenizer, aligned."""
     from megadistil.data.precompute import PrecomputeConfig, run_precompute
@@ -85,7 +96,8 @@ def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
-         crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file) -> dict[str, Path]:
+         crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file,
+         partitioned_ds_config) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -106,7 +118,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}",
             "teacher.top_k=32", "loss.kind=forward_kl", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
             "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10", "bitnet.lora_rank=8",
-            "optim.lr=1e-2", "optim.warmup_steps=2"]},
+            "optim.lr=1e-2", "optim.warmup_steps=2", "loss.chunk_tokens=32"], "ds_config": partitioned_ds_config},
         "crosstok_shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
             "data.text=[]", "loss.kind=uld", "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10",
@@ -115,7 +127,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             f"model.student={tiny_llama_dir}", f"data.preference=[{preference_file}]", "data.text=[]",
             "data.seq_len=64", f"preference.reference={reference_dir}", "preference.beta=2.0", "loss.ce_weight=0.5",
             "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=6", "bitnet.lora_rank=8",
-            "optim.lr=1e-2", "optim.warmup_steps=2"]},
+            "optim.lr=1e-2", "optim.warmup_steps=2"], "ds_config": partitioned_ds_config},
         # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
         # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",

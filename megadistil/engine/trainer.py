@@ -449,7 +449,7 @@ class Trainer:
             kd_tokens += parts.pop("kd_tokens")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
-        if self.cross_tokenizer_targets:  # the share of trained tokens whose boundaries the teacher shares
+        if self.cross_tokenizer_targets:  # the share of trained tokens that a teacher of another tokenizer has a target for
             sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
         return sums, tokens, stats
 
