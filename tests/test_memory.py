@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from megadistil.config import load_config, load_ds_config
-from megadistil.engine.memory import GiB, Layout, count_tensors, estimate, parse_bytes, resolve_dims
+from megadistil.engine.memory import (
+    MODEL_PRESETS,
+    GiB,
+    Layout,
+    ModelDims,
+    count_tensors,
+    estimate,
+    frozen_tensors,
+    parse_bytes,
+    resolve_dims,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -174,3 +184,25 @@ def test_estimate_within_25_percent_of_measured_cpu_runs(tmp_path: Path, mem_mod
         print(f"ranks={ranks} rank={rank}: estimate {est.total / 2**20:.0f} MiB, measured {measured / 2**20:.0f} "
               f"MiB ({est.total / measured - 1:+.1%})")
         assert abs(est.total / measured - 1) <= 0.25, (est.total / 2**20, measured / 2**20, r)
+
+
+def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Path) -> None:
+    """A 70B teacher for an 8B student (teacher.kind=hf, named by a path the planner does not have: its preset) and a
+    reference model whose config.json is here: each adds its whole parameter count over the ranks."""
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    (reference / "config.json").write_text(json.dumps(MODEL_PRESETS["qwen2.5-0.5b"]))
+    cfg = _cfg("llama3.1-8b.yaml", "teacher.kind=hf", "teacher.path=/models/Llama-3.1-70B-Instruct",
+               f"preference.reference={reference}")
+    dims, _ = resolve_dims(cfg, config_path="configs/llama3.1-8b.yaml")
+    ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
+    est = estimate(cfg, dims, Layout(1, 8), ds)
+    teacher = frozen_tensors(ModelDims.from_hf(MODEL_PRESETS["llama3.1-70b"], "70b"))
+    assert sum(teacher) == 70_553_706_496  # Llama-3.1-70B's parameter count
+    keep = ds["zero_optimization"]["stage3_param_persistence_threshold"]
+    assert est.term("HF teacher W") == int(sum(n if n < keep else n / 8 for n in teacher) * 2)
+    qwen = frozen_tensors(ModelDims.from_hf(MODEL_PRESETS["qwen2.5-0.5b"], "qwen"))
+    assert est.term("reference W") == int(sum(n if n < keep else n / 8 for n in qwen) * 2)
+    plain = estimate(_cfg("llama3.1-8b.yaml"), dims, Layout(1, 8), ds)
+    added = (est.total - est.term("framework")) - (plain.total - plain.term("framework"))  # fragmentation: 5 % of all
+    assert added == est.term("HF teacher W") + est.term("reference W")

@@ -5,6 +5,9 @@ The model is counted from its dimensions (config.json), not built. Every term is
   weights W, ΔW      the frozen teacher weight and the ReLoRA merge buffer, ZeRO-3 partitions: numel·p / world
                      (tensors below stage3_param_persistence_threshold stay whole on every rank); on the CPU
                      with offload_param
+  HF teacher W,      a separate teacher (teacher.kind=hf) and the preference reference, frozen, partitioned the same
+  reference W        way (dims from their config.json, or a preset their path names); their gathered blocks come and
+                     go before the student's forward
   adapters + optim   LoRA + SubLN (the trainable set): param and grad partitions in p bytes, and the fp32 master,
                      Adam m and v and fp32 grad (16 B) partitions; those 16 B on the CPU with offload_optimizer
   gathered params    ZeRO-3's working set of all-gathered (whole) parameters: everything up to
@@ -258,7 +261,7 @@ class Tensors:
 def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
     """Every linear of a block becomes a BitLinear (its W, bias, ΔW, LoRA A/B; SubLN on the inputs of o_proj and
     down_proj); embeddings, norms and the LM head stay as they are (one matrix when tied)."""
-    r, L, h = cfg.bitnet.lora_rank, dims.layers, dims.hidden
+    r, L = cfg.bitnet.lora_rank, dims.layers
     linears = dims.block_linears()
     weights = [lin.inp * lin.out for lin in linears]
     biases = [lin.out for lin in linears if lin.bias]
@@ -266,11 +269,38 @@ def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
     subln = [lin.inp for lin in linears if lin.name.rsplit(".", 1)[-1] in SUBLN_TARGETS] if cfg.bitnet.subln else []
     delta = weights if cfg.relora.reset_every > 0 else []
     norms = dims.block_norms()
-    embeddings = [dims.vocab * h] * (1 if dims.tied else 2)
-    base = L * (weights + biases + norms) + embeddings + [h]
+    base = frozen_tensors(dims)
     block = sum(weights) + sum(biases) + sum(norms) + sum(delta) + sum(lora) + sum(subln)
     return Tensors(base=base, delta=L * delta, trainable=L * (lora + subln), block_numel=block,
                    largest_linear=max(weights))
+
+
+def frozen_tensors(dims: ModelDims) -> list[int]:
+    """numel of each parameter tensor of the model as it is: the blocks' weights, biases and norms, the embeddings
+    and LM head (one matrix when tied), the final norm."""
+    linears = dims.block_linears()
+    block = [lin.inp * lin.out for lin in linears] + [lin.out for lin in linears if lin.bias] + dims.block_norms()
+    return dims.layers * block + [dims.vocab * dims.hidden] * (1 if dims.tied else 2) + [dims.hidden]
+
+
+def frozen_models(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(term, model path) of the frozen models a run holds besides the student: a separate teacher, the reference."""
+    models = [("HF teacher W", cfg.teacher.path)] if cfg.teacher.kind == "hf" else []
+    return models + ([("reference W", cfg.preference.reference)] if cfg.preference.reference else [])
+
+
+def _frozen_row(name: str, path: str, world: int, keep: float, p: int) -> tuple[str, int, str]:
+    """A frozen model's ZeRO-3 partition: dims from its config.json, else a preset its path names."""
+    config_file = Path(path) / "config.json"
+    preset = preset_for(path)
+    if config_file.is_file():
+        config, source = json.loads(config_file.read_text()), str(config_file)
+    elif preset is not None:
+        config, source = MODEL_PRESETS[preset], f"preset {preset}"
+    else:
+        return name, 0, f"not counted: {config_file} is not on this machine and no preset matches {path!r}"
+    tensors = frozen_tensors(ModelDims.from_hf(config, source))
+    return name, int(sharded_numel(tensors, world, keep) * p), f"{sum(tensors):,} / {world} ({source})"
 
 
 def sharded_numel(tensors: list[int], world: int, persistence: float) -> float:
@@ -322,6 +352,8 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     gpu_or_cpu.append(("weights W", int(sharded_numel(t.base, world, keep) * p), f"{sum(t.base):,} / {world}{where}"))
     gpu_or_cpu.append(("ΔW", int(sharded_numel(t.delta, world, keep) * p),
                        f"{sum(t.delta):,} / {world}{where}" if t.delta else "relora.reset_every=0: none"))
+    for name, path in frozen_models(cfg):
+        gpu_or_cpu.append(_frozen_row(name, path, world, keep, p))
     train_local = sharded_numel(t.trainable, world, keep)
     train_part = sum(t.trainable) / world
     est.rows.append(("adapters + grads", int(train_local * p + train_part * p),
