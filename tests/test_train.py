@@ -118,7 +118,8 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}",
             "teacher.top_k=32", "loss.kind=forward_kl", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
             "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10", "bitnet.lora_rank=8",
-            "optim.lr=1e-2", "optim.warmup_steps=2", "loss.chunk_tokens=32"], "ds_config": partitioned_ds_config},
+            "optim.lr=1e-2", "optim.warmup_steps=2", "loss.chunk_tokens=32", "loss.dskd_weight=0.5"],
+            "ds_config": partitioned_ds_config},
         "crosstok_shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
             "data.text=[]", "loss.kind=uld", "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10",
@@ -241,8 +242,12 @@ def _kd_falls_on_partial_targets(run: Path) -> None:
 def test_teacher_with_another_tokenizer_distils_on_the_shared_vocabulary(runs):
     """A separate teacher whose tokenizer differs (another vocabulary and merges, same text): it tokenizes each
     window's text itself, positions where both have read the same text carry its targets, its top-k is mapped onto
-    the student's tokens of the same bytes (the rest in the tail), and the forward KL on them falls."""
+    the student's tokens of the same bytes (the rest in the tail), and the forward KL on them falls. The dual-space
+    term's projector (DSKD) learns to read the teacher's hidden states through the student's head in the same steps."""
     _kd_falls_on_partial_targets(runs["crosstok"])
+    proj_ce = [m["dskd_proj_ce"] for m in metrics(runs["crosstok"]) if "dskd_proj_ce" in m]
+    assert len(proj_ce) == 10 and sum(proj_ce[-3:]) < 0.95 * sum(proj_ce[:3]), proj_ce
+    assert all(math.isfinite(m["dskd"]) for m in metrics(runs["crosstok"]) if "dskd" in m)
 
 
 @pytest.mark.multirank
@@ -314,6 +319,8 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
                                                                             crosstok_shards_dir):
     common = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}"]
     text = f"data.text=[{stdlib_text_file}]"
+    with pytest.raises(ConfigError, match="'loss.dskd_weight': the dual-space term needs a live teacher with another"):
+        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", text, "loss.dskd_weight=0.5"])._check_inputs()
     with pytest.raises(ConfigError, match="'data.text': is required"):
         _trainer(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
     with pytest.raises(ConfigError, match="'onpolicy.fraction': on-policy distillation needs the teacher to score"):
@@ -350,3 +357,46 @@ def test_cli_reports_config_errors_on_every_rank_without_training(tmp_path):
     assert proc.returncode != 0
     assert "config key 'train.max_stepz'" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_dual_space_term_matches_its_definition():
+    """DSKD's teacher-to-student half in DistillModule: the teacher's hidden states at aligned positions, projected
+    into the student's space and read by the student's head, are the KD target (detached) at those positions; the
+    projector learns by CE on the labels there. Against the same terms written out in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from megadistil.distill.losses import IGNORE_INDEX, LossConfig
+    from megadistil.engine.teachers import Targets
+    from megadistil.engine.trainer import DistillModule
+    from tests._tiny import tiny_llama31
+
+    student = tiny_llama31(seed=0, vocab_size=96)
+    g = torch.Generator().manual_seed(0)
+    projector = torch.nn.Linear(48, 64, bias=False)
+    module = DistillModule(student, projector=projector)
+    ids = torch.randint(0, 96, (2, 12), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], 1)
+    foreign = torch.randn(2, 12, 48, generator=g)
+    aligned = torch.rand(2, 12, generator=g) > 0.3
+    cfg = LossConfig(kind="forward_kl", kd_weight=0.0, ce_weight=1.0, dskd_weight=0.5, temperature=2.0, chunk_tokens=5)
+    parts = module(ids, labels, Targets(foreign_hidden=foreign, foreign_mask=aligned), cfg)
+    parts["loss"].backward()
+
+    with torch.no_grad():
+        h = student.model(input_ids=ids).last_hidden_state.double()
+    W = student.lm_head.weight.detach().double()
+    P = projector.weight.detach().double().requires_grad_()
+    z_s, z_p = h @ W.T, (foreign.double() @ P.T) @ W.T
+    valid = labels != IGNORE_INDEX
+    both = valid & aligned
+    safe = labels.clamp_min(0)
+    ce = F.cross_entropy(z_s[valid], safe[valid])
+    proj_ce = F.cross_entropy(z_p[both], safe[both])
+    p_t, log_q = torch.softmax(z_p.detach() / 2.0, -1), torch.log_softmax(z_s / 2.0, -1)
+    kd = (p_t * (p_t.log() - log_q)).sum(-1)[both].mean()
+    torch.testing.assert_close(parts["dskd"].double(), kd, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(parts["dskd_proj_ce"].double(), proj_ce, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(parts["loss"].double(), ce + 0.5 * (4.0 * kd + proj_ce), rtol=2e-5, atol=1e-6)
+    (0.5 * proj_ce).backward()  # the projector learns from its CE alone: the KD target is detached
+    torch.testing.assert_close(projector.weight.grad.double(), P.grad, rtol=1e-4, atol=1e-7)

@@ -77,6 +77,7 @@ class LossConfig:
     attn_relation_heads: int = 8  # relation heads Q/K/V are split into
     attn_relation_layers: LayerSpec = field(default_factory=lambda: [-1])  # layers distilled by relation
     attn_relation_temperature: float = 1.0  # temperature of the relation softmax
+    dskd_weight: float = 0.0  # DSKD-style dual-space term (a teacher with another tokenizer): its hidden states, projected into the student's space and read by the student's head, as a KD target
     chunk_tokens: int = 1024  # tokens per LM-head chunk: no [tokens x vocab] tensor is ever materialised
 
     def needs(self) -> dict[Target, str]:
@@ -91,7 +92,8 @@ class LossConfig:
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
         _require(self.temperature > 0 and math.isfinite(self.temperature), "loss.temperature", self.temperature, "> 0")
-        for key in ("kd_weight", "ce_weight", "hidden_weight", "hidden_magnitude_weight", "attn_relation_weight"):
+        for key in ("kd_weight", "ce_weight", "hidden_weight", "hidden_magnitude_weight", "attn_relation_weight",
+                    "dskd_weight"):
             value = getattr(self, key)
             _require(value >= 0 and math.isfinite(value), f"loss.{key}", value, ">= 0 and finite")
         if self.kd_weight == 0 and self.ce_weight == 0:

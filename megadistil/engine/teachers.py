@@ -42,6 +42,8 @@ class Targets:
     kd_mask: Tensor | None = None  # [B, S] positions with a KD target (a teacher of another tokenizer); None: all
     label_logprobs: Tensor | None = None  # [B, S] the teacher's log p(label) at T=1 (preference weights)
     reference_logprobs: Tensor | None = None  # [B, S] the reference model's, set by the trainer (preference weights)
+    foreign_hidden: Tensor | None = None  # [B, S, H_teacher] another tokenizer's teacher at aligned positions (DSKD)
+    foreign_mask: Tensor | None = None  # [B, S] the positions foreign_hidden holds (aligned)
 
 
 class Teacher(Protocol):
@@ -110,12 +112,13 @@ class TopKHead(nn.Module):
         super().__init__()
         self.teacher, self.top_k = teacher, top_k
 
-    def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int,
-                labels: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int, labels: Tensor | None = None,
+                with_hidden: bool = False) -> tuple[Tensor, ...]:
+        """(top-k ids, log-probs, tail) + (its final hidden states, with_hidden) or + (log p(label), labels)."""
         hidden = decoder(self.teacher)(input_ids=input_ids).last_hidden_state
         t = hidden_topk(self.teacher, hidden, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
         if labels is None:
-            return t.topk_ids, t.topk_logprobs, t.tail_logmass
+            return (t.topk_ids, t.topk_logprobs, t.tail_logmass) + ((hidden,) if with_hidden else ())
         transform = logit_transform(self.teacher.config, type(self.teacher))
         label_logprobs = head_label_logprobs(hidden, output_head(self.teacher).weight, labels, transform,
                                              chunk_tokens=chunk_tokens)
@@ -162,10 +165,15 @@ class CrossTokenizerTeacher(HFTeacher):
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
         if label_logprobs:
             raise ValueError("a teacher with another tokenizer has no log-probability of the student's labels")
-        if Target.logits not in loss.needs():
+        if Target.logits not in loss.needs() and not loss.dskd_weight:
             return Targets()
-        target = SparseTarget(*self.engine(batch["teacher_input_ids"], loss.temperature, loss.chunk_tokens))
-        return on_student_vocab(*aligned_targets(target, batch["teacher_index"]), self.vocab_map, loss)
+        out = self.engine(batch["teacher_input_ids"], loss.temperature, loss.chunk_tokens, None, bool(loss.dskd_weight))
+        index = batch["teacher_index"]
+        targets = on_student_vocab(*aligned_targets(SparseTarget(*out[:3]), index), self.vocab_map, loss)
+        if loss.dskd_weight:  # the teacher's own final hidden states at the aligned positions (DistillModule projects)
+            rows = torch.arange(index.shape[0], device=index.device)[:, None]
+            targets.foreign_hidden, targets.foreign_mask = out[3][rows, index.clamp_min(0)], index >= 0
+        return targets
 
 
 class LabelLogprobHead(nn.Module):

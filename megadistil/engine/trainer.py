@@ -80,9 +80,11 @@ from megadistil.sampling import lockstep_any, sample
 class DistillModule(nn.Module):
     """The student plus its loss, as one module so that ZeRO-3 gathers the lm_head weight for the chunked loss."""
 
-    def __init__(self, student: nn.Module, preference: PreferenceConfig | None = None) -> None:
+    def __init__(self, student: nn.Module, preference: PreferenceConfig | None = None,
+                 projector: nn.Module | None = None) -> None:
         super().__init__()
         self.student, self.preference = student, preference
+        self.projector = projector  # DSKD: a teacher of another tokenizer's hidden size -> the student's
         self.logit_transform = logit_transform(student.config, type(student))  # softcapping etc.: the model's logits
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
@@ -112,7 +114,25 @@ class DistillModule(nn.Module):
                                              temperature=cfg.attn_relation_temperature) for i in qkv_layers]
             parts["attn"] = torch.stack(terms).mean()
             parts["loss"] = parts["loss"] + cfg.attn_relation_weight * parts["attn"]
+        if cfg.dskd_weight and targets.foreign_hidden is not None:
+            self._dual_space(parts, out.last_hidden_state, weight, labels, targets, cfg)
         return parts
+
+    def _dual_space(self, parts: dict[str, Tensor], hidden: Tensor, head_weight: Tensor, labels: Tensor,
+                    targets: Targets, cfg: LossConfig) -> None:
+        """DSKD's teacher-to-student half (Zhang et al. 2024): the teacher's final hidden states at the aligned
+        positions, projected into the student's space, are read by the student's own head as a next-token
+        distribution over the student's vocabulary. The projector learns that reading by CE on the labels in the same
+        step; the student is distilled (loss.kind, temperature) towards the projected distribution, detached."""
+        projected = self.projector(targets.foreign_hidden.to(hidden.dtype))
+        aligned = labels.masked_fill(~targets.foreign_mask, IGNORE_INDEX)
+        proj = chunked_lm_head_loss(projected, head_weight, aligned, replace(cfg, kd_weight=0.0, ce_weight=1.0),
+                                    logit_transform=self.logit_transform)
+        kd = chunked_lm_head_loss(hidden, head_weight, aligned, replace(cfg, kd_weight=1.0, ce_weight=0.0),
+                                  teacher_hidden=projected.detach(), teacher_lm_head_weight=head_weight,
+                                  logit_transform=self.logit_transform)
+        parts["dskd"], parts["dskd_proj_ce"] = kd["kd"], proj["ce"]
+        parts["loss"] = parts["loss"] + cfg.dskd_weight * (kd["loss"] + proj["loss"])
 
     def _token_weights(self, targets: Targets, head_weight: Tensor, labels: Tensor, cfg: LossConfig) -> Tensor:
         """Preference weights from the teacher's and the reference's log p(label); the shared teacher's come from its
@@ -171,8 +191,11 @@ class Trainer:
         self.data = self._build_data()
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
+        projector = self._build_projector(student)
+        if projector is not None:
+            groups.append({"params": [projector.weight], "lr_mult": 1.0, "weight_decay": cfg.optim.weight_decay})
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.module = DistillModule(student, cfg.preference if cfg.preference.reference else None)
+        self.module = DistillModule(student, cfg.preference if cfg.preference.reference else None, projector)
         if self.ds_config["zero_optimization"]["stage"] == 3:
             deepspeed.zero.register_external_parameter(self.module, output_head(student).weight)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
@@ -204,6 +227,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         self.teacher_tokenizer = self._cross_tokenizer()
+        self._check_dskd()
         self.cross_tokenizer_targets = self.teacher_tokenizer is not None  # or shards of such a teacher, below
         self.shards_teacher_tokenizer = None
         if cfg.preference.reference:
@@ -234,6 +258,12 @@ class Trainer:
         _refuse(bool(cfg.preference.reference), "preference.reference",
                 f"token weights need the teacher's log-probs of the student's labels; {why}")
         return teacher_tok
+
+    def _check_dskd(self) -> None:
+        for where, loss in loss_configs(self.cfg):
+            _refuse(loss.dskd_weight and self.teacher_tokenizer is None, f"{where}loss.dskd_weight",
+                    "the dual-space term needs a live teacher with another tokenizer than the student's "
+                    "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
 
     def _shards_teacher_tokenizer(self, manifest: Manifest) -> Any:
         """Shards of a teacher with another tokenizer hold its ids: a divergence other than ULD maps them onto the
@@ -314,6 +344,16 @@ class Trainer:
             return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
         return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k,
                                      vocab_map=self._vocab_map(self.teacher_tokenizer))
+
+    def _build_projector(self, student: nn.Module) -> nn.Module | None:
+        """DSKD's projector (loss.dskd_weight at any stage): the teacher's hidden size -> the student's, trained with
+        the adapters; born partitioned under ZeRO-3 like them."""
+        if not any(loss.dskd_weight for _, loss in loss_configs(self.cfg)):
+            return None
+        teacher = AutoConfig.from_pretrained(self.cfg.teacher.path, trust_remote_code=self.cfg.model.trust_remote_code)
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
+            return nn.Linear(teacher.hidden_size, student.config.hidden_size, bias=False, dtype=self.placement.dtype)
 
     def _build_reference(self) -> ReferenceModel | None:
         path = self.cfg.preference.reference
