@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from megadistil.bitnet.kernels import cpu_model_name
 from megadistil.tiny import make_tiny_llama, stdlib_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,17 +101,6 @@ class DemoSettings:
         """The same path with fewer, smaller steps (for a quick look, and the end-to-end test)."""
         return cls(distill_steps=24, micro_batch=2, reset_every=12, eval_sequences=16, evals=1, task_docs=24,
                    task_context_chars=200, prompts=1, new_tokens=8)
-
-
-def cpu_model() -> str:
-    """The CPU's model name as lscpu shows it (figures depend on it: kernels are chosen by measuring this CPU)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def banner(index: int, total: int, text: str) -> None:
@@ -382,7 +372,7 @@ def write_report(summary: dict, out: Path) -> Path:
     ppl, t, sz = summary["perplexity"], summary["tokens"], summary["sizes"]
     lines = ["# megadistil demo", "",
              (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-              f"{cpu_model()}; total wall time {summary['wall_s'] / 60:.1f} min."), "",
+              f"{cpu_model_name()}; total wall time {summary['wall_s'] / 60:.1f} min."), "",
              "Held-out perplexity on files no model trained on:", "",
              "| model | held-out perplexity | vs teacher |", "|---|---:|---:|"]
     lines += [f"| {MODELS[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x |" for k, v in ppl.items()]

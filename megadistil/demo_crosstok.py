@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from megadistil.bitnet.kernels import cpu_model_name
 from megadistil.demo import (
     CROSSTOK_TEACHER,
     ROOT,
@@ -38,7 +39,6 @@ from megadistil.demo import (
     DemoSettings,
     TeacherSettings,
     banner,
-    cpu_model,
     final_eval,
     make_slice,
     make_teacher,
@@ -130,7 +130,7 @@ LABELS = {"teacher": "student's base: the demo teacher (4k BPE)",
 def write_report(summary: dict, out: Path) -> Path:
     m = summary["models"]
     lines = ["# megadistil cross-tokenizer demo", "",
-             (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {cpu_model()}"
+             (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {cpu_model_name()}"
              f"; total wall time {summary['wall_s'] / 60:.1f} min."), "",
              ("Held-out files no model trained on. Perplexity per student token (the other teacher's is per its own "
              "token, not comparable); bits per byte compares all."), "",
