@@ -347,6 +347,11 @@ def test_vocab_map_pairs_the_tokens_that_spell_the_same_bytes(student, teacher):
     vmap = vocab_map(teacher, student)
     s_bytes, t_bytes = token_bytes(student), token_bytes(teacher)
     assert vmap[teacher.eos_token_id] == student.eos_token_id and EOS.encode() not in t_bytes.values()
+    from tokenizers import pre_tokenizers
+
+    from megadistil.data.crosstok import _BYTE_DECODER
+
+    assert set(_BYTE_DECODER) == set(pre_tokenizers.ByteLevel.alphabet())  # the tokenizers library's 256 symbols
     assert t_bytes[teacher.convert_tokens_to_ids("Ġ")] == b" "  # GPT-2's byte alphabet: Ġ is the space byte
     assert t_bytes[teacher.convert_tokens_to_ids("Ã")] == bytes([0xC3])  # half of a two-byte character
     kept = vmap >= 0

@@ -29,13 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import pre_tokenizers
 
 from megadistil.data.packed import PackedTextBatches
 from megadistil.data.text import batched, iter_documents
 
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece-style byte tokens
-_BYTE_LEVEL = frozenset(pre_tokenizers.ByteLevel.alphabet())  # GPT-2-style byte symbols, one per byte
 
 
 @dataclass
@@ -121,7 +119,7 @@ def _token_bytes(token: str) -> int | None:
     """UTF-8 bytes a partial-character token stands for: <0xNN> = 1, byte-level BPE = one per symbol; else None."""
     if _BYTE_FALLBACK.fullmatch(token):
         return 1
-    return len(token) if token and set(token) <= _BYTE_LEVEL else None
+    return len(token) if token and set(token) <= _BYTE_DECODER.keys() else None
 
 
 def _byte_ends(tokenizer: Any, ids: list[int], offsets: np.ndarray, char_bytes: np.ndarray) -> np.ndarray:
