@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
-# time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests, 8.3 on an AVX512 one at 502; ~15 serially).
+# time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests, 8.2-9.1 on an AVX512 one at 504; ~15 serially).
 TEST_WORKERS ?= 2
 
 test: setup
