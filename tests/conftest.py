@@ -31,6 +31,18 @@ def _train_tokenizer(vocab_size: int, split_digits: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
 
 
+def _tiny_model_dir(out: Path, tok, *, seed: int, head_scale: float) -> Path:
+    """An HF dir: a random tiny Llama-3.1 (vocab = the tokenizer's) with its head scaled, and the tokenizer."""
+    from tests._tiny import tiny_llama31
+
+    model = tiny_llama31(seed=seed, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """HF dir with a random tiny Llama (vocab = tokenizer size) and its tokenizer.
@@ -38,16 +50,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     The LM head is scaled up so next-token distributions are peaked like a trained model's (entropy of a few
     nats) instead of near-uniform; otherwise top-k reconstruction error would be trivially small.
     """
-    from tests._tiny import tiny_llama31
-
-    out = tmp_path_factory.mktemp("tiny_llama")
-    tok = _train_tokenizer(384)
-    model = tiny_llama31(seed=0, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), _train_tokenizer(384), seed=0, head_scale=20.0)
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +60,8 @@ def crosstok_teacher_dir(tmp_path_factory) -> Path:
     refine it, and align everywhere). Its head is
     scaled 3x more than the tiny teacher's: sharper distributions than the student's, a direction ULD (which
     compares sorted probabilities) can learn within a few steps of a test run."""
-    from tests._tiny import tiny_llama31
-
-    out = tmp_path_factory.mktemp("crosstok_teacher")
     tok = _train_tokenizer(512, split_digits=True)
-    model = tiny_llama31(seed=2, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _tiny_model_dir(tmp_path_factory.mktemp("crosstok_teacher"), tok, seed=2, head_scale=60.0)
 
 
 @pytest.fixture(scope="session")

@@ -74,13 +74,18 @@ def model_label_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, *,
                                logit_transform(model.config, type(model)), chunk_tokens=chunk_tokens)
 
 
-def aligned_targets(target: SparseTarget, teacher_index: Tensor) -> tuple[SparseTarget, Tensor]:
-    """A teacher's targets [B, T, k] at the teacher positions aligned with each student position (teacher_index [B, S],
-    -1: none) and the mask of positions that have one; unaligned positions hold position 0's row as a placeholder
-    (the loss never reads it)."""
-    at = teacher_index.clamp_min(0)
+def at_aligned(values: Tensor, teacher_index: Tensor) -> Tensor:
+    """values [B, T, ...] at the teacher position aligned with each student position (teacher_index [B, S], -1: none,
+    which holds position 0's value as a placeholder): [B, S, ...]."""
     rows = torch.arange(teacher_index.shape[0], device=teacher_index.device)[:, None]
-    picked = SparseTarget(target.topk_ids[rows, at], target.topk_logprobs[rows, at], target.tail_logmass[rows, at])
+    return values[rows, teacher_index.clamp_min(0)]
+
+
+def aligned_targets(target: SparseTarget, teacher_index: Tensor) -> tuple[SparseTarget, Tensor]:
+    """A teacher's targets [B, T, k] at the teacher positions aligned with each student position (at_aligned) and the
+    mask of positions that have one (the loss never reads a placeholder row)."""
+    picked = SparseTarget(*(at_aligned(t, teacher_index) for t in (target.topk_ids, target.topk_logprobs,
+                                                                   target.tail_logmass)))
     return picked, teacher_index >= 0
 
 

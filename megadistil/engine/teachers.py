@@ -25,6 +25,7 @@ from megadistil.config import layer_lists
 from megadistil.distill.losses import KDKind, LossConfig, SparseTarget, Target
 from megadistil.distill.targets import (
     aligned_targets,
+    at_aligned,
     head_label_logprobs,
     hidden_topk,
     mapped_targets,
@@ -171,8 +172,7 @@ class CrossTokenizerTeacher(HFTeacher):
         index = batch["teacher_index"]
         targets = on_student_vocab(*aligned_targets(SparseTarget(*out[:3]), index), self.vocab_map, loss)
         if loss.dskd_weight:  # the teacher's own final hidden states at the aligned positions (DistillModule projects)
-            rows = torch.arange(index.shape[0], device=index.device)[:, None]
-            targets.foreign_hidden, targets.foreign_mask = out[3][rows, index.clamp_min(0)], index >= 0
+            targets.foreign_hidden, targets.foreign_mask = at_aligned(out[3], index), index >= 0
         return targets
 
 
