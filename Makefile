@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 # itself goes through pip, which is what finds a local torch wheel (pip's find-links) and keeps its CUDA build.
 UV := $(VENV)/bin/uv
 
-.PHONY: setup test test-fast demo demo-crosstok bench lint clean
+.PHONY: setup test test-fast demo demo-crosstok demo-generate bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ demo: setup
 # CE-only students: runs/demo-crosstok/report.md
 demo-crosstok: setup
 	$(PY) -m megadistil.demo_crosstok --out runs/demo-crosstok $(DEMO_ARGS)
+
+# Generate, then distil: a student on teacher-generated text and an on-policy student, beside the shared-teacher one:
+# runs/demo-generate/report.md
+demo-generate: setup
+	$(PY) -m megadistil.demo_generate --out runs/demo-generate $(DEMO_ARGS)
 
 bench: setup
 	for f in bitlinear shards losses distill_step; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done

@@ -267,9 +267,10 @@ def convert(run: Path, output: Path, log: Path) -> None:
 TASKS = {"demo_next_line": "acc_mutual_info", "demo_last_word": "perplexity"}
 
 
-def evaluate_models(s: DemoSettings, out: Path, teacher: Path, heldout: Path, converted: Path) -> dict:
+def evaluate_models(s: DemoSettings, out: Path, models: dict[str, Path | str], heldout: Path) -> dict:
     """Two tasks from the held-out files (a file's next two lines among other files' lines; a line's last
-    identifier), scored by tools/evaluate.py for every model, with greedy and sampled generations."""
+    identifier), scored by tools/evaluate.py for every model (name -> what --model takes: an HF dir, a run dir,
+    ternary:DIR), with greedy and sampled generations."""
     from megadistil.eval.local_tasks import last_word_docs, next_line_docs, write_task
 
     docs = read_docs(heldout)
@@ -278,8 +279,6 @@ def evaluate_models(s: DemoSettings, out: Path, teacher: Path, heldout: Path, co
     write_task(out / "tasks", "demo_last_word", "last_word", last_word_docs(docs, s.task_docs, context_chars=chars))
     firsts = [ln for ln in (next((x for x in d.splitlines() if x.startswith("def ")), "") for d in docs) if ln]
     (out / "prompts.txt").write_text("".join(ln.split("(")[0] + "(\n" for ln in firsts[:s.prompts]))
-    models = {"teacher": teacher, "naive_ternary": f"ternary:{teacher}", "ce_only": out / "run-ce",
-              "distilled_shards": out / "run-shards", "distilled_shared": out / "run-shared", "converted": converted}
     cmd = [sys.executable, "tools/evaluate.py", *[a for k, v in models.items() for a in ("--model", f"{k}={v}")],
            "--tasks", ",".join(TASKS), "--include-path", str(out / "tasks"), "--batch-size", "32",
            "--generate", str(out / "prompts.txt"), "--max-new-tokens", str(s.new_tokens),
@@ -291,7 +290,7 @@ def evaluate_models(s: DemoSettings, out: Path, teacher: Path, heldout: Path, co
     return {m["name"]: m["tasks"] for m in json.loads((out / "eval.json").read_text())["models"]}
 
 
-def task_report(summary: dict, out: Path) -> list[str]:
+def task_report(summary: dict, out: Path, labels: dict[str, str]) -> list[str]:
     docs = summary["settings"]["task_docs"]
     lines = ["", (f"Tasks made from the held-out files ({docs} documents each, tools/evaluate.py through "
                   "lm-evaluation-harness, offline): `demo_next_line` picks a file's next two lines among lines of "
@@ -299,7 +298,7 @@ def task_report(summary: dict, out: Path) -> list[str]:
                   "by being common text); `demo_last_word` predicts a line's last identifier (perplexity per "
                   "identifier: lower is better; eval.json also holds acc, the greedy match)."),
              "", "| model | " + " | ".join(f"{t} {m}" for t, m in TASKS.items()) + " |", "|---|---:|---:|"]
-    lines += [f"| {MODELS[k]} | " + " | ".join(f"{scores[t][m]:.4g}" for t, m in TASKS.items()) + " |"
+    lines += [f"| {labels[k]} | " + " | ".join(f"{scores[t][m]:.4g}" for t, m in TASKS.items()) + " |"
               for k, scores in summary["tasks"].items()]
     lines += ["", "Generations (greedy, and sampled with a fixed seed) from the first `def` line of held-out files:",
               "", (out / "generations.md").read_text().rstrip()]
@@ -392,7 +391,7 @@ def write_report(summary: dict, out: Path) -> Path:
     lines += ["", (f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit "
                    f"student {sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x "
                    "smaller; embeddings and lm_head stay in their dtype)."),
-              *task_report(summary, out), "", "![loss curves](loss_curves.png)", "",
+              *task_report(summary, out, MODELS), "", "![loss curves](loss_curves.png)", "",
               "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -448,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     converted_ppl = vanilla_perplexity(converted, paths["heldout"], s.seq_len, s.eval_sequences)
     banner(7, total, f"evaluate: 2 tasks x {s.task_docs} documents made from the held-out files, generations "
            "(tools/evaluate.py on all six models)")
-    task_scores = evaluate_models(s, out, teacher, paths["heldout"], converted)
+    models = {"teacher": teacher, "naive_ternary": f"ternary:{teacher}", "ce_only": out / "run-ce",
+              "distilled_shards": out / "run-shards", "distilled_shared": out / "run-shared", "converted": converted}
+    task_scores = evaluate_models(s, out, models, paths["heldout"])
     banner(8, total, "report")
     plot_losses(results, step0_eval(results["shared"])["eval_ppl_teacher"], out / "loss_curves.png")
     from transformers import AutoTokenizer

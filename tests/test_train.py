@@ -102,6 +102,12 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
         "onpolicy": {"overrides": onpolicy_overrides},
+        # every parameter partitioned: on-policy generation from whole weights gathered once (the default) and from
+        # each layer gathered at every new token
+        "onpolicy_whole": {"overrides": [*onpolicy_overrides, "train.max_steps=2", "train.save_every=100"],
+                           "ds_config": partitioned_ds_config},
+        "onpolicy_layered": {"overrides": [*onpolicy_overrides, "train.max_steps=2", "train.save_every=100",
+                                           "onpolicy.gather_weights=false"], "ds_config": partitioned_ds_config},
         "straight": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=6"]},
         "shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
@@ -204,6 +210,18 @@ def test_onpolicy_run_lowers_the_reverse_kl_on_its_own_samples(runs):
     kd = [m["onpolicy_kd"] for m in steps if "onpolicy_kd" in m]
     first, last = sum(kd[:2]) / 2, sum(kd[-4:]) / 4  # the first two on-policy steps (2 and 4), the last four
     assert last < 0.9 * first, kd
+
+
+@pytest.mark.multirank
+def test_generation_from_whole_weights_samples_what_per_layer_gathers_sample(runs):
+    """onpolicy.gather_weights: the whole student gathered once for a generation (no collective per new token)
+    samples the same tokens and so gives the same losses as ZeRO-3's per-layer gathers; step 2 is on-policy (warmup:
+    the learning rates of steps 1-2 do not depend on max_steps)."""
+    keys = ("loss", "kd", "onpolicy_kd", "onpolicy_share", "tokens")
+    whole, layered = ([{k: m.get(k) for k in keys} for m in metrics(runs[name]) if "loss" in m]
+                      for name in ("onpolicy_whole", "onpolicy_layered"))
+    assert [m["onpolicy_share"] for m in whole] == [0.0, 1.0]
+    assert whole == layered
 
 
 @pytest.mark.multirank

@@ -30,6 +30,9 @@ class OnPolicyConfig:
     top_k: int = 0  # sampling top-k (0 = off)
     top_p: float = 1.0  # sampling top-p (nucleus)
     kind: KDKind = KDKind.reverse_kl  # the divergence on the generated tokens (loss.kind stays for the others)
+    # DeepSpeed's unwrap_model_for_generation (TRL's ds3_gather_for_generation); the memory planner counts the whole
+    # model on every rank. false: every layer gathered at every new token, the ranks in lockstep.
+    gather_weights: bool = True  # ZeRO-3: gather the whole student once per generation, not each layer per new token
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""

@@ -12,7 +12,8 @@ The model is counted from its dimensions (config.json), not built. Every term is
                      Adam m and v and fp32 grad (16 B) partitions; those 16 B on the CPU with offload_optimizer
   gathered params    ZeRO-3's working set of all-gathered (whole) parameters: everything up to
                      stage3_max_live_parameters when a step reuses every parameter within
-                     stage3_max_reuse_distance, else the prefetch bucket plus the two largest blocks in flight
+                     stage3_max_reuse_distance, else the prefetch bucket plus the two largest blocks in flight;
+                     the whole student while it generates on-policy with onpolicy.gather_weights
   all-gather buffer  the flat buffer a fetch gathers into (more than one rank): the prefetch bucket, at most
                      the model (twice on CPU/gloo, as measured)
   activations        activation checkpointing: the block inputs of every layer (p bytes per token and hidden
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from megadistil.bitnet.surgery import SUBLN_TARGETS
-from megadistil.config import ConfigError, RunConfig
+from megadistil.config import ConfigError, RunConfig, uses_onpolicy
 
 GiB = 2**30
 # The presets are the models' own config.json files (transformers config kwargs, model_type included): the planner
@@ -362,7 +363,8 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     (est.cpu_rows if z["offload_optimizer"] else est.rows).append(
         ("fp32 master + Adam", int(train_part * 16), "16 B per trainable / world" +
          (" (CPU: offload_optimizer)" if z["offload_optimizer"] else "")))
-    _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1)
+    whole = uses_onpolicy(cfg) and cfg.onpolicy.gather_weights
+    _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1, whole=whole)
     _activations(est, cfg, dims, t, p)
     est.rows.append(("grad buckets", int(min(z["reduce_bucket_size"] * (2 if z["overlap_comm"] else 1),
                                              sum(t.trainable)) * p), f"reduce_bucket_size={z['reduce_bucket_size']:g}"))
@@ -373,9 +375,12 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     return est
 
 
-def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: int, staging: int) -> None:
+def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: int, staging: int,
+                 whole: bool) -> None:
     total = sum(t.base) + sum(t.delta) + sum(t.trainable)
-    if total <= z["stage3_max_reuse_distance"]:
+    if whole:
+        live, how = total, f"all {total:,} while the student generates (onpolicy.gather_weights)"
+    elif total <= z["stage3_max_reuse_distance"]:
         live = min(total, z["stage3_max_live_parameters"])
         how = f"all {total:,} (every reuse within stage3_max_reuse_distance)"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -14,6 +15,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.zero import unwrap_model_for_generation
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
@@ -503,11 +505,14 @@ class Trainer:
         stop = student.generation_config.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         start = time.perf_counter()
+        gathered = op.gather_weights and self.engine.zero_optimization_stage() == 3
         self.engine.eval()  # transformers turns the KV cache off in train mode under gradient checkpointing
         try:
-            gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
-                         eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
-                         pad_token_id=pad if pad is not None else 0, indices=indices, lockstep=self.lockstep)
+            with unwrap_model_for_generation(self.engine) if gathered else contextlib.nullcontext():
+                gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
+                             eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
+                             pad_token_id=pad if pad is not None else 0, indices=indices,
+                             lockstep=None if gathered else self.lockstep)  # whole weights: no collective per token
         finally:
             self.engine.train()
         stats.generated(int(gen.lengths.sum()), time.perf_counter() - start)
