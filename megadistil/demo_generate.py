@@ -159,7 +159,7 @@ def write_report(summary: dict, out: Path) -> Path:
         lines.append(f"| {LABELS[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x | {time_s} |")
     lines += ["", (f"Teacher-generated text: {gen['prompts']} prompts (the first {PROMPT_TOKENS} tokens of each "
                    f"{summary['settings']['seq_len']}-token piece of the slice), {gen['new_tokens']:,} new tokens, "
-                   f"{gen['stops']['eos']} continuations ended at EOS; sampling `{' '.join(SAMPLING)}`."), "",
+                   f"continuations ended at EOS: {gen['stops']['eos']}; sampling `{' '.join(SAMPLING)}`."), "",
               (f"On-policy: {op['steps']} of {summary['settings']['distill_steps']} steps had on-policy "
                f"micro-batches ({100 * op['share']:.0f} % of their loss tokens); reverse KL on the student's own "
                f"samples {op['kd_first']:.3f} (first quarter of them) -> {op['kd_last']:.3f} (last quarter); "

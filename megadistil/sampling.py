@@ -9,6 +9,7 @@ ZeRO-3 every rank must run the same number of forwards (each one gathers the wei
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megadistil.bitnet import frozen_weight_codes
 
 
 class SamplingError(ValueError):
@@ -80,10 +83,18 @@ class Generation:
 @torch.no_grad()
 def sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, *, eos_token_id: int | Sequence[int] | None,
            pad_token_id: int, indices: Sequence[int] | None = None,
-           lockstep: Callable[[bool], bool] | None = None) -> Generation:
+           lockstep: Callable[[bool], bool] | None = None, freeze_weight_codes: bool = True) -> Generation:
     """Continue each prompt (1-D token ids; lengths may differ: left-padded here). `indices` are the prompts' global
     indices (their generators' seeds; default 0, 1, ...); any id in `eos_token_id` stops a sequence;
-    `lockstep(any_running) -> any rank running` joins the ranks' loops."""
+    `lockstep(any_running) -> any rank running` joins the ranks' loops. A BitNet student quantizes its weights once
+    for the whole generation (frozen_weight_codes) unless `freeze_weight_codes` is off: where ZeRO-3 gathers it layer
+    by layer, every layer's codes would stay."""
+    with frozen_weight_codes(model) if freeze_weight_codes else contextlib.nullcontext():
+        return _sample(model, prompts, cfg, eos_token_id, pad_token_id, indices, lockstep)
+
+
+def _sample(model: nn.Module, prompts: list[Tensor], cfg: SamplingConfig, eos_token_id: int | Sequence[int] | None,
+            pad_token_id: int, indices: Sequence[int] | None, lockstep: Callable[[bool], bool] | None) -> Generation:
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_token_id, device)
     batch = len(prompts)

@@ -279,3 +279,26 @@ def test_merge_then_reset_leaves_student_output_bitwise_unchanged():
         after = layer(x)
     assert torch.equal(before, after)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_frozen_weight_codes_give_the_same_logits_and_quantize_once():
+    """Inside frozen_weight_codes the student's logits are bitwise those of the plain forward (the same codes, the
+    same product), the weights are quantized at the first forward only (a change to B inside is not seen), and on
+    exit the layers quantize every forward again."""
+    from megadistil.bitnet import frozen_weight_codes
+
+    model = tiny_llama31()
+    to_bitnet(model, lora_rank=8, subln=True)
+    ids = _ids()
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B.normal_(0, 0.05)
+        plain = model(ids).logits
+        with frozen_weight_codes(model):
+            frozen = model(ids).logits
+            q.lora_B.mul_(3.0)
+            stale = model(ids).logits
+        moved = model(ids).logits
+    assert torch.equal(frozen, plain) and torch.equal(stale, plain)
+    assert not torch.equal(moved, plain)
+    assert all(not m.codes_frozen and m._frozen_codes is None for m in model.modules() if isinstance(m, BitLinear))

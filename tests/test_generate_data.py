@@ -142,3 +142,86 @@ def test_two_zero3_ranks_write_what_one_process_wrote(gen_run, tiny_llama_dir, s
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert json.loads((out / IDENTITY).read_text())["per_rank"] == [4, 3]
     assert (out / GENERATIONS).read_bytes() == (gen_run[1] / GENERATIONS).read_bytes()
+
+
+FAKE_VLLM = '''
+"""A stand-in for vllm's offline API (LLM, SamplingParams, RequestOutput): greedy decoding by transformers'
+generate; like vLLM with stop_token_ids, the stopping token is reported in stop_reason, not in token_ids."""
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM
+
+CALLS = []
+
+
+class SamplingParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        CALLS.append(("LLM", model, kwargs))
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def generate(self, prompts, params, use_tqdm=True):
+        outputs = []
+        for prompt, p in zip(prompts, params, strict=True):
+            CALLS.append(("generate", prompt["prompt_token_ids"], dict(p.__dict__)))
+            assert p.temperature == 0, "the stand-in decodes greedily only"
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            new = self.model.generate(ids, max_new_tokens=p.max_tokens, do_sample=False,
+                                      eos_token_id=None if p.ignore_eos else p.stop_token_ids,
+                                      pad_token_id=0)[0, ids.shape[1]:].tolist()
+            stopped = not p.ignore_eos and new[-1] in p.stop_token_ids
+            completion = SimpleNamespace(token_ids=tuple(new[:-1] if stopped else new),
+                                         finish_reason="stop" if stopped else "length",
+                                         stop_reason=new[-1] if stopped else None)
+            outputs.append(SimpleNamespace(outputs=[completion]))
+        return outputs
+'''
+
+
+def test_vllm_backend_writes_what_the_torch_backend_writes_greedily(tiny_llama_dir, stdlib_text_file, tmp_path,
+                                                                     monkeypatch):
+    """--backend vllm through a stand-in with vLLM's offline API (vLLM needs a GPU): the prompts go in as token ids,
+    each with its own seed, EOS as a stop token; greedy lines equal the torch backend's (the stopping EOS kept)."""
+    from transformers import GenerationConfig
+
+    from megadistil.data.generate import Backend
+
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    greedy = SamplingConfig(max_new_tokens=12, temperatures=(0.0,), top_k=0, seed=5)
+    torch_cfg = _cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "torch", sampling=greedy)
+    run_generation(torch_cfg)
+    run_generation(replace(torch_cfg, out=str(tmp_path / "vllm-out"), backend=Backend.vllm))
+    import vllm
+
+    assert _lines(tmp_path / "vllm-out") == _lines(tmp_path / "torch")
+    init, *calls = vllm.CALLS
+    assert init == ("LLM", str(tiny_llama_dir), {"dtype": "float32", "seed": 5, "trust_remote_code": False})
+    eos = GenerationConfig.from_pretrained(tiny_llama_dir).eos_token_id
+    for index, (_, ids, params) in enumerate(calls):
+        assert ids == _lines(tmp_path / "torch")[index]["prompt_ids"]
+        assert params == {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 12,
+                          "seed": 5 * 1_000_003 + index, "stop_token_ids": [eos] if isinstance(eos, int) else eos,
+                          "ignore_eos": False, "detokenize": False}
+
+
+def test_vllm_backend_refuses_what_it_cannot_do(tiny_llama_dir, stdlib_text_file, tmp_path, monkeypatch):
+    from megadistil.data.generate import Backend
+
+    cfg = _cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "a", backend=Backend.vllm)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "vllm" else True)
+    with pytest.raises(ValueError, match="--backend vllm: vllm is not installed"):
+        run_generation(cfg)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: True)
+    with pytest.raises(ValueError, match=r"--temperatures 1.5 0.7: vLLM samples every position at one temperature"):
+        run_generation(cfg)
+    one = replace(cfg, sampling=SamplingConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="--zero3 partitions a torch model"):
+        run_generation(replace(one, zero3=True))
+    assert not (tmp_path / "a").exists()  # refused before anything was written

@@ -209,8 +209,8 @@ def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Pa
 
 
 def test_onpolicy_generation_gathers_the_whole_student() -> None:
-    """With onpolicy.gather_weights the student generates from whole weights: the working set is every parameter,
-    not ZeRO-3's per-layer one (8B: beyond stage3_max_reuse_distance, so the prefetch bucket and two blocks); with it
+    """With onpolicy.gather_weights the student generates from whole weights: the working set is every parameter plus
+    the int8 codes of every linear's W (8B: 32 layers of q, k, v, o and the MLP), not ZeRO-3's per-layer one (8B: beyond stage3_max_reuse_distance, so the prefetch bucket and two blocks); with it
     off the per-layer set stays."""
     ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
     on = ["onpolicy.fraction=0.5", "onpolicy.prompt_tokens=64", "onpolicy.max_new_tokens=128"]
@@ -220,6 +220,7 @@ def test_onpolicy_generation_gathers_the_whole_student() -> None:
     p = 2  # bf16
     whole = estimate(cfg, dims, Layout(1, 8), ds)
     assert whole.term("gathered params") == (sum(t.base) + sum(t.delta) + sum(t.trainable)) * p
+    assert whole.term("generation codes") == sum(t.delta) == 32 * (4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336)
     layered = estimate(_cfg("llama3.1-8b.yaml", *on, "onpolicy.gather_weights=false"), dims, Layout(1, 8), ds)
     assert layered.term("gathered params") == (5e7 + 2 * t.block_numel) * p < whole.term("gathered params") / 7
     assert layered.term("gathered params") == estimate(_cfg("llama3.1-8b.yaml"), dims, Layout(1, 8), ds).term(

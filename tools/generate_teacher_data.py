@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data.generate import GENERATIONS, GenerateConfig, ShardOptions, run_generation
+from megadistil.data.generate import GENERATIONS, Backend, GenerateConfig, ShardOptions, run_generation
 from megadistil.data.precompute import PRECOMPUTE_DTYPES
 from megadistil.sampling import SamplingConfig
 from megadistil.utils import exit_without_teardown
@@ -44,6 +44,9 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", choices=PRECOMPUTE_DTYPES)
     p.add_argument("--zero3", action="store_true", help="partition the teacher with ZeRO-3 inference")
+    p.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
+                   help="torch: megadistil's sampler (every setting); vllm: vLLM's engine where installed (GPU, one "
+                   "process, one temperature)")
     p.add_argument("--shards", default=None, help="also write teacher shards of the generated documents here")
     p.add_argument("--shard-top-k", type=int, default=64)
     p.add_argument("--shard-seq-len", type=int, default=512)
@@ -56,7 +59,7 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
     return GenerateConfig(teacher=a.teacher, out=a.out, text=a.text or [], prompts=a.prompts,
                           prompt_tokens=a.prompt_tokens, sampling=sampling, batch_size=a.batch_size,
                           max_prompts=a.max_prompts, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress,
-                          shards=shards)
+                          shards=shards, backend=Backend(a.backend))
 
 
 def main(argv: list[str] | None = None) -> int:

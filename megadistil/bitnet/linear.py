@@ -7,8 +7,10 @@ in backward, and never forms a dense weight gradient (only the LoRA factors trai
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +56,9 @@ class BitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, delta, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes, kernel):
-        x2 = x.reshape(-1, x.shape[-1])
-        x_codes, x_scale = int8_codes(x2)
+        x_codes, x_scale = int8_codes(x.reshape(-1, x.shape[-1]))
         w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling))
-        acc = code_matmul(x_codes, w_codes.t(), kernel)
-        y = (acc / (x_scale * w_scale)).to(x.dtype)
-        if bias is not None:
-            y = y + bias
+        y = code_linear(x_codes, x_scale, w_codes, w_scale, bias, kernel, x.dtype)
         # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
         # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
         kept = (w_codes, w_scale) if keep_weight_codes else (None, None)
@@ -87,6 +85,13 @@ class BitLinearFunction(torch.autograd.Function):
             grad_A = s * ((g @ lora_B) * inv_scale).t() @ x_int
             grad_B = s * g.t() @ ((x_int @ lora_A.t()) * inv_scale)
         return grad_x, None, None, grad_A, grad_B, None, None, None, None, None
+
+
+def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, kernel: Kernel, dtype: torch.dtype) -> torch.Tensor:
+    """Q8(x) @ Q3(W).T from the codes and scales: the integer product on `kernel`, then both scales divided out."""
+    y = (code_matmul(x_codes, w_codes.t(), kernel) / (x_scale * w_scale)).to(dtype)
+    return y + bias if bias is not None else y
 
 
 def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, mode: str,
@@ -155,6 +160,8 @@ class BitLinear(nn.Module):
         self.teacher = False
         self.quant_lambda = 1.0  # < 1 during the HF 1.58-bit warmup (fake-quant path)
         self.keep_weight_codes = False
+        self.codes_frozen = False  # frozen_weight_codes: quantize the weight once, reuse its codes
+        self._frozen_codes: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.weight.device.type != "meta":
             self.reset_lora()
 
@@ -192,10 +199,21 @@ class BitLinear(nn.Module):
             return self.fake_quant_forward(x)
         if self.kernel is Kernel.auto:
             self.kernel = hardware(x.device).kernel
+        if self.codes_frozen:
+            return self._frozen_forward(x)
         return BitLinearFunction.apply(
             x, self.weight, self.delta, self.lora_A, self.lora_B, self.bias,
             self.scaling, self.backward_mode, self.keep_weight_codes, self.kernel,
         )
+
+    @torch.no_grad()
+    def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BitLinearFunction's forward from weight codes quantized once (frozen_weight_codes), no autograd."""
+        if self._frozen_codes is None:
+            self._frozen_codes = ternary_codes(self.effective_weight())
+        x_codes, x_scale = int8_codes(x.reshape(-1, x.shape[-1]))
+        y = code_linear(x_codes, x_scale, *self._frozen_codes, self.bias, self.kernel, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fake_quant_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain-autograd fake quantization (used for the λ warmup); saves float activations."""
@@ -208,3 +226,19 @@ class BitLinear(nn.Module):
             f"scaling={self.scaling:g}, delta={self.delta is not None}, subln={self.sub_norm is not None}, "
             f"backward={self.backward_mode}, kernel={self.kernel.value}"
         )
+
+
+@contextlib.contextmanager
+def frozen_weight_codes(model: nn.Module) -> Iterator[None]:
+    """Inside, every student-mode BitLinear of `model` quantizes W + ΔW + s·B·A once, at its first forward, and reuses
+    the codes (1 byte per weight, dropped on exit); no autograd. For generation: a forward per new token would
+    otherwise recompute the effective weight, r times the token's own product, every time. The weights must not
+    change inside, and must stay whole (ZeRO-3: gathered for the whole block, not layer by layer)."""
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    for layer in layers:
+        layer.codes_frozen = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.codes_frozen, layer._frozen_codes = False, None

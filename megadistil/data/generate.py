@@ -14,11 +14,12 @@ A line: {"index", "text" (prompt + continuation: what `data.text` and precompute
 
 from __future__ import annotations
 
+import enum
 import heapq
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,18 @@ from megadistil.data.precompute import (
 )
 from megadistil.data.shards import tokenizer_fingerprint
 from megadistil.data.text import batched, expand_files, iter_documents
+from megadistil.data.vllm_backend import VLLMSampler, check_vllm
 from megadistil.sampling import SamplingConfig, lockstep_any, sample
 from megadistil.utils import write_atomic
 
 GENERATIONS, IDENTITY, PARTS = "generations.jsonl", "generation.json", "parts"
+
+
+class Backend(enum.StrEnum):
+    """--backend: what samples the continuations."""
+
+    torch = "torch"  # megadistil.sampling on the HF model: every setting, ZeRO-3 across ranks, CPU or GPU
+    vllm = "vllm"  # vLLM's engine (GPU, where installed): one temperature, one process (megadistil.data.vllm_backend)
 
 
 @dataclass
@@ -68,6 +77,7 @@ class GenerateConfig:
     zero3: bool = False  # partition the teacher with ZeRO-3; the ranks then sample in lockstep
     progress: bool = True
     shards: ShardOptions | None = None
+    backend: Backend = Backend.torch
 
     def validate(self) -> None:
         if bool(self.text) == bool(self.prompts):
@@ -135,7 +145,8 @@ def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str) 
     return {"teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
             "inputs": [[os.path.abspath(f), os.path.getsize(f)] for f in inputs], "from_documents": bool(cfg.text),
             "prompt_tokens": cfg.prompt_tokens, "sampling": _sampling_dict(cfg.sampling),
-            "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": cfg.dtype, "world_size": world}
+            "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": cfg.dtype, "world_size": world,
+            "backend": cfg.backend.value}
 
 
 def _sampling_dict(s: SamplingConfig) -> dict[str, Any]:
@@ -169,6 +180,8 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
 
     cfg.validate()
     rank, world = dist_env()
+    if cfg.backend is Backend.vllm:
+        check_vllm(cfg.sampling, cfg.zero3, world)
     max_positions = getattr(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False),
                             "max_position_embeddings", None)
     # Every prompt is tokenised and checked before the model loads (a bad one stops every rank at once, not one rank
@@ -177,28 +190,31 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
                                         max_positions))
     out = Path(cfg.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
-    tok, model, device = load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
+    if cfg.backend is Backend.vllm:
+        tok, model, device = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False), None, \
+            torch.device("cpu")
+        eos = _eos(_generation_config(cfg.teacher), tok)
+        continuations = VLLMSampler(cfg.teacher, cfg.dtype, cfg.sampling, eos)
+    else:
+        tok, model, device = load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
+        eos = _eos(model.generation_config, tok)
+        continuations = torch_sampler(model, cfg, tok, eos, world)
     teacher_fp = teacher_dir_fingerprint(cfg.teacher)
     ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
     part = out / PARTS / f"r{rank:03d}.jsonl"
     done = resume_part(part, identity_hash(ident), cfg.batch_size)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else tok.eos_token_id
     mine = (p for p in iter_prompts(cfg, tok, max_positions) if p[0] % world == rank)
     batches = batched((p for i, p in enumerate(mine) if i >= done), cfg.batch_size)
-    lockstep = lockstep_any(device) if cfg.zero3 and world > 1 else None
     bar = tqdm(total=total, unit="prompt", disable=not cfg.progress or rank != 0, desc="generate",
                initial=min(done * world, total))
     t0, new_tokens = time.time(), 0
     with open(part, "a") as f:
-        for batch in collective_batches(batches, lockstep is not None, world, device):
-            rows = batch or [(-1, [pad])]
-            gen = sample(model, [torch.tensor(ids) for _, ids in rows], cfg.sampling, eos_token_id=eos,
-                         pad_token_id=pad, indices=[max(i, 0) for i, _ in rows], lockstep=lockstep)
-            for (index, ids), toks, length in zip(batch or [], gen.tokens.tolist(), gen.lengths.tolist()):
-                f.write(json.dumps(_line(tok, index, ids, toks[:length], eos, cfg.sampling, teacher_fp)) + "\n")
-                new_tokens += length
+        for batch in collective_batches(batches, cfg.zero3 and world > 1, world, device):
+            # a rank out of prompts in a ZeRO-3 lockstep still samples (one dummy prompt), its rows unwritten
+            rows = batch or [(-1, [tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id])]
+            for (index, ids), new in zip(batch or [], continuations(rows)):
+                f.write(json.dumps(_line(tok, index, ids, new, eos, cfg.sampling, teacher_fp)) + "\n")
+                new_tokens += len(new)
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch or []) * world)
@@ -208,12 +224,45 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     summary = merge_parts(out, ident, world) if rank == 0 else None
     barrier(world)
     if cfg.shards is not None:
+        if isinstance(continuations, VLLMSampler):
+            continuations.close()  # the HF teacher loads next, for its logits
         s = cfg.shards
         run_precompute(PrecomputeConfig(teacher=cfg.teacher, text=[str(out / GENERATIONS)], out=s.out,
                                         seq_len=s.seq_len, top_k=s.top_k, temperature=s.temperature,
                                         batch_size=cfg.batch_size, dtype=cfg.dtype, zero3=cfg.zero3,
-                                        progress=cfg.progress), loaded=(tok, model, device))
+                                        progress=cfg.progress), loaded=(tok, model, device) if model else None)
     return summary
+
+
+def _generation_config(teacher: str) -> Any:
+    """The teacher's generation_config.json, else the one transformers derives from config.json (as from_pretrained)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(teacher)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(teacher, trust_remote_code=False))
+
+
+def _eos(generation_config: Any, tok: Any) -> int | list[int] | None:
+    """The ids that end a continuation: the generation config's, else the tokenizer's EOS."""
+    eos = generation_config.eos_token_id
+    return eos if eos is not None else tok.eos_token_id
+
+
+def torch_sampler(model: Any, cfg: GenerateConfig, tok: Any, eos: int | list[int] | None,
+                  world: int) -> Callable[[list[tuple[int, list[int]]]], list[list[int]]]:
+    """Rows -> each prompt's continuation ids (the stopping EOS kept), by megadistil.sampling on the HF model."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lockstep = lockstep_any(next(model.parameters()).device) if cfg.zero3 and world > 1 else None
+
+    def continuations(rows: list[tuple[int, list[int]]]) -> list[list[int]]:
+        gen = sample(model, [torch.tensor(ids) for _, ids in rows], cfg.sampling, eos_token_id=eos,
+                     pad_token_id=pad, indices=[max(i, 0) for i, _ in rows], lockstep=lockstep,
+                     freeze_weight_codes=not cfg.zero3)
+        return [toks[:n] for toks, n in zip(gen.tokens.tolist(), gen.lengths.tolist(), strict=True)]
+
+    return continuations
 
 
 def _line(tok: Any, index: int, prompt_ids: list[int], new_ids: list[int], eos: int | list[int] | None,

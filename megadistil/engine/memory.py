@@ -13,7 +13,8 @@ The model is counted from its dimensions (config.json), not built. Every term is
   gathered params    ZeRO-3's working set of all-gathered (whole) parameters: everything up to
                      stage3_max_live_parameters when a step reuses every parameter within
                      stage3_max_reuse_distance, else the prefetch bucket plus the two largest blocks in flight;
-                     the whole student while it generates on-policy with onpolicy.gather_weights
+                     the whole student while it generates on-policy with onpolicy.gather_weights, plus the
+                     int8 codes of every BitLinear's W it quantizes once for the generation (1 B each)
   all-gather buffer  the flat buffer a fetch gathers into (more than one rank): the prefetch bucket, at most
                      the model (twice on CPU/gloo, as measured)
   activations        activation checkpointing: the block inputs of every layer (p bytes per token and hidden
@@ -257,6 +258,7 @@ class Tensors:
     trainable: list[int]  # LoRA A/B, SubLN
     block_numel: int  # every parameter of one block (what one fetch gathers)
     largest_linear: int
+    linear_numel: int  # every block linear's W: the BitLinears a student quantizes
 
 
 def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
@@ -273,7 +275,7 @@ def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
     base = frozen_tensors(dims)
     block = sum(weights) + sum(biases) + sum(norms) + sum(delta) + sum(lora) + sum(subln)
     return Tensors(base=base, delta=L * delta, trainable=L * (lora + subln), block_numel=block,
-                   largest_linear=max(weights))
+                   largest_linear=max(weights), linear_numel=L * sum(weights))
 
 
 def frozen_tensors(dims: ModelDims) -> list[int]:
@@ -380,6 +382,7 @@ def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: in
     total = sum(t.base) + sum(t.delta) + sum(t.trainable)
     if whole:
         live, how = total, f"all {total:,} while the student generates (onpolicy.gather_weights)"
+        est.rows.append(("generation codes", t.linear_numel, "int8 codes of every BitLinear's W while generating"))
     elif total <= z["stage3_max_reuse_distance"]:
         live = min(total, z["stage3_max_live_parameters"])
         how = f"all {total:,} (every reuse within stage3_max_reuse_distance)"

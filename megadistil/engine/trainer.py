@@ -512,7 +512,8 @@ class Trainer:
                 gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
                              eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
                              pad_token_id=pad if pad is not None else 0, indices=indices,
-                             lockstep=None if gathered else self.lockstep)  # whole weights: no collective per token
+                             lockstep=None if gathered else self.lockstep,  # whole weights: no collective per token
+                             freeze_weight_codes=gathered)
         finally:
             self.engine.train()
         stats.generated(int(gen.lengths.sum()), time.perf_counter() - start)
