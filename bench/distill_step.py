@@ -13,6 +13,9 @@ baseline's PeakMemory reset the high-water mark once loading is done); the memor
 The "floor" is the peak RSS of a rank that only imports the engine and starts the process group: the runtime's fixed
 cost, which no method can remove.
 
+Where the time goes: the last step of each engine case runs under torch.profiler (log.profile_step; left out of the
+median), and a table gives its phases per rank (--no-profile: off).
+
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
 Writes bench/results/distill_step.json.
 """
@@ -157,14 +160,17 @@ def write_ds_config(work: Path, max_live: float) -> str:
     return str(path)
 
 
-def run_engine(name: str, overrides: list[str], run_dir: Path, port: int) -> dict:
+def run_engine(name: str, overrides: list[str], run_dir: Path, port: int, profile_step: int = 0) -> dict:
     argv = ["--ds_config", DS_CONFIG, "--config", "configs/tiny.yaml",
-            f"train.output_dir={fresh(run_dir)}", *overrides]
+            f"train.output_dir={fresh(run_dir)}", *overrides, f"log.profile_step={profile_step}"]
     peaks = launch("launch/train.py", argv, port, run_dir.with_suffix(".log"))
     steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    profiles = {r: json.loads((run_dir / f"profile.rank{r}.json").read_text()) for r in range(WORLD)} \
+        if profile_step else {}
+    times = [m["step_time_s"] for m in steps if m["step"] != profile_step]  # the profiled step runs slower
     return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb_rank0"],
             "steps_rss_mb": {r: max(m[f"steps_peak_mem_mb_rank{r}"] for m in steps) for r in range(WORLD)},
-            "step_times": [m["step_time_s"] for m in steps], "losses": [m["loss"] for m in steps]}
+            "step_times": times, "losses": [m["loss"] for m in steps], "profile": profiles}
 
 
 def run_naive(overrides: list[str], run_dir: Path, port: int) -> dict:
@@ -242,6 +248,19 @@ def print_table(results: dict, floor: dict[int, float], dtype: str) -> None:
     print(f"target (a) tokens/s >= {SPEED_TARGET}x (c): {speed:.2f}x  {'MET' if speed >= SPEED_TARGET else 'NOT MET'}")
 
 
+def print_profiles(results: dict, step: int) -> None:
+    """Where the engine cases' time goes: the profiled step's phases (megadistil.engine.profile) per rank."""
+    from megadistil.engine.profile import PHASES
+
+    print(f"\nstep {step} by phase, seconds per rank (torch.profiler; loss is part of student_forward; collectives: "
+          "time inside all-gather / reduce-scatter / all-reduce ops, across phases)")
+    print(f"{'case':<4} {'rank':>4} {'step':>6} " + " ".join(f"{p:>15}" for p in PHASES) + f" {'collectives':>11}")
+    for name, r in results.items():
+        for rank, prof in sorted(r.get("profile", {}).items()):
+            print(f"{name:<4} {rank:>4} {prof['step_s']:6.2f} "
+                  + " ".join(f"{prof['phases_s'][p]:15.2f}" for p in PHASES) + f" {prof['collectives_s']:11.2f}")
+
+
 def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Path, shards: Path,
                 work: Path) -> dict:
     base = common_overrides(args, model_dir, text, dtype)
@@ -255,12 +274,15 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
         if name == "a0" and args.reset_every == 0:
             continue
         print(f"running ({name}) {dtype} ...", flush=True)
-        runs[name] = run_engine(name, [*base, *extra], work / f"{dtype}-{name}", port := port + 1)
+        runs[name] = run_engine(name, [*base, *extra], work / f"{dtype}-{name}", port := port + 1,
+                                profile_step=args.steps if args.profile else 0)
     print(f"running (c) {dtype} ...", flush=True)
     runs["c"] = run_naive(base, work / f"{dtype}-c", port := port + 1)
     floor = run_floor(base, work / f"{dtype}-floor", port + 1)
     results = {k: summarize(v, args.warmup, tokens_per_step) for k, v in runs.items()}
     print_table(results, floor, dtype)
+    if args.profile:
+        print_profiles(results, args.steps)
     return {"runs": results, "floor_rss_mb": floor, "tokens_per_step": tokens_per_step}
 
 
@@ -283,6 +305,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=("bf16", "fp32", "both"), default="bf16")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_distill_step")
     p.add_argument("--port", type=int, default=29620)
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile the last step of the engine cases by phase (left out of their median step time)")
     p.add_argument("--max-live", type=float, default=1e7,
                    help="ZeRO-3 stage3_max_live_parameters / max_reuse_distance for all cases (see write_ds_config)")
     args = p.parse_args()

@@ -166,6 +166,7 @@ class WandbConfig:
 @dataclass
 class LogConfig:
     every: int = 1  # log every N steps (the last step always)
+    profile_step: int = 0  # profile this optimizer step by phase on every rank (profile.rank<r>.json); 0 = off
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -275,6 +276,8 @@ def validate(cfg: RunConfig) -> None:
            f"{t.eval_tasks_include_path} is not a directory")
     _check(t.max_nan_steps >= 1, "train.max_nan_steps", "must be >= 1")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
+    _check(0 <= cfg.log.profile_step <= t.max_steps, "log.profile_step",
+           f"must be a step of the run (1..train.max_steps={t.max_steps}) or 0 (off), got {cfg.log.profile_step}")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")

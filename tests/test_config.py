@@ -43,6 +43,7 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("relora.optimizer_reset=drop", "relora.optimizer_reset"),
     ("optim.param_groups=[{pattern: '(', lr_mult: 1}]", "optim.param_groups.0.pattern"),
     ("data.shards=/s", "data"),  # both shards and text
+    ("log.profile_step=101", "log.profile_step': must be a step of the run"),
 ])
 def test_bad_values_name_the_key(override, message):
     base = ["model.student=/m", "data.text=[a.txt]"]

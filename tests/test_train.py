@@ -108,7 +108,8 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
                            "ds_config": partitioned_ds_config},
         "onpolicy_layered": {"overrides": [*onpolicy_overrides, "train.max_steps=2", "train.save_every=100",
                                            "onpolicy.gather_weights=false"], "ds_config": partitioned_ds_config},
-        "straight": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=6"]},
+        "straight": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=6",
+                                   "log.profile_step=3"]},
         "shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
             f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
@@ -180,6 +181,19 @@ def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
     assert step_records[-1]["resets"] == 2  # before steps 5 and 9
     evals = [m for m in records if "eval_ppl_student" in m]
     assert "eval_ppl_teacher" in evals[0] and evals[-1]["step"] == 12
+
+
+@pytest.mark.multirank
+def test_profiled_step_says_where_its_time_goes(straight_run):
+    """log.profile_step: each rank writes the step's phases; the top-level ones fit in the step, the loss inside the
+    student's forward, and ZeRO-3 on 2 ranks spends time in collectives (gathers, reduce-scatters)."""
+    for rank in (0, 1):
+        prof = json.loads((straight_run / f"profile.rank{rank}.json").read_text())
+        p = prof["phases_s"]
+        assert all(p[k] > 0 for k in ("teacher", "student_forward", "loss", "backward", "optimizer")), p
+        assert p["generate"] == 0 and p["loss"] < p["student_forward"]
+        assert p["teacher"] + p["student_forward"] + p["backward"] + p["optimizer"] <= prof["step_s"]
+        assert 0 < prof["collectives_s"] < prof["step_s"] and prof["collective_ops"], prof
 
 
 @pytest.mark.multirank

@@ -63,6 +63,7 @@ from megadistil.engine.model import (
     check_same_tokenizer,
     load_causal_lm,
 )
+from megadistil.engine.profile import phase, profiled_step
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
 from megadistil.engine.teachers import (
@@ -97,11 +98,12 @@ class DistillModule(nn.Module):
         kd = Target.logits in cfg.needs()
         teacher_hidden = targets.hidden if kd else None
         weights = self._token_weights(targets, weight, labels, cfg) if targets.reference_logprobs is not None else None
-        parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg,
-                                     sparse=targets.sparse if kd else None, teacher_hidden=teacher_hidden,
-                                     teacher_lm_head_weight=weight if teacher_hidden is not None else None,
-                                     logit_transform=self.logit_transform, kd_mask=targets.kd_mask,
-                                     token_weights=weights)
+        with phase("loss"):
+            parts = chunked_lm_head_loss(out.last_hidden_state, weight, labels, cfg,
+                                         sparse=targets.sparse if kd else None, teacher_hidden=teacher_hidden,
+                                         teacher_lm_head_weight=weight if teacher_hidden is not None else None,
+                                         logit_transform=self.logit_transform, kd_mask=targets.kd_mask,
+                                         token_weights=weights)
         mask = labels != IGNORE_INDEX
         if weights is not None:
             parts["token_weight"] = (weights * mask).sum() / mask.sum().clamp_min(1)  # the mean over trained tokens
@@ -421,7 +423,9 @@ class Trainer:
             active = self._config_at(step)
             self._before_step(step, active)
             start = time.perf_counter()
-            parts, tokens, onpolicy = self._optimizer_step(batches, active)
+            with profiled_step(self.run_dir, self.dist.rank) if step == cfg.log.profile_step else \
+                    contextlib.nullcontext():
+                parts, tokens, onpolicy = self._optimizer_step(batches, active)
             self.state.step = step
             if self._is_log_step(step):
                 self._log_step(step, parts, tokens, start, onpolicy)
@@ -470,7 +474,8 @@ class Trainer:
             attempt += 1
             loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
             if onpolicy:
-                batch = self._generate(batch, active.onpolicy, micro, stats)
+                with phase("generate"):
+                    batch = self._generate(batch, active.onpolicy, micro, stats)
                 loss_cfg = replace(active.loss, kind=active.onpolicy.kind, ce_weight=0.0)
             parts = self._forward(batch, loss_cfg)
             if not self._all_finite(parts["loss"]):
@@ -482,8 +487,10 @@ class Trainer:
                                              f"stopping (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
                 continue
             consecutive = 0
-            self.engine.backward(parts["loss"])
-            self.engine.step()
+            with phase("backward"):
+                self.engine.backward(parts["loss"])
+            with phase("optimizer"):
+                self.engine.step()
             done += 1
             if onpolicy:
                 stats.trained(parts["tokens"], parts["kd"].detach().float())
@@ -525,10 +532,12 @@ class Trainer:
 
     def _forward(self, batch: dict[str, Tensor], loss_cfg: LossConfig) -> dict[str, Tensor]:
         weighted = self.reference is not None
-        targets = self.teacher.targets(batch, loss_cfg, label_logprobs=weighted)
-        if weighted:
-            targets.reference_logprobs = self.reference.label_logprobs(batch, loss_cfg.chunk_tokens)
-        return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg)
+        with phase("teacher"):
+            targets = self.teacher.targets(batch, loss_cfg, label_logprobs=weighted)
+            if weighted:
+                targets.reference_logprobs = self.reference.label_logprobs(batch, loss_cfg.chunk_tokens)
+        with phase("student_forward"):
+            return self.engine(batch["input_ids"], batch["labels"], targets, loss_cfg)
 
     def _peak_memory(self) -> dict[str, float]:
         """peak_mem_mb (lifetime, loading included) and steps_peak_mem_mb (the training steps only): the largest

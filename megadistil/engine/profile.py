@@ -1,0 +1,52 @@
+"""Where a training step's time goes (log.profile_step): torch.profiler around one optimizer step on every rank.
+
+The trainer marks its phases with `phase(name)` (a record_function: free when no profiler runs). Each rank writes
+profile.rank<r>.json in the run dir: the step's wall time, each phase's (its scope's wall time, children included:
+`loss` is part of `student_forward`), and the time inside collectives (ZeRO-3's gathers and reduce-scatters, the loss
+reductions), summed over the ops whose names say so. On CUDA the phases are host time: kernels run asynchronously,
+so a phase that launches them can end before they do (the collectives' and the step's totals still bound it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+PHASES = ("generate", "teacher", "student_forward", "loss", "backward", "optimizer")
+COLLECTIVE_WORDS = ("all_gather", "allgather", "reduce_scatter", "reducescatter", "all_reduce", "allreduce",
+                    "broadcast")
+
+
+def phase(name: str) -> contextlib.AbstractContextManager:
+    return record_function(f"megadistil.{name}")
+
+
+@contextlib.contextmanager
+def profiled_step(out: Path, rank: int) -> Iterator[None]:
+    """Profile what runs inside; write its summary to profile.rank<rank>.json in `out`."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        yield
+        wall_s = time.perf_counter() - start  # the step, not the profiler's own collection afterwards
+    summary = summarize(prof.events(), wall_s)
+    (out / f"profile.rank{rank}.json").write_text(json.dumps(summary, indent=1))
+
+
+def summarize(events, wall_s: float) -> dict:
+    """Phase and collective seconds from the profiler's events (times in microseconds)."""
+    phases = {name: 0.0 for name in PHASES}
+    collective_us, ops = 0.0, {}
+    for e in events:
+        if e.name.startswith("megadistil.") and e.name[11:] in phases:
+            phases[e.name[11:]] += e.cpu_time_total / 1e6
+        elif any(w in e.name.lower() for w in COLLECTIVE_WORDS):
+            collective_us += e.self_cpu_time_total
+            ops[e.name] = ops.get(e.name, 0) + 1
+    return {"step_s": wall_s, "phases_s": phases, "collectives_s": collective_us / 1e6, "collective_ops": ops}
