@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -246,12 +247,34 @@ def distil_all(s: DemoSettings, out: Path, teacher: Path, paths: dict[str, Path]
         "shared": [*common, f"data.text=[{paths['slice']}]"],
         "ce": [*common, f"data.text=[{paths['slice']}]", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
     }
+    return train_runs(s, out, runs)
+
+
+def train_runs(s: DemoSettings, out: Path, runs: dict[str, list[str]]) -> dict[str, dict]:
+    """The students one after another, each in out/run-<name>: name -> its metrics and wall time."""
     results = {}
     for name, overrides in runs.items():
         shutil.rmtree(out / f"run-{name}", ignore_errors=True)  # a fresh run, not a resume of an older demo
         seconds = train_run(name, out / f"run-{name}", overrides, s.distill_steps, out / f"run-{name}.log")
         results[name] = {"metrics": read_metrics(out / f"run-{name}"), "wall_s": seconds}
     return results
+
+
+def publish(summary: dict, out: Path, write: Callable[[dict, Path], Path]) -> int:
+    """summary.json, then the report `write` makes of it, printed."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    report = write(summary, out)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def entry(main: Callable[[], int], name: str) -> None:
+    """A demo's __main__: a failed stage exits with its message."""
+    try:
+        sys.exit(main())
+    except DemoError as e:
+        sys.exit(f"{name}: {e}")
 
 
 def convert(run: Path, output: Path, log: Path) -> None:
@@ -461,15 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
     summary = summarize(s, results, converted_ppl, sizes, time.time() - start, tokens)
     summary["tasks"] = task_scores
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    report = write_report(summary, out)
-    print(report.read_text())
-    print(f"report: {report}")
-    return 0
+    return publish(summary, out, write_report)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DemoError as e:
-        sys.exit(f"demo: {e}")
+    entry(main, "demo")

@@ -20,11 +20,8 @@ Perplexity is per student token on the held-out files; bits per byte also places
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,18 +32,18 @@ from megadistil.bitnet.kernels import cpu_model_name
 from megadistil.demo import (
     CROSSTOK_TEACHER,
     ROOT,
-    DemoError,
     DemoSettings,
     TeacherSettings,
     banner,
+    entry,
     final_eval,
     make_slice,
     make_teacher,
-    read_metrics,
+    publish,
     run_overrides,
     split_corpus,
     step0_eval,
-    train_run,
+    train_runs,
 )
 
 OTHER = ["teacher.kind=hf", "teacher.top_k=64"]  # + teacher.path, the other teacher
@@ -100,13 +97,10 @@ def bits_per_byte(ppl: float, heldout: Path, tokenizer_dir: Path, seq_len: int, 
 
 def distil(s: DemoSettings, out: Path, base: Path, other: Path, paths: dict[str, Path]) -> dict[str, dict]:
     common = [*run_overrides(s, base, paths["heldout"]), f"data.text=[{paths['slice']}]"]
-    results = {}
+    runs = {}
     for name, (_, extra) in RUNS.items():
-        extra = [*extra, f"teacher.path={other}"] if "teacher.kind=hf" in extra else extra
-        shutil.rmtree(out / f"run-{name}", ignore_errors=True)
-        seconds = train_run(name, out / f"run-{name}", [*common, *extra], s.distill_steps, out / f"run-{name}.log")
-        results[name] = {"metrics": read_metrics(out / f"run-{name}"), "wall_s": seconds}
-    return results
+        runs[name] = [*common, *extra, *([f"teacher.path={other}"] if "teacher.kind=hf" in extra else [])]
+    return train_runs(s, out, runs)
 
 
 def summarize(s: DemoSettings, results: dict, teachers: dict, paths: dict, base: Path, wall_s: float) -> dict:
@@ -171,16 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     banner(5, total, "held-out evaluation of the teachers, report")
     teachers = {"teacher": heldout_nll(base, paths["heldout"], s.seq_len, s.eval_sequences),
                 "other_teacher": heldout_nll(other, paths["heldout"], s.seq_len, s.eval_sequences)}
-    summary = summarize(s, results, teachers, paths, base, time.time() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    report = write_report(summary, out)
-    print(report.read_text())
-    print(f"report: {report}")
-    return 0
+    return publish(summarize(s, results, teachers, paths, base, time.time() - start), out, write_report)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DemoError as e:
-        sys.exit(f"demo-crosstok: {e}")
+    entry(main, "demo-crosstok")

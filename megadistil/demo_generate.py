@@ -37,17 +37,18 @@ from megadistil.demo import (
     DemoError,
     DemoSettings,
     banner,
+    entry,
     evaluate_models,
     final_eval,
     make_slice,
     make_teacher,
+    publish,
     read_docs,
-    read_metrics,
     run_overrides,
     split_corpus,
     step0_eval,
     task_report,
-    train_run,
+    train_runs,
     write_docs,
 )
 
@@ -116,12 +117,7 @@ def distil(s: DemoSettings, out: Path, base: Path, paths: dict[str, Path], shard
     runs = {"shared": on_slice,
             "generated": [*common, "teacher.kind=shards", f"data.shards={shards}", "data.text=[]"],
             "onpolicy": [*on_slice, *onpolicy_overrides(s)]}
-    results = {}
-    for name, overrides in runs.items():
-        shutil.rmtree(out / f"run-{name}", ignore_errors=True)
-        seconds = train_run(name, out / f"run-{name}", overrides, s.distill_steps, out / f"run-{name}.log")
-        results[name] = {"metrics": read_metrics(out / f"run-{name}"), "wall_s": seconds}
-    return results
+    return train_runs(s, out, runs)
 
 
 def onpolicy_figures(metrics: list[dict]) -> dict:
@@ -194,16 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     banner(6, total, f"evaluate: 2 tasks x {s.task_docs} documents made from the held-out files; report")
     models = {"teacher": base, "naive_ternary": f"ternary:{base}", **{k: out / f"run-{k}" for k in results}}
     tasks = evaluate_models(s, out, models, paths["heldout"])
-    summary = summarize(s, results, generation, tasks, time.time() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    report = write_report(summary, out)
-    print(report.read_text())
-    print(f"report: {report}")
-    return 0
+    return publish(summarize(s, results, generation, tasks, time.time() - start), out, write_report)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DemoError as e:
-        sys.exit(f"demo-generate: {e}")
+    entry(main, "demo-generate")
