@@ -512,15 +512,16 @@ class Trainer:
         stop = student.generation_config.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         start = time.perf_counter()
-        gathered = op.gather_weights and self.engine.zero_optimization_stage() == 3
+        zero3 = self.engine.zero_optimization_stage() == 3
+        gathered, per_layer = zero3 and op.gather_weights, zero3 and not op.gather_weights
         self.engine.eval()  # transformers turns the KV cache off in train mode under gradient checkpointing
         try:
             with unwrap_model_for_generation(self.engine) if gathered else contextlib.nullcontext():
                 gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
                              eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
                              pad_token_id=pad if pad is not None else 0, indices=indices,
-                             lockstep=None if gathered else self.lockstep,  # whole weights: no collective per token
-                             freeze_weight_codes=gathered)
+                             lockstep=self.lockstep if per_layer else None,  # whole weights: no collective per token
+                             freeze_weight_codes=not per_layer)
         finally:
             self.engine.train()
         stats.generated(int(gen.lengths.sum()), time.perf_counter() - start)
