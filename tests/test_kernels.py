@@ -144,3 +144,36 @@ def test_config_names_a_bad_kernel(tiny_llama_dir, stdlib_text_file):
     assert load_config("configs/tiny.yaml", [*base, "bitnet.kernel=fp32"]).bitnet.kernel == "fp32"
     with pytest.raises(ConfigError, match=r"'bitnet.kernel': Invalid value 'fp8', expected one of \[auto, int8, fp32, bf16\]"):
         load_config("configs/tiny.yaml", [*base, "bitnet.kernel=fp8"])
+
+
+def _agree_on_rank(rank: int, port: int, results, rank1_units: list[str]) -> None:
+    import torch.distributed as dist
+
+    from megadistil.engine.device import Placement, agreed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    hw = Hardware("cpu", "test CPU", "AVX512", ["int8", "bf16"] if rank == 0 else rank1_units, {"fp32": 1.0})
+    # a near tie measured differently: rank 0 int8 + bf16, rank 1 fp32 + float32
+    mine = Placement(torch.device("cpu"), hw, Kernel.int8 if rank == 0 else Kernel.fp32,
+                     torch.bfloat16 if rank == 0 else torch.float32, 1)
+    try:
+        got = agreed(mine)
+        results[rank] = (got.kernel.value, str(got.dtype), got.hardware.name)
+    except ValueError as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_zeros_kernel_and_dtype():
+    """Ranks measure their devices apart; agreed() gives every rank rank 0's choice (its own hardware record stays),
+    and refuses it, naming the kernel and the rank, where that rank lacks the units."""
+    import torch.multiprocessing as mp
+
+    from megadistil.distributed import free_local_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree_on_rank, args=(free_local_port(), results, ["int8"]), nprocs=2, join=True)
+    assert dict(results) == {0: ("int8", "torch.bfloat16", "test CPU"), 1: ("int8", "torch.bfloat16", "test CPU")}
+    mp.spawn(_agree_on_rank, args=(free_local_port(), results, []), nprocs=2, join=True)
+    assert results[1] == ("rank 0 chose the int8 kernel, which rank 1's cpu (test CPU, AVX512) lacks; set "
+                          "bitnet.kernel=fp32 on a mixed cluster")

@@ -3,9 +3,10 @@ the model dtype. Printed as the run's first log line and recorded in run.json.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
 from megadistil.distributed import cpu_threads
@@ -49,3 +50,23 @@ def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.devic
             torch.set_num_threads(threads)
     hw = hardware(device)
     return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads())
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def agreed(placement: Placement) -> Placement:
+    """Rank 0's kernel and dtype on every rank. Each rank measures its own device, and a near tie under load can
+    resolve differently on two ranks: a different dtype breaks ZeRO-3's collectives, a different kernel the bitwise
+    agreement of the ranks. A rank that lacks rank 0's kernel raises ValueError naming it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return placement
+    kernels = list(Kernel)
+    choice = torch.tensor([kernels.index(placement.kernel), DTYPES.index(placement.dtype)], device=placement.device)
+    dist.broadcast(choice, src=0)
+    kernel, dtype = kernels[int(choice[0])], DTYPES[int(choice[1])]
+    hw = placement.hardware
+    if kernel is not Kernel.fp32 and kernel.value not in hw.units:
+        raise ValueError(f"rank 0 chose the {kernel.value} kernel, which rank {dist.get_rank()}'s {hw.device} "
+                         f"({hw.name}, {hw.capability}) lacks; set bitnet.kernel=fp32 on a mixed cluster")
+    return replace(placement, kernel=kernel, dtype=dtype)

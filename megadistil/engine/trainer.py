@@ -54,7 +54,7 @@ from megadistil.distill.targets import head_label_logprobs
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
-from megadistil.engine.device import place
+from megadistil.engine.device import agreed, place
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
 from megadistil.engine.model import (
     assign_param_groups,
@@ -182,7 +182,8 @@ class Trainer:
         self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         try:
-            self.placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
+            self.placement = agreed(place(cfg.bitnet.kernel, cfg.model.dtype,
+                                          local_world_size=self.dist.local_world_size))
         except ValueError as e:
             raise ConfigError(f"config key 'bitnet.kernel': {e}") from None
         self.device = self.placement.device
