@@ -269,6 +269,17 @@ def publish(summary: dict, out: Path, write: Callable[[dict, Path], Path]) -> in
     return 0
 
 
+def demo_setup(argv: list[str] | None, doc: str, default_out: str) -> tuple[DemoSettings, Path]:
+    """A companion demo's command line (--out, --quick): its settings and its output dir, made."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--quick", action="store_true", help="fewer steps: a quick look")
+    a = p.parse_args(argv)
+    out = (ROOT / a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return DemoSettings.quick() if a.quick else DemoSettings(), out
+
+
 def entry(main: Callable[[], int], name: str) -> None:
     """A demo's __main__: a failed stage exits with its message."""
     try:

@@ -19,7 +19,6 @@ Perplexity is per student token on the held-out files; bits per byte also places
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -31,10 +30,10 @@ import torch
 from megadistil.bitnet.kernels import cpu_model_name
 from megadistil.demo import (
     CROSSTOK_TEACHER,
-    ROOT,
     DemoSettings,
     TeacherSettings,
     banner,
+    demo_setup,
     entry,
     final_eval,
     make_slice,
@@ -143,13 +142,7 @@ def write_report(summary: dict, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo-crosstok")
-    p.add_argument("--quick", action="store_true", help="fewer steps: the end-to-end test's setting")
-    a = p.parse_args(argv)
-    s = DemoSettings.quick() if a.quick else DemoSettings()
-    out = (ROOT / a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    s, out = demo_setup(argv, __doc__, "runs/demo-crosstok")
     start, total = time.time(), 5
     banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)

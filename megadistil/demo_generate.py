@@ -19,7 +19,6 @@ student (for `generated`, the generation and its shards too); CE-only and conver
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from megadistil.demo import (
     DemoError,
     DemoSettings,
     banner,
+    demo_setup,
     entry,
     evaluate_models,
     final_eval,
@@ -168,13 +168,7 @@ def write_report(summary: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # as megadistil.demo: no BitLinear compile for a few forwards
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo-generate")
-    p.add_argument("--quick", action="store_true", help="fewer steps: a quick look")
-    a = p.parse_args(argv)
-    s = DemoSettings.quick() if a.quick else DemoSettings()
-    out = (ROOT / a.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    s, out = demo_setup(argv, __doc__, "runs/demo-generate")
     start, total = time.time(), 6
     banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)
