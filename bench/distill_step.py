@@ -1,6 +1,7 @@
 """One distillation step, three ways, same model / batch / machine (2 ranks, `deepspeed --num_gpus 2`, ZeRO-3, gloo):
 
   (a)  megadistil, shared teacher (teacher mode of the student's own W), ReLoRA (ΔW allocated, resets on)
+  (a8) the same with relora.delta_format=int8 (ΔW as int8 codes + row scales)
   (a0) the same with relora.reset_every=0 (no ΔW)
   (b)  megadistil, offline teacher shards (precomputed once here), teacher.kind=shards, ReLoRA
   (c)  naive baseline (bench/_naive_kd.py): separate frozen teacher copy + full-parameter AdamW student,
@@ -220,6 +221,7 @@ def machine() -> str:
 
 DESCRIPTIONS = {
     "a": "megadistil shared teacher, ReLoRA (ΔW on)",
+    "a8": "megadistil shared teacher, ReLoRA, int8 ΔW",
     "a0": "megadistil shared teacher, reset_every=0",
     "b": "megadistil offline shards, ReLoRA (ΔW on)",
     "c": "naive: teacher copy + full AdamW student",
@@ -268,10 +270,11 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
     port = args.port
     runs = {}
     for name, extra in (("a", ["teacher.kind=shared"]),
+                        ("a8", ["teacher.kind=shared", "relora.delta_format=int8"]),
                         ("a0", ["teacher.kind=shared", "relora.reset_every=0"]),
                         ("b", ["teacher.kind=shards", "data.text=[]", f"data.shards={shards}",
                                "data.shuffle_buffer=16"])):
-        if name == "a0" and args.reset_every == 0:
+        if name in ("a0", "a8") and args.reset_every == 0:
             continue
         print(f"running ({name}) {dtype} ...", flush=True)
         runs[name] = run_engine(name, [*base, *extra], work / f"{dtype}-{name}", port := port + 1,

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megadistil.bitnet import BitNetConfig
+from megadistil.bitnet import BitNetConfig, DeltaFormat
 from megadistil.data.stream import DataConfig
 from megadistil.distill.losses import LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
@@ -108,6 +108,7 @@ class ReLoRAConfig:
     restart_warmup_steps: int = 10  # the jagged schedule's warmup after each reset
     optimizer_reset: OptimizerReset = OptimizerReset.prune  # the re-initialised adapters' Adam moments: zeroed or pruned
     prune_ratio: float = 0.99  # fraction of the moments (smallest magnitude) zeroed by `prune`
+    delta_format: DeltaFormat = DeltaFormat.dtype  # ΔW in the model dtype, or int8 + a per-row scale (half of bf16)
 
 
 @dataclass
@@ -289,6 +290,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
     _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
     _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
+    _check(r.delta_format == "dtype" or r.reset_every > 0, "relora.delta_format",
+           f"{r.delta_format} stores ΔW, which relora.reset_every=0 does not allocate")
     sources = [key for key in ("shards", "text", "preference") if getattr(cfg.data, key)]
     _check(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "
            f"{', '.join('data.' + k for k in sources) or 'none'})")

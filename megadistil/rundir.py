@@ -156,8 +156,8 @@ def delta_files(directory: Path, index: dict[str, Any]) -> list[Path]:
 
 
 def delta_dtype(index: dict[str, Any]) -> torch.dtype | None:
-    """The dtype every ΔW was saved in, None if they differ (or there are none)."""
-    dtypes = {t["dtype"] for t in index["tensors"].values()}
+    """The dtype every ΔW was saved in (an int8 ΔW's: its scales'), None if they differ (or there are none)."""
+    dtypes = {t["dtype"] for t in index["tensors"].values()} - {"int8"}
     return torch_dtype(dtypes.pop()) if len(dtypes) == 1 else None
 
 

@@ -55,7 +55,8 @@ DS_SCRIPT = textwrap.dedent(r"""
                 if not hasattr(module, part):
                     module.add_module(part, nn.Module())
                 module = getattr(module, part)
-            module.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=not name.endswith(".delta")))
+            frozen = name.endswith((".delta", ".delta_scale"))
+            module.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=not frozen))
         opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=1e-3)
         return deepspeed.initialize(model=root, optimizer=opt, config=DS)[0]
 
@@ -131,8 +132,8 @@ def _large_base(path: Path, tokenizer_from: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama trained 4 steps by 2 ranks (SubLN, a ReLoRA merge at step 3), its 1-rank re-save, and a
-    synthetic large model's checkpoint."""
+    """A tiny Llama trained 4 steps by 2 ranks (SubLN, a ReLoRA merge at step 3 into an int8 ΔW), its 1-rank
+    re-save, and a synthetic large model's checkpoint (a float ΔW)."""
     from megadistil.tiny import make_tiny_llama, stdlib_files
 
     tmp = tmp_path_factory.mktemp("export")
@@ -145,7 +146,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
-          "relora.reset_every=2", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
+          "relora.reset_every=2", "relora.delta_format=int8", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
           "train.eval_tasks=[local_choice]", f"train.eval_tasks_include_path={tmp}/tasks",
           "model.dtype=fp32"])  # the float64 reference rebuilds W_eff from the fp32 masters: the weights trained
     large = _large_base(tmp / "large", tiny)
@@ -233,7 +234,9 @@ def _check_against_float64(runs, exported: dict[str, torch.Tensor]) -> None:
     for m in layers:
         a, b = trainable[f"student.{m}.lora_A"].double(), trainable[f"student.{m}.lora_B"].double()
         assert b.abs().max() > 0  # trained: B is no longer its zero init
-        delta = read_delta(ckpt.dir, f"student.{m}.delta").double()
+        codes = read_delta(ckpt.dir, f"student.{m}.delta")
+        assert codes.dtype == torch.int8
+        delta = codes.double() * read_delta(ckpt.dir, f"student.{m}.delta_scale").double()  # per-row scale
         w = base[f"{m}.weight"].double() + delta + scaling * b @ a
         scale = 1 / w.abs().mean()
         assert torch.allclose(exported[f"{m}.weight_scale"].double(), scale.reshape(1), rtol=1e-6)

@@ -55,9 +55,10 @@ def text_overrides(tiny_llama_dir, stdlib_text_file):
 
 @pytest.fixture(scope="module")
 def onpolicy_overrides(text_overrides):
-    """Every second micro-batch on-policy, all of them from step 5 on (a stage); ReLoRA merges every 4 steps."""
+    """Every second micro-batch on-policy, all of them from step 5 on (a stage); ReLoRA merges every 4 steps into an
+    int8 ΔW (its codes and row scales saved and restored by the killed run's resume)."""
     return [*text_overrides, "train.micro_batch_size=4", "train.max_steps=16", "train.save_every=6",
-            "onpolicy.fraction=0.5", "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=32",
+            "relora.delta_format=int8", "onpolicy.fraction=0.5", "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=32",
             "stages=[{start_step: 5, overrides: {onpolicy.fraction: 1.0}}]"]
 
 

@@ -27,8 +27,16 @@ class Backward(enum.StrEnum):
     bf16 = "bf16"
 
 
+class DeltaFormat(enum.StrEnum):
+    """relora.delta_format: how the merged ΔW is stored."""
+
+    dtype = "dtype"  # in the parameters' dtype, W-sized: a merge is invisible bit for bit where that is float32
+    int8 = "int8"  # int8 codes + a per-row scale (ΔW_ij = code_ij · scale_i): half of a bf16 W; a merge rounds ΔW
+
+
 def effective_weight(
-    weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+    delta_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W + (ΔW + s·B·A) in float32 (transient: computed in forward and again in backward, never saved).
 
@@ -37,12 +45,22 @@ def effective_weight(
     """
     if delta is None:
         return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
-    return merged_delta(delta, lora_A, lora_B, scaling).add_(weight.float())
+    return merged_delta(delta, lora_A, lora_B, scaling, delta_scale).add_(weight.float())
 
 
-def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW."""
-    return torch.addmm(delta.float(), lora_B.float(), lora_A.float(), alpha=scaling)
+def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 delta_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW (int8 ΔW: codes · per-row scale)."""
+    value = delta.float() if delta_scale is None else delta.float() * delta_scale.float()
+    return torch.addmm(value, lora_B.float(), lora_A.float(), alpha=scaling)
+
+
+def int8_rows(value: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 codes of a float tensor and their scale (rounded to scale_dtype first, so that
+    codes · scale is what the stored scale reproduces); a zero row gets scale 0 and codes 0."""
+    scale = (value.abs().amax(dim=1, keepdim=True) / 127).to(scale_dtype)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+    return (value / safe).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 class BitLinearFunction(torch.autograd.Function):
@@ -55,28 +73,29 @@ class BitLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, delta, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes, kernel):
+    def forward(ctx, x, weight, delta, delta_scale, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes,
+                kernel):
         x_codes, x_scale = int8_codes(x.reshape(-1, x.shape[-1]))
-        w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling))
+        w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale))
         y = code_linear(x_codes, x_scale, w_codes, w_scale, bias, kernel, x.dtype)
         # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
         # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
         kept = (w_codes, w_scale) if keep_weight_codes else (None, None)
-        ctx.save_for_backward(x_codes, x_scale, weight, delta, lora_A, lora_B, *kept)
+        ctx.save_for_backward(x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B, *kept)
         ctx.scaling, ctx.backward_mode, ctx.kernel, ctx.x_shape = scaling, backward_mode, kernel, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_codes, x_scale, weight, delta, lora_A, lora_B, w_codes, w_scale = ctx.saved_tensors
+        x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B, w_codes, w_scale = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
         s = ctx.scaling
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             if w_codes is None:
-                w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, s))
+                w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, s, delta_scale))
             grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode, ctx.kernel).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             dt = lora_A.dtype
             x_int = x_codes.to(dt)  # exact: |codes| <= 128 is representable in bf16
             inv_scale = (1.0 / x_scale).to(dt)
@@ -84,7 +103,7 @@ class BitLinearFunction(torch.autograd.Function):
             # x̂ = codes / scale row-wise: fold 1/scale into the narrow [tokens, r] factor, not the wide input.
             grad_A = s * ((g @ lora_B) * inv_scale).t() @ x_int
             grad_B = s * g.t() @ ((x_int @ lora_A.t()) * inv_scale)
-        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None
+        return grad_x, None, None, None, grad_A, grad_B, None, None, None, None, None
 
 
 def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
@@ -128,6 +147,7 @@ class BitLinear(nn.Module):
         lora_alpha: float | None = None,
         bias: bool = False,
         delta: bool = True,
+        delta_format: DeltaFormat | str = DeltaFormat.dtype,
         subln: bool = False,
         subln_eps: float = 1e-6,
         backward: str = "int8",
@@ -153,7 +173,12 @@ class BitLinear(nn.Module):
             bias_param = nn.Parameter(torch.zeros(out_features, **factory))
         self.bias = bias_param.requires_grad_(False) if bias_param is not None else None
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.delta = nn.Parameter(torch.zeros(out_features, in_features, **factory), requires_grad=False) if delta else None
+        int8_delta = delta and DeltaFormat(delta_format) is DeltaFormat.int8
+        delta_dtype = torch.int8 if int8_delta else factory["dtype"]
+        self.delta = nn.Parameter(torch.zeros(out_features, in_features, device=factory["device"], dtype=delta_dtype),
+                                  requires_grad=False) if delta else None
+        self.delta_scale = nn.Parameter(torch.zeros(out_features, 1, **factory), requires_grad=False) \
+            if int8_delta else None
         self.lora_A = nn.Parameter(torch.empty(lora_rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(out_features, lora_rank, **factory))
         self.sub_norm = SubLN(in_features, eps=subln_eps, **factory) if subln else None
@@ -181,14 +206,21 @@ class BitLinear(nn.Module):
         self.lora_B.zero_()
 
     def effective_weight(self) -> torch.Tensor:
-        return effective_weight(self.weight, self.delta, self.lora_A, self.lora_B, self.scaling)
+        return effective_weight(self.weight, self.delta, self.lora_A, self.lora_B, self.scaling, self.delta_scale)
 
     @torch.no_grad()
     def merge_lora_(self) -> None:
-        """ΔW += s·B·A; the caller re-initialises A and B (and, under ZeRO-3, their optimizer master copies)."""
+        """ΔW += s·B·A (int8 ΔW: requantized per row); the caller re-initialises A and B (and, under ZeRO-3, their
+        optimizer master copies)."""
         if self.delta is None:
             raise RuntimeError("BitLinear was built without ΔW (delta=False): ReLoRA merges need it")
-        self.delta.copy_(merged_delta(self.delta, self.lora_A, self.lora_B, self.scaling))
+        merged = merged_delta(self.delta, self.lora_A, self.lora_B, self.scaling, self.delta_scale)
+        if self.delta_scale is None:
+            self.delta.copy_(merged)
+            return
+        codes, scale = int8_rows(merged, self.delta_scale.dtype)
+        self.delta.copy_(codes)
+        self.delta_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.teacher:
@@ -202,7 +234,7 @@ class BitLinear(nn.Module):
         if self.codes_frozen:
             return self._frozen_forward(x)
         return BitLinearFunction.apply(
-            x, self.weight, self.delta, self.lora_A, self.lora_B, self.bias,
+            x, self.weight, self.delta, self.delta_scale, self.lora_A, self.lora_B, self.bias,
             self.scaling, self.backward_mode, self.keep_weight_codes, self.kernel,
         )
 
@@ -223,7 +255,8 @@ class BitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, lora_rank={self.lora_rank}, "
-            f"scaling={self.scaling:g}, delta={self.delta is not None}, subln={self.sub_norm is not None}, "
+            f"scaling={self.scaling:g}, delta={self.delta is not None}"
+            f"{' (int8)' if self.delta_scale is not None else ''}, subln={self.sub_norm is not None}, "
             f"backward={self.backward_mode}, kernel={self.kernel.value}"
         )
 

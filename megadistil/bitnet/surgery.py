@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel
-from megadistil.bitnet.linear import Backward, BitLinear
+from megadistil.bitnet.linear import Backward, BitLinear, DeltaFormat
 from megadistil.bitnet.quant import VALUES_PER_BYTE
 
 
@@ -51,13 +51,14 @@ def to_bitnet(
     exclude: tuple[str, ...] = (),
     subln: bool = False,
     delta: bool = True,
+    delta_format: DeltaFormat | str = DeltaFormat.dtype,
     backward: str = "int8",
     kernel: Kernel | str = Kernel.auto,
 ) -> nn.Module:
     """Replace every nn.Linear of `model` (except `exclude` and the output embedding) by a BitLinear, in place.
 
     The BitLinear adopts the original weight Parameter, so teacher mode is the original model bit for bit.
-    `delta=False` leaves out the dense ΔW (no ReLoRA merges); `subln=True` adds SubLN before o_proj / down_proj.
+    `delta=False` leaves out the dense ΔW (no ReLoRA merges), `delta_format` says how it is stored; `subln=True` adds SubLN before o_proj / down_proj.
     `kernel` computes the integer products (kernels.py; auto: measured on the device at the first forward).
     """
     BitNetConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, backward=backward).validate()
@@ -77,7 +78,8 @@ def to_bitnet(
     eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
     for name, linear in targets:
         layer = BitLinear.from_linear(
-            linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, backward=backward, kernel=kernel,
+            linear, lora_rank=lora_rank, lora_alpha=lora_alpha, delta=delta, delta_format=delta_format,
+            backward=backward, kernel=kernel,
             subln=subln and name.rsplit(".", 1)[-1] in SUBLN_TARGETS, subln_eps=eps,
         )
         model.set_submodule(name, layer)

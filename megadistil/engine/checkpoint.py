@@ -47,7 +47,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _deltas(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if n.endswith(".delta")]
+    return [(n, p) for n, p in model.named_parameters() if n.endswith((".delta", ".delta_scale"))]
 
 
 def _local_partition(param: nn.Parameter) -> torch.Tensor:

@@ -353,8 +353,7 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     gpu_or_cpu = est.cpu_rows if z["offload_param"] else est.rows
     where = " (CPU: offload_param)" if z["offload_param"] else ""
     gpu_or_cpu.append(("weights W", int(sharded_numel(t.base, world, keep) * p), f"{sum(t.base):,} / {world}{where}"))
-    gpu_or_cpu.append(("ΔW", int(sharded_numel(t.delta, world, keep) * p),
-                       f"{sum(t.delta):,} / {world}{where}" if t.delta else "relora.reset_every=0: none"))
+    gpu_or_cpu.append(_delta_row(cfg, t, dims, world, keep, p, where))
     for name, path in frozen_models(cfg):
         gpu_or_cpu.append(_frozen_row(name, path, world, keep, p))
     train_local = sharded_numel(t.trainable, world, keep)
@@ -375,6 +374,18 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
                          (f"CUDA context + NCCL {CUDA_FRAMEWORK_BYTES / GiB:.1f} GiB + {CUDA_FRAGMENTATION:.0%} "
                           "fragmentation")))
     return est
+
+
+def _delta_row(cfg: RunConfig, t: Tensors, dims: ModelDims, world: int, keep: float, p: int,
+               where: str) -> tuple[str, int, str]:
+    """ΔW in the model dtype (p bytes), or int8 codes (1 byte) + a per-row scale in p bytes (relora.delta_format)."""
+    if not t.delta:
+        return "ΔW", 0, "relora.reset_every=0: none"
+    if cfg.relora.delta_format != "int8":
+        return "ΔW", int(sharded_numel(t.delta, world, keep) * p), f"{sum(t.delta):,} / {world}{where}"
+    scales = [lin.out for lin in dims.block_linears()] * dims.layers
+    return ("ΔW", int(sharded_numel(t.delta, world, keep) + sharded_numel(scales, world, keep) * p),
+            f"{sum(t.delta):,} int8 + {sum(scales):,} row scales / {world}{where}")
 
 
 def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: int, staging: int,

@@ -64,7 +64,8 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
     # New parameters (ΔW, LoRA, SubLN) are born partitioned too; zero.Init broadcasts rank 0's init.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
         to_bitnet(model, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
-                  delta=cfg.relora.reset_every > 0, backward=b.backward, kernel=placement.kernel)
+                  delta=cfg.relora.reset_every > 0, delta_format=cfg.relora.delta_format, backward=b.backward,
+                  kernel=placement.kernel)
     if b.compile_quantizers or (b.compile_quantizers is None and torch.cuda.is_available()):
         compile_quantizers()
     if cfg.model.activation_checkpointing:

@@ -18,7 +18,7 @@ def relora_reset(model: nn.Module, cfg: ReLoRAConfig, *, seed: int, reset_index:
     """Collective: every rank calls it. The new A comes from a generator seeded by (seed, reset, layer) on every
     rank, so ranks agree without a broadcast; rank 0's copy is the one ZeRO-3 re-partitions."""
     for layer_index, (_, layer) in enumerate(bitlinear_modules(model)):
-        params = [layer.delta, layer.lora_A, layer.lora_B]
+        params = [p for p in (layer.delta, layer.delta_scale, layer.lora_A, layer.lora_B) if p is not None]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             layer.merge_lora_()
             generator = torch.Generator().manual_seed(seed * 1_000_003 + reset_index * 10_007 + layer_index)

@@ -124,7 +124,8 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"base model {base.path} does not match the checkpoint: it has no {name!r} "
                               "(the checkpoint trained a LoRA on it)")
         out, inp = base.shape(name) if len(base.shape(name)) == 2 else (None, None)
-        expect = {f"{m}.lora_A": (spec.lora_rank, inp), f"{m}.lora_B": (out, spec.lora_rank), f"{m}.delta": (out, inp)}
+        expect = {f"{m}.lora_A": (spec.lora_rank, inp), f"{m}.lora_B": (out, spec.lora_rank), f"{m}.delta": (out, inp),
+                  f"{m}.delta_scale": (out, 1)}
         for part, shape in expect.items():
             if parts.has(part) and parts.shapes[part] != shape:
                 raise ExportError(f"base model {base.path} does not match the checkpoint at layer {m}: base weight "
@@ -134,12 +135,15 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
-def _effective(weight: Callable[[], torch.Tensor], delta: Callable[[], torch.Tensor | None], lora_A: torch.Tensor,
+def _effective(weight: Callable[[], torch.Tensor],
+               delta: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]], lora_A: torch.Tensor,
                lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> torch.Tensor:
     # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
     # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its
     # temporaries.
-    return effective_weight(weight().to(train_dtype), delta(), lora_A.to(train_dtype), lora_B.to(train_dtype), scaling)
+    delta_w, delta_scale = delta()
+    return effective_weight(weight().to(train_dtype), delta_w, lora_A.to(train_dtype), lora_B.to(train_dtype), scaling,
+                            delta_scale)
 
 
 def _pack(w_eff: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +179,9 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     out, inp = base.shape(f"{m}.weight")
 
     def packed() -> torch.Tensor:
-        delta = (lambda: parts.get(f"{m}.delta")) if parts.has(f"{m}.delta") else (lambda: None)
+        def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:  # ΔW, and its per-row scale when int8
+            return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
+
         p, scale = _pack(lambda: _effective(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
                                             parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype))
         cache[m] = scale

@@ -64,7 +64,9 @@ def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_c
                                                  attn_implementation=run_attention(base, run_config))
     b = run_config.bitnet
     to_bitnet(model, lora_rank=spec.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=spec.subln,
-              delta=any(n.endswith(".delta") for n in parts.tensors), backward=b.backward)
+              delta=any(n.endswith(".delta") for n in parts.tensors),
+              delta_format="int8" if any(n.endswith(".delta_scale") for n in parts.tensors) else "dtype",
+              backward=b.backward)
     state = model.state_dict()
     with torch.no_grad():
         for name in parts.tensors:
