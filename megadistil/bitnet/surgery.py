@@ -58,7 +58,8 @@ def to_bitnet(
     """Replace every nn.Linear of `model` (except `exclude` and the output embedding) by a BitLinear, in place.
 
     The BitLinear adopts the original weight Parameter, so teacher mode is the original model bit for bit.
-    `delta=False` leaves out the dense ΔW (no ReLoRA merges), `delta_format` says how it is stored; `subln=True` adds SubLN before o_proj / down_proj.
+    `delta=False` leaves out the dense ΔW (no ReLoRA merges), `delta_format` says how it is stored (DeltaFormat);
+    `subln=True` adds SubLN before o_proj / down_proj.
     `kernel` computes the integer products (kernels.py; auto: measured on the device at the first forward).
     """
     BitNetConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, backward=backward).validate()
