@@ -6,7 +6,8 @@ from megadistil.bitnet.quant import compile_quantizers, int8_codes, pack_ternary
 from megadistil.bitnet.surgery import BitNetConfig, bitlinear_modules, set_quant_lambda, teacher_mode, to_bitnet
 
 __all__ = [
-    "BitLinear", "BitLinearFunction", "BitNetConfig", "DeltaFormat", "Hardware", "Kernel", "SubLN", "bitlinear_modules",
-    "code_matmul", "compile_quantizers", "frozen_weight_codes", "hardware", "int8_codes", "pack_ternary", "q3", "q8", "resolve_dtype",
-    "resolve_kernel", "set_quant_lambda", "teacher_mode", "ternary_codes", "to_bitnet", "unpack_ternary",
+    "BitLinear", "BitLinearFunction", "BitNetConfig", "DeltaFormat", "Hardware", "Kernel", "SubLN",
+    "bitlinear_modules", "code_matmul", "compile_quantizers", "frozen_weight_codes", "hardware", "int8_codes",
+    "pack_ternary", "q3", "q8", "resolve_dtype", "resolve_kernel", "set_quant_lambda", "teacher_mode",
+    "ternary_codes", "to_bitnet", "unpack_ternary",
 ]
