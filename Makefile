@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 # itself goes through pip, which is what finds a local torch wheel (pip's find-links) and keeps its CUDA build.
 UV := $(VENV)/bin/uv
 
-.PHONY: setup test test-fast demo demo-crosstok demo-generate bench lint clean
+.PHONY: setup llama-cpp test test-fast demo demo-crosstok demo-generate bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,38 @@ $(VENV)/.installed: pyproject.toml
 	$(UV) pip install -q --python $(PY) -e ".[$(EXTRAS)]"
 	touch $@
 
+# llama.cpp, to run and verify GGUF exports: llama-cpp-python's sdist (it vendors llama.cpp) built into a wheel once
+# per CPU (ggml is compiled with -march=native, so the wheel is keyed by the CPU's flags and another CPU rebuilds it),
+# only the library: no tools, server or multimodal. ~5 min on 2 cores. The extracted sdist stays too: its
+# convert_hf_to_gguf.py is what tests/test_gguf.py compares the export against.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CACHE ?= .cache/llama-cpp
+LLAMA_CPP_SRC := $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)
+CPU_KEY := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12)
+LLAMA_CPP_WHEELS := $(LLAMA_CPP_CACHE)/wheel-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON
+
+llama-cpp: $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
+
+$(LLAMA_CPP_SRC)/PKG-INFO: | $(VENV)/.installed
+	mkdir -p $(LLAMA_CPP_CACHE)
+	$(PIP) download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_CACHE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	tar -xzf $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_CACHE)
+	touch $@
+
+$(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY): $(VENV)/.installed $(LLAMA_CPP_SRC)/PKG-INFO
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_CPP_WHEELS) $(LLAMA_CPP_SRC)
+	$(UV) pip install -q --python $(PY) --reinstall-package llama-cpp-python $(LLAMA_CPP_WHEELS)/*.whl
+	rm -f $(VENV)/.llama-cpp-*
+	touch $@
+
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
 # time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests, 8.2-9.1 on an AVX512 one at 504; ~15 serially).
 TEST_WORKERS ?= 2
 
-test: setup
+test: setup llama-cpp
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
@@ -47,12 +74,12 @@ demo-crosstok: setup
 demo-generate: setup
 	$(PY) -m megadistil.demo_generate --out runs/demo-generate $(DEMO_ARGS)
 
-bench: setup
-	for f in bitlinear shards losses distill_step; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done
+bench: setup llama-cpp
+	for f in bitlinear shards losses distill_step inference; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done
 	$(PY) bench/report.py
 
 lint: setup
 	$(PY) -m ruff check megadistil launch tools bench tests
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache .cache

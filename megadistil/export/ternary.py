@@ -303,6 +303,29 @@ def format_size_report(sizes: dict[str, Any]) -> str:
     return f"{packed}\n{whole}"
 
 
+@dataclass
+class LoadedStudent:
+    """A checkpoint located and checked against its base: everything an export reads."""
+
+    ckpt: Any  # CheckpointRef
+    base: BaseModel
+    parts: StudentParts
+    spec: StudentSpec
+    tokenizer_dir: Path
+
+
+def load_student(checkpoint: str | Path, base: str | Path | None = None) -> LoadedStudent:
+    ckpt = locate_checkpoint(checkpoint)
+    base_model = BaseModel(base or ckpt.config.model.student)
+    check_fingerprint(ckpt, base_model)
+    parts = StudentParts.from_checkpoint(ckpt)
+    spec = student_spec(parts, ckpt.config, training_dtype(ckpt), ckpt.meta.get("output_head", LEGACY_OUTPUT_HEAD))
+    tokenizer_dir = Path(ckpt.config.model.tokenizer or base_model.path)
+    if ckpt.config.model.tokenizer and not tokenizer_dir.is_dir():
+        tokenizer_dir = base_model.path
+    return LoadedStudent(ckpt, base_model, parts, spec, tokenizer_dir)
+
+
 def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | None = None, *,
                        base: str | Path | None = None, verify: bool = False, verify_config=None,
                        evaluated: dict[str, Any] | None = None) -> ExportResult:
@@ -313,21 +336,16 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
 
     cfg = cfg or ExportConfig()
     cfg.validate()
-    ckpt = locate_checkpoint(checkpoint)
-    base_model = BaseModel(base or ckpt.config.model.student)
-    check_fingerprint(ckpt, base_model)
-    parts = StudentParts.from_checkpoint(ckpt)
-    spec = student_spec(parts, ckpt.config, training_dtype(ckpt), ckpt.meta.get("output_head", LEGACY_OUTPUT_HEAD))
-    tokenizer_dir = Path(ckpt.config.model.tokenizer or base_model.path)
-    if ckpt.config.model.tokenizer and not tokenizer_dir.is_dir():
-        tokenizer_dir = base_model.path
+    s = load_student(checkpoint, base)
+    ckpt = s.ckpt
 
     def finish(staging: Path, result: ExportResult) -> None:
         if verify:
-            result.verify = verify_export(staging, base_model, parts, spec, ckpt.config, cfg.dtype, tokenizer_dir,
+            result.verify = verify_export(staging, s.base, s.parts, s.spec, ckpt.config, cfg.dtype, s.tokenizer_dir,
                                           verify_config)
         write_card(staging, run_config=ckpt.config, meta=ckpt.meta,
                    metrics=run_metrics(ckpt.run_dir, int(ckpt.meta.get("step", 0))), sizes=result.sizes,
-                   export_config=result.config, base_path=base_model.path, verify=result.verify, evaluated=evaluated, name=Path(output).name, run_dir=ckpt.run_dir)
+                   export_config=result.config, base_path=s.base.path, verify=result.verify, evaluated=evaluated,
+                   name=Path(output).name, run_dir=ckpt.run_dir)
 
-    return export_student(base_model, parts, spec, output, cfg, tokenizer_dir=tokenizer_dir, finish=finish)
+    return export_student(s.base, s.parts, s.spec, output, cfg, tokenizer_dir=s.tokenizer_dir, finish=finish)

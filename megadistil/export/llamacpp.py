@@ -1,0 +1,190 @@
+"""--verify for GGUF: does llama.cpp itself compute what the megadistil student computes?
+
+The parent builds the student (as export/verify.py does) and records its logits on held-out sequences and its greedy
+continuations. A subprocess that imports only llama_cpp (llama-cpp-python over the llama.cpp library) and numpy loads
+the GGUF, tokenizes the held-out text with the GGUF's own tokenizer, and evaluates the same token ids. The parent
+compares perplexity on the same tokens, logits, argmax agreement, greedy tokens and tokenization.
+
+Where the two differ by design: llama.cpp quantizes a TQ matmul's activations to int8 per block of 256 values (Q8_K)
+where the student uses one absmax scale per token, and it keeps the KV cache and non-ternary tensors in f16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megadistil.export.sources import ExportError
+
+INSTALL_HINT = "install llama-cpp-python with `make llama-cpp` (it builds llama.cpp from the registry's source)"
+
+
+@dataclass
+class LlamaCppVerifyConfig:
+    """Tolerances against the student in float32 on the same token ids."""
+
+    sequences: int = 8
+    seq_len: int = 64
+    new_tokens: int = 32
+    prompts: int = 4
+    prompt_len: int = 16
+    text_chars: int = 4000  # held-out text that both tokenizers must split identically
+    max_ppl_rel_diff: float = 0.02
+    min_argmax_agreement: float = 0.95
+    # Greedy continuations must be identical, except that one may part where the student's own top-2 logits are
+    # closer than tie_margin (about the largest logit difference measured): there either token is the student's.
+    tie_margin: float = 0.1
+
+
+def require_llama_cpp() -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ExportError(f"--verify of a GGUF runs it in llama.cpp, which is not installed: {INSTALL_HINT}")
+
+
+# Runs in a clean interpreter: llama.cpp through its Python binding, no megadistil, no torch.
+SUBPROCESS = r"""
+import json, os, sys
+import numpy as np
+from llama_cpp import Llama
+
+gguf_path, io_dir = sys.argv[1], sys.argv[2]
+inp = np.load(f"{io_dir}/input.npz", allow_pickle=False)
+ids, prompts, eos = inp["ids"], inp["prompts"], inp["eos"]
+new_tokens = int(inp["new_tokens"])
+text = open(f"{io_dir}/text.txt", encoding="utf-8").read()
+m = Llama(gguf_path, n_ctx=max(ids.shape[1], prompts.shape[1] + new_tokens), logits_all=True, n_batch=512,
+          n_threads=int(os.environ.get("MEGADISTIL_LLAMA_THREADS", os.cpu_count())), verbose=False)
+logits = []
+for row in ids.tolist():
+    m.reset()
+    m.eval(row)
+    logits.append(np.array(m.scores[: len(row)], dtype=np.float32))
+gens = []
+for row in prompts.tolist():  # greedy, EOS masked for every step like generate(min_new_tokens=...)
+    m.reset()
+    m.eval(row)
+    out = list(row)
+    for _ in range(new_tokens):
+        last = np.array(m.scores[m.n_tokens - 1], dtype=np.float32)
+        last[eos] = -np.inf
+        out.append(int(last.argmax()))
+        m.eval([out[-1]])
+    gens.append(out)
+text_ids = np.array(m.tokenize(text.encode("utf-8"), add_bos=False, special=False), dtype=np.int64)
+np.savez(f"{io_dir}/output.npz", logits=np.stack(logits), generations=np.array(gens, dtype=np.int64),
+         text_ids=text_ids)
+print(json.dumps({"torch_imported": "torch" in sys.modules, "megadistil_imported": "megadistil" in sys.modules,
+                  "n_vocab": m.n_vocab(), "metadata": {k: v for k, v in m.metadata.items()
+                                                      if k.startswith(("general.", "tokenizer.ggml.pre"))}}))
+"""
+
+
+def run_llama_cpp(gguf_path: Path, ids: torch.Tensor, prompts: torch.Tensor, eos: list[int], new_tokens: int,
+                  text: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    require_llama_cpp()
+    with tempfile.TemporaryDirectory(prefix="megadistil-llamacpp-") as io_dir:
+        np.savez(f"{io_dir}/input.npz", ids=ids.numpy(), prompts=prompts.numpy(), eos=np.array(eos, dtype=np.int64),
+                 new_tokens=np.array(new_tokens))
+        Path(io_dir, "text.txt").write_text(text, encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(gguf_path), io_dir], capture_output=True,
+                              text=True, cwd=io_dir, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"verify: llama.cpp could not load/run {gguf_path}:\n{proc.stderr[-4000:]}")
+        with np.load(f"{io_dir}/output.npz", allow_pickle=False) as out:
+            return dict(out), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp of the mean next-token NLL over every position of every row (float64)."""
+    lg = logits[:, :-1].astype(np.float64)
+    top = lg.max(-1, keepdims=True)
+    logp = lg - top - np.log(np.exp(lg - top).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean()))
+
+
+@torch.no_grad()
+def partings(student: torch.nn.Module, ref: torch.Tensor, got: np.ndarray, prompt_len: int) -> list[dict[str, Any]]:
+    """Where each pair of greedy continuations first differs, with the student's top-2 logit gap there."""
+    out = []
+    for r, g in zip(ref.tolist(), got.tolist()):
+        step = next((i for i in range(prompt_len, len(r)) if r[i] != g[i]), None)
+        if step is not None:
+            top = student(input_ids=torch.tensor([r[:step]])).logits[0, -1].float().topk(2).values
+            out.append({"step": step - prompt_len, "gap": float(top[0] - top[1])})
+    return out
+
+
+def held_out_text(run_config, chars: int) -> str:
+    for key in ("eval_text", "text"):
+        files = [f for f in run_config.data[key] if Path(f).is_file()]
+        if files:
+            return Path(files[0]).read_text(encoding="utf-8", errors="replace")[:chars]
+    return ""
+
+
+def verify_gguf(gguf_path: Path, student: torch.nn.Module, tokenizer, run_config,
+                cfg: LlamaCppVerifyConfig | None = None) -> dict[str, Any]:
+    """Figures of llama.cpp against `student` (float32, eval mode) on held-out tokens; figures["passed"]."""
+    from megadistil.export.verify import VerifyConfig, held_out_sequences, reference_outputs
+
+    cfg = cfg or LlamaCppVerifyConfig()
+    hf_cfg = VerifyConfig(sequences=cfg.sequences, seq_len=cfg.seq_len, new_tokens=cfg.new_tokens,
+                          prompts=cfg.prompts, prompt_len=cfg.prompt_len)
+    ids, source = held_out_sequences(run_config, tokenizer, hf_cfg, student.config.vocab_size)
+    ref = reference_outputs(student, ids, hf_cfg)
+    eos = student.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    text = held_out_text(run_config, cfg.text_chars)
+    got, info = run_llama_cpp(gguf_path, ids, ref["prompts"], eos, cfg.new_tokens, text)
+    ref_logits = ref["logits"].numpy()
+    ppl_ref, ppl_got = perplexity(ref_logits, ids.numpy()), perplexity(got["logits"], ids.numpy())
+    hf_text_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    figures = {
+        "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "source": source,
+        "prompts": int(ref["prompts"].shape[0]), "new_tokens": cfg.new_tokens,
+        "perplexity_student": ppl_ref, "perplexity_llama_cpp": ppl_got, "ppl_rel_diff": abs(ppl_got / ppl_ref - 1),
+        "max_abs_diff": float(np.abs(ref_logits - got["logits"]).max()), "logit_range": float(np.abs(ref_logits).max()),
+        "argmax_agreement": float((ref_logits.argmax(-1) == got["logits"].argmax(-1)).mean()),
+        "generations_identical": bool(np.array_equal(ref["generations"].numpy(), got["generations"])),
+        "generation_tokens_agreement": float((ref["generations"].numpy() == got["generations"]).mean()),
+        "partings": partings(student, ref["generations"], got["generations"], ref["prompts"].shape[1]),
+        "tokenization_identical": list(got["text_ids"]) == list(hf_text_ids), "text_tokens": len(hf_text_ids),
+        "tolerance": {"max_ppl_rel_diff": cfg.max_ppl_rel_diff, "min_argmax_agreement": cfg.min_argmax_agreement,
+                      "tie_margin": cfg.tie_margin},
+        "loaded_as": info,
+    }
+    figures["passed"] = (figures["ppl_rel_diff"] <= cfg.max_ppl_rel_diff
+                         and figures["argmax_agreement"] >= cfg.min_argmax_agreement
+                         and all(p["gap"] < cfg.tie_margin for p in figures["partings"])
+                         and figures["tokenization_identical"]
+                         and not info["torch_imported"] and not info["megadistil_imported"])
+    return figures
+
+
+def format_llama_cpp_figures(f: dict[str, Any]) -> str:
+    tol = f["tolerance"]
+    meta = f["loaded_as"]["metadata"]
+    return "\n".join([
+        f"verify: llama.cpp ran {meta.get('general.architecture')} with the GGUF's own tokenizer "
+        f"({meta.get('tokenizer.ggml.pre')}); {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}",
+        f"  perplexity: llama.cpp {f['perplexity_llama_cpp']:.4f}, student {f['perplexity_student']:.4f} "
+        f"({100 * f['ppl_rel_diff']:.3f}% apart; tolerance {100 * tol['max_ppl_rel_diff']:g}%)",
+        f"  max |logit diff| = {f['max_abs_diff']:.3g} (logits up to {f['logit_range']:.3g}); argmax agreement "
+        f"{100 * f['argmax_agreement']:.2f}% (tolerance >= {100 * tol['min_argmax_agreement']:g}%)",
+        f"  greedy continuations ({f['new_tokens']} tokens): {f['prompts'] - len(f['partings'])} of {f['prompts']} "
+        f"identical" + "".join(f"; one parts at token {p['step']} where the student's top-2 logits are {p['gap']:.3g} "
+                               f"apart" for p in f["partings"]) + f" (allowed below {tol['tie_margin']:g})",
+        f"  tokenization of {f['text_tokens']} held-out tokens identical to transformers': {f['tokenization_identical']}",
+        f"  {'PASSED' if f['passed'] else 'FAILED'}",
+    ])
