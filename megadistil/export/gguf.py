@@ -277,7 +277,8 @@ def storable(qtype: Q, shape: tuple[int, ...], fallback: Q) -> Q:
 def ternary_values(w_eff: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
     """code · d with d = 1/weight_scale rounded to fp16: exactly what a TQ block holds, and exact in f16 too."""
     codes, scale = ternary_codes(w_eff)
-    d = np.float32(np.float16(1.0 / scale.item()))
+    # 1/scale in float32, as the student's effective weight code/scale is; then fp16 as a TQ block stores it
+    d = np.float32(np.float16(np.float32(1.0) / np.float32(scale.item())))
     return rows(codes).numpy().astype(np.float32) * d
 
 
@@ -411,10 +412,10 @@ def size_report(tensors: list[GGUFTensor], output: Path) -> dict[str, Any]:
 
 def format_gguf_sizes(r: GGUFResult) -> str:
     s = r.sizes
-    lines = [f"gguf: llama.cpp architecture `{r.architecture}`, pre-tokenizer {s['pre_tokenizer']}, "
-             f"{s['file_bytes'] / 2**20:.2f} MiB",
-             f"decoder linears: {s['linear_bytes']:,} bytes for {s['linear_values']:,} weights = "
-             f"{s['bits_per_linear_weight']:.4f} bits/weight, {s['linear_vs_f16']:.3f}x their f16 size"]
+    lines = [(f"gguf: llama.cpp architecture `{r.architecture}`, pre-tokenizer {s['pre_tokenizer']}, "
+              f"{s['file_bytes'] / 2**20:.2f} MiB"),
+             (f"decoder linears: {s['linear_bytes']:,} bytes for {s['linear_values']:,} weights = "
+              f"{s['bits_per_linear_weight']:.4f} bits/weight, {s['linear_vs_f16']:.3f}x their f16 size")]
     if r.fallback_layers:
         lines.append(f"{len(r.fallback_layers)} layer(s) whose input width is not a multiple of 256 hold their ternary "
                      f"values in the other tensors' type: {', '.join(r.fallback_layers)}")

@@ -175,16 +175,17 @@ def verify_gguf(gguf_path: Path, student: torch.nn.Module, tokenizer, run_config
 def format_llama_cpp_figures(f: dict[str, Any]) -> str:
     tol = f["tolerance"]
     meta = f["loaded_as"]["metadata"]
+    parted = "".join(f"; one parts at token {p['step']} where the student's top-2 logits are {p['gap']:.3g} apart"
+                     for p in f["partings"])
     return "\n".join([
-        f"verify: llama.cpp ran {meta.get('general.architecture')} with the GGUF's own tokenizer "
-        f"({meta.get('tokenizer.ggml.pre')}); {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}",
-        f"  perplexity: llama.cpp {f['perplexity_llama_cpp']:.4f}, student {f['perplexity_student']:.4f} "
-        f"({100 * f['ppl_rel_diff']:.3f}% apart; tolerance {100 * tol['max_ppl_rel_diff']:g}%)",
-        f"  max |logit diff| = {f['max_abs_diff']:.3g} (logits up to {f['logit_range']:.3g}); argmax agreement "
-        f"{100 * f['argmax_agreement']:.2f}% (tolerance >= {100 * tol['min_argmax_agreement']:g}%)",
-        f"  greedy continuations ({f['new_tokens']} tokens): {f['prompts'] - len(f['partings'])} of {f['prompts']} "
-        f"identical" + "".join(f"; one parts at token {p['step']} where the student's top-2 logits are {p['gap']:.3g} "
-                               f"apart" for p in f["partings"]) + f" (allowed below {tol['tie_margin']:g})",
+        (f"verify: llama.cpp ran {meta.get('general.architecture')} with the GGUF's own tokenizer "
+         f"({meta.get('tokenizer.ggml.pre')}); {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}"),
+        (f"  perplexity: llama.cpp {f['perplexity_llama_cpp']:.4f}, student {f['perplexity_student']:.4f} "
+         f"({100 * f['ppl_rel_diff']:.3f}% apart; tolerance {100 * tol['max_ppl_rel_diff']:g}%)"),
+        (f"  max |logit diff| = {f['max_abs_diff']:.3g} (logits up to {f['logit_range']:.3g}); argmax agreement "
+         f"{100 * f['argmax_agreement']:.2f}% (tolerance >= {100 * tol['min_argmax_agreement']:g}%)"),
+        (f"  greedy continuations ({f['new_tokens']} tokens): {f['prompts'] - len(f['partings'])} of {f['prompts']} "
+         f"identical{parted} (allowed below {tol['tie_margin']:g})"),
         f"  tokenization of {f['text_tokens']} held-out tokens identical to transformers': {f['tokenization_identical']}",
         f"  {'PASSED' if f['passed'] else 'FAILED'}",
     ])

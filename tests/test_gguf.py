@@ -1,0 +1,316 @@
+"""tools/convert_to_ternary.py --format gguf: TQ2_0 / TQ1_0 files that llama.cpp itself runs like the student.
+
+llama.cpp comes from `make llama-cpp` (llama-cpp-python built from the registry's sdist, which `make test` runs
+first); its vendored convert_hf_to_gguf.py is the independent converter the export is compared against.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from megadistil.export.gguf import (
+    PRE_TOKENIZER_REGEX,
+    GGUFConfig,
+    LinearType,
+    convert_checkpoint_gguf,
+    encode,
+    export_gguf,
+    gguf_architecture,
+    permute_rope_rows,
+    pre_tokenizer_name,
+    ternary_values,
+)
+from megadistil.export.llamacpp import verify_gguf
+from megadistil.export.sources import BaseModel, ExportError, StudentParts
+from megadistil.export.ternary import StudentSpec, student_spec
+from tests.test_export import DEEPSPEED, _run, _tensors, _tool_main, read_delta
+
+REPO = Path(__file__).resolve().parents[1]
+Q = gguf.GGMLQuantizationType
+LLAMA3_REGEX = next(k for k, v in PRE_TOKENIZER_REGEX.items() if v == "llama-bpe")
+
+
+def _llama_cpp_source() -> Path:
+    found = sorted(REPO.glob(".cache/llama-cpp/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    assert found, "llama.cpp's source is missing: run the tests through `make test` (it runs `make llama-cpp`)"
+    return found[-1].parent
+
+
+# ---------------------------------------------------------------- the format, against independent references
+
+@pytest.mark.parametrize("qtype", [LinearType.TQ2_0, LinearType.TQ1_0, LinearType.F16])
+def test_a_ternary_tensor_stores_codes_and_mean_abs_the_inverse_of_transformers_weight_scale(qtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 512, generator=g, dtype=torch.float64) * 0.02
+    w[3, :256] = 0  # an all-zero block: d = 0, codes 0
+    mean = w.abs().mean()
+    codes = (w / mean).round().clamp(-1, 1)  # float64 Q3
+    from transformers.integrations.bitnet import WeightQuant  # transformers' own BitNet quantizer (1/mean|W|)
+
+    hf_scale = 1.0 / w.float().abs().mean().clamp(min=1e-5)  # what transformers' `bitlinear` stores
+    assert torch.equal((WeightQuant.apply(w.float()) * hf_scale).round().double(), codes)
+    raw = encode(ternary_values(w.float(), lambda t: t), qtype.ggml)
+    back = torch.from_numpy(gguf.quants.dequantize(raw, qtype.ggml).astype(np.float64)).reshape(w.shape)
+    d = float(np.float16(1.0 / hf_scale.item()))  # GGUF's d: 1/weight_scale (= mean|W|) rounded to fp16
+    assert abs(d / mean.item() - 1) < 1e-3
+    assert torch.equal(back, codes * d)
+    if qtype != LinearType.F16:
+        bpw = {LinearType.TQ2_0: 2.0625, LinearType.TQ1_0: 1.6875}[qtype]
+        assert raw.nbytes == w.numel() * bpw / 8
+
+
+def test_rope_row_permutation_is_llama_cpp_converters():
+    w = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)  # 2 heads x head_dim 4
+    # HF pairs (i, i + d/2) in a head; GGML's NORM rope pairs (2i, 2i + 1): rows 0,2,1,3 of each head
+    assert permute_rope_rows(w, 2)[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+
+
+def _byte_level(**kw):
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True} | kw
+
+
+def test_pre_tokenizers_map_to_llama_cpp_names_or_are_refused():
+    assert pre_tokenizer_name(_byte_level(), "t") == "gpt-2"
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        _byte_level(use_regex=False)]}
+    assert pre_tokenizer_name(llama3, "t") == "llama-bpe"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level()]}
+    for bad in (digits, _byte_level(add_prefix_space=True), None):
+        with pytest.raises(ExportError, match="tokenizer tok.json: its pre_tokenizer .* has no llama.cpp equivalent"):
+            pre_tokenizer_name(bad, "tok.json")
+
+
+def _spec(subln: bool) -> StudentSpec:
+    return StudentSpec([], 1.0, torch.float32, subln, ["lm_head"], 4)
+
+
+def test_architectures_llama_cpp_cannot_express_are_refused_with_the_reason():
+    from transformers import LlamaConfig, Qwen2Config
+
+    assert gguf_architecture(LlamaConfig(), _spec(False)) == "llama"
+    assert gguf_architecture(LlamaConfig(tie_word_embeddings=True), _spec(True)) == "bitnet"
+    with pytest.raises(ExportError, match="Llama-family students .*model_type='qwen2' is not one"):
+        gguf_architecture(Qwen2Config(), _spec(False))
+    with pytest.raises(ExportError, match="uses the token embedding as its output head.*tie_word_embeddings=false"):
+        gguf_architecture(LlamaConfig(tie_word_embeddings=False), _spec(True))
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 5e5}
+    with pytest.raises(ExportError, match="applies no rope scaling.*rope_type='llama3'"):
+        gguf_architecture(LlamaConfig(tie_word_embeddings=True, rope_parameters=rope), _spec(True))
+
+
+# ---------------------------------------------------------------- a trained 2-rank run, in llama.cpp
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    """A pretrained tiny Llama (hidden 256; MLP 384 wide, so down_proj's rows are not whole 256-blocks), distilled 4
+    steps by 2 ranks with a ReLoRA merge into an int8 ΔW."""
+    from megadistil.tiny import make_tiny_llama, stdlib_files
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    texts = [f.read_text(errors="replace") for f in stdlib_files(6)]
+    tiny = make_tiny_llama(tmp / "tiny", texts=texts, vocab_size=384, seed=0, pretrain_steps=60, hidden_size=256,
+                           intermediate_size=384)
+    _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+          "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
+          "train.max_steps=4", "train.save_every=4", "relora.reset_every=2", "relora.delta_format=int8",
+          "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run", "model.dtype=fp32"])
+    return {"tmp": tmp, "tiny": tiny, "run": tmp / "run"}
+
+
+def _read(path: Path) -> dict[str, tuple[Q, np.ndarray, np.ndarray]]:
+    """name -> (type, raw data, dequantized float32 [out, in])."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type, np.array(t.data), gguf.quants.dequantize(np.array(t.data), t.tensor_type))
+            for t in reader.tensors}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("linear_type", ["tq2_0", "tq1_0"])
+def test_the_gguf_runs_in_llama_cpp_like_the_student(run, linear_type, capsys):
+    out = run["tmp"] / f"student-{linear_type}.gguf"
+    rc = _tool_main()(["--format", "gguf", "--gguf-type", linear_type, "--checkpoint", str(run["run"]),
+                       "--output", str(out), "--verify", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "PASSED" in printed and "llama.cpp ran llama" in printed
+    assert "2 layer(s) whose input width is not a multiple of 256" in printed  # the down_projs, in f16
+    tensors = _read(out)
+    assert tensors["blk.0.attn_q.weight"][0] == Q[linear_type.upper()]
+    assert tensors["blk.1.ffn_down.weight"][0] == Q.F16 and tensors["output.weight"][0] == Q.F16
+    assert tensors["rope_freqs.weight"][0] == Q.F32  # Llama-3.1's rope scaling
+    assert not list(out.parent.glob(f".{out.name}.partial*"))
+
+
+@pytest.mark.multirank
+def test_llama_cpp_agrees_on_perplexity_tokens_and_greedy_text(run):
+    result = convert_checkpoint_gguf(run["run"], run["tmp"] / "verify.gguf", GGUFConfig(progress=False), verify=True)
+    v = result.verify
+    assert v["loaded_as"]["torch_imported"] is False and v["loaded_as"]["metadata"]["general.architecture"] == "llama"
+    assert v["ppl_rel_diff"] < 0.01 and v["argmax_agreement"] >= 0.95  # measured 0.06 %, 99.4 % at hidden 256
+    assert v["tokenization_identical"] and v["text_tokens"] > 1000
+    assert v["prompts"] - len(v["partings"]) >= 1 and all(p["gap"] < 0.1 for p in v["partings"])
+    ternary = 2 * (256 * 256 * 2 + 128 * 256 * 2 + 384 * 256 * 2)  # q, o, k, v, gate, up of 2 layers
+    assert result.sizes["linear_bytes"] == ternary * 2.0625 / 8 + 2 * 256 * 384 * 2  # + the f16 down_projs
+    assert result.fallback_layers == [
+        "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+@pytest.mark.multirank
+def test_every_ternary_tensor_is_q3_of_the_float64_rebuilt_weight(run):
+    """Independent of the exporter: W + codes·scale (ΔW partitions concatenated) + s·B·A in float64, Q3, q/k rows in
+    GGML's rope order, against the TQ2_0 file's codes and d."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megadistil.export.sources import locate_checkpoint
+
+    out = run["tmp"] / "float64.gguf"
+    convert_checkpoint_gguf(run["run"], out, GGUFConfig(progress=False))
+    got = _read(out)
+    ckpt = locate_checkpoint(run["run"])
+    trainable = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.root), tag=ckpt.tag, exclude_frozen_parameters=True)
+    base = _tensors(run["tiny"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    layers = [n.removeprefix("student.").removesuffix(".lora_A") for n in trainable if n.endswith("lora_A")]
+    assert len(layers) == 14
+    for m in layers:
+        a, b = trainable[f"student.{m}.lora_A"].double(), trainable[f"student.{m}.lora_B"].double()
+        delta = (read_delta(ckpt.dir, f"student.{m}.delta").double()
+                 * read_delta(ckpt.dir, f"student.{m}.delta_scale").double())
+        w = base[f"{m}.weight"].double() + delta + 32 / 16 * b @ a
+        heads = {"q_proj": 4, "k_proj": 2}.get(m.rsplit(".", 1)[1])
+        w = permute_rope_rows(w, heads) if heads else w
+        qtype, _, values = got[names.get_name(f"{m}.weight", try_suffixes=(".weight",))]
+        values = torch.from_numpy(values.astype(np.float64)).reshape(w.shape)
+        d = values.abs().max()
+        assert d == float(np.float16(w.abs().mean().item())), m  # d = mean|W_eff| in fp16
+        expect = (w / w.abs().mean()).round().clamp(-1, 1)
+        near_half = ((w / w.abs().mean()).abs() - 0.5).abs() < 1e-5  # float32 vs float64 may round these either way
+        assert torch.equal((values / d)[~near_half], expect[~near_half]), m
+        assert int(near_half.sum()) < 5
+
+
+@pytest.mark.multirank
+def test_llama_cpps_own_converter_reads_the_hf_export_to_the_same_ternary_tensors(run):
+    """convert_hf_to_gguf.py --outtype tq2_0 on the HF export (fp32) writes the same TQ2_0 blocks as --format gguf.
+    It refuses the tiny byte-level BPE tokenizer (it only knows tokenizers by the hash of their output), so its
+    pre-tokenizer detection is given the name ours reads from tokenizer.json."""
+    from megadistil.export import ExportConfig, convert_checkpoint
+
+    hf = run["tmp"] / "hf_fp32"
+    convert_checkpoint(run["run"], hf, ExportConfig(dtype="fp32", progress=False))
+    source = _llama_cpp_source()
+    theirs = run["tmp"] / "theirs.gguf"
+    # --no-lazy: in its default lazy mode the converter's own bitnet unpacking fails (a CPU shift tensor meets its
+    # meta tensors: "Tensor on device cpu is not on the expected device meta")
+    cmd = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(hf), "--outtype", "tq2_0", "--outfile", str(theirs),
+           "--no-lazy"]
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=source, check=False)
+    assert refused.returncode != 0 and "BPE pre-tokenizer was not recognized" in refused.stderr + refused.stdout
+    patched = ("import sys, runpy; sys.argv = sys.argv[1:]; sys.path.insert(0, '.');"
+               "from conversion.base import TextModel; TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2';"
+               "runpy.run_path('convert_hf_to_gguf.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", patched, *cmd[1:]], capture_output=True, text=True, cwd=source,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = run["tmp"] / "ours.gguf"
+    convert_checkpoint_gguf(run["run"], ours, GGUFConfig(progress=False))
+    a, b = _read(ours), _read(theirs)
+    assert set(a) == set(b)
+    ternary = [n for n in a if a[n][0] == Q.TQ2_0]
+    assert len(ternary) == 12  # 7 linears x 2 layers, less the two down_projs (f16 in both)
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        if a[name][0] == Q.TQ2_0:
+            assert np.array_equal(a[name][1], b[name][1]), name  # byte for byte
+        else:  # f16/f32 tensors: theirs come from the HF export's fp32 copy of the same values
+            assert np.allclose(a[name][2], b[name][2], rtol=1e-3, atol=1e-6), name
+    reader = gguf.GGUFReader(theirs)
+    assert str(bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]), "utf-8") == "gpt-2"
+
+
+def test_a_subln_student_is_llama_cpps_bitnet_graph(tmp_path):
+    """A tied-embedding Llama without rope scaling, with SubLN and trained-looking LoRA and sub-norms (no DeepSpeed:
+    the parts come from the model itself), exported as `bitnet` and run by llama.cpp."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.tiny import pretrain, stdlib_files, train_bpe_tokenizer
+
+    texts = [f.read_text(errors="replace") for f in stdlib_files(4)]
+    tok = train_bpe_tokenizer(texts, 384)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    base = tmp_path / "base"
+    teacher = LlamaForCausalLM(config)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    pretrain(teacher, torch.tensor([t for doc in ids for t in doc]), steps=60)  # logits with a shape: few near-ties
+    teacher.save_pretrained(base)
+    tok.save_pretrained(base)
+    (tmp_path / "eval.txt").write_text("\n".join(texts))
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    to_bitnet(model, lora_rank=4, subln=True, delta=False)
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_B", "sub_norm.weight")):
+                p.add_(torch.randn_like(p) * (0.05 if name.endswith("lora_B") else 0.2))
+            if name.endswith(("lora_A", "lora_B", "sub_norm.weight")):
+                state[name] = p.detach().clone()
+    parts = StudentParts({n: (lambda t=t: t) for n, t in state.items()}, {n: tuple(t.shape) for n, t in state.items()})
+    run_config = OmegaConf.create({"bitnet": {"lora_rank": 4, "lora_alpha": None, "exclude": []},
+                                   "data": {"eval_text": [str(tmp_path / "eval.txt")], "text": []}})
+    spec = student_spec(parts, run_config, torch.float32)
+    result = export_gguf(BaseModel(base), parts, spec, tmp_path / "bitnet.gguf", GGUFConfig(progress=False))
+    assert result.architecture == "bitnet"
+    got = _read(tmp_path / "bitnet.gguf")
+    assert "output.weight" not in got and got["blk.1.ffn_sub_norm.weight"][2].shape == (512,)
+    v = verify_gguf(result.output, model.eval(), AutoTokenizer.from_pretrained(base), run_config)
+    assert v["loaded_as"]["metadata"]["general.architecture"] == "bitnet"
+    assert v["ppl_rel_diff"] < 0.01 and v["tokenization_identical"] and v["passed"], {k: v[k] for k in ("argmax_agreement", "partings", "max_abs_diff", "loaded_as")}
+
+
+# ---------------------------------------------------------------- bad input loses nothing
+
+@pytest.mark.multirank
+def test_bad_input_is_refused_and_an_interrupted_write_leaves_nothing(run, tmp_path, capsys, monkeypatch):
+    main = _tool_main()
+    args = ["--format", "gguf", "--checkpoint", str(run["run"]), "--no-progress"]
+    existing = tmp_path / "existing.gguf"
+    existing.write_bytes(b"keep me")
+    assert main([*args, "--output", str(existing)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+    assert main([*args, "--output", str(tmp_path / "model")]) == 2
+    assert "one file named *.gguf" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--output", str(tmp_path / "x.gguf"), "--max-shard-size", "1GB"])
+    assert "--format gguf does not use --max-shard-size" in capsys.readouterr().err
+
+    import megadistil.export.gguf as g
+
+    real = g.ternary_values
+    calls = []
+
+    def fail_late(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(g, "ternary_values", fail_late)
+    with pytest.raises(KeyboardInterrupt):
+        g.convert_checkpoint_gguf(run["run"], existing, GGUFConfig(progress=False, overwrite=True))
+    assert len(calls) == 5  # interrupted mid-file: the old file stays, no partial file is left beside it
+    assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing.gguf"]
