@@ -190,6 +190,7 @@ def test_every_ternary_tensor_is_q3_of_the_float64_rebuilt_weight(run):
         heads = {"q_proj": 4, "k_proj": 2}.get(m.rsplit(".", 1)[1])
         w = permute_rope_rows(w, heads) if heads else w
         qtype, _, values = got[names.get_name(f"{m}.weight", try_suffixes=(".weight",))]
+        assert qtype == (Q.F16 if m.endswith("down_proj") else Q.TQ2_0), m  # down_proj: 384 wide, f16 holds it
         values = torch.from_numpy(values.astype(np.float64)).reshape(w.shape)
         d = values.abs().max()
         assert d == float(np.float16(w.abs().mean().item())), m  # d = mean|W_eff| in fp16
