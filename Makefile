@@ -61,7 +61,7 @@ test: setup llama-cpp
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not multirank"
 
-demo: setup
+demo: setup llama-cpp
 	$(PY) -m megadistil.demo --out runs/demo $(DEMO_ARGS)
 
 # The demo's student distilled from a teacher with another tokenizer (CE + ULD), against the same-tokenizer and

@@ -59,11 +59,21 @@ def distill_rows(d) -> list[tuple[str, str, str]]:
     return rows
 
 
+def inference_rows(d) -> list[tuple[str, str, str]]:
+    rows = []
+    for r in d["rows"]:
+        if r["model"] == "llama-1b" and r["file"] in ("TQ2_0", "TQ1_0"):
+            rows.append((f"llama.cpp generation tok/s, {r['file']} / F16, ~1B ({d['machine']})",
+                         f"{r['tg_vs_f16']:.2f}x", ">= 2.50x" if r["file"] == "TQ2_0" else "-"))
+            rows.append((f"decoder linears' bytes, {r['file']} / F16, ~1B", f"{r['linear_vs_f16']:.3f}x", "<= 0.20x"))
+    return rows
+
+
 def main() -> None:
     table: list[tuple[str, str, str]] = []
     missing = []
     for name, rows in (("bitlinear", bitlinear_rows), ("shards", shards_rows), ("losses", losses_rows),
-                       ("distill_step", distill_rows)):
+                       ("distill_step", distill_rows), ("inference", inference_rows)):
         d = load(name)
         if d is None:
             missing.append(name)

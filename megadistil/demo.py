@@ -12,7 +12,9 @@ those tokens, many times over, and everything is evaluated on the held-out files
   ce       BitNet student trained with CE only on the slice (QAT without a teacher, same budget)
 
 The naive ternary model (post-training quantization) is every run's step-0 evaluation. The `shards` student is then
-converted with tools/convert_to_ternary.py --verify and evaluated in vanilla transformers.
+converted with tools/convert_to_ternary.py --verify and evaluated in vanilla transformers, and written as GGUFs that
+llama.cpp runs (`make demo` builds llama.cpp first, once per CPU): TQ2_0 verified and evaluated in llama.cpp, and
+TQ2_0 / TQ1_0 / F16 / Q8_0 timed there.
 
   python -m megadistil.demo --out runs/demo [--quick] [--remake-teacher [{demo,crosstok}]]
 """
@@ -297,6 +299,37 @@ def convert(run: Path, output: Path, log: Path) -> None:
         raise DemoError(f"convert_to_ternary failed (exit {proc.returncode}); see {log}")
 
 
+GGUF_TYPES = ("tq2_0", "tq1_0", "f16", "q8_0")  # the shards student's GGUFs; f16 and q8_0 are the speed baselines
+
+
+def gguf_student(run: Path, out: Path, heldout: Path, tokenizer: Path, s: DemoSettings) -> dict:
+    """The shards student as GGUFs: TQ2_0 verified in llama.cpp (convert-gguf.log) and its held-out perplexity there
+    on the trainer's evaluation sequences; llama.cpp's speed and file size for each of GGUF_TYPES."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.packed import eval_sequences
+    from megadistil.export.gguf import GGUFConfig, convert_checkpoint_gguf
+    from megadistil.export.llamacpp import llama_cpp_perplexity, measure_speed
+
+    main_file = out / "student-tq2_0.gguf"
+    cmd = [sys.executable, "tools/convert_to_ternary.py", "--format", "gguf", "--gguf-type", "tq2_0", "--checkpoint",
+           str(run), "--output", str(main_file), "--verify", "--overwrite", "--no-progress"]
+    with (out / "convert-gguf.log").open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode:
+        raise DemoError(f"convert_to_ternary --format gguf failed (exit {proc.returncode}); see {out / 'convert-gguf.log'}")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ids = torch.stack([torch.from_numpy(q) for q in eval_sequences([str(heldout)], tok, s.seq_len, s.eval_sequences)])
+    speed = {}
+    for kind in GGUF_TYPES:
+        path = main_file if kind == "tq2_0" else out / f"student-{kind}.gguf"
+        if kind != "tq2_0":
+            other = "q8_0" if kind == "q8_0" else "f16"  # a Q8_0 file is q8_0 throughout, as llama.cpp's converter writes
+            convert_checkpoint_gguf(run, path, GGUFConfig(kind, other, overwrite=True, progress=False))
+        speed[kind] = measure_speed(path, prompt=s.seq_len, gen=64) | {"file_bytes": path.stat().st_size}
+    return {"ppl": llama_cpp_perplexity(main_file, ids), "speed": speed}
+
+
 # task -> the score the report ranks models by (last_word's word-level perplexity: lower is better)
 TASKS = {"demo_next_line": "acc_mutual_info", "demo_last_word": "perplexity"}
 
@@ -380,6 +413,7 @@ MODELS = {  # summary key -> what the report calls it
     "distilled_shared": "student distilled from the shared live teacher",
     "converted": "converted 1.58-bit checkpoint in vanilla transformers",
 }
+PPL_ONLY = {"gguf_llama_cpp": "the same student as a TQ2_0 GGUF in llama.cpp"}  # in the perplexity table only
 TARGETS = [  # (numerator, denominator, bound, what the bound is)
     ("distilled_shards", "teacher", 1.05, "at most"),
     ("ce_only", "distilled_shards", 1.5, "at least"),
@@ -401,6 +435,22 @@ def summarize(s: DemoSettings, results: dict, converted_ppl: float, sizes: dict,
             "run_wall_s": {k: r["wall_s"] for k, r in results.items()}, "sizes": sizes}
 
 
+def gguf_report(summary: dict) -> list[str]:
+    speed = summary.get("gguf_speed")
+    if not speed:
+        return []
+    f16 = speed["f16"]
+    first = next(iter(speed.values()))
+    lines = ["", (f"The shards student in llama.cpp ({first['threads']} threads; prompt {first['prompt']} tokens in one "
+                  f"batch, then {first['gen']} generated one by one; median of 3). At this size llama.cpp's per-token "
+                  "overhead, not the weights, sets the speed: bench/inference.py measures a 1B model."),
+             "", "| GGUF | file | prompt tok/s | generation tok/s | generation vs F16 |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k.upper()} | {v['file_bytes'] / 2**20:.2f} MiB | {v['pp_tokens_per_s']:.0f} | "
+              f"{v['tg_tokens_per_s']:.0f} | {v['tg_tokens_per_s'] / f16['tg_tokens_per_s']:.2f}x |"
+              for k, v in speed.items()]
+    return lines
+
+
 def write_report(summary: dict, out: Path) -> Path:
     ppl, t, sz = summary["perplexity"], summary["tokens"], summary["sizes"]
     lines = ["# megadistil demo", "",
@@ -408,7 +458,7 @@ def write_report(summary: dict, out: Path) -> Path:
               f"{cpu_model_name()}; total wall time {summary['wall_s'] / 60:.1f} min."), "",
              "Held-out perplexity on files no model trained on:", "",
              "| model | held-out perplexity | vs teacher |", "|---|---:|---:|"]
-    lines += [f"| {MODELS[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x |" for k, v in ppl.items()]
+    lines += [f"| {(MODELS | PPL_ONLY)[k]} | {v:.2f} | {v / ppl['teacher']:.3f}x |" for k, v in ppl.items()]
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     for num, den, bound, how in TARGETS:
         ratio = ppl[num] / ppl[den]
@@ -425,7 +475,7 @@ def write_report(summary: dict, out: Path) -> Path:
     lines += ["", (f"Files: bf16 teacher {sz['teacher_bytes'] / 2**20:.2f} MiB of safetensors; packed 1.58-bit "
                    f"student {sz['student_bytes'] / 2**20:.2f} MiB ({sz['teacher_bytes'] / sz['student_bytes']:.1f}x "
                    "smaller; embeddings and lm_head stay in their dtype)."),
-              *task_report(summary, out, MODELS), "", "![loss curves](loss_curves.png)", "",
+              *gguf_report(summary), *task_report(summary, out, MODELS), "", "![loss curves](loss_curves.png)", "",
               "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -449,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     t = TEACHERS[a.remake_teacher][0] if a.remake_teacher else s.teacher
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    start, total = time.time(), 8
+    start, total = time.time(), 9
     banner(1, total, "corpus: the Python standard library's source, split by file (~1 file in 10 held out)")
     paths = split_corpus(out)
     banner(2, total, f"teacher: {t.layers}-layer {t.hidden}-wide Llama-3.1-shaped model, {t.vocab}-token BPE"
@@ -479,12 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     converted = out / "student-ternary"
     convert(out / "run-shards", converted, out / "convert.log")
     converted_ppl = vanilla_perplexity(converted, paths["heldout"], s.seq_len, s.eval_sequences)
-    banner(7, total, f"evaluate: 2 tasks x {s.task_docs} documents made from the held-out files, generations "
+    banner(7, total, "the same student as GGUFs for llama.cpp: TQ2_0 verified in llama.cpp, speed of each type")
+    gguf = gguf_student(out / "run-shards", out, paths["heldout"], teacher, s)
+    banner(8, total, f"evaluate: 2 tasks x {s.task_docs} documents made from the held-out files, generations "
            "(tools/evaluate.py on all six models)")
     models = {"teacher": teacher, "naive_ternary": f"ternary:{teacher}", "ce_only": out / "run-ce",
               "distilled_shards": out / "run-shards", "distilled_shared": out / "run-shared", "converted": converted}
     task_scores = evaluate_models(s, out, models, paths["heldout"])
-    banner(8, total, "report")
+    banner(9, total, "report")
     plot_losses(results, step0_eval(results["shared"])["eval_ppl_teacher"], out / "loss_curves.png")
     from transformers import AutoTokenizer
 
@@ -494,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
               "teacher_split": split_tokens}
     sizes = {"teacher_bytes": dir_bytes(teacher), "student_bytes": dir_bytes(converted)}
     summary = summarize(s, results, converted_ppl, sizes, time.time() - start, tokens)
+    summary["perplexity"]["gguf_llama_cpp"] = gguf["ppl"]
+    summary["gguf_speed"] = gguf["speed"]
     summary["tasks"] = task_scores
     return publish(summary, out, write_report)
 

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from megadistil.demo import MODELS, TASKS, TEACHER_ASSET, TeacherSettings, is_heldout, read_docs, split_corpus
+from megadistil.demo import (
+    GGUF_TYPES,
+    MODELS,
+    PPL_ONLY,
+    TASKS,
+    TEACHER_ASSET,
+    TeacherSettings,
+    is_heldout,
+    read_docs,
+    split_corpus,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +51,9 @@ def test_quick_demo_writes_every_artifact(quick_demo: Path) -> None:
     config = json.loads((quick_demo / "student-ternary/config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitnet"
     assert "PASSED" in (quick_demo / "convert.log").read_text()
+    assert "PASSED" in (quick_demo / "convert-gguf.log").read_text()  # the TQ2_0 GGUF, verified in llama.cpp
+    assert all((quick_demo / f"student-{t}.gguf").read_bytes()[:4] == b"GGUF" for t in GGUF_TYPES)
+    assert PPL_ONLY["gguf_llama_cpp"] in report and "| TQ2_0 |" in report and "generation vs F16" in report
     for name in ("eval.json", "generations.md", "tasks/demo_next_line.yaml", "tasks/demo_last_word.jsonl"):
         assert (quick_demo / name).is_file(), name
     assert "| demo_next_line acc_mutual_info | demo_last_word perplexity |" in report.replace("model | ", "")
@@ -52,13 +65,15 @@ def test_quick_demo_writes_every_artifact(quick_demo: Path) -> None:
 def test_distilled_student_beats_naive_ternary_and_ce_only(quick_demo: Path) -> None:
     summary = json.loads((quick_demo / "summary.json").read_text())
     ppl = summary["perplexity"]
-    assert set(ppl) == set(MODELS)
+    assert set(ppl) == set(MODELS) | set(PPL_ONLY)
     for distilled in ("distilled_shards", "distilled_shared"):
         assert ppl[distilled] < ppl["naive_ternary"], ppl
         assert ppl[distilled] < ppl["ce_only"], ppl
     assert ppl["teacher"] < ppl["distilled_shards"]
     # the packed checkpoint in vanilla transformers is the shards student (bf16 export: close, not bitwise)
     assert abs(ppl["converted"] / ppl["distilled_shards"] - 1) < 0.02, ppl
+    assert abs(ppl["gguf_llama_cpp"] / ppl["distilled_shards"] - 1) < 0.02, ppl  # and so is its GGUF in llama.cpp
+    assert set(summary["gguf_speed"]) == set(GGUF_TYPES)
     steps = summary["settings"]["distill_steps"]
     for run in ("shards", "shared", "ce"):
         records = [json.loads(line) for line in (quick_demo / f"run-{run}/metrics.jsonl").read_text().splitlines()]

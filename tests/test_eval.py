@@ -99,11 +99,11 @@ def test_a_task_whose_data_is_missing_is_a_clear_error_naming_it(tiny_llama_dir,
 def test_model_arguments_gguf_is_refused_and_kinds_are_recognised(tiny_llama_dir, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    with pytest.raises(EvalError, match="GGUF models are not supported"):
+    with pytest.raises(EvalError, match="GGUF models are not evaluated here; .*--format gguf"):
         parse_model(str(gguf))
     with pytest.raises(EvalError, match="does not exist"):
         parse_model(str(tmp_path / "absent"))
-    with pytest.raises(EvalError, match="GGUF models are not supported"):
+    with pytest.raises(EvalError, match="GGUF models are not evaluated here; .*--format gguf"):
         parse_model(str(tmp_path))  # a dir holding only a GGUF file
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalError, match="neither an HF model dir"):

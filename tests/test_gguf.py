@@ -239,16 +239,33 @@ def test_llama_cpps_own_converter_reads_the_hf_export_to_the_same_ternary_tensor
     assert str(bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]), "utf-8") == "gpt-2"
 
 
+def _llama3_style_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE with Llama-3's pre-tokenizer (its Split regex, then ByteLevel without a regex)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|end_of_text|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>")
+
+
 def test_a_subln_student_is_llama_cpps_bitnet_graph(tmp_path):
     """A tied-embedding Llama without rope scaling, with SubLN and trained-looking LoRA and sub-norms (no DeepSpeed:
-    the parts come from the model itself), exported as `bitnet` and run by llama.cpp."""
+    the parts come from the model itself), exported as `bitnet` and run by llama.cpp; its tokenizer has Llama-3's
+    pre-tokenizer, which llama.cpp must split exactly as transformers does."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from megadistil.bitnet import to_bitnet
-    from megadistil.tiny import pretrain, stdlib_files, train_bpe_tokenizer
+    from megadistil.tiny import pretrain, stdlib_files
 
     texts = [f.read_text(errors="replace") for f in stdlib_files(4)]
-    tok = train_bpe_tokenizer(texts, 384)
+    tok = _llama3_style_tokenizer(texts, 384)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -279,6 +296,7 @@ def test_a_subln_student_is_llama_cpps_bitnet_graph(tmp_path):
     assert "output.weight" not in got and got["blk.1.ffn_sub_norm.weight"][2].shape == (512,)
     v = verify_gguf(result.output, model.eval(), AutoTokenizer.from_pretrained(base), run_config)
     assert v["loaded_as"]["metadata"]["general.architecture"] == "bitnet"
+    assert v["loaded_as"]["metadata"]["tokenizer.ggml.pre"] == "llama-bpe" and v["text_tokens"] > 1000
     assert v["ppl_rel_diff"] < 0.01 and v["tokenization_identical"] and v["passed"], {k: v[k] for k in ("argmax_agreement", "partings", "max_abs_diff", "loaded_as")}
 
 

@@ -41,14 +41,15 @@ class LoadedModel:
 
 
 def parse_model(arg: str) -> ModelSpec:
-    """`[NAME=][ternary:]PATH` -> what it is; a GGUF file is refused (its export does not exist yet)."""
+    """`[NAME=][ternary:]PATH` -> what it is; a GGUF file is refused (lm-eval has no llama.cpp model here)."""
     named = re.fullmatch(r"([\w.-]+)=(.+)", arg)
     name, rest = named.groups() if named else ("", arg)
     kind, path = ("ternary", rest.removeprefix("ternary:")) if rest.startswith("ternary:") else ("", rest)
     p = Path(path)
     if p.suffix == ".gguf" or (p.is_dir() and list(p.glob("*.gguf")) and not (p / "config.json").is_file()):
-        raise EvalError(f"--model {arg}: GGUF models are not supported: megadistil has no GGUF export yet, so there "
-                        "is no tested llama.cpp path; evaluate the HF dir (teacher or converted checkpoint) instead")
+        raise EvalError(f"--model {arg}: GGUF models are not evaluated here; `tools/convert_to_ternary.py --format gguf "
+                        "--verify` measures one in llama.cpp against the student, or evaluate the HF dir (teacher or "
+                        "converted checkpoint) instead")
     if not p.exists():
         raise EvalError(f"--model {arg}: {p} does not exist")
     if not kind:

@@ -189,3 +189,48 @@ def format_llama_cpp_figures(f: dict[str, Any]) -> str:
         f"  tokenization of {f['text_tokens']} held-out tokens identical to transformers': {f['tokenization_identical']}",
         f"  {'PASSED' if f['passed'] else 'FAILED'}",
     ])
+
+
+# Prompt processing (one batch of `prompt` tokens) and generation (`gen` single-token steps) as llama-bench measures
+# them: fixed token ids, since speed does not depend on the values.
+SPEED_SUBPROCESS = r"""
+import json, os, sys, time
+import numpy as np
+from llama_cpp import Llama
+
+path, prompt, gen, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
+m = Llama(path, n_ctx=prompt + gen + 8, n_batch=prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
+tokens = np.random.default_rng(0).integers(1, m.n_vocab(), prompt + gen).tolist()
+m.eval(tokens[:8])  # warm-up: first-touch of the weights
+pp, tg = [], []
+for _ in range(repeats):
+    m.reset()
+    t = time.perf_counter()
+    m.eval(tokens[:prompt])
+    pp.append(prompt / (time.perf_counter() - t))
+    m.reset()
+    m.eval(tokens[:1])
+    t = time.perf_counter()
+    for tok in tokens[1 : gen + 1]:
+        m.eval([tok])
+    tg.append(gen / (time.perf_counter() - t))
+print(json.dumps({"pp_tokens_per_s": float(np.median(pp)), "tg_tokens_per_s": float(np.median(tg))}))
+"""
+
+
+def measure_speed(gguf_path: Path, prompt: int = 512, gen: int = 128, repeats: int = 3,
+                  threads: int | None = None) -> dict[str, float]:
+    """llama.cpp's prompt-processing and generation tokens/s for one GGUF (median of `repeats`), in a subprocess."""
+    require_llama_cpp()
+    threads = threads or len(os.sched_getaffinity(0))
+    proc = subprocess.run([sys.executable, "-c", SPEED_SUBPROCESS, str(gguf_path), str(prompt), str(gen), str(repeats),
+                           str(threads)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp could not run {gguf_path}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"threads": threads, "prompt": prompt, "gen": gen}
+
+
+def llama_cpp_perplexity(gguf_path: Path, ids: torch.Tensor) -> float:
+    """Perplexity that llama.cpp gives the token ids [sequences, seq_len] (every next token of every row)."""
+    got, _ = run_llama_cpp(gguf_path, ids, ids[:0, :1], [], 0, "")
+    return perplexity(got["logits"], ids.numpy())
