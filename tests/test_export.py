@@ -342,9 +342,10 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(runs, tmp_
 
 
 @pytest.mark.multirank
-def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs, fmt):
     """Converting a model of ~0.25 GiB (fp32, + as much ΔW) whose largest tensor is T = 8 MiB grows RSS by less than
-    RSS_CONSTANT x T."""
+    RSS_CONSTANT x T, to the HF format and to a TQ2_0 GGUF alike."""
     probe = textwrap.dedent("""
         import json, re, sys
         import deepspeed, transformers, torch  # the runtime, measured before the conversion starts
@@ -353,12 +354,19 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
         from megadistil.export import ExportConfig, convert_checkpoint
         def status(key):
             return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        import gguf, megadistil.export.gguf
+        from megadistil.export.gguf import GGUFConfig, convert_checkpoint_gguf
+        if sys.argv[3] == "gguf":  # the GGUF embeds the tokenizer: transformers' tokenizer machinery costs ~50 MiB
+            transformers.AutoTokenizer.from_pretrained(sys.argv[4])  # once, whatever the model's size
         before = status("VmRSS")
-        convert_checkpoint(sys.argv[1], sys.argv[2], ExportConfig(dtype="bf16", progress=False))
+        if sys.argv[3] == "gguf":
+            convert_checkpoint_gguf(sys.argv[1], sys.argv[2], GGUFConfig(progress=False))
+        else:
+            convert_checkpoint(sys.argv[1], sys.argv[2], ExportConfig(dtype="bf16", progress=False))
         print(json.dumps({"before": before, "peak": status("VmHWM")}))
     """)
-    out = runs["tmp"] / "out_large"
-    proc = _run([PY, "-c", probe, str(runs["run_large"]), str(out)])
+    out = runs["tmp"] / ("large.gguf" if fmt == "gguf" else "out_large")
+    proc = _run([PY, "-c", probe, str(runs["run_large"]), str(out), fmt, str(runs["large"])])
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     base = _tensors(runs["large"])
     largest = max(t.numel() * t.element_size() for t in base.values())
@@ -369,6 +377,12 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(runs):
           f" MiB + ΔW {delta_bytes / 2**20:.0f} MiB; growth / largest = {growth / largest:.2f}")
     assert model_bytes + delta_bytes > 5 * RSS_CONSTANT * largest  # the bound is far below "load the model"
     assert growth < RSS_CONSTANT * largest
+    if fmt == "gguf":
+        import gguf
+
+        down = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.7.ffn_down.weight")
+        assert down.tensor_type == gguf.GGMLQuantizationType.TQ2_0 and down.data.nbytes == 512 * 4096 * 2.0625 / 8
+        return
     packed = _tensors(out)["model.layers.7.mlp.down_proj.weight"]
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (512 // 4, 4096)
 

@@ -260,13 +260,19 @@ def permute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 values as a tensor of qtype (raw blocks for quantized types)."""
+def encode(values: np.ndarray, qtype: Q, chunk_values: int = 1 << 20) -> np.ndarray:
+    """float32 values as a tensor of qtype (raw blocks for quantized types), quantized a few rows at a time: gguf's
+    quantizers make several full-size temporaries, which would otherwise set the export's peak memory."""
     if qtype == Q.F32:
         return values.astype(np.float32)
     if qtype == Q.F16:
         return values.astype(np.float16)
-    return gguf.quants.quantize(values.astype(np.float32), qtype)
+    rows = values.reshape(-1, values.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(rows.shape, qtype), dtype=np.uint8)
+    step = max(1, chunk_values // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = gguf.quants.quantize(rows[start:start + step].astype(np.float32), qtype)
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(values.shape, qtype))
 
 
 def storable(qtype: Q, shape: tuple[int, ...], fallback: Q) -> Q:
@@ -275,11 +281,15 @@ def storable(qtype: Q, shape: tuple[int, ...], fallback: Q) -> Q:
 
 
 def ternary_values(w_eff: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """code · d with d = 1/weight_scale rounded to fp16: exactly what a TQ block holds, and exact in f16 too."""
+    """code · d with d = 1/weight_scale rounded to fp16: exactly what a TQ block holds, and exact in f16 too.
+    Pass W_eff as an expression: it is freed here once its codes exist."""
     codes, scale = ternary_codes(w_eff)
+    del w_eff
     # 1/scale in float32, as the student's effective weight code/scale is; then fp16 as a TQ block stores it
     d = np.float32(np.float16(np.float32(1.0) / np.float32(scale.item())))
-    return rows(codes).numpy().astype(np.float32) * d
+    values = rows(codes).numpy().astype(np.float32)
+    values *= d
+    return values
 
 
 class TensorPlan:
@@ -335,9 +345,9 @@ class TensorPlan:
         def produce() -> np.ndarray:
             def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:
                 return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
-            w_eff = _effective(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                               parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
-            return encode(ternary_values(w_eff, rows), qtype)
+            return encode(ternary_values(_effective(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                                                    parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype), rows),
+                          qtype)
         return GGUFTensor(target, qtype, shape, produce, ternary=True)
 
     def sub_norm(self, m: str) -> GGUFTensor:

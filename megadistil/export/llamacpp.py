@@ -185,7 +185,7 @@ def format_llama_cpp_figures(f: dict[str, Any]) -> str:
         (f"  max |logit diff| = {f['max_abs_diff']:.3g} (logits up to {f['logit_range']:.3g}); argmax agreement "
          f"{100 * f['argmax_agreement']:.2f}% (tolerance >= {100 * tol['min_argmax_agreement']:g}%)"),
         (f"  greedy continuations ({f['new_tokens']} tokens): {f['prompts'] - len(f['partings'])} of {f['prompts']} "
-         f"identical{parted} (allowed below {tol['tie_margin']:g})"),
+         f"identical{parted}" + (f" (a parting is allowed below {tol['tie_margin']:g})" if parted else "")),
         f"  tokenization of {f['text_tokens']} held-out tokens identical to transformers': {f['tokenization_identical']}",
         f"  {'PASSED' if f['passed'] else 'FAILED'}",
     ])
