@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 # llama.cpp, to run and verify GGUF exports: llama-cpp-python's sdist (it vendors llama.cpp) built into a wheel once
 # per CPU (ggml is compiled with -march=native, so the wheel is keyed by the CPU's flags and another CPU rebuilds it),
-# only the library: no tools, server, multimodal or `common`. ~2.6 min on 2 cores. The extracted sdist stays too: its
+# only the library: no tools, server, multimodal or `common`. ~3 min on 2 cores. The extracted sdist stays too: its
 # convert_hf_to_gguf.py is what tests/test_gguf.py compares the export against.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_CACHE ?= .cache/llama-cpp
@@ -38,11 +38,12 @@ LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_
 
 llama-cpp: $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 
+# The bindings load only libllama and libggml: the sed skips llama.cpp's `common` (half the build), which the
+# package's CMakeLists forces on.
 $(LLAMA_CPP_SRC)/PKG-INFO: | $(VENV)/.installed
 	mkdir -p $(LLAMA_CPP_CACHE)
 	$(PIP) download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_CACHE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	tar -xzf $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_CACHE)
-	# the bindings load only libllama and libggml: skip llama.cpp's `common` (half the build), which the package forces on
 	sed -i 's/^    set(LLAMA_BUILD_COMMON ON CACHE BOOL/    set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' $(LLAMA_CPP_SRC)/CMakeLists.txt
 	touch $@
 

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from megadistil.bitnet.kernels import cpu_model_name
 from megadistil.export.gguf import GGUFConfig, export_gguf
 from megadistil.export.llamacpp import measure_speed
 from megadistil.export.sources import BaseModel, StudentParts
 from megadistil.export.ternary import student_spec
+from megadistil.tiny import write_random_llama
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "megadistil" / "assets" / "demo-teacher"
@@ -37,7 +36,7 @@ FILES = [("TQ2_0", "tq2_0", "f16"), ("TQ2_0 + q8_0 embeddings", "tq2_0", "q8_0")
 
 
 def llama_1b(path: Path) -> Path:
-    """A random Llama-3.2-1B-shaped base in bf16, one safetensors file per layer, the demo's tokenizer."""
+    """A random Llama-3.2-1B-shaped base in bf16, written a layer at a time, the demo's tokenizer."""
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -45,28 +44,7 @@ def llama_1b(path: Path) -> Path:
                       max_position_embeddings=131072, rope_theta=500000.0,
                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    path.mkdir(parents=True)
-    cfg.save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, 512
-    weight_map = {}
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-        tensors = {f"{p}{k}.weight": (torch.randn(*s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()}
-        tensors |= {f"{p}input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-                    f"{p}post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        save_file(tensors, str(path / f"layer{layer}.safetensors"))
-        weight_map |= dict.fromkeys(tensors, f"layer{layer}.safetensors")
-    rest = {"model.embed_tokens.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).bfloat16(),
-            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-    save_file(rest, str(path / "rest.safetensors"))
-    weight_map |= dict.fromkeys(rest, "rest.safetensors")
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DEMO_TEACHER / f, path / f)
-    return path
+    return write_random_llama(path, cfg, DEMO_TEACHER, dtype=torch.bfloat16)
 
 
 def ternary_of(base: BaseModel) -> tuple[StudentParts, object]:

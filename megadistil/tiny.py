@@ -97,3 +97,48 @@ def make_tiny_llama(out: str | Path, *, texts: list[str], vocab_size: int = 512,
     if keep_corpus:
         (out / "corpus.txt").write_text("\n".join(texts))
     return out
+
+
+def write_random_llama(path: str | Path, config: LlamaConfig, tokenizer_from: str | Path, *,
+                       dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """An HF dir of a random Llama of any size written a layer at a time (one safetensors file per layer, read through
+    the index), so that a 1B model never sits in memory whole; the tokenizer files are copied from `tokenizer_from`.
+    For tests and benches where the values do not matter (speed, memory, file layout)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    g = torch.Generator().manual_seed(seed)
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    def layer(n: int) -> dict[str, torch.Tensor]:
+        norms = {f"model.layers.{n}.{k}.weight": torch.ones(h, dtype=dtype)
+                 for k in ("input_layernorm", "post_attention_layernorm")}
+        return {f"model.layers.{n}.{k}.weight": randn(*s) for k, s in shapes.items()} | norms
+
+    def rest() -> dict[str, torch.Tensor]:
+        head = {} if config.tie_word_embeddings else {"lm_head.weight": randn(config.vocab_size, h)}
+        return {"model.embed_tokens.weight": randn(config.vocab_size, h),
+                "model.norm.weight": torch.ones(h, dtype=dtype)} | head
+
+    weight_map = {}
+    files = [(f"layer{n}.safetensors", lambda n=n: layer(n)) for n in range(config.num_hidden_layers)]
+    for file, make in [*files, ("rest.safetensors", rest)]:
+        tensors = make()
+        save_file(tensors, str(path / file))
+        weight_map |= dict.fromkeys(tensors, file)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_from) / f, path / f)
+    return path

@@ -105,29 +105,11 @@ def _large_base(path: Path, tokenizer_from: Path) -> Path:
     """A Llama dir made large on purpose: 8 layers whose MLP matrices (the largest tensors) are 8 MiB each."""
     from transformers import LlamaConfig
 
+    from megadistil.tiny import write_random_llama
+
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=4096, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
-    path.mkdir(parents=True)
-    cfg.save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    weight_map = {}
-    for layer in range(cfg.num_hidden_layers):  # one file per layer: the base is read through its index
-        p = f"model.layers.{layer}."
-        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h // 2, h), "self_attn.v_proj": (h // 2, h),
-                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-        tensors = {f"{p}{k}.weight": torch.randn(*s, generator=g) * 0.02 for k, s in shapes.items()}
-        tensors |= {f"{p}input_layernorm.weight": torch.ones(h), f"{p}post_attention_layernorm.weight": torch.ones(h)}
-        save_file(tensors, str(path / f"layer{layer}.safetensors"))
-        weight_map |= dict.fromkeys(tensors, f"layer{layer}.safetensors")
-    rest = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, h, generator=g),
-            "lm_head.weight": torch.randn(cfg.vocab_size, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
-    save_file(rest, str(path / "rest.safetensors"))
-    weight_map |= dict.fromkeys(rest, "rest.safetensors")
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_from / f, path / f)
-    return path
+    return write_random_llama(path, cfg, tokenizer_from)
 
 
 @pytest.fixture(scope="module")

@@ -177,3 +177,22 @@ def test_every_rank_takes_rank_zeros_kernel_and_dtype():
     mp.spawn(_agree_on_rank, args=(free_local_port(), results, []), nprocs=2, join=True)
     assert results[1] == ("rank 0 chose the int8 kernel, which rank 1's cpu (test CPU, AVX512) lacks; set "
                           "bitnet.kernel=fp32 on a mixed cluster")
+
+
+def test_a_resumed_run_keeps_the_kernel_and_dtype_its_checkpoint_was_trained_with():
+    """A new measurement under other load may pick otherwise (a near tie): `auto` takes the checkpoint's choice, whose
+    optimizer files DeepSpeed names by dtype; an explicit dtype that differs is refused naming the key; a recorded
+    kernel this device lacks leaves `auto`'s own choice."""
+    from megadistil.engine.device import Placement, as_resumed
+
+    hw = Hardware("cpu", "test CPU", "AVX512", ["int8"], {"fp32": 1.0})
+    now = Placement(torch.device("cpu"), hw, Kernel.fp32, torch.float32, 1)  # what this start measured
+    recorded = {"kernel": "int8", "dtype": "bfloat16"}
+    got = as_resumed(now, recorded, kernel="auto", dtype="auto")
+    assert (got.kernel, got.dtype) == (Kernel.int8, torch.bfloat16)
+    assert as_resumed(now, None, kernel="auto", dtype="auto") == now  # a fresh run, or a checkpoint from before
+    assert as_resumed(now, recorded, kernel="fp32", dtype="auto").kernel is Kernel.fp32  # explicit: honoured
+    assert as_resumed(now, {"kernel": "bf16", "dtype": "float32"}, kernel="auto", dtype="auto").kernel is Kernel.fp32
+    with pytest.raises(ValueError, match=r"fp32 \(model.dtype\), but the checkpoint to resume was trained in "
+                                         r"bfloat16; a resumed run keeps its dtype: set model.dtype=auto or bfloat16"):
+        as_resumed(now, recorded, kernel="auto", dtype="fp32")

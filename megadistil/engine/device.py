@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
 from megadistil.distributed import cpu_threads
-from megadistil.utils import dtype_name
+from megadistil.utils import dtype_name, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,23 @@ def agreed(placement: Placement) -> Placement:
         raise ValueError(f"rank 0 chose the {kernel.value} kernel, which rank {dist.get_rank()}'s {hw.device} "
                          f"({hw.name}, {hw.capability}) lacks; set bitnet.kernel=fp32 on a mixed cluster")
     return replace(placement, kernel=kernel, dtype=dtype)
+
+
+def as_resumed(placement: Placement, recorded: dict | None, *, kernel: str, dtype: str) -> Placement:
+    """The placement of a run that resumes a checkpoint trained with `recorded` (its meta.json's kernel and dtype):
+    what the config leaves `auto` is what the checkpoint had, so the resumed run computes as before. A new
+    measurement under other load can pick otherwise, and DeepSpeed names its optimizer files by the dtype. An explicit
+    model.dtype that differs raises ValueError; an explicit kernel is honoured, and so is `auto`'s choice where this
+    device lacks the recorded kernel (results then differ in the last bits, nothing breaks)."""
+    if not recorded:
+        return placement
+    was = torch_dtype(recorded["dtype"])
+    if dtype == "auto":
+        placement = replace(placement, dtype=was)
+    elif placement.dtype != was:
+        raise ValueError(f"{dtype} (model.dtype), but the checkpoint to resume was trained in {recorded['dtype']}; a "
+                         f"resumed run keeps its dtype: set model.dtype=auto or {recorded['dtype']}")
+    had = Kernel(recorded["kernel"])
+    if kernel == "auto" and (had is Kernel.fp32 or had.value in placement.hardware.units):
+        placement = replace(placement, kernel=had)
+    return placement

@@ -54,7 +54,7 @@ from megadistil.distill.targets import head_label_logprobs
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.architecture import check_architecture
-from megadistil.engine.device import agreed, place
+from megadistil.engine.device import agreed, as_resumed, place
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
 from megadistil.engine.model import (
     assign_param_groups,
@@ -182,10 +182,14 @@ class Trainer:
         self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         try:
-            self.placement = agreed(place(cfg.bitnet.kernel, cfg.model.dtype,
-                                          local_world_size=self.dist.local_world_size))
+            placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
         except ValueError as e:
             raise ConfigError(f"config key 'bitnet.kernel': {e}") from None
+        try:
+            self.placement = agreed(as_resumed(placement, self._resumed_placement(), kernel=cfg.bitnet.kernel,
+                                               dtype=cfg.model.dtype))
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.dtype': {e} ({self.ckpt_root})") from None
         self.device = self.placement.device
         self._print(self.placement.describe())
         _seed_everything(cfg.train.seed)
@@ -215,6 +219,11 @@ class Trainer:
         if cfg.train.resume == Resume.auto:
             self._resume()
         self._truncate_metrics()
+
+    def _resumed_placement(self) -> dict | None:
+        """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""
+        tag = checkpoint.latest_tag(self.ckpt_root) if self.cfg.train.resume == Resume.auto else None
+        return rundir.read_meta(self.ckpt_root / tag).get("placement") if tag else None
 
     def _check_inputs(self) -> None:
         """Everything that can be checked before a weight is loaded."""
@@ -635,6 +644,8 @@ class Trainer:
                               rank_state={"data": self.data.state_dict()},
                               meta={**self.state.state_dict(),
                                     "output_head": output_head_name(self.engine.module.student),
+                                    "placement": {"kernel": self.placement.kernel.value,
+                                                  "dtype": utils.dtype_name(self.placement.dtype)},
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
                               config_yaml=to_yaml(self.cfg))
         self._print(f"saved {self.ckpt_root / tag}")
