@@ -120,7 +120,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     texts = [f.read_text(errors="replace") for f in stdlib_files(6)]
     tiny = make_tiny_llama(tmp / "tiny", texts=texts, vocab_size=384, seed=0, pretrain_steps=60, hidden_size=256,
                            intermediate_size=384)
-    _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", "29633", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           "train.max_steps=4", "train.save_every=4", "relora.reset_every=2", "relora.delta_format=int8",
           "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run", "model.dtype=fp32"])
