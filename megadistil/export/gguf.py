@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from megadistil.bitnet.quant import ternary_codes
 from megadistil.export.sources import BaseModel, ExportError, StudentParts
-from megadistil.export.ternary import StudentSpec, check_base_matches, layer_weight, subln_unsupported
-from megadistil.export.writer import release_freed_memory
+from megadistil.export.ternary import StudentSpec, _effective, check_base_matches, subln_unsupported
+from megadistil.export.writer import _release_freed_memory
 
 Q = gguf.GGMLQuantizationType
 
@@ -325,8 +325,7 @@ class TensorPlan:
         return out
 
     def plain(self, name: str) -> GGUFTensor:
-        target, shape = self.gguf_name(name), self.base.shape(name)
-        rows = self.rows(target)
+        target, rows, shape = self.gguf_name(name), self.rows(self.gguf_name(name)), self.base.shape(name)
         other = self.cfg.other_type.ggml
         qtype = Q.F32 if len(shape) == 1 else storable(other, shape, Q.F16)
 
@@ -335,14 +334,20 @@ class TensorPlan:
         return GGUFTensor(target, qtype, shape, produce)
 
     def ternary(self, m: str) -> GGUFTensor:
-        target, shape = self.gguf_name(f"{m}.weight"), self.base.shape(f"{m}.weight")
-        rows = self.rows(target)
-        qtype = storable(storable(self.cfg.linear_type.ggml, shape, self.cfg.other_type.ggml), shape, Q.F16)
+        target, rows, shape = self.gguf_name(f"{m}.weight"), self.rows(self.gguf_name(f"{m}.weight")), \
+            self.base.shape(f"{m}.weight")
+        qtype = storable(self.cfg.linear_type.ggml, shape, self.cfg.other_type.ggml)
+        qtype = storable(qtype, shape, Q.F16)
         if qtype != self.cfg.linear_type.ggml:
             self.fallback.append(m)
+        parts, spec = self.parts, self.spec
 
-        def produce() -> np.ndarray:  # W_eff passed as an expression: ternary_values frees it once coded
-            return encode(ternary_values(layer_weight(self.base, self.parts, self.spec, m), rows), qtype)
+        def produce() -> np.ndarray:
+            def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
+            return encode(ternary_values(_effective(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                                                    parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype), rows),
+                          qtype)
         return GGUFTensor(target, qtype, shape, produce, ternary=True)
 
     def sub_norm(self, m: str) -> GGUFTensor:
@@ -394,7 +399,7 @@ def write_gguf(output: Path, arch: str, config: Any, tensors: list[GGUFTensor], 
                 raise RuntimeError(f"tensor {t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
             w.write_tensor_data(data)
             del data
-            release_freed_memory()
+            _release_freed_memory()
         w.close()
         fd = os.open(staging, os.O_RDONLY)
         os.fsync(fd)

@@ -135,14 +135,15 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
-def layer_weight(base: BaseModel, parts: StudentParts, spec: StudentSpec, m: str) -> torch.Tensor:
-    """W_eff = W + ΔW + s·B·A of BitLinear `m`, every operand first rounded to the dtype it had in the training
-    forward (the optimizer's fp32 masters were not used there). W and ΔW are read here and freed when this frame
-    returns, before Q3 allocates its temporaries."""
-    delta_w, delta_scale = (parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
-    dt = spec.train_dtype
-    return effective_weight(base.get(f"{m}.weight").to(dt), delta_w, parts.get(f"{m}.lora_A").to(dt),
-                            parts.get(f"{m}.lora_B").to(dt), spec.scaling, delta_scale)
+def _effective(weight: Callable[[], torch.Tensor],
+               delta: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]], lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> torch.Tensor:
+    # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
+    # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its
+    # temporaries.
+    delta_w, delta_scale = delta()
+    return effective_weight(weight().to(train_dtype), delta_w, lora_A.to(train_dtype), lora_B.to(train_dtype), scaling,
+                            delta_scale)
 
 
 def _pack(w_eff: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +179,11 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     out, inp = base.shape(f"{m}.weight")
 
     def packed() -> torch.Tensor:
-        p, scale = _pack(lambda: layer_weight(base, parts, spec, m))
+        def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:  # ΔW, and its per-row scale when int8
+            return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
+
+        p, scale = _pack(lambda: _effective(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                                            parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype))
         cache[m] = scale
         return p
 

@@ -87,7 +87,7 @@ class StreamingSafetensors:
         self.file.close()
 
 
-def release_freed_memory() -> None:
+def _release_freed_memory() -> None:
     """glibc keeps freed tensor buffers in its heap (its mmap threshold grows after the first large free), so RSS
     would creep up by a few tensors over the conversion; trimming after each tensor keeps it at what is live."""
     if _LIBC is not None:
@@ -118,7 +118,7 @@ def write_weights(directory: Path, plan: list[OutputTensor], max_bytes: int, pro
         for t in shard:
             bar.set_postfix_str(t.name, refresh=False)
             writer.write(t.produce())
-            release_freed_memory()
+            _release_freed_memory()
             bar.update()
         writer.close()
     bar.close()
