@@ -82,6 +82,7 @@ class TeacherConfig:
     kind: TeacherKind = TeacherKind.shared  # shared | hf (teacher.path) | shards (data.shards) | none (CE only)
     path: str = ""  # kind hf: the teacher's HF model dir (another tokenizer: loss.kind uld, data.text)
     top_k: int = 64  # kind hf: live targets as top-k log-probs + tail, like the shards
+    layerwise: bool = True  # kind shared: each layer runs as teacher, then student, on one gather (false: teacher first)
 
 
 class OptimizerReset(enum.StrEnum):
@@ -343,6 +344,8 @@ def validate_teacher(cfg: RunConfig) -> None:
     _check(teacher.top_k >= 1, "teacher.top_k", "must be >= 1")
     _check(teacher.top_k == TeacherConfig.top_k or kind == TeacherKind.hf, "teacher.top_k",
            f"is unused with teacher.kind={kind} (shards carry their own top-k)")
+    _check(teacher.layerwise == TeacherConfig.layerwise or kind == TeacherKind.shared, "teacher.layerwise",
+           f"is unused with teacher.kind={kind} (only the shared teacher runs inside the student's forward)")
     if kind in (TeacherKind.hf, TeacherKind.shards):
         _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
                f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")

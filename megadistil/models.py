@@ -24,8 +24,8 @@ from transformers import PretrainedConfig
 from megadistil.distill.losses import LogitTransform
 
 __all__ = [
-    "LogitTransform", "attn_implementation", "capture_qkv", "causal_lm_class", "decoder", "decoder_layers",
-    "logit_transform", "output_head", "output_head_name",
+    "LogitTransform", "ahead_of_each_layer", "attn_implementation", "capture_qkv", "causal_lm_class", "decoder",
+    "decoder_layers", "final_norm", "logit_transform", "output_head", "output_head_name",
 ]
 
 # ---------------------------------------------------------------- parts
@@ -49,6 +49,44 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(stack).__name__} has {len(found)} ModuleLists of num_hidden_layers={count} blocks "
                          "among its children; megadistil needs exactly one to find the decoder layers")
     return found[0]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm the decoder applies after its last layer: its one child with parameters besides the input embedding
+    and the decoder layers (norm, final_layer_norm, ...; the rotary embedding and dropout hold none)."""
+    stack, skip = decoder(model), (model.get_input_embeddings(), decoder_layers(model))
+    found = [m for m in stack.children() if all(m is not s for s in skip) and next(m.parameters(), None) is not None]
+    if len(found) != 1:
+        raise ValueError(f"{type(stack).__name__} has {len(found)} children with parameters besides its embedding and "
+                         "layers; megadistil needs exactly one, the final norm")
+    return found[0]
+
+
+@contextlib.contextmanager
+def ahead_of_each_layer(model: nn.Module, run: Callable[[int, Callable, tuple, dict], None]) -> Iterator[None]:
+    """Within the block, each decoder layer's forward first calls run(index, forward, args, kwargs) with the layer's
+    own forward and arguments, then runs as usual. It runs inside the layer's module call, so within the hooks around
+    it (ZeRO-3's gather of the layer) and before activation checkpointing's wrapper; a recompute replays the plain
+    forward."""
+    layers = decoder_layers(model)
+    before = [vars(layer).get("forward") for layer in layers]  # an instance's own forward, if it has one
+
+    def paired(index: int, forward: Callable) -> Callable:
+        def forward_after_run(*args, **kwargs):
+            run(index, forward, args, kwargs)
+            return forward(*args, **kwargs)
+        return forward_after_run
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = paired(i, layer.forward)
+        yield
+    finally:
+        for layer, own in zip(layers, before):
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
 
 
 def output_head(model: nn.Module) -> nn.Module:

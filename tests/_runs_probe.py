@@ -3,14 +3,16 @@ of one per run: the process group outlives each Trainer). argv[1] is a JSON list
 
     {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false,
      "relora_tolerance": the logit change a reset may make (default 0: bitwise), "ds_config": path (default
-     ds_configs/zero3.json)}
+     ds_configs/zero3.json), "count_gathers": true|false}
 
 Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
 checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
 W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks sampling in lockstep
-draw what one batch draws.
+draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes each optimizer step all-gathers
+(DeepSpeed's all-gather calls, counted at its communication backend).
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ from megadistil.config import load_config
 from megadistil.distributed import init_distributed
 from megadistil.engine.relora import MOMENTS, relora_reset
 from megadistil.engine.trainer import Trainer
+from megadistil.models import decoder
 from megadistil.sampling import SamplingConfig, lockstep_any, sample
 from tests._fault_train import faults
 
@@ -91,6 +94,48 @@ def sampling_checks(trainer: Trainer) -> dict[str, bool]:
             "rank0_stopped_before_rank1": int(full.lengths[0]) == 2 < int(full.lengths[1])}
 
 
+@contextlib.contextmanager
+def counting_gathers(trainer: Trainer, result: dict):
+    """result["gathered_bytes"]: per optimizer step, the bytes its all-gathers received (ZeRO-3's parameter fetches
+    among them); result["forward_gathered_bytes"]: those of its forward passes (teacher targets + student + loss);
+    result["decoder_bytes"]: what the decoder's parameters (embedding, layers, final norm) hold whole."""
+    from deepspeed.comm import comm
+
+    backend, names = comm.cdb, ("all_gather_into_tensor", "all_gather", "all_gather_coalesced")
+    originals = {name: getattr(backend, name) for name in names}
+    received = [0]
+
+    def counted(name):
+        def call(*args, **kwargs):
+            out = next((kwargs[k] for k in ("output_tensor", "tensor_list", "output_tensors") if k in kwargs), None)
+            out = args[0] if out is None else out
+            received[0] += sum(t.numel() * t.element_size() for t in (out if isinstance(out, (list, tuple)) else [out]))
+            return originals[name](*args, **kwargs)
+        return call
+
+    def counting(method, key):
+        counts = result.setdefault(key, [])
+
+        def call(*args, **kwargs):
+            before = received[0]
+            out = method(*args, **kwargs)
+            counts.append(received[0] - before)
+            return out
+        return call
+
+    stack = decoder(trainer.engine.module.student)
+    result["decoder_bytes"] = sum(p.ds_numel * p.element_size() for p in stack.parameters())
+    for name in names:
+        setattr(backend, name, counted(name))
+    trainer._optimizer_step = counting(trainer._optimizer_step, "gathered_bytes")
+    trainer._forward = counting(trainer._forward, "forward_gathered_bytes")
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(backend, name)
+
+
 def run(spec: dict) -> dict:
     cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
     trainer = Trainer(cfg, spec.get("ds_config", "ds_configs/zero3.json"))
@@ -98,7 +143,9 @@ def run(spec: dict) -> dict:
     try:
         with faults(nan_batches=set(spec.get("nan_batches", ()))):
             trainer.setup()
-            trainer.train()
+            gathers = counting_gathers(trainer, result) if spec.get("count_gathers") else contextlib.nullcontext()
+            with gathers:
+                trainer.train()
         if spec.get("relora_probe"):
             result.update(relora_checks(trainer, spec.get("relora_tolerance", 0.0)))
             result.update(sampling_checks(trainer))

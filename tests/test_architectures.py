@@ -107,6 +107,43 @@ def test_teacher_mode_of_the_bitnet_student_is_the_original_model(arch):
     assert not torch.allclose(student, original, atol=1e-2)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_teacher_forward(arch):
+    """LayerwiseTeacher runs each layer in teacher mode right before the student's: its final hidden states, layer
+    outputs (the last one after the final norm, as HF gives it) and q/k/v are bitwise those of a teacher_mode()
+    forward, and the student's loss and gradients under activation checkpointing (which replays the layers without
+    the teacher) are bitwise unchanged."""
+    from megadistil.engine.teachers import SharedTeacher
+    from megadistil.engine.trainer import DistillModule
+
+    model, ids = tiny_model(arch, head_scale=HEAD_SCALE), _ids()
+    to_bitnet(model, lora_rank=4)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    last = model.config.num_hidden_layers - 1
+    cfg = LossConfig(hidden_weight=0.5, hidden_layers=[0, last], attn_relation_weight=0.3,
+                     attn_relation_layers=[0, last])
+    module, runs = DistillModule(model).train(), []
+    for layerwise in (False, True):
+        targets = SharedTeacher(model, layerwise=layerwise).targets({"input_ids": ids}, cfg)
+        assert (targets.hidden is None) == layerwise  # layerwise: filled within the student's forward
+        model.zero_grad()
+        parts = module(ids, ids.roll(-1, 1), targets, cfg)
+        parts["loss"].backward()
+        runs.append((targets, parts, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (whole, whole_parts, whole_grads), (layerwise, parts, grads) = runs
+    assert torch.equal(layerwise.hidden, whole.hidden)
+    assert len(layerwise.layer_hidden) == 2 and all(map(torch.equal, layerwise.layer_hidden, whole.layer_hidden))
+    assert sorted(layerwise.qkv) == sorted(whole.qkv) == [0, last]
+    assert all(torch.equal(a, b) for i in whole.qkv for a, b in zip(layerwise.qkv[i], whole.qkv[i]))
+    assert all(torch.equal(parts[k], whole_parts[k]) for k in ("loss", "kd", "hidden", "attn"))
+    assert len(grads) > 0 and all(map(torch.equal, grads, whole_grads))
+    assert "forward" not in vars(decoder_layers(model)[0])  # the layers' own forward is back
+
+
 @pytest.mark.parametrize("arch", ["llama31", "gemma2", "cohere", "granite"])
 def test_top_k_targets_are_of_the_models_own_logits(arch):
     """The one producer of top-k targets (precompute's and the live HF teacher's TopKHead) sees the model's logits,

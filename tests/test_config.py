@@ -119,6 +119,8 @@ BASE = ["model.student=/m", "data.text=[a.txt]"]
     (["teacher.kind=hf"], "'teacher.path': is required with teacher.kind=hf"),
     (["teacher.path=/t"], "'teacher.path': is unused with teacher.kind=shared"),
     (["teacher.top_k=8"], "'teacher.top_k': is unused with teacher.kind=shared"),
+    (["teacher.kind=shards", "data.text=[]", "data.shards=/s", "teacher.layerwise=false"],
+     "'teacher.layerwise': is unused with teacher.kind=shards"),
     (["teacher.kind=hf", "teacher.path=/t", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
      "'teacher.kind': hf: no loss term reads its targets"),
     (["teacher.kind=shards"], "'teacher.kind': shards needs data.shards"),
@@ -161,9 +163,13 @@ def test_the_shared_teacher_runs_only_for_stages_whose_loss_reads_it():
     batch = {"input_ids": torch.randint(0, 256, (2, 8))}
     forwards = []
     student.model.register_forward_hook(lambda *_: forwards.append(1))
-    assert SharedTeacher(student).targets(batch, stage_config(cfg, 4).loss).layer_hidden == [] and not forwards
-    later = SharedTeacher(student).targets(batch, stage_config(cfg, 5).loss)
+    for layerwise in (False, True):
+        early = SharedTeacher(student, layerwise=layerwise).targets(batch, stage_config(cfg, 4).loss)
+        assert early.layer_hidden == [] and early.layerwise is None and not forwards
+    later = SharedTeacher(student, layerwise=False).targets(batch, stage_config(cfg, 5).loss)
     assert len(forwards) == 1 and len(later.layer_hidden) == 1 and later.hidden is None
+    within = SharedTeacher(student).targets(batch, stage_config(cfg, 5).loss).layerwise  # runs in the student's
+    assert len(forwards) == 1 and within.hidden_layers == [1] and within.qkv_layers == [] and not within.final
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -84,6 +84,17 @@ def partitioned_ds_config(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def released_ds_config(tmp_path_factory, partitioned_ds_config) -> str:
+    """Every parameter partitioned and released after each use (stage3_max_reuse_distance 0), as in a model larger
+    than the reuse distance (Llama-3.1-8B: 8e9 > the default 1e9): every use of a layer is a gather."""
+    config = json.loads(Path(partitioned_ds_config).read_text())
+    config["zero_optimization"]["stage3_max_reuse_distance"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_released.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, stdlib_text_file):
     """Shards of the student's windows with the targets of the teacher with another tokenizer, aligned."""
     from megadistil.data.precompute import PrecomputeConfig, run_precompute
@@ -98,7 +109,7 @@ def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
          crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file,
-         partitioned_ds_config) -> dict[str, Path]:
+         partitioned_ds_config, released_ds_config) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -148,6 +159,13 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
                         "relora_probe": True, "relora_tolerance": 0.05, "ds_config": partitioned_ds_config},
         "nan": {"overrides": [*text_overrides, "train.max_steps=12", "train.save_every=3", "train.max_nan_steps=3"],
                 "nan_batches": [2, 7, 8, 9]},
+        # one gather, two models: the same steps (a ReLoRA merge at step 4) with the layerwise shared teacher, with a
+        # whole teacher forward before the student's, and CE only (no teacher), every gather counted
+        **{name: {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100", "model.dtype=fp32",
+                                *extra], "ds_config": released_ds_config, "count_gathers": True}
+           for name, extra in (("layerwise", []), ("whole_teacher", ["teacher.layerwise=false"]),
+                               ("ce_only", ["loss.ce_weight=1", "loss.kd_weight=0", "loss.hidden_weight=0",
+                                            "loss.attn_relation_weight=0"]))},
     }
     for name, spec in specs.items():
         spec["out"] = str(tmp_path_factory.mktemp(name))
@@ -320,6 +338,24 @@ def test_relora_invariant_frozen_teacher_on_two_ranks(runs):
 
 
 @pytest.mark.multirank
+def test_the_layerwise_teacher_shares_the_students_gathers(runs):
+    """With every layer released after each use, the forward of a step with the layerwise shared teacher all-gathers
+    exactly the bytes of a CE-only forward (the student alone), and so does the whole step; a whole teacher forward
+    before the student's gathers the whole decoder (embedding, layers, final norm) once more. The losses are bitwise those of the whole teacher
+    forward, through a ReLoRA merge."""
+    layerwise, whole, ce_only = (probe(runs[k]) for k in ("layerwise", "whole_teacher", "ce_only"))
+    for rank in (0, 1):
+        forward = layerwise[rank]["forward_gathered_bytes"]
+        assert len(forward) == 6 and len(set(forward)) == 1
+        assert forward == ce_only[rank]["forward_gathered_bytes"]
+        assert layerwise[rank]["gathered_bytes"] == ce_only[rank]["gathered_bytes"]
+        # after the first step, which records DeepSpeed's trace
+        decoder_bytes = layerwise[rank]["decoder_bytes"]
+        assert [w - f for w, f in zip(whole[rank]["forward_gathered_bytes"][1:], forward[1:])] == [decoder_bytes] * 5
+    assert step_losses(runs["layerwise"]) == step_losses(runs["whole_teacher"])
+    assert len(step_losses(runs["layerwise"])) == 6
+
+
 def test_relora_reset_of_a_partitioned_int8_delta(runs):
     """relora.delta_format=int8 with every parameter partitioned: the same checks, the logits within 5 % of the
     largest after a reset (the merge requantizes ΔW per row) instead of bitwise; ΔW stays int8 codes."""

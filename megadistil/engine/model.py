@@ -16,7 +16,7 @@ from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
 from megadistil.config import ConfigError, RunConfig, TeacherKind
 from megadistil.data import tokenizer_fingerprint
 from megadistil.engine.device import Placement
-from megadistil.models import attn_implementation
+from megadistil.models import attn_implementation, decoder_layers
 
 # Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
 DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
@@ -75,6 +75,10 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
         for _, layer in bitlinear_modules(model):
             layer.keep_weight_codes = True
     model.config.use_cache = False
+    if zero3:
+        # ZeRO-3 gathers a decoder layer whole: once per forward for both the teacher's and the student's pass
+        # (engine.teachers.LayerwiseTeacher), once for its recompute and backward together.
+        deepspeed.utils.set_z3_leaf_modules(model, list({type(layer) for layer in decoder_layers(model)}))
     return model
 
 

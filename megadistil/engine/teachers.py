@@ -3,7 +3,8 @@
 One class per `teacher.kind`; what each provides is config.TEACHER_PROVIDES, checked against every stage's loss before
 any weight loads, so a teacher is never asked for a target it lacks.
 
-- SharedTeacher (shared): teacher mode of the student's own weights (zero extra bytes; hidden states and q/k/v too).
+- SharedTeacher (shared): teacher mode of the student's own weights (zero extra bytes; hidden states and q/k/v too),
+  by default layer by layer inside the student's forward (LayerwiseTeacher): one ZeRO-3 gather serves both models.
 - HFTeacher (hf): a separate frozen HF model as a ZeRO-3 inference engine; top-k + tail targets like the shards.
   With another tokenizer (CrossTokenizerTeacher) it reads the batch's teacher tokens of the same text, and each
   student position takes the target of the teacher position aligned with it (megadistil.data.crosstok).
@@ -13,6 +14,8 @@ any weight loads, so a teacher is never asked for a target it lacks.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,7 +34,14 @@ from megadistil.distill.targets import (
     mapped_targets,
     model_label_logprobs,
 )
-from megadistil.models import capture_qkv, decoder, logit_transform, output_head
+from megadistil.models import (
+    ahead_of_each_layer,
+    capture_qkv,
+    decoder,
+    final_norm,
+    logit_transform,
+    output_head,
+)
 
 
 @dataclass
@@ -45,6 +55,60 @@ class Targets:
     reference_logprobs: Tensor | None = None  # [B, S] the reference model's, set by the trainer (preference weights)
     foreign_hidden: Tensor | None = None  # [B, S, H_teacher] another tokenizer's teacher at aligned positions (DSKD)
     foreign_mask: Tensor | None = None  # [B, S] the positions foreign_hidden holds (aligned)
+    layerwise: LayerwiseTeacher | None = None  # fills hidden / layer_hidden / qkv within the student's forward
+
+
+class LayerwiseTeacher:
+    """The shared teacher run inside the student's forward: each decoder layer runs in teacher mode on the teacher's
+    stream of hidden states right before it runs as the student, on weights gathered once for both (the decoder
+    layers are ZeRO-3 leaves, engine.model). The stream starts from the student's own input to the first layer (the
+    embedding is the teacher's: frozen). The targets are bitwise those of a whole teacher_mode() forward."""
+
+    def __init__(self, student: nn.Module, targets: Targets, hidden_layers: list[int], qkv_layers: list[int],
+                 final: bool) -> None:
+        self.student, self.targets = student, targets
+        self.hidden_layers, self.qkv_layers, self.final = hidden_layers, qkv_layers, final
+        self.stream: Tensor | None = None  # the teacher's hidden states between layers
+        self.outputs: dict[int, Tensor] = {}
+
+    @contextlib.contextmanager
+    def alongside(self) -> Iterator[None]:
+        """Within the block, the student's decoder forward also computes the teacher's targets, set on exit."""
+        last = self.student.config.num_hidden_layers - 1
+        norm = final_norm(self.student)
+        # HF's last hidden_states entry is after the final norm too. The teacher's goes through the norm inside the
+        # student's call of it, on the same gathered weight.
+        after_norm = norm.register_forward_pre_hook(self._teacher_final) \
+            if self.final or last in self.hidden_layers else None
+        try:
+            with ahead_of_each_layer(self.student, self._teacher_layer):
+                yield
+        finally:
+            if after_norm is not None:
+                after_norm.remove()
+        self.targets.hidden = self.outputs[last] if self.final else None
+        self.targets.layer_hidden = [self.outputs[i] for i in self.hidden_layers]
+        self.stream, self.outputs = None, {}
+
+    @torch.no_grad()
+    def _teacher_final(self, norm: nn.Module, _args: tuple) -> None:
+        self.outputs[self.student.config.num_hidden_layers - 1] = norm.forward(self.stream)  # not norm(): no hooks
+
+    @torch.no_grad()
+    def _teacher_layer(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> None:
+        if self.stream is None:
+            self.stream = (args[0] if args else kwargs["hidden_states"]).detach()
+        if args:
+            args = (self.stream, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": self.stream}
+        qkv_layers = [index] if index in self.qkv_layers else []
+        with teacher_mode(forward.__self__), capture_qkv(self.student, qkv_layers) as qkv:
+            out = forward(*args, **kwargs)
+        self.stream = out[0] if isinstance(out, tuple) else out
+        self.targets.qkv.update(qkv)
+        if index in self.hidden_layers:
+            self.outputs[index] = self.stream
 
 
 class Teacher(Protocol):
@@ -53,10 +117,13 @@ class Teacher(Protocol):
 
 
 class SharedTeacher:
-    """The student's own weights in teacher mode; the layers captured are the ones the step's loss reads."""
+    """The student's own weights in teacher mode; the layers captured are the ones the step's loss reads. Layerwise,
+    the targets come with the student's forward (Targets.layerwise); otherwise from a whole forward before it."""
 
-    def __init__(self, student: nn.Module) -> None:
-        self.student = student
+    def __init__(self, student: nn.Module, layerwise: bool = True) -> None:
+        self.student, self.layerwise = student, layerwise
+        if layerwise:
+            final_norm(student)  # an architecture whose final norm cannot be told apart is refused here
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
@@ -66,11 +133,15 @@ class SharedTeacher:
         if not needs and not label_logprobs:
             return Targets()  # a CE-only stage: no teacher forward
         hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
+        final = Target.logits in needs or label_logprobs
+        if self.layerwise:
+            targets = Targets()
+            targets.layerwise = LayerwiseTeacher(self.student, targets, hidden_layers, qkv_layers, final)
+            return targets
         with teacher_mode(self.student), capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=batch["input_ids"], output_hidden_states=bool(hidden_layers))
         layer_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
-        return Targets(hidden=out.last_hidden_state if Target.logits in needs or label_logprobs else None,
-                       layer_hidden=layer_hidden, qkv=qkv)
+        return Targets(hidden=out.last_hidden_state if final else None, layer_hidden=layer_hidden, qkv=qkv)
 
 
 class NoTeacher:

@@ -92,7 +92,8 @@ class DistillModule(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
         hidden_layers, qkv_layers = layer_lists(cfg, self.student.config.num_hidden_layers)
-        with capture_qkv(self.student, qkv_layers) as qkv:
+        teacher = targets.layerwise.alongside() if targets.layerwise else contextlib.nullcontext()
+        with teacher, capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
         weight = output_head(self.student).weight
         kd = Target.logits in cfg.needs()
@@ -348,7 +349,7 @@ class Trainer:
     def _build_teacher(self) -> Teacher:
         kind = self.cfg.teacher.kind
         if kind == TeacherKind.shared:
-            return SharedTeacher(self.engine.module.student)
+            return SharedTeacher(self.engine.module.student, self.cfg.teacher.layerwise)
         if kind == TeacherKind.shards:
             return OfflineTeacher(self._vocab_map(self.shards_teacher_tokenizer))
         if kind == TeacherKind.none:
@@ -625,7 +626,7 @@ class Trainer:
     def _eval_pass(self, loss_cfg: LossConfig, live: bool) -> tuple[float, float]:
         """Token-weighted mean CE and KD over the eval sequences (all ranks)."""
         mb, world, rank = self.cfg.train.micro_batch_size, self.dist.world_size, self.dist.rank
-        shared = SharedTeacher(self.engine.module.student)
+        shared = SharedTeacher(self.engine.module.student, self.cfg.teacher.layerwise)
         total = torch.zeros(3, dtype=torch.float64, device=self.device)
         for start in range(rank * mb, len(self.eval_seqs), mb * world):
             batch = self._to_device(shifted_batch(self.eval_seqs[start:start + mb]))
