@@ -1,6 +1,8 @@
 """One distillation step, three ways, same model / batch / machine (2 ranks, `deepspeed --num_gpus 2`, ZeRO-3, gloo):
 
-  (a)  megadistil, shared teacher (teacher mode of the student's own W), ReLoRA (ΔW allocated, resets on)
+  (a)  megadistil, shared teacher (teacher mode of the student's own W, each layer run as the teacher right before
+       the student on one ZeRO-3 gather: teacher.layerwise), ReLoRA (ΔW allocated, resets on)
+  (aw) the same with the whole teacher forward before the student's (teacher.layerwise=false: two gathers a layer)
   (a8) the same with relora.delta_format=int8 (ΔW as int8 codes + row scales)
   (a0) the same with relora.reset_every=0 (no ΔW)
   (b)  megadistil, offline teacher shards (precomputed once here), teacher.kind=shards, ReLoRA
@@ -221,6 +223,7 @@ def machine() -> str:
 
 DESCRIPTIONS = {
     "a": "megadistil shared teacher, ReLoRA (ΔW on)",
+    "aw": "the same, whole teacher forward first",
     "a8": "megadistil shared teacher, ReLoRA, int8 ΔW",
     "a0": "megadistil shared teacher, reset_every=0",
     "b": "megadistil offline shards, ReLoRA (ΔW on)",
@@ -254,13 +257,17 @@ def print_profiles(results: dict, step: int) -> None:
     """Where the engine cases' time goes: the profiled step's phases (megadistil.engine.profile) per rank."""
     from megadistil.engine.profile import PHASES
 
-    print(f"\nstep {step} by phase, seconds per rank (torch.profiler; loss is part of student_forward; collectives: "
-          "time inside all-gather / reduce-scatter / all-reduce ops, across phases)")
-    print(f"{'case':<4} {'rank':>4} {'step':>6} " + " ".join(f"{p:>15}" for p in PHASES) + f" {'collectives':>11}")
+    print(f"\nstep {step} by phase, seconds per rank (torch.profiler; loss, and a layerwise teacher, are part of "
+          "student_forward; collectives: time inside all-gather / reduce-scatter / all-reduce ops, across phases; "
+          "gathers: all-gather ops)")
+    print(f"{'case':<4} {'rank':>4} {'step':>6} " + " ".join(f"{p:>15}" for p in PHASES)
+          + f" {'collectives':>11} {'gathers':>7}")
     for name, r in results.items():
         for rank, prof in sorted(r.get("profile", {}).items()):
+            gathers = sum(n for op, n in prof["collective_ops"].items() if "gather" in op.lower())
             print(f"{name:<4} {rank:>4} {prof['step_s']:6.2f} "
-                  + " ".join(f"{prof['phases_s'][p]:15.2f}" for p in PHASES) + f" {prof['collectives_s']:11.2f}")
+                  + " ".join(f"{prof['phases_s'][p]:15.2f}" for p in PHASES)
+                  + f" {prof['collectives_s']:11.2f} {gathers:7d}")
 
 
 def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Path, shards: Path,
@@ -270,11 +277,12 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
     port = args.port
     runs = {}
     for name, extra in (("a", ["teacher.kind=shared"]),
+                        ("aw", ["teacher.kind=shared", "teacher.layerwise=false"]),
                         ("a8", ["teacher.kind=shared", "relora.delta_format=int8"]),
                         ("a0", ["teacher.kind=shared", "relora.reset_every=0"]),
                         ("b", ["teacher.kind=shards", "data.text=[]", f"data.shards={shards}",
                                "data.shuffle_buffer=16"])):
-        if name in ("a0", "a8") and args.reset_every == 0:
+        if name not in args.cases or (name in ("a0", "a8") and args.reset_every == 0):
             continue
         print(f"running ({name}) {dtype} ...", flush=True)
         runs[name] = run_engine(name, [*base, *extra], work / f"{dtype}-{name}", port := port + 1,
@@ -310,9 +318,13 @@ def main() -> None:
     p.add_argument("--port", type=int, default=29620)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile the last step of the engine cases by phase (left out of their median step time)")
+    p.add_argument("--cases", default="a,aw,a8,a0,b", help="engine cases to run besides (c), comma-separated")
     p.add_argument("--max-live", type=float, default=1e7,
                    help="ZeRO-3 stage3_max_live_parameters / max_reuse_distance for all cases (see write_ds_config)")
     args = p.parse_args()
+    args.cases = args.cases.split(",")
+    if "a" not in args.cases or set(args.cases) - set(DESCRIPTIONS):
+        p.error(f"--cases must include a and name only engine cases of {', '.join(DESCRIPTIONS)}")
     if args.steps <= args.warmup:
         p.error("--steps must exceed --warmup")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -75,9 +75,11 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
         for _, layer in bitlinear_modules(model):
             layer.keep_weight_codes = True
     model.config.use_cache = False
-    if zero3:
+    if zero3 and cfg.model.activation_checkpointing:
         # ZeRO-3 gathers a decoder layer whole: once per forward for both the teacher's and the student's pass
-        # (engine.teachers.LayerwiseTeacher), once for its recompute and backward together.
+        # (engine.teachers.LayerwiseTeacher), once for its recompute and backward together. Without checkpointing,
+        # DeepSpeed 0.19 does not gather leaf layers back for their backward (a size-0 partition reaches it from the
+        # second step on), so there each projection is gathered on its own.
         deepspeed.utils.set_z3_leaf_modules(model, list({type(layer) for layer in decoder_layers(model)}))
     return model
 

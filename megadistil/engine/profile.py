@@ -2,8 +2,8 @@
 
 The trainer marks its phases with `phase(name)` (a record_function: free when no profiler runs). Each rank writes
 profile.rank<r>.json in the run dir: the step's wall time, each phase's (its scope's wall time, children included:
-`loss` is part of `student_forward`), and the time inside collectives (ZeRO-3's gathers and reduce-scatters, the loss
-reductions), summed over the ops whose names say so. On CUDA the phases are host time: kernels run asynchronously,
+`loss`, and the layerwise shared teacher's layers, are part of `student_forward`), and the time inside collectives
+(ZeRO-3's gathers and reduce-scatters, the loss reductions), summed over the ops whose names say so. On CUDA the phases are host time: kernels run asynchronously,
 so a phase that launches them can end before they do (the collectives' and the step's totals still bound it).
 """
 

@@ -34,6 +34,7 @@ from megadistil.distill.targets import (
     mapped_targets,
     model_label_logprobs,
 )
+from megadistil.engine.profile import phase
 from megadistil.models import (
     ahead_of_each_layer,
     capture_qkv,
@@ -103,7 +104,7 @@ class LayerwiseTeacher:
         else:
             kwargs = {**kwargs, "hidden_states": self.stream}
         qkv_layers = [index] if index in self.qkv_layers else []
-        with teacher_mode(forward.__self__), capture_qkv(self.student, qkv_layers) as qkv:
+        with phase("teacher"), teacher_mode(forward.__self__), capture_qkv(self.student, qkv_layers) as qkv:
             out = forward(*args, **kwargs)
         self.stream = out[0] if isinstance(out, tuple) else out
         self.targets.qkv.update(qkv)
