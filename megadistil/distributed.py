@@ -25,6 +25,7 @@ points that read RANK/WORLD_SIZE themselves.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -289,6 +290,44 @@ def cpu_threads(local_world_size: int, environ: Mapping[str, str] | None = None)
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, local_world_size))
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+KEPT_BLOCK_BYTES = 1 << 30
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has a mallopt that does nothing)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_blocks(environ: Mapping[str, str] | None = None) -> bool:
+    """Make glibc keep freed blocks of up to 1 GiB for reuse instead of unmapping them; True where it now does.
+    Left alone where the environment tunes malloc (MALLOC_*_ variables, glibc.malloc tunables, an LD_PRELOADed
+    jemalloc/tcmalloc/mimalloc) or the C library is not glibc.
+
+    Why: glibc serves a block over 32 MiB with a fresh mmap and unmaps it when freed, so every float32 transient of a
+    BitLinear weight (W + ΔW + s·B·A, 44 MiB for one 2048x5632 projection) page-faults in anew at each forward and
+    recompute. Measured on the Intel Xeon VM, one rank's thread: 0.17 s -> 0.05 s to quantize such a weight."""
+    environ = os.environ if environ is None else environ
+    if any(environ.get(k) for k in MALLOC_ENV) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") \
+            or "malloc" in environ.get("LD_PRELOAD", ""):
+        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_TRIM_THRESHOLD, KEPT_BLOCK_BYTES)) \
+        and bool(libc.mallopt(M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES))
+
+
+def return_freed_heap() -> None:
+    """glibc's malloc_trim: hand the heap's free pages back to the kernel (a no-op elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def mpi_rank0_endpoint() -> tuple[str, int] | None:

@@ -7,7 +7,7 @@ import torch
 from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, resolve_dtype, resolve_kernel
 from megadistil.bitnet.kernels import cpu_units
 from megadistil.config import ConfigError, load_config
-from megadistil.distributed import cpu_threads
+from megadistil.distributed import cpu_threads, keep_freed_blocks
 from megadistil.engine.device import place
 
 CONCRETE = [Kernel.int8, Kernel.fp32, Kernel.bf16]
@@ -137,6 +137,42 @@ def test_ranks_share_the_cores_unless_omp_num_threads_is_set():
     assert cpu_threads(2, {}) == max(1, cores // 2)
     assert cpu_threads(4 * cores, {}) == 1
     assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) is None  # the user's (or launcher's) choice stands
+
+
+_HEAP_PROBE = """
+import ctypes, torch
+from megadistil.distributed import keep_freed_blocks
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                                                      "fordblks keepcost").split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+kept = keep_freed_blocks({})
+mapped = libc.mallinfo2().hblkhd
+block = torch.ones(16 << 20)  # 64 MiB of float32
+mapped_while_alive = libc.mallinfo2().hblkhd - mapped
+del block
+print(kept, mapped_while_alive >> 20, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+def test_malloc_keeps_freed_blocks_unless_the_environment_tunes_malloc():
+    """glibc maps a block over 32 MiB on its own and unmaps it when freed, so the next one page-faults in anew; kept,
+    a 64 MiB block comes from the heap and stays there, free for the next. A user's (or launcher's) malloc settings
+    stand."""
+    import subprocess
+    import sys
+
+    def probe(code: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+    kept, mapped_mib, free_heap_mib = probe(_HEAP_PROBE)
+    assert (kept, mapped_mib) == ("True", "0") and int(free_heap_mib) >= 64
+    kept, mapped_mib, _ = probe(_HEAP_PROBE.replace("keep_freed_blocks({})", "False"))
+    assert int(mapped_mib) >= 64  # glibc's default, which the probe must be able to see
+    for env in ({"MALLOC_MMAP_THRESHOLD_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+                {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}):
+        assert keep_freed_blocks(env) is False
 
 
 def test_config_names_a_bad_kernel(tiny_llama_dir, stdlib_text_file):

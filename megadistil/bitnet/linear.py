@@ -45,14 +45,14 @@ def effective_weight(
     """
     if delta is None:
         return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
-    return merged_delta(delta, lora_A, lora_B, scaling, delta_scale).add_(weight.float())
+    return merged_delta(delta, lora_A, lora_B, scaling, delta_scale).add_(weight)  # in place: no W-sized copy
 
 
 def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                  delta_scale: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW (int8 ΔW: codes · per-row scale)."""
-    value = delta.float() if delta_scale is None else delta.float() * delta_scale.float()
-    return torch.addmm(value, lora_B.float(), lora_A.float(), alpha=scaling)
+    value = delta.to(torch.float32, copy=True) if delta_scale is None else delta.float() * delta_scale.float()
+    return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
 
 
 def int8_rows(value: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
-from megadistil.distributed import cpu_threads
+from megadistil.distributed import cpu_threads, keep_freed_blocks
 from megadistil.utils import dtype_name, torch_dtype
 
 
@@ -20,14 +20,16 @@ class Placement:
     kernel: Kernel
     dtype: torch.dtype
     threads: int  # intra-op threads of this rank (CPU)
+    freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU: distributed.keep_freed_blocks)
 
     def describe(self) -> str:
         return (f"device {self.device}: {self.hardware.describe()}; BitLinear kernel {self.kernel.value}, "
-                f"dtype {dtype_name(self.dtype)}, {self.threads} intra-op threads")
+                f"dtype {dtype_name(self.dtype)}, {self.threads} intra-op threads"
+                + (", malloc keeps freed blocks" if self.freed_blocks_kept else ""))
 
     def as_dict(self) -> dict:
         return {"device": str(self.device), "hardware": self.hardware.as_dict(), "kernel": self.kernel.value,
-                "dtype": dtype_name(self.dtype), "threads": self.threads}
+                "dtype": dtype_name(self.dtype), "threads": self.threads, "freed_blocks_kept": self.freed_blocks_kept}
 
 
 def engine_device() -> torch.device:
@@ -38,18 +40,21 @@ def engine_device() -> torch.device:
 
 
 def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.device | None = None) -> Placement:
-    """Set this rank's threads (CPU), then measure the device and resolve `bitnet.kernel` and `model.dtype`.
+    """Set this rank's threads and allocator (CPU), then measure the device and resolve `bitnet.kernel` and
+    `model.dtype`.
 
     The threads are set first because the measurement must see the thread count the run will have. An explicit
     kernel the device lacks raises ValueError naming bitnet.kernel and the device.
     """
     device = device or engine_device()
+    kept = False
     if device.type == "cpu":
         threads = cpu_threads(local_world_size)
         if threads is not None:
             torch.set_num_threads(threads)
+        kept = keep_freed_blocks()
     hw = hardware(device)
-    return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads())
+    return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads(), kept)
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from megadistil.config import LogConfig
+from megadistil.distributed import return_freed_heap
 from megadistil.rundir import METRICS
 
 
@@ -33,7 +33,7 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return
-        _return_freed_heap()  # what loading freed but malloc kept would otherwise count as the steps' memory
+        return_freed_heap()  # what loading freed but malloc kept would otherwise count as the steps' memory
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -51,14 +51,6 @@ class PeakMemory:
         if torch.cuda.is_available():
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; = VmHWM
-
-
-def _return_freed_heap() -> None:
-    """glibc's malloc_trim: hand the heap's free pages back to the kernel (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class MetricsLogger:
