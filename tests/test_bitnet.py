@@ -270,6 +270,26 @@ def test_compiled_quantizers_give_the_eager_codes():
         torch.testing.assert_close(s0, s1, rtol=1e-6, atol=0)
 
 
+def test_weight_codes_in_reused_buffers_are_bitwise_the_plain_quantizer():
+    """The CPU path quantizes W + ΔW + s·B·A in float32 buffers kept from call to call: the same codes and scale, bit
+    for bit, as ternary_codes(effective_weight(...)), for every ΔW format and with the buffers sized by a larger or
+    smaller weight before."""
+    from megadistil.bitnet.linear import _SCRATCH, effective_weight, int8_rows, weight_codes
+
+    g = torch.Generator().manual_seed(0)
+    _SCRATCH.clear()
+    for out, inp, dtype in ((160, 96, torch.bfloat16), (64, 48, torch.float32), (200, 120, torch.bfloat16)):
+        w = (torch.randn(out, inp, generator=g) * 0.02).to(dtype)
+        a, b = torch.randn(8, inp, generator=g).to(dtype), torch.randn(out, 8, generator=g).to(dtype) * 0.01
+        delta = (torch.randn(out, inp, generator=g) * 0.003).to(dtype)
+        codes, row_scale = int8_rows(delta.float(), dtype)
+        for d, d_scale in ((None, None), (delta, None), (codes, row_scale)):
+            want = ternary_codes(effective_weight(w, d, a, b, 0.5, d_scale))
+            got = weight_codes(w, d, a, b, 0.5, d_scale)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (out, inp, dtype, d is None)
+    assert _SCRATCH[(torch.device("cpu"), 0)].numel() == 200 * 120  # grown to the largest weight, then reused
+
+
 def test_merge_then_reset_leaves_student_output_bitwise_unchanged():
     layer = _random_layer(subln=True, backward="int8")
     x = torch.randn(4, 96)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
-from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
+from megadistil.bitnet.quant import EPS, eager_quantizers, int8_codes, q3, q8, ternary_codes
 
 
 class Backward(enum.StrEnum):
@@ -55,6 +55,43 @@ def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
 
 
+_SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A float32 buffer shaped like `like`, reused from call to call: a view of the largest one this slot has had."""
+    key = (like.device, slot)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+    return buf[: like.numel()].view(like.shape)
+
+
+def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, delta_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3 codes of W + (ΔW + s·B·A): `ternary_codes(effective_weight(...))`, bit for bit.
+
+    On CPU with the eager quantizers the float32 transients live in two buffers kept from call to call: every
+    student forward and recompute needs them for each layer in turn, a W-sized float32 tensor apiece, and a CPU
+    allocator either maps and page-faults each one in anew (glibc's default above 32 MiB: 3.4x the quantizer's
+    own time for a 2048x5632 weight) or keeps the freed blocks and fragments (2.5x the live memory measured in
+    bench/distill_step.py). CUDA's caching allocator, and the compiled quantizers, need none of this."""
+    if weight.device.type != "cpu" or not eager_quantizers():
+        return ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale))
+    w, tmp = _scratch(0, weight), _scratch(1, weight)
+    if delta is None:
+        w.copy_(weight)
+    else:
+        w.copy_(delta)
+        if delta_scale is not None:
+            w.mul_(delta_scale.float())
+    w.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
+    if delta is not None:
+        w.add_(tmp.copy_(weight))  # an exact float32 copy first: a mixed-dtype add_ would allocate one
+    scale = 1.0 / torch.abs(w, out=tmp).mean().clamp(min=EPS)
+    return torch.mul(w, scale, out=tmp).round_().clamp_(-1, 1).to(torch.int8), scale
+
+
 def int8_rows(value: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8 codes of a float tensor and their scale (rounded to scale_dtype first, so that
     codes · scale is what the stored scale reproduces); a zero row gets scale 0 and codes 0."""
@@ -76,7 +113,7 @@ class BitLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, delta, delta_scale, lora_A, lora_B, bias, scaling, backward_mode, keep_weight_codes,
                 kernel):
         x_codes, x_scale = int8_codes(x.reshape(-1, x.shape[-1]))
-        w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale))
+        w_codes, w_scale = weight_codes(weight, delta, lora_A, lora_B, scaling, delta_scale)
         y = code_linear(x_codes, x_scale, w_codes, w_scale, bias, kernel, x.dtype)
         # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
         # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
@@ -93,7 +130,7 @@ class BitLinearFunction(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             if w_codes is None:
-                w_codes, w_scale = ternary_codes(effective_weight(weight, delta, lora_A, lora_B, s, delta_scale))
+                w_codes, w_scale = weight_codes(weight, delta, lora_A, lora_B, s, delta_scale)
             grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode, ctx.kernel).reshape(ctx.x_shape)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             dt = lora_A.dtype

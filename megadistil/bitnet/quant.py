@@ -53,6 +53,11 @@ def compile_quantizers(enabled: bool = True) -> None:
         _IMPL.update(ternary=_ternary_codes, int8=_int8_codes)
 
 
+def eager_quantizers() -> bool:
+    """Whether the quantizers are the eager ones (compile_quantizers() not in effect)."""
+    return _IMPL["ternary"] is _ternary_codes
+
+
 def _ste(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:
     # lam < 1 is the HF 1.58-bit warmup: blend towards the quantized value; the gradient is the identity either way.
     return x + (lam * (quantized - x)).detach()

@@ -3,7 +3,8 @@
 The trainer marks its phases with `phase(name)` (a record_function: free when no profiler runs). Each rank writes
 profile.rank<r>.json in the run dir: the step's wall time, each phase's (its scope's wall time, children included:
 `loss`, and the layerwise shared teacher's layers, are part of `student_forward`), and the time inside collectives
-(ZeRO-3's gathers and reduce-scatters, the loss reductions), summed over the ops whose names say so. On CUDA the phases are host time: kernels run asynchronously,
+(ZeRO-3's gathers and reduce-scatters, the loss reductions), summed over the ops whose names say so, and the ops with
+the most time of their own. On CUDA the phases are host time: kernels run asynchronously,
 so a phase that launches them can end before they do (the collectives' and the step's totals still bound it).
 """
 
@@ -21,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 PHASES = ("generate", "teacher", "student_forward", "loss", "backward", "optimizer")
 COLLECTIVE_WORDS = ("all_gather", "allgather", "reduce_scatter", "reducescatter", "all_reduce", "allreduce",
                     "broadcast")
+TOP_OPS = 12  # the ops with the most time of their own (children excluded), all threads: what a phase spends it on
 
 
 def phase(name: str) -> contextlib.AbstractContextManager:
@@ -42,11 +44,14 @@ def profiled_step(out: Path, rank: int) -> Iterator[None]:
 def summarize(events, wall_s: float) -> dict:
     """Phase and collective seconds from the profiler's events (times in microseconds)."""
     phases = {name: 0.0 for name in PHASES}
-    collective_us, ops = 0.0, {}
+    collective_us, ops, self_us = 0.0, {}, {}
     for e in events:
         if e.name.startswith("megadistil.") and e.name[11:] in phases:
             phases[e.name[11:]] += e.cpu_time_total / 1e6
         elif any(w in e.name.lower() for w in COLLECTIVE_WORDS):
             collective_us += e.self_cpu_time_total
             ops[e.name] = ops.get(e.name, 0) + 1
-    return {"step_s": wall_s, "phases_s": phases, "collectives_s": collective_us / 1e6, "collective_ops": ops}
+        self_us[e.name] = self_us.get(e.name, 0.0) + e.self_cpu_time_total
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:TOP_OPS]
+    return {"step_s": wall_s, "phases_s": phases, "collectives_s": collective_us / 1e6, "collective_ops": ops,
+            "top_ops_self_s": {name: us / 1e6 for name, us in top}}
