@@ -19,7 +19,13 @@ cost, which no method can remove.
 Where the time goes: the last step of each engine case runs under torch.profiler (log.profile_step; left out of the
 median), and a table gives its phases per rank (--no-profile: off).
 
+Allocator: every rank (naive included) runs under the engine's CPU malloc setting (distributed.keep_freed_blocks),
+or with --lean-malloc under MALLOC_MMAP_THRESHOLD_=65536 (freed blocks over 64 KiB go back to the kernel).
+
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
+The weights-dominated setting of issue 15: --hidden 2048 --layers 8 --heads 16 --kv-heads 4 --intermediate 5632
+--vocab 8192 --seq-len 128 --micro-batch 1 --steps 6 --warmup 2 --cases a,aw,a8,b (14 layers no longer fit the
+naive baseline in 24 GiB on two ranks: killed at 12.1 GB a rank after its first step)
 Writes bench/results/distill_step.json.
 """
 
@@ -105,7 +111,7 @@ def launch(script: str, argv: list[str], port: int, log: Path) -> dict[int, floa
     cmd = [DEEPSPEED, "--num_gpus", str(WORLD), "--master_port", str(port), script, *argv]
     peaks: dict[int, float] = {}
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **EXTRA_ENV})
         launcher = psutil.Process(proc.pid)
         while proc.poll() is None:
             for child in _children(launcher):
@@ -150,6 +156,7 @@ def fresh(run_dir: Path) -> Path:
 
 
 DS_CONFIG = "ds_configs/zero3.json"  # replaced in main() by the work dir's copy with the --max-live limits
+EXTRA_ENV: dict[str, str] = {}  # --lean-malloc: every case's ranks under the same malloc setting
 
 
 def write_ds_config(work: Path, max_live: float) -> str:
@@ -319,6 +326,10 @@ def main() -> None:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile the last step of the engine cases by phase (left out of their median step time)")
     p.add_argument("--cases", default="a,aw,a8,a0,b", help="engine cases to run besides (c), comma-separated")
+    p.add_argument("--lean-malloc", action="store_true",
+                   help="run every case (naive included) with MALLOC_MMAP_THRESHOLD_=65536: glibc returns each freed "
+                        "block over 64 KiB, instead of the engine's default of keeping freed blocks for reuse "
+                        "(distributed.keep_freed_blocks): less memory, more page faults")
     p.add_argument("--max-live", type=float, default=1e7,
                    help="ZeRO-3 stage3_max_live_parameters / max_reuse_distance for all cases (see write_ds_config)")
     args = p.parse_args()
@@ -330,7 +341,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     global DS_CONFIG
     DS_CONFIG = write_ds_config(args.work, args.max_live)
-    desc = machine()
+    if args.lean_malloc:
+        EXTRA_ENV["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    desc = machine() + (", MALLOC_MMAP_THRESHOLD_=65536 (--lean-malloc)" if args.lean_malloc else "")
     model_dir = build_model(args, args.work)
     text = write_train_text(model_dir, args, args.work)
     shards, precompute_s = build_shards(model_dir, text, args, args.work)

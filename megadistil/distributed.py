@@ -311,9 +311,11 @@ def keep_freed_blocks(environ: Mapping[str, str] | None = None) -> bool:
     Left alone where the environment tunes malloc (MALLOC_*_ variables, glibc.malloc tunables, an LD_PRELOADed
     jemalloc/tcmalloc/mimalloc) or the C library is not glibc.
 
-    Why: glibc serves a block over 32 MiB with a fresh mmap and unmaps it when freed, so every float32 transient of a
-    BitLinear weight (W + ΔW + s·B·A, 44 MiB for one 2048x5632 projection) page-faults in anew at each forward and
-    recompute. Measured on the Intel Xeon VM, one rank's thread: 0.17 s -> 0.05 s to quantize such a weight."""
+    Why: glibc serves a block over 32 MiB with a fresh mmap and unmaps it when freed, so every ZeRO-3 gather of a
+    layer and every W-sized transient page-faults in anew at each forward and recompute. The price is memory: the
+    heap keeps what fragmentation leaves free. bench/distill_step.py on the Intel Xeon VM (394M params, 2 ranks):
+    shared-teacher step ~14 s at ~4.7 GB a rank kept, ~17 s at ~1.9 GB with MALLOC_MMAP_THRESHOLD_=65536
+    (its --lean-malloc), which a user short of memory sets."""
     environ = os.environ if environ is None else environ
     if any(environ.get(k) for k in MALLOC_ENV) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") \
             or "malloc" in environ.get("LD_PRELOAD", ""):
