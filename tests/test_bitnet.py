@@ -288,6 +288,10 @@ def test_weight_codes_in_reused_buffers_are_bitwise_the_plain_quantizer():
             got = weight_codes(w, d, a, b, 0.5, d_scale)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (out, inp, dtype, d is None)
     assert _SCRATCH[(torch.device("cpu"), 0)].numel() == 200 * 120  # grown to the largest weight, then reused
+    _SCRATCH.clear()
+    with torch.inference_mode():  # buffers first made there still serve a training step after
+        weight_codes(w, None, a, b, 0.5)
+    assert torch.equal(weight_codes(w, None, a, b, 0.5)[0], ternary_codes(effective_weight(w, None, a, b, 0.5))[0])
 
 
 def test_merge_then_reset_leaves_student_output_bitwise_unchanged():

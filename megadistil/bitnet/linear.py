@@ -63,7 +63,8 @@ def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
     key = (like.device, slot)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < like.numel():
-        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode
+            buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
     return buf[: like.numel()].view(like.shape)
 
 
