@@ -332,6 +332,17 @@ def return_freed_heap() -> None:
         libc.malloc_trim(0)
 
 
+def set_up_cpu_rank(local_world_size: int) -> bool:
+    """A CPU rank's process settings, for every entry point that starts one: its share of the node's cores
+    (cpu_threads) and malloc keeping freed blocks (keep_freed_blocks, whose result this returns)."""
+    import torch
+
+    threads = cpu_threads(local_world_size)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return keep_freed_blocks()
+
+
 def mpi_rank0_endpoint() -> tuple[str, int] | None:
     """Rank 0's (address, port) broadcast over MPI; None when mpi4py is not importable."""
     try:

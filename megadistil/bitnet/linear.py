@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
-from megadistil.bitnet.quant import EPS, eager_quantizers, int8_codes, q3, q8, ternary_codes
+from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
 
 
 class Backward(enum.StrEnum):
@@ -36,22 +36,28 @@ class DeltaFormat(enum.StrEnum):
 
 def effective_weight(
     weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-    delta_scale: torch.Tensor | None = None,
+    delta_scale: torch.Tensor | None = None, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W + (ΔW + s·B·A) in float32 (transient: computed in forward and again in backward, never saved).
+    """W + (ΔW + s·B·A) in float32 (transient: computed in forward and again in backward, never saved), into `out`
+    when given (with `scratch` for W's float32 copy: a mixed-dtype add_ would allocate one); both float32, W-shaped.
 
     The bracket is `merged_delta`: after a ReLoRA merge (ΔW' = ΔW + s·B·A, B = 0) it evaluates to the same float32
     value bit for bit, so a merge leaves the student's logits exactly unchanged when ΔW is stored in float32.
     """
     if delta is None:
-        return torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scaling)
-    return merged_delta(delta, lora_A, lora_B, scaling, delta_scale).add_(weight)  # in place: no W-sized copy
+        value = weight.to(torch.float32, copy=True) if out is None else out.copy_(weight)
+        return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
+    value = merged_delta(delta, lora_A, lora_B, scaling, delta_scale, out=out)
+    return value.add_(weight if scratch is None else scratch.copy_(weight))
 
 
 def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                 delta_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW (int8 ΔW: codes · per-row scale)."""
-    value = delta.to(torch.float32, copy=True) if delta_scale is None else delta.float() * delta_scale.float()
+                 delta_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW + s·B·A in float32 (into `out` when given): the value a ReLoRA merge writes into ΔW (int8 ΔW: codes ·
+    per-row scale)."""
+    value = delta.to(torch.float32, copy=True) if out is None else out.copy_(delta)
+    if delta_scale is not None:
+        value.mul_(delta_scale.float())
     return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
 
 
@@ -72,25 +78,16 @@ def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch
                  scaling: float, delta_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Q3 codes of W + (ΔW + s·B·A): `ternary_codes(effective_weight(...))`, bit for bit.
 
-    On CPU with the eager quantizers the float32 transients live in two buffers kept from call to call: every
+    On CPU the float32 transients live in two buffers kept from call to call: every
     student forward and recompute needs them for each layer in turn, a W-sized float32 tensor apiece, and a CPU
     allocator either maps and page-faults each one in anew (glibc's default above 32 MiB: 3.4x the quantizer's
     own time for a 2048x5632 weight) or keeps the freed blocks and fragments (2.5x the live memory measured in
-    bench/distill_step.py). CUDA's caching allocator, and the compiled quantizers, need none of this."""
-    if weight.device.type != "cpu" or not eager_quantizers():
+    bench/distill_step.py). CUDA's caching allocator needs none of this."""
+    if weight.device.type != "cpu":
         return ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale))
     w, tmp = _scratch(0, weight), _scratch(1, weight)
-    if delta is None:
-        w.copy_(weight)
-    else:
-        w.copy_(delta)
-        if delta_scale is not None:
-            w.mul_(delta_scale.float())
-    w.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
-    if delta is not None:
-        w.add_(tmp.copy_(weight))  # an exact float32 copy first: a mixed-dtype add_ would allocate one
-    scale = 1.0 / torch.abs(w, out=tmp).mean().clamp(min=EPS)
-    return torch.mul(w, scale, out=tmp).round_().clamp_(-1, 1).to(torch.int8), scale
+    return ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale, out=w, scratch=tmp),
+                         scratch=tmp)
 
 
 def int8_rows(value: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,11 +13,12 @@ EPS = 1e-5
 VALUES_PER_BYTE = 4  # four ternary values per uint8, along dim 0 (transformers' BitNet layout)
 
 
-def _ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale."""
+def _ternary_codes(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale. `scratch`, a float32
+    tensor shaped like W, takes the float32 intermediates instead of new allocations."""
     w = weight.float()
-    scale = 1.0 / w.abs().mean().clamp(min=EPS)
-    codes = (w * scale).round_().clamp_(-1, 1).to(torch.int8)
+    scale = 1.0 / torch.abs(w, out=scratch).mean().clamp(min=EPS)
+    codes = torch.mul(w, scale, out=scratch).round_().clamp_(-1, 1).to(torch.int8)
     return codes, scale
 
 
@@ -34,8 +35,11 @@ def _int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _IMPL = {"ternary": _ternary_codes, "int8": _int8_codes}
 
 
-def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale."""
+def ternary_codes(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q3 codes: (int8 values in {-1, 0, 1}, float32 scalar scale) with W ≈ codes / scale. `scratch` (eager only: the
+    compiled quantizer fuses its intermediates away) takes the float32 intermediates."""
+    if scratch is not None and _IMPL["ternary"] is _ternary_codes:
+        return _ternary_codes(weight, scratch)
     return _IMPL["ternary"](weight)
 
 
@@ -51,11 +55,6 @@ def compile_quantizers(enabled: bool = True) -> None:
         _IMPL["int8"] = torch.compile(_int8_codes, dynamic=True)
     else:
         _IMPL.update(ternary=_ternary_codes, int8=_int8_codes)
-
-
-def eager_quantizers() -> bool:
-    """Whether the quantizers are the eager ones (compile_quantizers() not in effect)."""
-    return _IMPL["ternary"] is _ternary_codes
 
 
 def _ste(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ from megadistil.data.shards import (
 )
 from megadistil.data.text import batched, expand_files, pack_text
 from megadistil.distill.targets import aligned_targets, teacher_topk
-from megadistil.distributed import cpu_threads, discover, free_local_port, init_distributed, keep_freed_blocks
+from megadistil.distributed import discover, free_local_port, init_distributed, set_up_cpu_rank
 from megadistil.models import output_head
 from megadistil.utils import torch_dtype, write_atomic
 
@@ -138,14 +138,11 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _device() -> torch.device:
-    """This rank's device; on CPU, its share of the node's cores and malloc keeping freed blocks (see
-    megadistil.distributed.cpu_threads and keep_freed_blocks)."""
+    """This rank's device; on CPU, with its share of the node's cores and malloc keeping freed blocks
+    (megadistil.distributed.set_up_cpu_rank)."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    threads = cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if threads is not None:
-        torch.set_num_threads(threads)
-    keep_freed_blocks()
+    set_up_cpu_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return torch.device("cpu")
 
 

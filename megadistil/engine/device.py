@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
-from megadistil.distributed import cpu_threads, keep_freed_blocks
+from megadistil.distributed import set_up_cpu_rank
 from megadistil.utils import dtype_name, torch_dtype
 
 
@@ -20,7 +20,7 @@ class Placement:
     kernel: Kernel
     dtype: torch.dtype
     threads: int  # intra-op threads of this rank (CPU)
-    freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU: distributed.keep_freed_blocks)
+    freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU: distributed.set_up_cpu_rank)
 
     def describe(self) -> str:
         return (f"device {self.device}: {self.hardware.describe()}; BitLinear kernel {self.kernel.value}, "
@@ -47,12 +47,7 @@ def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.devic
     kernel the device lacks raises ValueError naming bitnet.kernel and the device.
     """
     device = device or engine_device()
-    kept = False
-    if device.type == "cpu":
-        threads = cpu_threads(local_world_size)
-        if threads is not None:
-            torch.set_num_threads(threads)
-        kept = keep_freed_blocks()
+    kept = set_up_cpu_rank(local_world_size) if device.type == "cpu" else False
     hw = hardware(device)
     return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads(), kept)
 
