@@ -12,8 +12,12 @@ PIP := $(PY) -m pip
 # uv resolves and installs the ~130 dependencies in ~30 s where pip takes ~4 min (sdists built serially); torch
 # itself goes through pip, which is what finds a local torch wheel (pip's find-links) and keeps its CUDA build.
 UV := $(VENV)/bin/uv
+# uv writes no bytecode unless asked (pip does): where PYTHONDONTWRITEBYTECODE is set, as on these machines, every
+# process would then compile deepspeed, transformers, datasets... from source again, ~2.6 s of each import of the
+# trainer on 2 cores, paid by every rank, launcher and tool of every run. Compiled once at install instead (~30 s).
+UV_INSTALL := $(UV) pip install -q --compile-bytecode --python $(PY)
 
-.PHONY: setup llama-cpp test test-fast demo demo-crosstok demo-generate bench lint clean
+.PHONY: setup llama-cpp bytecode test test-fast demo demo-crosstok demo-generate bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
 	$(PIP) install -q "uv>=0.5,<1"
-	$(UV) pip install -q --python $(PY) -e ".[$(EXTRAS)]"
+	$(UV_INSTALL) -e ".[$(EXTRAS)]"
 	touch $@
 
 # llama.cpp, to run and verify GGUF exports: llama-cpp-python's sdist (it vendors llama.cpp) built into a wheel once
@@ -50,34 +54,39 @@ $(LLAMA_CPP_SRC)/PKG-INFO: | $(VENV)/.installed
 $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY): $(VENV)/.installed $(LLAMA_CPP_SRC)/PKG-INFO
 	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_CPP_WHEELS) $(LLAMA_CPP_SRC)
-	$(UV) pip install -q --python $(PY) --reinstall-package llama-cpp-python $(LLAMA_CPP_WHEELS)/*.whl
+	$(UV_INSTALL) --reinstall-package llama-cpp-python $(LLAMA_CPP_WHEELS)/*.whl
 	rm -f $(VENV)/.llama-cpp-*
 	touch $@
+
+# The project's own modules compiled for the same reason as UV_INSTALL's flag (an editable install is not in
+# site-packages); a file changed since is recompiled, in memory, by Python as usual.
+bytecode: setup
+	$(PY) -m compileall -q megadistil launch tools tests bench
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
 # time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests, 8.2-9.1 on an AVX512 one at 504; ~15 serially).
 TEST_WORKERS ?= 2
 
-test: setup llama-cpp
+test: setup llama-cpp bytecode
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
-test-fast: setup
+test-fast: setup bytecode
 	$(PY) -m pytest -q -ra -m "not multirank"
 
-demo: setup llama-cpp
+demo: setup llama-cpp bytecode
 	$(PY) -m megadistil.demo --out runs/demo $(DEMO_ARGS)
 
 # The demo's student distilled from a teacher with another tokenizer (CE + ULD), against the same-tokenizer and
 # CE-only students: runs/demo-crosstok/report.md
-demo-crosstok: setup
+demo-crosstok: setup bytecode
 	$(PY) -m megadistil.demo_crosstok --out runs/demo-crosstok $(DEMO_ARGS)
 
 # Generate, then distil: a student on teacher-generated text and an on-policy student, beside the shared-teacher one:
 # runs/demo-generate/report.md
-demo-generate: setup
+demo-generate: setup bytecode
 	$(PY) -m megadistil.demo_generate --out runs/demo-generate $(DEMO_ARGS)
 
-bench: setup llama-cpp
+bench: setup llama-cpp bytecode
 	for f in bitlinear shards losses distill_step inference; do echo "== bench/$$f.py"; $(PY) bench/$$f.py || exit 1; done
 	$(PY) bench/report.py
 
