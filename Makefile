@@ -42,13 +42,17 @@ LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_
 
 llama-cpp: $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY)
 
-# The bindings load only libllama and libggml: the sed skips llama.cpp's `common` (half the build), which the
-# package's CMakeLists forces on.
+# The bindings load only libllama and libggml: the first sed skips llama.cpp's `common` (half the build), which the
+# package's CMakeLists forces on. The second builds libllama (model graphs, loading, vocab, sampling: no kernels,
+# those are ggml's and stay -O3) at -O1: its 70 C++ files are most of the compile time, 104 s instead of 120 s here.
 $(LLAMA_CPP_SRC)/PKG-INFO: | $(VENV)/.installed
 	mkdir -p $(LLAMA_CPP_CACHE)
 	$(PIP) download -q --no-deps --no-binary :all: -d $(LLAMA_CPP_CACHE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	tar -xzf $(LLAMA_CPP_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_CACHE)
 	sed -i 's/^    set(LLAMA_BUILD_COMMON ON CACHE BOOL/    set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' $(LLAMA_CPP_SRC)/CMakeLists.txt
+	sed -i 's/^target_compile_features *(llama PRIVATE cxx_std_17).*/&\ntarget_compile_options(llama PRIVATE -O1)/' \
+		$(LLAMA_CPP_SRC)/vendor/llama.cpp/src/CMakeLists.txt
+	grep -q 'llama PRIVATE -O1' $(LLAMA_CPP_SRC)/vendor/llama.cpp/src/CMakeLists.txt
 	touch $@
 
 $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(CPU_KEY): $(VENV)/.installed $(LLAMA_CPP_SRC)/PKG-INFO
