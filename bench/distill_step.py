@@ -19,8 +19,9 @@ cost, which no method can remove.
 Where the time goes: the last step of each engine case runs under torch.profiler (log.profile_step; left out of the
 median), and a table gives its phases per rank (--no-profile: off).
 
-Allocator: every rank (naive included) runs under the engine's CPU malloc setting (distributed.keep_freed_blocks),
-or with --lean-malloc under MALLOC_MMAP_THRESHOLD_=65536 (freed blocks over 64 KiB go back to the kernel).
+Allocator (--malloc, the same for every case's ranks, naive included): `kept`, the engine's CPU default (glibc keeps
+freed blocks for reuse: distributed.keep_freed_blocks); `lean`, MALLOC_MMAP_THRESHOLD_=65536 (freed blocks over
+64 KiB go back to the kernel); `jemalloc`, LD_PRELOADed libjemalloc (Debian: libjemalloc2) with its defaults.
 
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
 The weights-dominated setting of issue 15: --hidden 2048 --layers 8 --heads 16 --kv-heads 4 --intermediate 5632
@@ -32,6 +33,7 @@ Writes bench/results/distill_step.json.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -156,7 +158,19 @@ def fresh(run_dir: Path) -> Path:
 
 
 DS_CONFIG = "ds_configs/zero3.json"  # replaced in main() by the work dir's copy with the --max-live limits
-EXTRA_ENV: dict[str, str] = {}  # --lean-malloc: every case's ranks under the same malloc setting
+EXTRA_ENV: dict[str, str] = {}  # --malloc: every case's ranks under the same allocator setting
+
+
+def malloc_env(choice: str) -> dict[str, str]:
+    """The environment of --malloc's choice (keep_freed_blocks leaves malloc alone under either of the others)."""
+    if choice == "lean":
+        return {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    if choice == "jemalloc":
+        found = sorted(glob.glob("/usr/lib/*/libjemalloc.so.2") + glob.glob("/usr/lib/libjemalloc.so.2"))
+        if not found:
+            raise SystemExit("--malloc jemalloc: no libjemalloc.so.2 in /usr/lib (Debian: apt install libjemalloc2)")
+        return {"LD_PRELOAD": found[0]}
+    return {}
 
 
 def write_ds_config(work: Path, max_live: float) -> str:
@@ -326,10 +340,10 @@ def main() -> None:
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile the last step of the engine cases by phase (left out of their median step time)")
     p.add_argument("--cases", default="a,aw,a8,a0,b", help="engine cases to run besides (c), comma-separated")
-    p.add_argument("--lean-malloc", action="store_true",
-                   help="run every case (naive included) with MALLOC_MMAP_THRESHOLD_=65536: glibc returns each freed "
-                        "block over 64 KiB, instead of the engine's default of keeping freed blocks for reuse "
-                        "(distributed.keep_freed_blocks): less memory, more page faults")
+    p.add_argument("--malloc", choices=("kept", "lean", "jemalloc"), default="kept",
+                   help="every case's allocator (naive included): kept = the engine's default (glibc keeps freed "
+                        "blocks for reuse), lean = MALLOC_MMAP_THRESHOLD_=65536 (less memory, more page faults), "
+                        "jemalloc = LD_PRELOADed libjemalloc")
     p.add_argument("--max-live", type=float, default=1e7,
                    help="ZeRO-3 stage3_max_live_parameters / max_reuse_distance for all cases (see write_ds_config)")
     args = p.parse_args()
@@ -341,9 +355,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     global DS_CONFIG
     DS_CONFIG = write_ds_config(args.work, args.max_live)
-    if args.lean_malloc:
-        EXTRA_ENV["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    desc = machine() + (", MALLOC_MMAP_THRESHOLD_=65536 (--lean-malloc)" if args.lean_malloc else "")
+    EXTRA_ENV.update(malloc_env(args.malloc))
+    desc = machine() + f", --malloc {args.malloc}" + "".join(f" {k}={v}" for k, v in EXTRA_ENV.items())
     model_dir = build_model(args, args.work)
     text = write_train_text(model_dir, args, args.work)
     shards, precompute_s = build_shards(model_dir, text, args, args.work)

@@ -315,7 +315,7 @@ def keep_freed_blocks(environ: Mapping[str, str] | None = None) -> bool:
     layer and every W-sized transient page-faults in anew at each forward and recompute. The price is memory: the
     heap keeps what fragmentation leaves free. bench/distill_step.py on the Intel Xeon VM (394M params, 2 ranks):
     shared-teacher step ~14 s at ~4.7 GB a rank kept, ~17 s at ~1.9 GB with MALLOC_MMAP_THRESHOLD_=65536
-    (its --lean-malloc), which a user short of memory sets."""
+    (its --malloc lean), which a user short of memory sets."""
     environ = os.environ if environ is None else environ
     if any(environ.get(k) for k in MALLOC_ENV) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "") \
             or "malloc" in environ.get("LD_PRELOAD", ""):
