@@ -33,7 +33,7 @@ Writes bench/results/distill_step.json.
 from __future__ import annotations
 
 import argparse
-import glob
+import ctypes.util
 import json
 import os
 import platform
@@ -166,10 +166,11 @@ def malloc_env(choice: str) -> dict[str, str]:
     if choice == "lean":
         return {"MALLOC_MMAP_THRESHOLD_": "65536"}
     if choice == "jemalloc":
-        found = sorted(glob.glob("/usr/lib/*/libjemalloc.so.2") + glob.glob("/usr/lib/libjemalloc.so.2"))
-        if not found:
-            raise SystemExit("--malloc jemalloc: no libjemalloc.so.2 in /usr/lib (Debian: apt install libjemalloc2)")
-        return {"LD_PRELOAD": found[0]}
+        library = ctypes.util.find_library("jemalloc")  # the soname, which the dynamic loader finds as ldconfig did
+        if library is None:
+            raise SystemExit("--malloc jemalloc: the dynamic loader knows no libjemalloc (Debian: apt install "
+                             "libjemalloc2)")
+        return {"LD_PRELOAD": library}
     return {}
 
 
