@@ -69,7 +69,7 @@ bytecode: setup
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
 # time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests,
-# 8.2-9.1 on an AVX512 one at 504; 9.0-10.0 min at 549 on the Intel Xeon VM; ~15 serially).
+# 8.2-9.1 on an AVX512 one at 504; 9.0-10.9 min at 549 on the Intel Xeon VM; ~15 serially).
 TEST_WORKERS ?= 2
 
 test: setup llama-cpp bytecode
