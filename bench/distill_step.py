@@ -1,9 +1,10 @@
 """One distillation step, three ways, same model / batch / machine (2 ranks, `deepspeed --num_gpus 2`, ZeRO-3, gloo):
 
   (a)  megadistil, shared teacher (teacher mode of the student's own W, each layer run as the teacher right before
-       the student on one ZeRO-3 gather: teacher.layerwise), ReLoRA (ΔW allocated, resets on)
+       the student on one ZeRO-3 gather: teacher.layerwise), ReLoRA (ΔW allocated as int8 codes + row scales, the
+       default relora.delta_format, resets on)
   (aw) the same with the whole teacher forward before the student's (teacher.layerwise=false: two gathers a layer)
-  (a8) the same with relora.delta_format=int8 (ΔW as int8 codes + row scales)
+  (ad) the same with relora.delta_format=dtype (ΔW in the model dtype, W-sized)
   (a0) the same with relora.reset_every=0 (no ΔW)
   (b)  megadistil, offline teacher shards (precomputed once here), teacher.kind=shards, ReLoRA
   (c)  naive baseline (bench/_naive_kd.py): separate frozen teacher copy + full-parameter AdamW student,
@@ -25,7 +26,7 @@ freed blocks for reuse: distributed.keep_freed_blocks); `lean`, MALLOC_MMAP_THRE
 
 Usage: python bench/distill_step.py [--hidden 768 --layers 6 --vocab 16384 --seq-len 256 --micro-batch 2 ...]
 The weights-dominated setting of issue 15: --hidden 2048 --layers 8 --heads 16 --kv-heads 4 --intermediate 5632
---vocab 8192 --seq-len 128 --micro-batch 1 --steps 6 --warmup 2 --cases a,aw,a8,b (14 layers no longer fit the
+--vocab 8192 --seq-len 128 --micro-batch 1 --steps 6 --warmup 2 --cases a,aw,ad,b (14 layers no longer fit the
 naive baseline in 24 GiB on two ranks: killed at 12.1 GB a rank after its first step)
 Writes bench/results/distill_step.json.
 """
@@ -244,11 +245,11 @@ def machine() -> str:
 
 
 DESCRIPTIONS = {
-    "a": "megadistil shared teacher, ReLoRA (ΔW on)",
+    "a": "megadistil shared teacher, ReLoRA (int8 ΔW)",
     "aw": "the same, whole teacher forward first",
-    "a8": "megadistil shared teacher, ReLoRA, int8 ΔW",
+    "ad": "megadistil shared teacher, ReLoRA, ΔW in model dtype",
     "a0": "megadistil shared teacher, reset_every=0",
-    "b": "megadistil offline shards, ReLoRA (ΔW on)",
+    "b": "megadistil offline shards, ReLoRA (int8 ΔW)",
     "c": "naive: teacher copy + full AdamW student",
 }
 
@@ -300,11 +301,11 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
     runs = {}
     for name, extra in (("a", ["teacher.kind=shared"]),
                         ("aw", ["teacher.kind=shared", "teacher.layerwise=false"]),
-                        ("a8", ["teacher.kind=shared", "relora.delta_format=int8"]),
+                        ("ad", ["teacher.kind=shared", "relora.delta_format=dtype"]),
                         ("a0", ["teacher.kind=shared", "relora.reset_every=0"]),
                         ("b", ["teacher.kind=shards", "data.text=[]", f"data.shards={shards}",
                                "data.shuffle_buffer=16"])):
-        if name not in args.cases or (name in ("a0", "a8") and args.reset_every == 0):
+        if name not in args.cases or (name in ("a0", "ad") and args.reset_every == 0):
             continue
         print(f"running ({name}) {dtype} ...", flush=True)
         runs[name] = run_engine(name, [*base, *extra], work / f"{dtype}-{name}", port := port + 1,
@@ -340,7 +341,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=29620)
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="profile the last step of the engine cases by phase (left out of their median step time)")
-    p.add_argument("--cases", default="a,aw,a8,a0,b", help="engine cases to run besides (c), comma-separated")
+    p.add_argument("--cases", default="a,aw,ad,a0,b", help="engine cases to run besides (c), comma-separated")
     p.add_argument("--malloc", choices=("kept", "lean", "jemalloc"), default="kept",
                    help="every case's allocator (naive included): kept = the engine's default (glibc keeps freed "
                         "blocks for reuse), lean = MALLOC_MMAP_THRESHOLD_=65536 (less memory, more page faults), "

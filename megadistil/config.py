@@ -109,7 +109,7 @@ class ReLoRAConfig:
     restart_warmup_steps: int = 10  # the jagged schedule's warmup after each reset
     optimizer_reset: OptimizerReset = OptimizerReset.prune  # the re-initialised adapters' Adam moments: zeroed or pruned
     prune_ratio: float = 0.99  # fraction of the moments (smallest magnitude) zeroed by `prune`
-    delta_format: DeltaFormat = DeltaFormat.dtype  # ΔW in the model dtype, or int8 + a per-row scale (half of bf16)
+    delta_format: DeltaFormat = DeltaFormat.int8  # int8 + a per-row scale (half of bf16), or the model dtype
 
 
 @dataclass
@@ -291,7 +291,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
     _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
     _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
-    _check(r.delta_format == "dtype" or r.reset_every > 0, "relora.delta_format",
+    _check(r.delta_format == ReLoRAConfig.delta_format or r.reset_every > 0, "relora.delta_format",
            f"{r.delta_format} stores ΔW, which relora.reset_every=0 does not allocate")
     sources = [key for key in ("shards", "text", "preference") if getattr(cfg.data, key)]
     _check(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "

@@ -270,28 +270,46 @@ def test_compiled_quantizers_give_the_eager_codes():
         torch.testing.assert_close(s0, s1, rtol=1e-6, atol=0)
 
 
-def test_weight_codes_in_reused_buffers_are_bitwise_the_plain_quantizer():
-    """The CPU path quantizes W + ΔW + s·B·A in float32 buffers kept from call to call: the same codes and scale, bit
-    for bit, as ternary_codes(effective_weight(...)), for every ΔW format and with the buffers sized by a larger or
-    smaller weight before."""
-    from megadistil.bitnet.linear import _SCRATCH, effective_weight, int8_rows, weight_codes
+def test_weight_codes_are_the_absmean_codes_of_the_whole_effective_weight(monkeypatch):
+    """weight_codes forms W + ΔW + s·B·A a block of rows at a time (twice: absmean, then codes), in one block or
+    many, for every ΔW format: its scale is 1 / the float64 absmean of W_eff to float32 rounding (two roundings: mean, 1/mean; transformers'
+    float32 mean within 1e-6), and its codes are exactly round(W_eff · scale) of the whole float32 W_eff that
+    effective_weight (the export's and the merge's) gives."""
+    from megadistil.bitnet import linear
+    from megadistil.bitnet.linear import effective_weight, int8_rows, weight_codes
 
     g = torch.Generator().manual_seed(0)
-    _SCRATCH.clear()
-    for out, inp, dtype in ((160, 96, torch.bfloat16), (64, 48, torch.float32), (200, 120, torch.bfloat16)):
+    for out, inp, dtype in ((160, 96, torch.bfloat16), (256, 48, torch.float32), (200, 120, torch.bfloat16)):
         w = (torch.randn(out, inp, generator=g) * 0.02).to(dtype)
         a, b = torch.randn(8, inp, generator=g).to(dtype), torch.randn(out, 8, generator=g).to(dtype) * 0.01
         delta = (torch.randn(out, inp, generator=g) * 0.003).to(dtype)
         codes, row_scale = int8_rows(delta.float(), dtype)
         for d, d_scale in ((None, None), (delta, None), (codes, row_scale)):
-            want = ternary_codes(effective_weight(w, d, a, b, 0.5, d_scale))
-            got = weight_codes(w, d, a, b, 0.5, d_scale)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (out, inp, dtype, d is None)
-    assert _SCRATCH[(torch.device("cpu"), 0)].numel() == 200 * 120  # grown to the largest weight, then reused
+            for block_numel, n_blocks in ((1 << 30, 1), (1, -(-out // 64))):  # whole; blocks of 64 rows (the least)
+                monkeypatch.setitem(linear.ROW_BLOCK_NUMEL, "cpu", block_numel)
+                assert len(linear.row_blocks(w)) == n_blocks
+                got_codes, scale = weight_codes(w, d, a, b, 0.5, d_scale)
+                w_eff = effective_weight(w, d, a, b, 0.5, d_scale)
+                assert abs(1 / scale.item() / w_eff.double().abs().mean().item() - 1) < 2.5e-7, (out, dtype, n_blocks)
+                torch.testing.assert_close(scale, 1 / w_eff.abs().mean(), rtol=1e-6, atol=0)
+                assert torch.equal(got_codes, (w_eff * scale).round().clamp(-1, 1).to(torch.int8))
+
+
+def test_weight_codes_keep_only_block_sized_float32_buffers(monkeypatch):
+    """Nothing W-sized in float32: the two reused buffers hold one block of rows; buffers first made under
+    inference_mode still serve a training step."""
+    from megadistil.bitnet import linear
+    from megadistil.bitnet.linear import _SCRATCH, weight_codes
+
+    monkeypatch.setitem(linear.ROW_BLOCK_NUMEL, "cpu", 1 << 14)
     _SCRATCH.clear()
-    with torch.inference_mode():  # buffers first made there still serve a training step after
-        weight_codes(w, None, a, b, 0.5)
-    assert torch.equal(weight_codes(w, None, a, b, 0.5)[0], ternary_codes(effective_weight(w, None, a, b, 0.5))[0])
+    w, a, b = torch.randn(512, 128), torch.randn(4, 128), torch.zeros(512, 4)
+    with torch.inference_mode():
+        weight_codes(w, None, a, b, 1.0)
+    codes, _ = weight_codes(w, torch.zeros_like(w), a.requires_grad_(), b.requires_grad_(), 1.0)
+    assert codes.shape == w.shape
+    assert sorted(buf.numel() for buf in _SCRATCH.values()) == [128 * 128, 128 * 128]  # 128 rows of 128, not 512
+    _SCRATCH.clear()
 
 
 def test_merge_then_reset_leaves_student_output_bitwise_unchanged():

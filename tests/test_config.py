@@ -44,7 +44,7 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("optim.param_groups=[{pattern: '(', lr_mult: 1}]", "optim.param_groups.0.pattern"),
     ("data.shards=/s", "data"),  # both shards and text
     ("log.profile_step=101", "log.profile_step': must be a step of the run"),
-    ("relora.delta_format=int8", "relora.delta_format': int8 stores ΔW, which relora.reset_every=0"),
+    ("relora.delta_format=dtype", "relora.delta_format': dtype stores ΔW, which relora.reset_every=0"),
     ("relora.delta_format=int4", "relora.delta_format"),
 ])
 def test_bad_values_name_the_key(override, message):

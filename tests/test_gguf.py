@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from megadistil.bitnet.quant import ternary_codes
 from megadistil.export.gguf import (
     PRE_TOKENIZER_REGEX,
     GGUFConfig,
@@ -57,7 +58,7 @@ def test_a_ternary_tensor_stores_codes_and_mean_abs_the_inverse_of_transformers_
 
     hf_scale = 1.0 / w.float().abs().mean().clamp(min=1e-5)  # what transformers' `bitlinear` stores
     assert torch.equal((WeightQuant.apply(w.float()) * hf_scale).round().double(), codes)
-    raw = encode(ternary_values(w.float(), lambda t: t), qtype.ggml)
+    raw = encode(ternary_values(*ternary_codes(w.float()), lambda t: t), qtype.ggml)
     back = torch.from_numpy(gguf.quants.dequantize(raw, qtype.ggml).astype(np.float64)).reshape(w.shape)
     d = float(np.float16(1.0 / hf_scale.item()))  # GGUF's d: 1/weight_scale (= mean|W|) rounded to fp16
     assert abs(d / mean.item() - 1) < 1e-3

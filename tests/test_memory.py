@@ -209,7 +209,8 @@ def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Pa
 
 
 def test_onpolicy_generation_gathers_the_whole_student() -> None:
-    """With onpolicy.gather_weights the student generates from whole weights: the working set is every parameter plus
+    """With onpolicy.gather_weights the student generates from whole weights: the working set is every parameter (an
+    int8 ΔW at a byte a value) plus
     the int8 codes of every linear's W (8B: 32 layers of q, k, v, o and the MLP), not ZeRO-3's per-layer one (8B: beyond stage3_max_reuse_distance, so the prefetch bucket and two blocks); with it
     off the per-layer set stays."""
     ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
@@ -219,10 +220,12 @@ def test_onpolicy_generation_gathers_the_whole_student() -> None:
     t = count_tensors(dims, cfg)
     p = 2  # bf16
     whole = estimate(cfg, dims, Layout(1, 8), ds)
-    assert whole.term("gathered params") == (sum(t.base) + sum(t.delta) + sum(t.trainable)) * p
+    weights_bytes = (sum(t.base) + sum(t.trainable)) * p + sum(t.delta) * 1  # the 8B config's ΔW: int8
+    assert whole.term("gathered params") == weights_bytes
+    per_value = weights_bytes / (sum(t.base) + sum(t.delta) + sum(t.trainable))  # a gather's mix of the two
     assert whole.term("generation codes") == sum(t.delta) == 32 * (4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336)
     layered = estimate(_cfg("llama3.1-8b.yaml", *on, "onpolicy.gather_weights=false"), dims, Layout(1, 8), ds)
-    assert layered.term("gathered params") == (5e7 + 2 * t.block_numel) * p < whole.term("gathered params") / 7
+    assert layered.term("gathered params") == int((5e7 + 2 * t.block_numel) * per_value) < weights_bytes / 7
     assert layered.term("gathered params") == estimate(_cfg("llama3.1-8b.yaml"), dims, Layout(1, 8), ds).term(
         "gathered params")
 

@@ -1,5 +1,5 @@
 """megadistil.rundir (the run directory and checkpoint layout) and megadistil.utils, without DeepSpeed: ΔW read back
-from partitions of any world size, the checkpoint finder's errors, the atomic writer, the dtype table, and the
+from partitions of any world size (and refused in another format), the checkpoint finder's errors, the atomic writer, the dtype table, and the
 package boundaries (data/ and export/ import no engine module)."""
 
 from __future__ import annotations
@@ -52,6 +52,33 @@ def test_delta_errors_name_the_missing_file_or_tensor(tmp_path: Path) -> None:
     (tmp_path / rundir.delta_file(1)).unlink()
     with pytest.raises(CheckpointError, match=r"names world size 2 but delta\.rank1\.safetensors is missing"):
         rundir.read_delta(tmp_path, "student.a.delta")
+
+
+def test_resuming_a_delta_of_another_format_names_the_config_key(tmp_path: Path) -> None:
+    """A ΔW saved in the model dtype (relora.delta_format=dtype) is refused by a run that stores int8 codes, before
+    any of it is copied in, naming the key; the same format round-trips."""
+    from torch import nn
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.engine.checkpoint import load_deltas, save_deltas
+
+    def model(delta_format: str) -> nn.Module:
+        m = nn.Sequential(nn.Linear(8, 16, bias=False))
+        to_bitnet(m, lora_rank=2, exclude=(), delta_format=delta_format)
+        return m
+
+    saved = model("dtype")
+    with torch.no_grad():
+        saved[0].delta.normal_()
+    save_deltas(saved, tmp_path, rank=0, world_size=1)
+    int8 = model("int8")
+    with pytest.raises(CheckpointError, match=r"ΔW '0\.delta' was saved as float32, this run stores it as int8 "
+                                              r"\(config key 'relora\.delta_format'"):
+        load_deltas(int8, tmp_path, rank=0, world_size=1)
+    assert torch.count_nonzero(int8[0].delta) == 0
+    same = model("dtype")
+    load_deltas(same, tmp_path, rank=0, world_size=1)
+    assert torch.equal(same[0].delta, saved[0].delta)
 
 
 def test_find_checkpoint_follows_latest_and_refuses_incomplete_ones(tmp_path: Path) -> None:

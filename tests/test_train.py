@@ -152,7 +152,8 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
         # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
         # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
-                                 "relora.optimizer_reset=zero", "model.dtype=fp32"], "relora_probe": True},
+                                 "relora.optimizer_reset=zero", "model.dtype=fp32", "relora.delta_format=dtype"],
+                   "relora_probe": True},
         # an int8 ΔW, every parameter partitioned: a reset requantizes ΔW per row, within 5 % of the largest logit
         # (measured 3.3 % after these 6 steps; a bf16 ΔW's merge moved this model's logits by ~2.3 %)
         "relora_int8": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
-from megadistil.bitnet.quant import int8_codes, q3, q8, ternary_codes
+from megadistil.bitnet.quant import EPS, int8_codes, q3, q8
 
 
 class Backward(enum.StrEnum):
@@ -34,60 +34,115 @@ class DeltaFormat(enum.StrEnum):
     int8 = "int8"  # int8 codes + a per-row scale (ΔW_ij = code_ij · scale_i): half of a bf16 W; a merge rounds ΔW
 
 
-def effective_weight(
-    weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-    delta_scale: torch.Tensor | None = None, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """W + (ΔW + s·B·A) in float32 (transient: computed in forward and again in backward, never saved), into `out`
-    when given (with `scratch` for W's float32 copy: a mixed-dtype add_ would allocate one); both float32, W-shaped.
+# W_eff = W + ΔW + s·B·A is formed in blocks of rows: whole, a float32 copy of the largest linear is 235 MB at
+# Llama-3.1-8B and 940 MB at 70B, two of them at once, in every forward and recompute. A block holds at most this
+# many float32 values: cache-sized on a CPU (where two such buffers are kept from call to call instead of two
+# W-sized ones); on a GPU, an 8B linear whole (no second rank-r product) and a 70B MLP in 4 blocks.
+ROW_BLOCK_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 26}
+
+
+def row_blocks(weight: torch.Tensor) -> list[slice]:
+    """The row ranges W_eff is formed in (fixed by the shape and the device type, so every caller gets the same
+    blocks: forward, recompute, merge and export agree bit for bit)."""
+    out, inp = weight.shape
+    rows = max(64, ROW_BLOCK_NUMEL.get(weight.device.type, ROW_BLOCK_NUMEL["cuda"]) // max(inp, 1))
+    return [slice(i, min(i + rows, out)) for i in range(0, out, rows)]
+
+
+def _merged_rows(rows: slice, delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                 delta_scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    value = out.copy_(delta[rows])
+    if delta_scale is not None:
+        value.mul_(delta_scale[rows])
+    return value.addmm_(b[rows], a, alpha=scaling)
+
+
+def _effective_rows(rows: slice, weight: torch.Tensor, delta: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                    scaling: float, delta_scale: torch.Tensor | None, out: torch.Tensor,
+                    scratch: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of W + (ΔW + s·B·A) in float32, into `out` (`scratch`: same shape, takes W's float32 copy: a
+    mixed-dtype add_ would allocate one). `a`, `b` and `delta_scale` are given in float32."""
+    if delta is None:
+        return out.copy_(weight[rows]).addmm_(b[rows], a, alpha=scaling)
+    value = _merged_rows(rows, delta, a, b, scaling, delta_scale, out)
+    return value.add_(scratch.copy_(weight[rows]))
+
+
+def _float(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.float() if t is not None else None for t in tensors]
+
+
+def effective_weight(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     scaling: float, delta_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W + (ΔW + s·B·A) in float32, whole (export checks, fake quantization, tests; the student's forward never
+    forms it), in the row blocks of weight_codes: the same values bit for bit.
 
     The bracket is `merged_delta`: after a ReLoRA merge (ΔW' = ΔW + s·B·A, B = 0) it evaluates to the same float32
     value bit for bit, so a merge leaves the student's logits exactly unchanged when ΔW is stored in float32.
     """
-    if delta is None:
-        value = weight.to(torch.float32, copy=True) if out is None else out.copy_(weight)
-        return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
-    value = merged_delta(delta, lora_A, lora_B, scaling, delta_scale, out=out)
-    return value.add_(weight if scratch is None else scratch.copy_(weight))
+    value = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    a, b, ds = _float(lora_A, lora_B, delta_scale)
+    for rows in row_blocks(weight):
+        _effective_rows(rows, weight, delta, a, b, scaling, ds, value[rows], torch.empty_like(value[rows]))
+    return value
 
 
 def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                 delta_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """ΔW + s·B·A in float32 (into `out` when given): the value a ReLoRA merge writes into ΔW (int8 ΔW: codes ·
-    per-row scale)."""
-    value = delta.to(torch.float32, copy=True) if out is None else out.copy_(delta)
-    if delta_scale is not None:
-        value.mul_(delta_scale.float())
-    return value.addmm_(lora_B.float(), lora_A.float(), alpha=scaling)
+                 delta_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW (int8 ΔW: codes · per-row scale)."""
+    value = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
+    a, b, ds = _float(lora_A, lora_B, delta_scale)
+    for rows in row_blocks(delta):
+        _merged_rows(rows, delta, a, b, scaling, ds, value[rows])
+    return value
 
 
 _SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
-    """A float32 buffer shaped like `like`, reused from call to call: a view of the largest one this slot has had."""
-    key = (like.device, slot)
+def _scratch(slot: int, device: torch.device, numel: int) -> torch.Tensor:
+    """A flat float32 buffer of at least `numel`, reused from call to call: a CPU allocator would map and page-fault
+    every new block in anew (glibc's default above 32 MiB), or keep freed blocks and fragment."""
+    key = (device, slot)
     buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < like.numel():
+    if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor even when first made under inference_mode
-            buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=torch.float32, device=like.device)
-    return buf[: like.numel()].view(like.shape)
+            buf = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
 
 
+@torch.no_grad()
 def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
                  scaling: float, delta_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q3 codes of W + (ΔW + s·B·A): `ternary_codes(effective_weight(...))`, bit for bit.
+    """Q3 codes of W_eff = W + (ΔW + s·B·A): (int8 codes, float32 scale = 1 / mean|W_eff|), W_eff ≈ codes / scale.
 
-    On CPU the float32 transients live in two buffers kept from call to call: every
-    student forward and recompute needs them for each layer in turn, a W-sized float32 tensor apiece, and a CPU
-    allocator either maps and page-faults each one in anew (glibc's default above 32 MiB: 3.4x the quantizer's
-    own time for a 2048x5632 weight) or keeps the freed blocks and fragments (2.5x the live memory measured in
-    bench/distill_step.py). CUDA's caching allocator needs none of this."""
-    if weight.device.type != "cpu":
-        return ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale))
-    w, tmp = _scratch(0, weight), _scratch(1, weight)
-    return ternary_codes(effective_weight(weight, delta, lora_A, lora_B, scaling, delta_scale, out=w, scratch=tmp),
-                         scratch=tmp)
+    W_eff is formed one block of rows at a time (row_blocks), twice: the absmean first, then the codes (the last
+    block's are still at hand; the others cost their rank-r product again). The blocks' float32 sums add up in
+    float64: the scale is transformers' float32 mean to rounding."""
+    blocks = row_blocks(weight)
+    numel = (blocks[0].stop - blocks[0].start) * weight.shape[1]
+    if weight.device.type == "cpu":
+        out_buf, tmp_buf = _scratch(0, weight.device, numel), _scratch(1, weight.device, numel)
+    else:  # a caching allocator: transients, free for the activations between layers
+        out_buf, tmp_buf = (torch.empty(numel, dtype=torch.float32, device=weight.device) for _ in range(2))
+    a, b, ds = _float(lora_A, lora_B, delta_scale)
+
+    def rows_of(rows: slice) -> torch.Tensor:
+        shape = (rows.stop - rows.start, weight.shape[1])
+        n = shape[0] * shape[1]
+        return _effective_rows(rows, weight, delta, a, b, scaling, ds, out_buf[:n].view(shape),
+                               tmp_buf[:n].view(shape))
+
+    total = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for rows in blocks:
+        value = rows_of(rows)
+        total += torch.abs(value, out=tmp_buf[: value.numel()].view(value.shape)).sum()
+    scale = 1.0 / (total / weight.numel()).float().clamp(min=EPS)
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for rows in reversed(blocks):
+        value = value if rows is blocks[-1] else rows_of(rows)
+        codes[rows] = value.mul_(scale).round_().clamp_(-1, 1)
+    return codes, scale
 
 
 def int8_rows(value: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,7 +332,8 @@ class BitLinear(nn.Module):
     def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """BitLinearFunction's forward from weight codes quantized once (frozen_weight_codes), no autograd."""
         if self._frozen_codes is None:
-            self._frozen_codes = ternary_codes(self.effective_weight())
+            self._frozen_codes = weight_codes(self.weight, self.delta, self.lora_A, self.lora_B, self.scaling,
+                                              self.delta_scale)
         x_codes, x_scale = int8_codes(x.reshape(-1, x.shape[-1]))
         y = code_linear(x_codes, x_scale, *self._frozen_codes, self.bias, self.kernel, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -19,7 +19,7 @@ from torch import nn
 
 from megadistil import rundir
 from megadistil.rundir import latest_tag, model_dir_fingerprint
-from megadistil.utils import write_atomic
+from megadistil.utils import dtype_name, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
 __all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "rng_state", "save", "save_deltas",
@@ -70,6 +70,11 @@ def save_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
 def load_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -> None:
     index = rundir.read_delta_index(directory)
     for name, param in _deltas(model):
+        saved = (index or {}).get("tensors", {}).get(name, {}).get("dtype")
+        if saved is not None and torch_dtype(saved) != param.dtype:
+            raise rundir.CheckpointError(
+                f"checkpoint {directory}: ΔW {name!r} was saved as {saved}, this run stores it as "
+                f"{dtype_name(param.dtype)} (config key 'relora.delta_format': resume with the run's own value)")
         full = rundir.read_delta(directory, name, index).reshape(-1)
         local = _local_partition(param)
         if hasattr(param, "ds_tensor"):

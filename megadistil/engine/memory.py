@@ -19,8 +19,9 @@ The model is counted from its dimensions (config.json), not built. Every term is
                      the model (twice on CPU/gloo, as measured)
   activations        activation checkpointing: the block inputs of every layer (p bytes per token and hidden
                      unit) plus the internals of the one block being recomputed (int8 inputs of its BitLinears,
-                     attention and MLP tensors, norms in fp32), its int8 weight codes and the fp32 W_eff transients
-                     of its largest linear; without checkpointing every block's internals
+                     attention and MLP tensors, norms in fp32), its int8 weight codes and the two fp32 W_eff row
+                     blocks of its largest linear (bitnet.linear.ROW_BLOCK_NUMEL); without checkpointing every
+                     block's internals
   teacher targets    the shared/HF teacher's final hidden states (and the hidden layers the loss uses)
   chunked logits     loss.chunk_tokens × vocab fp32 buffers (student logits, teacher logits, softmax/gradient)
   grad buckets       reduce_bucket_size elements of p bytes, twice with overlap_comm, at most the trainable set
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from megadistil.bitnet.linear import ROW_BLOCK_NUMEL
 from megadistil.bitnet.surgery import SUBLN_TARGETS
 from megadistil.config import ConfigError, RunConfig, uses_onpolicy
 
@@ -365,7 +367,8 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
         ("fp32 master + Adam", int(train_part * 16), "16 B per trainable / world" +
          (" (CPU: offload_optimizer)" if z["offload_optimizer"] else "")))
     whole = uses_onpolicy(cfg) and cfg.onpolicy.gather_weights
-    _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1, whole=whole)
+    _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1, whole=whole,
+                 delta_bytes=1 if cfg.relora.delta_format == "int8" else p)
     _activations(est, cfg, dims, t, p)
     est.rows.append(("grad buckets", int(min(z["reduce_bucket_size"] * (2 if z["overlap_comm"] else 1),
                                              sum(t.trainable)) * p), f"reduce_bucket_size={z['reduce_bucket_size']:g}"))
@@ -389,8 +392,10 @@ def _delta_row(cfg: RunConfig, t: Tensors, dims: ModelDims, world: int, keep: fl
 
 
 def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: int, staging: int,
-                 whole: bool) -> None:
+                 whole: bool, delta_bytes: int) -> None:
     total = sum(t.base) + sum(t.delta) + sum(t.trainable)
+    # Bytes per gathered value: a gather takes W, ΔW and the adapters in the proportions the model has them.
+    per_value = (p * (sum(t.base) + sum(t.trainable)) + delta_bytes * sum(t.delta)) / total
     if whole:
         live, how = total, f"all {total:,} while the student generates (onpolicy.gather_weights)"
         est.rows.append(("generation codes", t.linear_numel, "int8 codes of every BitLinear's W while generating"))
@@ -400,10 +405,10 @@ def _working_set(est: Estimate, t: Tensors, z: dict[str, Any], p: int, world: in
     else:
         live = min(total, z["stage3_prefetch_bucket_size"] + 2 * t.block_numel)
         how = f"prefetch {z['stage3_prefetch_bucket_size']:g} + 2 blocks of {t.block_numel:,}"
-    est.rows.append(("gathered params", int(live * p), how))
+    est.rows.append(("gathered params", int(live * per_value), how))
     # On gloo (CPU) the measured 2-rank runs need a second bucket-sized buffer: the gather is staged, then copied.
     buffer = staging * min(z["stage3_prefetch_bucket_size"], total) if world > 1 else 0
-    est.rows.append(("all-gather buffer", int(buffer * p),
+    est.rows.append(("all-gather buffer", int(buffer * per_value),
                      (f"prefetch bucket{' x2 (gloo staging)' if staging > 1 else ''}") if world > 1 else
                      "one rank: none"))
 
@@ -412,11 +417,11 @@ def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: 
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     per_block = block_internals_per_token(dims, cfg, p) * tokens
     block_weights = sum(lin.inp * lin.out for lin in dims.block_linears())
-    transients = 3 * t.largest_linear * 4  # fp32 W + ΔW + s·B·A and its ternary codes' working copies
+    transients = 2 * min(t.largest_linear, ROW_BLOCK_NUMEL["cuda"]) * 4  # fp32 blocks of rows of W + ΔW + s·B·A
     if cfg.model.activation_checkpointing:
         act = dims.layers * tokens * dims.hidden * p + per_block + block_weights + transients
         how = (f"{tokens} tokens: {dims.layers} block inputs + 1 recomputed block "
-               f"({per_block / 2**20:.0f} MiB) + its int8 W codes + fp32 W_eff")
+               f"({per_block / 2**20:.0f} MiB) + its int8 W codes + fp32 W_eff blocks")
     else:
         act = dims.layers * per_block + transients
         how = f"{tokens} tokens x {dims.layers} blocks, no checkpointing"

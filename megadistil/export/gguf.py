@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megadistil.bitnet.quant import ternary_codes
 from megadistil.export.sources import BaseModel, ExportError, StudentParts
-from megadistil.export.ternary import StudentSpec, _effective, check_base_matches, subln_unsupported
+from megadistil.export.ternary import StudentSpec, _codes, check_base_matches, subln_unsupported
 from megadistil.export.writer import _release_freed_memory
 
 Q = gguf.GGMLQuantizationType
@@ -280,11 +279,8 @@ def storable(qtype: Q, shape: tuple[int, ...], fallback: Q) -> Q:
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else fallback
 
 
-def ternary_values(w_eff: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """code · d with d = 1/weight_scale rounded to fp16: exactly what a TQ block holds, and exact in f16 too.
-    Pass W_eff as an expression: it is freed here once its codes exist."""
-    codes, scale = ternary_codes(w_eff)
-    del w_eff
+def ternary_values(codes: torch.Tensor, scale: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """code · d with d = 1/weight_scale rounded to fp16: exactly what a TQ block holds, and exact in f16 too."""
     # 1/scale in float32, as the student's effective weight code/scale is; then fp16 as a TQ block stores it
     d = np.float32(np.float16(np.float32(1.0) / np.float32(scale.item())))
     values = rows(codes).numpy().astype(np.float32)
@@ -345,9 +341,9 @@ class TensorPlan:
         def produce() -> np.ndarray:
             def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:
                 return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
-            return encode(ternary_values(_effective(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                                                    parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype), rows),
-                          qtype)
+            codes, scale = _codes(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                                  parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
+            return encode(ternary_values(codes, scale, rows), qtype)
         return GGUFTensor(target, qtype, shape, produce, ternary=True)
 
     def sub_norm(self, m: str) -> GGUFTensor:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from megadistil.bitnet.linear import effective_weight
-from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary, ternary_codes
+from megadistil.bitnet.linear import weight_codes
+from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary
 from megadistil.bitnet.surgery import SUBLN_TARGETS
 from megadistil.export.sources import (
     BaseModel,
@@ -135,21 +135,15 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
-def _effective(weight: Callable[[], torch.Tensor],
-               delta: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]], lora_A: torch.Tensor,
-               lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> torch.Tensor:
+def _codes(weight: Callable[[], torch.Tensor],
+           delta: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]], lora_A: torch.Tensor,
+           lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's Q3 codes and scale of one layer, by the function its forward used (weight_codes)."""
     # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
-    # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns, before Q3 allocates its
-    # temporaries.
+    # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns.
     delta_w, delta_scale = delta()
-    return effective_weight(weight().to(train_dtype), delta_w, lora_A.to(train_dtype), lora_B.to(train_dtype), scaling,
-                            delta_scale)
-
-
-def _pack(w_eff: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 [out/4, in], scale = 1/mean|W_eff| as float32 [1])."""
-    codes, scale = ternary_codes(w_eff())
-    return pack_ternary(codes), scale.reshape(1).float()
+    return weight_codes(weight().to(train_dtype), delta_w, lora_A.to(train_dtype), lora_B.to(train_dtype), scaling,
+                        delta_scale)
 
 
 def plan_output(base: BaseModel, parts: StudentParts, spec: StudentSpec, dtype: torch.dtype) -> list[OutputTensor]:
@@ -182,10 +176,10 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
         def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:  # ΔW, and its per-row scale when int8
             return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
 
-        p, scale = _pack(lambda: _effective(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                                            parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype))
-        cache[m] = scale
-        return p
+        codes, scale = _codes(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
+                              parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
+        cache[m] = scale.reshape(1).float()  # 1 / mean|W_eff|
+        return pack_ternary(codes)
 
     tensors = [
         OutputTensor(f"{m}.weight", torch.uint8, ((out + VALUES_PER_BYTE - 1) // VALUES_PER_BYTE, inp), packed,
