@@ -18,7 +18,8 @@ The "floor" is the peak RSS of a rank that only imports the engine and starts th
 cost, which no method can remove.
 
 Where the time goes: the last step of each engine case runs under torch.profiler (log.profile_step; left out of the
-median), and a table gives its phases per rank (--no-profile: off).
+median and of the steady-state peak: its event records cost memory and time), and a table gives its phases per rank
+(--no-profile: off).
 
 Allocator (--malloc, the same for every case's ranks, naive included): `kept`, the engine's CPU default (glibc keeps
 freed blocks for reuse: distributed.keep_freed_blocks); `lean`, MALLOC_MMAP_THRESHOLD_=65536 (freed blocks over
@@ -195,7 +196,9 @@ def run_engine(name: str, overrides: list[str], run_dir: Path, port: int, profil
         if profile_step else {}
     times = [m["step_time_s"] for m in steps if m["step"] != profile_step]  # the profiled step runs slower
     return {"name": name, "rss_mb": peaks, "engine_rank0_peak_mb": steps[-1]["peak_mem_mb_rank0"],
-            "steps_rss_mb": {r: max(m[f"steps_peak_mem_mb_rank{r}"] for m in steps) for r in range(WORLD)},
+            # the engine logs the running peak; the profiled step's holds the profiler's own event records
+            "steps_rss_mb": {r: max(m[f"steps_peak_mem_mb_rank{r}"] for m in steps if m["step"] != profile_step)
+                             for r in range(WORLD)},
             "step_times": times, "losses": [m["loss"] for m in steps], "profile": profiles}
 
 
@@ -259,7 +262,8 @@ def print_table(results: dict, floor: dict[int, float], dtype: str) -> None:
     floor_mb = max(floor.values())
     print(f"\n[{dtype}]  runtime floor (imports + process group): "
           + ", ".join(f"rank{r} {v:.0f} MiB" for r, v in sorted(floor.items())))
-    print("rss: lifetime peak RSS per rank (loading included); steps: the peak over the training steps alone")
+    print("rss: lifetime peak RSS per rank (loading included); steps: the peak over the training steps alone (not "
+          "the profiled one, which holds the profiler's records)")
     print(f"{'case':<4} {'what':<44} {'step s':>7} {'tok/s':>7} {'rss r0':>7} {'rss r1':>7} {'steps r0':>8}"
           f" {'steps r1':>8} {'mem/c':>6} {'steps/c':>7} {'net/c':>6} {'speed/c':>7}")
     for name, r in results.items():

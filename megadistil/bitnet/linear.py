@@ -38,7 +38,7 @@ class DeltaFormat(enum.StrEnum):
 # Llama-3.1-8B and 940 MB at 70B, two of them at once, in every forward and recompute. A block holds at most this
 # many float32 values: cache-sized on a CPU (where two such buffers are kept from call to call instead of two
 # W-sized ones); on a GPU, an 8B linear whole (no second rank-r product) and a 70B MLP in 4 blocks.
-ROW_BLOCK_NUMEL = {"cpu": 1 << 18, "cuda": 1 << 26}
+ROW_BLOCK_NUMEL = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 
 def row_blocks(weight: torch.Tensor) -> list[slice]:
