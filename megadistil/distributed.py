@@ -312,7 +312,7 @@ def keep_freed_blocks(environ: Mapping[str, str] | None = None) -> bool:
     jemalloc/tcmalloc/mimalloc) or the C library is not glibc.
 
     Why: glibc serves a block over 32 MiB with a fresh mmap and unmaps it when freed, so every ZeRO-3 gather of a
-    layer and every W-sized transient page-faults in anew at each forward and recompute. The price is memory: the
+    layer page-faults in anew at each forward and recompute. The price is memory: the
     heap keeps what fragmentation leaves free. bench/distill_step.py on the Intel Xeon VM (394M params, 2 ranks):
     shared-teacher step ~14 s at ~4.7 GB a rank kept, ~17 s at ~1.9 GB with MALLOC_MMAP_THRESHOLD_=65536
     (its --malloc lean), which a user short of memory sets."""

@@ -272,9 +272,9 @@ def test_compiled_quantizers_give_the_eager_codes():
 
 def test_weight_codes_are_the_absmean_codes_of_the_whole_effective_weight(monkeypatch):
     """weight_codes forms W + ΔW + s·B·A a block of rows at a time (twice: absmean, then codes), in one block or
-    many, for every ΔW format: its scale is 1 / the float64 absmean of W_eff to float32 rounding (two roundings: mean, 1/mean; transformers'
-    float32 mean within 1e-6), and its codes are exactly round(W_eff · scale) of the whole float32 W_eff that
-    effective_weight (the export's and the merge's) gives."""
+    many, for every ΔW format: its scale is 1 / the float64 absmean of W_eff to float32 rounding (two roundings:
+    mean, 1/mean; transformers' float32 mean within 1e-6), and its codes are exactly round(W_eff · scale) of the
+    whole float32 W_eff that effective_weight (the export's and the merge's) gives."""
     from megadistil.bitnet import linear
     from megadistil.bitnet.linear import effective_weight, int8_rows, weight_codes
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from megadistil.bitnet.linear import ROW_BLOCK_NUMEL
+from megadistil.bitnet.linear import ROW_BLOCK_NUMEL, DeltaFormat
 from megadistil.bitnet.surgery import SUBLN_TARGETS
 from megadistil.config import ConfigError, RunConfig, uses_onpolicy
 
@@ -368,7 +368,7 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
          (" (CPU: offload_optimizer)" if z["offload_optimizer"] else "")))
     whole = uses_onpolicy(cfg) and cfg.onpolicy.gather_weights
     _working_set(est, t, z, p, world, staging=2 if device == "cpu" else 1, whole=whole,
-                 delta_bytes=1 if cfg.relora.delta_format == "int8" else p)
+                 delta_bytes=delta_value_bytes(cfg, p))
     _activations(est, cfg, dims, t, p)
     est.rows.append(("grad buckets", int(min(z["reduce_bucket_size"] * (2 if z["overlap_comm"] else 1),
                                              sum(t.trainable)) * p), f"reduce_bucket_size={z['reduce_bucket_size']:g}"))
@@ -379,12 +379,17 @@ def estimate(cfg: RunConfig, dims: ModelDims, layout: Layout, ds_config: dict[st
     return est
 
 
+def delta_value_bytes(cfg: RunConfig, p: int) -> int:
+    """Bytes of one ΔW value: an int8 code, or the model dtype's p (relora.delta_format)."""
+    return 1 if cfg.relora.delta_format == DeltaFormat.int8 else p
+
+
 def _delta_row(cfg: RunConfig, t: Tensors, dims: ModelDims, world: int, keep: float, p: int,
                where: str) -> tuple[str, int, str]:
     """ΔW in the model dtype (p bytes), or int8 codes (1 byte) + a per-row scale in p bytes (relora.delta_format)."""
     if not t.delta:
         return "ΔW", 0, "relora.reset_every=0: none"
-    if cfg.relora.delta_format != "int8":
+    if delta_value_bytes(cfg, p) == p:
         return "ΔW", int(sharded_numel(t.delta, world, keep) * p), f"{sum(t.delta):,} / {world}{where}"
     scales = [lin.out for lin in dims.block_linears()] * dims.layers
     return ("ΔW", int(sharded_numel(t.delta, world, keep) + sharded_numel(scales, world, keep) * p),
