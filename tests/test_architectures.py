@@ -25,7 +25,7 @@ from torch import nn
 from megadistil.bitnet import BitLinear, teacher_mode, to_bitnet
 from megadistil.config import ConfigError, load_config
 from megadistil.distill import LossConfig, chunked_lm_head_loss
-from megadistil.engine.trainer import Trainer
+from megadistil.engine.inputs import check_inputs
 from megadistil.models import (
     attn_implementation,
     capture_qkv,
@@ -113,8 +113,9 @@ def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_
     outputs (the last one after the final norm, as HF gives it) and q/k/v are bitwise those of a teacher_mode()
     forward, and the student's loss and gradients under activation checkpointing (which replays the layers without
     the teacher) are bitwise unchanged."""
+    from megadistil.engine.model import enable_activation_checkpointing
+    from megadistil.engine.module import DistillModule
     from megadistil.engine.teachers import SharedTeacher
-    from megadistil.engine.trainer import DistillModule
 
     model, ids = tiny_model(arch, head_scale=HEAD_SCALE), _ids()
     to_bitnet(model, lora_rank=4)
@@ -122,7 +123,7 @@ def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_
         p.requires_grad_("lora_" in name)
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(2))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     last = model.config.num_hidden_layers - 1
     cfg = LossConfig(hidden_weight=0.5, hidden_layers=[0, last], attn_relation_weight=0.3,
                      attn_relation_layers=[0, last])
@@ -273,12 +274,11 @@ def test_subln_is_refused_before_any_weight_loads_except_where_the_export_can_wr
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(model_dir)  # a config and no weights at all
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.student={model_dir}", "bitnet.subln=true",
                                                    f"data.text=[{tiny_llama_dir}/tokenizer.json]"])
-    trainer = Trainer(cfg, str(ROOT / "ds_configs/zero3.json"))
     if arch.startswith("llama"):
-        trainer._check_inputs()
+        check_inputs(cfg)
         return
     with pytest.raises(ConfigError, match=rf"'bitnet.subln'.*model_type='{tiny_config(arch).model_type}'"):
-        trainer._check_inputs()
+        check_inputs(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

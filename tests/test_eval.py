@@ -146,14 +146,14 @@ def test_text_perplexity_and_seeded_generations(tiny_llama_dir, stdlib_text_file
 def test_a_run_with_eval_tasks_whose_data_is_missing_stops_before_any_weight_loads(tiny_llama_dir, stdlib_text_file,
                                                                                     tmp_path):
     from megadistil.config import ConfigError, load_config
-    from megadistil.engine.trainer import Trainer
+    from megadistil.engine.inputs import check_inputs
 
     write_task(tmp_path, "gone_in_training", [], "multiple_choice", data=tmp_path / "absent.jsonl")
     cfg = load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
                                             "train.eval_tasks=[gone_in_training]",
                                             f"train.eval_tasks_include_path={tmp_path}"])
     with pytest.raises(ConfigError, match=r"train.eval_tasks.*'gone_in_training'.*absent.jsonl"):
-        Trainer(cfg, "ds_configs/zero3.json")._check_inputs()
+        check_inputs(cfg)
     with pytest.raises(ConfigError, match="train.eval_tasks_include_path"):
         load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
                                           f"train.eval_tasks_include_path={tmp_path}/nope"])

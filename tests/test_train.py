@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megadistil.config import ConfigError, load_config
-from megadistil.engine.trainer import Trainer
+from megadistil.engine.inputs import check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -381,26 +381,25 @@ def test_nan_losses_are_skipped_and_a_streak_stops_with_checkpoint_intact(runs):
     assert (run / "checkpoints" / "step00000003" / "meta.json").is_file()
 
 
-def _trainer(tmp_path, overrides):
-    return Trainer(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]),
-                   str(ROOT / "ds_configs/zero3.json"))
+def _inputs(tmp_path, overrides):
+    return check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]))
 
 
 def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
     with pytest.raises(ConfigError, match="teacher.path.*/no/such/teacher is not a model directory"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", "teacher.path=/no/such/teacher",
-                            f"data.text=[{stdlib_text_file}]"])._check_inputs()
+        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", "teacher.path=/no/such/teacher",
+                            f"data.text=[{stdlib_text_file}]"])
     with pytest.raises(ConfigError, match="model.student"):
-        _trainer(tmp_path, ["model.student=/no/such/student"])._check_inputs()
+        _inputs(tmp_path, ["model.student=/no/such/student"])
     other = tmp_path / "other_model"
     from megadistil.tiny import make_tiny_llama
 
     make_tiny_llama(other, texts=[stdlib_text_file.read_text()[:20000]], vocab_size=300)
     with pytest.raises(ConfigError, match="data.shards.*vocab"):
-        _trainer(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
+        _inputs(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]"])
     with pytest.raises(ConfigError, match="loss.temperature"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}",
-                            "data.text=[]", "loss.temperature=2.0"])._check_inputs()
+        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}",
+                            "data.text=[]", "loss.temperature=2.0"])
 
 
 def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,
@@ -409,35 +408,33 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
     common = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}"]
     text = f"data.text=[{stdlib_text_file}]"
     with pytest.raises(ConfigError, match="'loss.dskd_weight': the dual-space term needs a live teacher with another"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", text, "loss.dskd_weight=0.5"])._check_inputs()
+        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", text, "loss.dskd_weight=0.5"])
     with pytest.raises(ConfigError, match="'data.text': is required"):
-        _trainer(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])._check_inputs()
+        _inputs(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])
     with pytest.raises(ConfigError, match="'onpolicy.fraction': on-policy distillation needs the teacher to score"):
-        _trainer(tmp_path, [*common, text, "loss.kind=uld", "onpolicy.fraction=0.5"])._check_inputs()
+        _inputs(tmp_path, [*common, text, "loss.kind=uld", "onpolicy.fraction=0.5"])
     with pytest.raises(ConfigError, match="'preference.reference': .* has another tokenizer than the student"):
-        _trainer(tmp_path, [f"model.student={tiny_llama_dir}", text,
-                            f"preference.reference={crosstok_teacher_dir}"])._check_inputs()
+        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", text,
+                            f"preference.reference={crosstok_teacher_dir}"])
     # Shards of such a teacher: ULD reads them as they are; another divergence needs the teacher's tokenizer to map
     # its ids, found at manifest.teacher (and refused, naming the fix, where that directory is gone).
     shards = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", "data.text=[]"]
-    on_shards = _trainer(tmp_path, [*shards, f"data.shards={crosstok_shards_dir}", "loss.kind=jsd"])
-    on_shards._check_inputs()
-    assert on_shards.shards_teacher_tokenizer is not None
+    on_shards = _inputs(tmp_path, [*shards, f"data.shards={crosstok_shards_dir}", "loss.kind=jsd"])
+    assert on_shards.shards_teacher_tokenizer is not None and on_shards.cross_tokenizer_targets
     moved = tmp_path / "moved_shards"
     shutil.copytree(crosstok_shards_dir, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
     (moved / "manifest.json").write_text(json.dumps({**manifest, "teacher": str(tmp_path / "gone")}))
-    _trainer(tmp_path, [*shards, f"data.shards={moved}", "loss.kind=uld"])._check_inputs()
+    _inputs(tmp_path, [*shards, f"data.shards={moved}", "loss.kind=uld"])
     with pytest.raises(ConfigError, match="'loss.kind': the shards in .* loss.kind forward_kl maps them onto the "
                                           "student's vocabulary .* use loss.kind=uld"):
-        _trainer(tmp_path, [*shards, f"data.shards={moved}", "loss.kind=forward_kl"])._check_inputs()
-    trainer = _trainer(tmp_path, [*common, text, "loss.kind=uld"])
-    trainer._check_inputs()
-    assert trainer.teacher_tokenizer is not None
-    same = _trainer(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}",
-                               text])
-    same._check_inputs()
+        _inputs(tmp_path, [*shards, f"data.shards={moved}", "loss.kind=forward_kl"])
+    live = _inputs(tmp_path, [*common, text, "loss.kind=uld"])
+    assert live.teacher_tokenizer is not None and live.cross_tokenizer_targets
+    same = _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}",
+                              text])
     assert same.teacher_tokenizer is None  # the same tokenizer: today's exact path, any divergence
+    assert not same.cross_tokenizer_targets
 
 
 @pytest.mark.multirank
@@ -456,8 +453,8 @@ def test_dual_space_term_matches_its_definition():
     import torch.nn.functional as F
 
     from megadistil.distill.losses import IGNORE_INDEX, LossConfig
+    from megadistil.engine.module import DistillModule
     from megadistil.engine.teachers import Targets
-    from megadistil.engine.trainer import DistillModule
     from tests._tiny import tiny_llama31
 
     student = tiny_llama31(seed=0, vocab_size=96)

@@ -1,4 +1,4 @@
-"""What the student's architecture allows, checked from its config before any weight loads (Trainer._check_inputs):
+"""What the student's architecture allows, checked from its config before any weight loads (engine.inputs.check_inputs):
 an attention implementation it can run, an output transform megadistil models, and SubLN only where the export can
 write it."""
 

@@ -69,7 +69,7 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
     if b.compile_quantizers or (b.compile_quantizers is None and torch.cuda.is_available()):
         compile_quantizers()
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         # Non-reentrant checkpointing saves nothing in the first forward, so keeping a layer's int8 weight codes
         # from its recompute to its backward costs one layer at a time.
         for _, layer in bitlinear_modules(model):
@@ -82,6 +82,16 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
         # second step on), so there each projection is gathered on its own.
         deepspeed.utils.set_z3_leaf_modules(model, list({type(layer) for layer in decoder_layers(model)}))
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder layer, through transformers' own switch (renamed in 5.x; the old
+    name warns until it goes in v6)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:

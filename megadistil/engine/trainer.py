@@ -18,7 +18,7 @@ import torch.distributed as dist
 from deepspeed.runtime.zero import unwrap_model_for_generation
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from megadistil import rundir, utils
 from megadistil.bitnet import set_quant_lambda
@@ -27,7 +27,6 @@ from megadistil.config import (
     Resume,
     RunConfig,
     TeacherKind,
-    layer_lists,
     load_ds_config,
     loss_configs,
     reconcile_ds_config,
@@ -35,34 +34,19 @@ from megadistil.config import (
     to_yaml,
     uses_onpolicy,
 )
-from megadistil.data import Manifest, ShardStream, tokenizer_fingerprint
+from megadistil.data import ShardStream
 from megadistil.data.crosstok import CrossTokenizerBatches, vocab_map
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
-from megadistil.distill.losses import (
-    IGNORE_INDEX,
-    KDKind,
-    LossConfig,
-    Target,
-    attention_relation_loss,
-    chunked_lm_head_loss,
-    hidden_state_loss,
-)
+from megadistil.distill.losses import LossConfig
 from megadistil.distill.onpolicy import OnPolicyConfig, is_onpolicy, onpolicy_batch, sequence_indices
-from megadistil.distill.preference import PreferenceConfig, token_weights
-from megadistil.distill.targets import head_label_logprobs
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
-from megadistil.engine.architecture import check_architecture
 from megadistil.engine.device import agreed, as_resumed, place
+from megadistil.engine.inputs import check_inputs
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
-from megadistil.engine.model import (
-    assign_param_groups,
-    build_student,
-    check_model_dir,
-    check_same_tokenizer,
-    load_causal_lm,
-)
+from megadistil.engine.model import assign_param_groups, build_student, load_causal_lm
+from megadistil.engine.module import DistillModule
 from megadistil.engine.profile import phase, profiled_step
 from megadistil.engine.relora import relora_reset
 from megadistil.engine.schedule import is_reset_step, lr_at
@@ -76,98 +60,8 @@ from megadistil.engine.teachers import (
     Targets,
     Teacher,
 )
-from megadistil.models import capture_qkv, decoder, logit_transform, output_head, output_head_name
+from megadistil.models import output_head, output_head_name
 from megadistil.sampling import lockstep_any, sample
-
-
-class DistillModule(nn.Module):
-    """The student plus its losses, as one module for DeepSpeed (the LM head's losses in a submodule of their own)."""
-
-    def __init__(self, student: nn.Module, preference: PreferenceConfig | None = None,
-                 projector: nn.Module | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.projector = projector  # DSKD: a teacher of another tokenizer's hidden size -> the student's
-        self.head_loss = HeadLoss(student, preference)
-
-    def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
-        hidden_layers, qkv_layers = layer_lists(cfg, self.student.config.num_hidden_layers)
-        teacher = targets.layerwise.alongside() if targets.layerwise else contextlib.nullcontext()
-        with teacher, capture_qkv(self.student, qkv_layers) as qkv:
-            out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))
-        projected = self.projector(targets.foreign_hidden.to(out.last_hidden_state.dtype)) \
-            if cfg.dskd_weight and targets.foreign_hidden is not None else None
-        parts = self.head_loss(out.last_hidden_state, labels, targets, cfg, projected)
-        mask = labels != IGNORE_INDEX
-        if hidden_layers:
-            student_hidden = [out.hidden_states[i + 1] for i in hidden_layers]
-            parts["hidden"] = hidden_state_loss(student_hidden, targets.layer_hidden, mask,
-                                                magnitude_weight=cfg.hidden_magnitude_weight)
-            parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
-        if qkv_layers:
-            terms = [attention_relation_loss(qkv[i], targets.qkv[i], mask,
-                                             num_relation_heads=cfg.attn_relation_heads,
-                                             temperature=cfg.attn_relation_temperature) for i in qkv_layers]
-            parts["attn"] = torch.stack(terms).mean()
-            parts["loss"] = parts["loss"] + cfg.attn_relation_weight * parts["attn"]
-        return parts
-
-
-class HeadLoss(nn.Module):
-    """The losses read through the student's LM head (KD + CE in chunks, preference weights, DSKD), as a module of
-    their own: under ZeRO-3 the head's weight is its external parameter (register_external_parameter), gathered
-    for this module's forward alone instead of for the whole decoder forward and backward around it (at Llama-3.1-8B
-    the head is 1 GB in bf16)."""
-
-    def __init__(self, student: nn.Module, preference: PreferenceConfig | None = None) -> None:
-        super().__init__()
-        self.head = (output_head(student),)  # a tuple: the head stays the student's module, not a second child
-        self.preference = preference
-        self.logit_transform = logit_transform(student.config, type(student))  # softcapping etc.: the model's logits
-
-    def forward(self, hidden: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig,
-                projected: Tensor | None = None) -> dict[str, Tensor]:
-        weight = self.head[0].weight
-        kd = Target.logits in cfg.needs()
-        teacher_hidden = targets.hidden if kd else None
-        weights = self._token_weights(targets, weight, labels, cfg) if targets.reference_logprobs is not None else None
-        with phase("loss"):
-            parts = chunked_lm_head_loss(hidden, weight, labels, cfg,
-                                         sparse=targets.sparse if kd else None, teacher_hidden=teacher_hidden,
-                                         teacher_lm_head_weight=weight if teacher_hidden is not None else None,
-                                         logit_transform=self.logit_transform, kd_mask=targets.kd_mask,
-                                         token_weights=weights)
-        if weights is not None:
-            mask = labels != IGNORE_INDEX
-            parts["token_weight"] = (weights * mask).sum() / mask.sum().clamp_min(1)  # the mean over trained tokens
-        if projected is not None:
-            self._dual_space(parts, hidden, projected, weight, labels, targets, cfg)
-        return parts
-
-    def _dual_space(self, parts: dict[str, Tensor], hidden: Tensor, projected: Tensor, head_weight: Tensor,
-                    labels: Tensor, targets: Targets, cfg: LossConfig) -> None:
-        """DSKD's teacher-to-student half (Zhang et al. 2024): the teacher's final hidden states at the aligned
-        positions, projected into the student's space (`projected`), are read by the student's own head as a
-        next-token distribution over the student's vocabulary. The projector learns that reading by CE on the labels
-        in the same step; the student is distilled (loss.kind, temperature) towards the projected distribution,
-        detached."""
-        aligned = labels.masked_fill(~targets.foreign_mask, IGNORE_INDEX)
-        proj = chunked_lm_head_loss(projected, head_weight, aligned, replace(cfg, kd_weight=0.0, ce_weight=1.0),
-                                    logit_transform=self.logit_transform)
-        kd = chunked_lm_head_loss(hidden, head_weight, aligned, replace(cfg, kd_weight=1.0, ce_weight=0.0),
-                                  teacher_hidden=projected.detach(), teacher_lm_head_weight=head_weight,
-                                  logit_transform=self.logit_transform)
-        parts["dskd"], parts["dskd_proj_ce"] = kd["kd"], proj["ce"]
-        parts["loss"] = parts["loss"] + cfg.dskd_weight * (kd["loss"] + proj["loss"])
-
-    def _token_weights(self, targets: Targets, head_weight: Tensor, labels: Tensor, cfg: LossConfig) -> Tensor:
-        """Preference weights from the teacher's and the reference's log p(label); the shared teacher's come from its
-        final hidden states through the head this forward has gathered anyway."""
-        teacher = targets.label_logprobs
-        if teacher is None:
-            teacher = head_label_logprobs(targets.hidden, head_weight, labels, self.logit_transform,
-                                          chunk_tokens=cfg.chunk_tokens)
-        return token_weights(teacher, targets.reference_logprobs, self.preference)
 
 
 @dataclass
@@ -218,7 +112,7 @@ class Trainer:
         bf16 = self.placement.dtype == torch.bfloat16
         self.ds_config = reconcile_ds_config(cfg, load_ds_config(self.ds_config_path),
                                              world_size=self.dist.world_size, bf16=bf16)
-        self._check_inputs()
+        self.inputs = check_inputs(cfg)
         self.data = self._build_data()
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
@@ -247,139 +141,47 @@ class Trainer:
         tag = checkpoint.latest_tag(self.ckpt_root) if self.cfg.train.resume == Resume.auto else None
         return rundir.read_meta(self.ckpt_root / tag).get("placement") if tag else None
 
-    def _check_inputs(self) -> None:
-        """Everything that can be checked before a weight is loaded."""
-        cfg = self.cfg
-        check_model_dir(cfg.model.student, "model.student")
-        if cfg.teacher.kind == TeacherKind.hf:
-            check_model_dir(cfg.teacher.path, "teacher.path")
-        student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
-        check_architecture(student_config, cfg)
-        for where, loss in loss_configs(cfg):
-            try:
-                layer_lists(loss, student_config.num_hidden_layers)
-            except ValueError as e:
-                raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student,
-                                                       trust_remote_code=cfg.model.trust_remote_code)
-        self.teacher_tokenizer = self._cross_tokenizer()
-        self._check_dskd()
-        self.cross_tokenizer_targets = self.teacher_tokenizer is not None  # or shards of such a teacher, below
-        self.shards_teacher_tokenizer = None
-        if cfg.preference.reference:
-            check_same_tokenizer(cfg.preference.reference, self.tokenizer, "preference.reference", cfg)
-        if cfg.data.shards:
-            self._check_shards(Manifest.load(cfg.data.shards), student_config.vocab_size)
-        if cfg.train.eval_tasks:
-            from megadistil.eval.tasks import EvalError, preflight
-
-            try:
-                preflight(list(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path or None)
-            except EvalError as e:
-                raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
-
-    def _cross_tokenizer(self) -> Any:
-        """A separate teacher whose tokenizer differs from the student's (None: the same, today's exact path), checked
-        against what the cross-tokenizer path supports."""
-        cfg = self.cfg
-        if cfg.teacher.kind != TeacherKind.hf:
-            return None
-        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, trust_remote_code=cfg.model.trust_remote_code)
-        if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(self.tokenizer):
-            return None
-        why = f"teacher.path {cfg.teacher.path} has another tokenizer than the student"
-        _refuse(not cfg.data.text, "data.text", f"is required: {why}, which must tokenize the training text itself")
-        _refuse(uses_onpolicy(cfg), "onpolicy.fraction", f"on-policy distillation needs the teacher to score the "
-                f"student's tokens; {why}")
-        _refuse(bool(cfg.preference.reference), "preference.reference",
-                f"token weights need the teacher's log-probs of the student's labels; {why}")
-        return teacher_tok
-
-    def _check_dskd(self) -> None:
-        for where, loss in loss_configs(self.cfg):
-            _refuse(loss.dskd_weight and self.teacher_tokenizer is None, f"{where}loss.dskd_weight",
-                    "the dual-space term needs a live teacher with another tokenizer than the student's "
-                    "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
-
-    def _shards_teacher_tokenizer(self, manifest: Manifest) -> Any:
-        """Shards of a teacher with another tokenizer hold its ids: a divergence other than ULD maps them onto the
-        student's vocabulary, which takes the teacher's tokenizer (manifest.teacher, checked by fingerprint)."""
-        kinds = {loss.kind for _, loss in loss_configs(self.cfg) if loss.needs()}
-        if kinds <= {KDKind.uld}:
-            return None
-        why = (f"the shards in {self.cfg.data.shards} hold the ids of a teacher with another tokenizer, and "
-               f"loss.kind {'/'.join(sorted(k.value for k in kinds - {KDKind.uld}))} maps them onto the student's "
-               f"vocabulary with the teacher's tokenizer")
-        try:
-            tok = AutoTokenizer.from_pretrained(manifest.teacher, trust_remote_code=self.cfg.model.trust_remote_code)
-        except (OSError, ValueError):
-            raise ConfigError(f"config key 'loss.kind': {why}, which is not at manifest.teacher={manifest.teacher!r}; "
-                              "use loss.kind=uld, or run where the teacher's directory is") from None
-        _refuse(tokenizer_fingerprint(tok) != manifest.teacher_tokenizer_fingerprint, "loss.kind",
-                f"{why}, and the tokenizer at {manifest.teacher} is not the one the shards were made with")
-        return tok
-
     def _vocab_map(self, teacher_tokenizer: Any) -> Tensor | None:
         if teacher_tokenizer is None:
             return None
-        return torch.from_numpy(vocab_map(teacher_tokenizer, self.tokenizer)).to(self.device)
-
-    def _check_shards(self, manifest: Manifest, vocab_size: int) -> None:
-        cfg = self.cfg
-        try:
-            manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer))
-        except ValueError as e:
-            raise ConfigError(f"config key 'data.shards': {e}") from None
-        op = cfg.onpolicy
-        if uses_onpolicy(cfg) and op.prompt_tokens + op.max_new_tokens > manifest.seq_len:
-            raise ConfigError(f"config key 'onpolicy.prompt_tokens': {op.prompt_tokens} prompt + {op.max_new_tokens} "
-                              f"new tokens exceed the shards' seq_len {manifest.seq_len}")
-        if cfg.teacher.kind != TeacherKind.shards:
-            return  # the shards are the token source only; their targets are never decoded
-        self.cross_tokenizer_targets = manifest.cross_tokenizer
-        if manifest.cross_tokenizer:
-            self.shards_teacher_tokenizer = self._shards_teacher_tokenizer(manifest)
-        for where, loss in loss_configs(cfg):
-            if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
-                raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
-                                  f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+        return torch.from_numpy(vocab_map(teacher_tokenizer, self.inputs.tokenizer)).to(self.device)
 
     def _build_data(self):
-        cfg, d = self.cfg, self.cfg.data
+        cfg, d, tok = self.cfg, self.cfg.data, self.inputs.tokenizer
         common = {"batch_size": cfg.train.micro_batch_size, "rank": self.dist.rank,
                   "world_size": self.dist.world_size, "pin_memory": self.device.type == "cuda"}
         if d.shards:
             return ShardStream.from_config(replace(d, seed=d.seed or cfg.train.seed),
                                            targets=cfg.teacher.kind == TeacherKind.shards, **common)
         if d.preference:
-            return PackedTextBatches.from_preference(list(d.preference), self.tokenizer, d.seq_len,
+            return PackedTextBatches.from_preference(list(d.preference), tok, d.seq_len,
                                                      seed=cfg.train.seed, **common)
-        if self.teacher_tokenizer is not None:
-            return CrossTokenizerBatches.from_files(list(d.text), self.tokenizer, self.teacher_tokenizer, d.seq_len,
+        if self.inputs.teacher_tokenizer is not None:
+            return CrossTokenizerBatches.from_files(list(d.text), tok, self.inputs.teacher_tokenizer, d.seq_len,
                                                     seed=cfg.train.seed, **common)
-        return PackedTextBatches.from_files(list(d.text), self.tokenizer, d.seq_len, seed=cfg.train.seed, **common)
+        return PackedTextBatches.from_files(list(d.text), tok, d.seq_len, seed=cfg.train.seed, **common)
 
     def _build_eval(self) -> np.ndarray | None:
         d = self.cfg.data
         if not d.eval_text:
             return None
-        seq_len = Manifest.load(d.shards).seq_len if d.shards else d.seq_len
+        seq_len = self.inputs.manifest.seq_len if d.shards else d.seq_len
         count = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size
-        return eval_sequences(list(d.eval_text), self.tokenizer, seq_len, count)
+        return eval_sequences(list(d.eval_text), self.inputs.tokenizer, seq_len, count)
 
     def _build_teacher(self) -> Teacher:
         kind = self.cfg.teacher.kind
         if kind == TeacherKind.shared:
             return SharedTeacher(self.engine.module.student, self.cfg.teacher.layerwise)
         if kind == TeacherKind.shards:
-            return OfflineTeacher(self._vocab_map(self.shards_teacher_tokenizer))
+            return OfflineTeacher(self._vocab_map(self.inputs.shards_teacher_tokenizer))
         if kind == TeacherKind.none:
             return NoTeacher()
         model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
-        if self.teacher_tokenizer is None:
+        if self.inputs.teacher_tokenizer is None:
             return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
         return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k,
-                                     vocab_map=self._vocab_map(self.teacher_tokenizer))
+                                     vocab_map=self._vocab_map(self.inputs.teacher_tokenizer))
 
     def _build_projector(self, student: nn.Module) -> nn.Module | None:
         """DSKD's projector (loss.dskd_weight at any stage): the teacher's hidden size -> the student's, trained with
@@ -402,7 +204,7 @@ class Trainer:
         teacher: with the shared kind, or with shards precomputed from the student's own base model."""
         kind = self.cfg.teacher.kind
         if kind == TeacherKind.shards:
-            return Manifest.load(self.cfg.data.shards).teacher_fingerprint == \
+            return self.inputs.manifest.teacher_fingerprint == \
                 teacher_dir_fingerprint(self.cfg.model.student)
         return kind == TeacherKind.shared
 
@@ -530,7 +332,7 @@ class Trainer:
             kd_tokens += parts.pop("kd_tokens")
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
-        if self.cross_tokenizer_targets:  # the share of trained tokens that a teacher of another tokenizer has a target for
+        if self.inputs.cross_tokenizer_targets:  # the share of trained tokens a teacher of another tokenizer targets
             sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
         return sums, tokens, stats
 
@@ -542,7 +344,8 @@ class Trainer:
         prompts = batch["input_ids"][:, :op.prompt_tokens]
         indices = sequence_indices(micro, self.dist.rank, self.dist.world_size, prompts.shape[0])
         stop = student.generation_config.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        tok = self.inputs.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         start = time.perf_counter()
         zero3 = self.engine.zero_optimization_stage() == 3
         gathered, per_layer = zero3 and op.gather_weights, zero3 and not op.gather_weights
@@ -550,7 +353,7 @@ class Trainer:
         try:
             with unwrap_model_for_generation(self.engine) if gathered else contextlib.nullcontext():
                 gen = sample(student, list(prompts), op.sampling(self.cfg.train.seed),
-                             eos_token_id=stop if stop is not None else self.tokenizer.eos_token_id,
+                             eos_token_id=stop if stop is not None else tok.eos_token_id,
                              pad_token_id=pad if pad is not None else 0, indices=indices,
                              lockstep=self.lockstep if per_layer else None,  # whole weights: no collective per token
                              freeze_weight_codes=not per_layer)
@@ -639,7 +442,7 @@ class Trainer:
             return {}
         from megadistil.eval.tasks import flat_scores, run_tasks
 
-        table = run_tasks(self.engine.module.student, self.tokenizer, list(t.eval_tasks), checked=True,
+        table = run_tasks(self.engine.module.student, self.inputs.tokenizer, list(t.eval_tasks), checked=True,
                           include_path=t.eval_tasks_include_path or None, limit=t.eval_tasks_limit,
                           batch_size=t.micro_batch_size)
         return flat_scores(table)
@@ -698,11 +501,6 @@ class _StepClock:
         mean = self.seconds / max(self.steps, 1)
         self.seconds, self.steps = 0.0, 0
         return mean
-
-
-def _refuse(bad: object, key: str, message: str) -> None:
-    if bad:
-        raise ConfigError(f"config key {key!r}: {message}")
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,123 @@
+"""Everything a run reads besides weights, checked before any weight loads: the model directories, the student's
+architecture and layer lists, the tokenizers (a live teacher's or shards' of another vocabulary included), the
+shards' manifest and the eval tasks. Each refusal names the config key at fault."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer
+
+from megadistil.config import ConfigError, RunConfig, TeacherKind, layer_lists, loss_configs, uses_onpolicy
+from megadistil.data import Manifest, tokenizer_fingerprint
+from megadistil.distill.losses import KDKind
+from megadistil.engine.architecture import check_architecture
+from megadistil.engine.model import check_model_dir, check_same_tokenizer
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the checks settled, for the trainer to build its data, teacher and losses from."""
+
+    tokenizer: Any  # the student's
+    teacher_tokenizer: Any | None = None  # a live teacher's (teacher.kind=hf) where it differs from the student's
+    shards_teacher_tokenizer: Any | None = None  # the teacher's behind shards of its own ids, where the loss maps them
+    cross_tokenizer_targets: bool = False  # targets on aligned positions only: another tokenizer, live or in shards
+    manifest: Manifest | None = None  # data.shards'
+
+
+def check_inputs(cfg: RunConfig) -> Inputs:
+    """Raise ConfigError naming the key at fault, else what the run reads with."""
+    check_model_dir(cfg.model.student, "model.student")
+    if cfg.teacher.kind == TeacherKind.hf:
+        check_model_dir(cfg.teacher.path, "teacher.path")
+    trust = cfg.model.trust_remote_code
+    student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=trust)
+    check_architecture(student_config, cfg)
+    for where, loss in loss_configs(cfg):
+        try:
+            layer_lists(loss, student_config.num_hidden_layers)
+        except ValueError as e:
+            raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student, trust_remote_code=trust)
+    teacher_tokenizer = _live_teacher_tokenizer(cfg, tokenizer)
+    for where, loss in loss_configs(cfg):
+        _refuse(loss.dskd_weight and teacher_tokenizer is None, f"{where}loss.dskd_weight",
+                "the dual-space term needs a live teacher with another tokenizer than the student's "
+                "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
+    if cfg.preference.reference:
+        check_same_tokenizer(cfg.preference.reference, tokenizer, "preference.reference", cfg)
+    inputs = Inputs(tokenizer, teacher_tokenizer, cross_tokenizer_targets=teacher_tokenizer is not None)
+    if cfg.data.shards:
+        inputs = _check_shards(cfg, inputs, Manifest.load(cfg.data.shards), student_config.vocab_size)
+    if cfg.train.eval_tasks:
+        from megadistil.eval.tasks import EvalError, preflight
+
+        try:
+            preflight(list(cfg.train.eval_tasks), cfg.train.eval_tasks_include_path or None)
+        except EvalError as e:
+            raise ConfigError(f"config key 'train.eval_tasks': {e}") from None
+    return inputs
+
+
+def _live_teacher_tokenizer(cfg: RunConfig, tokenizer: Any) -> Any:
+    """A separate teacher's tokenizer where it differs from the student's (None: the same, the exact path), checked
+    against what the cross-tokenizer path supports."""
+    if cfg.teacher.kind != TeacherKind.hf:
+        return None
+    teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.path, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tokenizer):
+        return None
+    why = f"teacher.path {cfg.teacher.path} has another tokenizer than the student"
+    _refuse(not cfg.data.text, "data.text", f"is required: {why}, which must tokenize the training text itself")
+    _refuse(uses_onpolicy(cfg), "onpolicy.fraction", f"on-policy distillation needs the teacher to score the "
+            f"student's tokens; {why}")
+    _refuse(bool(cfg.preference.reference), "preference.reference",
+            f"token weights need the teacher's log-probs of the student's labels; {why}")
+    return teacher_tok
+
+
+def _check_shards(cfg: RunConfig, inputs: Inputs, manifest: Manifest, vocab_size: int) -> Inputs:
+    try:
+        manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(inputs.tokenizer))
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.shards': {e}") from None
+    op = cfg.onpolicy
+    if uses_onpolicy(cfg) and op.prompt_tokens + op.max_new_tokens > manifest.seq_len:
+        raise ConfigError(f"config key 'onpolicy.prompt_tokens': {op.prompt_tokens} prompt + {op.max_new_tokens} "
+                          f"new tokens exceed the shards' seq_len {manifest.seq_len}")
+    if cfg.teacher.kind != TeacherKind.shards:
+        return replace(inputs, manifest=manifest)  # the shards are the token source only; targets never decoded
+    shards_teacher = _shards_teacher_tokenizer(cfg, manifest) if manifest.cross_tokenizer else None
+    for where, loss in loss_configs(cfg):
+        if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
+            raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
+                              f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+    return replace(inputs, shards_teacher_tokenizer=shards_teacher, cross_tokenizer_targets=manifest.cross_tokenizer,
+                   manifest=manifest)
+
+
+def _shards_teacher_tokenizer(cfg: RunConfig, manifest: Manifest) -> Any:
+    """Shards of a teacher with another tokenizer hold its ids: a divergence other than ULD maps them onto the
+    student's vocabulary, which takes the teacher's tokenizer (manifest.teacher, checked by fingerprint)."""
+    kinds = {loss.kind for _, loss in loss_configs(cfg) if loss.needs()}
+    if kinds <= {KDKind.uld}:
+        return None
+    why = (f"the shards in {cfg.data.shards} hold the ids of a teacher with another tokenizer, and "
+           f"loss.kind {'/'.join(sorted(k.value for k in kinds - {KDKind.uld}))} maps them onto the student's "
+           f"vocabulary with the teacher's tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(manifest.teacher, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        raise ConfigError(f"config key 'loss.kind': {why}, which is not at manifest.teacher={manifest.teacher!r}; "
+                          "use loss.kind=uld, or run where the teacher's directory is") from None
+    _refuse(tokenizer_fingerprint(tok) != manifest.teacher_tokenizer_fingerprint, "loss.kind",
+            f"{why}, and the tokenizer at {manifest.teacher} is not the one the shards were made with")
+    return tok
+
+
+def _refuse(bad: object, key: str, message: str) -> None:
+    if bad:
+        raise ConfigError(f"config key {key!r}: {message}")
