@@ -212,7 +212,7 @@ def _check_against_float64(runs, exported: dict[str, torch.Tensor]) -> None:
     scaling = 32 / 16
     layers = [n.removeprefix("student.").removesuffix(".lora_A") for n in trainable if n.endswith("lora_A")]
     assert len(layers) == 14
-    boundary_total = 0
+    boundary_total = checked = 0
     for m in layers:
         a, b = trainable[f"student.{m}.lora_A"].double(), trainable[f"student.{m}.lora_B"].double()
         assert b.abs().max() > 0  # trained: B is no longer its zero init
@@ -226,8 +226,8 @@ def _check_against_float64(runs, exported: dict[str, torch.Tensor]) -> None:
         expect = (w * scale).round().clamp(-1, 1)
         near_half = ((w * scale).abs() - 0.5).abs() < 1e-5  # float32 vs float64 may round these either way
         assert torch.equal(codes[~near_half].double(), expect[~near_half]), m
-        boundary_total += int(near_half.sum())
-    assert boundary_total < 10
+        boundary_total, checked = boundary_total + int(near_half.sum()), checked + w.numel()
+    assert boundary_total <= checked // 1000  # a few ties, never a share that would hide a wrong tensor
     assert any(delta.abs().max() > 0 for delta in [read_delta(ckpt.dir, f"student.{layers[0]}.delta")])
     for i in range(2):
         sub = trainable[f"student.model.layers.{i}.self_attn.o_proj.sub_norm.weight"]

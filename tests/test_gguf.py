@@ -198,7 +198,7 @@ def test_every_ternary_tensor_is_q3_of_the_float64_rebuilt_weight(run):
         expect = (w / w.abs().mean()).round().clamp(-1, 1)
         near_half = ((w / w.abs().mean()).abs() - 0.5).abs() < 1e-5  # float32 vs float64 may round these either way
         assert torch.equal((values / d)[~near_half], expect[~near_half]), m
-        assert int(near_half.sum()) < 5
+        assert int(near_half.sum()) <= w.numel() // 1000  # a few ties, never a share that would hide a wrong tensor
 
 
 @pytest.mark.multirank

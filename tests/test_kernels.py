@@ -99,6 +99,20 @@ def test_cpu_units_come_from_the_flags():
     assert cpu_units({"avx512_bf16"}) == ["bf16"]
 
 
+def test_cpu_units_are_those_onednns_isa_cap_lets_it_use():
+    """ONEDNN_MAX_CPU_ISA caps what oneDNN, which runs the CPU's int8 and bf16 GEMMs, dispatches to."""
+    amx = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile"}
+    assert cpu_units(amx, "avx2") == []  # an AVX2-only machine, as oneDNN sees it
+    assert cpu_units(amx, "AVX2_VNNI") == ["int8"]
+    assert cpu_units({"avx512f", "avx512_vnni"}, "AVX512_CORE") == []
+    assert cpu_units({"avx_vnni"}, "AVX512_CORE") == []  # AVX2_VNNI is not a subset of AVX512_CORE
+    assert cpu_units(amx, "AVX512_CORE_VNNI") == ["int8"]
+    assert cpu_units(amx, "AVX512_CORE_BF16") == ["int8", "bf16"]
+    assert cpu_units({"amx_int8", "amx_bf16"}, "AVX512_CORE_BF16") == []  # AMX alone needs the AMX ISA
+    for no_cap in (None, "", "DEFAULT", "ALL"):
+        assert cpu_units(amx, no_cap) == ["int8", "bf16"]
+
+
 def test_an_explicit_kernel_the_device_lacks_is_refused_naming_key_and_device():
     hw = Hardware("cpu", "AMD EPYC", "AVX2", [], {"fp32": 67.0})
     for kernel in ("int8", "bf16"):

@@ -21,8 +21,8 @@ def _kl_topk_tail(exact_lp: np.ndarray, ids: np.ndarray, dec) -> np.ndarray:
         q = dict(zip(dec.topk_ids[t].tolist(), dec.topk_logprobs[t].astype(np.float64)))
         p = exact_lp[t, ids[t]]
         kl[t] = np.sum(np.exp(p) * (p - np.array([q[i] for i in ids[t]])))
-        p_tail = np.log1p(-np.exp(np.logaddexp.reduce(p)))
-        if np.isfinite(p_tail):  # k == vocab leaves an empty tail, which contributes nothing
+        if ids.shape[1] < exact_lp.shape[1]:  # k == vocab leaves an empty tail, which contributes nothing
+            p_tail = np.log1p(-np.exp(np.logaddexp.reduce(p)))
             kl[t] += np.exp(p_tail) * (p_tail - dec.tail_logmass[t])
     return kl
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,13 +126,28 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_units(flags: set[str]) -> list[str]:
-    """int8 units: AMX-INT8, AVX512-VNNI or AVX-VNNI; bf16 units: AMX-BF16 or AVX512-BF16."""
+# oneDNN's ISA masks (dnnl_cpu_isa_t): oneDNN dispatches to an ISA under ONEDNN_MAX_CPU_ISA=cap iff isa & cap == isa.
+ONEDNN_ISA = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F, "AVX512_CORE": 0x27,
+              "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7, "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF,
+              "AVX10_1_512_AMX": 0xFEF, "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF,
+              "AVX512_CORE_AMX_FP16": 0x1FEF}
+# /proc/cpuinfo flag -> (the kernel it gives units to, the oneDNN ISA that uses it)
+_UNIT_FLAGS = {"amx_int8": ("int8", "AVX512_CORE_AMX"), "avx512_vnni": ("int8", "AVX512_CORE_VNNI"),
+               "avx_vnni": ("int8", "AVX2_VNNI"), "amx_bf16": ("bf16", "AVX512_CORE_AMX"),
+               "avx512_bf16": ("bf16", "AVX512_CORE_BF16")}
+
+
+def cpu_units(flags: set[str], max_isa: str | None = None) -> list[str]:
+    """int8 units: AMX-INT8, AVX512-VNNI or AVX-VNNI; bf16 units: AMX-BF16 or AVX512-BF16; each only where oneDNN,
+    which runs the CPU's int8 and bf16 GEMMs, may use it: `max_isa` is ONEDNN_MAX_CPU_ISA (unset, DEFAULT or a name
+    oneDNN does not know: no cap). Capped below VNNI, oneDNN's int8 GEMM saturates int16 pair sums (int8 x int8
+    products come out wrong) and its bf16 GEMM runs at ~1 GFLOP/s."""
+    cap = ONEDNN_ISA.get((max_isa or "").strip().upper())
     units = []
-    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"}:
-        units.append("int8")
-    if flags & {"amx_bf16", "avx512_bf16"}:
-        units.append("bf16")
+    for flag, (unit, isa) in _UNIT_FLAGS.items():
+        usable = cap is None or ONEDNN_ISA[isa] & cap == ONEDNN_ISA[isa]
+        if flag in flags and usable and unit not in units:
+            units.append(unit)
     return units
 
 
@@ -179,7 +195,8 @@ def _hardware(device: str) -> Hardware:
         props = torch.cuda.get_device_properties(dev)
         hw = Hardware(device, props.name, f"sm_{props.major}{props.minor}", _cuda_units(dev))
     else:
-        hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(), cpu_units(_cpu_flags()))
+        max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+        hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(), cpu_units(_cpu_flags(), max_isa))
     # Only kernels with units are measured: without them int8 runs at ~1 GFLOP/s and the probe alone would take
     # seconds, for an answer known in advance.
     for kernel in ("fp32", *hw.units):
