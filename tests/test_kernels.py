@@ -38,7 +38,8 @@ def test_float32_kernel_is_within_float32_rounding_beyond_2_pow_24():
     a, b = _codes(8, 2048, 8, ternary=False)  # int8 x int8: |sum| can reach 2048 * 128 * 128 = 2**25
     ref = a.double() @ b.double()
     torch.testing.assert_close(code_matmul(a, b, Kernel.fp32).double(), ref, rtol=2**-23 * 4, atol=2.0)
-    assert torch.equal(code_matmul(a, b, Kernel.int8).double(), ref)
+    if "int8" in hardware("cpu").units:  # int32 accumulators; oneDNN capped below VNNI saturates int16 pair sums
+        assert torch.equal(code_matmul(a, b, Kernel.int8).double(), ref)
 
 
 def test_auto_refuses_to_resolve_inside_the_matmul():
