@@ -71,6 +71,7 @@ def test_the_trainer_reader_gets_every_data_key(shards, kind, targets):
     from types import SimpleNamespace
 
     from megadistil.config import load_config
+    from megadistil.engine.inputs import Inputs
     from megadistil.engine.trainer import Trainer
 
     cfg = load_config(None, ["model.student=/m", f"teacher.kind={kind}", f"data.shards={shards}",
@@ -78,6 +79,7 @@ def test_the_trainer_reader_gets_every_data_key(shards, kind, targets):
                              "data.on_corrupt=skip", "data.epochs=3", "train.seed=11"])
     trainer = Trainer(cfg, "unused.json")
     trainer.dist, trainer.device = SimpleNamespace(rank=0, world_size=1), torch.device("cpu")
+    trainer.inputs = Inputs(tokenizer=None)  # shards carry token ids: no tokenizer is read
     reader = trainer._build_data()
     assert (reader.prefetch_factor, reader.num_workers, reader.shuffle_buffer, reader.on_corrupt, reader.epochs,
             reader.seed, reader.targets) == (5, 2, 7, "skip", 3, 11, targets)
