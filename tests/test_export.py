@@ -316,8 +316,8 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_complete(runs, tmp_
             raise KeyboardInterrupt
         return quantize(*args, **kwargs)
 
-    quantize = ternary._codes
-    monkeypatch.setattr(ternary, "_codes", interrupted)
+    quantize = ternary.layer_codes
+    monkeypatch.setattr(ternary, "layer_codes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(runs["run2"], tmp_path / "out", ExportConfig(progress=False))
     assert list(tmp_path.iterdir()) == []

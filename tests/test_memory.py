@@ -210,9 +210,9 @@ def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Pa
 
 def test_onpolicy_generation_gathers_the_whole_student() -> None:
     """With onpolicy.gather_weights the student generates from whole weights: the working set is every parameter (an
-    int8 ΔW at a byte a value) plus
-    the int8 codes of every linear's W (8B: 32 layers of q, k, v, o and the MLP), not ZeRO-3's per-layer one (8B: beyond stage3_max_reuse_distance, so the prefetch bucket and two blocks); with it
-    off the per-layer set stays."""
+    int8 ΔW at a byte a value) plus the int8 codes of every linear's W (8B: 32 layers of q, k, v, o and the MLP), not
+    ZeRO-3's per-layer one (8B: beyond stage3_max_reuse_distance, so the prefetch bucket and two blocks); with it off
+    the per-layer set stays."""
     ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
     on = ["onpolicy.fraction=0.5", "onpolicy.prompt_tokens=64", "onpolicy.max_new_tokens=128"]
     cfg = _cfg("llama3.1-8b.yaml", *on)

@@ -1,6 +1,6 @@
 """megadistil.rundir (the run directory and checkpoint layout) and megadistil.utils, without DeepSpeed: ΔW read back
-from partitions of any world size (and refused in another format), the checkpoint finder's errors, the atomic writer, the dtype table, and the
-package boundaries (data/ and export/ import no engine module)."""
+from partitions of any world size (and refused in another format), the checkpoint finder's errors, the atomic writer,
+the dtype table, and the package boundaries (data/ and export/ import no engine module)."""
 
 from __future__ import annotations
 

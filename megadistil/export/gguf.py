@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from megadistil.export.sources import BaseModel, ExportError, StudentParts
-from megadistil.export.ternary import StudentSpec, _codes, check_base_matches, subln_unsupported
+from megadistil.export.ternary import StudentSpec, check_base_matches, layer_codes, subln_unsupported
 from megadistil.export.writer import _release_freed_memory
 
 Q = gguf.GGMLQuantizationType
@@ -336,14 +336,9 @@ class TensorPlan:
         qtype = storable(qtype, shape, Q.F16)
         if qtype != self.cfg.linear_type.ggml:
             self.fallback.append(m)
-        parts, spec = self.parts, self.spec
 
         def produce() -> np.ndarray:
-            def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:
-                return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
-            codes, scale = _codes(lambda: self.base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                                  parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
-            return encode(ternary_values(codes, scale, rows), qtype)
+            return encode(ternary_values(*layer_codes(self.base, self.parts, self.spec, m), rows), qtype)
         return GGUFTensor(target, qtype, shape, produce, ternary=True)
 
     def sub_norm(self, m: str) -> GGUFTensor:

@@ -135,15 +135,14 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
-def _codes(weight: Callable[[], torch.Tensor],
-           delta: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]], lora_A: torch.Tensor,
-           lora_B: torch.Tensor, scaling: float, train_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's Q3 codes and scale of one layer, by the function its forward used (weight_codes)."""
+def layer_codes(base: BaseModel, parts: StudentParts, spec: StudentSpec, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's Q3 codes and scale of layer `m`, by the function its forward used (weight_codes)."""
     # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
-    # not used there). Loaders, not tensors: W and ΔW are freed when this frame returns.
-    delta_w, delta_scale = delta()
-    return weight_codes(weight().to(train_dtype), delta_w, lora_A.to(train_dtype), lora_B.to(train_dtype), scaling,
-                        delta_scale)
+    # not used there). Loaded here, W and ΔW are freed when this frame returns.
+    delta, delta_scale = (parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
+    t = spec.train_dtype
+    return weight_codes(base.get(f"{m}.weight").to(t), delta, parts.get(f"{m}.lora_A").to(t),
+                        parts.get(f"{m}.lora_B").to(t), spec.scaling, delta_scale)
 
 
 def plan_output(base: BaseModel, parts: StudentParts, spec: StudentSpec, dtype: torch.dtype) -> list[OutputTensor]:
@@ -173,11 +172,7 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     out, inp = base.shape(f"{m}.weight")
 
     def packed() -> torch.Tensor:
-        def delta() -> tuple[torch.Tensor | None, torch.Tensor | None]:  # ΔW, and its per-row scale when int8
-            return tuple(parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
-
-        codes, scale = _codes(lambda: base.get(f"{m}.weight"), delta, parts.get(f"{m}.lora_A"),
-                              parts.get(f"{m}.lora_B"), spec.scaling, spec.train_dtype)
+        codes, scale = layer_codes(base, parts, spec, m)
         cache[m] = scale.reshape(1).float()  # 1 / mean|W_eff|
         return pack_ternary(codes)
 
