@@ -100,10 +100,11 @@ def stdlib_text_file(tmp_path_factory) -> Path:
     return path
 
 
-# Longest files first (as measured on 2 cores, ~200 s down to ~60 s each): `make test`'s two workers take files in
-# collection order, so the quick demo and the architectures run overlap the rest instead of running last, alone.
-FIRST = ("test_demo.py", "test_architectures.py", "test_train.py", "test_launch.py", "test_gguf.py",
-         "test_export.py", "test_precompute.py", "test_memory.py")
+# Longest files first (as measured on 2 cores, ~220 s down to ~60 s each): `make test`'s two workers take files in
+# this order (--no-loadscope-reorder), so the quick demo and the architectures run overlap the rest instead of running
+# last, alone.
+FIRST = ("test_demo.py", "test_train.py", "test_architectures.py", "test_gguf.py", "test_launch.py",
+         "test_export.py", "test_memory.py", "test_precompute.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
