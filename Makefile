@@ -68,8 +68,8 @@ bytecode: setup
 	$(PY) -m compileall -q megadistil launch tools tests bench
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
-# time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests,
-# 8.2-9.1 on an AVX512 one at 504; 9.0-10.9 min at 549 on the Intel Xeon VM; ~15 serially). Files go out in
+# time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests;
+# 9.2 min at 552 on the Intel Xeon VM, ~18 serially). Files go out in
 # collection order (tests/conftest.py puts the longest first): xdist's default reorders them by test count, which
 # left the quick demo (4 tests, ~220 s) to run last and alone.
 TEST_WORKERS ?= 2
