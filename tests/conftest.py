@@ -100,9 +100,8 @@ def stdlib_text_file(tmp_path_factory) -> Path:
     return path
 
 
-# Longest files first (as measured on 2 cores, ~220 s down to ~60 s each): `make test`'s two workers take files in
-# this order (--no-loadscope-reorder), so the quick demo and the architectures run overlap the rest instead of running
-# last, alone.
+# Longest files first (as measured on 2 cores, ~220 s down to ~60 s each), the order in which `make test`'s two workers
+# take them (see the Makefile).
 FIRST = ("test_demo.py", "test_train.py", "test_architectures.py", "test_gguf.py", "test_launch.py",
          "test_export.py", "test_memory.py", "test_precompute.py")
 
