@@ -32,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -375,6 +376,11 @@ def _skip_shm_comm_op() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
+# torch 2.13 deprecates the two collectives ZeRO-3 gathers and reduces with (DeepSpeed <= 0.19 calls them): the notice,
+# printed by every rank at its first gather and reduce, is for DeepSpeed's maintainers, not for whoever reads a run's log.
+DEEPSPEED_COLLECTIVE_DEPRECATION = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistInfo:
     """Discover the rank layout, export it, and start DeepSpeed's process group with a bounded timeout."""
     import deepspeed
@@ -389,6 +395,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     if cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     _skip_shm_comm_op()
+    warnings.filterwarnings("ignore", DEEPSPEED_COLLECTIVE_DEPRECATION, FutureWarning)
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
                                timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
                                verbose=info.rank == 0)
