@@ -74,7 +74,7 @@ bytecode: setup
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
 # time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests;
-# 9.1 min at 552 on the Intel Xeon VM, ~18 serially). Files go out in collection order, longest first
+# 9.1-10.4 min at 552 on the Intel Xeon VM, ~18 serially). Files go out in collection order, longest first
 # (tests/conftest.py): xdist's default reorders them by test count, which left the quick demo to run last and alone.
 TEST_WORKERS ?= 2
 
