@@ -13,7 +13,7 @@ bench/results/bitlinear.json. Rows (--tokens tokens through d -> ffn -> d, LoRA 
 Targets: bitlinear at most 2.5x linear+lora on any CPU; bitlinear/int8 at least 1.8x faster than fake-quant/bf16
 wherever int8 units exist.
 
-  python bench/bitlinear.py [--tokens 1024] [--dims 1024x4096] [--rank 64] [--repeat 3] [--compile] [--all]
+  python bench/bitlinear.py [--tokens 1024] [--dims 1024x4096] [--rank 64] [--repeat 7] [--compile] [--all]
 """
 
 from __future__ import annotations
@@ -21,26 +21,33 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from megadistil.bitnet import BitLinear, Kernel, hardware, kernels, q3, q8, quant, resolve_dtype
+from megadistil.distributed import set_up_cpu_rank
 
 DEVICE = torch.device("cpu")
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up (and compilation)
-    best = float("inf")
+def timed_rows(rows: dict[str, Callable[[], None]], repeat: int) -> dict[str, float]:
+    """Median ms of each row over `repeat` rounds, the rows interleaved within a round: a shared VM's speed drifts
+    by ±15 % from second to second, and interleaving puts that drift on every row alike."""
+    for fn in rows.values():
+        fn()  # warm-up (and compilation)
+    times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(repeat):
-        kernels.synchronize(DEVICE)
-        start = time.perf_counter()
-        fn()
-        kernels.synchronize(DEVICE)
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
+        for name, fn in rows.items():
+            kernels.synchronize(DEVICE)
+            start = time.perf_counter()
+            fn()
+            kernels.synchronize(DEVICE)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def gemm_table(repeat: int, size: int) -> dict[str, float]:
@@ -92,9 +99,9 @@ def bitlinear_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype, 
     return fn
 
 
-def fwd_bwd_ms(fn, tokens: int, d: int, dtype: torch.dtype, repeat: int) -> float:
+def fwd_bwd(fn, tokens: int, d: int, dtype: torch.dtype) -> Callable[[], None]:
     x = torch.randn(tokens, d, dtype=dtype, device=DEVICE, requires_grad=True)
-    return timed(lambda: fn(x).float().square().mean().backward(), repeat)
+    return lambda: fn(x).float().square().mean().backward()
 
 
 def main() -> None:
@@ -102,7 +109,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--dims", default="1024x4096", help="d x ffn: the block is d -> ffn -> d")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds; each row's median is reported")
     parser.add_argument("--compile", action="store_true", help="torch.compile the quantizers (fused single pass)")
     parser.add_argument("--all", action="store_true", help="measure the int8 rows even without int8 units")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh: Llama-3.1-8B shapes)")
@@ -115,30 +122,30 @@ def main() -> None:
         quant.compile_quantizers()
     d, ffn = (int(v) for v in args.dims.split("x"))
     dims = [(d, ffn), (ffn, d)]
+    # as a training rank runs: its share of the cores, malloc keeping freed blocks (on a VM a fresh page costs a fault)
+    malloc_kept = DEVICE.type == "cpu" and set_up_cpu_rank(local_world_size=1)
     hw = hardware(DEVICE)
     dtype = resolve_dtype("auto", hw)
     gemm = gemm_table(args.repeat, args.gemm_size)
     print(f"machine: {hw.name} ({hw.capability}; int8/bf16 units: {', '.join(hw.units) or 'none'}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads{', malloc keeps freed blocks' if malloc_kept else ''}, torch {torch.__version__}")
     print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
     print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
           f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {args.compile}")
-    rows = {"linear+lora": fwd_bwd_ms(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d,
-                                      torch.float32, args.repeat)}
-    rows["bitlinear"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, dtype, hw.kernel), args.tokens, d, dtype,
-                                   args.repeat)
-    rows["bitlinear+kept"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, dtype, hw.kernel, keep=True), args.tokens,
-                                        d, dtype, args.repeat)
+    paths = {"linear+lora": fwd_bwd(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d, torch.float32),
+             "bitlinear": fwd_bwd(bitlinear_block(dims, args.rank, dtype, hw.kernel), args.tokens, d, dtype),
+             "bitlinear+kept": fwd_bwd(bitlinear_block(dims, args.rank, dtype, hw.kernel, keep=True), args.tokens, d,
+                                       dtype)}
     if "int8" in hw.units or args.all:
         bf16 = torch.bfloat16
-        rows["fake-quant/bf16"] = fwd_bwd_ms(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16, args.repeat)
-        rows["bitlinear/int8"] = fwd_bwd_ms(bitlinear_block(dims, args.rank, bf16, Kernel.int8), args.tokens, d, bf16,
-                                            args.repeat)
+        paths["fake-quant/bf16"] = fwd_bwd(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16)
+        paths["bitlinear/int8"] = fwd_bwd(bitlinear_block(dims, args.rank, bf16, Kernel.int8), args.tokens, d, bf16)
+    rows = timed_rows(paths, args.repeat)
     base = rows["linear+lora"]
     print(f"{'path':<16} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")
     for name, ms in rows.items():
         print(f"{name:<16} {ms:>10.1f} {ms / base:>14.2f}x")
-    result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "malloc_kept": malloc_kept, "torch": torch.__version__,
               "args": vars(args), "gemm_gflops": gemm, "dtype": str(dtype).removeprefix("torch."), "rows_ms": rows,
               "bitlinear_vs_linear_lora": rows["bitlinear"] / base}
     print(f"target: bitlinear <= 2.50x linear+lora: {result['bitlinear_vs_linear_lora']:.2f}x")

@@ -49,27 +49,50 @@ def row_blocks(weight: torch.Tensor) -> list[slice]:
     return [slice(i, min(i + rows, out)) for i in range(0, out, rows)]
 
 
+def _lora_rows(rows: slice, a: torch.Tensor, b: torch.Tensor, scaling: float, out: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of s·B·A into float32 `out` from bf16 factors: one bf16 GEMM, its product rounded to bf16."""
+    value = out.copy_(b[rows] @ a)
+    return value.mul_(scaling) if scaling != 1.0 else value
+
+
 def _merged_rows(rows: slice, delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                 delta_scale: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    value = out.copy_(delta[rows])
-    if delta_scale is not None:
-        value.mul_(delta_scale[rows])
-    return value.addmm_(b[rows], a, alpha=scaling)
+                 delta_scale: torch.Tensor | None, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of ΔW + s·B·A in float32, into `out` (`scratch`: same shape, for ΔW's float32 copy)."""
+    if a.dtype == torch.float32:
+        value = out.copy_(delta[rows])
+        if delta_scale is not None:
+            value.mul_(delta_scale[rows])
+        return value.addmm_(b[rows], a, alpha=scaling)
+    value, d = _lora_rows(rows, a, b, scaling, out), scratch.copy_(delta[rows])
+    return value.add_(d.mul_(delta_scale[rows]) if delta_scale is not None else d)
 
 
 def _effective_rows(rows: slice, weight: torch.Tensor, delta: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
                     scaling: float, delta_scale: torch.Tensor | None, out: torch.Tensor,
                     scratch: torch.Tensor) -> torch.Tensor:
     """Rows `rows` of W + (ΔW + s·B·A) in float32, into `out` (`scratch`: same shape, takes W's float32 copy: a
-    mixed-dtype add_ would allocate one). `a`, `b` and `delta_scale` are given in float32."""
-    if delta is None:
+    mixed-dtype add_ would allocate one). `a`, `b` and `delta_scale` come from _factors."""
+    if delta is not None:
+        value = _merged_rows(rows, delta, a, b, scaling, delta_scale, out, scratch)
+    elif a.dtype != torch.float32:
+        value = _lora_rows(rows, a, b, scaling, out)
+    else:
         return out.copy_(weight[rows]).addmm_(b[rows], a, alpha=scaling)
-    value = _merged_rows(rows, delta, a, b, scaling, delta_scale, out)
-    return value.add_(scratch.copy_(weight[rows]))
+    return value.add_(scratch.copy_(weight[rows]))  # floating-point addition commutes: W + (ΔW + s·B·A) either way
 
 
-def _float(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    return [t.float() if t is not None else None for t in tensors]
+def _factors(lora_A: torch.Tensor, lora_B: torch.Tensor,
+             delta_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A, B and ΔW's row scale as the rank-r product s·B·A takes them. Float32, for float32 products, except bf16
+    factors on a CPU with bf16 units: there a bf16 GEMM runs ~3x a float32 one, and s·B·A, formed in every forward
+    and recompute, was a fifth of a BitLinear step. Its product is then rounded to bf16 (relative 2^-9 of s·B·A,
+    far below W's own bf16 step), as a bf16 ΔW's merge rounds it anyway. A CPU without bf16 units runs bf16 GEMMs
+    at ~1 GFLOP/s; a GPU forms it in float32 at a small fraction of its step (r / tokens of the GEMMs)."""
+    ds = delta_scale.float() if delta_scale is not None else None
+    if lora_A.dtype == lora_B.dtype == torch.bfloat16 and lora_A.device.type == "cpu" \
+            and "bf16" in hardware(lora_A.device).units:
+        return lora_A, lora_B, ds
+    return lora_A.float(), lora_B.float(), ds
 
 
 def effective_weight(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -81,7 +104,7 @@ def effective_weight(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: t
     value bit for bit, so a merge leaves the student's logits exactly unchanged when ΔW is stored in float32.
     """
     value = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-    a, b, ds = _float(lora_A, lora_B, delta_scale)
+    a, b, ds = _factors(lora_A, lora_B, delta_scale)
     for rows in row_blocks(weight):
         _effective_rows(rows, weight, delta, a, b, scaling, ds, value[rows], torch.empty_like(value[rows]))
     return value
@@ -91,9 +114,9 @@ def merged_delta(delta: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
                  delta_scale: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW + s·B·A in float32: the value a ReLoRA merge writes into ΔW (int8 ΔW: codes · per-row scale)."""
     value = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    a, b, ds = _float(lora_A, lora_B, delta_scale)
+    a, b, ds = _factors(lora_A, lora_B, delta_scale)
     for rows in row_blocks(delta):
-        _merged_rows(rows, delta, a, b, scaling, ds, value[rows])
+        _merged_rows(rows, delta, a, b, scaling, ds, value[rows], torch.empty_like(value[rows]))
     return value
 
 
@@ -125,7 +148,7 @@ def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch
         out_buf, tmp_buf = _scratch(0, weight.device, numel), _scratch(1, weight.device, numel)
     else:  # a caching allocator: transients, free for the activations between layers
         out_buf, tmp_buf = (torch.empty(numel, dtype=torch.float32, device=weight.device) for _ in range(2))
-    a, b, ds = _float(lora_A, lora_B, delta_scale)
+    a, b, ds = _factors(lora_A, lora_B, delta_scale)
 
     def rows_of(rows: slice) -> torch.Tensor:
         shape = (rows.stop - rows.start, weight.shape[1])
@@ -199,7 +222,7 @@ class BitLinearFunction(torch.autograd.Function):
 def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, kernel: Kernel, dtype: torch.dtype) -> torch.Tensor:
     """Q8(x) @ Q3(W).T from the codes and scales: the integer product on `kernel`, then both scales divided out."""
-    y = (code_matmul(x_codes, w_codes.t(), kernel) / (x_scale * w_scale)).to(dtype)
+    y = code_matmul(x_codes, w_codes.t(), kernel).div_(x_scale * w_scale).to(dtype)  # in place: a fresh product
     return y + bias if bias is not None else y
 
 
@@ -207,7 +230,7 @@ def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, m
                 kernel: Kernel) -> torch.Tensor:
     if mode == "int8":
         g_codes, g_scale = int8_codes(g)
-        return (code_matmul(g_codes, w_codes, kernel) / (g_scale * w_scale)).to(g.dtype)
+        return code_matmul(g_codes, w_codes, kernel).div_(g_scale * w_scale).to(g.dtype)
     return (g @ w_codes.to(g.dtype)) * (1.0 / w_scale).to(g.dtype)
 
 
