@@ -182,7 +182,7 @@ def test_saved_activation_bytes_at_most_055_of_bf16_linear_plus_lora():
     ours = _activation_bytes(layer, x, list(layer.parameters()))
     baseline = _activation_bytes(linear_plus_lora, x, [W, A, B])
     assert baseline >= tokens * d_in * 2  # it saves the bf16 input
-    assert ours == tokens * d_in + tokens * 4  # int8 codes + one float32 scale per token
+    assert ours == tokens * d_in + tokens * 4 + 4  # int8 codes + a float32 scale per token + W_eff's scale
     assert ours / baseline <= 0.55
 
 
@@ -197,6 +197,35 @@ def test_keep_weight_codes_under_checkpointing_gives_identical_gradients():
         checkpoint(layer, x, use_reentrant=False).square().sum().backward()
         results.append((x.grad, layer.lora_A.grad, layer.lora_B.grad))
     for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_backward_forms_each_block_of_w_eff_once_with_the_forwards_scale(monkeypatch):
+    """Without kept codes the backward forms W_eff once (the codes pass, at the forward's scale): the forward forms
+    4 blocks for the absmean and 3 again for the codes (the last is at hand), the backward 4; the gradients are
+    those of kept codes bit for bit."""
+    from megadistil.bitnet import linear
+
+    monkeypatch.setitem(linear.ROW_BLOCK_NUMEL, "cpu", 64 * 96)  # blocks of 64 rows: 4 for 256 output features
+    formed = []
+    effective_rows = linear._effective_rows
+    monkeypatch.setattr(linear, "_effective_rows", lambda rows, *args: formed.append(rows) or effective_rows(rows, *args))
+    grads = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        layer = BitLinear(96, 256, lora_rank=8)
+        layer.keep_weight_codes = keep
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.05)
+            layer.lora_B.normal_(0, 0.05)
+        x = torch.randn(2, 8, 96, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        formed.clear()
+        y = layer(x)
+        forward = len(formed)
+        y.square().sum().backward()
+        assert (forward, len(formed) - forward) == (7, 0 if keep else 4)
+        grads.append((x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*grads):
         assert torch.equal(a, b)
 
 

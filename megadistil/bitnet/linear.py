@@ -136,12 +136,14 @@ def _scratch(slot: int, device: torch.device, numel: int) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                 scaling: float, delta_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scaling: float, delta_scale: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Q3 codes of W_eff = W + (ΔW + s·B·A): (int8 codes, float32 scale = 1 / mean|W_eff|), W_eff ≈ codes / scale.
 
     W_eff is formed one block of rows at a time (row_blocks), twice: the absmean first, then the codes (the last
     block's are still at hand; the others cost their rank-r product again). The blocks' float32 sums add up in
-    float64: the scale is transformers' float32 mean to rounding."""
+    float64: the scale is transformers' float32 mean to rounding. `scale`, the one an earlier call returned for
+    these same tensors (a backward's recompute: its forward's), skips the absmean pass: the codes are the same."""
     blocks = row_blocks(weight)
     numel = (blocks[0].stop - blocks[0].start) * weight.shape[1]
     if weight.device.type == "cpu":
@@ -156,14 +158,16 @@ def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch
         return _effective_rows(rows, weight, delta, a, b, scaling, ds, out_buf[:n].view(shape),
                                tmp_buf[:n].view(shape))
 
-    total = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for rows in blocks:
-        value = rows_of(rows)
-        total += torch.abs(value, out=tmp_buf[: value.numel()].view(value.shape)).sum()
-    scale = 1.0 / (total / weight.numel()).float().clamp(min=EPS)
+    value = None
+    if scale is None:
+        total = torch.zeros((), dtype=torch.float64, device=weight.device)
+        for rows in blocks:
+            value = rows_of(rows)
+            total += torch.abs(value, out=tmp_buf[: value.numel()].view(value.shape)).sum()
+        scale = 1.0 / (total / weight.numel()).float().clamp(min=EPS)
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     for rows in reversed(blocks):
-        value = value if rows is blocks[-1] else rows_of(rows)
+        value = value if value is not None and rows is blocks[-1] else rows_of(rows)
         codes[rows] = value.mul_(scale).round_().clamp_(-1, 1)
     return codes, scale
 
@@ -193,8 +197,9 @@ class BitLinearFunction(torch.autograd.Function):
         y = code_linear(x_codes, x_scale, w_codes, w_scale, bias, kernel, x.dtype)
         # Under non-reentrant activation checkpointing the first forward saves nothing, and the recompute runs one
         # block right before its backward: keeping the int8 codes then costs one layer's weight at a time.
-        kept = (w_codes, w_scale) if keep_weight_codes else (None, None)
-        ctx.save_for_backward(x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B, *kept)
+        # The scale, a scalar, is always kept: a backward that recomputes the codes then skips the absmean pass.
+        ctx.save_for_backward(x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B,
+                              w_codes if keep_weight_codes else None, w_scale)
         ctx.scaling, ctx.backward_mode, ctx.kernel, ctx.x_shape = scaling, backward_mode, kernel, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -206,7 +211,7 @@ class BitLinearFunction(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             if w_codes is None:
-                w_codes, w_scale = weight_codes(weight, delta, lora_A, lora_B, s, delta_scale)
+                w_codes, w_scale = weight_codes(weight, delta, lora_A, lora_B, s, delta_scale, scale=w_scale)
             grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode, ctx.kernel).reshape(ctx.x_shape)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             dt = lora_A.dtype
