@@ -128,7 +128,8 @@ def main() -> None:
     dtype = resolve_dtype("auto", hw)
     gemm = gemm_table(args.repeat, args.gemm_size)
     print(f"machine: {hw.name} ({hw.capability}; int8/bf16 units: {', '.join(hw.units) or 'none'}), "
-          f"{torch.get_num_threads()} threads{', malloc keeps freed blocks' if malloc_kept else ''}, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads{', malloc keeps freed blocks' if malloc_kept else ''}, "
+          f"torch {torch.__version__}")
     print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
     print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
           f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {args.compile}")
@@ -145,8 +146,9 @@ def main() -> None:
     print(f"{'path':<16} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")
     for name, ms in rows.items():
         print(f"{name:<16} {ms:>10.1f} {ms / base:>14.2f}x")
-    result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "malloc_kept": malloc_kept, "torch": torch.__version__,
-              "args": vars(args), "gemm_gflops": gemm, "dtype": str(dtype).removeprefix("torch."), "rows_ms": rows,
+    result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "malloc_kept": malloc_kept,
+              "torch": torch.__version__, "args": vars(args), "gemm_gflops": gemm,
+              "dtype": str(dtype).removeprefix("torch."), "rows_ms": rows,
               "bitlinear_vs_linear_lora": rows["bitlinear"] / base}
     print(f"target: bitlinear <= 2.50x linear+lora: {result['bitlinear_vs_linear_lora']:.2f}x")
     if "bitlinear/int8" in rows:

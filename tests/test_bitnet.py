@@ -209,7 +209,8 @@ def test_backward_forms_each_block_of_w_eff_once_with_the_forwards_scale(monkeyp
     monkeypatch.setitem(linear.ROW_BLOCK_NUMEL, "cpu", 64 * 96)  # blocks of 64 rows: 4 for 256 output features
     formed = []
     effective_rows = linear._effective_rows
-    monkeypatch.setattr(linear, "_effective_rows", lambda rows, *args: formed.append(rows) or effective_rows(rows, *args))
+    monkeypatch.setattr(linear, "_effective_rows",
+                        lambda rows, *args: formed.append(rows) or effective_rows(rows, *args))
     grads = []
     for keep in (False, True):
         torch.manual_seed(0)
