@@ -325,28 +325,25 @@ def test_weight_codes_are_the_absmean_codes_of_the_whole_effective_weight(monkey
                 assert torch.equal(got_codes, (w_eff * scale).round().clamp(-1, 1).to(torch.int8))
 
 
-@pytest.mark.parametrize("units", [["int8", "bf16"], []])
-def test_bf16_lora_product_is_rounded_to_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, units):
-    """bf16 factors: s·B·A comes from a bf16 GEMM (rounded once to bf16: within 2^-8 of |s·B·A| plus float32
-    rounding of the float64 value) on a CPU with bf16 units, from a float32 one (float32 rounding only) elsewhere,
-    in the forward's W_eff and the merge's ΔW + s·B·A alike; the rounding must show where it is taken, so the test
-    sees which path ran; the codes are those of effective_weight's W_eff either way."""
-    from megadistil.bitnet import linear
-    from megadistil.bitnet.kernels import Hardware
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_lora_product_is_rounded_to_bf16_and_float32_factors_are_not(dtype):
+    """On a CPU, bf16 factors form s·B·A in a bf16 GEMM (rounded once to bf16: within 2^-8 of |s·B·A| plus float32
+    rounding of the float64 value), float32 ones in a float32 GEMM (float32 rounding only), in the forward's W_eff
+    and the merge's ΔW + s·B·A alike; the bf16 rounding must show, so the test sees which path ran; the codes are
+    those of effective_weight's W_eff either way."""
     from megadistil.bitnet.linear import effective_weight, merged_delta, weight_codes
 
-    monkeypatch.setattr(linear, "hardware", lambda device=None: Hardware("cpu", "test", "AVX512", units, {"fp32": 1.0}))
     g = torch.Generator().manual_seed(3)
-    w = (torch.randn(256, 96, generator=g) * 0.02).bfloat16()
-    delta = (torch.randn(256, 96, generator=g) * 0.003).bfloat16()
-    a, b = torch.randn(8, 96, generator=g).bfloat16(), (torch.randn(256, 8, generator=g) * 0.01).bfloat16()
+    w = (torch.randn(256, 96, generator=g) * 0.02).to(dtype)
+    delta = (torch.randn(256, 96, generator=g) * 0.003).to(dtype)
+    a, b = torch.randn(8, 96, generator=g).to(dtype), (torch.randn(256, 8, generator=g) * 0.01).to(dtype)
     lora, lora_terms = 0.5 * (b.double() @ a.double()), 0.5 * (b.double().abs() @ a.double().abs())
     for got, exact, size in ((effective_weight(w, delta, a, b, 0.5), w.double() + (delta.double() + lora),
                               w.double().abs() + delta.double().abs()),
                              (merged_delta(delta, a, b, 0.5), delta.double() + lora, delta.double().abs())):
         # float32: a rounding per add and per product term (8 of them), each within 2^-24 of what it rounds
         err, float32_bound = (got.double() - exact).abs(), 2.0 ** -24 * (3 * (size + lora.abs()) + 10 * lora_terms)
-        if units:
+        if dtype == torch.bfloat16:
             assert torch.all(err <= lora.abs() * 2.0 ** -8 + float32_bound)
             assert torch.any(err > float32_bound)
         else:
