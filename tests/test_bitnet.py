@@ -327,7 +327,7 @@ def test_weight_codes_are_the_absmean_codes_of_the_whole_effective_weight(monkey
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bf16_lora_product_is_rounded_to_bf16_and_float32_factors_are_not(dtype):
-    """On a CPU, bf16 factors form s·B·A in a bf16 GEMM (rounded once to bf16: within 2^-8 of |s·B·A| plus float32
+    """bf16 factors form s·B·A in a bf16 GEMM (rounded once to bf16: within 2^-8 of |s·B·A| plus float32
     rounding of the float64 value), float32 ones in a float32 GEMM (float32 rounding only), in the forward's W_eff
     and the merge's ΔW + s·B·A alike; the bf16 rounding must show, so the test sees which path ran; the codes are
     those of effective_weight's W_eff either way."""

@@ -67,6 +67,23 @@ def test_bf16_bitlinear_on_cuda_within_bf16_rounding_of_float64():
     torch.testing.assert_close(y.double(), _float64_reference(layer, x), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_weight_codes_on_cuda_are_the_cpus():
+    """A model trained on a GPU and exported on a CPU keeps its codes: both form a bf16 s·B·A (rounded to bf16), so
+    only the GEMMs' accumulation orders differ, which flips no code; float32 factors on one side would flip ~1e-4."""
+    from megadistil.bitnet.linear import weight_codes
+
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(2048, 2048, generator=g) * 0.02).bfloat16()
+    a = ((torch.rand(64, 2048, generator=g) * 2 - 1) / 2048 ** 0.5).bfloat16()
+    b = (torch.randn(2048, 64, generator=g) * 0.01).bfloat16()
+    cpu_codes, cpu_scale = weight_codes(w, None, a, b, 1.0)
+    cuda_codes, cuda_scale = weight_codes(w.to(CUDA), None, a.to(CUDA), b.to(CUDA), 1.0)
+    torch.testing.assert_close(cuda_scale.cpu(), cpu_scale, rtol=1e-6, atol=0)
+    assert torch.equal(cuda_codes.cpu(), cpu_codes)
+    float32_codes, _ = weight_codes(w.to(CUDA), None, a.float().to(CUDA), b.float().to(CUDA), 1.0)
+    assert not torch.equal(float32_codes.cpu(), cpu_codes)  # the test sees a product that is not bf16's
+
+
 def test_auto_on_cuda_has_int8_units_bf16_dtype_and_never_a_kernel_slower_than_fp32():
     hw = hardware(CUDA)
     assert "int8" in hw.units and "bf16" in hw.units, hw.describe()
