@@ -2,12 +2,12 @@
 
 The products Q8(x)·Q3(W)ᵀ and Q8(g)·Q3(W) are sums of small integers, so any kernel that adds them exactly gives the
 same result: int8 `torch._int_mm` (int32 accumulators) where the device has int8 units (AMX or VNNI CPUs, CUDA tensor
-cores); otherwise a float32 GEMM on the codes, exact while every partial sum stays below 2**24 (K * 128 < 2**24, K <
-1024 for an int8 x int8 product, K < 131072 for int8 x ternary) and within float32 rounding beyond; or a bf16 GEMM
-(codes are exact in bf16; float32 output on CUDA, rounded to bf16 on a CPU, where only an explicit choice takes it). The
-choice is a speed choice made once per process and device: capability flags say which kernels have units, a short
-measurement says which is fastest, and `auto` never picks one that measured slower than float32. Nothing here knows
-about DeepSpeed.
+cores); otherwise a float32 GEMM on the codes, exact while every partial sum stays below 2**24 (K * 128 < 2**24,
+K < 1024 for an int8 x int8 product, K < 131072 for int8 x ternary) and within float32 rounding beyond; or a bf16
+GEMM (codes are exact in bf16; float32 output on CUDA, rounded to bf16 on a CPU, where only an explicit choice takes
+it). The choice is a speed choice made once per process and device: capability flags say which kernels have units, a
+short measurement says which is fastest, and `auto` never picks one that measured slower than float32. Nothing here
+knows about DeepSpeed.
 """
 
 from __future__ import annotations
