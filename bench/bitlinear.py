@@ -52,8 +52,7 @@ def timed_rows(rows: dict[str, Callable[[], None]], repeat: int) -> dict[str, fl
 
 def gemm_table(repeat: int, size: int) -> dict[str, float]:
     """GFLOP/s of a size^3 product on int8 codes with each kernel: the ceiling of every row below."""
-    return {k.value: kernels.measure_gflops(k, DEVICE, (size, size, size), repeat)
-            for k in (Kernel.int8, Kernel.bf16, Kernel.fp32)}
+    return kernels.measure_gflops([Kernel.int8, Kernel.bf16, Kernel.fp32], DEVICE, (size, size, size), repeat)
 
 
 def _param(*shape, dtype, scale, grad=False):

@@ -4,7 +4,7 @@ measurement, explicit kernels the device lacks are refused, and ranks do not ove
 import pytest
 import torch
 
-from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, resolve_dtype, resolve_kernel
+from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, kernels, resolve_dtype, resolve_kernel
 from megadistil.bitnet.kernels import cpu_units
 from megadistil.config import ConfigError, load_config
 from megadistil.distributed import cpu_threads, keep_freed_blocks
@@ -97,6 +97,26 @@ def test_this_machines_auto_kernel_is_not_slower_than_fp32_as_measured():
     assert "fp32" in hw.gflops and set(hw.gflops) == {"fp32", *hw.units}
     assert hw.gflops[hw.kernel.value] >= hw.gflops["fp32"]
     assert hardware("cpu") is hw  # measured once per process
+
+
+def test_the_cpu_probe_times_every_kernel_on_one_thread_and_restores_the_threads(monkeypatch):
+    """One thread: a GEMM split over both cores while another process holds one times scheduler slices."""
+    seen = {}
+
+    def measure(probe, device, *args):
+        seen["threads"], seen["kernels"] = torch.get_num_threads(), probe
+        return {k.value: 1.0 for k in probe}
+
+    monkeypatch.setattr(kernels, "measure_gflops", measure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hw = kernels._hardware.__wrapped__("cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["threads"] == 1 and seen["kernels"] == [Kernel.fp32, *map(Kernel, hw.units)]
+    assert "GEMM GFLOP/s a core: fp32 1" in hw.describe()
 
 
 def test_cpu_units_come_from_the_flags():

@@ -65,7 +65,7 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
             except (TypeError, RuntimeError):
                 pass
         return (a.bfloat16() @ b.bfloat16()).float()
-    raise ValueError(f"code_matmul needs a concrete kernel, got {kernel!r} (resolve 'auto' with choose_kernel)")
+    raise ValueError(f"code_matmul needs a concrete kernel, got {kernel!r} (resolve 'auto' with resolve_kernel)")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Hardware:
     name: str  # CPU model name (lscpu's) or the GPU's name
     capability: str  # torch's CPU capability (AVX2, AVX512...) or the CUDA compute capability
     units: list[str]  # kernels with matrix units on this device: subset of int8, bf16 (fp32 always runs)
-    gflops: dict[str, float] = field(default_factory=dict)  # measured GEMM throughput of fp32 and each unit kernel
+    gflops: dict[str, float] = field(default_factory=dict)  # GEMM throughput of fp32 and each unit kernel (CPU: a core)
 
     @property
     def kernel(self) -> Kernel:
@@ -96,7 +96,8 @@ class Hardware:
 
     def describe(self) -> str:
         speeds = ", ".join(f"{k} {v:.0f}" for k, v in self.gflops.items())
-        return (f"{self.name} ({self.capability}; units: {', '.join(self.units) or 'none'}), GEMM GFLOP/s: {speeds}")
+        per = " a core" if self.device == "cpu" else ""
+        return f"{self.name} ({self.capability}; units: {', '.join(self.units) or 'none'}), GEMM GFLOP/s{per}: {speeds}"
 
     def as_dict(self) -> dict:
         return asdict(self) | {"kernel": self.kernel.value, "bf16_fast": self.bf16_fast}
@@ -167,22 +168,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_gflops(kernel: Kernel, device: torch.device, shape: tuple[int, int, int] | None = None,
-                   repeat: int = 3) -> float:
-    """Best-of-`repeat` throughput of `code_matmul` on random codes of `shape` (M, K, N), warm-up excluded."""
+def measure_gflops(kernels: list[Kernel], device: torch.device, shape: tuple[int, int, int] | None = None,
+                   repeat: int = 7) -> dict[str, float]:
+    """Best-of-`repeat` throughput of `code_matmul` on random codes of `shape` (M, K, N) for each kernel, warm-up
+    excluded. The kernels take turns within each round, so a burst of load from another process (the other ranks
+    starting, a test worker) slows every kernel alike instead of one kernel's whole measurement."""
     m, k, n = shape or PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"])
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(device)
     b = torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g).to(device)
-    code_matmul(a, b, kernel)
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
+    best = {kernel: float("inf") for kernel in kernels}
+    for kernel in kernels:
         code_matmul(a, b, kernel)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
+    synchronize(device)
+    for _ in range(repeat):
+        for kernel in kernels:
+            start = time.perf_counter()
+            code_matmul(a, b, kernel)
+            synchronize(device)
+            best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return {kernel.value: 2 * m * k * n / seconds / 1e9 for kernel, seconds in best.items()}
 
 
 @functools.cache
@@ -196,8 +201,18 @@ def _hardware(device: str) -> Hardware:
         hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(), cpu_units(_cpu_flags(), max_isa))
     # Only kernels with units are measured: without them int8 runs at ~1 GFLOP/s and the probe alone would take
     # seconds, for an answer known in advance.
-    for kernel in ("fp32", *hw.units):
-        hw.gflops[kernel] = measure_gflops(Kernel(kernel), dev)
+    # The CPU probe runs on one thread: what a kernel's units give per core is what the choice needs, and a GEMM
+    # split over every core while another process holds one (the other ranks starting, a second test worker) waits
+    # at each barrier for a descheduled thread, so it times scheduler slices (~17 GFLOP/s for every kernel on the
+    # 2-core EPYC under a 2-thread load, where one thread read fp32 65-86, int8 300-350, bf16 160-190 through the
+    # same load, as alone).
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        hw.gflops = measure_gflops([Kernel(k) for k in ("fp32", *hw.units)], dev)
+    finally:
+        torch.set_num_threads(threads)
     return hw
 
 
