@@ -48,6 +48,8 @@ from pathlib import Path
 
 import psutil
 
+from megadistil.config import ReLoRAConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 RESULTS = ROOT / "bench" / "results" / "distill_step.json"
@@ -149,8 +151,15 @@ def common_overrides(args: argparse.Namespace, model_dir: Path, text: Path, dtyp
     return [f"model.student={model_dir}", f"model.dtype={dtype}", f"data.text=[{text}]", "data.eval_text=[]",
             f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
             f"train.max_steps={args.steps}", f"train.save_every={args.steps}", "train.resume=never",
-            f"bitnet.lora_rank={args.lora_rank}", f"relora.reset_every={args.reset_every}",
-            "relora.restart_warmup_steps=1", "optim.warmup_steps=1", f"loss.chunk_tokens={args.chunk_tokens}"]
+            f"bitnet.lora_rank={args.lora_rank}", *relora_overrides(args.reset_every), "optim.warmup_steps=1",
+            f"loss.chunk_tokens={args.chunk_tokens}"]
+
+
+def relora_overrides(reset_every: int) -> list[str]:
+    """Merges every `reset_every` steps with a 1-step restart warmup; without merges, the warmup back at its default
+    (configs/tiny.yaml sets one, and a run refuses a setting that nothing reads)."""
+    warmup = 1 if reset_every else ReLoRAConfig.restart_warmup_steps
+    return [f"relora.reset_every={reset_every}", f"relora.restart_warmup_steps={warmup}"]
 
 
 def fresh(run_dir: Path) -> Path:
@@ -306,7 +315,7 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path, text: Pat
     for name, extra in (("a", ["teacher.kind=shared"]),
                         ("aw", ["teacher.kind=shared", "teacher.layerwise=false"]),
                         ("ad", ["teacher.kind=shared", "relora.delta_format=dtype"]),
-                        ("a0", ["teacher.kind=shared", "relora.reset_every=0"]),
+                        ("a0", ["teacher.kind=shared", *relora_overrides(0)]),
                         ("b", ["teacher.kind=shards", "data.text=[]", f"data.shards={shards}",
                                "data.shuffle_buffer=16"])):
         if name not in args.cases or (name in ("a0", "ad") and args.reset_every == 0):

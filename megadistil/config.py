@@ -6,7 +6,9 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megadistil.bitnet import BitNetConfig, DeltaFormat
 from megadistil.data.stream import DataConfig
-from megadistil.distill.losses import LossConfig, Target, resolve_layers
+from megadistil.distill.losses import KDKind, LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
 from megadistil.distill.preference import PreferenceConfig
 
@@ -277,6 +279,9 @@ def validate(cfg: RunConfig) -> None:
     _check(not t.eval_tasks_include_path or Path(t.eval_tasks_include_path).is_dir(), "train.eval_tasks_include_path",
            f"{t.eval_tasks_include_path} is not a directory")
     _check(t.max_nan_steps >= 1, "train.max_nan_steps", "must be >= 1")
+    _check(cfg.bitnet.quant_warmup_steps < t.max_steps, "bitnet.quant_warmup_steps",
+           f"{cfg.bitnet.quant_warmup_steps} steps of λ warmup do not end within train.max_steps={t.max_steps}: the run "
+           f"would stop before it trains the fully ternary student it exports")
     _check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     _check(0 <= cfg.log.profile_step <= t.max_steps, "log.profile_step",
            f"must be a step of the run (1..train.max_steps={t.max_steps}) or 0 (off), got {cfg.log.profile_step}")
@@ -291,8 +296,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
     _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
     _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
-    _check(r.delta_format == ReLoRAConfig.delta_format or r.reset_every > 0, "relora.delta_format",
-           f"{r.delta_format} stores ΔW, which relora.reset_every=0 does not allocate")
     sources = [key for key in ("shards", "text", "preference") if getattr(cfg.data, key)]
     _check(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "
            f"{', '.join('data.' + k for k in sources) or 'none'})")
@@ -312,6 +315,7 @@ def validate(cfg: RunConfig) -> None:
     validate_teacher(cfg)
     validate_onpolicy(cfg)
     validate_preference(cfg)
+    validate_unused(cfg)
 
 
 def staged_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -354,11 +358,9 @@ def validate_teacher(cfg: RunConfig) -> None:
 
 def validate_onpolicy(cfg: RunConfig) -> None:
     """On-policy micro-batches need a live teacher to score the student's tokens, a KD term to train on them, and room
-    in data.seq_len; with on-policy off at every stage, an on-policy setting is refused as unused."""
+    in data.seq_len."""
     op = cfg.onpolicy
     if not uses_onpolicy(cfg):
-        for key in op.set_keys():
-            _check(key == "onpolicy.fraction", key, "is unused: onpolicy.fraction is 0 at every stage")
         return
     _check(cfg.teacher.kind in (TeacherKind.shared, TeacherKind.hf), "onpolicy.fraction",
            f"on-policy distillation needs a live teacher to score the student's own tokens (teacher.kind shared or "
@@ -373,18 +375,77 @@ def validate_onpolicy(cfg: RunConfig) -> None:
 
 
 def validate_preference(cfg: RunConfig) -> None:
-    """Preference weights need the teacher's log p(label) (a live teacher) and a reference model; without a reference,
-    a preference setting is refused as unused."""
+    """Preference weights need the teacher's log p(label) (a live teacher) and a reference model."""
     pref = cfg.preference
     if not pref.reference:
-        for key in pref.set_keys():
-            _check(False, key, "is unused: preference.reference (the reference model) is not set")
         return
     _check(cfg.teacher.kind in (TeacherKind.shared, TeacherKind.hf), "preference.reference",
            f"token weights need the teacher's log-probs of the labels (teacher.kind shared or hf); teacher.kind="
            f"{cfg.teacher.kind} has none")
     _check(Path(pref.reference, "config.json").is_file(), "preference.reference",
            f"{pref.reference} is not a model directory (no config.json)")
+
+
+def _others(cls: type, section: str, but: str) -> tuple[str, ...]:
+    return tuple(f"{section}.{f.name}" for f in fields(cls) if f.name != but)
+
+
+def _reads_kd_settings(c: RunConfig) -> bool:
+    """Whether loss.kind and loss.temperature act: a KD or dual-space term, or the held-out KD that evaluation
+    measures against the shared teacher."""
+    return c.loss.kd_weight > 0 or c.loss.dskd_weight > 0 or (bool(c.data.eval_text) and c.teacher.kind == "shared")
+
+
+# Settings that act only under a condition: the keys, the condition (on the config in force at a stage), and why they
+# do nothing without it. A key set away from its default whose condition holds at no stage is refused as unused,
+# naming it: a run never silently ignores what its user set.
+CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str], ...] = (
+    (("relora.restart_warmup_steps", "relora.optimizer_reset", "relora.delta_format"),
+     lambda c: c.relora.reset_every > 0, "relora.reset_every is 0 (no ReLoRA merges, no ΔW)"),
+    (("relora.prune_ratio",), lambda c: c.relora.reset_every > 0 and c.relora.optimizer_reset == OptimizerReset.prune,
+     "moments are pruned only with relora.reset_every > 0 and relora.optimizer_reset=prune"),
+    (("train.eval_every",), lambda c: bool(c.data.eval_text or c.train.eval_tasks),
+     "nothing is evaluated (no data.eval_text, no train.eval_tasks)"),
+    (("train.eval_batches",), lambda c: bool(c.data.eval_text), "no data.eval_text to take held-out batches from"),
+    (("train.eval_tasks_limit", "train.eval_tasks_include_path"), lambda c: bool(c.train.eval_tasks),
+     "train.eval_tasks is empty"),
+    (("log.wandb.project", "log.wandb.name", "log.wandb.mode"), lambda c: c.log.wandb.enabled,
+     "log.wandb.enabled is false"),
+    (("loss.kind", "loss.temperature"), _reads_kd_settings,
+     "loss.kd_weight and loss.dskd_weight are 0 at every stage, and no held-out KD to the shared teacher is measured"),
+    (("loss.jsd_beta",), lambda c: c.loss.kind == KDKind.jsd or (c.onpolicy.fraction > 0 and c.onpolicy.kind == KDKind.jsd),
+     "neither loss.kind nor an active onpolicy.kind is jsd at any stage"),
+    (("loss.hidden_layers", "loss.hidden_magnitude_weight"), lambda c: c.loss.hidden_weight > 0,
+     "loss.hidden_weight is 0 at every stage"),
+    (("loss.attn_relation_heads", "loss.attn_relation_layers", "loss.attn_relation_temperature"),
+     lambda c: c.loss.attn_relation_weight > 0, "loss.attn_relation_weight is 0 at every stage"),
+    (_others(OnPolicyConfig, "onpolicy", but="fraction"), lambda c: c.onpolicy.fraction > 0,
+     "onpolicy.fraction is 0 at every stage"),
+    (_others(PreferenceConfig, "preference", but="reference"), lambda c: bool(c.preference.reference),
+     "preference.reference (the reference model) is not set"),
+)
+
+
+def validate_unused(cfg: RunConfig) -> None:
+    """Refuses a key set away from its default where nothing reads it at any stage (CONDITIONAL_KEYS)."""
+    staged, default = [c for _, c in staged_configs(cfg)], RunConfig()
+    for keys, condition, why in CONDITIONAL_KEYS:
+        if any(condition(c) for c in staged):
+            continue
+        for key in keys:
+            if any(_value(c, key) != _value(default, key) for c in staged):
+                _check(False, _where_set(cfg, key), f"is unused: {why}")
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    return reduce(getattr, key.split("."), cfg)
+
+
+def _where_set(cfg: RunConfig, key: str) -> str:
+    """`key` as the user wrote it: in the base config, else in the first stage that overrides it."""
+    if _value(cfg, key) != _value(RunConfig(), key):
+        return key
+    return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
 
 
 def layer_lists(loss: LossConfig, num_layers: int) -> tuple[list[int], list[int]]:

@@ -44,13 +44,50 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("optim.param_groups=[{pattern: '(', lr_mult: 1}]", "optim.param_groups.0.pattern"),
     ("data.shards=/s", "data"),  # both shards and text
     ("log.profile_step=101", "log.profile_step': must be a step of the run"),
-    ("relora.delta_format=dtype", "relora.delta_format': dtype stores ΔW, which relora.reset_every=0"),
+    ("relora.delta_format=dtype", "relora.delta_format': is unused: relora.reset_every is 0"),
     ("relora.delta_format=int4", "relora.delta_format"),
+    ("bitnet.quant_warmup_steps=100", "bitnet.quant_warmup_steps': 100 steps of λ warmup do not end within train"),
 ])
 def test_bad_values_name_the_key(override, message):
     base = ["model.student=/m", "data.text=[a.txt]"]
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, [*base, override])
+
+
+CE_ONLY = ["teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["relora.restart_warmup_steps=7"], "'relora.restart_warmup_steps': is unused: relora.reset_every is 0"),
+    (["relora.optimizer_reset=zero"], "'relora.optimizer_reset': is unused: relora.reset_every is 0"),
+    (["relora.reset_every=5", "relora.optimizer_reset=zero", "relora.prune_ratio=0.5"],
+     "'relora.prune_ratio': is unused: moments are pruned only with relora.reset_every > 0 and relora.optim"),
+    (["train.eval_every=10"], "'train.eval_every': is unused: nothing is evaluated (no data.eval_text, no train."),
+    (["train.eval_batches=3", "train.eval_tasks=[arc_easy]"],
+     "'train.eval_batches': is unused: no data.eval_text to take held-out batches from"),
+    (["train.eval_tasks_limit=5", "data.eval_text=[e.txt]"], "'train.eval_tasks_limit': is unused: train.eval_"),
+    (["log.wandb.project=mine"], "'log.wandb.project': is unused: log.wandb.enabled is false"),
+    ([*CE_ONLY, "loss.temperature=2.0"], "'loss.temperature': is unused: loss.kd_weight and loss.dskd_weight are 0"),
+    (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: neither loss.kind nor an active onpolicy.kind is jsd"),
+    (["loss.attn_relation_heads=4"], "'loss.attn_relation_heads': is unused: loss.attn_relation_weight is 0 at"),
+    (["stages=[{start_step: 3, overrides: {loss.hidden_layers: [1]}}]"],
+     "'stages.0.overrides.loss.hidden_layers': is unused: loss.hidden_weight is 0 at every stage"),
+])
+def test_a_setting_nothing_reads_is_refused_naming_it(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss.hidden_layers=[1]", "stages=[{start_step: 3, overrides: {loss.hidden_weight: 0.5}}]"],
+    [*CE_ONLY[1:], "loss.temperature=2.0", "data.eval_text=[e.txt]"],  # the held-out KD to the shared teacher
+    ["loss.jsd_beta=0.3", "onpolicy.kind=jsd", "stages=[{start_step: 3, overrides: {onpolicy.fraction: 0.5}}]"],
+    ["relora.reset_every=5", "relora.optimizer_reset=zero", "relora.restart_warmup_steps=2"],
+    ["train.eval_every=2", "train.eval_batches=3", "data.eval_text=[e.txt]"],
+    ["log.wandb.enabled=true", "log.wandb.project=mine", "log.wandb.mode=disabled"],
+])
+def test_a_setting_that_acts_at_some_stage_is_accepted(overrides):
+    load_config(None, [*BASE, *overrides])
 
 
 def test_missing_config_file_is_named(tmp_path):

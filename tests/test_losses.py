@@ -400,6 +400,14 @@ def test_attention_relation_loss_rejects_indivisible_width():
 # --------------------------------------------------------------------------- config and input errors
 
 
+def test_held_out_loss_keeps_the_divergence_and_drops_the_other_terms():
+    run = LossConfig(kind="jsd", jsd_beta=0.3, temperature=2.0, kd_weight=0.4, ce_weight=0.0, hidden_weight=1.0,
+                     attn_relation_weight=1.0, dskd_weight=1.0, chunk_tokens=7)
+    assert run.held_out(kd=True) == LossConfig(kind="jsd", jsd_beta=0.3, temperature=2.0, kd_weight=1.0,
+                                               ce_weight=1.0, chunk_tokens=7)
+    assert run.held_out(kd=False).needs() == {}
+
+
 @pytest.mark.parametrize("change,key", [
     ({"kind": "kl"}, "loss.kind"),
     ({"jsd_beta": 0.0}, "loss.jsd_beta"),

@@ -273,8 +273,3 @@ def test_config_refusals_name_the_key(key, value, message):
     assert str(e.value).startswith(f"config key 'preference.{key}': ") and message in str(e.value)
 
 
-def test_config_set_keys():
-    assert PreferenceConfig().set_keys() == []
-    cfg = PreferenceConfig(beta=0.5, transform=WeightTransform.sigmoid)
-    assert cfg.set_keys() == ["preference.transform", "preference.beta"]
-    assert PreferenceConfig(min_weight=1.0, max_weight=1.0).validate() is None  # the edges are allowed

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megadistil.config import ConfigError, load_config
+from megadistil.distill.losses import LossConfig
 from megadistil.engine.inputs import check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,8 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
                                 *extra], "ds_config": released_ds_config, "count_gathers": True}
            for name, extra in (("layerwise", []), ("whole_teacher", ["teacher.layerwise=false"]),
                                ("ce_only", ["loss.ce_weight=1", "loss.kd_weight=0", "loss.hidden_weight=0",
-                                            "loss.attn_relation_weight=0"]))},
+                                            "loss.attn_relation_weight=0",  # and its setting, unused, back
+                                            f"loss.attn_relation_heads={LossConfig.attn_relation_heads}"]))},
     }
     for name, spec in specs.items():
         spec["out"] = str(tmp_path_factory.mktemp(name))
@@ -458,7 +460,7 @@ def test_dual_space_term_matches_its_definition():
     import torch
     import torch.nn.functional as F
 
-    from megadistil.distill.losses import IGNORE_INDEX, LossConfig
+    from megadistil.distill.losses import IGNORE_INDEX
     from megadistil.engine.module import DistillModule
     from megadistil.engine.teachers import Targets
     from tests._tiny import tiny_llama31

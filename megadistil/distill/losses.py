@@ -85,6 +85,11 @@ class LossConfig:
         weights = ((Target.logits, "kd_weight"), (Target.hidden, "hidden_weight"), (Target.qkv, "attn_relation_weight"))
         return {target: f"loss.{key}" for target, key in weights if getattr(self, key)}
 
+    def held_out(self, kd: bool) -> LossConfig:
+        """What evaluation measures: CE on the labels and, with `kd`, this run's KD divergence (kind, β, T) alone."""
+        return LossConfig(kind=self.kind, jsd_beta=self.jsd_beta, temperature=self.temperature, kd_weight=float(kd),
+                          ce_weight=1.0, chunk_tokens=self.chunk_tokens)
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
         if self.kind not in set(KDKind):

@@ -10,7 +10,7 @@ generate together).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -45,11 +45,6 @@ class OnPolicyConfig:
     def sampling(self, seed: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperatures=tuple(self.temperatures),
                               top_k=self.top_k, top_p=self.top_p, seed=seed)
-
-    def set_keys(self) -> list[str]:
-        """The keys that differ from their defaults (a run with on-policy off at every stage refuses them)."""
-        default = OnPolicyConfig()
-        return [f"onpolicy.{f.name}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
 
 
 def is_onpolicy(micro_index: int, fraction: float) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -66,11 +66,6 @@ class PreferenceConfig:
         if not (math.isfinite(self.max_weight) and self.max_weight >= 1):
             raise ValueError(f"config key 'preference.max_weight': must be finite and >= 1 (a weight of 1 at r = 0 "
                              f"must survive the clamp), got {self.max_weight}")
-
-    def set_keys(self) -> list[str]:
-        """The keys that differ from their defaults (a run without a reference model refuses them)."""
-        default = PreferenceConfig()
-        return [f"preference.{f.name}" for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)]
 
 
 def token_weights(logp_teacher: Tensor, logp_reference: Tensor, cfg: PreferenceConfig) -> Tensor:

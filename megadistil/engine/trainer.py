@@ -419,8 +419,7 @@ class Trainer:
 
         self.engine.eval()
         live = self.eval_kd
-        loss_cfg = LossConfig(kind=self.cfg.loss.kind, temperature=self.cfg.loss.temperature,
-                              kd_weight=1.0 if live else 0.0, ce_weight=1.0, chunk_tokens=self.cfg.loss.chunk_tokens)
+        loss_cfg = self.cfg.loss.held_out(kd=live)
         record = {"step": self.state.step, **self._task_scores()}
         if self.eval_seqs is not None:
             ce, kd = self._eval_pass(loss_cfg, live)
