@@ -138,7 +138,7 @@ class RunDataConfig(DataConfig):
     text: list[str] = field(default_factory=list)  # text files for a live teacher (instead of shards)
     preference: list[str] = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected): prompt + chosen, loss on chosen
     eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
-    seq_len: int = 256  # packing length for text (shards carry their own)
+    seq_len: int = 256  # packing length for text (shards carry their own: set, it must be theirs)
 
 
 @dataclass
@@ -404,6 +404,9 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
      lambda c: c.relora.reset_every > 0, "relora.reset_every is 0 (no ReLoRA merges, no ΔW)"),
     (("relora.prune_ratio",), lambda c: c.relora.reset_every > 0 and c.relora.optimizer_reset == OptimizerReset.prune,
      "moments are pruned only with relora.reset_every > 0 and relora.optimizer_reset=prune"),
+    (("data.num_workers", "data.shuffle_buffer", "data.seed", "data.on_corrupt", "data.epochs", "data.prefetch_factor"),
+     lambda c: bool(c.data.shards),
+     "the shard stream's setting, and data.shards is not set (text is packed in memory, shuffled by train.seed)"),
     (("train.eval_every",), lambda c: bool(c.data.eval_text or c.train.eval_tasks),
      "nothing is evaluated (no data.eval_text, no train.eval_tasks)"),
     (("train.eval_batches",), lambda c: bool(c.data.eval_text), "no data.eval_text to take held-out batches from"),

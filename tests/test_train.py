@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -126,7 +127,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
                                    "log.profile_step=3"]},
         "shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]",
-            f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
+            "data.seq_len=64", f"data.eval_text=[{stdlib_text_file}]", "train.eval_batches=2", "train.micro_batch_size=2",
             "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
             "data.shuffle_buffer=16"]},
         "hf": {"overrides": [
@@ -143,7 +144,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "ds_config": partitioned_ds_config},
         "crosstok_shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
-            "data.text=[]", "loss.kind=uld", "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10",
+            "data.text=[]", "data.seq_len=64", "loss.kind=uld", "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10",
             "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2", "data.shuffle_buffer=16"]},
         "preference": {"overrides": [
             f"model.student={tiny_llama_dir}", f"data.preference=[{preference_file}]", "data.text=[]",
@@ -404,10 +405,13 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
 
     make_tiny_llama(other, texts=[stdlib_text_file.read_text()[:20000]], vocab_size=300)
     with pytest.raises(ConfigError, match="data.shards.*vocab"):
-        _inputs(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]"])
+        _inputs(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]", "data.seq_len=64"])
+    on_shards = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]"]
     with pytest.raises(ConfigError, match="loss.temperature"):
-        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}",
-                            "data.text=[]", "loss.temperature=2.0"])
+        _inputs(tmp_path, [*on_shards, "data.seq_len=64", "loss.temperature=2.0"])
+    with pytest.raises(ConfigError, match=re.escape(f"'data.seq_len': 128, but the shards in {shards_dir} hold "
+                                                    "sequences of 64 tokens: set it to 64")):
+        _inputs(tmp_path, on_shards)  # configs/tiny.yaml packs text at 128
 
 
 def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,
@@ -426,7 +430,7 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
                             f"preference.reference={crosstok_teacher_dir}"])
     # Shards of such a teacher: ULD reads them as they are; another divergence needs the teacher's tokenizer to map
     # its ids, found at manifest.teacher (and refused, naming the fix, where that directory is gone).
-    shards = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", "data.text=[]"]
+    shards = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", "data.text=[]", "data.seq_len=64"]
     on_shards = _inputs(tmp_path, [*shards, f"data.shards={crosstok_shards_dir}", "loss.kind=jsd"])
     assert on_shards.shards_teacher_tokenizer is not None and on_shards.cross_tokenizer_targets
     moved = tmp_path / "moved_shards"

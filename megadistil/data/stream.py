@@ -47,9 +47,9 @@ class DataConfig:
     """Reader knobs; the trainer supplies batch size, rank and world size."""
 
     shards: str = ""  # a precomputed shard dir (tools/precompute_teacher.py) with its manifest.json
-    num_workers: int = 0  # loader worker processes per rank
-    shuffle_buffer: int = 1000  # samples in the shuffle buffer (0: stream order)
-    seed: int = 0  # shuffle seed (0: train.seed)
+    num_workers: int = 0  # shard loader worker processes per rank
+    shuffle_buffer: int = 1000  # shard samples in the shuffle buffer (0: stream order)
+    seed: int = 0  # shard shuffle seed (0: train.seed, which also shuffles packed text)
     on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample stops the run, or is skipped and counted
     epochs: int | None = None  # passes over the shards (None: endless)
     prefetch_factor: int = 2  # batches prefetched per worker
