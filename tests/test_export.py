@@ -273,6 +273,17 @@ def test_packed_weights_are_two_bits_and_the_size_report_adds_up(runs, capsys):
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("args, message", [
+    (["--verify-sequences", "4"], "--verify-sequences is used only with --verify"),
+    (["--format", "gguf", "--verify-seq-len", "32"], "--verify-seq-len is used only with --verify"),
+    (["--eval-model", "student"], "--eval-model is used only with --eval-results"),
+])
+def test_an_option_the_conversion_would_not_read_is_refused(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _tool_main()(["--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "out"), *args])
+    assert message in capsys.readouterr().err
+
+
 def test_bad_input_gives_clear_errors(runs, tmp_path, capsys):
     main = _tool_main()
 

@@ -38,8 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="GGUF: embeddings, output head, excluded linears (default f16)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--verify", action="store_true", help="run the output (transformers or llama.cpp) and compare")
-    p.add_argument("--verify-sequences", type=int, default=8)
-    p.add_argument("--verify-seq-len", type=int, default=64)
+    p.add_argument("--verify-sequences", type=int, default=None, help="--verify: held-out sequences (default 8)")
+    p.add_argument("--verify-seq-len", type=int, default=None, help="--verify: tokens each (default 64)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-results", default=None, help="HF: a tools/evaluate.py results JSON: its scores go into the "
                    "model card's model-index")
@@ -48,15 +48,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ignored = [k for k in (HF_ONLY if a.format == "gguf" else GGUF_ONLY) if getattr(a, k) is not None]
     if ignored:
         p.error(f"--format {a.format} does not use {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    for key, needs in (("verify_sequences", "verify"), ("verify_seq_len", "verify"), ("eval_model", "eval_results")):
+        if getattr(a, key) is not None and not getattr(a, needs):
+            p.error(f"--{key.replace('_', '-')} is used only with --{needs.replace('_', '-')}")
     return a
+
+
+def verify_settings(a: argparse.Namespace) -> dict[str, int]:
+    """--verify's sizes that were given (the verifiers' own defaults otherwise)."""
+    return {k: v for k, v in (("sequences", a.verify_sequences), ("seq_len", a.verify_seq_len)) if v is not None}
 
 
 def gguf_main(a: argparse.Namespace) -> int:
     cfg = GGUFConfig(linear_type=a.gguf_type or "tq2_0", other_type=a.gguf_other_type or "f16",
                      overwrite=a.overwrite, progress=not a.no_progress)
     result = convert_checkpoint_gguf(a.checkpoint, a.output, cfg, base=a.base, verify=a.verify,
-                                     verify_config=LlamaCppVerifyConfig(sequences=a.verify_sequences,
-                                                                        seq_len=a.verify_seq_len))
+                                     verify_config=LlamaCppVerifyConfig(**verify_settings(a)))
     print(f"wrote {result.output}")
     print(format_gguf_sizes(result))
     if result.verify is not None:
@@ -70,7 +77,7 @@ def hf_main(a: argparse.Namespace) -> int:
                        linear_class=a.linear_class or "bitlinear", overwrite=a.overwrite, progress=not a.no_progress)
     evaluated = eval_record(a.eval_results, a.eval_model) if a.eval_results else None
     result = convert_checkpoint(a.checkpoint, a.output, cfg, base=a.base, verify=a.verify,
-                                verify_config=VerifyConfig(sequences=a.verify_sequences, seq_len=a.verify_seq_len),
+                                verify_config=VerifyConfig(**verify_settings(a)),
                                 evaluated=evaluated)
     print(f"wrote {result.output} ({result.sizes['shards']} shard(s))")
     print(format_size_report(result.sizes))
