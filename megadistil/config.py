@@ -451,6 +451,15 @@ def _where_set(cfg: RunConfig, key: str) -> str:
     return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
 
 
+def shard_seq_len(cfg: RunConfig, shards_seq_len: int) -> int:
+    """A run on shards trains at their sequence length; data.seq_len, where set, must be it (the memory planner
+    sizes activations from it)."""
+    _check(cfg.data.seq_len in (RunDataConfig.seq_len, shards_seq_len), "data.seq_len",
+           f"{cfg.data.seq_len}, but the shards in {cfg.data.shards} hold sequences of {shards_seq_len} tokens: set it "
+           f"to {shards_seq_len}")
+    return shards_seq_len
+
+
 def layer_lists(loss: LossConfig, num_layers: int) -> tuple[list[int], list[int]]:
     """The decoder layers the hidden-state and attention-relation terms read (empty when their weight is 0)."""
     hidden = resolve_layers(loss.hidden_layers, num_layers, "loss.hidden_layers") if loss.hidden_weight else []

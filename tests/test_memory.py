@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from megadistil.config import load_config, load_ds_config
+from megadistil.config import ConfigError, load_config, load_ds_config
+from megadistil.data import Manifest
 from megadistil.engine.memory import (
     MODEL_PRESETS,
     GiB,
     Layout,
     ModelDims,
+    as_trained,
     count_tensors,
     estimate,
     frozen_tensors,
@@ -30,6 +32,26 @@ TOOL = ROOT / "tools" / "estimate_memory.py"
 
 def _cfg(name: str, *overrides: str):
     return load_config(ROOT / "configs" / name, list(overrides))
+
+
+def test_a_shards_run_is_planned_at_the_shards_sequence_length(tmp_path):
+    """A run on shards trains at their length, so the planner sizes activations at it, not at data.seq_len's
+    default; a data.seq_len set to another length is refused, as the run refuses it."""
+    Manifest(vocab_size=128256, top_k=64, temperature=1.0, seq_len=4096, teacher_fingerprint="t",
+             tokenizer_fingerprint="k").save(tmp_path)
+    on_shards = ["data.text=[]", f"data.shards={tmp_path}", "teacher.kind=shards"]
+    base = _cfg("llama3.1-8b.yaml", "data.seq_len=256", *on_shards)
+    dims, layout = ModelDims.from_hf(MODEL_PRESETS["llama3.1-8b"], "preset"), Layout(1, 8)
+    ds = load_ds_config(ROOT / "ds_configs/zero3.json")
+    planned, at_4096 = as_trained(base), _cfg("llama3.1-8b.yaml", "data.seq_len=4096", *on_shards)
+    assert (base.data.seq_len, planned.data.seq_len, as_trained(at_4096).data.seq_len) == (256, 4096, 4096)
+    activations = [estimate(c, dims, layout, ds).term("activations") for c in (base, planned, at_4096)]
+    assert activations[1] == activations[2] > 3 * activations[0]
+    with pytest.raises(ConfigError, match="'data.seq_len': 8192, but the shards in .* hold sequences of 4096 tokens"):
+        as_trained(_cfg("llama3.1-8b.yaml", *on_shards))  # the yaml's 8192
+    elsewhere = _cfg("llama3.1-8b.yaml", "data.text=[]", "data.shards=/not/here",
+                     "teacher.kind=shards")
+    assert as_trained(elsewhere) is elsewhere  # planned on another machine: data.seq_len says it
 
 
 def test_weights_and_optimizer_terms_are_the_counts_over_the_ranks() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.config import ConfigError, load_config, load_ds_config
-from megadistil.engine.memory import Layout, estimate, parse_bytes, resolve_dims, table
+from megadistil.engine.memory import Layout, as_trained, estimate, parse_bytes, resolve_dims, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: both must be >= 1")
-        cfg = load_config(args.config, args.overrides)
+        cfg = as_trained(load_config(args.config, args.overrides))
         dims, source = resolve_dims(cfg, model_config=args.model_config, config_path=args.config)
         layout = Layout(args.nodes, args.gpus_per_node)
         est = estimate(cfg, dims, layout, load_ds_config(args.ds_config), offload=args.offload,

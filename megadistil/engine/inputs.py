@@ -13,10 +13,10 @@ from transformers import AutoConfig, AutoTokenizer
 from megadistil.config import (
     ConfigError,
     RunConfig,
-    RunDataConfig,
     TeacherKind,
     layer_lists,
     loss_configs,
+    shard_seq_len,
     uses_onpolicy,
 )
 from megadistil.data import Manifest, tokenizer_fingerprint
@@ -92,9 +92,7 @@ def _check_shards(cfg: RunConfig, inputs: Inputs, manifest: Manifest, vocab_size
         manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint(inputs.tokenizer))
     except ValueError as e:
         raise ConfigError(f"config key 'data.shards': {e}") from None
-    if cfg.data.seq_len not in (RunDataConfig.seq_len, manifest.seq_len):  # the memory planner reads it
-        raise ConfigError(f"config key 'data.seq_len': {cfg.data.seq_len}, but the shards in {cfg.data.shards} hold "
-                          f"sequences of {manifest.seq_len} tokens: set it to {manifest.seq_len}")
+    shard_seq_len(cfg, manifest.seq_len)
     op = cfg.onpolicy
     if uses_onpolicy(cfg) and op.prompt_tokens + op.max_new_tokens > manifest.seq_len:
         raise ConfigError(f"config key 'onpolicy.prompt_tokens': {op.prompt_tokens} prompt + {op.max_new_tokens} "

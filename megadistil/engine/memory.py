@@ -31,13 +31,14 @@ The model is counted from its dimensions (config.json), not built. Every term is
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from megadistil.bitnet.linear import ROW_BLOCK_NUMEL, DeltaFormat
 from megadistil.bitnet.surgery import SUBLN_TARGETS
-from megadistil.config import ConfigError, RunConfig, uses_onpolicy
+from megadistil.config import ConfigError, RunConfig, shard_seq_len, uses_onpolicy
+from megadistil.data import Manifest
 
 GiB = 2**30
 # The presets are the models' own config.json files (transformers config kwargs, model_type included): the planner
@@ -225,6 +226,18 @@ def resolve_dims(cfg: RunConfig, *, model_config: str | None = None, config_path
     config, source = _model_config(cfg, model_config, config_path)
     dims = ModelDims.from_hf(config, source)
     return dims, source + dims.assumption
+
+
+def as_trained(cfg: RunConfig) -> RunConfig:
+    """The run config at the sequence length the run trains at: on shards this machine can read, theirs (elsewhere,
+    data.seq_len, which should then say it)."""
+    if not cfg.data.shards or not Path(cfg.data.shards).is_dir():
+        return cfg
+    try:
+        seq_len = Manifest.load(cfg.data.shards).seq_len
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'data.shards': {e}") from None
+    return replace(cfg, data=replace(cfg.data, seq_len=shard_seq_len(cfg, seq_len)))
 
 
 def _model_config(cfg: RunConfig, model_config: str | None, config_path: str) -> tuple[dict[str, Any], str]:
