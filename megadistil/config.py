@@ -393,7 +393,7 @@ def _others(cls: type, section: str, but: str) -> tuple[str, ...]:
 def _reads_kd_settings(c: RunConfig) -> bool:
     """Whether loss.kind and loss.temperature act: a KD or dual-space term, or the held-out KD that evaluation
     measures against the shared teacher."""
-    return c.loss.kd_weight > 0 or c.loss.dskd_weight > 0 or (bool(c.data.eval_text) and c.teacher.kind == "shared")
+    return c.loss.kd_weight > 0 or c.loss.dskd_weight > 0 or (bool(c.data.eval_text) and c.teacher.kind == TeacherKind.shared)
 
 
 # Settings that act only under a condition: the keys, the condition (on the config in force at a stage), and why they
@@ -437,16 +437,16 @@ def validate_unused(cfg: RunConfig) -> None:
             continue
         for key in keys:
             if any(_value(c, key) != _value(default, key) for c in staged):
-                _check(False, _where_set(cfg, key), f"is unused: {why}")
+                raise ConfigError(f"config key {_where_set(cfg, default, key)!r}: is unused: {why}")
 
 
 def _value(cfg: RunConfig, key: str) -> Any:
     return reduce(getattr, key.split("."), cfg)
 
 
-def _where_set(cfg: RunConfig, key: str) -> str:
+def _where_set(cfg: RunConfig, default: RunConfig, key: str) -> str:
     """`key` as the user wrote it: in the base config, else in the first stage that overrides it."""
-    if _value(cfg, key) != _value(RunConfig(), key):
+    if _value(cfg, key) != _value(default, key):
         return key
     return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
 
