@@ -12,7 +12,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from megadistil.bitnet import BitNetConfig, DeltaFormat
@@ -228,15 +228,18 @@ def _refuse_moved(raw: dict[str, Any]) -> None:
             raise ConfigError(f"config key {key!r} moved to {where} (README: migrating configs)")
 
 
-def _listify(schema: DictConfig, raw: dict[str, Any]) -> dict[str, Any]:
-    """A scalar given for a list key becomes a list of one, at any depth of the typed sections."""
+def _listify(schema: DictConfig, raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A scalar given for a list key becomes a list of one, at any depth of the typed sections; a list given for a
+    scalar key is refused naming it (OmegaConf would say only "Cannot convert 'ListConfig' to string")."""
     out = {}
     for key, value in raw.items():
         node = schema._get_node(key) if key in schema else None
         if isinstance(node, ListConfig) and not isinstance(value, (list, dict)) and value is not None:
             value = [value]
         elif isinstance(node, DictConfig) and isinstance(value, dict) and node._metadata.object_type is not dict:
-            value = _listify(node, value)
+            value = _listify(node, value, f"{prefix}{key}.")
+        elif isinstance(node, ValueNode) and isinstance(value, list):
+            raise ConfigError(f"config key {prefix + key!r} takes one value, not a list: {value}")
         out[key] = value
     return out
 
@@ -343,13 +346,8 @@ def validate_teacher(cfg: RunConfig) -> None:
             named = f"{where}{key}" if key in overridden or not where else key
             _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
                    f"not provide (kinds that do: {', '.join(k for k, p in TEACHER_PROVIDES.items() if target in p)})")
-    _check(bool(teacher.path) == (kind == TeacherKind.hf), "teacher.path",
-           "is required with teacher.kind=hf" if kind == TeacherKind.hf else f"is unused with teacher.kind={kind}")
+    _check(bool(teacher.path) or kind != TeacherKind.hf, "teacher.path", "is required with teacher.kind=hf")
     _check(teacher.top_k >= 1, "teacher.top_k", "must be >= 1")
-    _check(teacher.top_k == TeacherConfig.top_k or kind == TeacherKind.hf, "teacher.top_k",
-           f"is unused with teacher.kind={kind} (shards carry their own top-k)")
-    _check(teacher.layerwise == TeacherConfig.layerwise or kind == TeacherKind.shared, "teacher.layerwise",
-           f"is unused with teacher.kind={kind} (only the shared teacher runs inside the student's forward)")
     if kind in (TeacherKind.hf, TeacherKind.shards):
         _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
                f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
@@ -400,6 +398,10 @@ def _reads_kd_settings(c: RunConfig) -> bool:
 # do nothing without it. A key set away from its default whose condition holds at no stage is refused as unused,
 # naming it: a run never silently ignores what its user set.
 CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str], ...] = (
+    (("teacher.path", "teacher.top_k"), lambda c: c.teacher.kind == TeacherKind.hf,
+     "teacher.kind is not hf (shards carry their own top-k; the shared teacher is the student's own weights)"),
+    (("teacher.layerwise",), lambda c: c.teacher.kind == TeacherKind.shared,
+     "teacher.kind is not shared (only the shared teacher runs inside the student's forward)"),
     (("relora.restart_warmup_steps", "relora.optimizer_reset", "relora.delta_format"),
      lambda c: c.relora.reset_every > 0, "relora.reset_every is 0 (no ReLoRA merges, no ΔW)"),
     (("relora.prune_ratio",), lambda c: c.relora.reset_every > 0 and c.relora.optimizer_reset == OptimizerReset.prune,

@@ -160,10 +160,10 @@ BASE = ["model.student=/m", "data.text=[a.txt]"]
      "'stages.0.overrides.loss.attn_relation_weight': needs the teacher's qkv, which teacher.kind=hf"),
     (["teacher.kind=none"], "'loss.kd_weight': needs the teacher's logits, which teacher.kind=none"),
     (["teacher.kind=hf"], "'teacher.path': is required with teacher.kind=hf"),
-    (["teacher.path=/t"], "'teacher.path': is unused with teacher.kind=shared"),
-    (["teacher.top_k=8"], "'teacher.top_k': is unused with teacher.kind=shared"),
+    (["teacher.path=/t"], "'teacher.path': is unused: teacher.kind is not hf"),
+    (["teacher.top_k=8"], "'teacher.top_k': is unused: teacher.kind is not hf (shards carry"),
     (["teacher.kind=shards", "data.text=[]", "data.shards=/s", "teacher.layerwise=false"],
-     "'teacher.layerwise': is unused with teacher.kind=shards"),
+     "'teacher.layerwise': is unused: teacher.kind is not shared"),
     (["teacher.kind=hf", "teacher.path=/t", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
      "'teacher.kind': hf: no loss term reads its targets"),
     (["teacher.kind=shards"], "'teacher.kind': shards needs data.shards"),
@@ -190,6 +190,16 @@ def test_a_single_value_for_a_list_key_is_a_list_of_one(tmp_path):
     yaml.write_text("model: {student: /m}\ndata: {text: corpus.txt, eval_text: held.txt}\n")
     cfg = load_config(yaml)
     assert (cfg.data.text, cfg.data.eval_text) == (["corpus.txt"], ["held.txt"])
+
+
+def test_a_list_for_a_one_value_key_is_refused_naming_it(tmp_path):
+    """OmegaConf alone says "Cannot convert 'ListConfig' to string"; the error names the key at any depth."""
+    with pytest.raises(ConfigError, match=r"'data.shards' takes one value, not a list: \['a', 'b'\]"):
+        load_config(None, ["model.student=/m", "data.shards=[a,b]"])
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("model: {student: /m}\ndata: {text: c.txt}\nlog: {wandb: {project: [p, q]}}\n")
+    with pytest.raises(ConfigError, match=r"'log.wandb.project' takes one value"):
+        load_config(yaml)
 
 
 def test_the_shared_teacher_runs_only_for_stages_whose_loss_reads_it():
