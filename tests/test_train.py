@@ -412,6 +412,14 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
     with pytest.raises(ConfigError, match=re.escape(f"'data.seq_len': 128, but the shards in {shards_dir} hold "
                                                     "sequences of 64 tokens: set it to 64")):
         _inputs(tmp_path, on_shards)  # configs/tiny.yaml packs text at 128
+    text = [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]"]
+    with pytest.raises(ConfigError, match=re.escape(f"'data.text': text input {tmp_path}/typo.txt: no such file")):
+        _inputs(tmp_path, [*text[:1], f"data.text=[{stdlib_text_file},{tmp_path}/typo.txt]"])
+    (tmp_path / "held.csv").write_text("a,b\n")
+    with pytest.raises(ConfigError, match=r"'data.eval_text': held-out text .*held.csv: unsupported suffix"):
+        _inputs(tmp_path, [*text, f"data.eval_text=[{tmp_path}/held.csv]"])
+    with pytest.raises(ConfigError, match=r"'data.shards': .*no manifest \(is .*unfinished a precompute_teacher"):
+        _inputs(tmp_path, [*on_shards[:3], f"data.shards={tmp_path}/unfinished", "data.text=[]"])
 
 
 def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,

@@ -19,7 +19,7 @@ from megadistil.config import (
     shard_seq_len,
     uses_onpolicy,
 )
-from megadistil.data import Manifest, tokenizer_fingerprint
+from megadistil.data import Manifest, expand_files, tokenizer_fingerprint
 from megadistil.distill.losses import KDKind
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.model import check_model_dir, check_same_tokenizer
@@ -58,8 +58,13 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     if cfg.preference.reference:
         check_same_tokenizer(cfg.preference.reference, tokenizer, "preference.reference", cfg)
     inputs = Inputs(tokenizer, teacher_tokenizer, cross_tokenizer_targets=teacher_tokenizer is not None)
+    _check_data_files(cfg)
     if cfg.data.shards:
-        inputs = _check_shards(cfg, inputs, Manifest.load(cfg.data.shards), student_config.vocab_size)
+        try:
+            manifest = Manifest.load(cfg.data.shards)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'data.shards': {e}") from None
+        inputs = _check_shards(cfg, inputs, manifest, student_config.vocab_size)
     if cfg.train.eval_tasks:
         from megadistil.eval.tasks import EvalError, preflight
 
@@ -85,6 +90,18 @@ def _live_teacher_tokenizer(cfg: RunConfig, tokenizer: Any) -> Any:
     _refuse(bool(cfg.preference.reference), "preference.reference",
             f"token weights need the teacher's log-probs of the student's labels; {why}")
     return teacher_tok
+
+
+def _check_data_files(cfg: RunConfig) -> None:
+    """Each text pattern matches readable files of a known kind: a typo is one line naming the key, not a
+    traceback from every rank after the model loaded."""
+    d = cfg.data
+    for key, patterns, kwargs in (("data.text", d.text, {}), ("data.eval_text", d.eval_text, {"what": "held-out text"}),
+                                  ("data.preference", d.preference, {"suffixes": (".jsonl",), "what": "preference data"})):
+        try:
+            expand_files(list(patterns), **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
 
 
 def _check_shards(cfg: RunConfig, inputs: Inputs, manifest: Manifest, vocab_size: int) -> Inputs:
