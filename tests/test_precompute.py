@@ -80,6 +80,7 @@ def test_input_errors(tiny_llama_dir, stdlib_text_file, tmp_path):
         run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "b", top_k=385))
     with pytest.raises(FileNotFoundError, match="nothere.txt: no such file"):
         run_precompute(_cfg(tiny_llama_dir, tmp_path / "nothere.txt", tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # refused before the output dir is made and the teacher loads
     bad = tmp_path / "rows.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ValueError, match="rows.jsonl: rows have no 'text' field"):

@@ -86,6 +86,7 @@ class PrecomputeConfig:
             raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
         if self.student_tokenizer is not None and not os.path.isdir(self.student_tokenizer):
             raise FileNotFoundError(f"--student-tokenizer {self.student_tokenizer}: not a directory")
+        expand_files(self.text)  # a typo fails here, before the teacher loads
 
 
 # ---------------------------------------------------------------- distributed helpers
