@@ -20,6 +20,7 @@ from megadistil.data.stream import DataConfig
 from megadistil.distill.losses import KDKind, LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
 from megadistil.distill.preference import PreferenceConfig
+from megadistil.utils import require
 
 
 class Dtype(enum.StrEnum):
@@ -113,6 +114,10 @@ class ReLoRAConfig:
     prune_ratio: float = 0.99  # fraction of the moments (smallest magnitude) zeroed by `prune`
     delta_format: DeltaFormat = DeltaFormat.int8  # int8 + a per-row scale (half of bf16), or the model dtype
 
+    def validate(self) -> None:
+        require(self.reset_every >= 0, "relora.reset_every", f"must be >= 0, got {self.reset_every}")
+        require(0 <= self.prune_ratio <= 1, "relora.prune_ratio", f"must be in [0, 1], got {self.prune_ratio}")
+
 
 @dataclass
 class ParamGroup:
@@ -132,6 +137,20 @@ class OptimConfig:
     # Trainable by default: the LoRA factors and SubLN. Groups here may unfreeze others (e.g. norms) or freeze.
     param_groups: list[ParamGroup] = field(default_factory=list)  # [{pattern: regex, lr_mult: x}], first match wins
 
+    def validate(self) -> None:
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for i, group in enumerate(self.param_groups):
+            require(group.lr_mult >= 0, f"optim.param_groups.{i}.lr_mult", f"must be >= 0, got {group.lr_mult}")
+            try:
+                re.compile(group.pattern)
+            except re.error as e:
+                require(False, f"optim.param_groups.{i}.pattern", f"not a regex ({e})")
+
 
 @dataclass
 class RunDataConfig(DataConfig):
@@ -139,6 +158,13 @@ class RunDataConfig(DataConfig):
     preference: list[str] = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected): prompt + chosen, loss on chosen
     eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 256  # packing length for text (shards carry their own: set, it must be theirs)
+
+    def validate(self) -> None:
+        super().validate()
+        sources = [key for key in ("shards", "text", "preference") if getattr(self, key)]
+        require(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "
+                f"{', '.join('data.' + k for k in sources) or 'none'})")
+        require(self.shards or self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
 
 
 @dataclass
@@ -158,6 +184,17 @@ class TrainConfig:
     max_nan_steps: int = 3  # consecutive non-finite losses that stop the run
     dist_timeout_s: float = 600.0  # collective timeout: a dead rank ends the job instead of hanging it
 
+    def validate(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "max_nan_steps"):
+            require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
+        require(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {self.eval_batches}")
+        require(self.eval_tasks_limit is None or self.eval_tasks_limit >= 1, "train.eval_tasks_limit",
+                f"must be >= 1 or null, got {self.eval_tasks_limit}")
+        require(not self.eval_tasks_include_path or Path(self.eval_tasks_include_path).is_dir(),
+                "train.eval_tasks_include_path", f"{self.eval_tasks_include_path} is not a directory")
+        require(self.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
+
 
 @dataclass
 class WandbConfig:
@@ -172,6 +209,9 @@ class LogConfig:
     every: int = 1  # log every N steps (the last step always)
     profile_step: int = 0  # profile this optimizer step by phase on every rank (profile.rank<r>.json); 0 = off
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        require(self.every >= 1, "log.every", f"must be >= 1, got {self.every}")
 
 
 @dataclass
@@ -265,45 +305,16 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every check that needs no heavy work. Sections validate themselves; cross-section rules live here."""
-    m, t, o, r = cfg.model, cfg.train, cfg.optim, cfg.relora
-    _check(m.student != "???", "model.student", "is required (an HF model directory)")
-    for section, name in ((cfg.bitnet, "bitnet"), (cfg.loss, "loss"), (cfg.data, "data"), (cfg.onpolicy, "onpolicy"),
-                          (cfg.preference, "preference")):
-        try:
-            section.validate()
-        except ValueError as e:
-            raise ConfigError(f"{name}: {e}") from None
-    _check(t.max_steps >= 1, "train.max_steps", "must be >= 1")
-    _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _check(t.save_every >= 1, "train.save_every", "must be >= 1")
-    _check(t.eval_tasks_limit is None or t.eval_tasks_limit >= 1, "train.eval_tasks_limit", "must be >= 1 or null")
-    _check(not t.eval_tasks_include_path or Path(t.eval_tasks_include_path).is_dir(), "train.eval_tasks_include_path",
-           f"{t.eval_tasks_include_path} is not a directory")
-    _check(t.max_nan_steps >= 1, "train.max_nan_steps", "must be >= 1")
+    """Every check that needs no heavy work. Sections validate themselves, in the base config and in the config
+    each stage makes; cross-section rules live here."""
+    t = cfg.train
+    _check(cfg.model.student != "???", "model.student", "is required (an HF model directory)")
+    _validate_sections(cfg, "")
     _check(cfg.bitnet.quant_warmup_steps < t.max_steps, "bitnet.quant_warmup_steps",
            f"{cfg.bitnet.quant_warmup_steps} steps of λ warmup do not end within train.max_steps={t.max_steps}: the run "
            f"would stop before it trains the fully ternary student it exports")
-    _check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
     _check(0 <= cfg.log.profile_step <= t.max_steps, "log.profile_step",
            f"must be a step of the run (1..train.max_steps={t.max_steps}) or 0 (off), got {cfg.log.profile_step}")
-    _check(o.lr > 0, "optim.lr", "must be > 0")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two numbers in [0, 1)")
-    for i, group in enumerate(o.param_groups):
-        _check(group.lr_mult >= 0, f"optim.param_groups.{i}.lr_mult", "must be >= 0")
-        try:
-            re.compile(group.pattern)
-        except re.error as e:
-            raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
-    _check(r.reset_every >= 0, "relora.reset_every", "must be >= 0")
-    _check(0 <= r.prune_ratio <= 1, "relora.prune_ratio", "must be in [0, 1]")
-    sources = [key for key in ("shards", "text", "preference") if getattr(cfg.data, key)]
-    _check(len(sources) == 1, "data", f"set exactly one of data.shards, data.text and data.preference (set: "
-           f"{', '.join('data.' + k for k in sources) or 'none'})")
-    if cfg.data.text or cfg.data.preference:
-        _check(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2")
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
         for key in stage.overrides:
@@ -311,14 +322,23 @@ def validate(cfg: RunConfig) -> None:
                    f"stages may override loss.* and {', '.join(STAGE_KEYS)} only")
         try:
             staged = stage_config(cfg, stage.start_step)
-            staged.loss.validate()
-            staged.onpolicy.validate()
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
+        _validate_sections(staged, f"stages.{i}.overrides.")
     validate_teacher(cfg)
     validate_onpolicy(cfg)
     validate_preference(cfg)
     validate_unused(cfg)
+
+
+def _validate_sections(cfg: RunConfig, where: str) -> None:
+    """Each section's own checks; `where` puts a stage's prefix before the key at fault."""
+    for section in (cfg.bitnet, cfg.relora, cfg.data, cfg.loss, cfg.onpolicy, cfg.preference, cfg.optim, cfg.train,
+                    cfg.log):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e).replace("config key '", f"config key '{where}", 1)) from None
 
 
 def staged_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:

@@ -19,6 +19,13 @@ from megadistil import __version__
 # ---------------------------------------------------------------- files
 
 
+def require(ok: object, key: str, why: str) -> None:
+    """A config section's check: unless `ok`, ValueError("config key '<key>': <why>"), the one form every section
+    (and config.load_config, which passes it on as a ConfigError) names a bad setting in."""
+    if not ok:
+        raise ValueError(f"config key {key!r}: {why}")
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a dot-named
     temp file in the same directory (same filesystem, so the rename is atomic), fsynced, then renamed over `path`.

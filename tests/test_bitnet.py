@@ -271,7 +271,7 @@ def test_meta_device_conversion_allocates_nothing():
 
 
 def test_bad_input_errors_name_the_fault():
-    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+    with pytest.raises(ValueError, match="'bitnet.lora_rank': must be >= 1, got 0"):
         to_bitnet(tiny_llama31(), lora_rank=0)
     with pytest.raises(ValueError, match=r"lora_rank=100 exceeds layer 'model.layers.0.self_attn.q_proj'"):
         to_bitnet(tiny_llama31(), lora_rank=100)

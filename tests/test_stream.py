@@ -170,7 +170,7 @@ def test_truncated_shard(shards, tmp_path):
 
 
 def test_bad_config_is_refused(shards):
-    with pytest.raises(ValueError, match="on_corrupt must be one of"):
+    with pytest.raises(ValueError, match=r"'data.on_corrupt': must be one of \['fail', 'skip'\], got 'ignore'"):
         ShardStream(shards, batch_size=2, on_corrupt="ignore")
     with pytest.raises(ValueError, match="fewer than world_size 2 x batch_size 1000"):
         ShardStream(shards, batch_size=1000, world_size=2)

@@ -11,6 +11,7 @@ from torch import nn
 from megadistil.bitnet.kernels import Kernel
 from megadistil.bitnet.linear import Backward, BitLinear, DeltaFormat
 from megadistil.bitnet.quant import VALUES_PER_BYTE
+from megadistil.utils import require
 
 
 @dataclass
@@ -28,12 +29,10 @@ class BitNetConfig:
     compile_quantizers: bool | None = None  # torch.compile the quantizers (fused); None: on CUDA only
 
     def validate(self) -> None:
-        if self.lora_rank < 1:
-            raise ValueError(f"bitnet.lora_rank must be >= 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"bitnet.lora_alpha must be > 0, got {self.lora_alpha}")
-        if self.quant_warmup_steps < 0:
-            raise ValueError(f"bitnet.quant_warmup_steps must be >= 0, got {self.quant_warmup_steps}")
+        require(self.lora_rank >= 1, "bitnet.lora_rank", f"must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha is None or self.lora_alpha > 0, "bitnet.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        require(self.quant_warmup_steps >= 0, "bitnet.quant_warmup_steps",
+                f"must be >= 0, got {self.quant_warmup_steps}")
 
 
 SUBLN_TARGETS = ("o_proj", "down_proj")  # where BitDistill (and transformers' `bitnet` model) put the sub-norms

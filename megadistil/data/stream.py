@@ -30,6 +30,7 @@ import torch
 import webdataset as wds
 
 from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample, decode_sample, decode_tokens
+from megadistil.utils import require
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -55,12 +56,12 @@ class DataConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
 
     def validate(self) -> None:
-        if self.on_corrupt not in set(OnCorrupt):
-            raise ValueError(f"data.on_corrupt must be one of {[c.value for c in OnCorrupt]}, got {self.on_corrupt!r}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"data.epochs must be >= 1 or None, got {self.epochs}")
+        require(self.on_corrupt in set(OnCorrupt), "data.on_corrupt",
+                f"must be one of {[c.value for c in OnCorrupt]}, got {self.on_corrupt!r}")
+        require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        require(self.epochs is None or self.epochs >= 1, "data.epochs", f"must be >= 1 or null, got {self.epochs}")
+        require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
 
 
 class _SlotSource:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megadistil.utils import require
+
 IGNORE_INDEX = -100
 # A tail of exactly 0 (k == vocab, or a top-k holding everything in float32) would make log p_tail = -inf and
 # reverse KL infinite as soon as the student puts any mass there. The one floor for the tail's log-mass, wherever
@@ -92,17 +94,15 @@ class LossConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key."""
-        if self.kind not in set(KDKind):
-            raise ValueError(f"loss.kind must be one of {[k.value for k in KDKind]}, got {self.kind!r}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"loss.jsd_beta must be in (0, 1), got {self.jsd_beta!r}")
+        _require(self.kind in set(KDKind), "loss.kind", self.kind, f"one of {[k.value for k in KDKind]}")
+        _require(0.0 < self.jsd_beta < 1.0, "loss.jsd_beta", self.jsd_beta, "in (0, 1)")
         _require(self.temperature > 0 and math.isfinite(self.temperature), "loss.temperature", self.temperature, "> 0")
         for key in ("kd_weight", "ce_weight", "hidden_weight", "hidden_magnitude_weight", "attn_relation_weight",
                     "dskd_weight"):
             value = getattr(self, key)
             _require(value >= 0 and math.isfinite(value), f"loss.{key}", value, ">= 0 and finite")
-        if self.kd_weight == 0 and self.ce_weight == 0:
-            raise ValueError("loss.kd_weight and loss.ce_weight are both 0: the LM-head loss would be empty")
+        require(self.kd_weight > 0 or self.ce_weight > 0, "loss.kd_weight",
+                "and loss.ce_weight are both 0: the LM-head loss would be empty")
         _require(isinstance(self.chunk_tokens, int) and self.chunk_tokens > 0, "loss.chunk_tokens",
                  self.chunk_tokens, "a positive int")
         _require(isinstance(self.attn_relation_heads, int) and self.attn_relation_heads > 0,
@@ -114,8 +114,7 @@ class LossConfig:
 
 
 def _require(ok: bool, key: str, value: object, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{key} must be {what}, got {value!r}")
+    require(ok, key, f"must be {what}, got {value!r}")
 
 
 def _check_layer_spec(spec: object, key: str) -> None:
