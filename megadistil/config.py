@@ -79,6 +79,9 @@ class ModelConfig:
     activation_checkpointing: bool = True  # non-reentrant, per decoder layer; keeps int8 W codes one layer at a time
     trust_remote_code: bool = False  # off: only transformers' own architectures load
 
+    def validate(self) -> None:
+        require(self.student != "???", "model.student", "is required (an HF model directory)")
+
 
 @dataclass
 class TeacherConfig:
@@ -86,6 +89,10 @@ class TeacherConfig:
     path: str = ""  # kind hf: the teacher's HF model dir (another tokenizer: loss.kind uld, data.text)
     top_k: int = 64  # kind hf: live targets as top-k log-probs + tail, like the shards
     layerwise: bool = True  # kind shared: each layer runs as teacher, then student, on one gather (false: teacher first)
+
+    def validate(self) -> None:
+        require(self.path or self.kind != TeacherKind.hf, "teacher.path", "is required with teacher.kind=hf")
+        require(self.top_k >= 1, "teacher.top_k", f"must be >= 1, got {self.top_k}")
 
 
 class OptimizerReset(enum.StrEnum):
@@ -308,7 +315,6 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no heavy work. Sections validate themselves, in the base config and in the config
     each stage makes; cross-section rules live here."""
     t = cfg.train
-    _check(cfg.model.student != "???", "model.student", "is required (an HF model directory)")
     _validate_sections(cfg, "")
     _check(cfg.bitnet.quant_warmup_steps < t.max_steps, "bitnet.quant_warmup_steps",
            f"{cfg.bitnet.quant_warmup_steps} steps of λ warmup do not end within train.max_steps={t.max_steps}: the run "
@@ -333,8 +339,8 @@ def validate(cfg: RunConfig) -> None:
 
 def _validate_sections(cfg: RunConfig, where: str) -> None:
     """Each section's own checks; `where` puts a stage's prefix before the key at fault."""
-    for section in (cfg.bitnet, cfg.relora, cfg.data, cfg.loss, cfg.onpolicy, cfg.preference, cfg.optim, cfg.train,
-                    cfg.log):
+    for section in (cfg.model, cfg.teacher, cfg.bitnet, cfg.relora, cfg.data, cfg.loss, cfg.onpolicy, cfg.preference,
+                    cfg.optim, cfg.train, cfg.log):
         try:
             section.validate()
         except ValueError as e:
@@ -359,15 +365,13 @@ def uses_onpolicy(cfg: RunConfig) -> bool:
 def validate_teacher(cfg: RunConfig) -> None:
     """The teacher <-> loss contract, for the base config and every stage: each term a stage turns on gets its
     targets from the teacher kind, and a teacher that no term reads is not loaded or decoded."""
-    teacher, kind = cfg.teacher, cfg.teacher.kind
+    kind = cfg.teacher.kind
     provides, losses = TEACHER_PROVIDES[kind], loss_configs(cfg)
     for (where, loss), overridden in zip(losses, [{}] + [s.overrides for s in cfg.stages]):
         for target, key in loss.needs().items():
             named = f"{where}{key}" if key in overridden or not where else key
             _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
                    f"not provide (kinds that do: {', '.join(k for k, p in TEACHER_PROVIDES.items() if target in p)})")
-    _check(bool(teacher.path) or kind != TeacherKind.hf, "teacher.path", "is required with teacher.kind=hf")
-    _check(teacher.top_k >= 1, "teacher.top_k", "must be >= 1")
     if kind in (TeacherKind.hf, TeacherKind.shards):
         _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
                f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
