@@ -2,7 +2,8 @@
 # The GPU check, in one call, <= 8 min on one H200: everything CPU-only tests cannot see.
 #   1. tests/gpu: BitLinear CUDA numerics against float64, the kernel and dtype `auto` picks;
 #   2. bench/bitlinear.py on CUDA at Llama-3.1-8B shapes (4096 -> 14336 -> 4096, 4096 tokens): int8 vs bf16;
-#   3. a 1-GPU ZeRO-3 NCCL run of configs/tiny.yaml with the shared teacher; precompute on the GPU; a run from
+#   3. a 1-GPU ZeRO-3 NCCL run of configs/tiny.yaml with the shared teacher (ReLoRA merges every 8 steps: the reset
+#      draws A from a CPU generator); precompute on the GPU; a run from
 #      those shards; a run killed after step 10 and resumed, whose steps 11-20 must match the straight run's;
 #   4. convert_to_ternary --verify of the shared-teacher run.
 # On a machine without network, first run bench/gpu_wheels.sh on a CPU machine and bring .whl/ along.
@@ -29,7 +30,8 @@ train() {  # train OUTPUT_DIR [overrides...]; SCRIPT=tests/_fault_train.py injec
   local dir=$1; shift
   "$PY" -m deepspeed.launcher.runner "${NPROC[@]}" --master_port 29517 "${SCRIPT:-launch/train.py}" \
     --ds_config ds_configs/zero3.json --config configs/tiny.yaml train.output_dir="$dir" \
-    model.student=$RUNS/tiny-llama data.text="[$RUNS/tiny-llama/corpus.txt]" train.max_steps=20 train.save_every=10 "$@"
+    model.student=$RUNS/tiny-llama data.text="[$RUNS/tiny-llama/corpus.txt]" train.max_steps=20 train.save_every=10 \
+    relora.reset_every=8 "$@"  # ReLoRA merges at steps 9 and 17: one before the kill at 10, one after the resume
 }
 
 step "environment"

@@ -222,7 +222,7 @@ def vanilla_perplexity(model_dir: Path, heldout: Path, seq_len: int, sequences: 
     from megadistil.data.packed import eval_sequences
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware())).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware("cpu"))).eval()
     nll, count = 0.0, 0
     for seq in eval_sequences([str(heldout)], tok, seq_len, sequences):
         ids = torch.from_numpy(seq).unsqueeze(0)

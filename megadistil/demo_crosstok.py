@@ -65,7 +65,7 @@ def heldout_nll(model_dir: Path, heldout: Path, seq_len: int, sequences: int) ->
     from megadistil.data.packed import eval_sequences
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware())).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto", hardware("cpu"))).eval()
     nll, tokens, nbytes = 0.0, 0, 0
     for seq in eval_sequences([str(heldout)], tok, seq_len, sequences):
         ids = torch.from_numpy(seq).unsqueeze(0)

@@ -391,7 +391,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     info = discover(os.environ, hostnames=slurm_hostnames, rank0_endpoint=mpi_rank0_endpoint,
                     free_port=free_local_port)
     export_env(info)
-    cuda = torch.cuda.is_available()
+    cuda = deepspeed.get_accelerator().device_name() == "cuda"  # DS_ACCELERATOR=cpu on a GPU node: gloo on the CPU
     if cuda:
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     _skip_shm_comm_op()

@@ -198,12 +198,13 @@ def _unknown_transform(cls: type[nn.Module], window: str, what: str) -> str:
 # ---------------------------------------------------------------- attention implementation
 
 def attn_implementation(model_config: PretrainedConfig, requested: str, device: torch.device | str,
-                        trust_remote_code: bool = False) -> str:
-    """`auto`: flash_attention_2 on CUDA when flash_attn is importable and the class supports it, else sdpa where
-    the class supports it (Gemma2 does not: sdpa cannot softcap attention scores), else eager. An explicit choice
-    the model or the device cannot do is a ValueError naming model.attn_implementation."""
+                        trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> str:
+    """`auto`: flash_attention_2 on an Ampere+ CUDA device, in bf16/fp16 (`dtype`, where known), when flash_attn is
+    importable and the class supports it; else sdpa where the class supports it (Gemma2 does not: sdpa cannot softcap
+    attention scores), else eager. An explicit choice the model or the device cannot do is a ValueError naming
+    model.attn_implementation."""
     cls = causal_lm_class(model_config, trust_remote_code)
-    flash = _flash_unavailable(cls, torch.device(device))
+    flash = _flash_unavailable(cls, torch.device(device), dtype)
     sdpa = None if getattr(cls, "_supports_sdpa", False) else f"{cls.__name__} does not support sdpa"
     if requested == "auto":
         return "flash_attention_2" if flash is None else "sdpa" if sdpa is None else "eager"
@@ -215,9 +216,13 @@ def attn_implementation(model_config: PretrainedConfig, requested: str, device: 
     return requested
 
 
-def _flash_unavailable(cls: type[nn.Module], device: torch.device) -> str | None:
+def _flash_unavailable(cls: type[nn.Module], device: torch.device, dtype: torch.dtype | None) -> str | None:
     if device.type != "cuda":
         return f"flash_attention_2 needs a CUDA device, this is {device.type}"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return f"flash_attention_2 runs in bf16 or fp16, the model is in {dtype} (model.dtype)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"flash_attention_2 needs an Ampere or newer GPU, {torch.cuda.get_device_name(device)} is not"
     if importlib.util.find_spec("flash_attn") is None:
         return "flash_attn is not installed"
     if not (getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)):

@@ -157,7 +157,7 @@ def _cuda_units(device: torch.device) -> list[str]:
         units.append("int8")
     except RuntimeError:
         pass
-    if torch.cuda.is_bf16_supported():
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # V100/T4 only emulate it
         units.append("bf16")
     return units
 
@@ -216,11 +216,9 @@ def _hardware(device: str) -> Hardware:
     return hw
 
 
-def hardware(device: torch.device | str | None = None) -> Hardware:
-    """The device's Hardware profile (default: CUDA's current device when there is one, else the CPU), measured on
-    first use and cached for the process."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+def hardware(device: torch.device | str) -> Hardware:
+    """The Hardware profile of the device the work runs on, measured on first use and cached for the process. No
+    default: on a GPU machine, a model that stays on the CPU must not be given the GPU's dtype."""
     dev = torch.device(device)
     key = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index if dev.index is not None else 0}"
     return _hardware(key)

@@ -320,7 +320,11 @@ class BitLinear(nn.Module):
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A ~ kaiming-uniform (as PEFT), B = 0: the adapter starts as an exact no-op."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear and PEFT
-        self.lora_A.uniform_(-bound, bound, generator=generator)
+        if generator is None or generator.device == self.lora_A.device:
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        else:  # drawn where the generator lives (ReLoRA's CPU one: the same A on every device), then copied over
+            a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device=generator.device)
+            self.lora_A.copy_(a.uniform_(-bound, bound, generator=generator))
         self.lora_B.zero_()
 
     def effective_weight(self) -> torch.Tensor:

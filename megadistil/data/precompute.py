@@ -139,11 +139,13 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _device() -> torch.device:
-    """This rank's device; on CPU, with its share of the node's cores and malloc keeping freed blocks
-    (megadistil.distributed.set_up_cpu_rank)."""
+    """This rank's device, by init_distributed's rule (local rank modulo the GPUs it sees: a rank that sees only its
+    own GPU, as under srun --gpus-per-task=1, uses cuda:0); on CPU, with its share of the node's cores and malloc
+    keeping freed blocks (megadistil.distributed.set_up_cpu_rank)."""
+    info = discover(os.environ, free_port=free_local_port)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    set_up_cpu_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    set_up_cpu_rank(info.local_world_size)
     return torch.device("cpu")
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import deepspeed
 from transformers import PretrainedConfig
 
-from megadistil.config import ConfigError, RunConfig
+from megadistil.config import ConfigError, Dtype, RunConfig
 from megadistil.export.ternary import subln_unsupported
 from megadistil.models import attn_implementation, causal_lm_class, logit_transform
+from megadistil.utils import torch_dtype
 
 
 def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
@@ -22,7 +23,9 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"config key 'model.student': {e}") from None
     try:
-        attn_implementation(config, cfg.model.attn_implementation, deepspeed.get_accelerator().device_name(), trust)
+        dtype = None if cfg.model.dtype == Dtype.auto else torch_dtype(cfg.model.dtype)  # auto: bf16 on CUDA (Ampere+)
+        attn_implementation(config, cfg.model.attn_implementation, deepspeed.get_accelerator().device_name(), trust,
+                            dtype)
     except ValueError as e:
         raise ConfigError(f"config key 'model.attn_implementation': {e}") from None
     if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict())):

@@ -32,7 +32,8 @@ def rng_state() -> dict[str, Any]:
         "python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "cuda": [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+        # this rank's GPU only: a resume may see fewer GPUs per process (srun --gpus-per-task=1)
+        "cuda": [base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()]
         if torch.cuda.is_available() else [],
     }
 
@@ -42,8 +43,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
-    for i, s in enumerate(state.get("cuda", [])):
-        torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()), i)
+    for s in state.get("cuda", [])[:1] if torch.cuda.is_available() else []:
+        torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()))
 
 
 def _deltas(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

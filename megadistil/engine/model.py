@@ -52,7 +52,7 @@ def load_causal_lm(path: str, cfg: RunConfig, ds_config: dict[str, Any], dtype: 
     return AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, trust_remote_code=trust,
         attn_implementation=attn_implementation(config, cfg.model.attn_implementation,
-                                                deepspeed.get_accelerator().device_name(), trust),
+                                                deepspeed.get_accelerator().device_name(), trust, dtype),
     )
 
 

@@ -89,3 +89,25 @@ def test_auto_on_cuda_has_int8_units_bf16_dtype_and_never_a_kernel_slower_than_f
     assert "int8" in hw.units and "bf16" in hw.units, hw.describe()
     assert resolve_dtype("auto", hw) == torch.bfloat16
     assert hw.gflops[hw.kernel.value] >= hw.gflops["fp32"]
+
+
+def test_a_relora_reset_on_cuda_draws_the_cpus_adapter():
+    """ReLoRA re-initialises A from a CPU generator seeded alike on every rank (engine/relora.py): on CUDA it is
+    drawn on the CPU and copied, the same A as a CPU run's (uniform_ on a CUDA tensor refuses a CPU generator)."""
+    on_cuda, on_cpu = _layer(Kernel.fp32, torch.float32), _layer(Kernel.fp32, torch.float32).cpu()
+    for layer in (on_cuda, on_cpu):
+        layer.reset_lora(torch.Generator().manual_seed(7))
+    assert on_cuda.lora_A.device.type == "cuda" and torch.equal(on_cuda.lora_A.cpu(), on_cpu.lora_A)
+    assert not on_cuda.lora_B.any()
+
+
+def test_auto_attention_picks_flash_attention_only_for_a_half_precision_model():
+    """flash_attention_2 runs in bf16/fp16 only (transformers' FA2 path finds no nn.Linear in a BitLinear model's
+    attention to read an fp32 model's target dtype from, and fails with a bare StopIteration)."""
+    from transformers import LlamaConfig
+
+    from megadistil.models import attn_implementation
+
+    assert attn_implementation(LlamaConfig(), "auto", CUDA, dtype=torch.float32) == "sdpa"
+    with pytest.raises(ValueError, match="runs in bf16 or fp16, the model is in torch.float32"):
+        attn_implementation(LlamaConfig(), "flash_attention_2", CUDA, dtype=torch.float32)
