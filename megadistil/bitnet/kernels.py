@@ -49,9 +49,16 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
 
     int8 is exact for any K; fp32 is exact while K * max|a| * max|b| < 2**24; bf16 rounds the output to bf16 where
     the backend has no float32-output bf16 GEMM (CPU), which `auto` therefore only picks when nothing else is faster.
-    `torch._int_mm` refuses some shapes on CUDA (M <= 16, K or N not a multiple of 8): those fall back to float32.
+    `torch._int_mm` refuses some shapes on CUDA (M <= 16, K or N not a multiple of 8): those run in float32, exact
+    alike. On CUDA b goes column-major (the forward's W codes transposed already are; the input gradient's are not):
+    cuBLASLt's int8 GEMM takes that layout ("TN") on every GPU and CUDA version.
     """
     if kernel is Kernel.int8:
+        if a.is_cuda:
+            if a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[1] % 8:
+                return a.float() @ b.float()
+            if b.stride(0) != 1:
+                b = b.t().contiguous().t()
         try:
             return torch._int_mm(a, b).float()
         except RuntimeError:
@@ -153,7 +160,7 @@ def _cuda_units(device: torch.device) -> list[str]:
     units = []
     try:  # _int_mm needs int8 tensor-core support (sm_75+ with cuBLASLt); a probe is the honest test
         a = torch.ones(32, 32, dtype=torch.int8, device=device)
-        torch._int_mm(a, a)
+        torch._int_mm(a, a.t())  # B column-major, as code_matmul hands it on CUDA
         units.append("int8")
     except RuntimeError:
         pass

@@ -111,3 +111,14 @@ def test_auto_attention_picks_flash_attention_only_for_a_half_precision_model():
     assert attn_implementation(LlamaConfig(), "auto", CUDA, dtype=torch.float32) == "sdpa"
     with pytest.raises(ValueError, match="runs in bf16 or fp16, the model is in torch.float32"):
         attn_implementation(LlamaConfig(), "flash_attention_2", CUDA, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["forward", "input_grad"])
+def test_int8_units_run_bitlinears_products_without_falling_back(layout):
+    """code_matmul falls back to an exact float32 product where _int_mm refuses, so the numerics tests cannot see a
+    refusal: this calls _int_mm on what code_matmul hands it for each product (B column-major)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (1024, 4096), dtype=torch.int8, generator=g).to(CUDA)
+    w = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, generator=g).to(CUDA)
+    b = w.t() if layout == "forward" else w.t().contiguous().t()  # [K, N] with stride (1, K)
+    assert torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())  # float64: exact for these sums
