@@ -169,3 +169,16 @@ def test_model_card_takes_one_named_model_of_a_results_file(tmp_path):
         eval_record(path)
     with pytest.raises(ValueError, match="none is named 'c'"):
         eval_record(path, "c")
+
+
+def test_device_auto_is_where_the_models_run_and_a_missing_gpu_is_refused(stdlib_text_file):
+    from megadistil.eval.harness import EvalSettings
+
+    s = EvalSettings(text=[str(stdlib_text_file)])
+    s.validate()
+    assert s.device == ("cuda" if torch.cuda.is_available() else "cpu")  # recorded in the results' settings
+    with pytest.raises(EvalError, match="--device must be auto, cpu or cuda"):
+        EvalSettings(text=[str(stdlib_text_file)], device="gpu0").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(EvalError, match="--device cuda: this machine has no CUDA device"):
+            EvalSettings(text=[str(stdlib_text_file)], device="cuda").validate()

@@ -33,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=2048, help="context length lm-eval truncates to")
     p.add_argument("--dtype", default="float32", choices=EVAL_DTYPES)
+    p.add_argument("--device", default="auto", help="auto (the GPU where there is one, else the CPU), cpu or cuda[:N]")
     p.add_argument("--out", required=True, help="results JSON")
     a = p.parse_args(argv)
     s = EvalSettings(tasks=[t for t in a.tasks.split(",") if t], include_path=a.include_path, limit=a.limit,
                      batch_size=a.batch_size, max_length=a.max_length, text=a.text, seq_len=a.seq_len,
                      text_sequences=a.text_sequences, generate=a.generate, max_new_tokens=a.max_new_tokens,
-                     seed=a.seed, temperature=a.temperature, dtype=a.dtype)
+                     seed=a.seed, temperature=a.temperature, dtype=a.dtype, device=a.device)
     try:
         results = evaluate_models(a.model, s)
     except EvalError as e:

@@ -42,16 +42,19 @@ def profiled_step(out: Path, rank: int) -> Iterator[None]:
 
 
 def summarize(events, wall_s: float) -> dict:
-    """Phase and collective seconds from the profiler's events (times in microseconds)."""
+    """Phase and collective seconds from the profiler's events (times in microseconds). A collective's host time is
+    all of it on gloo; NCCL's runs as kernels, asynchronously: their device time is collectives_device_s."""
     phases = {name: 0.0 for name in PHASES}
-    collective_us, ops, self_us = 0.0, {}, {}
+    collective_us, device_us, ops, self_us = 0.0, 0.0, {}, {}
     for e in events:
         if e.name.startswith("megadistil.") and e.name[11:] in phases:
             phases[e.name[11:]] += e.cpu_time_total / 1e6
         elif any(w in e.name.lower() for w in COLLECTIVE_WORDS):
             collective_us += e.self_cpu_time_total
+            device_us += e.self_device_time_total
             ops[e.name] = ops.get(e.name, 0) + 1
         self_us[e.name] = self_us.get(e.name, 0.0) + e.self_cpu_time_total
     top = sorted(self_us.items(), key=lambda kv: -kv[1])[:TOP_OPS]
-    return {"step_s": wall_s, "phases_s": phases, "collectives_s": collective_us / 1e6, "collective_ops": ops,
+    return {"step_s": wall_s, "phases_s": phases, "collectives_s": collective_us / 1e6,
+            "collectives_device_s": device_us / 1e6, "collective_ops": ops,
             "top_ops_self_s": {name: us / 1e6 for name, us in top}}

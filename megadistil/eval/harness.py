@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megadistil.data.text import expand_files
 from megadistil.eval.generate import continuations, generations_markdown, read_prompts
 from megadistil.eval.models import EvalError, LoadedModel, load_model, parse_model
@@ -35,6 +37,7 @@ class EvalSettings:
     seed: int = 0
     temperature: float = 0.8
     dtype: str = "float32"
+    device: str = "auto"  # auto: the GPU where there is one (cuda:0), else the CPU
 
     def validate(self) -> None:
         if not (self.tasks or self.text or self.generate):
@@ -47,6 +50,14 @@ class EvalSettings:
             raise EvalError(f"--text: {e}") from None
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"--limit must be >= 1, got {self.limit}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise EvalError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EvalError(f"--device {self.device}: this machine has no CUDA device")
 
 
 def evaluate_one(loaded: LoadedModel, s: EvalSettings, prompts: list[str] | None) -> dict[str, Any]:
@@ -81,7 +92,7 @@ def evaluate_models(model_args: list[str], s: EvalSettings) -> dict[str, Any]:
     prompts = read_prompts(s.generate) if s.generate else None
     records = []
     for spec in specs:
-        loaded = load_model(spec, torch_dtype(s.dtype))
+        loaded = load_model(spec, torch_dtype(s.dtype), torch.device(s.device))
         records.append(evaluate_one(loaded, s, prompts))
         del loaded
     return {"schema": SCHEMA, "megadistil": provenance(), "lm_eval_version": _lm_eval_version(),

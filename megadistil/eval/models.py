@@ -60,10 +60,10 @@ def parse_model(arg: str) -> ModelSpec:
     return ModelSpec(name=name or p.name, kind=kind, path=p)
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedModel:
     loader = {"hf": _load_hf, "ternary": _load_ternary, "student": _load_student}[spec.kind]
     model, tokenizer, fingerprint = loader(spec.path, dtype)
-    return LoadedModel(spec, model.eval(), tokenizer, fingerprint)
+    return LoadedModel(spec, model.to(device).eval(), tokenizer, fingerprint)
 
 
 def _tokenizer(path: Path):

@@ -24,7 +24,7 @@ def text_perplexity(model: nn.Module, tokenizer: Any, files: list[str], *, seq_l
         raise EvalError(f"--text {' '.join(files)}: {e}") from None
     nll, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
-        ids = torch.from_numpy(seqs[start:start + batch_size]).long()
+        ids = torch.from_numpy(seqs[start:start + batch_size]).long().to(next(model.parameters()).device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
