@@ -182,3 +182,21 @@ def test_device_auto_is_where_the_models_run_and_a_missing_gpu_is_refused(stdlib
     if not torch.cuda.is_available():
         with pytest.raises(EvalError, match="--device cuda: this machine has no CUDA device"):
             EvalSettings(text=[str(stdlib_text_file)], device="cuda").validate()
+
+
+def test_an_evaluation_leaves_every_global_rng_as_it_found_it():
+    """lm-eval reseeds python, numpy and torch (CUDA too): a run evaluating mid-training must draw what it would."""
+    import random
+
+    from megadistil.eval.tasks import preserved_rng
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = draws()
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    with preserved_rng():
+        torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+        draws()
+    assert draws() == expected

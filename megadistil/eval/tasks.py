@@ -90,14 +90,15 @@ def preflight(tasks: list[str], include_path: str | None = None) -> None:
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """lm-eval seeds the global RNGs; a run that evaluates mid-training must go on exactly as it would have."""
-    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    """lm-eval seeds the global RNGs (CUDA's too); a run that evaluates mid-training must go on exactly as it would
+    have."""
+    state = random.getstate(), np.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            yield
     finally:
         random.setstate(state[0])
         np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
 
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], *, include_path: str | None = None,
