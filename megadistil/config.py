@@ -156,7 +156,7 @@ class OptimConfig:
             try:
                 re.compile(group.pattern)
             except re.error as e:
-                require(False, f"optim.param_groups.{i}.pattern", f"not a regex ({e})")
+                raise ValueError(f"config key 'optim.param_groups.{i}.pattern': not a regex ({e})") from None
 
 
 @dataclass

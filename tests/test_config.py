@@ -55,7 +55,7 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps': must be >= 0, got -1"),
     ("stages=[{start_step: 3, overrides: {optim.lr: -1.0}}]", "config key 'stages.0.overrides.optim.lr': must be > 0"),
     ("stages=[{start_step: 3, overrides: {loss.ce_weight: 0.0, loss.kd_weight: 0.0}}]",
-     "config key 'stages.0.overrides.loss.kd_weight': and loss.ce_weight are both 0"),
+     "config key 'stages.0.overrides.loss.kd_weight': is 0 and so is loss.ce_weight"),
 ])
 def test_bad_values_name_the_key(override, message):
     base = ["model.student=/m", "data.text=[a.txt]"]

@@ -102,7 +102,7 @@ class LossConfig:
             value = getattr(self, key)
             _require(value >= 0 and math.isfinite(value), f"loss.{key}", value, ">= 0 and finite")
         require(self.kd_weight > 0 or self.ce_weight > 0, "loss.kd_weight",
-                "and loss.ce_weight are both 0: the LM-head loss would be empty")
+                "is 0 and so is loss.ce_weight: the LM-head loss would be empty")
         _require(isinstance(self.chunk_tokens, int) and self.chunk_tokens > 0, "loss.chunk_tokens",
                  self.chunk_tokens, "a positive int")
         _require(isinstance(self.attn_relation_heads, int) and self.attn_relation_heads > 0,
