@@ -245,7 +245,8 @@ def from_slurm_env(env: Mapping[str, str],
     hosts = hostnames(env[nodelist_var])
     port = _int(env, "MASTER_PORT", derived_port(_int(env, "SLURM_JOB_ID")))
     return _check(DistInfo(rank=_int(env, "SLURM_PROCID"), world_size=ntasks, local_rank=_int(env, "SLURM_LOCALID"),
-                           local_world_size=_slurm_local_world(env, ntasks, len(hosts)), master_addr=hosts[0],
+                           local_world_size=_slurm_local_world(env, ntasks, len(hosts)),
+                           master_addr=env.get("MASTER_ADDR") or hosts[0],
                            master_port=port, launcher="slurm"))
 
 
@@ -261,6 +262,24 @@ def discover(env: Mapping[str, str], *, hostnames: Callable[[str], list[str]] = 
             return info
     port = _int(env, "MASTER_PORT", free_port() if free_port else 29500)
     return _check(DistInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, "single"))
+
+
+def rank_layout(env: Mapping[str, str]) -> DistInfo:
+    """This process's ranks (world, rank, local rank and size) before any process group: its master address and port
+    are placeholders, since mpirun across nodes learns rank 0's only through mpi4py, which init_distributed runs."""
+    return discover(env, rank0_endpoint=lambda: ("rank0", 1), free_port=lambda: 1)
+
+
+def device_local_rank(info: DistInfo, visible_gpus: int) -> int:
+    """This rank's CUDA device index, which DeepSpeed reads from LOCAL_RANK (the engine and zero.Init set their device
+    from it): the local rank, or, where a rank sees fewer GPUs than that (srun --gpus-per-task=1, a per-rank
+    CUDA_VISIBLE_DEVICES), the local rank modulo what it sees."""
+    if info.local_rank < visible_gpus:
+        return info.local_rank
+    if info.launcher == "openmpi":  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
+        raise DistEnvError(f"local rank {info.local_rank} sees {visible_gpus} GPU(s): under mpirun DeepSpeed takes the "
+                           "local rank as the GPU index, so let every rank see all of its node's GPUs")
+    return info.local_rank % visible_gpus
 
 
 # ---------------------------------------------------------------- side effects: processes, sockets, mpi4py
@@ -393,7 +412,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     export_env(info)
     cuda = deepspeed.get_accelerator().device_name() == "cuda"  # DS_ACCELERATOR=cpu on a GPU node: gloo on the CPU
     if cuda:
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        device = device_local_rank(info, torch.cuda.device_count())
+        os.environ["LOCAL_RANK"] = str(device)
+        torch.cuda.set_device(device)
     _skip_shm_comm_op()
     warnings.filterwarnings("ignore", DEEPSPEED_COLLECTIVE_DEPRECATION, FutureWarning)
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),

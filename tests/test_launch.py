@@ -23,6 +23,7 @@ from megadistil.distributed import (
     DistEnvError,
     DistInfo,
     derived_port,
+    device_local_rank,
     discover,
     expand_nodelist,
     export_env,
@@ -31,6 +32,7 @@ from megadistil.distributed import (
     from_openmpi_env,
     from_slurm_env,
     parse_tasks_per_node,
+    rank_layout,
 )
 from tests.cluster import harness
 
@@ -160,6 +162,35 @@ def test_openmpi_env() -> None:
     with pytest.raises(DistEnvError, match="without mpi4py: install mpi4py"):
         from_openmpi_env(two_nodes)
     assert from_openmpi_env(two_nodes | {"MASTER_ADDR": "n0", "MASTER_PORT": "29400"}).master_addr == "n0"
+
+
+def test_slurm_master_address_set_in_the_env_wins() -> None:
+    """rank 0 on another node than the nodelist's first (--distribution=arbitrary), or a name on another network"""
+    assert from_slurm_env(_slurm_step(MASTER_ADDR="gpu08-ib")).master_addr == "gpu08-ib"
+
+
+def test_rank_layout_needs_no_rendezvous_across_mpirun_nodes() -> None:
+    """precompute/generate ask for their ranks before any process group: a 2-node mpirun without MASTER_ADDR is
+    laid out (init_distributed then learns rank 0's address through mpi4py), not refused."""
+    two_nodes = _ompi(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_RANK="3")
+    layout = rank_layout(two_nodes)
+    assert (layout.rank, layout.world_size, layout.local_rank, layout.local_world_size) == (3, 4, 1, 2)
+    assert rank_layout({}).world_size == 1
+
+
+@pytest.mark.parametrize("launcher, local_rank, gpus, device", [
+    ("slurm", 3, 8, 3),  # every rank sees the node's GPUs: its local rank
+    ("slurm", 3, 1, 0),  # srun --gpus-per-task=1: the one it sees
+    ("torchrun", 5, 2, 1),
+])
+def test_the_gpu_deepspeed_is_given_is_one_the_rank_sees(launcher, local_rank, gpus, device) -> None:
+    info = DistInfo(local_rank, 8, local_rank, 8, "n0", 29500, launcher)
+    assert device_local_rank(info, gpus) == device
+
+
+def test_mpirun_ranks_seeing_fewer_gpus_than_their_local_rank_are_refused() -> None:
+    with pytest.raises(DistEnvError, match="under mpirun DeepSpeed takes the local rank as the GPU index"):
+        device_local_rank(DistInfo(1, 2, 1, 2, "n0", 29500, "openmpi"), 1)
 
 
 def test_discovery_order() -> None:

@@ -40,7 +40,7 @@ from megadistil.data.shards import (
 )
 from megadistil.data.text import batched, expand_files, pack_text
 from megadistil.distill.targets import aligned_targets, teacher_topk
-from megadistil.distributed import discover, free_local_port, init_distributed, set_up_cpu_rank
+from megadistil.distributed import device_local_rank, init_distributed, rank_layout, set_up_cpu_rank
 from megadistil.models import output_head
 from megadistil.utils import torch_dtype, write_atomic
 
@@ -95,7 +95,7 @@ class PrecomputeConfig:
 def dist_env() -> tuple[int, int]:
     """(rank, world_size) from whatever launched us (deepspeed, torchrun, srun, mpirun; see megadistil.distributed),
     with the process group started (bounded timeout) when there is more than one rank."""
-    if discover(os.environ, free_port=free_local_port).world_size == 1:
+    if rank_layout(os.environ).world_size == 1:
         return 0, 1
     if not torch.distributed.is_initialized():
         info = init_distributed()
@@ -139,12 +139,11 @@ def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _device() -> torch.device:
-    """This rank's device, by init_distributed's rule (local rank modulo the GPUs it sees: a rank that sees only its
-    own GPU, as under srun --gpus-per-task=1, uses cuda:0); on CPU, with its share of the node's cores and malloc
-    keeping freed blocks (megadistil.distributed.set_up_cpu_rank)."""
-    info = discover(os.environ, free_port=free_local_port)
+    """This rank's device, by init_distributed's rule (distributed.device_local_rank); on CPU, with its share of the
+    node's cores and malloc keeping freed blocks (megadistil.distributed.set_up_cpu_rank)."""
+    info = rank_layout(os.environ)
     if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", device_local_rank(info, torch.cuda.device_count()))
     set_up_cpu_rank(info.local_world_size)
     return torch.device("cpu")
 
