@@ -294,3 +294,15 @@ def test_inspect_shows_cross_tokenizer_shards(cross_run):
     assert text.count("(no teacher target)") == CROSS_SEQ_LEN - int(dec.kd_mask.sum())
     student = AutoTokenizer.from_pretrained(cfg.student_tokenizer)
     assert f"[0] token {student.decode([int(dec.input_ids[0])])!r} -> " in text
+
+
+def test_a_manifest_missing_shards_another_node_wrote_is_refused(tiny_llama_dir, stdlib_text_file, tmp_path,
+                                                                 monkeypatch):
+    """Rank 0 merges the sidecars it sees: on node-local disks it would see only its node's, and write a short
+    manifest. The sequences every rank wrote are summed over the ranks and must all be there."""
+    from megadistil.data import precompute
+
+    monkeypatch.setattr(precompute, "sum_over_ranks", lambda count, world, device: count + 7)
+    with pytest.raises(ValueError, match=r"the ranks wrote \d+ sequences, the shards rank 0 sees hold \d+: --out must"):
+        run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "x"))
+    assert not (tmp_path / "x" / "manifest.json").exists()

@@ -128,6 +128,14 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(count: int, world: int, device: torch.device) -> int:
+    if world == 1:
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
 # ---------------------------------------------------------------- teacher
 
 
@@ -394,18 +402,19 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     if positions:
         log.info("rank %d: %d of %d student positions (%.1f%%) have a teacher position that read the same text",
                  rank, aligned, positions, 100.0 * aligned / positions)
-    barrier(world)
+    written = sum_over_ranks(sidecars.first_seq, world, device)  # every rank's sequences, kept ones included
     manifest = None
     if rank == 0:
-        manifest = merge_manifest(out, ident, vocab, codec, cfg, target_vocab=target_vocab)
+        manifest = merge_manifest(out, ident, vocab, codec, cfg, target_vocab=target_vocab, written=written)
     barrier(world)
     return manifest
 
 
 def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCodec, cfg: PrecomputeConfig, *,
-                   target_vocab: int | None = None) -> Manifest:
+                   target_vocab: int | None = None, written: int | None = None) -> Manifest:
     """Collect every rank's sidecars into manifest.json (written last, atomically). target_vocab: the teacher's vocab
-    for cross-tokenizer shards (ident then holds the teacher's tokenizer fingerprint)."""
+    for cross-tokenizer shards (ident then holds the teacher's tokenizer fingerprint). written: the sequences all
+    ranks wrote, which the sidecars rank 0 sees must hold (else --out is not one directory for every node)."""
     run_hash = identity_hash(ident)
     shards = []
     for side in sorted(out.glob("shard-r*.tar.json")):
@@ -416,6 +425,10 @@ def merge_manifest(out: Path, ident: dict[str, Any], vocab: int, codec: ProbCode
                                 sha256=meta["sha256"], tokens=meta["tokens"]))
     if not shards:
         raise ValueError(f"{out}: no sequences were produced (is the text shorter than --seq-len {cfg.seq_len}?)")
+    seen = sum(s.samples for s in shards)
+    if written is not None and seen != written:
+        raise ValueError(f"{out}: the ranks wrote {written} sequences, the shards rank 0 sees hold {seen}: --out must "
+                         "be one directory every node shares")
     fingerprints = ("teacher_fingerprint", "tokenizer_fingerprint", "teacher_tokenizer_fingerprint")
     cross = "teacher_tokenizer_fingerprint" in ident
     manifest = Manifest(
