@@ -146,9 +146,10 @@ def parse_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
-def derived_port(job_id: int) -> int:
-    """A port every task of one job computes alike, different for concurrent jobs (up to 10000 apart)."""
-    return DERIVED_PORT_BASE + job_id % DERIVED_PORT_SPAN
+def derived_port(job_id: int, step_id: int = 0) -> int:
+    """A port every task of one job step computes alike, different for concurrent jobs (up to 10000 apart) and for
+    the steps of one job (an srun of precompute beside one of training)."""
+    return DERIVED_PORT_BASE + (job_id + 101 * step_id) % DERIVED_PORT_SPAN
 
 
 def _check(info: DistInfo) -> DistInfo:
@@ -243,7 +244,8 @@ def from_slurm_env(env: Mapping[str, str],
     if not env.get(nodelist_var):
         raise DistEnvError("SLURM: neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
     hosts = hostnames(env[nodelist_var])
-    port = _int(env, "MASTER_PORT", derived_port(_int(env, "SLURM_JOB_ID")))
+    step = env.get("SLURM_STEP_ID", "0")
+    port = _int(env, "MASTER_PORT", derived_port(_int(env, "SLURM_JOB_ID"), int(step) if step.isdigit() else 0))
     return _check(DistInfo(rank=_int(env, "SLURM_PROCID"), world_size=ntasks, local_rank=_int(env, "SLURM_LOCALID"),
                            local_world_size=_slurm_local_world(env, ntasks, len(hosts)),
                            master_addr=env.get("MASTER_ADDR") or hosts[0],

@@ -95,6 +95,11 @@ def test_slurm_step() -> None:
     assert from_slurm_env(_slurm_step()) == DistInfo(3, 4, 1, 2, "gpu07", 20000 + 3457, "slurm")
 
 
+def test_two_steps_of_one_job_rendezvous_on_two_ports() -> None:
+    assert from_slurm_env(_slurm_step(SLURM_STEP_ID="1")).master_port == 20000 + 3457 + 101
+    assert from_slurm_env(_slurm_step(SLURM_STEP_ID="batch")).master_port == 20000 + 3457
+
+
 def test_slurm_uneven_nodes_and_port_override() -> None:
     env = _slurm_step(SLURM_STEP_TASKS_PER_NODE="3,1", SLURM_PROCID="3", SLURM_LOCALID="0", MASTER_PORT="29777")
     assert from_slurm_env(env) == DistInfo(3, 4, 0, 1, "gpu07", 29777, "slurm")
