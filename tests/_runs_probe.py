@@ -3,7 +3,8 @@ of one per run: the process group outlives each Trainer). argv[1] is a JSON list
 
     {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false,
      "relora_tolerance": the logit change a reset may make (default 0: bitwise), "ds_config": path (default
-     ds_configs/zero3.json), "count_gathers": true|false}
+     ds_configs/zero3.json), "count_gathers": true|false, "hide_checkpoints_on_rank": r (that rank sees none, as
+     on a node whose disk is not the others'), "probe_dir": where probe.rank<r>.json goes (default: out)}
 
 Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
 checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
@@ -16,6 +17,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import deepspeed
 import torch
@@ -26,8 +28,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.bitnet import bitlinear_modules, teacher_mode
-from megadistil.config import load_config
+from megadistil.config import ConfigError, load_config
 from megadistil.distributed import init_distributed
+from megadistil.engine import checkpoint
 from megadistil.engine.relora import MOMENTS, relora_reset
 from megadistil.engine.trainer import Trainer
 from megadistil.models import decoder
@@ -140,8 +143,10 @@ def run(spec: dict) -> dict:
     cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
     trainer = Trainer(cfg, spec.get("ds_config", "ds_configs/zero3.json"))
     result = {"error": None}
+    hidden = spec.get("hide_checkpoints_on_rank") == torch.distributed.get_rank()
     try:
-        with faults(nan_batches=set(spec.get("nan_batches", ()))):
+        with faults(nan_batches=set(spec.get("nan_batches", ()))), \
+                mock.patch.object(checkpoint, "latest_tag", return_value=None) if hidden else contextlib.nullcontext():
             trainer.setup()
             gathers = counting_gathers(trainer, result) if spec.get("count_gathers") else contextlib.nullcontext()
             with gathers:
@@ -149,7 +154,7 @@ def run(spec: dict) -> dict:
         if spec.get("relora_probe"):
             result.update(relora_checks(trainer, spec.get("relora_tolerance", 0.0)))
             result.update(sampling_checks(trainer))
-    except FloatingPointError as e:  # the NaN streak stops a run on every rank alike
+    except (FloatingPointError, ConfigError) as e:  # the NaN streak, or ranks disagreeing, stop every rank alike
         result["error"] = str(e)
     finally:
         trainer.cleanup()
@@ -161,7 +166,7 @@ def main() -> None:
     rank = init_distributed().rank  # one process group for every run
     for spec in specs:
         result = run(spec)
-        Path(spec["out"], f"probe.rank{rank}.json").write_text(json.dumps(result))
+        Path(spec.get("probe_dir", spec["out"]), f"probe.rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

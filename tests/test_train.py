@@ -174,8 +174,11 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     }
     for name, spec in specs.items():
         spec["out"] = str(tmp_path_factory.mktemp(name))
+    # the straight run's checkpoints, resumed by ranks of which one sees none (as on node-local disks)
+    specs["split_view"] = {"overrides": specs["straight"]["overrides"], "out": specs["straight"]["out"],
+                           "hide_checkpoints_on_rank": 1, "probe_dir": str(tmp_path_factory.mktemp("split_view"))}
     ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
-    return {name: Path(spec["out"]) for name, spec in specs.items()}
+    return {name: Path(spec.get("probe_dir", spec["out"])) for name, spec in specs.items()}
 
 
 def probe(run: Path) -> list[dict]:
@@ -388,6 +391,15 @@ def test_nan_losses_are_skipped_and_a_streak_stops_with_checkpoint_intact(runs):
     assert steps[-1]["nan_skipped"] == 1
     assert (run / "checkpoints" / "latest").read_text() == "step00000003"
     assert (run / "checkpoints" / "step00000003" / "meta.json").is_file()
+
+
+def test_ranks_that_see_different_checkpoints_stop_before_any_load_naming_the_output_dir(runs):
+    """One rank sees the straight run's checkpoints, the other none (node-local disks): both stop with an error at
+    once instead of entering DeepSpeed's collective load apart and hanging until the collective timeout."""
+    for p in probe(runs["split_view"]):
+        assert p["error"].startswith("config key 'train.output_dir': the ranks see different checkpoints in "), p
+        assert "(rank 0: step00000012, rank 1: none): it must be one directory every node shares" in p["error"], p
+    assert (runs["straight"] / "checkpoints" / "latest").read_text() == "step00000012"  # nothing touched
 
 
 def _inputs(tmp_path, overrides):

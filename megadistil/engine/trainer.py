@@ -97,6 +97,7 @@ class Trainer:
         cfg = self.cfg
         self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
+        self.resume_tag = self._agreed_resume_tag()
         try:
             placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
         except ValueError as e:
@@ -136,10 +137,22 @@ class Trainer:
             self._resume()
         self._truncate_metrics()
 
+    def _agreed_resume_tag(self) -> str | None:
+        """The checkpoint this run resumes (resume=auto), the same on every rank: ranks that see different ones (an
+        output dir on node-local disks) would enter DeepSpeed's collective load apart and hang."""
+        tag = checkpoint.latest_tag(self.ckpt_root) if self.cfg.train.resume == Resume.auto else None
+        if dist.is_initialized() and self.dist.world_size > 1:
+            tags: list[str | None] = [None] * self.dist.world_size
+            dist.all_gather_object(tags, tag)
+            if len(set(tags)) > 1:
+                seen = ", ".join(f"rank {r}: {t or 'none'}" for r, t in enumerate(tags))
+                raise ConfigError(f"config key 'train.output_dir': the ranks see different checkpoints in "
+                                  f"{self.ckpt_root} ({seen}): it must be one directory every node shares")
+        return tag
+
     def _resumed_placement(self) -> dict | None:
         """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""
-        tag = checkpoint.latest_tag(self.ckpt_root) if self.cfg.train.resume == Resume.auto else None
-        return rundir.read_meta(self.ckpt_root / tag).get("placement") if tag else None
+        return rundir.read_meta(self.ckpt_root / self.resume_tag).get("placement") if self.resume_tag else None
 
     def _vocab_map(self, teacher_tokenizer: Any) -> Tensor | None:
         if teacher_tokenizer is None:
@@ -236,7 +249,7 @@ class Trainer:
             utils.write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.ckpt_root)
+        tag = self.resume_tag
         if tag is None:
             return
         meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
