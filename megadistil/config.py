@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from megadistil.bitnet import BitNetConfig, DeltaFormat
+from megadistil.data.shards import Manifest
 from megadistil.data.stream import DataConfig
 from megadistil.distill.losses import KDKind, LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
@@ -306,9 +307,8 @@ def stage_config(cfg: RunConfig, step: int) -> RunConfig:
     return OmegaConf.to_object(merged)
 
 
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key {key!r}: {message}")
+def _check(condition: object, key: str, message: str) -> None:
+    require(condition, key, message, ConfigError)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -475,6 +475,14 @@ def _where_set(cfg: RunConfig, default: RunConfig, key: str) -> str:
     if _value(cfg, key) != _value(default, key):
         return key
     return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
+
+
+def shards_manifest(cfg: RunConfig) -> Manifest:
+    """data.shards' manifest, or a ConfigError naming the key."""
+    try:
+        return Manifest.load(cfg.data.shards)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'data.shards': {e}") from None
 
 
 def shard_seq_len(cfg: RunConfig, shards_seq_len: int) -> int:

@@ -19,11 +19,11 @@ from megadistil import __version__
 # ---------------------------------------------------------------- files
 
 
-def require(ok: object, key: str, why: str) -> None:
-    """A config section's check: unless `ok`, ValueError("config key '<key>': <why>"), the one form every section
-    (and config.load_config, which passes it on as a ConfigError) names a bad setting in."""
+def require(ok: object, key: str, why: str, error: type[ValueError] = ValueError) -> None:
+    """Unless `ok`, error("config key '<key>': <why>"): the one form a bad setting is named in, by every config
+    section (ValueError, which config.load_config passes on as a ConfigError) and by the run's own checks."""
     if not ok:
-        raise ValueError(f"config key {key!r}: {why}")
+        raise error(f"config key {key!r}: {why}")
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

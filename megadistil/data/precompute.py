@@ -121,11 +121,7 @@ def collective_batches(batches: Iterator[list[T]], lockstep: bool, world: int,
 
 
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(sum_over_ranks(int(flag), world, device))
 
 
 def sum_over_ranks(count: int, world: int, device: torch.device) -> int:

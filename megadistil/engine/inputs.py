@@ -17,12 +17,14 @@ from megadistil.config import (
     layer_lists,
     loss_configs,
     shard_seq_len,
+    shards_manifest,
     uses_onpolicy,
 )
 from megadistil.data import Manifest, expand_files, tokenizer_fingerprint
 from megadistil.distill.losses import KDKind
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.model import check_model_dir, check_same_tokenizer
+from megadistil.utils import require
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     inputs = Inputs(tokenizer, teacher_tokenizer, cross_tokenizer_targets=teacher_tokenizer is not None)
     _check_data_files(cfg)
     if cfg.data.shards:
-        try:
-            manifest = Manifest.load(cfg.data.shards)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'data.shards': {e}") from None
-        inputs = _check_shards(cfg, inputs, manifest, student_config.vocab_size)
+        inputs = _check_shards(cfg, inputs, shards_manifest(cfg), student_config.vocab_size)
     if cfg.train.eval_tasks:
         from megadistil.eval.tasks import EvalError, preflight
 
@@ -145,5 +143,4 @@ def _shards_teacher_tokenizer(cfg: RunConfig, manifest: Manifest) -> Any:
 
 
 def _refuse(bad: object, key: str, message: str) -> None:
-    if bad:
-        raise ConfigError(f"config key {key!r}: {message}")
+    require(not bad, key, message, ConfigError)

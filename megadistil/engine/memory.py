@@ -37,8 +37,7 @@ from typing import Any, NamedTuple
 
 from megadistil.bitnet.linear import ROW_BLOCK_NUMEL, DeltaFormat
 from megadistil.bitnet.surgery import SUBLN_TARGETS
-from megadistil.config import ConfigError, RunConfig, shard_seq_len, uses_onpolicy
-from megadistil.data import Manifest
+from megadistil.config import ConfigError, RunConfig, shard_seq_len, shards_manifest, uses_onpolicy
 
 GiB = 2**30
 # The presets are the models' own config.json files (transformers config kwargs, model_type included): the planner
@@ -233,11 +232,8 @@ def as_trained(cfg: RunConfig) -> RunConfig:
     data.seq_len, which should then say it)."""
     if not cfg.data.shards or not Path(cfg.data.shards).is_dir():
         return cfg
-    try:
-        seq_len = Manifest.load(cfg.data.shards).seq_len
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config key 'data.shards': {e}") from None
-    return replace(cfg, data=replace(cfg.data, seq_len=shard_seq_len(cfg, seq_len)))
+    seq_len = shard_seq_len(cfg, shards_manifest(cfg).seq_len)
+    return replace(cfg, data=replace(cfg.data, seq_len=seq_len))
 
 
 def _model_config(cfg: RunConfig, model_config: str | None, config_path: str) -> tuple[dict[str, Any], str]:
