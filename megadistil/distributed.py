@@ -304,14 +304,28 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_threads(local_world_size: int, environ: Mapping[str, str] | None = None) -> int | None:
-    """Intra-op threads for one of `local_world_size` ranks sharing this node's cores: cores / ranks, unless the user
-    (or a launcher such as torchrun or deepspeed --bind_cores_to_rank) set OMP_NUM_THREADS. None: leave torch's."""
+def cpu_threads(sharing: int, environ: Mapping[str, str] | None = None) -> int | None:
+    """Intra-op threads for a rank whose allowed cores `sharing` ranks (itself included) run on: cores / sharing,
+    unless the user (or a launcher such as torchrun or deepspeed --bind_cores_to_rank) set OMP_NUM_THREADS. None:
+    leave torch's."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    return max(1, len(allowed_cores()) // max(1, sharing))
+
+
+def allowed_cores() -> frozenset[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def ranks_sharing(mine: tuple[str, frozenset[int]], every: Sequence[tuple[str, frozenset[int]]]) -> int:
+    """How many of the ranks' (host, allowed cores) run on this rank's cores: those on its host whose cores
+    intersect its own. Ranks a launcher bound to cores of their own (srun --cpus-per-task, mpirun --bind-to core)
+    count 1 each; unbound ranks of a node count all of them."""
+    host, cores = mine
+    return sum(1 for h, c in every if h == host and c & cores)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
@@ -356,10 +370,19 @@ def return_freed_heap() -> None:
 
 def set_up_cpu_rank(local_world_size: int) -> bool:
     """A CPU rank's process settings, for every entry point that starts one: its share of the node's cores
-    (cpu_threads) and malloc keeping freed blocks (keep_freed_blocks, whose result this returns)."""
+    (cpu_threads) and malloc keeping freed blocks (keep_freed_blocks, whose result this returns). With a process
+    group, the ranks sharing its cores are counted from every rank's host and affinity (a collective: every rank
+    calls this); without one, the launcher's local world size stands for them."""
     import torch
+    import torch.distributed as dist
 
-    threads = cpu_threads(local_world_size)
+    sharing = local_world_size
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        mine = (socket.gethostname(), allowed_cores())
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        sharing = ranks_sharing(mine, every)
+    threads = cpu_threads(sharing)
     if threads is not None:
         torch.set_num_threads(threads)
     return keep_freed_blocks()

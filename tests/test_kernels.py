@@ -1,13 +1,15 @@
 """Kernel choice: every kernel computes the integer products of the float64 reference, `auto` follows the
 measurement, explicit kernels the device lacks are refused, and ranks do not oversubscribe the cores."""
 
+import os
+
 import pytest
 import torch
 
 from megadistil.bitnet import BitLinear, Hardware, Kernel, code_matmul, hardware, kernels, resolve_dtype, resolve_kernel
 from megadistil.bitnet.kernels import cpu_units
 from megadistil.config import ConfigError, load_config
-from megadistil.distributed import cpu_threads, keep_freed_blocks
+from megadistil.distributed import cpu_threads, keep_freed_blocks, ranks_sharing
 from megadistil.engine.device import place
 
 CONCRETE = [Kernel.int8, Kernel.fp32, Kernel.bf16]
@@ -171,13 +173,21 @@ def test_dtype_auto_is_bf16_only_where_bf16_gemms_are_fast():
 
 
 def test_ranks_share_the_cores_unless_omp_num_threads_is_set():
-    import os
-
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads(1, {}) == cores
     assert cpu_threads(2, {}) == max(1, cores // 2)
     assert cpu_threads(4 * cores, {}) == 1
     assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) is None  # the user's (or launcher's) choice stands
+
+
+def test_ranks_bound_to_their_own_cores_do_not_divide_them():
+    a, b, all4 = frozenset({0, 1}), frozenset({2, 3}), frozenset(range(4))
+    bound = [("n1", a), ("n1", b), ("n2", a), ("n2", b)]  # srun --cpus-per-task=2, two tasks a node
+    assert ranks_sharing(("n1", a), bound) == 1
+    unbound = [("n1", all4), ("n1", all4), ("n2", all4), ("n2", all4)]  # deepspeed's launcher, one node each
+    assert ranks_sharing(("n1", all4), unbound) == 2
+    by_socket = [("n1", a), ("n1", b), ("n1", a), ("n1", b)]  # mpirun --bind-to socket, four ranks on two sockets
+    assert ranks_sharing(("n1", b), by_socket) == 2
 
 
 _HEAP_PROBE = """
@@ -254,6 +264,36 @@ def test_every_rank_takes_rank_zeros_kernel_and_dtype():
     mp.spawn(_agree_on_rank, args=(free_local_port(), results, []), nprocs=2, join=True)
     assert results[1] == ("rank 0 chose the int8 kernel, which rank 1's cpu (test CPU, AVX512) lacks; set "
                           "bitnet.kernel=fp32 on a mixed cluster")
+
+
+def _threads_on_rank(rank: int, port: int, results, hosts: list[str]) -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    from megadistil.distributed import set_up_cpu_rank
+
+    os.environ.pop("OMP_NUM_THREADS", None)
+    socket.gethostname = lambda: hosts[rank]  # this process only: the rank "runs" on hosts[rank]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    set_up_cpu_rank(local_world_size=2)  # what a launcher without LOCAL_WORLD_SIZE reports: the world size
+    results[rank] = torch.get_num_threads()
+    dist.destroy_process_group()
+
+
+def test_ranks_count_who_shares_their_cores_over_the_process_group():
+    """The threads follow the ranks found on the same host and cores, not the launcher's local world size: two
+    ranks of one node split its cores, one rank a node keeps them all."""
+    import torch.multiprocessing as mp
+
+    from megadistil.distributed import free_local_port
+
+    cores = len(os.sched_getaffinity(0))
+    results = mp.Manager().dict()
+    mp.spawn(_threads_on_rank, args=(free_local_port(), results, ["n1", "n1"]), nprocs=2, join=True)
+    assert dict(results) == {0: max(1, cores // 2), 1: max(1, cores // 2)}
+    mp.spawn(_threads_on_rank, args=(free_local_port(), results, ["n1", "n2"]), nprocs=2, join=True)
+    assert dict(results) == {0: cores, 1: cores}
 
 
 def test_a_resumed_run_keeps_the_kernel_and_dtype_its_checkpoint_was_trained_with():
