@@ -26,7 +26,7 @@ import megadistil.engine.trainer  # noqa: F401 - the floor must import exactly w
 from megadistil.config import RunConfig, load_config, load_ds_config, reconcile_ds_config
 from megadistil.data.packed import IGNORE_INDEX, PackedTextBatches
 from megadistil.distributed import init_distributed
-from megadistil.engine.device import place
+from megadistil.engine.device import engine_device, place
 from megadistil.engine.metrics import PeakMemory
 from megadistil.engine.model import load_causal_lm
 
@@ -63,7 +63,7 @@ def train(cfg: RunConfig, ds_config: dict, rank: int, world: int, out: Path, pla
                                              batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world,
                                              seed=cfg.train.seed))
     student.train()
-    peak = PeakMemory()
+    peak = PeakMemory(placement.device)
     peak.start_steps()
     log = (out / f"rank{rank}.jsonl").open("w")
     for step in range(1, cfg.train.max_steps + 1):
@@ -98,7 +98,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.floor:
         torch.distributed.barrier()
-        (out / f"floor.rank{info.rank}.json").write_text(json.dumps({"peak_mem_mb": PeakMemory().lifetime_mb()}))
+        floor = PeakMemory(engine_device()).lifetime_mb()
+        (out / f"floor.rank{info.rank}.json").write_text(json.dumps({"peak_mem_mb": floor}))
         return
     placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=info.local_world_size)
     bf16 = placement.dtype == torch.bfloat16

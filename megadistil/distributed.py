@@ -425,6 +425,14 @@ def _skip_shm_comm_op() -> None:
 DEEPSPEED_COLLECTIVE_DEPRECATION = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 
 
+def accelerator_is_cuda() -> bool:
+    """Whether DeepSpeed's accelerator, the device every rank computes on, is CUDA: not on a GPU node run with
+    DS_ACCELERATOR=cpu, whose ranks then compute on the CPU and communicate over gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600) -> DistInfo:
     """Discover the rank layout, export it, and start DeepSpeed's process group with a bounded timeout."""
     import deepspeed
@@ -435,7 +443,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     info = discover(os.environ, hostnames=slurm_hostnames, rank0_endpoint=mpi_rank0_endpoint,
                     free_port=free_local_port)
     export_env(info)
-    cuda = deepspeed.get_accelerator().device_name() == "cuda"  # DS_ACCELERATOR=cpu on a GPU node: gloo on the CPU
+    cuda = accelerator_is_cuda()
     if cuda:
         device = device_local_rank(info, torch.cuda.device_count())
         os.environ["LOCAL_RANK"] = str(device)

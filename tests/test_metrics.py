@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from megadistil.config import LogConfig, WandbConfig
 from megadistil.engine.metrics import MetricsLogger, PeakMemory
 
@@ -46,7 +48,7 @@ def test_steps_peak_leaves_out_the_load_peak_and_the_lifetime_peak_keeps_it():
     """200 MB touched and freed while "loading", 50 MB during the "steps": the steps' peak sees only the second, the
     lifetime peak still the first (the kernel's high-water mark was reset in between). The process may have peaked
     higher before this test (other tests, in the same pytest worker): the first reset makes the mark its RSS now."""
-    peak = PeakMemory()
+    peak = PeakMemory(torch.device("cpu"))
     earlier = peak.lifetime_mb()
     peak.start_steps()
     base = peak.steps_mb()

@@ -40,7 +40,13 @@ from megadistil.data.shards import (
 )
 from megadistil.data.text import batched, expand_files, pack_text
 from megadistil.distill.targets import aligned_targets, teacher_topk
-from megadistil.distributed import device_local_rank, init_distributed, rank_layout, set_up_cpu_rank
+from megadistil.distributed import (
+    accelerator_is_cuda,
+    device_local_rank,
+    init_distributed,
+    rank_layout,
+    set_up_cpu_rank,
+)
 from megadistil.models import output_head
 from megadistil.utils import torch_dtype, write_atomic
 
@@ -146,7 +152,7 @@ def _device() -> torch.device:
     """This rank's device, by init_distributed's rule (distributed.device_local_rank); on CPU, with its share of the
     node's cores and malloc keeping freed blocks (megadistil.distributed.set_up_cpu_rank)."""
     info = rank_layout(os.environ)
-    if torch.cuda.is_available():
+    if accelerator_is_cuda():
         return torch.device("cuda", device_local_rank(info, torch.cuda.device_count()))
     set_up_cpu_rank(info.local_world_size)
     return torch.device("cpu")

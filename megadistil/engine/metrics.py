@@ -25,12 +25,13 @@ class PeakMemory:
     /proc/self/clear_refs, which resets ru_maxrss as well: the load peak is read first and kept. Where the mark
     cannot be reset (not Linux), the steps' peak is the lifetime one."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"  # not torch.cuda.is_available(): a GPU node may train on its CPUs
         self._load_peak = 0.0
 
     def start_steps(self) -> None:
         self._load_peak = max(self._load_peak, self._high_water())  # a second call (a resumed loop) keeps the first
-        if torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return
         return_freed_heap()  # what loading freed but malloc kept would otherwise count as the steps' memory
@@ -46,9 +47,8 @@ class PeakMemory:
     def steps_mb(self) -> float:
         return self._high_water()
 
-    @staticmethod
-    def _high_water() -> float:
-        if torch.cuda.is_available():
+    def _high_water(self) -> float:
+        if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; = VmHWM
 

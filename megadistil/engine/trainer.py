@@ -90,7 +90,6 @@ class Trainer:
         self._owns_process_group = False
         self._stage_config = (0, cfg)  # (stages started, the config they make)
         self._interval = _StepClock()
-        self.peak = PeakMemory()
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -108,6 +107,7 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"config key 'model.dtype': {e} ({self.ckpt_root})") from None
         self.device = self.placement.device
+        self.peak = PeakMemory(self.device)
         self._print(self.placement.describe())
         _seed_everything(cfg.train.seed)
         bf16 = self.placement.dtype == torch.bfloat16
