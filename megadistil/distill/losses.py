@@ -463,7 +463,7 @@ def chunked_lm_head_loss(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor,
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} tokens, hidden has {hidden.shape[0]}")
     valid = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
-    if valid.numel() and (labels[valid].min() < 0 or labels[valid].max() >= vocab):
+    if valid.numel() and not bool(((labels[valid] >= 0) & (labels[valid] < vocab)).all()):  # one host sync
         raise ValueError(f"labels has values outside [0, {vocab}) other than {IGNORE_INDEX}")
     ids = logprobs = tail = present = None
     if sparse is not None and teacher_hidden is not None:
@@ -498,7 +498,7 @@ def _per_token(values: Tensor | None, labels: Tensor, name: str) -> Tensor | Non
     if not values.dtype.is_floating_point and values.dtype != torch.bool:
         raise ValueError(f"{name} must be bool or float, got {values.dtype}")
     out = flat.float()
-    if not torch.isfinite(out).all() or (out < 0).any():
+    if not bool((torch.isfinite(out) & (out >= 0)).all()):  # one host sync
         raise ValueError(f"{name} must be finite and >= 0")
     return out
 
@@ -587,6 +587,6 @@ def attention_relation_loss(student_qkv: Sequence[Tensor], teacher_qkv: Sequence
         # Disallowed entries are -inf in both; zero their difference so they add nothing (not nan).
         kl = (log_t.exp() * (log_t - log_s).masked_fill(~allowed, 0.0)).sum(-1)  # [B, h, S]
         rows = keep[:, None, :].expand_as(kl)
-        term = kl[rows].sum() / max(rows.sum().item(), 1)
+        term = kl.masked_fill(~rows, 0.0).sum() / rows.sum().clamp_min(1)  # no host sync
         total = term if total is None else total + term
     return total
