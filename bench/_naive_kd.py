@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import megadistil.engine.trainer  # noqa: F401 - the floor must import exactly what the engine imports
-from megadistil.config import RunConfig, load_config, load_ds_config, reconcile_ds_config
+from megadistil.config import RunConfig, load_config
 from megadistil.data.packed import IGNORE_INDEX, PackedTextBatches
 from megadistil.distributed import init_distributed
 from megadistil.engine.device import engine_device, place
+from megadistil.engine.ds_config import load_ds_config, reconcile_ds_config
 from megadistil.engine.metrics import PeakMemory
 from megadistil.engine.model import load_causal_lm
 

@@ -10,10 +10,9 @@ from megadistil.config import (
     RunConfig,
     StageConfig,
     load_config,
-    load_ds_config,
-    reconcile_ds_config,
     stage_config,
 )
+from megadistil.engine.ds_config import load_ds_config, reconcile_ds_config
 from megadistil.engine.schedule import is_reset_step, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from megadistil.config import ConfigError, load_config, load_ds_config
+from megadistil.config import ConfigError, load_config
 from megadistil.data import Manifest
+from megadistil.engine.ds_config import load_ds_config
 from megadistil.engine.memory import (
     MODEL_PRESETS,
     GiB,

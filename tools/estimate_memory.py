@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.config import ConfigError, load_config, load_ds_config
+from megadistil.config import ConfigError, load_config
+from megadistil.engine.ds_config import load_ds_config
 from megadistil.engine.memory import Layout, as_trained, estimate, parse_bytes, resolve_dims, table
 
 

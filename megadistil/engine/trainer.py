@@ -27,9 +27,7 @@ from megadistil.config import (
     Resume,
     RunConfig,
     TeacherKind,
-    load_ds_config,
     loss_configs,
-    reconcile_ds_config,
     stage_config,
     to_yaml,
     uses_onpolicy,
@@ -43,6 +41,7 @@ from megadistil.distill.onpolicy import OnPolicyConfig, is_onpolicy, onpolicy_ba
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
 from megadistil.engine.device import agreed, as_resumed, place
+from megadistil.engine.ds_config import load_ds_config, reconcile_ds_config
 from megadistil.engine.inputs import check_inputs
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
 from megadistil.engine.model import assign_param_groups, build_student, load_causal_lm
