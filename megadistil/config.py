@@ -433,6 +433,8 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
     (("data.num_workers", "data.shuffle_buffer", "data.seed", "data.on_corrupt", "data.epochs", "data.prefetch_factor"),
      lambda c: bool(c.data.shards),
      "the shard stream's setting, and data.shards is not set (text is packed in memory, shuffled by train.seed)"),
+    (("data.prefetch_factor",), lambda c: c.data.num_workers > 0,
+     "data.num_workers is 0 (the shards are read in the training process, nothing is prefetched)"),
     (("train.eval_every",), lambda c: bool(c.data.eval_text or c.train.eval_tasks),
      "nothing is evaluated (no data.eval_text, no train.eval_tasks)"),
     (("train.eval_batches",), lambda c: bool(c.data.eval_text), "no data.eval_text to take held-out batches from"),

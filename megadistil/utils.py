@@ -29,7 +29,8 @@ def require(ok: object, key: str, why: str, error: type[ValueError] = ValueError
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a dot-named
     temp file in the same directory (same filesystem, so the rename is atomic), fsynced, then renamed over `path`.
-    The pid in the temp name keeps concurrent writers (one per rank) from sharing a temp file."""
+    The pid in the temp name keeps concurrent writers (one per rank) from sharing a temp file. The directory is
+    fsynced last, so the rename survives a power loss too."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("wb" if isinstance(data, bytes) else "w") as f:
@@ -37,6 +38,25 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's (its entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under `root`, then each directory (deepest first): what another library wrote there is on
+    the disk before a pointer to it is published."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(here, name))
+        fsync_path(here)
 
 
 # ---------------------------------------------------------------- dtypes

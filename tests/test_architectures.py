@@ -275,10 +275,10 @@ def test_subln_is_refused_before_any_weight_loads_except_where_the_export_can_wr
     cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.student={model_dir}", "bitnet.subln=true",
                                                    f"data.text=[{tiny_llama_dir}/tokenizer.json]"])
     if arch.startswith("llama"):
-        check_inputs(cfg)
+        check_inputs(cfg, 1)
         return
     with pytest.raises(ConfigError, match=rf"'bitnet.subln'.*model_type='{tiny_config(arch).model_type}'"):
-        check_inputs(cfg)
+        check_inputs(cfg, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

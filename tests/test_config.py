@@ -77,6 +77,8 @@ CE_ONLY = ["teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"]
     (["log.wandb.project=mine"], "'log.wandb.project': is unused: log.wandb.enabled is false"),
     (["data.shuffle_buffer=16"], "'data.shuffle_buffer': is unused: the shard stream's setting, and data.shards is not"),
     (["data.seed=3"], "'data.seed': is unused: the shard stream's setting, and data.shards is not set (text is packed"),
+    (["data.text=[]", "data.shards=/s", "data.prefetch_factor=8"],
+     "'data.prefetch_factor': is unused: data.num_workers is 0 (the shards are read in the training process"),
     ([*CE_ONLY, "loss.temperature=2.0"], "'loss.temperature': is unused: loss.kd_weight and loss.dskd_weight are 0"),
     (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: neither loss.kind nor an active onpolicy.kind is jsd"),
     (["loss.attn_relation_heads=4"], "'loss.attn_relation_heads': is unused: loss.attn_relation_weight is 0 at"),
@@ -95,7 +97,8 @@ def test_a_setting_nothing_reads_is_refused_naming_it(overrides, message):
     ["relora.reset_every=5", "relora.optimizer_reset=zero", "relora.restart_warmup_steps=2"],
     ["train.eval_every=2", "train.eval_batches=3", "data.eval_text=[e.txt]"],
     ["log.wandb.enabled=true", "log.wandb.project=mine", "log.wandb.mode=disabled"],
-    ["data.text=[]", "data.shards=/s", "data.shuffle_buffer=16", "data.seed=3", "data.epochs=2"],
+    ["data.text=[]", "data.shards=/s", "data.shuffle_buffer=16", "data.seed=3", "data.epochs=2",
+     "data.num_workers=2", "data.prefetch_factor=8"],
 ])
 def test_a_setting_that_acts_at_some_stage_is_accepted(overrides):
     cfg, default = load_config(None, [*BASE, *overrides]), RunConfig()

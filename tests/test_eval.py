@@ -153,7 +153,7 @@ def test_a_run_with_eval_tasks_whose_data_is_missing_stops_before_any_weight_loa
                                             "train.eval_tasks=[gone_in_training]",
                                             f"train.eval_tasks_include_path={tmp_path}"])
     with pytest.raises(ConfigError, match=r"train.eval_tasks.*'gone_in_training'.*absent.jsonl"):
-        check_inputs(cfg)
+        check_inputs(cfg, 1)
     with pytest.raises(ConfigError, match="train.eval_tasks_include_path"):
         load_config("configs/tiny.yaml", [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]",
                                           f"train.eval_tasks_include_path={tmp_path}/nope"])

@@ -66,7 +66,7 @@ DS_SCRIPT = textwrap.dedent(r"""
         engine = engine_over({n: parts.get(n) for n in parts.tensors})
         meta = {k: v for k, v in ckpt.meta.items() if k not in ("step", "tag", "world_size")}
         checkpoint.save(engine, Path(dst) / "checkpoints", ckpt.meta["step"], rank_state={"data": {}}, meta=meta,
-                        config_yaml=(ckpt.dir / "config.yaml").read_text())
+                        config_yaml=(ckpt.dir / "config.yaml").read_text(), sync_files=True)
         for f in ("run.json", "metrics.jsonl", "config.yaml"):
             shutil.copy(ckpt.root.parent / f, Path(dst) / f)
 
@@ -86,7 +86,7 @@ DS_SCRIPT = textwrap.dedent(r"""
         (Path(dst) / "run.json").write_text(json.dumps({"ds_config": {"bf16": {"enabled": False}}}))
         checkpoint.save(engine, Path(dst) / "checkpoints", 1, rank_state={"data": {}},
                         meta={"resets": 1, "base_fingerprint": checkpoint.model_dir_fingerprint(base_dir)},
-                        config_yaml=OmegaConf.to_yaml(cfg))
+                        config_yaml=OmegaConf.to_yaml(cfg), sync_files=True)
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     init_distributed()  # as every megadistil process starts: bounded timeout, no shm all-reduce build

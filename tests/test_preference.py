@@ -184,6 +184,10 @@ def test_batches_carry_the_given_labels_and_resume(tok, tmp_path):
     for x, y in zip(rest, again):
         assert x.keys() == y.keys() == {"input_ids", "labels"}
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    for changed, field in (({**kw, "seed": 8}, "seed"), ({**kw, "batch_size": 1}, "batch_size"),
+                           ({**kw, "rank": 0}, "rank"), ({**kw, "labels": labels[::-1].copy()}, "sequences")):
+        with pytest.raises(ValueError, match=rf"data state has {field}=.* but this reader has .*exact resume"):
+            PackedTextBatches(ids, **{"labels": labels, **changed}).load_state_dict(state)
     # the same rows in the same order as without labels (only the labels differ)
     plain = _batches(iter(PackedTextBatches(ids, **kw)), 4)
     assert all(torch.equal(p["input_ids"], b["input_ids"]) for p, b in zip(plain, first))

@@ -111,6 +111,26 @@ def test_write_atomic_replaces_whole_files_and_leaves_no_temp(tmp_path: Path) ->
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_fsync_tree_flushes_every_file_before_its_directory(tmp_path: Path, monkeypatch) -> None:
+    from megadistil import utils
+
+    (tmp_path / "tag" / "sub").mkdir(parents=True)
+    files = [tmp_path / "tag" / "a.pt", tmp_path / "tag" / "sub" / "b.pt"]
+    for f in files:
+        f.write_bytes(b"x")
+    synced: list[Path] = []
+    real = utils.fsync_path
+    monkeypatch.setattr(utils, "fsync_path", lambda p: (synced.append(Path(p)), real(p)))
+    utils.fsync_tree(tmp_path / "tag")
+    assert sorted(synced) == sorted([*files, tmp_path / "tag", tmp_path / "tag" / "sub"])
+    for f in files:  # a directory's entries are flushed after the files in it
+        assert synced.index(f) < synced.index(f.parent)
+    assert synced.index(tmp_path / "tag" / "sub") < synced.index(tmp_path / "tag")
+    synced.clear()
+    write_atomic(tmp_path / "latest", "tag")  # the rename itself is made durable: its directory is flushed
+    assert synced == [tmp_path]
+
+
 def test_one_dtype_table_for_every_name() -> None:
     for short, long, code in (("bf16", "bfloat16", "BF16"), ("fp16", "float16", "F16"), ("fp32", "float32", "F32")):
         dt = torch_dtype(short)

@@ -169,6 +169,28 @@ def test_truncated_shard(shards, tmp_path):
     assert len(list(skipping)) == len(skipping) and skipping.skipped >= 1
 
 
+def test_a_read_error_is_not_corruption_and_stops_even_when_skipping(shards, monkeypatch):
+    """An I/O error (a network filesystem's EIO) says nothing about the shard: skipping it would drop data this one
+    time only, and a resumed run's replay would then differ from the run it continues."""
+    import errno
+
+    import megadistil.data.stream as stream_module
+
+    real = stream_module.wds.tariterators.tarfile_samples
+
+    def failing(src):
+        for i, raw in enumerate(real(src)):
+            if i == 3:
+                raise OSError(errno.EIO, "Input/output error")
+            yield raw
+
+    monkeypatch.setattr(stream_module.wds.tariterators, "tarfile_samples", failing)
+    with pytest.raises(OSError, match=r"shard shard-\S+\.tar: read failed after key \S+ \(Input/output error\); not "
+                                      r"skipped under data.on_corrupt=skip") as info:
+        list(ShardStream(shards, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip"))
+    assert info.value.errno == errno.EIO
+
+
 def test_bad_config_is_refused(shards):
     with pytest.raises(ValueError, match=r"'data.on_corrupt': must be one of \['fail', 'skip'\], got 'ignore'"):
         ShardStream(shards, batch_size=2, on_corrupt="ignore")

@@ -110,9 +110,25 @@ def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, 
 
 
 @pytest.fixture(scope="module")
+def five_sequence_text(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> Path:
+    """Held-out text that packs into 5 sequences of 64 tokens: not a whole number of 2 ranks x 2-sequence batches."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.text import pack_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    path, lines = tmp_path_factory.mktemp("heldout") / "five.txt", stdlib_text_file.read_text().splitlines()
+    for n in range(1, len(lines)):
+        path.write_text("\n".join(lines[:n]))
+        if len(list(pack_text([path], tok, 64))) == 5:
+            return path
+    raise AssertionError("no prefix of the corpus packs into 5 sequences")
+
+
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
          crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file,
-         partitioned_ds_config, released_ds_config) -> dict[str, Path]:
+         partitioned_ds_config, released_ds_config, five_sequence_text) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -140,7 +156,8 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}",
             "teacher.top_k=32", "loss.kind=forward_kl", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
             "train.micro_batch_size=2", "train.max_steps=10", "train.save_every=10", "bitnet.lora_rank=8",
-            "optim.lr=1e-2", "optim.warmup_steps=2", "loss.chunk_tokens=32", "loss.dskd_weight=0.5"],
+            "optim.lr=1e-2", "optim.warmup_steps=2", "loss.chunk_tokens=32", "loss.dskd_weight=0.5",
+            f"data.eval_text=[{five_sequence_text}]", "train.eval_batches=2"],
             "ds_config": partitioned_ds_config},
         "crosstok_shards": {"overrides": [
             f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={crosstok_shards_dir}",
@@ -319,6 +336,14 @@ def test_teacher_with_another_tokenizer_distils_on_the_shared_vocabulary(runs):
 
 
 @pytest.mark.multirank
+def test_held_out_text_of_an_uneven_count_is_evaluated_in_whole_rounds(runs):
+    """5 held-out sequences, 2 ranks of 2-sequence micro-batches, every parameter partitioned: rank 0 used to run a
+    second forward alone and wait in its ZeRO-3 gather for the dist timeout. The 4 of whole rounds are evaluated."""
+    evals = [m for m in metrics(runs["crosstok"]) if "eval_ppl_student" in m]
+    assert [m["step"] for m in evals] == [0, 10] and all(math.isfinite(m["eval_ppl_student"]) for m in evals), evals
+
+
+@pytest.mark.multirank
 def test_shards_of_a_teacher_with_another_tokenizer_distil_by_uld(runs):
     """The same teacher precomputed into shards (tools/precompute_teacher.py --student-tokenizer): the student's
     windows with the aligned targets and their mask; ULD on them falls as with the live teacher."""
@@ -403,7 +428,7 @@ def test_ranks_that_see_different_checkpoints_stop_before_any_load_naming_the_ou
 
 
 def _inputs(tmp_path, overrides):
-    return check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]))
+    return check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]), 2)
 
 
 def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
@@ -424,6 +449,13 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
     with pytest.raises(ConfigError, match=re.escape(f"'data.seq_len': 128, but the shards in {shards_dir} hold "
                                                     "sequences of 64 tokens: set it to 64")):
         _inputs(tmp_path, on_shards)  # configs/tiny.yaml packs text at 128
+    on_shards.append("data.seq_len=64")  # 96 samples: 12 micro-batches of 4 a rank on 2 ranks
+    with pytest.raises(ConfigError, match=re.escape(
+            f"'data.epochs': 1 pass(es) over the 96 samples of {shards_dir} give 12 micro-batches a rank each, 12 "
+            "optimizer steps of train.micro_batch_size 4 x train.grad_accum 1 x 2 ranks, fewer than train.max_steps "
+            "60: raise data.epochs")):
+        _inputs(tmp_path, [*on_shards, "data.epochs=1"])
+    assert _inputs(tmp_path, [*on_shards, "data.epochs=5"]).manifest.total_samples == 96  # 60 steps: enough
     text = [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]"]
     with pytest.raises(ConfigError, match=re.escape(f"'data.text': text input {tmp_path}/typo.txt: no such file")):
         _inputs(tmp_path, [*text[:1], f"data.text=[{stdlib_text_file},{tmp_path}/typo.txt]"])

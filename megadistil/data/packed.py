@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,10 @@ class PackedTextBatches:
             raise ValueError(f"data.text holds {len(sequences)} sequences: fewer than one global batch "
                              f"({batch_size} x {world_size} ranks)")
         self.epoch, self.index = 0, 0
+        digest = hashlib.sha256(np.ascontiguousarray(sequences).data)  # the text, its packing and the labels
+        if labels is not None:
+            digest.update(np.ascontiguousarray(labels).data)
+        self._sequences_sha = digest.hexdigest()[:16]
 
     @classmethod
     def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
@@ -79,8 +84,18 @@ class PackedTextBatches:
         return {"input_ids": torch.from_numpy(np.ascontiguousarray(self.seqs[rows], dtype=np.int64)),
                 "labels": torch.from_numpy(np.ascontiguousarray(self.labels[rows], dtype=np.int64))}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, **self._identity()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The position of a reader of the same sequences, order and split; anything else is refused by name (a
+        state saved before the identity was recorded carries none of it)."""
+        for name, mine in self._identity().items():
+            if name in state and state[name] != mine:
+                raise ValueError(f"data state has {name}={state[name]!r} but this reader has {mine!r}; exact resume "
+                                 "needs the same value")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def _identity(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world, "batch_size": self.batch_size, "seed": self.seed,
+                "sequences": self._sequences_sha}

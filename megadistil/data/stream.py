@@ -110,7 +110,10 @@ class _SlotSource:
                     yield raw
         except ShardFormatError:
             raise
-        except Exception as exc:  # noqa: BLE001 - tarfile/gzip/OS errors alike: this shard ends here
+        except OSError as exc:  # the filesystem failed, not the shard: skipping would make the stream unreplayable
+            raise OSError(exc.errno, f"shard {name}: read failed after key {key} ({exc.strerror or exc}); not "
+                                     "skipped under data.on_corrupt=skip, which is for corrupt data") from exc
+        except Exception as exc:  # noqa: BLE001 - tarfile and format errors alike: this shard ends here
             self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})")
             return
         if count != expected:
@@ -148,6 +151,11 @@ def assign_shards(manifest: Manifest, n_slots: int, seed: int) -> list[list[int]
         slots[s].append(i)
         load[s] += manifest.shards[i].samples
     return slots
+
+
+def batches_per_epoch(manifest: Manifest, world_size: int, batch_size: int) -> int:
+    """The batches each rank yields in one pass over the shards: every rank yields as many (see the module doc)."""
+    return manifest.total_samples // (world_size * batch_size)
 
 
 def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
@@ -244,7 +252,7 @@ class ShardStream:
         self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory  # pinned: non-blocking copies to CUDA
         self.targets = targets  # False: token ids only, the top-k + tail are never decoded
-        self.batches_per_epoch = self.manifest.total_samples // (world_size * batch_size)
+        self.batches_per_epoch = batches_per_epoch(self.manifest, world_size, batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
                              f"{world_size} x batch_size {batch_size}")

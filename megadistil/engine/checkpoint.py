@@ -19,7 +19,7 @@ from torch import nn
 
 from megadistil import rundir
 from megadistil.rundir import latest_tag, model_dir_fingerprint
-from megadistil.utils import dtype_name, torch_dtype, write_atomic
+from megadistil.utils import dtype_name, fsync_tree, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
 __all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "rng_state", "save", "save_deltas",
@@ -87,8 +87,9 @@ def load_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
 
 
 def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta: dict[str, Any],
-         config_yaml: str) -> str:
-    """Collective. Returns the tag."""
+         config_yaml: str, sync_files: bool) -> str:
+    """Collective. Returns the tag. The ranks given `sync_files` (one a node) fsync every file of the checkpoint
+    before rank 0 publishes it as `latest`: a power loss cannot leave `latest` naming files still in a page cache."""
     tag = rundir.tag_for(step)
     engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -96,8 +97,12 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta
     write_atomic(ckpt_root / tag / rundir.rank_state_file(rank), json.dumps({**rank_state, "rng": rng_state()}))
     if dist.is_initialized():
         dist.barrier()
+    if sync_files:
+        fsync_tree(ckpt_root / tag)
+    if dist.is_initialized():
+        dist.barrier()
     if rank == 0:
-        (ckpt_root / tag / rundir.CONFIG).write_text(config_yaml)
+        write_atomic(ckpt_root / tag / rundir.CONFIG, config_yaml)
         write_atomic(ckpt_root / tag / rundir.META, json.dumps({**meta, "step": step, "tag": tag, "world_size": world}))
         rundir.write_latest(ckpt_root, tag)
     if dist.is_initialized():

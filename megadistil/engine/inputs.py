@@ -21,6 +21,7 @@ from megadistil.config import (
     uses_onpolicy,
 )
 from megadistil.data import Manifest, expand_files, tokenizer_fingerprint
+from megadistil.data.stream import batches_per_epoch
 from megadistil.distill.losses import KDKind
 from megadistil.engine.architecture import check_architecture
 from megadistil.engine.model import check_model_dir, check_same_tokenizer
@@ -38,8 +39,8 @@ class Inputs:
     manifest: Manifest | None = None  # data.shards'
 
 
-def check_inputs(cfg: RunConfig) -> Inputs:
-    """Raise ConfigError naming the key at fault, else what the run reads with."""
+def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
+    """Raise ConfigError naming the key at fault, else what the run reads with (on `world_size` ranks)."""
     check_model_dir(cfg.model.student, "model.student")
     if cfg.teacher.kind == TeacherKind.hf:
         check_model_dir(cfg.teacher.path, "teacher.path")
@@ -63,6 +64,7 @@ def check_inputs(cfg: RunConfig) -> Inputs:
     _check_data_files(cfg)
     if cfg.data.shards:
         inputs = _check_shards(cfg, inputs, shards_manifest(cfg), student_config.vocab_size)
+        _check_passes(cfg, inputs.manifest, world_size)
     if cfg.train.eval_tasks:
         from megadistil.eval.tasks import EvalError, preflight
 
@@ -121,6 +123,20 @@ def _check_shards(cfg: RunConfig, inputs: Inputs, manifest: Manifest, vocab_size
                               f"{cfg.data.shards} hold targets at T={manifest.temperature}")
     return replace(inputs, shards_teacher_tokenizer=shards_teacher, cross_tokenizer_targets=manifest.cross_tokenizer,
                    manifest=manifest)
+
+
+def _check_passes(cfg: RunConfig, manifest: Manifest, world_size: int) -> None:
+    """data.epochs passes over the shards hold train.max_steps optimizer steps: the stream must not run dry."""
+    t, epochs = cfg.train, cfg.data.epochs
+    if epochs is None:
+        return
+    per_epoch = batches_per_epoch(manifest, world_size, t.micro_batch_size)
+    steps = epochs * per_epoch // t.grad_accum
+    _refuse(steps < t.max_steps, "data.epochs",
+            f"{epochs} pass(es) over the {manifest.total_samples} samples of {cfg.data.shards} give {per_epoch} "
+            f"micro-batches a rank each, {steps} optimizer steps of train.micro_batch_size {t.micro_batch_size} x "
+            f"train.grad_accum {t.grad_accum} x {world_size} ranks, fewer than train.max_steps {t.max_steps}: raise "
+            "data.epochs, set it to null (endless), or lower train.max_steps")
 
 
 def _shards_teacher_tokenizer(cfg: RunConfig, manifest: Manifest) -> Any:

@@ -112,7 +112,7 @@ class Trainer:
         bf16 = self.placement.dtype == torch.bfloat16
         self.ds_config = reconcile_ds_config(cfg, load_ds_config(self.ds_config_path),
                                              world_size=self.dist.world_size, bf16=bf16)
-        self.inputs = check_inputs(cfg)
+        self.inputs = check_inputs(cfg, self.dist.world_size)
         self.data = self._build_data()
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
@@ -178,8 +178,14 @@ class Trainer:
         if not d.eval_text:
             return None
         seq_len = self.inputs.manifest.seq_len if d.shards else d.seq_len
-        count = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size * self.dist.world_size
-        return eval_sequences(list(d.eval_text), self.inputs.tokenizer, seq_len, count)
+        per_round = self.cfg.train.micro_batch_size * self.dist.world_size
+        seqs = eval_sequences(list(d.eval_text), self.inputs.tokenizer, seq_len, self.cfg.train.eval_batches * per_round)
+        # Whole rounds only: under ZeRO-3 a rank with one forward more than the others would wait in its gather forever.
+        utils.require(len(seqs) >= per_round, "data.eval_text",
+                      f"{len(seqs)} sequences of {seq_len} tokens, fewer than train.micro_batch_size "
+                      f"{self.cfg.train.micro_batch_size} x {self.dist.world_size} ranks: every rank evaluates whole "
+                      "micro-batches", error=ConfigError)
+        return seqs[:len(seqs) - len(seqs) % per_round]
 
     def _build_teacher(self) -> Teacher:
         kind = self.cfg.teacher.kind
@@ -253,7 +259,10 @@ class Trainer:
             return
         meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
         self.state.load_state_dict(meta)
-        self.data.load_state_dict(rank_state["data"])
+        try:
+            self.data.load_state_dict(rank_state["data"])
+        except ValueError as e:  # a changed micro-batch size, seed, world size or text: not the run it continues
+            raise ConfigError(f"checkpoint {self.ckpt_root / tag}: {e}") from None
         self._print(f"resumed from {self.ckpt_root / tag} at step {self.state.step}")
 
     # ---------------------------------------------------------------- train
@@ -315,7 +324,12 @@ class Trainer:
         kd_tokens = torch.zeros_like(tokens)
         stats, attempt = OnPolicyStats(), 0
         while done < self.cfg.train.grad_accum:
-            batch = self._to_device(next(batches))
+            batch = next(batches, None)
+            if batch is None:  # only data.epochs ends the data; check_inputs counted its steps without skipped ones
+                raise RuntimeError(f"the data ran out at step {self.state.step + 1}: data.epochs="
+                                   f"{self.cfg.data.epochs} passes, {self.state.nan_skipped} non-finite micro-batches "
+                                   f"skipped (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
+            batch = self._to_device(batch)
             micro = self.state.step * self.cfg.train.grad_accum + attempt  # the schedule's and the seeds' position
             attempt += 1
             loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
@@ -483,7 +497,7 @@ class Trainer:
                                     "placement": {"kernel": self.placement.kernel.value,
                                                   "dtype": utils.dtype_name(self.placement.dtype)},
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
-                              config_yaml=to_yaml(self.cfg))
+                              config_yaml=to_yaml(self.cfg), sync_files=self.dist.local_rank == 0)
         self._print(f"saved {self.ckpt_root / tag}")
 
     def cleanup(self) -> None:
