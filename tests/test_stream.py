@@ -113,6 +113,33 @@ def test_two_ranks_disjoint_same_batch_count(shards):
     assert set(seen[0]) | set(seen[1]) <= everything
 
 
+@pytest.mark.parametrize("sizes, n_slots", [([6] * 11 + [4], 4), ([40, 40, 40, 10], 3), ([5, 0, 7, 1], 13), ([3], 2)])
+def test_slots_own_every_sample_once_in_ranges_equal_to_one(shards, sizes, n_slots):
+    from dataclasses import replace
+
+    from megadistil.data.shards import Manifest, ShardInfo
+    from megadistil.data.stream import slot_pieces
+
+    manifest = replace(Manifest.load(shards), shards=[ShardInfo(f"s{i}", n, 0, "") for i, n in enumerate(sizes)])
+    slots = slot_pieces(manifest, n_slots, seed=5)
+    owned = sorted((shard, j) for pieces in slots for shard, lo, hi in pieces for j in range(lo, hi))
+    assert owned == [(shard, j) for shard, n in enumerate(sizes) for j in range(n)]
+    counts = [sum(hi - lo for _, lo, hi in pieces) for pieces in slots]
+    assert max(counts) - min(counts) <= 1, counts
+
+
+@pytest.mark.parametrize("world, workers, batch, buffer", [(2, 2, 4, 10), (5, 0, 2, 0), (1, 2, 5, 3)])
+def test_an_epoch_reads_no_sample_twice(shards, world, workers, batch, buffer):
+    """70 samples in 12 shards of 6 and one of 4. Each slot (rank x loader stream) owns a balanced contiguous range
+    of the samples, across shard ends, and drains its shuffle buffer at the end of its pass: an epoch repeats no
+    sample. Whole shards a slot gave 36 and 34 samples to two streams that take 35 each; the buffer, not drained,
+    pulled its last samples from the next pass."""
+    streams = [ShardStream(shards, batch_size=batch, rank=r, world_size=world, num_workers=workers,
+                           shuffle_buffer=buffer, epochs=1) for r in range(world)]
+    rows = [row for s in streams for row in _rows(list(s))]
+    assert len(rows) == len(set(rows)) == world * batch * streams[0].batches_per_epoch
+
+
 def test_manifest_mismatch_is_refused(shards):
     with pytest.raises(ValueError, match="student vocab_size 500"):
         ShardStream(shards, batch_size=2, vocab_size=500)
@@ -196,6 +223,8 @@ def test_bad_config_is_refused(shards):
         ShardStream(shards, batch_size=2, on_corrupt="ignore")
     with pytest.raises(ValueError, match="fewer than world_size 2 x batch_size 1000"):
         ShardStream(shards, batch_size=1000, world_size=2)
+    with pytest.raises(ValueError, match=r"70 samples are fewer than world_size 8 x 9 loader streams \(data.num_workers\)"):
+        ShardStream(shards, batch_size=1, world_size=8, num_workers=9)
 
 
 # ---------------------------------------------------------------- cross-tokenizer shards (synthetic)

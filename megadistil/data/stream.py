@@ -3,13 +3,15 @@
 Ordering model (what makes exact resume possible):
 
 - every (rank, stream) pair is a *slot*; a rank has ``max(1, num_workers)`` streams, one per DataLoader worker.
-  Shards are dealt to slots once (balanced by sample count, seeded), so ranks and streams read disjoint data
-  forever; with fewer shards than slots every slot reads all shards and keeps every n-th sample instead.
-- each slot is an infinite stream: epoch e visits its shards in a seeded order, samples go through a seeded
-  shuffle buffer that carries over epoch boundaries, and are grouped into batches.
+  The shards, in one seeded order, form a single sequence of samples; slot s of n owns its s-th n-th of it (a
+  contiguous range, equal to one sample, which may begin or end inside a shard), so ranks and streams read disjoint
+  data forever and no slot holds a shard's worth more than another.
+- each slot is an infinite stream of passes over its range: pass e visits its pieces (whole shards, or a shard's
+  members from one key to another) in a seeded order, through a seeded shuffle buffer that is drained at the end of
+  the pass, so that a pass yields each of the slot's samples exactly once; samples are grouped into batches.
 - a rank yields ``total_samples // (world_size * batch_size)`` batches per epoch, taking batch i from stream
   ``i % num_streams`` (the DataLoader's in-order round robin). Ranks therefore never disagree on the batch count;
-  a rank whose shards hold fewer samples simply starts its next pass sooner.
+  in an epoch a stream takes at most a micro-batch more or less than its range holds.
 
 The state is the number of batches yielded. A restarted reader replays each stream's raw bytes up to its position
 (validated but not decoded) so the shuffle buffer is rebuilt bit-exactly, then continues.
@@ -17,6 +19,7 @@ The state is the number of batches yielded. A restarted reader replays each stre
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import logging
@@ -33,7 +36,7 @@ from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample,
 from megadistil.utils import require
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: balanced contiguous slot ranges, the buffer drained each pass (1: whole shards a slot)
 
 
 class OnCorrupt(enum.StrEnum):
@@ -64,50 +67,53 @@ class DataConfig:
         require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
 
 
+Piece = tuple[int, int, int]  # (shard index in the manifest, first sample, end sample) of one slot's range
+
+
 class _SlotSource:
-    """Raw (validated, undecoded) samples of one slot, epoch after epoch."""
+    """Raw (validated, undecoded) samples of one slot, pass after pass."""
 
     def __init__(self, shard_dir: Path, manifest: Manifest, slot: int, n_slots: int, seed: int, on_corrupt: str):
         self.dir, self.m, self.slot, self.n_slots = shard_dir, manifest, slot, n_slots
         self.seed, self.on_corrupt = seed, on_corrupt
         self.skipped = 0
-        self.by_shard = len(manifest.shards) >= n_slots
-        self.my_shards = assign_shards(manifest, n_slots, seed)[slot] if self.by_shard else []
+        self.pieces = slot_pieces(manifest, n_slots, seed)[slot]
 
-    def epochs(self) -> Iterator[dict[str, Any]]:
+    def passes(self, bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
         epoch = 0
         while True:
             n = 0
-            for sample in self._epoch(epoch):
+            for sample in _shuffled(self._pass(epoch), bufsize, rng):
                 n += 1
                 yield sample
             if n == 0:
                 raise ShardFormatError(f"{self.dir}: slot {self.slot} of {self.n_slots} got no valid sample in "
-                                       f"epoch {epoch} (all shards empty or skipped)")
+                                       f"epoch {epoch} (all its samples corrupt and skipped)")
             epoch += 1
 
-    def _epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
-        rng = np.random.default_rng([self.seed, epoch, self.slot if self.by_shard else 0])
-        shards = self.my_shards if self.by_shard else list(range(len(self.m.shards)))
-        order = [shards[i] for i in rng.permutation(len(shards))]
-        offset = 0
-        for idx in order:
-            info = self.m.shards[idx]
-            keep = None if self.by_shard else (lambda j, o=offset: (o + j) % self.n_slots == self.slot)
-            yield from self._shard(info.name, info.samples, keep)
-            offset += info.samples
+    def _pass(self, epoch: int) -> Iterator[dict[str, Any]]:
+        rng = np.random.default_rng([self.seed, epoch, self.slot])
+        for i in rng.permutation(len(self.pieces)):
+            shard, lo, hi = self.pieces[i]
+            info = self.m.shards[shard]
+            yield from self._piece(info.name, info.samples, lo, hi)
 
-    def _shard(self, name: str, expected: int, keep) -> Iterator[dict[str, Any]]:
+    def _piece(self, name: str, expected: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+        """Samples lo..hi-1 of a shard (the members before lo are read past, not checked); the whole shard also
+        checks its sample count against the manifest."""
         path = self.dir / name
         count, key = 0, None
+        samples = wds.tariterators.tarfile_samples([{"url": str(path)}])
         try:
-            for raw in wds.tariterators.tarfile_samples([{"url": str(path)}]):
+            for raw in samples:
                 key = raw["__key__"]
                 count += 1
-                if keep is not None and not keep(count - 1):
+                if count > hi:  # the shard's last piece reads on to count its samples
                     continue
-                if self._valid(name, raw):
+                if count > lo and self._valid(name, raw):
                     yield raw
+                if count == hi and hi < expected:
+                    return
         except ShardFormatError:
             raise
         except OSError as exc:  # the filesystem failed, not the shard: skipping would make the stream unreplayable
@@ -116,6 +122,8 @@ class _SlotSource:
         except Exception as exc:  # noqa: BLE001 - tarfile and format errors alike: this shard ends here
             self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})")
             return
+        finally:
+            samples.close()  # a piece that ends inside the shard closes its file now
         if count != expected:
             self._corrupt(f"shard {name}: holds {count} samples, manifest says {expected} (truncated?) "
                           f"last key {key}")
@@ -140,16 +148,23 @@ def _first_arg(exc: BaseException) -> str:
     return str(exc.args[0]) if exc.args else type(exc).__name__
 
 
-def assign_shards(manifest: Manifest, n_slots: int, seed: int) -> list[list[int]]:
-    """Deal shard indices to slots, largest first to the emptiest slot (ties in a seeded order)."""
-    perm = np.random.default_rng([seed, 1 << 20]).permutation(len(manifest.shards))
-    order = sorted(perm.tolist(), key=lambda i: -manifest.shards[i].samples)
-    slots: list[list[int]] = [[] for _ in range(n_slots)]
-    load = [0] * n_slots
-    for i in order:
-        s = min(range(n_slots), key=lambda j: (load[j], len(slots[j]), j))
-        slots[s].append(i)
-        load[s] += manifest.shards[i].samples
+def slot_pieces(manifest: Manifest, n_slots: int, seed: int) -> list[list[Piece]]:
+    """Each slot's range of the shards' samples, in one seeded shard order: slot s owns samples
+    [s*T//n, (s+1)*T//n), as pieces (shard, first, end) of the shards it spans."""
+    order = np.random.default_rng([seed, 1 << 20]).permutation(len(manifest.shards)).tolist()
+    total = manifest.total_samples
+    bounds = [s * total // n_slots for s in range(n_slots + 1)]
+    slots: list[list[Piece]] = [[] for _ in range(n_slots)]
+    start = 0  # the first global sample of the current shard
+    for shard in order:
+        end = start + manifest.shards[shard].samples
+        s = bisect.bisect_right(bounds, start) - 1  # the slot whose range holds the shard's first sample
+        while s < n_slots and bounds[s] < end:
+            lo, hi = max(bounds[s], start), min(bounds[s + 1], end)
+            if lo < hi:
+                slots[s].append((shard, lo - start, hi - start))
+            s += 1
+        start = end
     return slots
 
 
@@ -159,6 +174,7 @@ def batches_per_epoch(manifest: Manifest, world_size: int, batch_size: int) -> i
 
 
 def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """A shuffle buffer of `bufsize` items, drained in a random order once `items` ends."""
     if bufsize <= 1:
         yield from items
         return
@@ -170,6 +186,8 @@ def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Gene
         j = int(rng.integers(bufsize))
         buf[j], item = item, buf[j]
         yield item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
 
 
 def collate(samples: list[Any]) -> dict[str, torch.Tensor]:
@@ -212,7 +230,7 @@ class _Streams(torch.utils.data.IterableDataset):
         src = _SlotSource(o.dir, o.manifest, slot, o.world_size * o.num_streams, o.seed, o.on_corrupt)
         rng = np.random.default_rng([o.seed, slot, 7])
         batch: list[dict[str, Any]] = []
-        for raw in _shuffled(src.epochs(), o.shuffle_buffer, rng):
+        for raw in src.passes(o.shuffle_buffer, rng):
             batch.append(raw)
             if len(batch) < o.batch_size:
                 continue
@@ -256,6 +274,10 @@ class ShardStream:
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
                              f"{world_size} x batch_size {batch_size}")
+        if self.manifest.total_samples < world_size * self.num_streams:
+            raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
+                             f"{world_size} x {self.num_streams} loader streams (data.num_workers): a stream would "
+                             "read nothing")
         self.consumed = 0
         self._skipped_by_stream: dict[int, int] = {}
         self._manifest_sha = hashlib.sha256((self.dir / "manifest.json").read_bytes()).hexdigest()[:16]
@@ -315,7 +337,9 @@ class ShardStream:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"data-stream state version {sd.get('version')!r} != {STATE_VERSION}")
+            raise ValueError(f"data-stream state version {sd.get('version')!r} != {STATE_VERSION}: it was saved by a "
+                             "megadistil that dealt the shards to ranks otherwise, so its position cannot be resumed "
+                             "exactly (start a new train.output_dir, or resume with the megadistil that saved it)")
         for name, mine in self._identity().items():
             if sd.get(name) != mine:
                 raise ValueError(f"data-stream state has {name}={sd.get(name)!r} but this reader has {mine!r}; "
