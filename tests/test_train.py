@@ -335,6 +335,27 @@ def test_teacher_with_another_tokenizer_distils_on_the_shared_vocabulary(runs):
     assert all(math.isfinite(m["dskd"]) for m in metrics(runs["crosstok"]) if "dskd" in m)
 
 
+def test_held_out_text_is_cut_to_whole_rounds_and_refused_below_one(tiny_llama_dir, five_sequence_text):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from megadistil.engine.inputs import Inputs
+    from megadistil.engine.trainer import Trainer
+
+    text = [f"model.student={tiny_llama_dir}", f"data.text=[{five_sequence_text}]", "data.seq_len=64",
+            f"data.eval_text=[{five_sequence_text}]"]
+    for micro_batch, kept in ((2, 4), (4, None)):  # 2 ranks
+        trainer = Trainer(load_config(None, [*text, f"train.micro_batch_size={micro_batch}"]), "unused.json")
+        trainer.dist, trainer.inputs = SimpleNamespace(rank=0, world_size=2), Inputs(AutoTokenizer.from_pretrained(tiny_llama_dir))
+        if kept is not None:
+            assert len(trainer._build_eval()) == kept
+            continue
+        with pytest.raises(ConfigError, match=re.escape("'data.eval_text': 5 sequences of 64 tokens, fewer than "
+                                                        "train.micro_batch_size 4 x 2 ranks")):
+            trainer._build_eval()
+
+
 @pytest.mark.multirank
 def test_held_out_text_of_an_uneven_count_is_evaluated_in_whole_rounds(runs):
     """5 held-out sequences, 2 ranks of 2-sequence micro-batches, every parameter partitioned: rank 0 used to run a

@@ -114,6 +114,7 @@ class Trainer:
                                              world_size=self.dist.world_size, bf16=bf16)
         self.inputs = check_inputs(cfg, self.dist.world_size)
         self.data = self._build_data()
+        self.eval_seqs = self._build_eval()  # before any weight loads: a held-out text too short is a config error
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
         projector = self._build_projector(student)
@@ -129,7 +130,6 @@ class Trainer:
         self.reference = self._build_reference()
         self.lockstep = lockstep_any(self.device) if dist.is_initialized() and self.dist.world_size > 1 else None
         self.onpolicy_on = uses_onpolicy(cfg)
-        self.eval_seqs = self._build_eval()
         self.eval_kd = self.eval_seqs is not None and self._shared_is_the_teacher()
         self._prepare_run_dir()
         if cfg.train.resume == Resume.auto:
