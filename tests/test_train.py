@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megadistil.config import ConfigError, load_config
 from megadistil.distill.losses import LossConfig
@@ -528,6 +529,32 @@ def test_cli_reports_config_errors_on_every_rank_without_training(tmp_path):
     assert proc.returncode != 0
     assert "config key 'train.max_stepz'" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.multirank
+def test_relora_merges_where_the_world_size_does_not_divide_the_adapters(tmp_path, tiny_llama_dir, stdlib_text_file,
+                                                                         partitioned_ds_config):
+    """3 ranks, LoRA A of 8 x 64 = 512 = 2 x 171 + 170 elements: the first merge crashed on the last rank ("start
+    (342) + length (171) exceeds dimension size (512)") and left the others waiting in a collective."""
+    args = ["--ds_config", partitioned_ds_config, "--config", "configs/tiny.yaml", f"train.output_dir={tmp_path}",
+            f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
+            "train.micro_batch_size=1", "train.max_steps=3", "train.save_every=100", "relora.reset_every=2",
+            "relora.restart_warmup_steps=1", "optim.warmup_steps=1", "bitnet.lora_rank=8", "train.dist_timeout_s=60"]
+    ok(deepspeed_run("launch/train.py", args, nproc=3, port=29517))
+    steps = [m for m in metrics(tmp_path) if "loss" in m]
+    assert [m["resets"] for m in steps] == [0, 0, 1] and all(math.isfinite(m["loss"]) for m in steps), steps
+
+
+def test_a_rank_writes_its_own_zero3_partition_of_a_merged_tensor():
+    """ReLoRA writes the new A, zero B and pruned moments partition by partition: DeepSpeed's full setter slices past
+    the end of a tensor the world size does not divide (LoRA A 128x4096 on 12 ranks: 524288 = 11 x 43691 + 43687)."""
+    from megadistil.engine.relora import partition_of
+
+    value = torch.arange(10.0).reshape(2, 5)
+    parts = [partition_of(value, 4, rank) for rank in range(3)]  # ceil(10 / 3) = 4 a rank, the last padded
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+    big = torch.zeros(128 * 4096)
+    assert partition_of(big, 43691, 11).numel() == 43691  # DeepSpeed's slice would end at 524292 > 524288
 
 
 def test_dual_space_term_matches_its_definition():

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state
-from torch import nn
+import torch.distributed as dist
+from deepspeed.utils import (
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_optimizer_state,
+)
+from torch import Tensor, nn
 
 from megadistil.bitnet import bitlinear_modules
 from megadistil.config import ReLoRAConfig
@@ -24,8 +31,8 @@ def relora_reset(model: nn.Module, cfg: ReLoRAConfig, *, seed: int, reset_index:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + reset_index * 10_007 + layer_index)
             layer.reset_lora(generator)
             new_a, new_b = layer.lora_A.detach().float().clone(), torch.zeros_like(layer.lora_B, dtype=torch.float32)
-        safe_set_full_fp32_param(layer.lora_A, new_a)
-        safe_set_full_fp32_param(layer.lora_B, new_b)
+        set_master(layer.lora_A, new_a)
+        set_master(layer.lora_B, new_b)
         for param in (layer.lora_A, layer.lora_B):
             _reset_moments(param, cfg)
 
@@ -43,4 +50,29 @@ def _reset_moments(param: nn.Parameter, cfg: ReLoRAConfig) -> None:
         k = int(v.numel() * cfg.prune_ratio)
         keep = v > v.flatten().kthvalue(k).values if k > 0 else torch.ones_like(v, dtype=torch.bool)
     for key, state in states.items():
-        safe_set_full_optimizer_state(param, torch.where(keep, state, torch.zeros_like(state)), key)
+        set_master(param, torch.where(keep, state, torch.zeros_like(state)), key)
+
+
+def set_master(param: nn.Parameter, value: Tensor, optim_state_key: str | None = None) -> None:
+    """The optimizer's fp32 copy of a parameter (or its `optim_state_key` moment) set to `value`, the whole tensor,
+    the same on every rank. Under ZeRO-3 each rank writes its own partition: DeepSpeed's full setter (stage3
+    set_full_hp_param) cuts the value into padded partitions without padding it, so where the world size does not
+    divide the tensor the last rank's slice runs past its end (LoRA A 128x4096 on 12 ranks)."""
+    if not hasattr(param, "ds_id"):
+        if optim_state_key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, optim_state_key)
+        return
+    mine = partition_of(value, param.ds_tensor.numel(), dist.get_rank(group=param.ds_process_group))
+    if optim_state_key is None:
+        safe_set_local_fp32_param(param, mine)
+    else:
+        safe_set_local_optimizer_state(param, mine, optim_state_key)
+
+
+def partition_of(value: Tensor, size: int, rank: int) -> Tensor:
+    """Rank `rank`'s ZeRO-3 partition of `value`: `size` elements of it flattened, the last one zero-padded."""
+    flat = value.flatten()
+    part = flat[rank * size:(rank + 1) * size]
+    return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
