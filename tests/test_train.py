@@ -545,6 +545,54 @@ def test_relora_merges_where_the_world_size_does_not_divide_the_adapters(tmp_pat
     assert [m["resets"] for m in steps] == [0, 0, 1] and all(math.isfinite(m["loss"]) for m in steps), steps
 
 
+def test_weight_decay_acts_on_matrices_and_a_resume_keeps_this_runs_group_settings(tiny_llama_dir):
+    """SubLN gains get a group without weight decay (it would pull them to 0); DeepSpeed's optimizer load takes
+    lr_mult, betas and eps from the checkpoint, and the run's own come back over them."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.engine.model import assign_param_groups
+    from megadistil.engine.trainer import Trainer
+
+    model = to_bitnet(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), lora_rank=4, subln=True)
+    cfg = load_config(None, [f"model.student={tiny_llama_dir}", "data.text=[x]", "optim.weight_decay=0.1",
+                             "optim.betas=[0.8,0.99]", "optim.eps=1e-6", "bitnet.subln=true"])
+    groups = assign_param_groups(model, cfg)
+    assert sorted((g["wd_mult"], g["weight_decay"], {p.dim() for p in g["params"]} == {1}) for g in groups) == [
+        (0.0, 0.0, True), (1.0, 0.1, False)]
+    trainer = Trainer(cfg, "unused.json")
+    trainer._group_settings = [{k: g[k] for k in ("lr_mult", "wd_mult")} for g in groups]
+    loaded = [{"lr_mult": 0.5, "wd_mult": 1.0, "betas": (0.9, 0.95), "eps": 1e-8} for _ in groups]  # the checkpoint's
+    trainer.optimizer = SimpleNamespace(param_groups=loaded)
+    trainer._restore_group_settings()
+    assert [(g["lr_mult"], g["wd_mult"], g["betas"], g["eps"]) for g in loaded] == [
+        (1.0, s["wd_mult"], (0.8, 0.99), 1e-6) for s in trainer._group_settings]
+
+
+@pytest.mark.parametrize("ds_config, expected", [("zero3.json", "AdamW"), ("zero3_offload.json", "DeepSpeedCPUAdam")])
+def test_an_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch, ds_config, expected):
+    """DeepSpeed refuses any client optimizer but its CPU Adam where ZeRO offloads the optimizer (the shipped
+    zero3_offload.json crashed at start). Stubbed: the real one JIT-builds its kernel (~1 min; run by hand)."""
+    import deepspeed.ops.adam
+
+    from megadistil.engine.ds_config import load_ds_config
+    from megadistil.engine.model import build_optimizer
+
+    class DeepSpeedCPUAdam(torch.optim.AdamW):
+        def __init__(self, params, adamw_mode, **kw):
+            assert adamw_mode is True
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", DeepSpeedCPUAdam)
+    cfg = load_config(None, ["model.student=/m", "data.text=[x]", "optim.betas=[0.8,0.99]"])
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "lr_mult": 0.5, "wd_mult": 1.0}]
+    opt = build_optimizer(groups, cfg.optim, load_ds_config(ROOT / "ds_configs" / ds_config))
+    assert type(opt).__name__ == expected and opt.param_groups[0]["betas"] == (0.8, 0.99)
+    assert opt.param_groups[0]["lr_mult"] == 0.5
+
+
 def test_a_rank_writes_its_own_zero3_partition_of_a_merged_tensor():
     """ReLoRA writes the new A, zero B and pruned moments partition by partition: DeepSpeed's full setter slices past
     the end of a tensor the world size does not divide (LoRA A 128x4096 on 12 ranks: 524288 = 11 x 43691 + 43687)."""

@@ -9,11 +9,12 @@ from typing import Any
 import deepspeed
 import torch
 from torch import nn
+from torch.optim import Optimizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 
 from megadistil.bitnet import bitlinear_modules, compile_quantizers, to_bitnet
-from megadistil.config import ConfigError, RunConfig, TeacherKind
+from megadistil.config import ConfigError, OptimConfig, RunConfig, TeacherKind
 from megadistil.data import tokenizer_fingerprint
 from megadistil.engine.device import Placement
 from megadistil.models import attn_implementation, decoder_layers
@@ -96,8 +97,9 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     """Set requires_grad from the groups (first matching pattern wins; lr_mult 0 freezes) and return the
-    optimizer's param groups, each with its `lr_mult`."""
-    groups: dict[float, list[nn.Parameter]] = {}
+    optimizer's param groups, each with its `lr_mult` and `wd_mult`: weight decay acts on matrices only, never on a
+    norm's gains (SubLN) or a bias, which it would pull towards 0."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     patterns = [(re.compile(g.pattern), g.lr_mult) for g in cfg.optim.param_groups]
     shared_teacher = cfg.teacher.kind == TeacherKind.shared
     for name, param in model.named_parameters():
@@ -109,7 +111,20 @@ def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]
             )
         param.requires_grad_(mult > 0)
         if mult > 0:
-            groups.setdefault(mult, []).append(param)
+            groups.setdefault((mult, param.dim() >= 2), []).append(param)
     if not groups:
         raise ConfigError("config key 'optim.param_groups': no parameter is trainable")
-    return [{"params": ps, "lr_mult": mult, "weight_decay": cfg.optim.weight_decay} for mult, ps in groups.items()]
+    return [{"params": ps, "lr_mult": mult, "wd_mult": float(matrix), "weight_decay": cfg.optim.weight_decay * matrix}
+            for (mult, matrix), ps in groups.items()]
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: OptimConfig, ds_config: dict[str, Any]) -> Optimizer:
+    """AdamW over `groups`; DeepSpeed's CPU Adam (the same AdamW, a vectorised host kernel JIT-built at the first
+    start) where ZeRO offloads the optimizer to the CPU or NVMe: DeepSpeed refuses any other optimizer there."""
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps}
+    if device in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

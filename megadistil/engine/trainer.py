@@ -44,7 +44,7 @@ from megadistil.engine.device import agreed, as_resumed, place
 from megadistil.engine.ds_config import load_ds_config, reconcile_ds_config
 from megadistil.engine.inputs import check_inputs
 from megadistil.engine.metrics import MetricsLogger, OnPolicyStats, PeakMemory
-from megadistil.engine.model import assign_param_groups, build_student, load_causal_lm
+from megadistil.engine.model import assign_param_groups, build_optimizer, build_student, load_causal_lm
 from megadistil.engine.module import DistillModule
 from megadistil.engine.profile import phase, profiled_step
 from megadistil.engine.relora import relora_reset
@@ -119,8 +119,10 @@ class Trainer:
         groups = assign_param_groups(student, cfg)
         projector = self._build_projector(student)
         if projector is not None:
-            groups.append({"params": [projector.weight], "lr_mult": 1.0, "weight_decay": cfg.optim.weight_decay})
-        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            groups.append({"params": [projector.weight], "lr_mult": 1.0, "wd_mult": 1.0,
+                           "weight_decay": cfg.optim.weight_decay})
+        self._group_settings = [{k: g[k] for k in ("lr_mult", "wd_mult")} for g in groups]
+        optimizer = build_optimizer(groups, cfg.optim, self.ds_config)
         self.module = DistillModule(student, cfg.preference if cfg.preference.reference else None, projector)
         if self.ds_config["zero_optimization"]["stage"] == 3:
             deepspeed.zero.register_external_parameter(self.module.head_loss, output_head(student).weight)
@@ -257,13 +259,28 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return
-        meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
+        try:
+            meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
+        except ValueError as e:
+            if "parameter group" not in str(e):
+                raise
+            raise ConfigError(f"checkpoint {self.ckpt_root / tag}: {e}: optim.param_groups make other optimizer "
+                              "groups than the checkpoint's (norm gains and biases now have groups of their own, "
+                              "without weight decay; a checkpoint saved before that resumes with the megadistil that "
+                              "saved it)") from None
         self.state.load_state_dict(meta)
+        self._restore_group_settings()
         try:
             self.data.load_state_dict(rank_state["data"])
         except ValueError as e:  # a changed micro-batch size, seed, world size or text: not the run it continues
             raise ConfigError(f"checkpoint {self.ckpt_root / tag}: {e}") from None
         self._print(f"resumed from {self.ckpt_root / tag} at step {self.state.step}")
+
+    def _restore_group_settings(self) -> None:
+        """DeepSpeed's optimizer load takes every group setting from the checkpoint: this run's lr_mult, weight-decay
+        multiplier, betas and eps win (lr and weight decay themselves are set again at every step)."""
+        for group, mine in zip(self.optimizer.param_groups, self._group_settings, strict=True):
+            group.update(mine, betas=tuple(self.cfg.optim.betas), eps=self.cfg.optim.eps)
 
     # ---------------------------------------------------------------- train
     def train(self) -> None:
@@ -309,7 +326,7 @@ class Trainer:
         lr = lr_at(step, active.optim, self.cfg.relora, self.cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = active.optim.weight_decay
+            group["weight_decay"] = active.optim.weight_decay * group.get("wd_mult", 1.0)
         self.lr = lr
         warmup = self.cfg.bitnet.quant_warmup_steps
         if warmup:
