@@ -323,6 +323,9 @@ def validate(cfg: RunConfig) -> None:
            f"must be a step of the run (1..train.max_steps={t.max_steps}) or 0 (off), got {cfg.log.profile_step}")
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
+        _check(i == 0 or stage.start_step > cfg.stages[i - 1].start_step, f"stages.{i}.start_step",
+               f"{stage.start_step} does not come after stages.{i - 1}.start_step: list the stages in the order they "
+               "start (each applies over the ones before it)")
         for key in stage.overrides:
             _check(key.startswith("loss.") or key in STAGE_KEYS, f"stages.{i}.overrides.{key}",
                    f"stages may override loss.* and {', '.join(STAGE_KEYS)} only")

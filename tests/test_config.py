@@ -53,6 +53,8 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("log.every=0", "config key 'log.every': must be >= 1, got 0"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps': must be >= 0, got -1"),
     ("stages=[{start_step: 3, overrides: {optim.lr: -1.0}}]", "config key 'stages.0.overrides.optim.lr': must be > 0"),
+    ("stages=[{start_step: 200, overrides: {optim.lr: 1e-5}}, {start_step: 100, overrides: {optim.lr: 5e-4}}]",
+     "config key 'stages.1.start_step': 100 does not come after stages.0.start_step: list the stages in the order"),
     ("stages=[{start_step: 3, overrides: {loss.ce_weight: 0.0, loss.kd_weight: 0.0}}]",
      "config key 'stages.0.overrides.loss.kd_weight': is 0 and so is loss.ce_weight"),
 ])

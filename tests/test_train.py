@@ -225,6 +225,7 @@ def test_shared_teacher_run_lowers_kd_and_writes_the_run_dir(straight_run):
     step_records = [m for m in records if "loss" in m]
     assert [m["step"] for m in step_records] == list(range(1, 13))
     assert {"lr", "tokens_per_s", "peak_mem_mb", "step_time_s", "ce", "hidden", "attn"} <= set(step_records[0])
+    assert all(0 < m["grad_norm"] < math.inf for m in step_records), step_records  # before clipping
     for m in step_records:  # each rank's steps-only peak is within its lifetime peak, which never falls
         assert all(0 < m[f"steps_peak_mem_mb_rank{r}"] <= m[f"peak_mem_mb_rank{r}"] for r in (0, 1)), m
     assert all(a["peak_mem_mb"] <= b["peak_mem_mb"] for a, b in itertools.pairwise(step_records))

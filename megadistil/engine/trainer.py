@@ -339,7 +339,9 @@ class Trainer:
         An on-policy micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts."""
         done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
         kd_tokens = torch.zeros_like(tokens)
-        stats, attempt = OnPolicyStats(), 0
+        # Micro-batch positions count every attempt, skipped ones too: a skip must not give two micro-batches one
+        # position (the same on-policy choice and sampling seeds). nan_skipped is in every checkpoint.
+        stats, attempt, first = OnPolicyStats(), 0, self.state.step * self.cfg.train.grad_accum + self.state.nan_skipped
         while done < self.cfg.train.grad_accum:
             batch = next(batches, None)
             if batch is None:  # only data.epochs ends the data; check_inputs counted its steps without skipped ones
@@ -347,7 +349,7 @@ class Trainer:
                                    f"{self.cfg.data.epochs} passes, {self.state.nan_skipped} non-finite micro-batches "
                                    f"skipped (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
             batch = self._to_device(batch)
-            micro = self.state.step * self.cfg.train.grad_accum + attempt  # the schedule's and the seeds' position
+            micro = first + attempt  # the schedule's and the seeds' position
             attempt += 1
             loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
             if onpolicy:
@@ -377,6 +379,9 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
         if self.inputs.cross_tokenizer_targets:  # the share of trained tokens a teacher of another tokenizer targets
             sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
+        norm = self.engine.get_global_grad_norm()  # inf: ZeRO skipped the update (an inf or nan gradient)
+        if norm is not None:
+            sums["grad_norm"] = torch.as_tensor(norm, dtype=torch.float64)  # read back on logging steps only
         return sums, tokens, stats
 
     @torch.no_grad()
