@@ -307,12 +307,42 @@ def test_bad_input_gives_clear_errors(runs, tmp_path, capsys):
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
     assert "not empty; pass --overwrite" in error("--checkpoint", str(runs["run2"]), "--output", str(busy))
+    assert "is not a megadistil export (no config.json with a bitnet quantization_config): --overwrite replaces " \
+           "exports only" in error("--checkpoint", str(runs["run2"]), "--output", str(busy), "--overwrite")
     assert (busy / "keep.txt").read_text() == "mine"
-    assert main(["--checkpoint", str(runs["run2"]), "--output", str(busy), "--overwrite", "--no-progress"]) == 0
-    assert not (busy / "keep.txt").exists() and (busy / "model.safetensors").is_file()
+    done = tmp_path / "done"
+    assert main(["--checkpoint", str(runs["run2"]), "--output", str(done), "--no-progress"]) == 0
+    (done / "stale.txt").write_text("from an earlier export")
+    assert main(["--checkpoint", str(runs["run2"]), "--output", str(done), "--overwrite", "--no-progress"]) == 0
+    assert not (done / "stale.txt").exists() and (done / "model.safetensors").is_file()
+    for output, named in ((runs["run2"], "the run dir of --checkpoint"), (runs["run2"] / "checkpoints" / "x", "--checkpoint"),
+                          (runs["tmp"], "the run dir of --checkpoint"), (runs["tiny"] / "x", "--base")):
+        # nothing the export is made from is replaced, even with --overwrite (a run dir may hold exports of its own)
+        assert f"overlaps {named}" in error("--checkpoint", str(runs["run2"]), "--output", str(output), "--overwrite")
+    assert (runs["run2"] / "checkpoints" / "latest").is_file()
     assert "not a size" in error("--checkpoint", str(runs["run2"]), "--output", str(tmp_path / "d"),
                                  "--max-shard-size", "lots")
     assert shard_bytes("5GB") == 5 * 10**9
+
+
+@pytest.mark.multirank
+def test_a_failed_verification_leaves_the_output_as_it_was(runs, tmp_path, monkeypatch, capsys):
+    """An export outside tolerance does not replace --output (an earlier, good export): it is kept beside it as
+    <output>.verify-failed, for a look, and the tool exits 1."""
+    from megadistil.export import verify
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    main, good = _tool_main(), tmp_path / "good"
+    assert main(["--checkpoint", str(runs["run2"]), "--output", str(good), "--no-progress"]) == 0
+    (good / "marker.txt").write_text("the earlier export")
+    real = verify.verify_export
+    monkeypatch.setattr(verify, "verify_export", lambda *a, **k: {**real(*a, **k), "passed": False})
+    assert main(["--checkpoint", str(runs["run2"]), "--output", str(good), "--overwrite", "--verify",
+                 "--verify-sequences", "2", "--no-progress"]) == 1
+    assert (good / "marker.txt").read_text() == "the earlier export"
+    failed = tmp_path / "good.verify-failed"
+    assert (failed / "model.safetensors").is_file() and not (failed / "marker.txt").exists()
+    assert f"verification FAILED: the export is kept beside --output as {good}.verify-failed" in capsys.readouterr().err
 
 
 @pytest.mark.multirank

@@ -311,7 +311,9 @@ def test_bad_input_is_refused_and_an_interrupted_write_leaves_nothing(run, tmp_p
     existing.write_bytes(b"keep me")
     assert main([*args, "--output", str(existing)]) == 2
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
-    assert existing.read_bytes() == b"keep me"
+    assert main([*args, "--output", str(existing), "--overwrite"]) == 2
+    assert "is not a megadistil export (no GGUF header): --overwrite replaces exports only" in capsys.readouterr().err
+    existing.write_bytes(b"GGUF keep me")  # an earlier export: --overwrite may replace it
     assert main([*args, "--output", str(tmp_path / "model")]) == 2
     assert "one file named *.gguf" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -333,4 +335,4 @@ def test_bad_input_is_refused_and_an_interrupted_write_leaves_nothing(run, tmp_p
     with pytest.raises(KeyboardInterrupt):
         g.convert_checkpoint_gguf(run["run"], existing, GGUFConfig(progress=False, overwrite=True))
     assert len(calls) == 5  # interrupted mid-file: the old file stays, no partial file is left beside it
-    assert existing.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing.gguf"]
+    assert existing.read_bytes() == b"GGUF keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing.gguf"]

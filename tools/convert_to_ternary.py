@@ -5,7 +5,9 @@
       [--dtype bf16] [--verify] [--max-shard-size 5GB] [--overwrite]
   python tools/convert_to_ternary.py --format gguf --gguf-type tq2_0 --checkpoint RUN --output FILE.gguf [--verify]
 
-Exit status: 0 converted (and verified), 1 verification outside tolerance, 2 bad input.
+Exit status: 0 converted (and verified); 1 verification outside tolerance (the export is then kept as
+OUTPUT.verify-failed and OUTPUT keeps what it held); 2 bad input. --overwrite replaces an earlier export only, and no
+output may be, hold or sit inside the checkpoints or the base model.
 DeepSpeed's ZeRO files are read with torch.load(weights_only=True): nothing in them can run code.
 --verify loads an HF export with vanilla transformers, a GGUF with llama.cpp (`make llama-cpp` installs it).
 """
@@ -68,8 +70,7 @@ def gguf_main(a: argparse.Namespace) -> int:
     print(format_gguf_sizes(result))
     if result.verify is not None:
         print(format_llama_cpp_figures(result.verify))
-        return 0 if result.verify["passed"] else 1
-    return 0
+    return verdict(result.verify, a.output)
 
 
 def hf_main(a: argparse.Namespace) -> int:
@@ -83,8 +84,16 @@ def hf_main(a: argparse.Namespace) -> int:
     print(format_size_report(result.sizes))
     if result.verify is not None:
         print(format_figures(result.verify))
-        return 0 if result.verify["passed"] else 1
-    return 0
+    return verdict(result.verify, a.output)
+
+
+def verdict(verify: dict | None, output: str) -> int:
+    """1 where verification failed: the export then went to <output>.verify-failed, and --output kept what it held."""
+    if verify is None or verify["passed"]:
+        return 0
+    print(f"verification FAILED: the export is kept beside --output as {output}.verify-failed; {output} was left "
+          "as it was", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from megadistil.export.sources import BaseModel, ExportError, StudentParts
 from megadistil.export.ternary import StudentSpec, check_base_matches, layer_codes, subln_unsupported
-from megadistil.export.writer import _release_freed_memory
+from megadistil.export.writer import _release_freed_memory, check_output, publish, published_path
 
 Q = gguf.GGMLQuantizationType
 
@@ -359,46 +359,28 @@ def _tensor_info(w: gguf.GGUFWriter, t: GGUFTensor) -> None:
                           t.nbytes, raw_dtype=t.qtype)
 
 
-def staged_file(output: Path, overwrite: bool) -> Path:
-    """Checks the output file; returns the dot-named temporary path it is written under."""
-    if output.suffix != ".gguf":
-        raise ExportError(f"a GGUF output is one file named *.gguf, got --output {output}")
-    if output.is_dir():
-        raise ExportError(f"output {output} is a directory")
-    if output.exists() and output.stat().st_size and not overwrite:
-        raise ExportError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return output.parent / f".{output.name}.partial-{os.getpid()}"
-
-
-def write_gguf(output: Path, arch: str, config: Any, tensors: list[GGUFTensor], tokenizer_dir: Path,
+def write_gguf(staging: Path, name: str, arch: str, config: Any, tensors: list[GGUFTensor], tokenizer_dir: Path,
                cfg: GGUFConfig) -> str:
-    """Streams the file (one tensor in memory at a time) and renames it into place; returns the pre-tokenizer."""
-    staging = staged_file(output, cfg.overwrite)
-    try:
-        w = gguf.GGUFWriter(None, arch)
-        tensors = tensors + write_hparams(w, config, arch, output.stem, cfg.linear_type.file_type)
-        pre = write_tokenizer(w, tokenizer_dir, config.vocab_size)
-        for t in tensors:
-            _tensor_info(w, t)
-        w.write_header_to_file(staging)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in tqdm(tensors, desc="gguf", unit="tensor", disable=not cfg.progress):
-            data = t.produce()
-            if data.nbytes != t.nbytes:
-                raise RuntimeError(f"tensor {t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            w.write_tensor_data(data)
-            del data
-            _release_freed_memory()
-        w.close()
-        fd = os.open(staging, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    os.replace(staging, output)
+    """Streams the file to `staging` (one tensor in memory at a time), fsynced; returns the pre-tokenizer."""
+    w = gguf.GGUFWriter(None, arch)
+    tensors = tensors + write_hparams(w, config, arch, name, cfg.linear_type.file_type)
+    pre = write_tokenizer(w, tokenizer_dir, config.vocab_size)
+    for t in tensors:
+        _tensor_info(w, t)
+    w.write_header_to_file(staging)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in tqdm(tensors, desc="gguf", unit="tensor", disable=not cfg.progress):
+        data = t.produce()
+        if data.nbytes != t.nbytes:
+            raise RuntimeError(f"tensor {t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+        w.write_tensor_data(data)
+        del data
+        _release_freed_memory()
+    w.close()
+    fd = os.open(staging, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
     return pre
 
 
@@ -424,38 +406,63 @@ def format_gguf_sizes(r: GGUFResult) -> str:
 
 
 def export_gguf(base: BaseModel, parts: StudentParts, spec: StudentSpec, output: str | Path, cfg: GGUFConfig, *,
-                tokenizer_dir: str | Path | None = None) -> GGUFResult:
+                tokenizer_dir: str | Path | None = None,
+                finish: Callable[[Path, GGUFResult], None] | None = None) -> GGUFResult:
+    """Write the student as one GGUF file at `output` (atomically). `finish(staged_file, result)` runs on the
+    complete file before it takes the output's name (verification); a failed verification publishes it as
+    <output>.verify-failed instead (writer.published_path)."""
     from transformers import AutoConfig
 
+    output = Path(output).resolve()
+    if output.suffix != ".gguf":
+        raise ExportError(f"a GGUF output is one file named *.gguf, got --output {output}")
+    check_output(output, cfg.overwrite, [("--base", base.path, False)])
     check_base_matches(base, parts, spec)
     config = AutoConfig.from_pretrained(base.path)
     arch = gguf_architecture(config, spec)
     plan = TensorPlan(base, parts, spec, config, arch, cfg)
     tensors = plan.tensors()
-    output = Path(output).resolve()
-    pre = write_gguf(output, arch, config, tensors, Path(tokenizer_dir or base.path), cfg)
-    return GGUFResult(output, arch, size_report(tensors, output) | {"pre_tokenizer": pre}, plan.fallback)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        pre = write_gguf(staging, output.stem, arch, config, tensors, Path(tokenizer_dir or base.path), cfg)
+        result = GGUFResult(output, arch, size_report(tensors, staging) | {"pre_tokenizer": pre}, plan.fallback)
+        if finish is not None:
+            finish(staging, result)
+        result.output = published_path(output, result.verify)
+        publish(staging, result.output)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return result
 
 
 def convert_checkpoint_gguf(checkpoint: str | Path, output: str | Path, cfg: GGUFConfig | None = None, *,
                             base: str | Path | None = None, verify: bool = False,
                             verify_config: Any = None) -> GGUFResult:
     """tools/convert_to_ternary.py --format gguf: export, then (verify) run the file in llama.cpp against the
-    student. llama.cpp must be installed before the export starts, so a missing runtime costs nothing."""
+    student before it takes the output's name. llama.cpp must be installed before the export starts, so a missing
+    runtime costs nothing."""
     from megadistil.export.llamacpp import require_llama_cpp, verify_gguf
-    from megadistil.export.ternary import load_student
+    from megadistil.export.ternary import load_student, output_inputs
 
     cfg = cfg or GGUFConfig()
+    if Path(output).suffix != ".gguf":
+        raise ExportError(f"a GGUF output is one file named *.gguf, got --output {output}")
+    check_output(Path(output), cfg.overwrite, output_inputs(checkpoint, base))
     if verify:
         require_llama_cpp()
     s = load_student(checkpoint, base)
-    result = export_gguf(s.base, s.parts, s.spec, output, cfg, tokenizer_dir=s.tokenizer_dir)
-    if verify:
+
+    def finish(staged: Path, result: GGUFResult) -> None:
+        if not verify:
+            return
         from transformers import AutoTokenizer
 
         from megadistil.export.verify import build_student
 
         student = build_student(s.base, s.parts, s.spec, s.ckpt.config)
-        result.verify = verify_gguf(result.output, student, AutoTokenizer.from_pretrained(s.tokenizer_dir),
-                                    s.ckpt.config, verify_config)
-    return result
+        result.verify = verify_gguf(staged, student, AutoTokenizer.from_pretrained(s.tokenizer_dir), s.ckpt.config,
+                                    verify_config)
+
+    return export_gguf(s.base, s.parts, s.spec, output, cfg, tokenizer_dir=s.tokenizer_dir, finish=finish)

@@ -30,7 +30,14 @@ from megadistil.export.sources import (
     tensor_nbytes,
     training_dtype,
 )
-from megadistil.export.writer import OutputTensor, staged_output, write_weights
+from megadistil.export.writer import (
+    OutputTensor,
+    check_output,
+    publish,
+    published_path,
+    staged_output,
+    write_weights,
+)
 from megadistil.utils import dtype_name, torch_dtype
 
 EXPORT_DTYPES = ("bf16", "fp32", "fp16")  # what --dtype offers (megadistil.utils maps the names)
@@ -252,19 +259,24 @@ def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, outp
                    *, tokenizer_dir: str | Path | None = None,
                    finish: Callable[[Path, ExportResult], None] | None = None) -> ExportResult:
     """Quantize, pack and write the student as an HF dir at `output` (atomically). `finish(staging_dir, result)`
-    runs on the complete files before they take the output's name (verification, model card)."""
+    runs on the complete files before they take the output's name (verification, model card); an export whose
+    verification failed takes <output>.verify-failed instead (writer.published_path)."""
     cfg.validate()
+    output = Path(output).resolve()
+    check_output(output, cfg.overwrite, [("--base", base.path, False)])
     check_base_matches(base, parts, spec)
     dtype = torch_dtype(cfg.dtype)
     config = output_config(base.config, spec, cfg)
     plan = plan_output(base, parts, spec, dtype)
-    with staged_output(Path(output), cfg.overwrite) as staging:
+    with staged_output(output) as staging:
         sizes = write_weights(staging, plan, shard_bytes(cfg.max_shard_size), cfg.progress)
         write_side_files(staging, base, Path(tokenizer_dir or base.path), config)
         sizes.update(size_report(sizes, base, staging))
-        result = ExportResult(Path(output), sizes, config)
+        result = ExportResult(output, sizes, config)
         if finish is not None:
             finish(staging, result)
+        result.output = published_path(output, result.verify)
+        publish(staging, result.output)
     return result
 
 
@@ -303,6 +315,14 @@ class LoadedStudent:
     tokenizer_dir: Path
 
 
+def output_inputs(checkpoint: str | Path, base: str | Path | None) -> list[tuple[str, Path | None, bool]]:
+    """What an export must not overwrite (writer.check_output): the run dir, its checkpoints and the base model
+    (cheap: the checkpoint is located, not read)."""
+    ckpt = locate_checkpoint(checkpoint)
+    return [("the run dir of --checkpoint", ckpt.run_dir, True), ("--checkpoint", ckpt.root, False),
+            ("--base", Path(base or ckpt.config.model.student), False)]
+
+
 def load_student(checkpoint: str | Path, base: str | Path | None = None) -> LoadedStudent:
     ckpt = locate_checkpoint(checkpoint)
     base_model = BaseModel(base or ckpt.config.model.student)
@@ -325,6 +345,7 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
 
     cfg = cfg or ExportConfig()
     cfg.validate()
+    check_output(Path(output), cfg.overwrite, output_inputs(checkpoint, base))
     s = load_student(checkpoint, base)
     ckpt = s.ckpt
 

@@ -132,15 +132,68 @@ def write_weights(directory: Path, plan: list[OutputTensor], max_bytes: int, pro
             "weights_bytes": total, "shards": len(shards)}
 
 
-@contextlib.contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temp dir next to `output`; on success it replaces `output` in one rename. An interruption leaves only
-    a dot-named `.partial` dir, never something that looks like a finished checkpoint."""
+def check_output(output: Path, overwrite: bool, inputs: list[tuple[str, Path | None, bool]]) -> None:
+    """Refuse an output that would destroy what it is made from or what is not an export, before any heavy work:
+    one that is or holds an input, or sits inside one (`inputs`: (what names it, its path, whether an output may
+    sit inside it)); an existing file where a directory goes (or the reverse); a non-empty output without
+    --overwrite, or, with it, one that is not an export of this kind (an HF dir with a bitnet quantization_config;
+    a GGUF file)."""
     output = output.resolve()
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    for what, path, inside_ok in inputs:
+        if path is None:
+            continue
+        path = path.resolve()
+        if output == path or output in path.parents or (not inside_ok and path in output.parents):
+            raise ExportError(f"--output {output} overlaps {what} {path}: the export would replace what it is made "
+                              "from")
+    gguf = output.suffix == ".gguf"
+    if gguf and output.is_dir() or not gguf and output.exists() and not output.is_dir():
+        raise ExportError(f"output {output} exists and is a {'directory' if output.is_dir() else 'file'}")
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())) or (gguf and not output.stat().st_size):
+        return
+    if not overwrite:
         raise ExportError(f"output {output} exists and is not empty; pass --overwrite to replace it")
+    if not (_is_gguf(output) if gguf else _is_hf_export(output)):
+        missing = "no GGUF header" if gguf else "no config.json with a bitnet quantization_config"
+        raise ExportError(f"output {output} is not a megadistil export ({missing}): --overwrite replaces exports only")
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _is_hf_export(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "bitnet"
+
+
+def published_path(output: Path, verify: dict[str, Any] | None) -> Path:
+    """Where a finished export takes its place: `output`, or beside it as <output>.verify-failed where its
+    verification failed (the output then keeps what it held)."""
+    return output if verify is None or verify["passed"] else output.with_name(output.name + ".verify-failed")
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Rename the staged file or directory to `target` in one step, replacing what was there."""
+    trash = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, trash)
+    os.replace(staging, target)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_output(output: Path) -> Iterator[Path]:
+    """Yields a temp dir next to `output` (checked first by check_output); the caller publishes it. An interruption
+    leaves only a dot-named `.partial` dir, never something that looks like a finished checkpoint."""
+    output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -150,8 +203,3 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    trash = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, trash)
-    os.replace(staging, output)
-    shutil.rmtree(trash, ignore_errors=True)
