@@ -237,14 +237,33 @@ def read_trainable(ckpt: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- the base model a run trained from
 
 
+FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 4096
+
+
 def model_dir_fingerprint(path: str | Path) -> str:
-    """sha256 over config.json and the safetensors headers (names, dtypes, shapes, offsets): cheap, and it changes
-    when the weights' layout does. Recorded in meta.json as base_fingerprint, so that a checkpoint is converted
-    against the base it trained on."""
-    path = Path(path)
+    """"v2:" + sha256 over config.json, the safetensors headers (names, dtypes, shapes, offsets) and 64 blocks of
+    4 KiB spread evenly over each file's tensor data: cheap (a few MB read for a 70B model), and it changes when the
+    weights do, not only their layout. Recorded in meta.json as base_fingerprint, so that a checkpoint is resumed and
+    converted against the base it trained on (fingerprint_matches)."""
+    return "v2:" + _fingerprint(Path(path), samples=True)
+
+
+def fingerprint_matches(path: str | Path, recorded: str) -> bool:
+    """Whether the model at `path` has the recorded fingerprint; one without the v2 prefix (written before the
+    samples were added) is compared over config.json and the headers alone."""
+    if recorded.startswith("v2:"):
+        return model_dir_fingerprint(path) == recorded
+    return _fingerprint(Path(path), samples=False) == recorded
+
+
+def _fingerprint(path: Path, *, samples: bool) -> str:
     h = hashlib.sha256((path / "config.json").read_bytes())
     for file in sorted(path.glob("*.safetensors")):
         with file.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             h.update(f.read(size))
+            data, end = 8 + size, file.stat().st_size
+            for i in range(FINGERPRINT_SAMPLES if samples and end > data else 0):
+                f.seek(data + (end - data) * i // FINGERPRINT_SAMPLES)
+                h.update(f.read(FINGERPRINT_BLOCK))
     return h.hexdigest()

@@ -594,6 +594,38 @@ def test_an_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch, ds_config, e
     assert opt.param_groups[0]["lr_mult"] == 0.5
 
 
+def test_a_resume_is_refused_before_any_load_where_the_base_or_the_adapters_differ(tmp_path, tiny_llama_dir):
+    """A checkpoint resumes only onto the base it trained from (meta.json's fingerprint samples the weights: a base of
+    the same shapes and other weights used to resume silently) and with its adapters' shape and scale."""
+    from megadistil import rundir
+    from megadistil.config import to_yaml
+    from megadistil.engine.trainer import Trainer
+
+    base = [f"model.student={tiny_llama_dir}", "data.text=[x]", f"train.output_dir={tmp_path / 'run'}"]
+    tag = tmp_path / "run" / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / rundir.CONFIG).write_text(to_yaml(load_config(None, [*base, "bitnet.lora_rank=8"])))
+    (tag / rundir.META).write_text(json.dumps({"base_fingerprint": rundir.model_dir_fingerprint(tiny_llama_dir)}))
+
+    def check(overrides):
+        trainer = Trainer(load_config(None, [*base, *overrides]), "unused.json")
+        trainer.resume_tag = tag.name
+        trainer._check_resumable()
+
+    check(["bitnet.lora_rank=8"])  # the run it continues
+    with pytest.raises(ConfigError, match=r"'bitnet.lora_rank': 4 but the checkpoint .*step00000004 was trained with 8"):
+        check(["bitnet.lora_rank=4"])
+    other = tmp_path / "other"  # the same files but for some weights' bytes: same config, headers and shapes
+    shutil.copytree(tiny_llama_dir, other)
+    with (other / "model.safetensors").open("r+b") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))  # the first tensor's data
+        first = f.read(64)
+        f.seek(-64, 1)
+        f.write(bytes(b ^ 0x40 for b in first))
+    with pytest.raises(ConfigError, match=rf"'model.student': {other} is not the base the checkpoint .* trained from"):
+        check([f"model.student={other}", "bitnet.lora_rank=8"])
+
+
 def test_a_rank_writes_its_own_zero3_partition_of_a_merged_tensor():
     """ReLoRA writes the new A, zero B and pruned moments partition by partition: DeepSpeed's full setter slices past
     the end of a tensor the world size does not divide (LoRA A 128x4096 on 12 ranks: 524288 = 11 x 43691 + 43687)."""

@@ -8,6 +8,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.zero import unwrap_model_for_generation
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig
 
@@ -79,6 +80,10 @@ class TrainState:
             setattr(self, f.name, int(state[f.name]))
 
 
+# Settings that give the student's parameters their shape or scale: a resumed run must keep the checkpoint's.
+RESUMED_AS_SAVED = ("bitnet.lora_rank", "bitnet.lora_alpha", "bitnet.subln", "bitnet.exclude", "relora.delta_format")
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str) -> None:
         self.cfg, self.ds_config_path = cfg, ds_config_path
@@ -96,6 +101,7 @@ class Trainer:
         self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         self.resume_tag = self._agreed_resume_tag()
+        self._check_resumable()
         try:
             placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
         except ValueError as e:
@@ -150,6 +156,27 @@ class Trainer:
                 raise ConfigError(f"config key 'train.output_dir': the ranks see different checkpoints in "
                                   f"{self.ckpt_root} ({seen}): it must be one directory every node shares")
         return tag
+
+    def _check_resumable(self) -> None:
+        """The checkpoint to resume trained from this base, with adapters of this shape and scale: checked before any
+        weight loads or the run dir is touched. Another base of the same shapes resumed silently; other adapter
+        shapes were DeepSpeed's size-mismatch traceback after config.yaml had been rewritten."""
+        if self.resume_tag is None:
+            return
+        tag_dir = self.ckpt_root / self.resume_tag
+        recorded = rundir.read_meta(tag_dir).get("base_fingerprint")
+        if recorded and not rundir.fingerprint_matches(self.cfg.model.student, recorded):
+            raise ConfigError(f"config key 'model.student': {self.cfg.model.student} is not the base the checkpoint "
+                              f"{tag_dir} trained from (its fingerprint differs from meta.json's): resume with that "
+                              "base, or start a new train.output_dir")
+        saved = OmegaConf.load(tag_dir / rundir.CONFIG)
+        for key in RESUMED_AS_SAVED:
+            then, now = OmegaConf.select(saved, key, default=KeyError), reduce(getattr, key.split("."), self.cfg)
+            then = OmegaConf.to_container(then) if isinstance(then, ListConfig) else then
+            now = list(now) if isinstance(now, tuple) else now
+            if then is not KeyError and then != now:  # KeyError: a config saved before the key existed
+                raise ConfigError(f"config key {key!r}: {now} but the checkpoint {tag_dir} was trained with {then}: "
+                                  "a resumed run keeps the adapters' shape and scale (start a new train.output_dir)")
 
     def _resumed_placement(self) -> dict | None:
         """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""

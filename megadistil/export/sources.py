@@ -209,7 +209,7 @@ def check_fingerprint(ckpt: CheckpointRef, base: BaseModel) -> None:
     recorded = ckpt.meta.get("base_fingerprint")
     if recorded is None:
         return  # older checkpoints: the shape checks are all we have
-    if rundir.model_dir_fingerprint(base.path) != recorded:
+    if not rundir.fingerprint_matches(base.path, recorded):
         raise ExportError(f"base model {base.path} does not match the checkpoint {ckpt.dir}: its fingerprint "
-                          "(config.json + safetensors headers) differs from the one recorded in meta.json at "
-                          "training time; pass --base with the model the run trained from")
+                          "(config.json, safetensors headers, samples of the weights) differs from the one recorded in "
+                          "meta.json at training time; pass --base with the model the run trained from")
