@@ -182,6 +182,19 @@ def test_device_auto_is_where_the_models_run_and_a_missing_gpu_is_refused(stdlib
     if not torch.cuda.is_available():
         with pytest.raises(EvalError, match="--device cuda: this machine has no CUDA device"):
             EvalSettings(text=[str(stdlib_text_file)], device="cuda").validate()
+    for bad, flag in (({"batch_size": 0}, "--batch-size must be >= 1, got 0"),  # were tracebacks after the models ran
+                      ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1"), ({"temperature": -1.0}, "--temperature"),
+                      ({"text_sequences": 0}, "--text-sequences must be >= 1")):
+        with pytest.raises(EvalError, match=flag):
+            EvalSettings(text=[str(stdlib_text_file)], **bad).validate()
+
+
+def test_a_result_path_that_is_a_directory_is_refused_before_anything_runs(tmp_path):
+    from megadistil.eval.harness import check_outputs
+
+    with pytest.raises(EvalError, match=f"--out {tmp_path} is a directory; give a file path"):
+        check_outputs(tmp_path)
+    check_outputs(tmp_path / "eval.json")
 
 
 def test_an_evaluation_leaves_every_global_rng_as_it_found_it():

@@ -118,7 +118,12 @@ def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cfg.write_text(json.dumps({"hidden_size": 64}))
     bad = run("--config", "configs/tiny.yaml", "model.student=/nowhere", "--model-config", str(cfg))
     assert bad.returncode == 2 and "has no 'num_attention_heads'" in bad.stderr
-    assert run("--config", "configs/tiny.yaml", "--gpu-memory", "lots").returncode == 2
+    for size in ("lots", "0"):  # 0 was a ZeroDivisionError
+        bad_size = run("--config", "configs/llama3.1-70b.yaml", "--gpu-memory", size)
+        assert bad_size.returncode == 2 and f"--gpu-memory '{size}': expected a size like 80GB" in bad_size.stderr
+    cfg.write_text("hidden_size: 64")  # not JSON: was a JSONDecodeError traceback
+    garbled = run("--config", "configs/tiny.yaml", "model.student=/nowhere", "--model-config", str(cfg))
+    assert garbled.returncode == 2 and f"--model-config {cfg}: {cfg} is not a model's config.json" in garbled.stderr
     assert parse_bytes("80GB") == 80 * GiB and parse_bytes("81920MiB") == 80 * GiB
 
 

@@ -94,6 +94,17 @@ def test_cli_reports_errors_without_traceback(tiny_llama_dir, stdlib_text_file, 
     assert r.returncode == 2 and "--top-k 100000 is larger than the teacher's vocab size" in r.stderr
 
 
+def test_a_teacher_or_out_of_the_wrong_kind_is_named_before_any_load(tiny_llama_dir, stdlib_text_file, tmp_path):
+    from megadistil.data.precompute import PrecomputeConfig
+
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a directory")
+    with pytest.raises(ValueError, match=f"--out {taken}: exists and is not a directory"):
+        PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(taken)).validate()
+    with pytest.raises(FileNotFoundError, match=f"--teacher {tmp_path}: no config.json, not a model directory"):
+        PrecomputeConfig(teacher=str(tmp_path), text=[str(stdlib_text_file)], out=str(tmp_path / "o")).validate()
+
+
 @pytest.mark.multirank
 def test_two_ranks_write_disjoint_shards_and_one_manifest(full_run, tiny_llama_dir, stdlib_text_file, tmp_path):
     out = tmp_path / "mr"

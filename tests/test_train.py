@@ -460,6 +460,10 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
                             f"data.text=[{stdlib_text_file}]"])
     with pytest.raises(ConfigError, match="model.student"):
         _inputs(tmp_path, ["model.student=/no/such/student"])
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConfigError, match=f"'train.output_dir': {tmp_path}/taken exists and is not a directory"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}/taken",
+                                                              f"model.student={tiny_llama_dir}"]), 2)
     other = tmp_path / "other_model"
     from megadistil.tiny import make_tiny_llama
 

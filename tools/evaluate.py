@@ -12,7 +12,14 @@ on this machine is an error naming it. Exit status: 0 evaluated, 2 bad input.
 import argparse
 import sys
 
-from megadistil.eval.harness import EVAL_DTYPES, EvalSettings, evaluate_models, scores_markdown, write_outputs
+from megadistil.eval.harness import (
+    EVAL_DTYPES,
+    EvalSettings,
+    check_outputs,
+    evaluate_models,
+    scores_markdown,
+    write_outputs,
+)
 from megadistil.eval.models import EvalError
 
 
@@ -41,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                      text_sequences=a.text_sequences, generate=a.generate, max_new_tokens=a.max_new_tokens,
                      seed=a.seed, temperature=a.temperature, dtype=a.dtype, device=a.device)
     try:
+        check_outputs(a.out, a.generations_out)
         results = evaluate_models(a.model, s)
     except EvalError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)

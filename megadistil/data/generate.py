@@ -30,6 +30,7 @@ from megadistil.data.precompute import (
     PRECOMPUTE_DTYPES,
     PrecomputeConfig,
     barrier,
+    check_teacher_and_out,
     collective_batches,
     dist_env,
     identity_hash,
@@ -94,8 +95,7 @@ class GenerateConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.dtype not in PRECOMPUTE_DTYPES:
             raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
-        if not os.path.isdir(self.teacher):
-            raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
+        check_teacher_and_out(self.teacher, self.out)
 
 
 # ---------------------------------------------------------------- prompts

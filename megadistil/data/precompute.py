@@ -88,11 +88,21 @@ class PrecomputeConfig:
             raise ValueError(f"--max-sequences must be >= 1, got {self.max_sequences}")
         if self.dtype not in PRECOMPUTE_DTYPES:
             raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
-        if not os.path.isdir(self.teacher):
-            raise FileNotFoundError(f"--teacher {self.teacher}: not a directory")
+        check_teacher_and_out(self.teacher, self.out)
         if self.student_tokenizer is not None and not os.path.isdir(self.student_tokenizer):
             raise FileNotFoundError(f"--student-tokenizer {self.student_tokenizer}: not a directory")
         expand_files(self.text)  # a typo fails here, before the teacher loads
+
+
+def check_teacher_and_out(teacher: str, out: str) -> None:
+    """--teacher is a model directory and --out, where it exists, a directory (precompute and generate alike)."""
+    if not os.path.isdir(teacher):
+        raise FileNotFoundError(f"--teacher {teacher}: not a directory")
+    if not os.path.isfile(os.path.join(teacher, "config.json")):
+        raise FileNotFoundError(f"--teacher {teacher}: no config.json, not a model directory (for a megadistil run, "
+                                "pass its base model or the converted checkpoint)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
 
 
 # ---------------------------------------------------------------- distributed helpers

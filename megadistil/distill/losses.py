@@ -370,7 +370,7 @@ def _scale_rows(kd: Tensor, grad: Tensor | None, scale: Tensor) -> tuple[Tensor,
     dropped = scale == 0
     kd = (kd * scale).masked_fill_(dropped, 0.0)
     if grad is not None:
-        grad.mul_(scale.unsqueeze(-1))[dropped] = 0.0
+        grad.mul_(scale.unsqueeze(-1)).masked_fill_(dropped.unsqueeze(-1), 0.0)  # no host sync
     return kd, grad
 
 
@@ -543,12 +543,13 @@ def hidden_state_loss(student_hidden: Sequence[Tensor], teacher_hidden: Sequence
         if s.shape != t.shape:
             raise ValueError(f"hidden_state_loss layer {i}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
         keep = _token_mask(mask, s, f"hidden_state_loss layer {i}")
-        s32, t32 = s[keep].float(), t.detach()[keep].float()
+        s32, t32 = s.float(), t.detach().float()
         term = 1.0 - F.cosine_similarity(s32, t32, dim=-1, eps=1e-8)
         if magnitude_weight:
             t_norm = t32.norm(dim=-1)
             term = term + magnitude_weight * (s32.norm(dim=-1) - t_norm).square() / t_norm.square().clamp_min(1e-12)
-        per_layer.append(term.sum() / max(term.numel(), 1))
+        # masked sums, not boolean indexing: no host sync per layer
+        per_layer.append(term.masked_fill(~keep, 0.0).sum() / keep.sum().clamp_min(1))
     return torch.stack(per_layer).mean()
 
 

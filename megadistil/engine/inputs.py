@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
@@ -41,6 +42,8 @@ class Inputs:
 
 def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     """Raise ConfigError naming the key at fault, else what the run reads with (on `world_size` ranks)."""
+    out = Path(cfg.train.output_dir)
+    _refuse(out.exists() and not out.is_dir(), "train.output_dir", f"{out} exists and is not a directory")
     check_model_dir(cfg.model.student, "model.student")
     if cfg.teacher.kind == TeacherKind.hf:
         check_model_dir(cfg.teacher.path, "teacher.path")

@@ -236,10 +236,20 @@ def as_trained(cfg: RunConfig) -> RunConfig:
     return replace(cfg, data=replace(cfg.data, seq_len=seq_len))
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what}: {path} is not a model's config.json ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{what}: {path} is not a model's config.json (not a JSON object)")
+    return config
+
+
 def _model_config(cfg: RunConfig, model_config: str | None, config_path: str) -> tuple[dict[str, Any], str]:
     student = Path(cfg.model.student) / "config.json"
     if student.is_file():
-        return json.loads(student.read_text()), str(student)
+        return _read_json(student, "config key 'model.student'"), str(student)
     if model_config:
         if model_config in MODEL_PRESETS:
             return MODEL_PRESETS[model_config], f"preset {model_config}"
@@ -249,7 +259,7 @@ def _model_config(cfg: RunConfig, model_config: str | None, config_path: str) ->
         if not path.is_file():
             raise ConfigError(f"--model-config {model_config}: no such file (a config.json, a model dir or one of "
                               f"{sorted(MODEL_PRESETS)})")
-        return json.loads(path.read_text()), str(path)
+        return _read_json(path, f"--model-config {model_config}"), str(path)
     preset = preset_for(cfg.model.student, Path(config_path).stem)
     if preset is None:
         raise ConfigError(f"config key 'model.student': {student} does not exist and no preset matches "
@@ -474,6 +484,9 @@ def parse_bytes(text: str) -> int:
     s = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     try:
-        return int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(float(s))
+        value = int(float(s[:-1]) * scale[s[-1]]) if s and s[-1] in scale else int(float(s))
     except ValueError:
-        raise ConfigError(f"--gpu-memory {text!r}: expected a size like 80GB or 81920MiB") from None
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"--gpu-memory {text!r}: expected a size like 80GB or 81920MiB")
+    return value

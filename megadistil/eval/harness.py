@@ -16,7 +16,7 @@ from megadistil.eval.generate import continuations, generations_markdown, read_p
 from megadistil.eval.models import EvalError, LoadedModel, load_model, parse_model
 from megadistil.eval.perplexity import text_perplexity
 from megadistil.eval.tasks import check_tasks, go_offline, run_tasks, task_manager
-from megadistil.utils import provenance, torch_dtype
+from megadistil.utils import provenance, torch_dtype, write_atomic
 
 SCHEMA = "megadistil.eval/1"
 EVAL_DTYPES = ("float32", "bfloat16")  # what --dtype offers (megadistil.utils maps the names)
@@ -50,6 +50,11 @@ class EvalSettings:
             raise EvalError(f"--text: {e}") from None
         if self.limit is not None and self.limit < 1:
             raise EvalError(f"--limit must be >= 1, got {self.limit}")
+        for flag, value, least in (("--batch-size", self.batch_size, 1), ("--max-length", self.max_length, 2),
+                                   ("--seq-len", self.seq_len, 2), ("--text-sequences", self.text_sequences, 1),
+                                   ("--max-new-tokens", self.max_new_tokens, 1), ("--temperature", self.temperature, 0)):
+            if value < least:
+                raise EvalError(f"{flag} must be >= {least}, got {value}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -128,15 +133,23 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
 
 
+def check_outputs(out: str | Path, generations_out: str | Path | None = None) -> None:
+    """Before anything runs: the result files can be written (a directory in their place lost every result at the
+    end)."""
+    for flag, path in (("--out", out), ("--generations-out", generations_out)):
+        if path is not None and Path(path).is_dir():
+            raise EvalError(f"{flag} {path} is a directory; give a file path")
+
+
 def write_outputs(results: dict[str, Any], out: str | Path, generations_out: str | Path | None = None) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_atomic(out, json.dumps(results, indent=1) + "\n")
     written = [out]
     gens = {m["name"]: m["generations"] for m in results["models"] if m["generations"]}
     if gens:
         path = Path(generations_out) if generations_out else out.with_suffix(".generations.md")
         s = results["settings"]
-        path.write_text(generations_markdown(gens, seed=s["seed"], temperature=s["temperature"]))
+        write_atomic(path, generations_markdown(gens, seed=s["seed"], temperature=s["temperature"]))
         written.append(path)
     return written
