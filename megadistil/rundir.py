@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from megadistil.utils import dtype_name, torch_dtype, write_atomic
+from megadistil.utils import dtype_name, read_safetensors, torch_dtype, write_atomic
 
 CONFIG = "config.yaml"
 RUN_INFO = "run.json"
@@ -185,9 +185,7 @@ def read_delta(directory: Path, name: str, index: dict[str, Any] | None = None) 
 
 
 def _partition(file: Path, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as f:
+    with read_safetensors(file) as f:
         if name not in f.keys():  # noqa: SIM118 - safe_open is not a dict
             raise CheckpointError(f"{file}: no partition of {name!r}")
         return f.get_tensor(name).reshape(-1)

@@ -6,8 +6,10 @@ on the engine, the data pipeline or the exporter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,18 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def read_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """safetensors' safe_open, where a corrupt or truncated file (at open or at a read) is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def fsync_path(path: str | os.PathLike) -> None:

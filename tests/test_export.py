@@ -322,6 +322,12 @@ def test_bad_input_gives_clear_errors(runs, tmp_path, capsys):
     assert (runs["run2"] / "checkpoints" / "latest").is_file()
     assert "not a size" in error("--checkpoint", str(runs["run2"]), "--output", str(tmp_path / "d"),
                                  "--max-shard-size", "lots")
+    truncated = tmp_path / "truncated_run"  # a ΔW partition cut short: one line naming it, exit 2 (was a traceback)
+    shutil.copytree(runs["run2"], truncated)
+    delta = next(truncated.glob("checkpoints/step*/delta.rank0.safetensors"))
+    delta.write_bytes(delta.read_bytes()[:200])
+    assert f"{delta}: not a readable safetensors file" in error("--checkpoint", str(truncated), "--output",
+                                                                 str(tmp_path / "e"))
     assert shard_bytes("5GB") == 5 * 10**9
 
 

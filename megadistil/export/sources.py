@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 
 from megadistil import rundir
 from megadistil.config import RunConfig
 from megadistil.rundir import CheckpointError
-from megadistil.utils import from_safetensors_code, torch_dtype
+from megadistil.utils import from_safetensors_code, read_safetensors, torch_dtype
 
 WRAPPER_PREFIX = "student."  # the engine trains a DistillModule whose `student` is the causal LM
 
@@ -96,7 +95,7 @@ class BaseModel:
         self.files = self._weight_map()
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for file in sorted(set(self.files.values())):
-            with safe_open(str(self.path / file), "pt") as f:
+            with read_safetensors(self.path / file) as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     s = f.get_slice(name)
                     self._meta[name] = (from_safetensors_code(s.get_dtype()), tuple(s.get_shape()))
@@ -111,7 +110,7 @@ class BaseModel:
         single = self.path / "model.safetensors"
         if not single.is_file():
             raise ExportError(f"base model {self.path} has no model.safetensors or model.safetensors.index.json")
-        with safe_open(str(single), "pt") as f:
+        with read_safetensors(single) as f:
             return {name: single.name for name in f.keys()}  # noqa: SIM118
 
     def names(self) -> list[str]:
@@ -124,7 +123,7 @@ class BaseModel:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path / self.files[name]), "pt") as f:
+        with read_safetensors(self.path / self.files[name]) as f:
             return f.get_tensor(name)
 
 
