@@ -108,6 +108,12 @@ def _by_torch(dtype: torch.dtype) -> DType:
     raise ValueError(f"unknown torch dtype {dtype!r}")
 
 
+def dtype_spellings(*dtypes: torch.dtype) -> tuple[str, ...]:
+    """Both names megadistil takes for each of `dtypes` (bf16 and bfloat16, ...): a --dtype's choices, the same in
+    every tool."""
+    return tuple(n for d in DTYPES if d.torch in dtypes for n in (d.short, d.name) if n)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """'bf16' or 'bfloat16' (either name megadistil takes) -> torch.bfloat16. Callers check the names they offer."""
     for d in DTYPES:

@@ -105,6 +105,27 @@ def test_a_teacher_or_out_of_the_wrong_kind_is_named_before_any_load(tiny_llama_
         PrecomputeConfig(teacher=str(tmp_path), text=[str(stdlib_text_file)], out=str(tmp_path / "o")).validate()
 
 
+def test_every_tool_takes_both_spellings_of_a_dtype(tiny_llama_dir, stdlib_text_file, tmp_path):
+    """bf16 and bfloat16 alike in precompute, evaluate and convert (each took one spelling and refused the other);
+    the teacher tools record torch's name, which is also what vLLM takes."""
+    from megadistil.data.precompute import PrecomputeConfig
+    from megadistil.eval.harness import EvalSettings
+    from megadistil.export import ExportConfig
+
+    for short, name in (("bf16", "bfloat16"), ("fp32", "float32")):
+        for given in (short, name):
+            cfg = PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(tmp_path / "o"),
+                                   dtype=given)
+            cfg.validate()
+            settings = EvalSettings(text=[str(stdlib_text_file)], dtype=given)
+            settings.validate()
+            ExportConfig(dtype=given).validate()
+            assert cfg.dtype == settings.dtype == name
+    with pytest.raises(ValueError, match="--dtype must be auto|bf16|bfloat16"):
+        PrecomputeConfig(teacher=str(tiny_llama_dir), text=[str(stdlib_text_file)], out=str(tmp_path / "o"),
+                         dtype="fp8").validate()
+
+
 @pytest.mark.multirank
 def test_two_ranks_write_disjoint_shards_and_one_manifest(full_run, tiny_llama_dir, stdlib_text_file, tmp_path):
     out = tmp_path / "mr"

@@ -98,6 +98,25 @@ def test_resume_mid_epoch_yields_the_same_batches(shards, workers):
     assert resumed.state_dict()["batches"] == 25
 
 
+def test_a_resume_skips_whole_passes_unread(shards, monkeypatch):
+    """Resumed past its first pass, a stream starts at its second: the same batches, and pass 0 is never read
+    (a long run restarted without replaying its history)."""
+    from megadistil.data import stream as stream_module
+
+    kw = {"batch_size": 4, "shuffle_buffer": 10, "seed": 3}
+    reference = _take(ShardStream(shards, **kw), 30)  # 17 batches a pass
+    first = ShardStream(shards, **kw)
+    _take(first, 20)
+    state = first.state_dict()
+    read: list[int] = []
+    real = stream_module._SlotSource._pass
+    monkeypatch.setattr(stream_module._SlotSource, "_pass", lambda self, epoch: read.append(epoch) or real(self, epoch))
+    resumed = ShardStream(shards, **kw)
+    resumed.load_state_dict(state)
+    _same(_take(resumed, 10), reference[20:])
+    assert read and 0 not in read, read
+
+
 def test_resume_state_must_match(shards):
     sd = ShardStream(shards, batch_size=4, num_workers=2).state_dict()
     with pytest.raises(ValueError, match="num_workers=2 but this reader has 0"):

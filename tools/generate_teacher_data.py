@@ -2,7 +2,7 @@
 """Continue prompts with a teacher and write the continuations as JSON lines (see megadistil.data.generate).
 
     python tools/generate_teacher_data.py --teacher DIR --text 'data/*.jsonl' --prompt-tokens 64 --out gen/ \
-        --max-new-tokens 256 --temperatures 1.5 0.7 --top-p 0.95 [--shards gen-shards/ --top-k 64 --seq-len 512]
+        --max-new-tokens 256 --temperatures 1.5 0.7 --top-p 0.95 [--shards gen-shards/ --shard-top-k 64 --shard-seq-len 512]
     deepspeed --num_gpus 8 tools/generate_teacher_data.py ... [--zero3]     # prompt i on rank i % 8
 
 gen/generations.jsonl has a `text` field (prompt + continuation): train on it with `data.text`, or with --shards get

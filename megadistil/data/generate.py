@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from megadistil.data.precompute import (
-    PRECOMPUTE_DTYPES,
     PrecomputeConfig,
     barrier,
     check_teacher_and_out,
+    checked_dtype,
     collective_batches,
     dist_env,
     identity_hash,
@@ -93,8 +93,7 @@ class GenerateConfig:
                            ("--max-prompts", self.max_prompts or 1)):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        if self.dtype not in PRECOMPUTE_DTYPES:
-            raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
+        self.dtype = checked_dtype(self.dtype)
         check_teacher_and_out(self.teacher, self.out)
 
 

@@ -48,11 +48,11 @@ from megadistil.distributed import (
     set_up_cpu_rank,
 )
 from megadistil.models import output_head
-from megadistil.utils import torch_dtype, write_atomic
+from megadistil.utils import dtype_name, dtype_spellings, torch_dtype, write_atomic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-PRECOMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype (megadistil.utils maps the names)
+PRECOMPUTE_DTYPES = ("auto", *dtype_spellings(torch.float32, torch.bfloat16, torch.float16))  # --dtype
 ALIGNMENT = ("byte boundaries: a student position takes the teacher position that has read the same text "
              "(megadistil.data.crosstok), others masked")
 
@@ -86,12 +86,18 @@ class PrecomputeConfig:
             raise ValueError("--batch-size and --shard-bytes must be positive")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise ValueError(f"--max-sequences must be >= 1, got {self.max_sequences}")
-        if self.dtype not in PRECOMPUTE_DTYPES:
-            raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {self.dtype}")
+        self.dtype = checked_dtype(self.dtype)
         check_teacher_and_out(self.teacher, self.out)
         if self.student_tokenizer is not None and not os.path.isdir(self.student_tokenizer):
             raise FileNotFoundError(f"--student-tokenizer {self.student_tokenizer}: not a directory")
         expand_files(self.text)  # a typo fails here, before the teacher loads
+
+
+def checked_dtype(name: str) -> str:
+    """A teacher --dtype (precompute and generate): auto, or torch's name of the dtype (what vLLM takes too)."""
+    if name not in PRECOMPUTE_DTYPES:
+        raise ValueError(f"--dtype must be {'|'.join(PRECOMPUTE_DTYPES)}, got {name}")
+    return name if name == "auto" else dtype_name(torch_dtype(name))
 
 
 def check_teacher_and_out(teacher: str, out: str) -> None:

@@ -13,8 +13,9 @@ Ordering model (what makes exact resume possible):
   ``i % num_streams`` (the DataLoader's in-order round robin). Ranks therefore never disagree on the batch count;
   in an epoch a stream takes at most a micro-batch more or less than its range holds.
 
-The state is the number of batches yielded. A restarted reader replays each stream's raw bytes up to its position
-(validated but not decoded) so the shuffle buffer is rebuilt bit-exactly, then continues.
+The state is the number of batches yielded. A restarted reader starts each stream at the pass its position is in
+(passes are seeded by their index, and hold the same samples each time unless corrupt ones are skipped) and replays
+that pass's raw bytes up to the position (validated but not decoded), so the shuffle buffer is rebuilt bit-exactly.
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ class _SlotSource:
         self.seed, self.on_corrupt = seed, on_corrupt
         self.skipped = 0
         self.pieces = slot_pieces(manifest, n_slots, seed)[slot]
+        self.size = sum(hi - lo for _, lo, hi in self.pieces)  # samples a pass yields when none is corrupt
 
-    def passes(self, bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        epoch = 0
+    def passes(self, bufsize: int, first: int = 0) -> Iterator[dict[str, Any]]:
+        """Pass after pass from pass `first`: each seeded by its own index (piece order and shuffle buffer), so a
+        resume skips whole passes without reading them."""
+        epoch = first
         while True:
             n = 0
+            rng = np.random.default_rng([self.seed, self.slot, 7, epoch])
             for sample in _shuffled(self._pass(epoch), bufsize, rng):
                 n += 1
                 yield sample
@@ -228,17 +233,20 @@ class _Streams(torch.utils.data.IterableDataset):
         done = len(range(stream, self.start, o.num_streams))
         slot = o.rank * o.num_streams + stream
         src = _SlotSource(o.dir, o.manifest, slot, o.world_size * o.num_streams, o.seed, o.on_corrupt)
-        rng = np.random.default_rng([o.seed, slot, 7])
+        replay = done * o.batch_size  # samples this stream yielded before the resume point
+        # Whole passes are skipped unread where every pass holds src.size samples (no corrupt sample skipped); the
+        # rest is replayed: read and validated, not decoded, so the shuffle buffer is rebuilt exactly.
+        first = replay // src.size if o.on_corrupt == OnCorrupt.fail else 0
+        replay -= first * src.size
         batch: list[dict[str, Any]] = []
-        for raw in src.passes(o.shuffle_buffer, rng):
-            batch.append(raw)
-            if len(batch) < o.batch_size:
+        for raw in src.passes(o.shuffle_buffer, first):
+            if replay > 0:
+                replay -= 1
                 continue
-            if done > 0:
-                done -= 1  # replaying towards the resume point: bytes were validated, skip decoding
-            else:
+            batch.append(raw)
+            if len(batch) == o.batch_size:
                 yield o.decode_batch(batch), {"stream": stream, "skipped": src.skipped}
-            batch = []
+                batch = []
 
 
 class ShardStream:

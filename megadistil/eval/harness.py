@@ -16,10 +16,10 @@ from megadistil.eval.generate import continuations, generations_markdown, read_p
 from megadistil.eval.models import EvalError, LoadedModel, load_model, parse_model
 from megadistil.eval.perplexity import text_perplexity
 from megadistil.eval.tasks import check_tasks, go_offline, run_tasks, task_manager
-from megadistil.utils import provenance, torch_dtype, write_atomic
+from megadistil.utils import dtype_name, dtype_spellings, provenance, torch_dtype, write_atomic
 
 SCHEMA = "megadistil.eval/1"
-EVAL_DTYPES = ("float32", "bfloat16")  # what --dtype offers (megadistil.utils maps the names)
+EVAL_DTYPES = dtype_spellings(torch.float32, torch.bfloat16)  # what --dtype offers
 
 
 @dataclass
@@ -44,6 +44,7 @@ class EvalSettings:
             raise EvalError("nothing to evaluate: pass --tasks, --text and/or --generate")
         if self.dtype not in EVAL_DTYPES:
             raise EvalError(f"--dtype must be one of {EVAL_DTYPES}, got {self.dtype!r}")
+        self.dtype = dtype_name(torch_dtype(self.dtype))  # recorded in the results as torch names it
         try:
             self.text = expand_files(self.text)
         except (FileNotFoundError, ValueError) as e:

@@ -38,9 +38,9 @@ from megadistil.export.writer import (
     staged_output,
     write_weights,
 )
-from megadistil.utils import dtype_name, torch_dtype
+from megadistil.utils import dtype_name, dtype_spellings, torch_dtype
 
-EXPORT_DTYPES = ("bf16", "fp32", "fp16")  # what --dtype offers (megadistil.utils maps the names)
+EXPORT_DTYPES = dtype_spellings(torch.bfloat16, torch.float32, torch.float16)  # what --dtype offers
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 # transformers' `bitnet` model puts its sub-norms exactly where SubLN sits: on the inputs of o_proj and down_proj.
 SUBNORM_NAMES = {"o_proj": "attn_sub_norm", "down_proj": "ffn_sub_norm"}

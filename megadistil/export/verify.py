@@ -25,6 +25,7 @@ from torch import nn
 
 from megadistil.export.sources import BaseModel, StudentParts
 from megadistil.export.ternary import StudentSpec
+from megadistil.utils import torch_dtype
 
 
 @dataclass
@@ -148,7 +149,7 @@ def compute_dtype(export_dtype: str) -> str:
     Upcasting is exact, so the export's own rounding (weight scales in its dtype) is still what is checked."""
     from megadistil.bitnet import hardware
 
-    return "auto" if export_dtype == "fp32" or hardware("cpu").bf16_fast else "float32"  # the check runs on the CPU
+    return "auto" if torch_dtype(export_dtype) == torch.float32 or hardware("cpu").bf16_fast else "float32"  # the check runs on the CPU
 
 
 def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyConfig,
