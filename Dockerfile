@@ -15,13 +15,14 @@ RUN apt-get update \
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# CUDA torch first, so that installing megadistil keeps it (its range admits it).
-RUN pip install torch==2.5.1 --index-url "https://download.pytorch.org/whl/cu124"
+# CUDA torch first, so that installing megadistil keeps it (its range admits it). transformers 5 needs torch >= 2.6
+# (below that it disables its PyTorch models); the project's tested versions are pinned so the image does not drift.
+RUN pip install torch==2.6.0 --index-url "https://download.pytorch.org/whl/cu124"
 
 WORKDIR /opt/megadistil
 COPY pyproject.toml README.md LICENSE ./
 COPY megadistil ./megadistil
-RUN pip install ".[wandb,mpi]" \
+RUN pip install ".[wandb,mpi]" "transformers==5.24.0" "deepspeed==0.19.8" \
  && pip install packaging wheel \
  && pip install "flash-attn==2.7.4.post1" --no-build-isolation
 
@@ -30,5 +31,7 @@ COPY configs ./configs
 COPY ds_configs ./ds_configs
 COPY tools ./tools
 
+# docker run --gpus all --ipc=host -v /models:/models -v /data:/data IMAGE --ds_config ds_configs/zero3.json \
+#     --config configs/llama3.1-8b.yaml model.student=/models/... (--ipc=host: NCCL's shared memory)
 ENTRYPOINT ["deepspeed", "launch/train.py"]
-CMD ["--ds_config", "ds_configs/zero3.json", "--config", "configs/tiny.yaml"]
+CMD ["--help"]

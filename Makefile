@@ -1,7 +1,10 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 # TORCH_SPEC is what pip installs for torch before the project. The default is the CPU build; on a GPU cluster
 # install your CUDA torch yourself and run `make TORCH_SPEC= test` (an empty spec keeps the torch you have,
-# e.g. with VENV_FLAGS=--system-site-packages), or pass the pip requirement of the build you want.
+# e.g. with VENV_FLAGS=--system-site-packages: the project is then installed by pip, which sees the system's packages,
+# where uv would not and would put PyPI's torch over yours), or pass the pip requirement of the build you want.
+# The default finds the CPU wheel through pip's find-links on these machines; elsewhere PyPI's torch for Linux is
+# the CUDA build: add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU one (2.13.0+cpu).
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
@@ -25,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q "$(TORCH_SPEC)"; fi
 	$(PIP) install -q "uv>=0.5,<1"
-	$(UV_INSTALL) -e ".[$(EXTRAS)]"
+	$(if $(TORCH_SPEC),$(UV_INSTALL),$(PIP) install -q) -e ".[$(EXTRAS)]"
 	touch $@
 
 # llama.cpp, to run and verify GGUF exports: llama-cpp-python's sdist (it vendors llama.cpp) built into a wheel once

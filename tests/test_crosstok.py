@@ -365,6 +365,10 @@ def test_vocab_map_pairs_the_tokens_that_spell_the_same_bytes(student, teacher):
     # Both vocabularies hold all 256 bytes and many shared merges, but not every merge: a real partial map.
     assert 256 < int(kept.sum()) < len(t_bytes)
     np.testing.assert_array_equal(vocab_map(student, student), np.arange(len(student)))
+    # a padded embedding: ids past the tokenizer (reachable by a top-k) map to nothing instead of out of bounds
+    padded = vocab_map(teacher, student, teacher_vocab=len(teacher) + 8)
+    assert len(padded) == len(teacher) + 8 and (padded[len(teacher):] == -1).all()
+    np.testing.assert_array_equal(padded[:len(vmap)], vmap)
 
 
 def test_token_bytes_of_a_sentencepiece_style_vocabulary():

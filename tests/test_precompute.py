@@ -64,6 +64,34 @@ def test_interrupted_run_resumes_and_keeps_complete_shards(full_run, tiny_llama_
     assert {n: os.stat(out / n).st_mtime_ns for n in names[:-2]} == kept, "complete shards must not be rewritten"
 
 
+def test_an_interrupted_write_leaves_no_shard_that_looks_complete(full_run, tiny_llama_dir, stdlib_text_file,
+                                                                   tmp_path, monkeypatch):
+    """Interrupted mid-shard (Ctrl-C, a full disk: possibly inside a tar member), the open shard gets no sidecar and
+    is deleted; closing it normally had recorded it as complete, checksum and all, and the resume then went on after
+    it: a shard cut short (or unreadable) in the manifest, and the numbering shifted."""
+    from megadistil.data import precompute
+
+    manifest, _ = full_run
+    real, calls = precompute.encode_sample, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(precompute, "encode_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, out))
+    shards, sidecars = sorted(out.glob("*.tar")), sorted(out.glob("*.tar.json"))
+    assert [p.name + ".json" for p in shards] == [p.name for p in sidecars]  # no shard without its sidecar
+    monkeypatch.setattr(precompute, "encode_sample", real)
+    resumed = run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, out))
+    assert [(s.name, s.samples, s.sha256) for s in resumed.shards] == \
+        [(s.name, s.samples, s.sha256) for s in manifest.shards]
+
+
 def test_other_arguments_in_same_out_dir_are_refused(full_run, tiny_llama_dir, stdlib_text_file, tmp_path):
     out = tmp_path / "o"
     shutil.copytree(full_run[1], out)

@@ -253,14 +253,16 @@ def _ends(ends: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> np.ndarray:
+def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, teacher_vocab: int = 0) -> np.ndarray:
     """int64 [teacher vocab]: for each teacher id, the student id whose token spells the same bytes (-1: none). The
-    EOS tokens map to each other; other special tokens to nothing. One-to-one: a student id is claimed once."""
+    EOS tokens map to each other; other special tokens to nothing. One-to-one: a student id is claimed once.
+    `teacher_vocab`: the model's vocab_size, which a padded embedding makes larger than the tokenizer (its padding
+    ids can still reach a top-k)."""
     student: dict[bytes, int] = {}
     for sid, spelled in token_bytes(student_tokenizer).items():
         student.setdefault(spelled, sid)
     teacher = token_bytes(teacher_tokenizer)
-    out = np.full(max(len(teacher_tokenizer), max(teacher, default=0) + 1), -1, dtype=np.int64)
+    out = np.full(max(len(teacher_tokenizer), max(teacher, default=0) + 1, teacher_vocab), -1, dtype=np.int64)
     claimed = {_eos_id(student_tokenizer)}
     for tid, spelled in teacher.items():
         sid = student.get(spelled, -1)

@@ -35,6 +35,7 @@ from megadistil.data.precompute import (
     dist_env,
     identity_hash,
     load_teacher,
+    loaded_dtype,
     run_precompute,
     teacher_dir_fingerprint,
 )
@@ -139,12 +140,12 @@ def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> It
 # ---------------------------------------------------------------- resume
 
 
-def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str) -> dict[str, Any]:
+def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str, dtype: str) -> dict[str, Any]:
     inputs = expand_files(cfg.text) if cfg.text else [cfg.prompts]
     return {"teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
             "inputs": [[os.path.abspath(f), os.path.getsize(f)] for f in inputs], "from_documents": bool(cfg.text),
             "prompt_tokens": cfg.prompt_tokens, "sampling": _sampling_dict(cfg.sampling),
-            "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": cfg.dtype, "world_size": world,
+            "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": dtype, "world_size": world,
             "backend": cfg.backend.value}
 
 
@@ -199,7 +200,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
         eos = _eos(model.generation_config, tok)
         continuations = torch_sampler(model, cfg, tok, eos, world)
     teacher_fp = teacher_dir_fingerprint(cfg.teacher)
-    ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
+    ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok), loaded_dtype(model, cfg.dtype))
     part = out / PARTS / f"r{rank:03d}.jsonl"
     done = resume_part(part, identity_hash(ident), cfg.batch_size)
     mine = (p for p in iter_prompts(cfg, tok, max_positions) if p[0] % world == rank)

@@ -214,20 +214,26 @@ def teacher_dir_fingerprint(teacher_dir: str) -> str:
     return h.hexdigest()[:32]
 
 
-def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str,
+def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str, dtype: str,
                  teacher_tok_fp: str | None = None) -> dict[str, Any]:
     """What a resumed run must share with the shards it keeps. tok_fp: the tokenizer of the stored tokens (the
-    student's for cross-tokenizer shards, whose teacher's is teacher_tok_fp; None: the same tokenizer)."""
+    student's for cross-tokenizer shards, whose teacher's is teacher_tok_fp; None: the same tokenizer). dtype: the
+    teacher's as loaded (`auto` resolves by the machine: a resume elsewhere must not mix float32 and bf16 targets)."""
     files = expand_files(cfg.text)
     ident = {
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
         "text": [[os.path.abspath(f), os.path.getsize(f)] for f in files],
         "seq_len": cfg.seq_len, "top_k": cfg.top_k, "temperature": cfg.temperature, "shard_bytes": cfg.shard_bytes,
-        "max_sequences": cfg.max_sequences, "dtype": cfg.dtype, "world_size": world, "codec": cfg.codec,
+        "max_sequences": cfg.max_sequences, "dtype": dtype, "world_size": world, "codec": cfg.codec,
     }
     if teacher_tok_fp is not None:
         ident |= {"teacher_tokenizer_fingerprint": teacher_tok_fp, "student_tokenizer": cfg.student_tokenizer}
     return ident
+
+
+def loaded_dtype(model: Any, requested: str) -> str:
+    """The dtype the teacher was loaded in (torch's name); `requested` where no model is loaded here (vLLM)."""
+    return requested if model is None else dtype_name(next(model.parameters()).dtype)
 
 
 def identity_hash(obj: Any) -> str:
@@ -287,6 +293,16 @@ class _Sidecars:
             "sha256": sha256_file(path), "first_seq": self.first_seq, "run": self.run_hash}, indent=1))
         self.first_seq += self.samples
         self.samples = self.tokens = 0
+
+
+def _abandon(writer: Any) -> None:
+    """An interrupted run's open shard may end inside a tar member: it gets no sidecar and is deleted, so that a
+    resume rewrites it (closing it normally would have recorded it, checksum and all, as complete)."""
+    writer.post = None
+    open_shard = writer.fname if writer.tarstream is not None else None
+    writer.close()
+    if open_shard:
+        Path(open_shard).unlink(missing_ok=True)
 
 
 def _my_sequences(cfg: PrecomputeConfig, sequences: Iterator[T], rank: int, world: int,
@@ -372,13 +388,13 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     sequences: Iterator[Any]
     if student is None:
         vocab, target_vocab = teacher_vocab, None
-        ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok))
+        ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok), loaded_dtype(model, cfg.dtype))
         sequences = pack_text(cfg.text, tok, cfg.seq_len)
     else:
         student_tok, vocab = student
         target_vocab = teacher_vocab
         ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(student_tok),
-                             teacher_tok_fp=tokenizer_fingerprint(tok))
+                             loaded_dtype(model, cfg.dtype), teacher_tok_fp=tokenizer_fingerprint(tok))
         sequences = pack_text_windows(cfg.text, student_tok, cfg.seq_len)
         log.info("cross-tokenizer shards: the student's tokens (%s, vocab %d), the teacher's top-k (vocab %d) at the "
                  "student positions whose text the teacher read exactly (%s)", cfg.student_tokenizer, vocab,
@@ -414,9 +430,12 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
             tokens += len(batch or []) * cfg.seq_len
             bar.update(len(batch or []))
             bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+    except BaseException:
+        _abandon(writer)
+        raise
     finally:
-        writer.close()
         bar.close()
+    writer.close()
     if positions:
         log.info("rank %d: %d of %d student positions (%.1f%%) have a teacher position that read the same text",
                  rank, aligned, positions, 100.0 * aligned / positions)

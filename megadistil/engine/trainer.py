@@ -182,10 +182,10 @@ class Trainer:
         """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""
         return rundir.read_meta(self.ckpt_root / self.resume_tag).get("placement") if self.resume_tag else None
 
-    def _vocab_map(self, teacher_tokenizer: Any) -> Tensor | None:
+    def _vocab_map(self, teacher_tokenizer: Any, teacher_vocab: int) -> Tensor | None:
         if teacher_tokenizer is None:
             return None
-        return torch.from_numpy(vocab_map(teacher_tokenizer, self.inputs.tokenizer)).to(self.device)
+        return torch.from_numpy(vocab_map(teacher_tokenizer, self.inputs.tokenizer, teacher_vocab)).to(self.device)
 
     def _build_data(self):
         cfg, d, tok = self.cfg, self.cfg.data, self.inputs.tokenizer
@@ -221,14 +221,15 @@ class Trainer:
         if kind == TeacherKind.shared:
             return SharedTeacher(self.engine.module.student, self.cfg.teacher.layerwise)
         if kind == TeacherKind.shards:
-            return OfflineTeacher(self._vocab_map(self.inputs.shards_teacher_tokenizer))
+            manifest = self.inputs.manifest
+            return OfflineTeacher(self._vocab_map(self.inputs.shards_teacher_tokenizer, manifest.target_vocab))
         if kind == TeacherKind.none:
             return NoTeacher()
         model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
         if self.inputs.teacher_tokenizer is None:
             return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
         return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k,
-                                     vocab_map=self._vocab_map(self.inputs.teacher_tokenizer))
+                                     vocab_map=self._vocab_map(self.inputs.teacher_tokenizer, model.config.vocab_size))
 
     def _build_projector(self, student: nn.Module) -> nn.Module | None:
         """DSKD's projector (loss.dskd_weight at any stage): the teacher's hidden size -> the student's, trained with
