@@ -2,6 +2,7 @@
 
     MEGADISTIL_FAULT_KILL_AFTER_STEP=n[,m]  every rank SIGKILLs itself once step n is done (saved, evaluated)
     MEGADISTIL_FAULT_NAN_BATCHES=i[,j]      the i-th micro-batch drawn (1-based, counting skipped ones) has a NaN loss
+    MEGADISTIL_FAULT_SIGNAL_AT_STEP=n       rank 0 alone gets SIGUSR1 (a scheduler's time-limit warning) in step n
 """
 
 import contextlib
@@ -18,7 +19,8 @@ from megadistil.engine.trainer import Trainer
 
 
 @contextlib.contextmanager
-def faults(kill_after: set[int] = frozenset(), nan_batches: set[int] = frozenset()) -> Iterator[None]:
+def faults(kill_after: set[int] = frozenset(), nan_batches: set[int] = frozenset(),
+           signal_at: set[int] = frozenset()) -> Iterator[None]:
     """Every Trainer run inside the block gets the faults (the micro-batch count starts at the block)."""
     forward, before_step = Trainer._forward, Trainer._before_step
     drawn = 0
@@ -34,6 +36,8 @@ def faults(kill_after: set[int] = frozenset(), nan_batches: set[int] = frozenset
     def killing_before_step(self, step, active):
         if step - 1 in kill_after:  # step - 1 finished entirely: its checkpoint and evaluation are written
             os.kill(os.getpid(), signal.SIGKILL)
+        if step in signal_at and self.dist.rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
         before_step(self, step, active)
 
     Trainer._forward, Trainer._before_step = faulty_forward, killing_before_step
@@ -48,6 +52,6 @@ def _numbers(name: str) -> set[int]:
 
 
 if __name__ == "__main__":
-    with faults(_numbers("KILL_AFTER_STEP"), _numbers("NAN_BATCHES")):
+    with faults(_numbers("KILL_AFTER_STEP"), _numbers("NAN_BATCHES"), _numbers("SIGNAL_AT_STEP")):
         code = main()
     sys.exit(code)

@@ -529,6 +529,19 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
 
 
 @pytest.mark.multirank
+def test_a_time_limit_warning_saves_after_the_step_and_stops_every_rank(tmp_path, text_overrides):
+    """SIGUSR1 (train.sbatch's --signal=USR1@600) reaching one rank: every rank stops after the same step, with a
+    checkpoint of it, and exits cleanly; Python's default for SIGUSR1 was to die, losing the steps since the last
+    save. The next job resumes from it."""
+    overrides = [*text_overrides, "train.max_steps=6", "train.save_every=100"]
+    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_SIGNAL_AT_STEP": "3"}, port=29519)
+    ok(proc)
+    assert "step 3: stopping on SIGUSR1 (a time limit ahead): the checkpoint is saved" in proc.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3]
+
+
+@pytest.mark.multirank
 def test_cli_reports_config_errors_on_every_rank_without_training(tmp_path):
     proc = train(tmp_path, ["train.max_stepz=3"], port=29516)
     assert proc.returncode != 0
