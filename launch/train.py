@@ -6,6 +6,10 @@ Also runs under torchrun, srun (launch/slurm/train.sbatch) and mpirun: ranks com
 import argparse
 import sys
 
+from megadistil import stop_signal
+
+stop_signal.watch()  # first: a time-limit warning during the imports below would otherwise end the process
+
 from megadistil.config import ConfigError, load_config
 from megadistil.engine.trainer import run
 from megadistil.utils import exit_without_teardown

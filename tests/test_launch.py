@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def _job(script: Path, tmp_path: Path, slurm: dict[str, str], *args: str,
     job_env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable,
                "MEGADISTIL_ENTRY": "tests/_launch_probe.py", "PROBE_OUT": str(tmp_path / "out"), **env}
     options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-               "--job-name=megadistil-test"]
+               "--signal=USR1@5", "--job-name=megadistil-test"]  # a 10-min job: train.sbatch's USR1@600 comes at once
     start = time.monotonic()
     job = harness.sbatch(script, list(args), options=options, env=job_env, cwd=tmp_path)
     fields = harness.wait_job(job, slurm, JOB_WAIT_S)
@@ -410,6 +411,32 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 
 @pytest.mark.multirank
+def test_sbatch_time_limit_warning_saves_the_step_and_completes(tmp_path: Path, slurm: dict[str, str],
+                                                                tiny_overrides: list[str]) -> None:
+    """SIGUSR1 from Slurm to the job's tasks (as train.sbatch's --signal=USR1@600 sends it, here through scancel, not
+    the ~minute-grained timer): they finish a step, save it and exit 0, where Python's default for SIGUSR1 ended
+    them; the job COMPLETES with that checkpoint."""
+    run = tmp_path / "run"
+    (tmp_path / "logs").mkdir()
+    env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable}
+    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+               "--signal=USR1@5", "--job-name=megadistil-test"]
+    job = harness.sbatch(TRAIN_SBATCH, _train_args(run, tiny_overrides, "train.max_steps=100000",
+                                                   "train.save_every=100000"), options=options, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + JOB_WAIT_S
+    while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").read_text().count('"loss"') < 2:
+        assert time.monotonic() < deadline, "the run did not reach step 2"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=env, timeout=30, check=True)
+    fields = harness.wait_job(job, slurm, JOB_WAIT_S)
+    text = (tmp_path / "logs" / f"megadistil-test-{job}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
+    stopped = int(re.search(r"step (\d+): stopping on SIGUSR1 \(a time limit ahead\)", text).group(1))
+    assert stopped >= 2 and max(_metric_steps(run)) == stopped
+    _checkpoint_ok(run, stopped)
+
+
+@pytest.mark.multirank
 def test_sbatch_real_run_survives_a_dead_task_and_resumes(tmp_path: Path, slurm: dict[str, str],
                                                           tiny_overrides: list[str]) -> None:
     """The shipped train.sbatch runs launch/train.py on configs/tiny.yaml with 2 tasks. Task 1 is SIGKILLed after
@@ -422,7 +449,7 @@ def test_sbatch_real_run_survives_a_dead_task_and_resumes(tmp_path: Path, slurm:
     env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable,
            "MEGADISTIL_TEST_MARKER": marker}
     options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-               "--job-name=megadistil-test"]
+               "--signal=USR1@5", "--job-name=megadistil-test"]  # a 10-min job: the script's USR1@600 would stop it at once
     job = harness.sbatch(TRAIN_SBATCH, args, options=options, env=env, cwd=tmp_path)
     log = tmp_path / "logs" / f"megadistil-test-{job}.out"
     deadline = time.monotonic() + JOB_WAIT_S

@@ -6,8 +6,6 @@ import contextlib
 import json
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from functools import reduce
@@ -23,7 +21,7 @@ from omegaconf import ListConfig, OmegaConf
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from megadistil import rundir, utils
+from megadistil import rundir, stop_signal, utils
 from megadistil.bitnet import set_quant_lambda
 from megadistil.config import (
     ConfigError,
@@ -82,9 +80,6 @@ class TrainState:
             setattr(self, f.name, int(state[f.name]))
 
 
-# A scheduler's warning before a time limit (Slurm: #SBATCH --signal=USR1@600): save at the end of the step and stop.
-STOP_SIGNAL = signal.SIGUSR1
-
 # Settings that give the student's parameters their shape or scale: a resumed run must keep the checkpoint's.
 RESUMED_AS_SAVED = ("bitnet.lora_rank", "bitnet.lora_alpha", "bitnet.subln", "bitnet.exclude", "relora.delta_format")
 
@@ -99,7 +94,6 @@ class Trainer:
         self._owns_process_group = False
         self._stage_config = (0, cfg)  # (stages started, the config they make)
         self._interval = _StepClock()
-        self._stop_requested, self._previous_handler = False, None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -107,8 +101,7 @@ class Trainer:
         self._owns_process_group = not dist.is_initialized()  # cleanup ends only a process group this run started
         self.dist = init_distributed(timeout_s=cfg.train.dist_timeout_s)
         self.resume_tag = self._agreed_resume_tag()
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            self._previous_handler = signal.signal(STOP_SIGNAL, self._request_stop)
+        stop_signal.watch()  # launch/train.py already does, before its imports
         self._check_resumable()
         try:
             placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
@@ -346,8 +339,8 @@ class Trainer:
             if self._stop_agreed():
                 if step % cfg.train.save_every and step != cfg.train.max_steps:
                     self.save()
-                self._print(f"step {step}: stopping on {STOP_SIGNAL.name} (a time limit ahead): the checkpoint is "
-                            "saved, and the next job with this train.output_dir resumes from it")
+                self._print(f"step {step}: stopping on {stop_signal.STOP_SIGNAL.name} (a time limit ahead): the "
+                            "checkpoint is saved, and the next job with this train.output_dir resumes from it")
                 return
         if self._evaluates() and not (cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0):
             self._evaluate()
@@ -564,19 +557,14 @@ class Trainer:
                               config_yaml=to_yaml(self.cfg), sync_files=self.dist.local_rank == 0)
         self._print(f"saved {self.ckpt_root / tag}")
 
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        self._stop_requested = True
-
     def _stop_agreed(self) -> bool:
-        """Whether any rank got STOP_SIGNAL: every rank stops after the same step (the save is collective)."""
-        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        """Whether any rank got the stop signal: every rank stops after the same step (the save is collective)."""
+        flag = torch.tensor([float(stop_signal.requested())], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def cleanup(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(STOP_SIGNAL, self._previous_handler)
         if self.logger is not None:
             self.logger.close()
         if dist.is_initialized() and self._owns_process_group:
