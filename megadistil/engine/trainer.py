@@ -336,8 +336,8 @@ class Trainer:
                 self.save()
             if self._evaluates() and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 self._evaluate()
-            if self._stop_agreed():
-                if step % cfg.train.save_every and step != cfg.train.max_steps:
+            if step < cfg.train.max_steps and self._stop_agreed():  # the last step ends the run anyway
+                if step % cfg.train.save_every:
                     self.save()
                 self._print(f"step {step}: stopping on {stop_signal.STOP_SIGNAL.name} (a time limit ahead): the "
                             "checkpoint is saved, and the next job with this train.output_dir resumes from it")
