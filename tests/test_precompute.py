@@ -133,6 +133,32 @@ def test_a_teacher_or_out_of_the_wrong_kind_is_named_before_any_load(tiny_llama_
         PrecomputeConfig(teacher=str(tmp_path), text=[str(stdlib_text_file)], out=str(tmp_path / "o")).validate()
 
 
+def _auto_dtype_on_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from megadistil import bitnet
+    from megadistil.bitnet import Hardware
+    from megadistil.data.precompute import _torch_dtype
+
+    gflops = {"fp32": 100.0, "bf16": 900.0 if rank == 0 else 90.0}  # a near tie measured apart, as under load
+    bitnet.hardware = lambda device: Hardware("cpu", "test CPU", "AVX512", ["bf16"], gflops)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results[rank] = str(_torch_dtype("auto", torch.device("cpu")))
+    dist.destroy_process_group()
+
+
+def test_every_rank_loads_the_teacher_in_rank_zeros_auto_dtype():
+    """Each rank measures its own device; `auto` is rank 0's choice on all of them (a 2-task precompute wrote float32
+    and bf16 shards into one manifest: found by the run identity that now records the loaded dtype)."""
+    import torch.multiprocessing as mp
+
+    from megadistil.distributed import free_local_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_auto_dtype_on_rank, args=(free_local_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: "torch.bfloat16", 1: "torch.bfloat16"}
+
+
 def test_every_tool_takes_both_spellings_of_a_dtype(tiny_llama_dir, stdlib_text_file, tmp_path):
     """bf16 and bfloat16 alike in precompute, evaluate and convert (each took one spelling and refused the other);
     the teacher tools record torch's name, which is also what vLLM takes."""

@@ -158,10 +158,20 @@ def sum_over_ranks(count: int, world: int, device: torch.device) -> int:
 
 
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where bf16 GEMMs are fast on `device` (CUDA, AMX CPUs), else float32 (the trainer's rule)."""
+    """auto: bf16 where bf16 GEMMs are fast on `device` (CUDA, AMX CPUs), else float32 (the trainer's rule), rank 0's
+    on every rank: each rank measures its own device, and a near tie under load resolves apart (one manifest of
+    float32 and bf16 targets). Collective where the process group is up."""
     from megadistil.bitnet import hardware, resolve_dtype
 
-    return resolve_dtype("auto", hardware(device)) if name == "auto" else torch_dtype(name)
+    if name != "auto":
+        return torch_dtype(name)
+    dtype = resolve_dtype("auto", hardware(device))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        choices = (torch.float32, torch.bfloat16)
+        choice = torch.tensor([choices.index(dtype)], device=device)
+        torch.distributed.broadcast(choice, src=0)
+        dtype = choices[int(choice.item())]
+    return dtype
 
 
 def _device() -> torch.device:
