@@ -467,17 +467,18 @@ def validate_unused(cfg: RunConfig) -> None:
         if any(condition(c) for c in staged):
             continue
         for key in keys:
-            if any(_value(c, key) != _value(default, key) for c in staged):
+            if any(value_at(c, key) != value_at(default, key) for c in staged):
                 raise ConfigError(f"config key {_where_set(cfg, default, key)!r}: is unused: {why}")
 
 
-def _value(cfg: RunConfig, key: str) -> Any:
+def value_at(cfg: RunConfig, key: str) -> Any:
+    """The setting at a dotted key (train.max_steps)."""
     return reduce(getattr, key.split("."), cfg)
 
 
 def _where_set(cfg: RunConfig, default: RunConfig, key: str) -> str:
     """`key` as the user wrote it: in the base config, else in the first stage that overrides it."""
-    if _value(cfg, key) != _value(default, key):
+    if value_at(cfg, key) != value_at(default, key):
         return key
     return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
 

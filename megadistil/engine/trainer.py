@@ -8,7 +8,6 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from megadistil.config import (
     stage_config,
     to_yaml,
     uses_onpolicy,
+    value_at,
 )
 from megadistil.data import ShardStream
 from megadistil.data.crosstok import CrossTokenizerBatches, vocab_map
@@ -172,7 +172,7 @@ class Trainer:
                               "base, or start a new train.output_dir")
         saved = OmegaConf.load(tag_dir / rundir.CONFIG)
         for key in RESUMED_AS_SAVED:
-            then, now = OmegaConf.select(saved, key, default=KeyError), reduce(getattr, key.split("."), self.cfg)
+            then, now = OmegaConf.select(saved, key, default=KeyError), value_at(self.cfg, key)
             then = OmegaConf.to_container(then) if isinstance(then, ListConfig) else then
             now = list(now) if isinstance(now, tuple) else now
             if then is not KeyError and then != now:  # KeyError: a config saved before the key existed
@@ -473,10 +473,7 @@ class Trainer:
         return record
 
     def _all_finite(self, loss: Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return _over_ranks(torch.isfinite(loss.detach()).all(), dist.ReduceOp.MIN)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.cfg.log.every == 0 or step == self.cfg.train.max_steps
@@ -559,10 +556,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any rank got the stop signal: every rank stops after the same step (the save is collective)."""
-        flag = torch.tensor([float(stop_signal.requested())], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _over_ranks(torch.tensor(stop_signal.requested(), device=self.device), dist.ReduceOp.MAX)
 
     def cleanup(self) -> None:
         if self.logger is not None:
@@ -574,6 +568,14 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
+
+
+def _over_ranks(flag: Tensor, op: dist.ReduceOp) -> bool:
+    """A rank's flag, on its device, reduced over the ranks (MIN: all of them, MAX: any) and read back."""
+    flag = flag.to(torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=op)
+    return bool(flag.item())
 
 
 class _StepClock:
