@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -138,8 +139,14 @@ class _FakeTokenizer:
     name_or_path = "fake-tok"
     eos_token_id = 0
 
-    def __init__(self, tokens: list[str], offsets: list[tuple[int, int]], eos: int | None = 0):
+    all_special_ids = (0,)
+
+    def __init__(self, tokens: list[str], offsets: list[tuple[int, int]], eos: int | None = 0,
+                 byte_level: bool = True):
+        from tokenizers import decoders
+
         self.tokens, self.offsets, self.eos_token_id = tokens, offsets, eos
+        self.backend_tokenizer = SimpleNamespace(decoder=decoders.ByteLevel() if byte_level else decoders.Fuse())
 
     def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
         ids = list(range(1, len(self.tokens) + 1))
@@ -160,8 +167,63 @@ def test_partial_character_merges_align_by_bytes():
     assert s_ends.tolist() == [2, 3] and t_ends.tolist() == [1, 3]
     assert align_positions(s_ends, t_ends).tolist() == [-1, 1]
     # SentencePiece byte fallback: <0xNN> pieces are one byte each.
-    _, ends = tokenize_segments(["東", None], _FakeTokenizer(["<0xE6>", "<0x9D>", "<0xB1>"], [(0, 1)] * 3))
+    sp_bytes = _FakeTokenizer(["<0xE6>", "<0x9D>", "<0xB1>"], [(0, 1)] * 3, byte_level=False)
+    _, ends = tokenize_segments(["東", None], sp_bytes)
     assert ends.tolist() == [1, 2, 3, 4]
+
+
+def _sentencepiece_style(kind: str, normalizer=None):
+    """A byte-fallback BPE tokenizer built like the SentencePiece conversions in tokenizer.json files:
+    'legacy' (Llama-2, Mistral v0.1: normalizer Prepend + Replace, decoder Strip), 'metaspace' (legacy=False Llama,
+    Mistral v0.3: Metaspace prepend_scheme 'first') and 'gemma' (no prefix space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    space = [normalizers.Replace(" ", "▁")]
+    to_text = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if kind == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), *space])
+        tok.decoder = decoders.Sequence([*to_text, decoders.Strip(" ", 1, 0)])
+    elif kind == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([*to_text, decoders.Strip(" ", 1, 0)])
+    else:
+        tok.normalizer, tok.decoder = normalizers.Sequence(space), decoders.Sequence(to_text)
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator([*CORPUS, "café naïve 東京 and 日本 text"] * 3, trainer=trainers.BpeTrainer(
+        vocab_size=420, special_tokens=[EOS, *byte_pieces], show_progress=False))
+    if normalizer is not None:
+        tok.normalizer = normalizers.Sequence([normalizer, tok.normalizer] if tok.normalizer else [normalizer])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "metaspace", "gemma"])
+def test_sentencepiece_prefix_space_and_pieces_end_where_they_stop_reading(kind):
+    # Reference: the bytes of the text decoded from the first k+1 tokens, wherever that prefix decodes to whole
+    # characters. The prepended "▁" reads no text (the decoder strips it), a piece like "é" reads 2 bytes. Before,
+    # the legacy "▁" + "東" crashed ("shares its character span"), and "▁" + "é" or "▁" + "naïve▁"
+    # gave the prefix space an end of 1 byte of the text.
+    tok = _sentencepiece_style(kind)
+    for text in ["東京 is big", "é", "naïve café", "ok 😀 x", "3 dogs and 日本"]:
+        ids, ends = tokenize_segments([text], tok)
+        assert ends[-1] == len(text.encode()) and (np.diff(ends) >= 0).all()
+        for k in range(len(ids)):
+            prefix = tok.decode(ids[: k + 1].tolist())
+            if "\ufffd" not in prefix:
+                assert ends[k] == len(prefix.encode()), (kind, text, k, tok.convert_ids_to_tokens(ids.tolist()))
+
+
+def test_a_normalized_text_aligns_through_its_character_offsets():
+    # A lowercasing normalizer makes the tokens spell other bytes than the text, so the ends come from the offsets;
+    # they must equal the ends of the same tokenizer without the normalizer on the lowercased text.
+    from tokenizers import normalizers
+
+    lowering, plain = _sentencepiece_style("gemma", normalizers.Lowercase()), _sentencepiece_style("gemma")
+    text = "CAFÉ NAÏVE 東京 AND 日本 TEXT"
+    ids, ends = tokenize_segments([text], lowering)
+    ref_ids, ref_ends = tokenize_segments([text.lower()], plain)
+    assert ids.tolist() == ref_ids.tolist() and ends.tolist() == ref_ends.tolist()
 
 
 def test_windows_match_pack_text(student, tmp_path):
@@ -254,11 +316,19 @@ def test_slow_tokenizer_is_refused():
     ([(0, 1), (1, 9)], r"outside \[0, 3\]"),
     ([(2, 1), (1, 3)], "start > end"),
     ([(2, 3), (0, 1)], "ends decrease"),
-    ([(0, 0), (3, 3)], "every offset is empty"),
 ])
 def test_bad_offsets_are_refused(offsets, problem):
     with pytest.raises(ValueError, match=f"fake-tok.*{problem}"):
         token_offsets(_FakeTokenizer(["ab", "c"], offsets), "abc")
+
+
+def test_empty_offsets_are_refused_only_where_they_are_needed():
+    # Tokens that spell the text are placed by their bytes; whitespace-only text under trim_offsets has only empty
+    # spans and is fine. Where the spelling differs from the text (a normalizer), the offsets must say where.
+    _, ends = tokenize_segments(["   "], _FakeTokenizer(["ĠĠ", "Ġ"], [(2, 2), (3, 3)]))
+    assert ends.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="fake-tok.*every offset is empty"):
+        tokenize_segments(["abc"], _FakeTokenizer(["AB", "C"], [(0, 0), (3, 3)]))
 
 
 def test_missing_eos_is_refused(tmp_path):

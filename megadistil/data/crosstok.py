@@ -19,7 +19,6 @@ wherever they tokenized the text identically.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import deque
@@ -103,8 +102,6 @@ def _checked(tokenizer: Any, text: str, ids: list[int], offsets: Any) -> tuple[l
     # before its predecessor is not, and would make ends decrease.
     if (ends[1:] < starts[:-1]).any():
         raise ValueError(f"{where}: token ends decrease (offsets are not in text order)")
-    if (starts == ends).all():  # tokenizers < 0.20.1 with ignore_merges (Llama-3) return only empty spans
-        raise ValueError(f"{where}: every offset is empty; upgrade tokenizers (>= 0.20.1 fixes Llama-3 offsets)")
     return list(ids), offs
 
 
@@ -115,35 +112,42 @@ def _char_bytes(text: str) -> np.ndarray:
     return np.append(starts, len(raw)).astype(np.int64)
 
 
-def _token_bytes(token: str) -> int | None:
-    """UTF-8 bytes a partial-character token stands for: <0xNN> = 1, byte-level BPE = one per symbol; else None."""
-    if _BYTE_FALLBACK.fullmatch(token):
-        return 1
-    return len(token) if token and set(token) <= _BYTE_DECODER.keys() else None
+def _byte_ends(tokenizer: Any, text: str, ids: list[int], offsets: np.ndarray, char_bytes: np.ndarray) -> np.ndarray:
+    """int64 [n]: byte offset where each token stops reading `text`.
 
-
-def _byte_ends(tokenizer: Any, ids: list[int], offsets: np.ndarray, char_bytes: np.ndarray) -> np.ndarray:
-    """int64 [n]: byte offset where each token stops reading its text.
-
-    Character ends are made non-decreasing (running max), then turned into bytes. Tokens sharing a character end
-    with the tokens after them stopped inside that character (or, zero-width, read nothing more): their end is moved
-    back by the bytes those later tokens read.
+    Where the tokens spell the text's bytes exactly, or a space and then them (SentencePiece's and byte-level's
+    prefix space, which reads no text), the ends are the running byte count: exact for byte pieces and for tokens
+    that merge part of a character with what follows. Otherwise (a normalizer changed the text, a special token
+    inside it) they come from the character offsets, below.
     """
+    spelled = _spellings(tokenizer, ids)
+    if None not in spelled:
+        joined, raw = b"".join(spelled), text.encode("utf-8", errors="surrogatepass")
+        if joined in (raw, b" " + raw):
+            return np.maximum(np.cumsum([len(b) for b in spelled]) - (len(joined) - len(raw)), 0).astype(np.int64)
+    return _offset_byte_ends(tokenizer, spelled, offsets, char_bytes)
+
+
+def _offset_byte_ends(tokenizer: Any, spelled: list[bytes | None], offsets: np.ndarray,
+                      char_bytes: np.ndarray) -> np.ndarray:
+    """Byte ends from character offsets: character ends made non-decreasing (running max), then turned into bytes.
+    Tokens sharing a character end with the tokens after them stopped inside that character (or, zero-width, read
+    nothing more): their end is moved back by the bytes those later tokens spell."""
+    if len(offsets) and (offsets[:, 0] == offsets[:, 1]).all():
+        # tokenizers < 0.20.1 with ignore_merges (Llama-3) return only empty spans
+        raise ValueError(f"tokenizer {_name(tokenizer)}: every offset is empty; upgrade tokenizers (>= 0.20.1 fixes "
+                         "Llama-3 offsets)")
     char_ends = np.maximum.accumulate(offsets[:, 1])
     ends = char_bytes[char_ends]
-    shared = np.flatnonzero(char_ends[:-1] == char_ends[1:])
-    if shared.size == 0:
-        return ends
-    tokens = tokenizer.convert_ids_to_tokens([ids[k + 1] for k in shared])
     unread = 0
-    for k, token in zip(shared[::-1], tokens[::-1], strict=True):  # backwards: sum the group's later tokens
-        if k + 1 == len(ids) - 1 or char_ends[k + 2] != char_ends[k + 1]:
+    for k in np.flatnonzero(char_ends[:-1] == char_ends[1:])[::-1]:  # backwards: sum the group's later tokens
+        if k + 1 == len(spelled) - 1 or char_ends[k + 2] != char_ends[k + 1]:
             unread = 0  # k + 1 is the last token of its group
-        nbytes = 0 if offsets[k + 1, 0] == offsets[k + 1, 1] else _token_bytes(token)
-        if nbytes is None:
-            raise ValueError(f"tokenizer {_name(tokenizer)}: token {token!r} shares its character span with the "
-                             "token before it, and how many bytes it covers is unknown (not a byte-level token)")
-        unread += nbytes
+        token = b"" if offsets[k + 1, 0] == offsets[k + 1, 1] else spelled[k + 1]  # zero-width: reads nothing
+        if token is None:
+            raise ValueError(f"tokenizer {_name(tokenizer)}: a special token shares its character span with the "
+                             "token before it; how many bytes it covers is unknown")
+        unread += len(token)
         ends[k] -= unread
     if ends.min() < 0 or (np.diff(ends) < 0).any():
         raise ValueError(f"tokenizer {_name(tokenizer)}: byte-level tokens do not add up to the characters their "
@@ -172,7 +176,7 @@ def pack_text_windows(files: Sequence[str | os.PathLike], tokenizer: Any, seq_le
 
 def _doc_run(tokenizer: Any, text: str, ids: list[int], offsets: np.ndarray) -> _Run:
     char_bytes = _char_bytes(text)
-    ends = _byte_ends(tokenizer, ids, offsets, char_bytes)
+    ends = _byte_ends(tokenizer, text, ids, offsets, char_bytes)
     # A token starts at its character start, or later where the token before it stopped inside that character.
     starts = np.maximum(char_bytes[offsets[:, 0]], np.concatenate(([0], ends[:-1])))
     return _Run(text, char_bytes, np.asarray(ids, dtype=np.int64), starts, ends)
@@ -229,7 +233,7 @@ def tokenize_segments(segments: list[str | None], tokenizer: Any) -> tuple[np.nd
         seg_ids, offsets = token_offsets(tokenizer, seg)
         char_bytes = _char_bytes(seg)
         ids.extend(seg_ids)
-        ends.append(base + _byte_ends(tokenizer, seg_ids, offsets, char_bytes))
+        ends.append(base + _byte_ends(tokenizer, seg, seg_ids, offsets, char_bytes))
         base += int(char_bytes[-1])
     return np.asarray(ids, dtype=np.int64), np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
@@ -276,20 +280,32 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, teacher_vocab: int
 def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     """The bytes each ordinary token spells: byte-level BPE symbols (GPT-2's byte alphabet) or SentencePiece pieces
     ('\u2581' is a space, <0xNN> a byte); special tokens are left out."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    byte_level = backend is not None and "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+    spelled = _spellings(tokenizer, list(range(len(tokenizer))))
+    return {tid: b for tid, b in enumerate(spelled) if b is not None}
+
+
+def _spellings(tokenizer: Any, ids: list[int]) -> list[bytes | None]:
+    """token_bytes of each id; None for a special token."""
+    byte_level = _is_byte_level(tokenizer)
     special = set(tokenizer.all_special_ids)
-    out = {}
-    for tid, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if tid in special or token is None:
-            continue
-        if byte_level:
-            out[tid] = bytes(_BYTE_DECODER[c] for c in token) if set(token) <= _BYTE_DECODER.keys() else token.encode()
-        elif _BYTE_FALLBACK.fullmatch(token):
-            out[tid] = bytes([int(token[3:5], 16)])
-        else:
-            out[tid] = token.replace("\u2581", " ").encode()
-    return out
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    return [None if tid in special or token is None else _spell(token, byte_level)
+            for tid, token in zip(ids, tokens, strict=True)]
+
+
+def _spell(token: str, byte_level: bool) -> bytes:
+    if byte_level and set(token) <= _BYTE_DECODER.keys():
+        return bytes(_BYTE_DECODER[c] for c in token)
+    if _BYTE_FALLBACK.fullmatch(token):
+        return bytes([int(token[3:5], 16)])
+    return token.encode() if byte_level else token.replace("\u2581", " ").encode()
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer decodes GPT-2's byte alphabet (its decoder is, or contains, ByteLevel)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
 
 
 def _byte_decoder() -> dict[str, int]:
