@@ -445,9 +445,12 @@ def gguf_report(summary: dict) -> list[str]:
                   f"batch, then {first['gen']} generated one by one; median of 3). At this size llama.cpp's per-token "
                   "overhead, not the weights, sets the speed: bench/inference.py measures a 1B model."),
              "", "| GGUF | file | prompt tok/s | generation tok/s | generation vs F16 |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {k.upper()} | {v['file_bytes'] / 2**20:.2f} MiB | {v['pp_tokens_per_s']:.0f} | "
-              f"{v['tg_tokens_per_s']:.0f} | {v['tg_tokens_per_s'] / f16['tg_tokens_per_s']:.2f}x |"
-              for k, v in speed.items()]
+    lines += [f"| {k.upper()}{'*' if v.get('plain_weights') else ''} | {v['file_bytes'] / 2**20:.2f} MiB | "
+              f"{v['pp_tokens_per_s']:.0f} | {v['tg_tokens_per_s']:.0f} | "
+              f"{v['tg_tokens_per_s'] / f16['tg_tokens_per_s']:.2f}x |" for k, v in speed.items()]
+    if any(v.get("plain_weights") for v in speed.values()):
+        lines += ["", ("\\* llama.cpp crashed in its repacked-weight kernels for this type (AMX Q8_0 on some shapes, "
+                       "llama.cpp issue #20824) and was measured again with them off.")]
     return lines
 
 

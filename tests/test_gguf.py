@@ -336,3 +336,28 @@ def test_bad_input_is_refused_and_an_interrupted_write_leaves_nothing(run, tmp_p
         g.convert_checkpoint_gguf(run["run"], existing, GGUFConfig(progress=False, overwrite=True))
     assert len(calls) == 5  # interrupted mid-file: the old file stays, no partial file is left beside it
     assert existing.read_bytes() == b"GGUF keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["existing.gguf"]
+
+
+def test_llama_cpp_dying_by_a_signal_runs_again_with_plain_weights(monkeypatch):
+    """llama.cpp's AMX Q8_0 kernels segfault on the demo's shapes (issue #20824): a run killed by a signal is repeated
+    once with the repacked layouts off and says so; any other failure is reported as it is."""
+    from megadistil.export.llamacpp import _run_script
+
+    monkeypatch.delenv("MEGADISTIL_LLAMA_PLAIN", raising=False)
+    crash_unless_plain = ("import os, signal\nif os.environ.get('MEGADISTIL_LLAMA_PLAIN') != '1':\n"
+                          "    os.kill(os.getpid(), signal.SIGSEGV)\nprint('ran')")
+    proc, plain = _run_script(crash_unless_plain, [])
+    assert (proc.returncode, proc.stdout.strip(), plain) == (0, "ran", True)
+    proc, plain = _run_script("import sys; sys.exit('bad gguf')", [])
+    assert (proc.returncode, proc.stderr.strip(), plain) == (1, "bad gguf", False)
+
+
+def test_the_plain_weights_switch_reaches_llama_cpps_model_parameters(monkeypatch):
+    from megadistil.export.llamacpp import PRELUDE, _run_script
+
+    show = PRELUDE + "print(_bindings.llama_model_default_params().use_extra_bufts)"
+    monkeypatch.delenv("MEGADISTIL_LLAMA_PLAIN", raising=False)
+    assert _run_script(show, [])[0].stdout.split() == ["True"]
+    monkeypatch.setenv("MEGADISTIL_LLAMA_PLAIN", "1")
+    proc, plain = _run_script(show, [])
+    assert (proc.stdout.split(), plain) == (["False"], True)

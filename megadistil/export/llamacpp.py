@@ -51,11 +51,30 @@ def require_llama_cpp() -> None:
         raise ExportError(f"--verify of a GGUF runs it in llama.cpp, which is not installed: {INSTALL_HINT}")
 
 
-# Runs in a clean interpreter: llama.cpp through its Python binding, no megadistil, no torch.
-SUBPROCESS = r"""
+# Both scripts below start with this. llama.cpp may keep a second, repacked copy of some weights for faster kernels
+# ("extra buffer types": AMX tiles, interleaved rows). MEGADISTIL_LLAMA_PLAIN=1 turns that off; the binding does not
+# expose the switch, so its model defaults are wrapped.
+PRELUDE = r"""
 import json, os, sys
 import numpy as np
+import llama_cpp.llama_cpp as _bindings
 from llama_cpp import Llama
+
+if os.environ.get("MEGADISTIL_LLAMA_PLAIN") == "1":
+    _defaults = _bindings.llama_model_default_params
+
+    def _plain_params():
+        params = _defaults()
+        if "use_extra_bufts" not in dict(params._fields_):  # a ctypes struct would take an unknown name silently
+            raise SystemExit("this llama-cpp-python has no use_extra_bufts model parameter")
+        params.use_extra_bufts = False
+        return params
+
+    _bindings.llama_model_default_params = _plain_params
+"""
+
+# Runs in a clean interpreter: llama.cpp through its Python binding, no megadistil, no torch.
+SUBPROCESS = PRELUDE + r"""
 
 gguf_path, io_dir = sys.argv[1], sys.argv[2]
 inp = np.load(f"{io_dir}/input.npz", allow_pickle=False)
@@ -96,13 +115,32 @@ def run_llama_cpp(gguf_path: Path, ids: torch.Tensor, prompts: torch.Tensor, eos
         np.savez(f"{io_dir}/input.npz", ids=ids.numpy(), prompts=prompts.numpy(), eos=np.array(eos, dtype=np.int64),
                  new_tokens=np.array(new_tokens))
         Path(io_dir, "text.txt").write_text(text, encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(gguf_path), io_dir], capture_output=True,
-                              text=True, cwd=io_dir, env=env, check=False)
+        proc, plain = _run_script(SUBPROCESS, [str(gguf_path), io_dir], cwd=io_dir)
         if proc.returncode != 0:
-            raise RuntimeError(f"verify: llama.cpp could not load/run {gguf_path}:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"verify: llama.cpp could not load/run {gguf_path}:\n{_failure(proc)}")
         with np.load(f"{io_dir}/output.npz", allow_pickle=False) as out:
-            return dict(out), json.loads(proc.stdout.strip().splitlines()[-1])
+            return dict(out), json.loads(proc.stdout.strip().splitlines()[-1]) | {"plain_weights": plain}
+
+
+def _run_script(script: str, args: list[str], cwd: str | None = None) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run one of the scripts above; where llama.cpp dies by a signal, once more with its repacked weight layouts off
+    (its AMX Q8_0 kernels segfault on some shapes, llama.cpp issue #20824). Returns the run and whether it was
+    that plain one."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          check=False)
+    if proc.returncode >= 0 or env.get("MEGADISTIL_LLAMA_PLAIN") == "1":
+        return proc, env.get("MEGADISTIL_LLAMA_PLAIN") == "1"
+    print(f"[megadistil] llama.cpp died ({_failure(proc).strip()}); running it again with its repacked weight layouts "
+          "off (MEGADISTIL_LLAMA_PLAIN=1)", file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**env, "MEGADISTIL_LLAMA_PLAIN": "1"}, check=False), True
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode < 0:
+        return f"killed by signal {-proc.returncode}\n{proc.stderr[-4000:]}"
+    return proc.stderr[-4000:]
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -179,7 +217,8 @@ def format_llama_cpp_figures(f: dict[str, Any]) -> str:
                      for p in f["partings"])
     return "\n".join([
         (f"verify: llama.cpp ran {meta.get('general.architecture')} with the GGUF's own tokenizer "
-         f"({meta.get('tokenizer.ggml.pre')}); {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}"),
+         f"({meta.get('tokenizer.ggml.pre')}); {f['sequences']} sequences x {f['seq_len']} tokens from {f['source']}"
+         + ("; its repacked weight layouts off (the first run crashed)" if f["loaded_as"].get("plain_weights") else "")),
         (f"  perplexity: llama.cpp {f['perplexity_llama_cpp']:.4f}, student {f['perplexity_student']:.4f} "
          f"({100 * f['ppl_rel_diff']:.3f}% apart; tolerance {100 * tol['max_ppl_rel_diff']:g}%)"),
         (f"  max |logit diff| = {f['max_abs_diff']:.3g} (logits up to {f['logit_range']:.3g}); argmax agreement "
@@ -193,10 +232,8 @@ def format_llama_cpp_figures(f: dict[str, Any]) -> str:
 
 # Prompt processing (one batch of `prompt` tokens) and generation (`gen` single-token steps) as llama-bench measures
 # them: fixed token ids, since speed does not depend on the values.
-SPEED_SUBPROCESS = r"""
-import json, os, sys, time
-import numpy as np
-from llama_cpp import Llama
+SPEED_SUBPROCESS = PRELUDE + r"""
+import time
 
 path, prompt, gen, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
 m = Llama(path, n_ctx=prompt + gen + 8, n_batch=prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -223,11 +260,11 @@ def measure_speed(gguf_path: Path, prompt: int = 512, gen: int = 128, repeats: i
     """llama.cpp's prompt-processing and generation tokens/s for one GGUF (median of `repeats`), in a subprocess."""
     require_llama_cpp()
     threads = threads or len(os.sched_getaffinity(0))
-    proc = subprocess.run([sys.executable, "-c", SPEED_SUBPROCESS, str(gguf_path), str(prompt), str(gen), str(repeats),
-                           str(threads)], capture_output=True, text=True, check=False)
+    proc, plain = _run_script(SPEED_SUBPROCESS, [str(gguf_path), str(prompt), str(gen), str(repeats), str(threads)])
     if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp could not run {gguf_path}:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"threads": threads, "prompt": prompt, "gen": gen}
+        raise RuntimeError(f"llama.cpp could not run {gguf_path}:\n{_failure(proc)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"threads": threads, "prompt": prompt, "gen": gen,
+                                                               "plain_weights": plain}
 
 
 def llama_cpp_perplexity(gguf_path: Path, ids: torch.Tensor) -> float:
