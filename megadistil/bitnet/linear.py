@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
-from megadistil.bitnet.quant import EPS, int8_codes, q3, q8
+from megadistil.bitnet.quant import EPS, GRAD_FLOOR, int8_codes, q3, q8
 
 
 class Backward(enum.StrEnum):
@@ -234,7 +234,7 @@ def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Ten
 def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, mode: str,
                 kernel: Kernel) -> torch.Tensor:
     if mode == "int8":
-        g_codes, g_scale = int8_codes(g)
+        g_codes, g_scale = int8_codes(g, GRAD_FLOOR)
         return code_matmul(g_codes, w_codes, kernel).div_(g_scale * w_scale).to(g.dtype)
     return (g @ w_codes.to(g.dtype)) * (1.0 / w_scale).to(g.dtype)
 

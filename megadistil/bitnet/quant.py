@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-5
+# A gradient's rows are quantized like activations but scaled to their own absmax however small: gradients sit far
+# below EPS (a mean loss over many tokens, split over grad_accum), where EPS would leave a row few levels or none.
+# This floor only keeps 127 / absmax finite in float32.
+GRAD_FLOOR = 1e-30
 VALUES_PER_BYTE = 4  # four ternary values per uint8, along dim 0 (transformers' BitNet layout)
 
 
@@ -22,10 +26,10 @@ def _ternary_codes(weight: torch.Tensor, scratch: torch.Tensor | None = None) ->
     return codes, scale
 
 
-def _int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_codes(x: torch.Tensor, floor: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale."""
     xf = x.float()
-    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    scale = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=floor)
     codes = (xf * scale).round_().clamp_(-128, 127).to(torch.int8)
     return codes, scale
 
@@ -43,9 +47,10 @@ def ternary_codes(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> 
     return _IMPL["ternary"](weight)
 
 
-def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale."""
-    return _IMPL["int8"](x)
+def int8_codes(x: torch.Tensor, floor: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8 codes per row of the last dim: (int8 values in [-128, 127], float32 [..., 1] scale), x ≈ codes / scale;
+    the row absmax is clamped at `floor` (EPS for activations, as transformers' ActQuant; GRAD_FLOOR for gradients)."""
+    return _IMPL["int8"](x, floor)
 
 
 def compile_quantizers(enabled: bool = True) -> None:
