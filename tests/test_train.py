@@ -641,6 +641,13 @@ def test_a_resume_is_refused_before_any_load_where_the_base_or_the_adapters_diff
         f.write(bytes(b ^ 0x40 for b in first))
     with pytest.raises(ConfigError, match=rf"'model.student': {other} is not the base the checkpoint .* trained from"):
         check([f"model.student={other}", "bitnet.lora_rank=8"])
+    # ReLoRA on or off as saved: resumed without it, the merged ΔW the checkpoint holds were silently not loaded.
+    with pytest.raises(ConfigError, match=r"'relora.reset_every': 20 but the checkpoint .* holds no ΔW"):
+        check(["bitnet.lora_rank=8", "relora.reset_every=20"])
+    rundir.write_delta_index(tag, 1, {})
+    check(["bitnet.lora_rank=8", "relora.reset_every=20"])
+    with pytest.raises(ConfigError, match=r"'relora.reset_every': 0 but the checkpoint .* holds merged ΔW"):
+        check(["bitnet.lora_rank=8"])
 
 
 def test_a_rank_writes_its_own_zero3_partition_of_a_merged_tensor():

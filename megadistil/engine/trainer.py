@@ -170,6 +170,12 @@ class Trainer:
             raise ConfigError(f"config key 'model.student': {self.cfg.model.student} is not the base the checkpoint "
                               f"{tag_dir} trained from (its fingerprint differs from meta.json's): resume with that "
                               "base, or start a new train.output_dir")
+        has_deltas = rundir.read_delta_index(tag_dir) is not None
+        if has_deltas != (self.cfg.relora.reset_every > 0):
+            held = "holds merged ΔW" if has_deltas else "holds no ΔW"
+            raise ConfigError(f"config key 'relora.reset_every': {self.cfg.relora.reset_every} but the checkpoint "
+                              f"{tag_dir} {held}: ReLoRA cannot be switched on or off in a resumed run (its merges "
+                              "would be dropped, or the run has no ΔW to resume); start a new train.output_dir")
         saved = OmegaConf.load(tag_dir / rundir.CONFIG)
         for key in RESUMED_AS_SAVED:
             then, now = OmegaConf.select(saved, key, default=KeyError), value_at(self.cfg, key)
