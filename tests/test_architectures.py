@@ -107,12 +107,14 @@ def test_teacher_mode_of_the_bitnet_student_is_the_original_model(arch):
     assert not torch.allclose(student, original, atol=1e-2)
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_teacher_forward(arch):
+def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_teacher_forward(arch, checkpointing):
     """LayerwiseTeacher runs each layer in teacher mode right before the student's: its final hidden states, layer
     outputs (the last one after the final norm, as HF gives it) and q/k/v are bitwise those of a teacher_mode()
     forward, and the student's loss and gradients under activation checkpointing (which replays the layers without
-    the teacher) are bitwise unchanged."""
+    the teacher) are bitwise unchanged. Without checkpointing the model keeps a KV cache (use_cache): the teacher's
+    keys must not join it (they did: a wrong loss for Llama, a shape error for Gemma 2)."""
     from megadistil.engine.model import enable_activation_checkpointing
     from megadistil.engine.module import DistillModule
     from megadistil.engine.teachers import SharedTeacher
@@ -123,7 +125,10 @@ def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_
         p.requires_grad_("lora_" in name)
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(2))
-    enable_activation_checkpointing(model)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    else:
+        model.config.use_cache = True
     last = model.config.num_hidden_layers - 1
     cfg = LossConfig(hidden_weight=0.5, hidden_layers=[0, last], attn_relation_weight=0.3,
                      attn_relation_layers=[0, last])
@@ -262,6 +267,24 @@ def _model_dir(root: Path, arch: str, tokenizer_dir: Path) -> Path:
     tiny_model(arch, vocab_size=len(tok), eos_token_id=tok.eos_token_id, head_scale=HEAD_SCALE).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def test_a_multimodal_model_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir):
+    """Gemma 3 4B+ configs are composite: AutoModelForCausalLM builds the vision-language model, whose vision tower
+    to_bitnet would quantize, and whose config has no num_hidden_layers (a crash after the weights loaded)."""
+    from transformers import AutoTokenizer, Gemma3Config
+
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 32}
+    model_dir = tmp_path / "gemma3-vlm"
+    Gemma3Config(text_config={**tiny, "vocab_size": 300}, vision_config={**tiny, "image_size": 28, "patch_size": 14}
+                 ).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(model_dir)  # a config and no weights at all
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.student={model_dir}",
+                                                   f"data.text=[{tiny_llama_dir}/tokenizer.json]"])
+    with pytest.raises(ConfigError, match="'model.student': Gemma3Config holds a Gemma3TextConfig inside a multimodal "
+                                          "model .Gemma3ForConditionalGeneration."):
+        check_inputs(cfg, 1)
 
 
 @pytest.mark.parametrize("arch", TRAINED)

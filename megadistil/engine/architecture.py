@@ -22,6 +22,10 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
         logit_transform(config, model_class)
     except ValueError as e:
         raise ConfigError(f"config key 'model.student': {e}") from None
+    if config.get_text_config() is not config:  # e.g. Gemma 3 4B+: AutoModelForCausalLM builds the whole VLM
+        raise ConfigError(f"config key 'model.student': {type(config).__name__} holds a {type(config.get_text_config()).__name__} "
+                          f"inside a multimodal model ({model_class.__name__}), whose vision tower would be quantized "
+                          "and trained too; megadistil distils text-only causal LMs")
     try:
         dtype = None if cfg.model.dtype == Dtype.auto else torch_dtype(cfg.model.dtype)  # auto: bf16 on CUDA (Ampere+)
         attn_implementation(config, cfg.model.attn_implementation, deepspeed.get_accelerator().device_name(), trust,

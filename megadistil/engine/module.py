@@ -22,7 +22,7 @@ from megadistil.distill.preference import PreferenceConfig, token_weights
 from megadistil.distill.targets import head_label_logprobs
 from megadistil.engine.profile import phase
 from megadistil.engine.teachers import Targets
-from megadistil.models import capture_qkv, decoder, logit_transform, output_head
+from megadistil.models import capture_qkv, decoder, decoder_layers, logit_transform, output_head
 
 
 class DistillModule(nn.Module):
@@ -36,7 +36,7 @@ class DistillModule(nn.Module):
         self.head_loss = HeadLoss(student, preference)
 
     def forward(self, input_ids: Tensor, labels: Tensor, targets: Targets, cfg: LossConfig) -> dict[str, Tensor]:
-        hidden_layers, qkv_layers = layer_lists(cfg, self.student.config.num_hidden_layers)
+        hidden_layers, qkv_layers = layer_lists(cfg, len(decoder_layers(self.student)))
         teacher = targets.layerwise.alongside() if targets.layerwise else contextlib.nullcontext()
         with teacher, capture_qkv(self.student, qkv_layers) as qkv:
             out = decoder(self.student)(input_ids=input_ids, output_hidden_states=bool(hidden_layers))

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import deepspeed
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from megadistil.bitnet import teacher_mode
 from megadistil.config import layer_lists
@@ -39,6 +40,7 @@ from megadistil.models import (
     ahead_of_each_layer,
     capture_qkv,
     decoder,
+    decoder_layers,
     final_norm,
     logit_transform,
     output_head,
@@ -75,7 +77,7 @@ class LayerwiseTeacher:
     @contextlib.contextmanager
     def alongside(self) -> Iterator[None]:
         """Within the block, the student's decoder forward also computes the teacher's targets, set on exit."""
-        last = self.student.config.num_hidden_layers - 1
+        last = len(decoder_layers(self.student)) - 1
         norm = final_norm(self.student)
         # HF's last hidden_states entry is after the final norm too. The teacher's goes through the norm inside the
         # student's call of it, on the same gathered weight.
@@ -93,7 +95,7 @@ class LayerwiseTeacher:
 
     @torch.no_grad()
     def _teacher_final(self, norm: nn.Module, _args: tuple) -> None:
-        self.outputs[self.student.config.num_hidden_layers - 1] = norm.forward(self.stream)  # not norm(): no hooks
+        self.outputs[len(decoder_layers(self.student)) - 1] = norm.forward(self.stream)  # not norm(): no hooks
 
     @torch.no_grad()
     def _teacher_layer(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> None:
@@ -103,6 +105,10 @@ class LayerwiseTeacher:
             args = (self.stream, *args[1:])
         else:
             kwargs = {**kwargs, "hidden_states": self.stream}
+        # The teacher's keys and values must not join the student's KV cache, if the model keeps one (whatever the
+        # transformers version names the argument: past_key_value(s), cache).
+        args = tuple(None if isinstance(a, Cache) else a for a in args)
+        kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
         qkv_layers = [index] if index in self.qkv_layers else []
         with phase("teacher"), teacher_mode(forward.__self__), capture_qkv(self.student, qkv_layers) as qkv:
             out = forward(*args, **kwargs)
@@ -133,7 +139,7 @@ class SharedTeacher:
         needs = loss.needs()
         if not needs and not label_logprobs:
             return Targets()  # a CE-only stage: no teacher forward
-        hidden_layers, qkv_layers = layer_lists(loss, self.student.config.num_hidden_layers)
+        hidden_layers, qkv_layers = layer_lists(loss, len(decoder_layers(self.student)))
         final = Target.logits in needs or label_logprobs
         if self.layerwise:
             targets = Targets()
