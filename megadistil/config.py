@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from megadistil.bitnet import BitNetConfig, DeltaFormat
 from megadistil.data.shards import Manifest
 from megadistil.data.stream import DataConfig
-from megadistil.distill.losses import KDKind, LossConfig, Target, resolve_layers
+from megadistil.distill.losses import TARGET_WEIGHTS, KDKind, LossConfig, Target, resolve_layers
 from megadistil.distill.onpolicy import OnPolicyConfig
 from megadistil.distill.preference import PreferenceConfig
 from megadistil.utils import require
@@ -50,9 +50,11 @@ class TeacherKind(enum.StrEnum):
 
 
 # The contract: what each teacher kind can feed the loss (LossConfig.needs() says what a loss reads).
+# DSKD's foreign hidden states come from a separate teacher only: the shared one has the student's tokenizer, shards
+# hold no hidden states (engine/inputs.py refuses an hf teacher that shares the student's tokenizer).
 TEACHER_PROVIDES: dict[TeacherKind, frozenset[Target]] = {
-    TeacherKind.shared: frozenset(Target),
-    TeacherKind.hf: frozenset({Target.logits}),
+    TeacherKind.shared: frozenset({Target.logits, Target.hidden, Target.qkv}),
+    TeacherKind.hf: frozenset({Target.logits, Target.foreign_hidden}),
     TeacherKind.shards: frozenset({Target.logits}),
     TeacherKind.none: frozenset(),
 }
@@ -124,6 +126,14 @@ class ReLoRAConfig:
 
     def validate(self) -> None:
         require(self.reset_every >= 0, "relora.reset_every", f"must be >= 0, got {self.reset_every}")
+        # every step a merge: the adapters are re-initialised after each single update and never learn anything
+        require(self.reset_every != 1, "relora.reset_every", "must be 0 (no merges) or >= 2, got 1")
+        require(self.restart_warmup_steps >= 0, "relora.restart_warmup_steps",
+                f"must be >= 0, got {self.restart_warmup_steps}")
+        # a re-warmup as long as the cycle never reaches the full LR before the next reset
+        require(not self.reset_every or self.restart_warmup_steps < self.reset_every, "relora.restart_warmup_steps",
+                f"{self.restart_warmup_steps} must be < relora.reset_every={self.reset_every}: the LR would re-warm "
+                "for the whole cycle between merges and never reach the schedule's value")
         require(0 <= self.prune_ratio <= 1, "relora.prune_ratio", f"must be in [0, 1], got {self.prune_ratio}")
 
 
@@ -150,6 +160,8 @@ class OptimConfig:
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")  # Adam divides by sqrt(v) + eps
+        require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                 f"must be two numbers in [0, 1), got {list(self.betas)}")
         for i, group in enumerate(self.param_groups):
@@ -314,13 +326,18 @@ def _check(condition: object, key: str, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Every check that needs no heavy work. Sections validate themselves, in the base config and in the config
     each stage makes; cross-section rules live here."""
-    t = cfg.train
     _validate_sections(cfg, "")
-    _check(cfg.bitnet.quant_warmup_steps < t.max_steps, "bitnet.quant_warmup_steps",
-           f"{cfg.bitnet.quant_warmup_steps} steps of λ warmup do not end within train.max_steps={t.max_steps}: the run "
-           f"would stop before it trains the fully ternary student it exports")
-    _check(0 <= cfg.log.profile_step <= t.max_steps, "log.profile_step",
-           f"must be a step of the run (1..train.max_steps={t.max_steps}) or 0 (off), got {cfg.log.profile_step}")
+    validate_stages(cfg)
+    validate_schedule(cfg)
+    validate_teacher(cfg)
+    validate_onpolicy(cfg)
+    validate_preference(cfg)
+    validate_unused(cfg)
+
+
+def validate_stages(cfg: RunConfig) -> None:
+    """Each stage starts after the one before it, overrides only what a stage may change, and makes a config that
+    passes the sections' own checks."""
     for i, stage in enumerate(cfg.stages):
         _check(stage.start_step >= 0, f"stages.{i}.start_step", "must be >= 0")
         _check(i == 0 or stage.start_step > cfg.stages[i - 1].start_step, f"stages.{i}.start_step",
@@ -334,10 +351,17 @@ def validate(cfg: RunConfig) -> None:
         except (OmegaConfBaseException, ValueError) as e:
             raise ConfigError(f"config key 'stages.{i}.overrides': {str(e).splitlines()[0]}") from None
         _validate_sections(staged, f"stages.{i}.overrides.")
-    validate_teacher(cfg)
-    validate_onpolicy(cfg)
-    validate_preference(cfg)
-    validate_unused(cfg)
+
+
+def validate_schedule(cfg: RunConfig) -> None:
+    """What the export or the profiler needs within train.max_steps. Other schedules (LR warmup, ReLoRA cycles,
+    stages, eval_every) may run past it: a shortened run of a shipped config is honoured as far as it goes."""
+    max_steps = cfg.train.max_steps
+    _check(cfg.bitnet.quant_warmup_steps < max_steps, "bitnet.quant_warmup_steps",
+           f"{cfg.bitnet.quant_warmup_steps} steps of λ warmup do not end within train.max_steps={max_steps}: the run "
+           f"would stop before it trains the fully ternary student it exports")
+    _check(0 <= cfg.log.profile_step <= max_steps, "log.profile_step",
+           f"must be a step of the run (1..train.max_steps={max_steps}) or 0 (off), got {cfg.log.profile_step}")
 
 
 def _validate_sections(cfg: RunConfig, where: str) -> None:
@@ -360,6 +384,15 @@ def loss_configs(cfg: RunConfig) -> list[tuple[str, LossConfig]]:
     return [(where, c.loss) for where, c in staged_configs(cfg)]
 
 
+def in_force(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """staged_configs less those no step runs under: the base where a stage starts at step 0 or 1, and a stage
+    replaced at the step it starts (start_step 0 and 1 are both step 1). A stage past train.max_steps counts: the
+    config is the full run's, shortened."""
+    starts = [max(s.start_step, 1) for s in cfg.stages]
+    ends = [*starts, float("inf")]
+    return [staged for staged, start, end in zip(staged_configs(cfg), [1, *starts], ends) if start < end]
+
+
 def uses_onpolicy(cfg: RunConfig) -> bool:
     """Whether any stage trains on-policy micro-batches."""
     return any(c.onpolicy.fraction > 0 for _, c in staged_configs(cfg))
@@ -376,8 +409,10 @@ def validate_teacher(cfg: RunConfig) -> None:
             _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
                    f"not provide (kinds that do: {', '.join(k for k, p in TEACHER_PROVIDES.items() if target in p)})")
     if kind in (TeacherKind.hf, TeacherKind.shards):
-        _check(any(Target.logits in loss.needs() for _, loss in losses), "teacher.kind",
-               f"{kind}: no loss term reads its targets (loss.kd_weight is 0 at every stage); use none for CE only")
+        fed = [f"loss.{TARGET_WEIGHTS[t]}" for t in Target if t in provides]
+        _check(any(provides & loss.needs().keys() for _, loss in losses), "teacher.kind",
+               f"{kind}: no loss term reads its targets ({' and '.join(fed)} {'is' if len(fed) == 1 else 'are'} 0 at "
+               "every stage); use none for CE only")
     _check(kind != TeacherKind.shards or bool(cfg.data.shards), "teacher.kind", "shards needs data.shards")
 
 
@@ -415,10 +450,31 @@ def _others(cls: type, section: str, but: str) -> tuple[str, ...]:
     return tuple(f"{section}.{f.name}" for f in fields(cls) if f.name != but)
 
 
+def _held_out_kd(c: RunConfig) -> bool:
+    """Whether evaluation measures the held-out KD to the shared teacher (with the base's loss.kind, jsd_beta, T)."""
+    return bool(c.data.eval_text) and c.teacher.kind == TeacherKind.shared
+
+
 def _reads_kd_settings(c: RunConfig) -> bool:
-    """Whether loss.kind and loss.temperature act: a KD or dual-space term, or the held-out KD that evaluation
-    measures against the shared teacher."""
-    return c.loss.kd_weight > 0 or c.loss.dskd_weight > 0 or (bool(c.data.eval_text) and c.teacher.kind == TeacherKind.shared)
+    """Whether loss.temperature acts: a KD or dual-space term, or the held-out KD."""
+    return c.loss.kd_weight > 0 or c.loss.dskd_weight > 0 or _held_out_kd(c)
+
+
+def _offpolicy(c: RunConfig) -> bool:
+    """Whether some micro-batches train with the loss as set: an on-policy one runs with kind := onpolicy.kind and
+    ce_weight := 0 (the trainer's _optimizer_step), and with onpolicy.fraction 1 every one is on-policy."""
+    return c.onpolicy.fraction < 1
+
+
+def _reads_loss_kind(c: RunConfig) -> bool:
+    """Whether loss.kind acts: a KD or dual-space term on off-policy micro-batches, or the held-out KD."""
+    return (_offpolicy(c) and (c.loss.kd_weight > 0 or c.loss.dskd_weight > 0)) or _held_out_kd(c)
+
+
+def _reads_jsd_beta(c: RunConfig) -> bool:
+    """Whether a JSD is computed: loss.kind where it acts, or onpolicy.kind on on-policy micro-batches."""
+    return (_reads_loss_kind(c) and c.loss.kind == KDKind.jsd) or \
+        (c.onpolicy.fraction > 0 and c.onpolicy.kind == KDKind.jsd)
 
 
 # Settings that act only under a condition: the keys, the condition (on the config in force at a stage), and why they
@@ -443,12 +499,19 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
     (("train.eval_batches",), lambda c: bool(c.data.eval_text), "no data.eval_text to take held-out batches from"),
     (("train.eval_tasks_limit", "train.eval_tasks_include_path"), lambda c: bool(c.train.eval_tasks),
      "train.eval_tasks is empty"),
-    (("log.wandb.project", "log.wandb.name", "log.wandb.mode"), lambda c: c.log.wandb.enabled,
-     "log.wandb.enabled is false"),
-    (("loss.kind", "loss.temperature"), _reads_kd_settings,
+    (("log.wandb.mode",), lambda c: c.log.wandb.enabled, "log.wandb.enabled is false"),
+    (("log.wandb.project", "log.wandb.name"), lambda c: c.log.wandb.enabled and c.log.wandb.mode != WandbMode.disabled,
+     "no wandb run is made (log.wandb.enabled is false or log.wandb.mode is disabled)"),
+    (("loss.kind",), _reads_loss_kind,
+     ("no KD or dual-space term reads it at any stage (loss.kd_weight and loss.dskd_weight are 0, or onpolicy.fraction "
+      "is 1: on-policy micro-batches use onpolicy.kind), and no held-out KD to the shared teacher is measured")),
+    (("loss.temperature",), _reads_kd_settings,
      "loss.kd_weight and loss.dskd_weight are 0 at every stage, and no held-out KD to the shared teacher is measured"),
-    (("loss.jsd_beta",), lambda c: c.loss.kind == KDKind.jsd or (c.onpolicy.fraction > 0 and c.onpolicy.kind == KDKind.jsd),
-     "neither loss.kind nor an active onpolicy.kind is jsd at any stage"),
+    (("loss.ce_weight",), _offpolicy,
+     ("onpolicy.fraction is 1 at every stage (on-policy micro-batches train without CE: the labels are the student's "
+      "own samples)")),
+    (("loss.jsd_beta",), _reads_jsd_beta,
+     "no JSD is computed at any stage (loss.kind is not jsd where it acts, nor onpolicy.kind where on-policy is on)"),
     (("loss.hidden_layers", "loss.hidden_magnitude_weight"), lambda c: c.loss.hidden_weight > 0,
      "loss.hidden_weight is 0 at every stage"),
     (("loss.attn_relation_heads", "loss.attn_relation_layers", "loss.attn_relation_temperature"),
@@ -461,8 +524,8 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
 
 
 def validate_unused(cfg: RunConfig) -> None:
-    """Refuses a key set away from its default where nothing reads it at any stage (CONDITIONAL_KEYS)."""
-    staged, default = [c for _, c in staged_configs(cfg)], RunConfig()
+    """Refuses a key set away from its default where nothing reads it at any stage in force (CONDITIONAL_KEYS)."""
+    staged, default = [c for _, c in in_force(cfg)], RunConfig()
     for keys, condition, why in CONDITIONAL_KEYS:
         if any(condition(c) for c in staged):
             continue

@@ -31,8 +31,8 @@ def test_every_shipped_config_loads_and_validates(path):
 def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("model: {student: /m}\ndata: {text: [a.txt]}\ntrain: {max_steps: 7, seed: 3}\n")
-    cfg = load_config(yaml, ["train.max_steps=9", "bitnet.lora_rank=4"])
-    assert (cfg.train.max_steps, cfg.train.seed, cfg.bitnet.lora_rank, cfg.optim.lr) == (9, 3, 4, 1e-3)
+    cfg = load_config(yaml, ["train.max_steps=19", "bitnet.lora_rank=4"])
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.bitnet.lora_rank, cfg.optim.lr) == (19, 3, 4, 1e-3)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -53,8 +53,8 @@ def test_dotlist_overrides_yaml_which_overrides_defaults(tmp_path):
     ("log.every=0", "config key 'log.every': must be >= 1, got 0"),
     ("optim.warmup_steps=-1", "config key 'optim.warmup_steps': must be >= 0, got -1"),
     ("stages=[{start_step: 3, overrides: {optim.lr: -1.0}}]", "config key 'stages.0.overrides.optim.lr': must be > 0"),
-    ("stages=[{start_step: 200, overrides: {optim.lr: 1e-5}}, {start_step: 100, overrides: {optim.lr: 5e-4}}]",
-     "config key 'stages.1.start_step': 100 does not come after stages.0.start_step: list the stages in the order"),
+    ("stages=[{start_step: 80, overrides: {optim.lr: 1e-5}}, {start_step: 50, overrides: {optim.lr: 5e-4}}]",
+     "config key 'stages.1.start_step': 50 does not come after stages.0.start_step: list the stages in the order"),
     ("stages=[{start_step: 3, overrides: {loss.ce_weight: 0.0, loss.kd_weight: 0.0}}]",
      "config key 'stages.0.overrides.loss.kd_weight': is 0 and so is loss.ce_weight"),
 ])
@@ -70,19 +70,23 @@ CE_ONLY = ["teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"]
 @pytest.mark.parametrize("overrides, message", [
     (["relora.restart_warmup_steps=7"], "'relora.restart_warmup_steps': is unused: relora.reset_every is 0"),
     (["relora.optimizer_reset=zero"], "'relora.optimizer_reset': is unused: relora.reset_every is 0"),
-    (["relora.reset_every=5", "relora.optimizer_reset=zero", "relora.prune_ratio=0.5"],
+    (["relora.reset_every=5", "relora.restart_warmup_steps=2", "relora.optimizer_reset=zero", "relora.prune_ratio=0.5"],
      "'relora.prune_ratio': is unused: moments are pruned only with relora.reset_every > 0 and relora.optim"),
     (["train.eval_every=10"], "'train.eval_every': is unused: nothing is evaluated (no data.eval_text, no train."),
     (["train.eval_batches=3", "train.eval_tasks=[arc_easy]"],
      "'train.eval_batches': is unused: no data.eval_text to take held-out batches from"),
     (["train.eval_tasks_limit=5", "data.eval_text=[e.txt]"], "'train.eval_tasks_limit': is unused: train.eval_"),
-    (["log.wandb.project=mine"], "'log.wandb.project': is unused: log.wandb.enabled is false"),
+    (["log.wandb.project=mine"], "'log.wandb.project': is unused: no wandb run is made (log.wandb.enabled is false"),
+    (["log.wandb.mode=online"], "'log.wandb.mode': is unused: log.wandb.enabled is false"),
+    # mode=disabled makes no wandb run either: a project or name set for it is read by nothing
+    (["log.wandb.enabled=true", "log.wandb.mode=disabled", "log.wandb.name=r1"],
+     "'log.wandb.name': is unused: no wandb run is made (log.wandb.enabled is false or log.wandb.mode is disabled)"),
     (["data.shuffle_buffer=16"], "'data.shuffle_buffer': is unused: the shard stream's setting, and data.shards is not"),
     (["data.seed=3"], "'data.seed': is unused: the shard stream's setting, and data.shards is not set (text is packed"),
     (["data.text=[]", "data.shards=/s", "data.prefetch_factor=8"],
      "'data.prefetch_factor': is unused: data.num_workers is 0 (the shards are read in the training process"),
     ([*CE_ONLY, "loss.temperature=2.0"], "'loss.temperature': is unused: loss.kd_weight and loss.dskd_weight are 0"),
-    (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: neither loss.kind nor an active onpolicy.kind is jsd"),
+    (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: no JSD is computed at any stage (loss.kind is not jsd"),
     (["loss.attn_relation_heads=4"], "'loss.attn_relation_heads': is unused: loss.attn_relation_weight is 0 at"),
     (["stages=[{start_step: 3, overrides: {loss.hidden_layers: [1]}}]"],
      "'stages.0.overrides.loss.hidden_layers': is unused: loss.hidden_weight is 0 at every stage"),
@@ -98,7 +102,8 @@ def test_a_setting_nothing_reads_is_refused_naming_it(overrides, message):
     ["loss.jsd_beta=0.3", "onpolicy.kind=jsd", "stages=[{start_step: 3, overrides: {onpolicy.fraction: 0.5}}]"],
     ["relora.reset_every=5", "relora.optimizer_reset=zero", "relora.restart_warmup_steps=2"],
     ["train.eval_every=2", "train.eval_batches=3", "data.eval_text=[e.txt]"],
-    ["log.wandb.enabled=true", "log.wandb.project=mine", "log.wandb.mode=disabled"],
+    ["log.wandb.enabled=true", "log.wandb.project=mine", "log.wandb.name=r1", "log.wandb.mode=online"],
+    ["log.wandb.enabled=true", "log.wandb.mode=disabled"],
     ["data.text=[]", "data.shards=/s", "data.shuffle_buffer=16", "data.seed=3", "data.epochs=2",
      "data.num_workers=2", "data.prefetch_factor=8"],
 ])
@@ -275,3 +280,140 @@ def test_a_stage_may_turn_onpolicy_on():
 def test_preference_settings_are_checked_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [*BASE, *overrides])
+
+
+# ---------------------------------------------------------------- settings that would fail late or do nothing
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.eps=0"], "config key 'optim.eps': must be > 0, got 0.0"),
+    (["optim.grad_clip=-1"], "config key 'optim.grad_clip': must be >= 0 (0: no clipping), got -1.0"),
+    (["relora.reset_every=1", "relora.restart_warmup_steps=0"],
+     "config key 'relora.reset_every': must be 0 (no merges) or >= 2, got 1"),
+    (["relora.reset_every=10", "relora.restart_warmup_steps=-5"],
+     "config key 'relora.restart_warmup_steps': must be >= 0, got -5"),
+    (["relora.reset_every=20", "relora.restart_warmup_steps=20"],
+     "config key 'relora.restart_warmup_steps': 20 must be < relora.reset_every=20: the LR would re-warm"),
+    (["relora.reset_every=5"], "config key 'relora.restart_warmup_steps': 10 must be < relora.reset_every=5"),  # default
+])
+def test_a_value_that_fails_late_or_does_nothing_is_refused_naming_it(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])
+
+
+def test_a_shortened_run_of_a_full_config_is_honoured_as_far_as_it_goes():
+    """Schedules may run past train.max_steps (a smoke test of a shipped config with fewer steps): the LR warmup,
+    ReLoRA cycles, a stage and eval_every are honoured as far as the run goes, and a late stage's keys count."""
+    cfg = load_config(None, [*BASE, "relora.reset_every=100", "relora.restart_warmup_steps=5", "optim.warmup_steps=100",
+                             "train.eval_every=101", "data.eval_text=[e.txt]", "loss.hidden_layers=[0]",
+                             "stages=[{start_step: 101, overrides: {loss.hidden_weight: 1.0}}]"])
+    assert (cfg.train.max_steps, cfg.relora.reset_every, cfg.stages[0].start_step) == (100, 100, 101)
+
+
+
+def test_the_step_bounds_accept_their_last_useful_value():
+    """At the bounds: the reset_every accepted last still merges once (engine/schedule.py's own reset steps), a
+    stage starting at train.max_steps runs its one step, and grad_clip 0 (no clipping) is DeepSpeed's own off."""
+    cfg = load_config(None, [*BASE, "relora.reset_every=99", "relora.restart_warmup_steps=98", "optim.warmup_steps=99",
+                             "train.eval_every=100", "data.eval_text=[e.txt]", "optim.grad_clip=0",
+                             "stages=[{start_step: 100, overrides: {optim.lr: 1e-4}}]"])
+    steps = range(1, cfg.train.max_steps + 1)
+    assert [s for s in steps if is_reset_step(s, cfg.relora)] == [100]
+    assert stage_config(cfg, 100).optim.lr == 1e-4 and cfg.optim.grad_clip == 0
+    assert lr_at(99, cfg.optim, cfg.relora, 100) == pytest.approx(cfg.optim.lr)  # the warmup ends inside the run
+
+
+# ---------------------------------------------------------------- DSKD in the teacher contract
+
+def test_dskd_alone_feeds_from_a_separate_teacher():
+    """teacher.kind=hf with the dual-space term as its only reader is a run (engine/teachers.py computes the
+    teacher's hidden states for it); the term reads a target only a separate teacher has."""
+    cfg = load_config(None, [*BASE, "teacher.kind=hf", "teacher.path=/t", "loss.kd_weight=0.0", "loss.ce_weight=1.0",
+                             "loss.dskd_weight=1.0"])
+    assert cfg.loss.needs() == {"foreign_hidden": "loss.dskd_weight"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.dskd_weight=0.5"],
+     ("'loss.dskd_weight': needs the teacher's foreign_hidden, which teacher.kind=shared does not provide (kinds that "
+     "do: hf)")),
+    (["teacher.kind=shards", "data.text=[]", "data.shards=/s", "stages=[{start_step: 3, overrides: {loss.dskd_weight: 1.0}}]"],
+     "'stages.0.overrides.loss.dskd_weight': needs the teacher's foreign_hidden, which teacher.kind=shards does not"),
+    (["teacher.kind=hf", "teacher.path=/t", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
+     "'teacher.kind': hf: no loss term reads its targets (loss.kd_weight and loss.dskd_weight are 0 at every stage)"),
+    (["teacher.kind=shards", "data.text=[]", "data.shards=/s", "loss.kd_weight=0.0", "loss.ce_weight=1.0"],
+     "'teacher.kind': shards: no loss term reads its targets (loss.kd_weight is 0 at every stage)"),
+])
+def test_dskd_is_refused_where_no_teacher_of_another_tokenizer_feeds_it(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])
+
+
+# ---------------------------------------------------------------- loss settings on-policy micro-batches replace
+
+@pytest.mark.parametrize("overrides, message", [
+    (["onpolicy.fraction=1.0", "loss.ce_weight=0.5"],
+     "'loss.ce_weight': is unused: onpolicy.fraction is 1 at every stage (on-policy micro-batches train without CE"),
+    (["onpolicy.fraction=1.0", "loss.kind=reverse_kl"],
+     ("'loss.kind': is unused: no KD or dual-space term reads it at any stage (loss.kd_weight and loss.dskd_weight "
+     "are 0, or onpolicy.fraction is 1: on-policy micro-batches use onpolicy.kind)")),
+    (["onpolicy.fraction=1.0", "loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: no JSD is computed at any stage"),
+    # the base never runs when a stage starts at step 1 (stage 0 and 1 are both step 1)
+    (["loss.ce_weight=0.5", "stages=[{start_step: 1, overrides: {onpolicy.fraction: 1.0}}]"],
+     "'loss.ce_weight': is unused: onpolicy.fraction is 1 at every stage"),
+    (["loss.ce_weight=0.5", ("stages=[{start_step: 0, overrides: {onpolicy.fraction: 0.5}}, "
+                            "{start_step: 1, overrides: {onpolicy.fraction: 1.0}}]")],
+     "'loss.ce_weight': is unused: onpolicy.fraction is 1 at every stage"),
+])
+def test_loss_settings_that_onpolicy_replaces_everywhere_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*BASE, *overrides])
+
+
+@pytest.mark.parametrize("overrides", [
+    # off-policy micro-batches before the stage: both act there
+    ["loss.ce_weight=0.5", "loss.kind=reverse_kl", "stages=[{start_step: 3, overrides: {onpolicy.fraction: 1.0}}]"],
+    ["loss.ce_weight=0.5", "loss.kind=reverse_kl", "onpolicy.fraction=0.5"],
+    # the held-out KD to the shared teacher measures the base's loss.kind and jsd_beta
+    ["onpolicy.fraction=1.0", "loss.kind=jsd", "loss.jsd_beta=0.3", "data.eval_text=[e.txt]"],
+    # onpolicy.kind=jsd reads loss.jsd_beta on the on-policy micro-batches
+    ["onpolicy.fraction=1.0", "onpolicy.kind=jsd", "loss.jsd_beta=0.3"],
+])
+def test_loss_settings_that_some_micro_batches_read_are_accepted(overrides):
+    cfg = load_config(None, [*BASE, *overrides])
+    assert cfg.loss.ce_weight == 0.5 or cfg.loss.jsd_beta == 0.3
+
+
+# ---------------------------------------------------------------- the ds_config's precision sections and ZeRO stage
+
+@pytest.mark.parametrize("ds, message", [
+    ({"zero_optimization": {"stage": 2}},
+     "ds_config zero_optimization.stage=2: megadistil runs on ZeRO-3 only; set it to 3 (or leave it out)"),
+    ({"zero_optimization": {"stage": 0}}, "ds_config zero_optimization.stage=0: megadistil runs on ZeRO-3 only"),
+    # DeepSpeed reads "bf16" before its alias: the reconciled "bf16" would silently win over this section
+    ({"bfloat16": {"enabled": True}}, 'ds_config "bfloat16": DeepSpeed\'s old alias of "bf16"'),
+    ({"bf16": True}, 'ds_config bf16=true: must be a section, e.g. "bf16": {"enabled": "auto"}'),
+    ({"fp16": False}, 'ds_config fp16=false: must be a section, e.g. "fp16": {"enabled": "auto"}'),
+])
+def test_ds_config_sections_megadistil_cannot_honour_are_refused(ds, message):
+    cfg = load_config(None, BASE)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        reconcile_ds_config(cfg, ds, world_size=1, bf16=False)
+
+
+def test_ds_config_without_a_stage_or_precision_gets_zero3_and_the_resolved_dtype():
+    out = reconcile_ds_config(load_config(None, BASE), {}, world_size=1, bf16=True)
+    assert (out["zero_optimization"]["stage"], out["bf16"], out["fp16"]) == (3, {"enabled": True}, {"enabled": False})
+
+
+# ---------------------------------------------------------------- the shipped configs' shards hint
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shards_hint_names_this_configs_seq_len_and_temperature(path):
+    """data.seq_len and loss.temperature must be the shards' (engine/inputs.py refuses others), and
+    tools/precompute_teacher.py's default --seq-len is not any shipped config's: the hint says what to pass."""
+    text, cfg = path.read_text(), load_config(path)
+    if "data.shards=DIR" not in text:
+        assert path.name == "tiny.yaml"  # the one config without the hint
+        return
+    hint = f"tools/precompute_teacher.py --seq-len {cfg.data.seq_len} --temperature {cfg.loss.temperature}"
+    assert hint in " ".join(line.strip().lstrip("# ") for line in text.splitlines()), hint

@@ -498,7 +498,8 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
                                                                             crosstok_shards_dir):
     common = [f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={crosstok_teacher_dir}"]
     text = f"data.text=[{stdlib_text_file}]"
-    with pytest.raises(ConfigError, match="'loss.dskd_weight': the dual-space term needs a live teacher with another"):
+    with pytest.raises(ConfigError, match="'loss.dskd_weight': needs the teacher's foreign_hidden, which "
+                                          "teacher.kind=shared does not provide .kinds that do: hf."):
         _inputs(tmp_path, [f"model.student={tiny_llama_dir}", text, "loss.dskd_weight=0.5"])
     with pytest.raises(ConfigError, match="'data.text': is required"):
         _inputs(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])

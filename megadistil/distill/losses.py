@@ -59,6 +59,12 @@ class Target(enum.StrEnum):
     logits = "logits"  # a distribution over the vocabulary: top-k + tail, or dense logits
     hidden = "hidden"  # per-layer hidden states
     qkv = "qkv"  # attention q/k/v projections
+    foreign_hidden = "foreign_hidden"  # final hidden states of a teacher with another tokenizer (DSKD's projector input)
+
+
+# The loss weight that turns on each term reading a teacher target (LossConfig.needs; config.validate_teacher).
+TARGET_WEIGHTS = {Target.logits: "kd_weight", Target.hidden: "hidden_weight", Target.qkv: "attn_relation_weight",
+                  Target.foreign_hidden: "dskd_weight"}
 
 LayerSpec = list[int] | str
 
@@ -84,8 +90,7 @@ class LossConfig:
 
     def needs(self) -> dict[Target, str]:
         """The teacher targets this loss reads, each with the key that asks for it."""
-        weights = ((Target.logits, "kd_weight"), (Target.hidden, "hidden_weight"), (Target.qkv, "attn_relation_weight"))
-        return {target: f"loss.{key}" for target, key in weights if getattr(self, key)}
+        return {target: f"loss.{key}" for target, key in TARGET_WEIGHTS.items() if getattr(self, key)}
 
     def held_out(self, kd: bool) -> LossConfig:
         """What evaluation measures: CE on the labels and, with `kd`, this run's KD divergence (kind, β, T) alone."""

@@ -37,14 +37,40 @@ def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"ds_config has an {section!r} section: megadistil builds it from optim.*; remove it")
+    _reconcile_precision(cfg, ds, bf16)
+    _require_zero3(ds)
+    return ds
+
+
+def _reconcile_precision(cfg: RunConfig, ds: dict[str, Any], bf16: bool) -> None:
+    """bf16.enabled from model.dtype, fp16 off. DeepSpeed reads "bf16" before its old alias "bfloat16", so a
+    "bfloat16" section would be silently overridden by the "bf16" written here: refused."""
+    if "bfloat16" in ds:
+        raise ConfigError('ds_config "bfloat16": DeepSpeed\'s old alias of "bf16", which megadistil fills from '
+                          'model.dtype and DeepSpeed reads first (so this section would be ignored); rename it to "bf16"')
     for key, want in (("bf16", bf16), ("fp16", False)):
-        have = ds.get(key, {}).get("enabled", "auto")
+        section = ds.setdefault(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f'ds_config {key}={json.dumps(section)}: must be a section, e.g. "{key}": '
+                              '{"enabled": "auto"}')
+        have = section.get("enabled", "auto")
         if have != "auto" and bool(have) != want:
             raise ConfigError(f"ds_config {key}.enabled={have} contradicts model.dtype={cfg.model.dtype} "
                               f"(resolved to {'bf16' if bf16 else 'fp32'})")
-        ds.setdefault(key, {})["enabled"] = want
-    ds.setdefault("zero_optimization", {}).setdefault("stage", 3)
-    return ds
+        section["enabled"] = want
+
+
+def _require_zero3(ds: dict[str, Any]) -> None:
+    """The trainer, the teachers and the memory estimator assume ZeRO-3 (partitioned parameters gathered per
+    module); another stage would run on paths nothing tests, or be estimated wrong."""
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f'ds_config zero_optimization={json.dumps(zero)}: must be a section, e.g. '
+                          '"zero_optimization": {"stage": 3}')
+    stage = zero.setdefault("stage", 3)
+    if stage != 3 or isinstance(stage, bool):
+        raise ConfigError(f"ds_config zero_optimization.stage={json.dumps(stage)}: megadistil runs on ZeRO-3 only; "
+                          "set it to 3 (or leave it out)")
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
