@@ -287,6 +287,21 @@ def test_a_multimodal_model_is_refused_before_any_weight_loads(tmp_path, tiny_ll
         check_inputs(cfg, 1)
 
 
+def test_a_layer_the_conversion_cannot_take_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer, MixtralConfig
+
+    model_dir = tmp_path / "mixtral"
+    MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4, vocab_size=300).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(model_dir)  # a config and no weights at all
+    data = f"data.text=[{tiny_llama_dir}/tokenizer.json]"
+    with pytest.raises(ConfigError, match="'bitnet.exclude': to_bitnet: MixtralForCausalLM has 6 weight matrices"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={model_dir}", data]), 1)
+    with pytest.raises(ConfigError, match="'bitnet.lora_rank': to_bitnet: lora_rank=4096 exceeds layer"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
+                                                              "bitnet.lora_rank=4096"]), 1)
+
+
 @pytest.mark.parametrize("arch", TRAINED)
 def test_subln_is_refused_before_any_weight_loads_except_where_the_export_can_write_it(arch, tmp_path,
                                                                                       tiny_llama_dir):

@@ -286,6 +286,24 @@ def test_bad_input_errors_name_the_fault():
     assert type(odd[0]) is nn.Linear  # validation runs before any layer is replaced
     with pytest.raises(ValueError, match="bitnet.backward"):
         to_bitnet(tiny_llama31(), lora_rank=2, backward="fp8")
+    with pytest.raises(ValueError, match="exclude entry 'q_projj' matches no module of LlamaForCausalLM"):
+        to_bitnet(tiny_llama31(), lora_rank=2, exclude=("q_projj",))
+
+
+def test_weight_matrices_outside_linear_layers_are_refused_unless_excluded():
+    """A mixture-of-experts keeps its experts as 3-D parameters (transformers 5) and routes with a non-Linear gate:
+    converting only the nn.Linear layers left most of the weights in full precision, silently."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, num_local_experts=4, vocab_size=300)
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    with pytest.raises(ValueError, match=r"6 weight matrices outside nn.Linear layers, which would stay in full "
+                                         r"precision: model.layers.0.mlp.gate.weight, model.layers.0.mlp.experts"):
+        to_bitnet(model, lora_rank=2)
+    to_bitnet(model, lora_rank=2, exclude=("gate", "experts"))  # kept in full precision on purpose
+    assert sum(isinstance(m, BitLinear) for m in model.modules()) == 8  # q, k, v, o of both layers
 
 
 def test_compiled_quantizers_give_the_eager_codes():

@@ -62,18 +62,7 @@ def to_bitnet(
     `kernel` computes the integer products (kernels.py; auto: measured on the device at the first forward).
     """
     BitNetConfig(lora_rank=lora_rank, lora_alpha=lora_alpha, backward=backward).validate()
-    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and module is not output_embedding and not _excluded(name, tuple(exclude))
-    ]
-    if not targets:
-        raise ValueError(
-            f"to_bitnet: {type(model).__name__} has no nn.Linear layers to convert (exclude={tuple(exclude)})"
-        )
-    for name, linear in targets:
-        _check_convertible(name, linear, lora_rank)
+    targets = plan_conversion(model, lora_rank=lora_rank, exclude=tuple(exclude))
     # SubLN uses the model's own RMSNorm eps, as transformers' `bitnet` architecture does on export.
     eps = getattr(getattr(model, "config", None), "rms_norm_eps", 1e-6)
     for name, linear in targets:
@@ -86,17 +75,60 @@ def to_bitnet(
     return model
 
 
+class ConversionError(ValueError):
+    """A model to_bitnet cannot convert as asked; `key` is the argument (BitNetConfig field) to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"to_bitnet: {message}")
+        self.key = key
+
+
+def plan_conversion(model: nn.Module, *, lora_rank: int, exclude: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
+    """The (name, nn.Linear) pairs to_bitnet converts, checked: every `exclude` entry names a module, every target
+    can be packed and carry the LoRA rank, and no other weight matrix would stay in full precision unasked (a
+    mixture-of-experts' experts are 3-D parameters, not nn.Linear). Works on a meta-device model, before any load."""
+    names = [name for name, _ in model.named_modules()]
+    for entry in exclude:
+        if not any(_excluded(name, (entry,)) for name in names):
+            raise ConversionError("exclude", f"exclude entry {entry!r} matches no module of {type(model).__name__}")
+    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and module is not output_embedding and not _excluded(name, exclude)]
+    if not targets:
+        raise ConversionError("exclude", f"{type(model).__name__} has no nn.Linear layers to convert "
+                                         f"(exclude={exclude})")
+    for name, linear in targets:
+        _check_convertible(name, linear, lora_rank)
+    left = _unconverted_matrices(model, {name for name, _ in targets}, output_embedding, exclude)
+    if left:
+        raise ConversionError("exclude", (
+            f"{type(model).__name__} has {len(left)} weight matrices outside nn.Linear layers, which would stay in "
+            f"full precision: {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} (mixture-of-experts experts "
+            "and routers?); megadistil converts nn.Linear layers only: exclude those modules to keep them "
+            "unquantized on purpose, or distil a dense model"))
+    return targets
+
+
+def _unconverted_matrices(model: nn.Module, targets: set[str], output_embedding: nn.Module | None,
+                          exclude: tuple[str, ...]) -> list[str]:
+    """Parameters of 2+ dims (ZeRO-3's partitioned ones by their full shape) that no target, embedding or
+    excluded module owns."""
+    kept = {name for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) or m is output_embedding or name in targets or _excluded(name, exclude)}
+    return [name for name, p in model.named_parameters()
+            if p.is_floating_point() and len(getattr(p, "ds_shape", p.shape)) >= 2
+            and name.rpartition(".")[0] not in kept]
+
+
 def _check_convertible(name: str, linear: nn.Linear, lora_rank: int) -> None:
     if linear.out_features % VALUES_PER_BYTE:
-        raise ValueError(
-            f"to_bitnet: layer {name!r} has out_features={linear.out_features}, not divisible by {VALUES_PER_BYTE} "
-            "(the packed 1.58-bit format stores 4 rows per byte); add it to `exclude`"
-        )
+        raise ConversionError("exclude", (
+            f"layer {name!r} has out_features={linear.out_features}, not divisible by {VALUES_PER_BYTE} "
+            "(the packed 1.58-bit format stores 4 rows per byte); add it to `exclude`"))
     if lora_rank > min(linear.in_features, linear.out_features):
-        raise ValueError(
-            f"to_bitnet: lora_rank={lora_rank} exceeds layer {name!r} "
-            f"({linear.in_features} -> {linear.out_features}); use a rank <= {min(linear.in_features, linear.out_features)}"
-        )
+        raise ConversionError("lora_rank", (
+            f"lora_rank={lora_rank} exceeds layer {name!r} ({linear.in_features} -> {linear.out_features}); "
+            f"use a rank <= {min(linear.in_features, linear.out_features)}"))
 
 
 def bitlinear_modules(model: nn.Module) -> Iterator[tuple[str, BitLinear]]:

@@ -1,12 +1,14 @@
 """What the student's architecture allows, checked from its config before any weight loads (engine.inputs.check_inputs):
-an attention implementation it can run, an output transform megadistil models, and SubLN only where the export can
-write it."""
+an attention implementation it can run, an output transform megadistil models, layers to_bitnet can convert as
+configured (on a meta-device skeleton: no memory, ~0.1 s for a 70B), and SubLN only where the export can write it."""
 
 from __future__ import annotations
 
 import deepspeed
+import torch
 from transformers import PretrainedConfig
 
+from megadistil.bitnet.surgery import ConversionError, plan_conversion
 from megadistil.config import ConfigError, Dtype, RunConfig
 from megadistil.export.ternary import subln_unsupported
 from megadistil.models import attn_implementation, causal_lm_class, logit_transform
@@ -32,5 +34,11 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
                             dtype)
     except ValueError as e:
         raise ConfigError(f"config key 'model.attn_implementation': {e}") from None
+    with torch.device("meta"):
+        skeleton = model_class._from_config(config)
+    try:
+        plan_conversion(skeleton, lora_rank=cfg.bitnet.lora_rank, exclude=tuple(cfg.bitnet.exclude))
+    except ConversionError as e:
+        raise ConfigError(f"config key 'bitnet.{e.key}': {e}") from None
     if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict())):
         raise ConfigError(f"config key 'bitnet.subln': {reason}")
