@@ -581,6 +581,16 @@ def test_weight_decay_acts_on_matrices_and_a_resume_keeps_this_runs_group_settin
     groups = assign_param_groups(model, cfg)
     assert sorted((g["wd_mult"], g["weight_decay"], {p.dim() for p in g["params"]} == {1}) for g in groups) == [
         (0.0, 0.0, True), (1.0, 0.1, False)]
+    for param in model.parameters():  # as ZeRO-3 leaves them: 1-D and empty, the full shape in ds_shape
+        param.ds_shape, param.data = param.shape, torch.empty(0)
+    assert [(g["wd_mult"], len(g["params"])) for g in assign_param_groups(model, cfg)] == [
+        (g["wd_mult"], len(g["params"])) for g in groups]  # every matrix kept its decay (all were 1-D: none did)
+    for groups_set, index, pattern in ((["{pattern: nothing_here, lr_mult: 1.0}"], 0, "nothing_here"),
+                                       (["{pattern: lora_, lr_mult: 1.0}", "{pattern: lora_A, lr_mult: 2.0}"], 1, "lora_A")):
+        shadowed = load_config(None, [f"model.student={tiny_llama_dir}", "data.text=[x]", "bitnet.subln=true",
+                                      f"optim.param_groups=[{','.join(groups_set)}]"])
+        with pytest.raises(ConfigError, match=rf"'optim.param_groups.{index}.pattern': '{pattern}' matches no parameter"):
+            assign_param_groups(model, shadowed)
     trainer = Trainer(cfg, "unused.json")
     trainer._group_settings = [{k: g[k] for k in ("lr_mult", "wd_mult")} for g in groups]
     loaded = [{"lr_mult": 0.5, "wd_mult": 1.0, "betas": (0.9, 0.95), "eps": 1e-8} for _ in groups]  # the checkpoint's

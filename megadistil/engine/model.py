@@ -102,16 +102,24 @@ def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     patterns = [(re.compile(g.pattern), g.lr_mult) for g in cfg.optim.param_groups]
     shared_teacher = cfg.teacher.kind == TeacherKind.shared
+    won = [False] * len(patterns)
     for name, param in model.named_parameters():
-        mult = next((m for p, m in patterns if p.search(name)), 1.0 if DEFAULT_TRAINABLE.search(name) else 0.0)
+        first = next((i for i, (p, _) in enumerate(patterns) if p.search(name)), None)
+        if first is not None:
+            won[first] = True
+        mult = patterns[first][1] if first is not None else 1.0 if DEFAULT_TRAINABLE.search(name) else 0.0
         if mult > 0 and shared_teacher and not DEFAULT_TRAINABLE.search(name):
             raise ConfigError(
                 f"config key 'optim.param_groups': {name} would train, but the shared teacher uses it; "
                 "train only lora_A / lora_B / sub_norm with teacher.kind=shared"
             )
         param.requires_grad_(mult > 0)
-        if mult > 0:
-            groups.setdefault((mult, param.dim() >= 2), []).append(param)
+        if mult > 0:  # ZeRO-3 leaves a partitioned parameter 1-D: its full shape is ds_shape
+            groups.setdefault((mult, len(getattr(param, "ds_shape", param.shape)) >= 2), []).append(param)
+    for i, group in enumerate(cfg.optim.param_groups):
+        if not won[i]:
+            raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': {group.pattern!r} matches no parameter "
+                              "(or only ones an earlier group takes: the first matching pattern wins)")
     if not groups:
         raise ConfigError("config key 'optim.param_groups': no parameter is trainable")
     return [{"params": ps, "lr_mult": mult, "wd_mult": float(matrix), "weight_decay": cfg.optim.weight_decay * matrix}
