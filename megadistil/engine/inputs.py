@@ -55,6 +55,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
             layer_lists(loss, student_config.num_hidden_layers)
         except ValueError as e:
             raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
+        _check_relation_heads(where, loss, student_config)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student, trust_remote_code=trust)
     teacher_tokenizer = _live_teacher_tokenizer(cfg, tokenizer)
     for where, loss in loss_configs(cfg):
@@ -163,3 +164,15 @@ def _shards_teacher_tokenizer(cfg: RunConfig, manifest: Manifest) -> Any:
 
 def _refuse(bad: object, key: str, message: str) -> None:
     require(not bad, key, message, ConfigError)
+
+
+def _check_relation_heads(where: str, loss: Any, config: Any) -> None:
+    """The attention-relation term splits the q and the (GQA: narrower) k/v projections into loss.attn_relation_heads
+    heads: both widths must divide (it failed at the first forward)."""
+    if not loss.attn_relation_weight:
+        return
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    for name, width in (("q", heads * head_dim), ("k/v", kv_heads * head_dim)):
+        _refuse(width % loss.attn_relation_heads != 0, f"{where}loss.attn_relation_heads",
+                f"{loss.attn_relation_heads} does not divide the student's {name} width {width}")
