@@ -128,7 +128,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
-          "relora.reset_every=2", "relora.delta_format=int8", "bitnet.subln=true", "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
+          "relora.reset_every=2", "relora.restart_warmup_steps=1", "relora.delta_format=int8", "bitnet.subln=true",
+          "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run2",
           "train.eval_tasks=[local_choice]", f"train.eval_tasks_include_path={tmp}/tasks",
           "model.dtype=fp32"])  # the float64 reference rebuilds W_eff from the fp32 masters: the weights trained
     large = _large_base(tmp / "large", tiny)
@@ -458,3 +459,226 @@ def test_task_scores_of_the_run_the_student_and_the_converted_checkpoint_agree(r
     assert metrics[("held-out text: eval.txt", "held-out perplexity (training run, step 4)")] == round(last_ppl, 4)
     assert files_sha256([runs["tiny"] / "corpus.txt"]) in card  # the training data's fingerprint
     assert "megadistil version (export) | 0.1.0" in card
+
+
+# ---------------------------------------------------------------- students built in-process (no DeepSpeed)
+
+def _base_dir(path: Path, arch: str, **overrides) -> Path:
+    """A tiny random model of `arch` (tests._tiny) saved with a small byte-level BPE tokenizer."""
+    from megadistil.tiny import stdlib_files, train_bpe_tokenizer
+    from tests._tiny import tiny_model
+
+    tok = train_bpe_tokenizer([f.read_text(errors="replace") for f in stdlib_files(2)], 300)
+    tiny_model(arch, seed=0, vocab_size=len(tok), eos_token_id=tok.eos_token_id, head_scale=5.0,
+               **overrides).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _student(base_dir: Path, *, subln: bool = False, exclude: tuple[str, ...] = (), trained: tuple[str, ...] = ()):
+    """The student of `base_dir` with trained-looking LoRA B (and sub-norms), plus the base tensors named in
+    `trained` moved as optim.param_groups would move them; returns (model, base, parts, spec, run config)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.config import RunConfig
+    from megadistil.export.sources import BaseModel, StudentParts
+    from megadistil.export.ternary import student_spec
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    to_bitnet(model, lora_rank=4, subln=subln, delta=False, exclude=exclude)
+    torch.manual_seed(1)
+    state = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_B", "sub_norm.weight")) or name in trained:
+                p.add_(torch.randn_like(p) * (0.02 if name.endswith("lora_B") else 0.3))
+            if name.endswith(("lora_A", "lora_B", "sub_norm.weight")) or name in trained:
+                state[name] = p.detach().clone()
+    parts = StudentParts({n: (lambda t=t: t) for n, t in state.items()}, {n: tuple(t.shape) for n, t in state.items()})
+    run_config = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"student": str(base_dir)}, "bitnet": {"lora_rank": 4, "lora_alpha": None, "exclude": list(exclude)}})
+    return model.eval(), BaseModel(base_dir), parts, student_spec(parts, run_config, torch.float32), run_config
+
+
+def _max_logit_diff(student: torch.nn.Module, exported: Path) -> float:
+    """max |Δlogit| between the student and the export loaded by vanilla transformers, both in float32."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    loaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float((loaded(input_ids=ids).logits - student(input_ids=ids).logits).abs().max())
+
+
+def test_every_trainable_tensor_of_a_checkpoint_is_read_as_the_students(monkeypatch):
+    """optim.param_groups may train norms, biases or embeddings: the loader keeps every tensor of the student (not
+    only LoRA/ΔW/SubLN), and leaves out the losses' own (DSKD's projector)."""
+    from megadistil import rundir
+    from megadistil.export import sources
+
+    trained = {"student.model.layers.0.self_attn.q_proj.lora_A": torch.zeros(4, 8),
+               "student.model.layers.0.self_attn.q_proj.lora_B": torch.zeros(8, 4),
+               "student.model.layers.0.input_layernorm.weight": torch.full((8,), 2.0),
+               "student.model.embed_tokens.weight": torch.ones(10, 8), "projector.weight": torch.ones(8, 8)}
+    monkeypatch.setattr(rundir, "read_trainable", lambda directory: trained)
+    tensors, _ = sources._trainable_loaders(sources.CheckpointRef(Path("ckpt"), "step1", None, {}, None))
+    assert sorted(tensors) == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                               "model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B"]
+    assert torch.equal(tensors["model.layers.0.input_layernorm.weight"](), torch.full((8,), 2.0))
+
+
+def test_a_trained_norm_is_exported_and_verified_as_the_student_has_it(tmp_path, monkeypatch):
+    """A norm trained through optim.param_groups replaces the base's in the HF export and the GGUF, and --verify's
+    student carries it; a trained tensor the base lacks is refused by name."""
+    import gguf
+
+    from megadistil.export.gguf import GGUFConfig, export_gguf
+    from megadistil.export.sources import ExportError, StudentParts
+    from megadistil.export.ternary import export_student
+    from megadistil.export.verify import build_student
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    norm = "model.layers.0.input_layernorm.weight"
+    model, base, parts, spec, run_config = _student(_base_dir(tmp_path / "base", "llama31"), trained=(norm,))
+    assert not torch.equal(parts.get(norm), base.get(norm))
+    export_student(base, parts, spec, tmp_path / "hf", ExportConfig(dtype="fp32", progress=False))
+    assert torch.equal(_tensors(tmp_path / "hf")[norm], parts.get(norm))
+    assert _max_logit_diff(model, tmp_path / "hf") <= 1e-3
+    assert torch.equal(build_student(base, parts, spec, run_config).state_dict()[norm], parts.get(norm))
+    export_gguf(base, parts, spec, tmp_path / "m.gguf", GGUFConfig(progress=False))
+    (attn_norm,) = [t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.attn_norm.weight"]
+    assert (attn_norm.data == parts.get(norm).numpy()).all()
+
+    stray = StudentParts({**parts.tensors, "model.layers.0.gate.weight": lambda: torch.ones(3)},
+                         {**parts.shapes, "model.layers.0.gate.weight": (3,)})
+    for export in (lambda: export_student(base, stray, spec, tmp_path / "x", ExportConfig(progress=False)),
+                   lambda: export_gguf(base, stray, spec, tmp_path / "x.gguf", GGUFConfig(progress=False))):
+        with pytest.raises(ExportError, match="checkpoint tensor 'model.layers.0.gate.weight' is neither a tensor of "
+                                              "the base model"):
+            export()
+
+
+def test_an_autobitlinear_export_computes_what_the_student_does(tmp_path, monkeypatch):
+    """transformers' AutoBitLinear (offline) multiplies its output by weight_scale, so it stores mean|W| where
+    BitLinear stores 1/mean|W|; the card says which."""
+    from omegaconf import OmegaConf
+
+    from megadistil.config import RunConfig
+    from megadistil.export.card import run_metrics, write_card
+    from megadistil.export.ternary import export_student
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    model, base, parts, spec, _ = _student(_base_dir(tmp_path / "base", "llama31"))
+    written = {}
+
+    def card(staging: Path, result) -> None:
+        write_card(staging, run_config=OmegaConf.merge(OmegaConf.structured(RunConfig), {"data": {"text": ["x"]}}),
+                   meta={}, metrics=run_metrics(None, 0), sizes=result.sizes, export_config=result.config,
+                   base_path=base.path)
+        written["card"] = (staging / "README.md").read_text()
+
+    export_student(base, parts, spec, tmp_path / "auto", ExportConfig(dtype="fp32", linear_class="autobitlinear",
+                                                                       progress=False), finish=card)
+    assert _max_logit_diff(model, tmp_path / "auto") <= 1e-3
+    scale = _tensors(tmp_path / "auto")["model.layers.0.self_attn.q_proj.weight_scale"]
+    assert torch.allclose(scale, model.model.layers[0].self_attn.q_proj.weight.abs().mean().reshape(1), rtol=0.1)
+    assert "`weight_scale = mean|W|`" in written["card"] and "1/mean|W|" not in written["card"]
+
+
+def test_excluded_modules_are_named_in_full_so_transformers_converts_the_rest(tmp_path, monkeypatch):
+    """bitnet.exclude's `1.mlp.down_proj` kept layer 1's down_proj out of BitNet (to_bitnet matches a dotted suffix),
+    but transformers reads a modules_to_not_convert entry as a plain suffix too, which also names layer 11's: the
+    export names the modules in full."""
+    from megadistil.export.ternary import export_student
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    model, base, parts, spec, _ = _student(_base_dir(tmp_path / "base", "llama31", num_hidden_layers=12),
+                                           exclude=("1.mlp.down_proj",))
+    assert type(model.model.layers[11].mlp.down_proj).__name__ == "BitLinear"
+    result = export_student(base, parts, spec, tmp_path / "hf", ExportConfig(dtype="fp32", progress=False))
+    assert result.config["quantization_config"]["modules_to_not_convert"] == [
+        "lm_head", r"model\.layers\.1\.mlp\.down_proj"]
+    assert _max_logit_diff(model, tmp_path / "hf") <= 1e-3
+
+
+def test_a_subln_student_with_o_proj_excluded_is_refused_naming_the_layer(tmp_path):
+    """transformers' `bitnet` model (and llama.cpp's) applies attn_sub_norm in every layer; a student that kept
+    o_proj full precision has none there."""
+    from megadistil.export.gguf import GGUFConfig, export_gguf
+    from megadistil.export.sources import ExportError
+    from megadistil.export.ternary import export_student
+
+    _, base, parts, spec, _ = _student(_base_dir(tmp_path / "base", "llama31"), subln=True,
+                                       exclude=("layers.1.self_attn.o_proj",))
+    message = "layer model.layers.1.self_attn.o_proj is excluded from BitNet .* applies attn_sub_norm in every layer"
+    with pytest.raises(ExportError, match=message):
+        export_student(base, parts, spec, tmp_path / "hf", ExportConfig(progress=False))
+    with pytest.raises(ExportError, match="GGUF: " + message):
+        export_gguf(base, parts, spec, tmp_path / "m.gguf", GGUFConfig(progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_rotary_inv_freq_buffers_of_the_base_are_not_exported(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from megadistil.export.ternary import export_student
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    base_dir = _base_dir(tmp_path / "base", "llama31")
+    tensors = load_file(base_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # as Llama-2-era checkpoints hold them
+    save_file(tensors, base_dir / "model.safetensors", metadata={"format": "pt"})
+    model, base, parts, spec, _ = _student(base_dir)
+    export_student(base, parts, spec, tmp_path / "hf", ExportConfig(dtype="fp32", progress=False))
+    assert not [n for n in _tensors(tmp_path / "hf") if "inv_freq" in n]
+    assert _max_logit_diff(model, tmp_path / "hf") <= 1e-3
+
+
+def test_an_export_transformers_cannot_load_fails_verification_and_is_kept(tmp_path, capsys):
+    """A load failure during --verify is a failed verification: the export goes to <output>.verify-failed with the
+    cause in its figures, and the tool says so in one line (exit 1), not a traceback that deletes it."""
+    from megadistil.export.ternary import export_student
+    from megadistil.export.verify import VerifyConfig, verify_export
+
+    _, base, parts, spec, run_config = _student(_base_dir(tmp_path / "base", "llama31"))
+
+    def corrupt_then_verify(staging: Path, result) -> None:
+        (staging / "model.safetensors").write_bytes(b"not safetensors")
+        result.verify = verify_export(staging, base, parts, spec, run_config, "fp32", base.path,
+                                      VerifyConfig(sequences=2, seq_len=8, new_tokens=2, prompts=2, prompt_len=4))
+
+    out = tmp_path / "hf"
+    result = export_student(base, parts, spec, out, ExportConfig(dtype="fp32", progress=False),
+                            finish=corrupt_then_verify)
+    assert result.output == tmp_path / "hf.verify-failed" and not out.exists()
+    assert (result.output / "config.json").is_file() and result.verify["passed"] is False
+    assert result.verify["error"].startswith("transformers could not load/run it: ")
+    assert "header" in result.verify["error"].splitlines()[0]  # safetensors' own complaint, the last line of stderr
+    verdict = _tool_main().__globals__["verdict"]
+    capsys.readouterr()  # what loading printed
+    assert verdict(result.verify, str(out)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"verification FAILED ({result.verify['error']}): the export is kept beside --output as "
+                           f"{out}.verify-failed")
+
+
+@pytest.mark.multirank
+def test_the_tool_keeps_an_export_that_does_not_load_as_a_failed_verification(runs, tmp_path, monkeypatch, capsys):
+    from megadistil.export import ternary
+
+    real = ternary.write_side_files
+
+    def corrupted(directory: Path, *args, **kwargs) -> None:
+        real(directory, *args, **kwargs)
+        (directory / "model.safetensors").write_bytes(b"not safetensors")
+
+    monkeypatch.setattr(ternary, "write_side_files", corrupted)
+    out = tmp_path / "out"
+    assert _tool_main()(["--checkpoint", str(runs["run2"]), "--output", str(out), "--verify", "--verify-sequences",
+                         "2", "--no-progress"]) == 1
+    assert (tmp_path / "out.verify-failed" / "config.json").is_file() and not out.exists()
+    (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("verification FAILED")]
+    assert line.startswith("verification FAILED (transformers could not load/run it: ") and "header" in line
+    assert f"kept beside --output as {out}.verify-failed" in line

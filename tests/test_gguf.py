@@ -123,7 +123,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
                            intermediate_size=384)
     _run([DEEPSPEED, "--num_gpus", "2", "--master_port", "29633", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
-          "train.max_steps=4", "train.save_every=4", "relora.reset_every=2", "relora.delta_format=int8",
+          "train.max_steps=4", "train.save_every=4", "relora.reset_every=2", "relora.restart_warmup_steps=1",
+          "relora.delta_format=int8",
           "bitnet.lora_alpha=32", f"train.output_dir={tmp}/run", "model.dtype=fp32"])
     return {"tmp": tmp, "tiny": tiny, "run": tmp / "run"}
 
@@ -361,3 +362,78 @@ def test_the_plain_weights_switch_reaches_llama_cpps_model_parameters(monkeypatc
     monkeypatch.setenv("MEGADISTIL_LLAMA_PLAIN", "1")
     proc, plain = _run_script(show, [])
     assert (proc.stdout.split(), plain) == (["False"], True)
+
+
+# ---------------------------------------------------------------- bases llama.cpp's graphs cannot or need not hold
+
+def test_a_subln_student_of_a_base_with_attention_biases_is_refused():
+    """llama.cpp's `bitnet` graph loads no q/k/v/o biases: such a file would load and compute without them."""
+    from transformers import LlamaConfig
+
+    with pytest.raises(ExportError, match="`bitnet` graph has no q/k/v/o biases, but this model_type='llama' base "
+                                          "has attention_bias=true"):
+        gguf_architecture(LlamaConfig(tie_word_embeddings=True, attention_bias=True), _spec(True))
+    assert gguf_architecture(LlamaConfig(attention_bias=True), _spec(False)) == "llama"
+
+
+def test_a_base_holding_rotary_inv_freq_exports_a_gguf_llama_cpp_runs(tmp_path):
+    """Llama-2-era checkpoints hold rotary_emb.inv_freq buffers; llama.cpp recomputes them and refuses a file that
+    holds them, so the export leaves them out (as llama.cpp's converter does)."""
+    from safetensors.torch import load_file, save_file
+
+    from megadistil.export.llamacpp import llama_cpp_perplexity, perplexity
+    from tests.test_export import _base_dir, _student
+
+    base_dir = _base_dir(tmp_path / "base", "llama31", hidden_size=256, intermediate_size=512)
+    tensors = load_file(base_dir / "model.safetensors")
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(32)
+    save_file(tensors, base_dir / "model.safetensors", metadata={"format": "pt"})
+    model, base, parts, spec, _ = _student(base_dir)
+    out = export_gguf(base, parts, spec, tmp_path / "m.gguf", GGUFConfig(progress=False)).output
+    assert not [n for n in _read(out) if "rot_embd" in n]
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student = perplexity(model(input_ids=ids).logits.float().numpy(), ids.numpy())
+    assert abs(llama_cpp_perplexity(out, ids) / student - 1) < 0.02
+
+
+def test_a_gguf_llama_cpp_cannot_load_fails_verification_and_is_kept(tmp_path):
+    """A load failure during --verify is a failed verification with its cause: the file is kept as
+    <output>.verify-failed, not deleted by a traceback."""
+    from megadistil.export.gguf import verify_gguf_file
+    from tests.test_export import _base_dir, _student
+
+    model, base, parts, spec, run_config = _student(_base_dir(tmp_path / "base", "llama31"))
+
+    def corrupt_then_verify(staged: Path, result) -> None:
+        staged.write_bytes(staged.read_bytes()[:4096])  # cut short: its tensors' data is missing
+        result.verify = verify_gguf_file(staged, model, None, run_config)
+
+    out = tmp_path / "m.gguf"
+    result = export_gguf(base, parts, spec, out, GGUFConfig(progress=False), finish=corrupt_then_verify)
+    assert result.output == tmp_path / "m.gguf.verify-failed" and not out.exists()
+    assert result.output.stat().st_size == 4096 and result.verify["passed"] is False
+    assert result.verify["error"].startswith("llama.cpp could not load/run it: ")
+    assert "load" in result.verify["error"].removeprefix("llama.cpp could not load/run it: ").lower()
+
+
+@pytest.mark.multirank
+def test_the_tool_keeps_a_gguf_llama_cpp_cannot_load_as_a_failed_verification(run, tmp_path, monkeypatch, capsys):
+    import megadistil.export.gguf as g
+
+    real = g.write_gguf
+
+    def cut_short(staging: Path, *args, **kwargs) -> str:
+        pre = real(staging, *args, **kwargs)
+        staging.write_bytes(staging.read_bytes()[:4096])
+        return pre
+
+    monkeypatch.setattr(g, "write_gguf", cut_short)
+    out = tmp_path / "m.gguf"
+    assert _tool_main()(["--format", "gguf", "--checkpoint", str(run["run"]), "--output", str(out), "--verify",
+                         "--verify-sequences", "2", "--no-progress"]) == 1
+    assert (tmp_path / "m.gguf.verify-failed").stat().st_size == 4096 and not out.exists()
+    (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("verification FAILED")]
+    assert line.startswith("verification FAILED (llama.cpp could not load/run it: ")
+    assert f"kept beside --output as {out}.verify-failed" in line

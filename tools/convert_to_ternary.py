@@ -5,8 +5,8 @@
       [--dtype bf16] [--verify] [--max-shard-size 5GB] [--overwrite]
   python tools/convert_to_ternary.py --format gguf --gguf-type tq2_0 --checkpoint RUN --output FILE.gguf [--verify]
 
-Exit status: 0 converted (and verified); 1 verification outside tolerance (the export is then kept as
-OUTPUT.verify-failed and OUTPUT keeps what it held); 2 bad input. --overwrite replaces an earlier export only, and no
+Exit status: 0 converted (and verified); 1 verification outside tolerance, or the export did not load in transformers /
+llama.cpp (the export is then kept as OUTPUT.verify-failed and OUTPUT keeps what it held); 2 bad input. --overwrite replaces an earlier export only, and no
 output may be, hold or sit inside the checkpoints or the base model.
 DeepSpeed's ZeRO files are read with torch.load(weights_only=True): nothing in them can run code.
 --verify loads an HF export with vanilla transformers, a GGUF with llama.cpp (`make llama-cpp` installs it).
@@ -68,7 +68,7 @@ def gguf_main(a: argparse.Namespace) -> int:
                                      verify_config=LlamaCppVerifyConfig(**verify_settings(a)))
     print(f"wrote {result.output}")
     print(format_gguf_sizes(result))
-    if result.verify is not None:
+    if result.verify is not None and "error" not in result.verify:
         print(format_llama_cpp_figures(result.verify))
     return verdict(result.verify, a.output)
 
@@ -82,7 +82,7 @@ def hf_main(a: argparse.Namespace) -> int:
                                 evaluated=evaluated)
     print(f"wrote {result.output} ({result.sizes['shards']} shard(s))")
     print(format_size_report(result.sizes))
-    if result.verify is not None:
+    if result.verify is not None and "error" not in result.verify:
         print(format_figures(result.verify))
     return verdict(result.verify, a.output)
 
@@ -91,8 +91,9 @@ def verdict(verify: dict | None, output: str) -> int:
     """1 where verification failed: the export then went to <output>.verify-failed, and --output kept what it held."""
     if verify is None or verify["passed"]:
         return 0
-    print(f"verification FAILED: the export is kept beside --output as {output}.verify-failed; {output} was left "
-          "as it was", file=sys.stderr)
+    cause = f" ({verify['error']})" if "error" in verify else ""  # it did not load: say why, in the same line
+    print(f"verification FAILED{cause}: the export is kept beside --output as {output}.verify-failed; {output} was "
+          "left as it was", file=sys.stderr)
     return 1
 
 

@@ -12,6 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from megadistil.rundir import METRICS, RUN_INFO
 from megadistil.utils import provenance
 
+# What weight_scale is for each linear class: transformers' BitLinear divides by it, AutoBitLinear multiplies by it.
+SCALE_TEXT = {
+    "bitlinear": "`weight_scale = 1/mean|W|` (y = x_q·W_qᵀ / (input_scale·weight_scale))",
+    "autobitlinear": "`weight_scale = mean|W|` (y = (x_q / input_scale)·W_qᵀ·weight_scale)",
+}
+
 
 def run_metrics(run_dir: Path | None, step: int) -> dict[str, Any]:
     """Held-out perplexities (teacher: the first record; student: the last at or before `step`) and tokens trained
@@ -163,9 +169,8 @@ load without it). No megadistil code is needed.
     " model carries exactly those norms as `attn_sub_norm` / `ffn_sub_norm`." if subln else
     " The student has no SubLN, so it is the base architecture with BitNet linear layers."}
 - Quantization: `quant_method: bitnet`, `linear_class: {q['linear_class']}`, `quantization_mode: offline`; linear
-  weights packed 4 per uint8 along the output dim (value + 1, shape `(out/4, in)`), `weight_scale = 1/mean|W|`
-  (y = x_q·W_qᵀ / (input_scale·weight_scale)). Not converted (kept in `{export_config['dtype']}`):
-  {', '.join(f'`{m}`' for m in q['modules_to_not_convert'])}.
+  weights packed 4 per uint8 along the output dim (value + 1, shape `(out/4, in)`), {SCALE_TEXT[q['linear_class']]}.
+  Not converted (kept in `{export_config['dtype']}`): {', '.join(f'`{m}`' for m in q['modules_to_not_convert'])}.
 - The ternary weights are exactly the ones the student used in training: Q3(W + ΔW + s·B·A).
 
 ## Run metrics
@@ -192,7 +197,9 @@ Loss config:
 | teacher in bf16 | {sizes['teacher_bf16_bytes']:,} ({100 * sizes['checkpoint_vs_teacher_bf16']:.1f}%) |
 """
     text += provenance_section(run_dir, run_config, metrics)
-    if verify:
+    if verify and "error" in verify:
+        text += f"\n## Verification\n\nFAILED: {verify['error']}\n"
+    elif verify:
         text += f"""
 ## Verification
 

@@ -27,8 +27,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megadistil.export.sources import BaseModel, ExportError, StudentParts
-from megadistil.export.ternary import StudentSpec, check_base_matches, layer_codes, subln_unsupported
+from megadistil.export.sources import BaseModel, ExportError, ExportLoadError, StudentParts
+from megadistil.export.ternary import (
+    StudentSpec,
+    check_base_matches,
+    layer_codes,
+    student_tensor,
+    subln_unsupported,
+    unconverted_modules,
+)
 from megadistil.export.writer import _release_freed_memory, check_output, publish, published_path
 
 Q = gguf.GGMLQuantizationType
@@ -110,12 +117,16 @@ class GGUFResult:
 
 # ---------------------------------------------------------------- architecture and hyper-parameters
 
-def gguf_architecture(config: Any, spec: StudentSpec) -> str:
-    """llama.cpp's architecture for this student, or ExportError with the reason none fits."""
+def gguf_architecture(config: Any, spec: StudentSpec, unconverted: list[str] | tuple[str, ...] = ()) -> str:
+    """llama.cpp's architecture for this student, or ExportError with the reason none fits. `unconverted`: the modules
+    left full precision (ternary.unconverted_modules)."""
     family = f"model_type={config.model_type!r}"
     if spec.subln:
-        if reason := subln_unsupported(config.to_dict()):
+        if reason := subln_unsupported(config.to_dict(), unconverted):
             raise ExportError(f"GGUF: {reason}")
+        if getattr(config, "attention_bias", False):
+            raise ExportError(f"GGUF: llama.cpp's `bitnet` graph has no q/k/v/o biases, but this {family} base has "
+                              "attention_bias=true. Train it without SubLN to export it as `llama`")
         if not config.tie_word_embeddings:
             raise ExportError(f"GGUF: a SubLN student is llama.cpp's `bitnet` graph, which uses the token embedding as "
                               f"its output head; this {family} student has its own lm_head (tie_word_embeddings="
@@ -326,7 +337,8 @@ class TensorPlan:
         qtype = Q.F32 if len(shape) == 1 else storable(other, shape, Q.F16)
 
         def produce() -> np.ndarray:  # rounded through the training dtype: what the student saw
-            return encode(rows(self.base.get(name).to(self.spec.train_dtype).float()).numpy(), qtype)
+            tensor = student_tensor(self.base, self.parts, name)  # a trained norm, bias or embedding: the student's
+            return encode(rows(tensor.to(self.spec.train_dtype).float()).numpy(), qtype)
         return GGUFTensor(target, qtype, shape, produce)
 
     def ternary(self, m: str) -> GGUFTensor:
@@ -419,7 +431,7 @@ def export_gguf(base: BaseModel, parts: StudentParts, spec: StudentSpec, output:
     check_output(output, cfg.overwrite, [("--base", base.path, False)])
     check_base_matches(base, parts, spec)
     config = AutoConfig.from_pretrained(base.path)
-    arch = gguf_architecture(config, spec)
+    arch = gguf_architecture(config, spec, unconverted_modules(base, spec))
     plan = TensorPlan(base, parts, spec, config, arch, cfg)
     tensors = plan.tensors()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -437,13 +449,26 @@ def export_gguf(base: BaseModel, parts: StudentParts, spec: StudentSpec, output:
     return result
 
 
+def verify_gguf_file(path: Path, student: torch.nn.Module, tokenizer: Any, run_config: Any,
+                     cfg: Any = None) -> dict[str, Any]:
+    """llamacpp.verify_gguf's figures. A file llama.cpp cannot load or run failed its verification (figures with the
+    cause under "error"), which keeps it as <output>.verify-failed for a look, rather than an error that deletes it."""
+    from megadistil.export.llamacpp import verify_gguf
+    from megadistil.export.verify import load_failure
+
+    try:
+        return verify_gguf(path, student, tokenizer, run_config, cfg)
+    except ExportLoadError as e:
+        return load_failure(e, "llama.cpp")
+
+
 def convert_checkpoint_gguf(checkpoint: str | Path, output: str | Path, cfg: GGUFConfig | None = None, *,
                             base: str | Path | None = None, verify: bool = False,
                             verify_config: Any = None) -> GGUFResult:
     """tools/convert_to_ternary.py --format gguf: export, then (verify) run the file in llama.cpp against the
     student before it takes the output's name. llama.cpp must be installed before the export starts, so a missing
     runtime costs nothing."""
-    from megadistil.export.llamacpp import require_llama_cpp, verify_gguf
+    from megadistil.export.llamacpp import require_llama_cpp
     from megadistil.export.ternary import load_student, output_inputs
 
     cfg = cfg or GGUFConfig()
@@ -462,7 +487,7 @@ def convert_checkpoint_gguf(checkpoint: str | Path, output: str | Path, cfg: GGU
         from megadistil.export.verify import build_student
 
         student = build_student(s.base, s.parts, s.spec, s.ckpt.config)
-        result.verify = verify_gguf(staged, student, AutoTokenizer.from_pretrained(s.tokenizer_dir), s.ckpt.config,
-                                    verify_config)
+        result.verify = verify_gguf_file(staged, student, AutoTokenizer.from_pretrained(s.tokenizer_dir),
+                                         s.ckpt.config, verify_config)
 
     return export_gguf(s.base, s.parts, s.spec, output, cfg, tokenizer_dir=s.tokenizer_dir, finish=finish)

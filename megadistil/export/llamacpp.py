@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megadistil.export.sources import ExportError
+from megadistil.export.sources import ExportError, ExportLoadError
 
 INSTALL_HINT = "install llama-cpp-python with `make llama-cpp` (it builds llama.cpp from the registry's source)"
 
@@ -117,7 +117,7 @@ def run_llama_cpp(gguf_path: Path, ids: torch.Tensor, prompts: torch.Tensor, eos
         Path(io_dir, "text.txt").write_text(text, encoding="utf-8")
         proc, plain = _run_script(SUBPROCESS, [str(gguf_path), io_dir], cwd=io_dir)
         if proc.returncode != 0:
-            raise RuntimeError(f"verify: llama.cpp could not load/run {gguf_path}:\n{_failure(proc)}")
+            raise ExportLoadError(f"verify: llama.cpp could not load/run {gguf_path}:\n{_failure(proc)}")
         with np.load(f"{io_dir}/output.npz", allow_pickle=False) as out:
             return dict(out), json.loads(proc.stdout.strip().splitlines()[-1]) | {"plain_weights": plain}
 

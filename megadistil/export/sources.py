@@ -26,6 +26,10 @@ class ExportError(ValueError):
     """Bad input to the exporter, naming the file, key or layer at fault."""
 
 
+class ExportLoadError(RuntimeError):
+    """The runtime (transformers, llama.cpp) could not load or run the export under verification."""
+
+
 @contextlib.contextmanager
 def _as_export_error() -> Iterator[None]:
     """The run-dir layout's errors, raised as the exporter's own (callers catch ExportError), message unchanged."""
@@ -114,7 +118,9 @@ class BaseModel:
             return {name: single.name for name in f.keys()}  # noqa: SIM118
 
     def names(self) -> list[str]:
-        return list(self.files)
+        """The model's tensors, less rotary inv_freq buffers: older checkpoints saved them, every loader recomputes
+        them, and llama.cpp refuses a GGUF that holds them (its converter skips them too)."""
+        return [n for n in self.files if not n.endswith(".rotary_emb.inv_freq")]
 
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][0]
@@ -135,7 +141,9 @@ def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 
 class StudentParts:
-    """The trainable (LoRA, SubLN) and ΔW tensors of the student, by name without the engine's `student.` prefix.
+    """The trainable and ΔW tensors of the student, by name without the engine's `student.` prefix: the parts
+    megadistil adds (STUDENT_PART_SUFFIXES) and any tensor of the base that optim.param_groups trained, which then
+    replaces the base's.
 
     `tensors` maps a name to a zero-argument loader so that a checkpoint is read one tensor at a time.
     """
@@ -158,8 +166,18 @@ class StudentParts:
         return cls(tensors, shapes)
 
 
-def _is_student_part(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B", ".delta", ".sub_norm.weight"))
+# The tensors megadistil adds to the base model; every other tensor of a checkpoint is one of the base's, trained.
+STUDENT_PART_SUFFIXES = (".lora_A", ".lora_B", ".delta", ".delta_scale", ".sub_norm.weight")
+
+
+def is_student_part(name: str) -> bool:
+    return name.endswith(STUDENT_PART_SUFFIXES)
+
+
+def _is_student_tensor(name: str) -> bool:
+    # Under the engine's wrapper, every trainable tensor is the student's; beside it sit the losses' own (DSKD's
+    # projector), which are not. A name without the wrapper (an older layout) counts by its suffix alone.
+    return name.startswith(WRAPPER_PREFIX) or is_student_part(name)
 
 
 def _strip(name: str) -> str:
@@ -174,7 +192,7 @@ def _trainable_loaders(ckpt: CheckpointRef) -> tuple[dict[str, Callable], dict[s
         raise ExportError(f"checkpoint {ckpt.dir}: DeepSpeed could not read its ZeRO files ({e})") from None
     tensors, shapes = {}, {}
     for name, t in lazy.items():
-        if not _is_student_part(name):
+        if not _is_student_tensor(name):
             continue
         if not isinstance(t, torch.Tensor):
             tensors[_strip(name)] = (lambda t=t: t.contiguous())

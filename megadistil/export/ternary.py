@@ -9,6 +9,7 @@ shards are streamed to disk tensor by tensor, so peak memory is a few of the lar
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,12 +21,13 @@ from omegaconf import DictConfig
 
 from megadistil.bitnet.linear import weight_codes
 from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary
-from megadistil.bitnet.surgery import SUBLN_TARGETS
+from megadistil.bitnet.surgery import SUBLN_TARGETS, _excluded
 from megadistil.export.sources import (
     BaseModel,
     ExportError,
     StudentParts,
     check_fingerprint,
+    is_student_part,
     locate_checkpoint,
     tensor_nbytes,
     training_dtype,
@@ -58,7 +60,7 @@ class ExportConfig:
 
     dtype: str = "bf16"  # bf16 | fp32 | fp16: non-ternary tensors, weight_scale and the loaded model's activations
     max_shard_size: str = "5GB"
-    linear_class: str = "bitlinear"  # transformers' BitLinear (packed uint8 weight + 1/mean|W| scale)
+    linear_class: str = "bitlinear"  # transformers' BitLinear (1/mean|W| scale) or AutoBitLinear (mean|W|), both packed
     overwrite: bool = False
     progress: bool = True
 
@@ -92,7 +94,7 @@ class StudentSpec:
     scaling: float  # lora_alpha / lora_rank
     train_dtype: torch.dtype
     subln: bool
-    modules_to_not_convert: list[str]
+    modules_to_not_convert: list[str]  # the output head, then bitnet.exclude as to_bitnet matched it (names, suffixes)
     lora_rank: int
 
 
@@ -124,7 +126,17 @@ def subnorm_output_name(module: str) -> str:
 
 
 def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) -> None:
-    """Every BitLinear of the checkpoint must find a weight of a matching shape in the base."""
+    """Every BitLinear of the checkpoint must find a weight of a matching shape in the base, and every other trained
+    tensor (optim.param_groups: norms, biases, embeddings) the base tensor it replaces."""
+    for name, shape in parts.shapes.items():
+        if is_student_part(name):
+            continue
+        if name not in base.files:
+            raise ExportError(f"checkpoint tensor {name!r} is neither a tensor of the base model {base.path} nor a "
+                              "part megadistil adds (lora_A/lora_B/delta/sub_norm): the export has no place for it")
+        if base.shape(name) != shape:
+            raise ExportError(f"base model {base.path} does not match the checkpoint: its {name!r} is "
+                              f"{list(base.shape(name))}, the checkpoint's trained one {list(shape)}")
     for m in spec.bitlinear:
         name = f"{m}.weight"
         if name not in base.files:
@@ -142,19 +154,26 @@ def check_base_matches(base: BaseModel, parts: StudentParts, spec: StudentSpec) 
             raise ExportError(f"layer {m}: out_features={out} is not a multiple of {VALUES_PER_BYTE}")
 
 
+def student_tensor(base: BaseModel, parts: StudentParts, name: str) -> torch.Tensor:
+    """The student's tensor `name`: the checkpoint's where training changed it (optim.param_groups), else the base's."""
+    return parts.get(name) if parts.has(name) else base.get(name)
+
+
 def layer_codes(base: BaseModel, parts: StudentParts, spec: StudentSpec, m: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's Q3 codes and scale of layer `m`, by the function its forward used (weight_codes)."""
     # Every operand is first rounded to the dtype it had in the training forward (the optimizer's fp32 masters were
     # not used there). Loaded here, W and ΔW are freed when this frame returns.
     delta, delta_scale = (parts.get(n) if parts.has(n) else None for n in (f"{m}.delta", f"{m}.delta_scale"))
     t = spec.train_dtype
-    return weight_codes(base.get(f"{m}.weight").to(t), delta, parts.get(f"{m}.lora_A").to(t),
+    return weight_codes(student_tensor(base, parts, f"{m}.weight").to(t), delta, parts.get(f"{m}.lora_A").to(t),
                         parts.get(f"{m}.lora_B").to(t), spec.scaling, delta_scale)
 
 
-def plan_output(base: BaseModel, parts: StudentParts, spec: StudentSpec, dtype: torch.dtype) -> list[OutputTensor]:
+def plan_output(base: BaseModel, parts: StudentParts, spec: StudentSpec, dtype: torch.dtype,
+                linear_class: str = "bitlinear") -> list[OutputTensor]:
     """The output tensors in the base's order; each BitLinear weight becomes its packed weight + weight_scale, and a
-    SubLN weight follows its layer's weight under transformers' bitnet name."""
+    SubLN weight follows its layer's weight under transformers' bitnet name. A tensor the checkpoint trained replaces
+    the base's."""
     layers = set(spec.bitlinear)
     plan: list[OutputTensor] = []
     cache: dict[str, torch.Tensor] = {}  # the scale, computed with the packed weight, is written right after it
@@ -162,10 +181,11 @@ def plan_output(base: BaseModel, parts: StudentParts, spec: StudentSpec, dtype: 
     for name in base.names():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module in layers:
-            plan += _bitlinear_outputs(base, parts, spec, module, dtype, cache)
+            plan += _bitlinear_outputs(base, parts, spec, module, dtype, cache, linear_class)
         else:
             plan.append(OutputTensor(name, dtype if base.dtype(name).is_floating_point else base.dtype(name),
-                                     base.shape(name), lambda name=name: _cast(base.get(name), spec, dtype)))
+                                     base.shape(name),
+                                     lambda name=name: _cast(student_tensor(base, parts, name), spec, dtype)))
     return plan
 
 
@@ -175,12 +195,12 @@ def _cast(t: torch.Tensor, spec: StudentSpec, dtype: torch.dtype) -> torch.Tenso
 
 
 def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, m: str, dtype: torch.dtype,
-                       cache: dict[str, torch.Tensor]) -> list[OutputTensor]:
+                       cache: dict[str, torch.Tensor], linear_class: str) -> list[OutputTensor]:
     out, inp = base.shape(f"{m}.weight")
 
     def packed() -> torch.Tensor:
-        codes, scale = layer_codes(base, parts, spec, m)
-        cache[m] = scale.reshape(1).float()  # 1 / mean|W_eff|
+        codes, scale = layer_codes(base, parts, spec, m)  # scale = 1 / mean|W_eff|
+        cache[m] = stored_scale(scale.reshape(1).float(), linear_class)
         return pack_ternary(codes)
 
     tensors = [
@@ -194,11 +214,28 @@ def _bitlinear_outputs(base: BaseModel, parts: StudentParts, spec: StudentSpec, 
     return tensors
 
 
-def subln_unsupported(config: dict[str, Any]) -> str | None:
+def stored_scale(scale: torch.Tensor, linear_class: str) -> torch.Tensor:
+    """weight_scale as `linear_class` reads it, from the student's scale = 1/mean|W_eff|: transformers' BitLinear
+    divides its output by weight_scale (so 1/mean|W|), AutoBitLinear (offline) multiplies by it (so mean|W|)."""
+    return scale if linear_class == "bitlinear" else 1.0 / scale  # in float32, as the GGUF's d = 1/scale
+
+
+def unconverted_modules(base: BaseModel, spec: StudentSpec) -> list[str]:
+    """The full names of the modules left full precision: the output head, then the base's modules that bitnet.exclude
+    kept out of to_bitnet (matched as it matched them: a name or a dotted suffix)."""
+    head, *exclude = spec.modules_to_not_convert
+    modules = [n.removesuffix(".weight") for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2]
+    layers = set(spec.bitlinear)
+    excluded = [m for m in modules if m != head and m not in layers and _excluded(m, tuple(exclude))]
+    return [head, *excluded]
+
+
+def subln_unsupported(config: dict[str, Any], unconverted: list[str] | tuple[str, ...] = ()) -> str | None:
     """Why a SubLN student of this base cannot be exported, or None if it can. A SubLN student is written as
     transformers' `bitnet` model: Llama's blocks (attention_bias on q/k/v/o alike, bias-free MLP) plus RMSNorms of
-    hidden_size on the inputs of o_proj and down_proj. Only a Llama base computes exactly that; every other family
-    differs in its blocks (fused or biased projections, q/k norms, extra norms, sliding windows, parallel residuals)."""
+    hidden_size on the inputs of o_proj and down_proj, every one of them a BitLinear. Only a Llama base computes exactly
+    that; every other family differs in its blocks (fused or biased projections, q/k norms, extra norms, sliding
+    windows, parallel residuals). `unconverted`: the modules the student left full precision (bitnet.exclude)."""
     name = f"model_type={config.get('model_type')!r} ({', '.join(config.get('architectures') or ['?'])})"
     if config.get("model_type") != "llama":
         return (f"a SubLN student exports as transformers' `bitnet` model (Llama blocks + sub-norms), which cannot "
@@ -209,20 +246,31 @@ def subln_unsupported(config: dict[str, Any]) -> str | None:
     if head_dim and heads * head_dim != config["hidden_size"]:
         return (f"transformers' `bitnet` attention sub-norm is hidden_size={config['hidden_size']} wide, but {name} "
                 f"has {heads} heads x head_dim {head_dim}")
+    # The `bitnet` model applies attn_sub_norm / ffn_sub_norm in every layer, but the student has no SubLN where it
+    # kept o_proj / down_proj full precision: exported, that layer would be normalised where the student is not.
+    for m in unconverted:
+        if (norm := SUBNORM_NAMES.get(m.rsplit(".", 1)[-1])) is not None:
+            return (f"layer {m} is excluded from BitNet (bitnet.exclude), so the SubLN student has no sub-norm on its "
+                    f"input, but transformers' `bitnet` model applies {norm} in every layer; train it without SubLN "
+                    "or without excluding o_proj/down_proj")
     return None
 
 
-def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig) -> dict[str, Any]:
+def output_config(base_config: dict[str, Any], spec: StudentSpec, cfg: ExportConfig,
+                  unconverted: list[str]) -> dict[str, Any]:
+    """config.json; `unconverted`: the full names of the modules left full precision (unconverted_modules)."""
     config = {k: v for k, v in base_config.items() if k not in ("quantization_config", "transformers_version")}
     config["dtype"] = dtype_name(torch_dtype(cfg.dtype))
     config.pop("torch_dtype", None)
     if spec.subln:
-        if reason := subln_unsupported(config):
+        if reason := subln_unsupported(config, unconverted):
             raise ExportError(reason)
         config.update(model_type="bitnet", architectures=["BitNetForCausalLM"])
     config["quantization_config"] = {
         "quant_method": "bitnet", "linear_class": cfg.linear_class, "quantization_mode": "offline",
-        "modules_to_not_convert": spec.modules_to_not_convert, "use_rms_norm": False,
+        # transformers reads each entry as a start-anchored regex or a plain suffix (`up_proj` would also name Phi-3's
+        # gate_up_proj, `1.mlp.down_proj` layer 11's), so the modules to_bitnet left are named in full, escaped
+        "modules_to_not_convert": [re.escape(m) for m in unconverted], "use_rms_norm": False,
         "rms_norm_eps": base_config.get("rms_norm_eps", 1e-6),
     }
     return config
@@ -266,8 +314,8 @@ def export_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, outp
     check_output(output, cfg.overwrite, [("--base", base.path, False)])
     check_base_matches(base, parts, spec)
     dtype = torch_dtype(cfg.dtype)
-    config = output_config(base.config, spec, cfg)
-    plan = plan_output(base, parts, spec, dtype)
+    config = output_config(base.config, spec, cfg, unconverted_modules(base, spec))
+    plan = plan_output(base, parts, spec, dtype, cfg.linear_class)
     with staged_output(output) as staging:
         sizes = write_weights(staging, plan, shard_bytes(cfg.max_shard_size), cfg.progress)
         write_side_files(staging, base, Path(tokenizer_dir or base.path), config)

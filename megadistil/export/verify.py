@@ -23,9 +23,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from megadistil.export.sources import BaseModel, StudentParts
+from megadistil.export.sources import BaseModel, ExportLoadError, StudentParts
 from megadistil.export.ternary import StudentSpec
 from megadistil.utils import torch_dtype
+
+
+def load_failure(error: RuntimeError, runtime: str) -> dict[str, Any]:
+    """A verification that failed because `runtime` could not load/run the export: figures with passed=False and the
+    cause, the last line of the runtime's stderr (its exception), under "error"."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return {"passed": False, "error": f"{runtime} could not load/run it: {lines[-1] if lines else error}",
+            "stderr": str(error)}
 
 
 @dataclass
@@ -160,7 +168,7 @@ def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyCo
         proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens), dtype, attn],
                               capture_output=True, text=True, cwd=io_dir, env=env, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"verify: transformers could not load/run {output}:\n{proc.stderr[-4000:]}")
+            raise ExportLoadError(f"verify: transformers could not load/run {output}:\n{proc.stderr[-4000:]}")
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         return load_file(f"{io_dir}/exported.safetensors"), info
 
@@ -194,7 +202,11 @@ def verify_export(output: Path, base: BaseModel, parts: StudentParts, spec: Stud
     ids, source = held_out_sequences(run_config, tokenizer, cfg, model.config.vocab_size)
     reference = reference_outputs(model, ids, cfg)
     del model
-    exported, info = run_exported(Path(output), reference, cfg, compute_dtype(dtype), run_attention(base, run_config))
+    try:
+        exported, info = run_exported(Path(output), reference, cfg, compute_dtype(dtype),
+                                      run_attention(base, run_config))
+    except ExportLoadError as e:  # an export that does not load failed its verification: it is kept for a look
+        return load_failure(e, "transformers")
     figures = compare(reference, exported, dtype, cfg, source)
     figures.update(loaded_as=info)
     if info["megadistil_imported"]:
