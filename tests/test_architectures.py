@@ -300,6 +300,9 @@ def test_a_layer_the_conversion_cannot_take_is_refused_before_any_weight_loads(t
     with pytest.raises(ConfigError, match="'bitnet.lora_rank': to_bitnet: lora_rank=4096 exceeds layer"):
         check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
                                                               "bitnet.lora_rank=4096"]), 1)
+    with pytest.raises(ConfigError, match="'bitnet.subln': layer o_proj is excluded from BitNet"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
+                                                              "bitnet.subln=true", "bitnet.exclude=[o_proj]"]), 1)
     with pytest.raises(ConfigError, match="'loss.attn_relation_heads': 7 does not divide the student's q width"):
         check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
                                                               "loss.attn_relation_weight=0.1",

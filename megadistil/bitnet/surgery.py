@@ -38,7 +38,8 @@ class BitNetConfig:
 SUBLN_TARGETS = ("o_proj", "down_proj")  # where BitDistill (and transformers' `bitnet` model) put the sub-norms
 
 
-def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+def is_excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    """Whether module `name` is excluded: it equals an entry or ends with "." + entry (the rule the export shares)."""
     return any(name == e or name.endswith("." + e) for e in exclude)
 
 
@@ -89,11 +90,11 @@ def plan_conversion(model: nn.Module, *, lora_rank: int, exclude: tuple[str, ...
     mixture-of-experts' experts are 3-D parameters, not nn.Linear). Works on a meta-device model, before any load."""
     names = [name for name, _ in model.named_modules()]
     for entry in exclude:
-        if not any(_excluded(name, (entry,)) for name in names):
+        if not any(is_excluded(name, (entry,)) for name in names):
             raise ConversionError("exclude", f"exclude entry {entry!r} matches no module of {type(model).__name__}")
     output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and module is not output_embedding and not _excluded(name, exclude)]
+               if type(module) is nn.Linear and module is not output_embedding and not is_excluded(name, exclude)]
     if not targets:
         raise ConversionError("exclude", f"{type(model).__name__} has no nn.Linear layers to convert "
                                          f"(exclude={exclude})")
@@ -114,7 +115,7 @@ def _unconverted_matrices(model: nn.Module, targets: set[str], output_embedding:
     """Parameters of 2+ dims (ZeRO-3's partitioned ones by their full shape) that no target, embedding or
     excluded module owns."""
     kept = {name for name, m in model.named_modules()
-            if isinstance(m, nn.Embedding) or m is output_embedding or name in targets or _excluded(name, exclude)}
+            if isinstance(m, nn.Embedding) or m is output_embedding or name in targets or is_excluded(name, exclude)}
     return [name for name, p in model.named_parameters()
             if p.is_floating_point() and len(getattr(p, "ds_shape", p.shape)) >= 2
             and name.rpartition(".")[0] not in kept]

@@ -40,5 +40,5 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
         plan_conversion(skeleton, lora_rank=cfg.bitnet.lora_rank, exclude=tuple(cfg.bitnet.exclude))
     except ConversionError as e:
         raise ConfigError(f"config key 'bitnet.{e.key}': {e}") from None
-    if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict())):
+    if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict(), tuple(cfg.bitnet.exclude))):
         raise ConfigError(f"config key 'bitnet.subln': {reason}")

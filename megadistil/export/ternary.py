@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from megadistil.bitnet.linear import weight_codes
 from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary
-from megadistil.bitnet.surgery import SUBLN_TARGETS, _excluded
+from megadistil.bitnet.surgery import SUBLN_TARGETS, is_excluded
 from megadistil.export.sources import (
     BaseModel,
     ExportError,
@@ -226,7 +226,7 @@ def unconverted_modules(base: BaseModel, spec: StudentSpec) -> list[str]:
     head, *exclude = spec.modules_to_not_convert
     modules = [n.removesuffix(".weight") for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2]
     layers = set(spec.bitlinear)
-    excluded = [m for m in modules if m != head and m not in layers and _excluded(m, tuple(exclude))]
+    excluded = [m for m in modules if m != head and m not in layers and is_excluded(m, tuple(exclude))]
     return [head, *excluded]
 
 
