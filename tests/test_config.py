@@ -393,6 +393,9 @@ def test_loss_settings_that_some_micro_batches_read_are_accepted(overrides):
     ({"bfloat16": {"enabled": True}}, 'ds_config "bfloat16": DeepSpeed\'s old alias of "bf16"'),
     ({"bf16": True}, 'ds_config bf16=true: must be a section, e.g. "bf16": {"enabled": "auto"}'),
     ({"fp16": False}, 'ds_config fp16=false: must be a section, e.g. "fp16": {"enabled": "auto"}'),
+    ({"amp": {"enabled": True}}, 'ds_config "amp": megadistil sets the precision from model.dtype'),
+    ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}},
+     'ds_config "torch_autocast": megadistil sets the precision from model.dtype'),
 ])
 def test_ds_config_sections_megadistil_cannot_honour_are_refused(ds, message):
     cfg = load_config(None, BASE)

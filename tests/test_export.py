@@ -682,3 +682,21 @@ def test_the_tool_keeps_an_export_that_does_not_load_as_a_failed_verification(ru
     (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("verification FAILED")]
     assert line.startswith("verification FAILED (transformers could not load/run it: ") and "header" in line
     assert f"kept beside --output as {out}.verify-failed" in line
+
+
+def test_verify_with_one_whole_sequence_as_the_prompt(tmp_path):
+    """prompts=1 with prompt_len=seq_len makes the prompts a contiguous view of the ids, which safetensors refused
+    to save beside them ("Some tensors share memory")."""
+    from megadistil.export.ternary import export_student
+    from megadistil.export.verify import VerifyConfig, verify_export
+
+    _, base, parts, spec, run_config = _student(_base_dir(tmp_path / "base", "llama31"))
+
+    def verify(staging: Path, result) -> None:
+        result.verify = verify_export(staging, base, parts, spec, run_config, "fp32", base.path,
+                                      VerifyConfig(sequences=1, seq_len=8, new_tokens=2, prompts=1, prompt_len=8))
+
+    result = export_student(base, parts, spec, tmp_path / "hf", ExportConfig(dtype="fp32", progress=False),
+                            finish=verify)
+    assert result.verify["passed"] is True and result.output == tmp_path / "hf"
+

@@ -503,6 +503,8 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
         _inputs(tmp_path, [f"model.student={tiny_llama_dir}", text, "loss.dskd_weight=0.5"])
     with pytest.raises(ConfigError, match="'data.text': is required"):
         _inputs(tmp_path, [*common, "loss.kind=uld", f"data.shards={shards_dir}", "data.text=[]"])
+    with pytest.raises(ConfigError, match=r"'teacher.top_k': 100000 exceeds the teacher's vocabulary \(\d+ tokens\)"):
+        _inputs(tmp_path, [*common, text, "loss.kind=uld", "teacher.top_k=100000"])
     with pytest.raises(ConfigError, match="'onpolicy.fraction': on-policy distillation needs the teacher to score"):
         _inputs(tmp_path, [*common, text, "loss.kind=uld", "onpolicy.fraction=0.5"])
     with pytest.raises(ConfigError, match="'preference.reference': .* has another tokenizer than the student"):

@@ -48,6 +48,10 @@ def _reconcile_precision(cfg: RunConfig, ds: dict[str, Any], bf16: bool) -> None
     if "bfloat16" in ds:
         raise ConfigError('ds_config "bfloat16": DeepSpeed\'s old alias of "bf16", which megadistil fills from '
                           'model.dtype and DeepSpeed reads first (so this section would be ignored); rename it to "bf16"')
+    for key in ("amp", "torch_autocast"):  # mixed precision is model.dtype's: bf16 weights, float32 quantizer math
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f'ds_config "{key}": megadistil sets the precision from model.dtype (the "bf16" '
+                              f"section); remove {key}")
     for key, want in (("bf16", bf16), ("fp16", False)):
         section = ds.setdefault(key, {})
         if not isinstance(section, dict):

@@ -45,9 +45,12 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     out = Path(cfg.train.output_dir)
     _refuse(out.exists() and not out.is_dir(), "train.output_dir", f"{out} exists and is not a directory")
     check_model_dir(cfg.model.student, "model.student")
+    trust = cfg.model.trust_remote_code
     if cfg.teacher.kind == TeacherKind.hf:
         check_model_dir(cfg.teacher.path, "teacher.path")
-    trust = cfg.model.trust_remote_code
+        vocab = AutoConfig.from_pretrained(cfg.teacher.path, trust_remote_code=trust).get_text_config().vocab_size
+        _refuse(cfg.teacher.top_k > vocab, "teacher.top_k", f"{cfg.teacher.top_k} exceeds the teacher's vocabulary "
+                f"({vocab} tokens)")
     student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=trust)
     check_architecture(student_config, cfg)
     for where, loss in loss_configs(cfg):

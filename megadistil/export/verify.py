@@ -163,7 +163,8 @@ def compute_dtype(export_dtype: str) -> str:
 def run_exported(output: Path, reference: dict[str, torch.Tensor], cfg: VerifyConfig,
                  dtype: str = "auto", attn: str = "sdpa") -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory(prefix="megadistil-verify-") as io_dir:
-        save_file({k: v.contiguous() for k, v in reference.items()}, f"{io_dir}/reference.safetensors")
+        # clones: the prompts are a slice of the ids, a view safetensors refuses where it is contiguous (prompts=1)
+        save_file({k: v.clone() for k, v in reference.items()}, f"{io_dir}/reference.safetensors")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run([sys.executable, "-c", SUBPROCESS, str(output), io_dir, str(cfg.new_tokens), dtype, attn],
                               capture_output=True, text=True, cwd=io_dir, env=env, check=False)
