@@ -309,6 +309,22 @@ def test_a_layer_the_conversion_cannot_take_is_refused_before_any_weight_loads(t
                                                               "loss.attn_relation_heads=7"]), 1)
 
 
+def test_the_conversion_check_builds_its_skeleton_whatever_attention_the_config_names(tmp_path, tiny_llama_dir):
+    """A config.json naming flash_attention_2 (some hub configs do) must not need flash-attn for the meta skeleton
+    the conversion is checked on (it raised ImportError on a machine without it), nor be changed by it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "fa2"
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(model_dir)
+    config = json.loads((Path(tiny_llama_dir) / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attn_implementation": "flash_attention_2"}))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"model.student={model_dir}", "model.attn_implementation=sdpa",
+                                                   f"data.text=[{tiny_llama_dir}/tokenizer.json]"])
+    check_inputs(cfg, 1)
+
+
 @pytest.mark.parametrize("arch", TRAINED)
 def test_subln_is_refused_before_any_weight_loads_except_where_the_export_can_write_it(arch, tmp_path,
                                                                                       tiny_llama_dir):

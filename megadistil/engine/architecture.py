@@ -4,6 +4,8 @@ configured (on a meta-device skeleton: no memory, ~0.1 s for a 70B), and SubLN o
 
 from __future__ import annotations
 
+import copy
+
 import deepspeed
 import torch
 from transformers import PretrainedConfig
@@ -34,8 +36,8 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
                             dtype)
     except ValueError as e:
         raise ConfigError(f"config key 'model.attn_implementation': {e}") from None
-    with torch.device("meta"):
-        skeleton = model_class._from_config(config)
+    with torch.device("meta"):  # eager: a skeleton runs nothing, and a config naming flash-attn must not need it here
+        skeleton = model_class._from_config(copy.deepcopy(config), attn_implementation="eager")
     try:
         plan_conversion(skeleton, lora_rank=cfg.bitnet.lora_rank, exclude=tuple(cfg.bitnet.exclude))
     except ConversionError as e:
