@@ -300,6 +300,13 @@ def test_a_layer_the_conversion_cannot_take_is_refused_before_any_weight_loads(t
     with pytest.raises(ConfigError, match="'bitnet.lora_rank': to_bitnet: lora_rank=4096 exceeds layer"):
         check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
                                                               "bitnet.lora_rank=4096"]), 1)
+    # optim.param_groups against the converted student's parameter names, before the load too
+    with pytest.raises(ConfigError, match="'optim.param_groups': model.embed_tokens.weight would train, but the shared"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
+                                                              "optim.param_groups=[{pattern: embed_tokens}]"]), 1)
+    with pytest.raises(ConfigError, match="'optim.param_groups.0.pattern': 'lora_C' matches no parameter"):
+        check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
+                                                              "optim.param_groups=[{pattern: lora_C}]"]), 1)
     with pytest.raises(ConfigError, match="'bitnet.subln': layer o_proj is excluded from BitNet"):
         check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"model.student={tiny_llama_dir}", data,
                                                               "bitnet.subln=true", "bitnet.exclude=[o_proj]"]), 1)

@@ -1,6 +1,7 @@
 """What the student's architecture allows, checked from its config before any weight loads (engine.inputs.check_inputs):
 an attention implementation it can run, an output transform megadistil models, layers to_bitnet can convert as
-configured (on a meta-device skeleton: no memory, ~0.1 s for a 70B), and SubLN only where the export can write it."""
+configured and optim.param_groups that fit the converted student's parameters (on a meta-device skeleton: no
+memory, ~0.1 s for a 70B), and SubLN only where the export can write it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig
 
-from megadistil.bitnet.surgery import ConversionError, plan_conversion
+from megadistil.bitnet.surgery import ConversionError, to_bitnet
 from megadistil.config import ConfigError, Dtype, RunConfig
+from megadistil.engine.model import assign_param_groups
 from megadistil.export.ternary import subln_unsupported
 from megadistil.models import attn_implementation, causal_lm_class, logit_transform
 from megadistil.utils import torch_dtype
@@ -38,9 +40,12 @@ def check_architecture(config: PretrainedConfig, cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'model.attn_implementation': {e}") from None
     with torch.device("meta"):  # eager: a skeleton runs nothing, and a config naming flash-attn must not need it here
         skeleton = model_class._from_config(copy.deepcopy(config), attn_implementation="eager")
+    b = cfg.bitnet
     try:
-        plan_conversion(skeleton, lora_rank=cfg.bitnet.lora_rank, exclude=tuple(cfg.bitnet.exclude))
+        to_bitnet(skeleton, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
+                  delta=cfg.relora.reset_every > 0, delta_format=cfg.relora.delta_format, backward=b.backward)
     except ConversionError as e:
         raise ConfigError(f"config key 'bitnet.{e.key}': {e}") from None
+    assign_param_groups(skeleton, cfg)  # optim.param_groups' refusals, on the parameter names the run will have
     if cfg.bitnet.subln and (reason := subln_unsupported(config.to_dict(), tuple(cfg.bitnet.exclude))):
         raise ConfigError(f"config key 'bitnet.subln': {reason}")
