@@ -28,6 +28,12 @@ def require(ok: object, key: str, why: str, error: type[ValueError] = ValueError
         raise error(f"config key {key!r}: {why}")
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, ZeRO-3's partitioned ones included (those are 1-D and empty; DeepSpeed keeps the shape in
+    ds_shape)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the whole new one, never a part: a dot-named
     temp file in the same directory (same filesystem, so the rename is atomic), fsynced, then renamed over `path`.

@@ -11,7 +11,7 @@ from torch import nn
 from megadistil.bitnet.kernels import Kernel
 from megadistil.bitnet.linear import Backward, BitLinear, DeltaFormat
 from megadistil.bitnet.quant import VALUES_PER_BYTE
-from megadistil.utils import require
+from megadistil.utils import full_shape, require
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _unconverted_matrices(model: nn.Module, targets: set[str], output_embedding:
     kept = {name for name, m in model.named_modules()
             if isinstance(m, nn.Embedding) or m is output_embedding or name in targets or is_excluded(name, exclude)}
     return [name for name, p in model.named_parameters()
-            if p.is_floating_point() and len(getattr(p, "ds_shape", p.shape)) >= 2
+            if p.is_floating_point() and len(full_shape(p)) >= 2
             and name.rpartition(".")[0] not in kept]
 
 

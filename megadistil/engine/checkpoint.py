@@ -19,7 +19,7 @@ from torch import nn
 
 from megadistil import rundir
 from megadistil.rundir import latest_tag, model_dir_fingerprint
-from megadistil.utils import dtype_name, fsync_tree, torch_dtype, write_atomic
+from megadistil.utils import dtype_name, fsync_tree, full_shape, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
 __all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "rng_state", "save", "save_deltas",
@@ -64,7 +64,7 @@ def save_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
         save_file({n: _local_partition(p) for n, p in deltas}, str(directory / rundir.delta_file(rank)))
     if rank == 0:
         rundir.write_delta_index(directory, world_size if zero3 else 1, {
-            n: (list(getattr(p, "ds_shape", p.shape)), p.dtype, _local_partition(p).numel()) for n, p in deltas})
+            n: (list(full_shape(p)), p.dtype, _local_partition(p).numel()) for n, p in deltas})
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from megadistil.config import ConfigError, OptimConfig, RunConfig, TeacherKind
 from megadistil.data import tokenizer_fingerprint
 from megadistil.engine.device import Placement
 from megadistil.models import attn_implementation, decoder_layers
+from megadistil.utils import full_shape
 
 # Trainable unless a param group says otherwise: the adapter and SubLN. Everything else is the teacher's.
 DEFAULT_TRAINABLE = re.compile(r"(lora_A|lora_B|sub_norm\.weight)$")
@@ -114,8 +115,8 @@ def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]
                 "train only lora_A / lora_B / sub_norm with teacher.kind=shared"
             )
         param.requires_grad_(mult > 0)
-        if mult > 0:  # ZeRO-3 leaves a partitioned parameter 1-D: its full shape is ds_shape
-            groups.setdefault((mult, len(getattr(param, "ds_shape", param.shape)) >= 2), []).append(param)
+        if mult > 0:
+            groups.setdefault((mult, len(full_shape(param)) >= 2), []).append(param)
     for i, group in enumerate(cfg.optim.param_groups):
         if not won[i]:
             raise ConfigError(f"config key 'optim.param_groups.{i}.pattern': {group.pattern!r} matches no parameter "

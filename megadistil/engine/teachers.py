@@ -71,31 +71,31 @@ class LayerwiseTeacher:
                  final: bool) -> None:
         self.student, self.targets = student, targets
         self.hidden_layers, self.qkv_layers, self.final = hidden_layers, qkv_layers, final
+        self.last = len(decoder_layers(student)) - 1  # the layer whose output goes through the final norm
         self.stream: Tensor | None = None  # the teacher's hidden states between layers
         self.outputs: dict[int, Tensor] = {}
 
     @contextlib.contextmanager
     def alongside(self) -> Iterator[None]:
         """Within the block, the student's decoder forward also computes the teacher's targets, set on exit."""
-        last = len(decoder_layers(self.student)) - 1
         norm = final_norm(self.student)
         # HF's last hidden_states entry is after the final norm too. The teacher's goes through the norm inside the
         # student's call of it, on the same gathered weight.
         after_norm = norm.register_forward_pre_hook(self._teacher_final) \
-            if self.final or last in self.hidden_layers else None
+            if self.final or self.last in self.hidden_layers else None
         try:
             with ahead_of_each_layer(self.student, self._teacher_layer):
                 yield
         finally:
             if after_norm is not None:
                 after_norm.remove()
-        self.targets.hidden = self.outputs[last] if self.final else None
+        self.targets.hidden = self.outputs[self.last] if self.final else None
         self.targets.layer_hidden = [self.outputs[i] for i in self.hidden_layers]
         self.stream, self.outputs = None, {}
 
     @torch.no_grad()
     def _teacher_final(self, norm: nn.Module, _args: tuple) -> None:
-        self.outputs[len(decoder_layers(self.student)) - 1] = norm.forward(self.stream)  # not norm(): no hooks
+        self.outputs[self.last] = norm.forward(self.stream)  # not norm(): no hooks
 
     @torch.no_grad()
     def _teacher_layer(self, index: int, forward: Callable, args: tuple, kwargs: dict) -> None:
