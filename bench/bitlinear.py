@@ -5,13 +5,15 @@ the cost of a BitLinear MLP block against float32 nn.Linear + LoRA of the same s
 bench/results/bitlinear.json. Rows (--tokens tokens through d -> ffn -> d, LoRA rank --rank, W frozen):
 
   linear+lora     float32 nn.Linear (frozen W) + LoRA: what a LoRA fine-tune costs, no quantization
-  bitlinear       megadistil BitLinear with the defaults: kernel auto, the dtype model.dtype=auto gives here
+  bitlinear       megadistil BitLinear with the defaults: kernel auto, the dtype model.dtype=auto gives here,
+                  quantizers compiled where bitnet.compile_quantizers=null compiles them (CUDA; --compile: here too)
   bitlinear+kept  the same, with each layer's ternary codes kept for its backward (activation checkpointing)
   fake-quant/bf16 naive BitNet QAT (STE fake-quant in bf16, F.linear, plain autograd)  } measured where the device
-  bitlinear/int8  BitLinear, int8 kernel, bf16 activations                             } has int8 units (--all: always)
+  bitlinear/int8  BitLinear, int8 kernel, bf16 activations                             } has int8 units (--all:
+  ... compiled    the same two with torch.compile'd quantizers (compile_quantizers)    } always)
 
 Targets: bitlinear at most 2.5x linear+lora on any CPU; bitlinear/int8 at least 1.8x faster than fake-quant/bf16
-wherever int8 units exist.
+wherever int8 units exist (both eager, and both compiled).
 
   python bench/bitlinear.py [--tokens 1024] [--dims 1024x4096] [--rank 64] [--repeat 7] [--compile] [--all]
 """
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megadistil.bitnet import BitLinear, Kernel, hardware, kernels, q3, q8, quant, resolve_dtype
+from megadistil.bitnet import BitLinear, Kernel, compile_by_default, hardware, kernels, q3, q8, quant, resolve_dtype
 from megadistil.distributed import set_up_cpu_rank
 
 DEVICE = torch.device("cpu")
@@ -98,9 +100,14 @@ def bitlinear_block(dims: list[tuple[int, int]], rank: int, dtype: torch.dtype, 
     return fn
 
 
-def fwd_bwd(fn, tokens: int, d: int, dtype: torch.dtype) -> Callable[[], None]:
+def fwd_bwd(fn, tokens: int, d: int, dtype: torch.dtype, compiled: bool) -> Callable[[], None]:
+    """One forward+backward through `fn`, with the quantizers compiled or eager (a process-wide switch, set per row)."""
     x = torch.randn(tokens, d, dtype=dtype, device=DEVICE, requires_grad=True)
-    return lambda: fn(x).float().square().mean().backward()
+
+    def run():
+        quant.compile_quantizers(compiled)
+        fn(x).float().square().mean().backward()
+    return run
 
 
 def main() -> None:
@@ -109,7 +116,7 @@ def main() -> None:
     parser.add_argument("--dims", default="1024x4096", help="d x ffn: the block is d -> ffn -> d")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds; each row's median is reported")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the quantizers (fused single pass)")
+    parser.add_argument("--compile", action="store_true", help="the bitlinear rows with compiled quantizers on a CPU too")
     parser.add_argument("--all", action="store_true", help="measure the int8 rows even without int8 units")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.sh: Llama-3.1-8B shapes)")
     parser.add_argument("--gemm-size", type=int, default=1024)
@@ -117,43 +124,47 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
-    if args.compile:
-        quant.compile_quantizers()
     d, ffn = (int(v) for v in args.dims.split("x"))
     dims = [(d, ffn), (ffn, d)]
     # as a training rank runs: its share of the cores, malloc keeping freed blocks (on a VM a fresh page costs a fault)
     malloc_kept = DEVICE.type == "cpu" and set_up_cpu_rank(local_world_size=1)
     hw = hardware(DEVICE)
     dtype = resolve_dtype("auto", hw)
+    compiled = compile_by_default(True if args.compile else None, DEVICE)
     gemm = gemm_table(args.repeat, args.gemm_size)
     print(f"machine: {hw.name} ({hw.capability}; int8/bf16 units: {', '.join(hw.units) or 'none'}), "
           f"{torch.get_num_threads()} threads{', malloc keeps freed blocks' if malloc_kept else ''}, "
           f"torch {torch.__version__}")
     print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in gemm.items()))
     print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
-          f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {args.compile}")
-    paths = {"linear+lora": fwd_bwd(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d, torch.float32),
-             "bitlinear": fwd_bwd(bitlinear_block(dims, args.rank, dtype, hw.kernel), args.tokens, d, dtype),
+          f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {compiled}")
+    paths = {"linear+lora": fwd_bwd(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d, torch.float32,
+                                    compiled),
+             "bitlinear": fwd_bwd(bitlinear_block(dims, args.rank, dtype, hw.kernel), args.tokens, d, dtype, compiled),
              "bitlinear+kept": fwd_bwd(bitlinear_block(dims, args.rank, dtype, hw.kernel, keep=True), args.tokens, d,
-                                       dtype)}
+                                       dtype, compiled)}
     if "int8" in hw.units or args.all:
         bf16 = torch.bfloat16
-        paths["fake-quant/bf16"] = fwd_bwd(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16)
-        paths["bitlinear/int8"] = fwd_bwd(bitlinear_block(dims, args.rank, bf16, Kernel.int8), args.tokens, d, bf16)
+        for suffix, fused in (("", False), (" compiled", True)):
+            paths["fake-quant/bf16" + suffix] = fwd_bwd(fake_quant_block(dims, args.rank, bf16), args.tokens, d, bf16,
+                                                        fused)
+            paths["bitlinear/int8" + suffix] = fwd_bwd(bitlinear_block(dims, args.rank, bf16, Kernel.int8),
+                                                       args.tokens, d, bf16, fused)
     rows = timed_rows(paths, args.repeat)
     base = rows["linear+lora"]
-    print(f"{'path':<16} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")
+    print(f"{'path':<25} {'fwd+bwd ms':>10} {'vs linear+lora':>15}")
     for name, ms in rows.items():
-        print(f"{name:<16} {ms:>10.1f} {ms / base:>14.2f}x")
+        print(f"{name:<25} {ms:>10.1f} {ms / base:>14.2f}x")
     result = {"machine": hw.as_dict(), "threads": torch.get_num_threads(), "malloc_kept": malloc_kept,
-              "torch": torch.__version__, "args": vars(args), "gemm_gflops": gemm,
+              "torch": torch.__version__, "args": vars(args), "gemm_gflops": gemm, "quantizers_compiled": compiled,
               "dtype": str(dtype).removeprefix("torch."), "rows_ms": rows,
               "bitlinear_vs_linear_lora": rows["bitlinear"] / base}
     print(f"target: bitlinear <= 2.50x linear+lora: {result['bitlinear_vs_linear_lora']:.2f}x")
     if "bitlinear/int8" in rows:
-        result["int8_speedup_vs_fake_quant"] = rows["fake-quant/bf16"] / rows["bitlinear/int8"]
-        print(f"target: bitlinear/int8 >= 1.80x faster than fake-quant/bf16: "
-              f"{result['int8_speedup_vs_fake_quant']:.2f}x")
+        for suffix, key in (("", "int8_speedup_vs_fake_quant"), (" compiled", "int8_speedup_vs_fake_quant_compiled")):
+            result[key] = rows["fake-quant/bf16" + suffix] / rows["bitlinear/int8" + suffix]
+            print(f"target: bitlinear/int8 >= 1.80x faster than fake-quant/bf16{suffix or ' (both eager)'}: "
+                  f"{result[key]:.2f}x")
     else:
         print("target: bitlinear/int8 vs fake-quant/bf16: n/a, this device has no int8 units (--all measures it anyway)")
     out = pathlib.Path(args.out)

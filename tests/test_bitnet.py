@@ -306,19 +306,69 @@ def test_weight_matrices_outside_linear_layers_are_refused_unless_excluded():
     assert sum(isinstance(m, BitLinear) for m in model.modules()) == 8  # q, k, v, o of both layers
 
 
-def test_compiled_quantizers_give_the_eager_codes():
-    from megadistil.bitnet import compile_quantizers, int8_codes
+def _rand(g: torch.Generator, dtype: torch.dtype, *shape: int, std: float) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * std).to(dtype)
 
+
+def _weight_cases():
+    """(W, ΔW, A, B, scaling, ΔW's row scale) for each way W_eff is formed: float32 or bf16 factors, no ΔW, ΔW in the
+    model dtype or int8 with a row scale, LoRA scaling 1 or not (a fused multiply-add would change the bits)."""
+    from megadistil.bitnet.linear import int8_rows
+
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for dtype, delta, scaling in ((torch.float32, None, 0.5), (torch.float32, "dtype", 1.0),
+                                  (torch.float32, "int8", 0.37), (torch.bfloat16, "dtype", 0.5),
+                                  (torch.bfloat16, "int8", 1.0)):
+        w, a, b, d, ds = (_rand(g, dtype, 320, 192, std=0.02), _rand(g, dtype, 8, 192, std=0.1),
+                          _rand(g, dtype, 320, 8, std=0.01), None, None)
+        if delta == "dtype":
+            d = _rand(g, dtype, 320, 192, std=0.005)
+        elif delta == "int8":
+            d, ds = int8_rows(torch.randn(320, 192, generator=g) * 0.005, dtype)
+        cases.append((w, d, a, b, scaling, ds))
+    return cases
+
+
+def test_compiled_quantizers_give_the_eager_codes_and_outputs(monkeypatch):
+    """compile_quantizers fuses the activation quantizer, W_eff's formation (Σ|W_eff|, then the codes, a block of rows
+    at a time) and the product's epilogue. Against the eager path: the same int8 codes, the same ternary codes (given
+    the same scale, bit for bit; the scale itself sums in another order: equal to float32 rounding), and a BitLinear
+    that computes the same outputs and gradients bit for bit."""
+    from megadistil.bitnet import compile_quantizers, int8_codes, linear
+    from megadistil.bitnet.quant import quantizers_compiled
+
+    monkeypatch.setitem(linear.ROW_BLOCK_NUMEL, "cpu", 64 * 192)  # 5 blocks of 64 rows
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # never eager in disguise
     x = torch.randn(33, 96)
-    eager = int8_codes(x), ternary_codes(x)
+    cases = _weight_cases()
+    layer = _random_layer(subln=True, backward="int8")
+    inputs = torch.randn(5, 7, 96, requires_grad=True)
+
+    def run():
+        codes = [linear.weight_codes(*case) for case in cases]
+        y = layer(inputs)
+        grads = torch.autograd.grad(y.square().sum(), (inputs, layer.lora_A, layer.lora_B))
+        return int8_codes(x), ternary_codes(x), codes, y, grads
+
+    eager = run()
     compile_quantizers()
     try:
-        compiled = int8_codes(x), ternary_codes(x)
+        assert quantizers_compiled()
+        compiled = run()
+        again = [linear.weight_codes(*case, scale=scale) for case, (_, scale) in zip(cases, eager[2])]
     finally:
         compile_quantizers(False)
-    for (c0, s0), (c1, s1) in zip(eager, compiled):
+    for (c0, s0), (c1, s1) in zip(eager[:2], compiled[:2]):
         assert torch.equal(c0, c1)
         torch.testing.assert_close(s0, s1, rtol=1e-6, atol=0)
+    for (c0, s0), (c1, s1), (c2, _) in zip(eager[2], compiled[2], again, strict=True):
+        torch.testing.assert_close(s1, s0, rtol=2 ** -23, atol=0)
+        assert torch.equal(c2, c0)
+        assert (c1 != c0).sum() <= 1  # only a weight at a rounding boundary can follow the scale's last bit
+    assert torch.equal(compiled[3], eager[3])
+    for g0, g1 in zip(eager[4], compiled[4], strict=True):
+        assert torch.equal(g0, g1)
 
 
 def test_weight_codes_are_the_absmean_codes_of_the_whole_effective_weight(monkeypatch):

@@ -45,7 +45,12 @@ PROBE_SHAPES = {"cpu": (256, 1024, 1024), "cuda": (4096, 4096, 4096)}
 
 
 def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tensor:
-    """a [M, K] int8 codes @ b [K, N] int8 codes -> float32 [M, N] integer sums, on `kernel`.
+    """a [M, K] int8 codes @ b [K, N] int8 codes -> float32 [M, N] integer sums, on `kernel`."""
+    return code_product(a, b, kernel).float()
+
+
+def code_product(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """code_matmul's product as the kernel returns it (int32 from int8; float32 or bf16), for a fused epilogue.
 
     int8 is exact for any K; fp32 is exact while K * max|a| * max|b| < 2**24; bf16 rounds the output to bf16 where
     the backend has no float32-output bf16 GEMM (CPU), which `auto` therefore only picks when nothing else is faster.
@@ -60,7 +65,7 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
             if b.stride(0) != 1:
                 b = b.t().contiguous().t()
         try:
-            return torch._int_mm(a, b).float()
+            return torch._int_mm(a, b)
         except RuntimeError:
             return a.float() @ b.float()
     if kernel is Kernel.fp32:
@@ -71,7 +76,7 @@ def code_matmul(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tenso
                 return torch.mm(a.bfloat16(), b.bfloat16(), out_dtype=torch.float32)
             except (TypeError, RuntimeError):
                 pass
-        return (a.bfloat16() @ b.bfloat16()).float()
+        return a.bfloat16() @ b.bfloat16()
     raise ValueError(f"code_matmul needs a concrete kernel, got {kernel!r} (resolve 'auto' with resolve_kernel)")
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megadistil.bitnet.kernels import Kernel, code_matmul, hardware
-from megadistil.bitnet.quant import EPS, GRAD_FLOOR, int8_codes, q3, q8
+from megadistil.bitnet.kernels import Kernel, code_product, hardware
+from megadistil.bitnet.quant import EPS, GRAD_FLOOR, block_quantizers, dequantize, int8_codes, q3, q8
 
 
 class Backward(enum.StrEnum):
@@ -145,12 +145,15 @@ def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch
     float64: the scale is transformers' float32 mean to rounding. `scale`, the one an earlier call returned for
     these same tensors (a backward's recompute: its forward's), skips the absmean pass: the codes are the same."""
     blocks = row_blocks(weight)
+    a, b, ds = _factors(lora_A, lora_B, delta_scale)
+    fused = block_quantizers()
+    if fused is not None:
+        return _fused_weight_codes(fused, blocks, weight, delta, a, b, scaling, ds, scale)
     numel = (blocks[0].stop - blocks[0].start) * weight.shape[1]
     if weight.device.type == "cpu":
         out_buf, tmp_buf = _scratch(0, weight.device, numel), _scratch(1, weight.device, numel)
     else:  # a caching allocator: transients, free for the activations between layers
         out_buf, tmp_buf = (torch.empty(numel, dtype=torch.float32, device=weight.device) for _ in range(2))
-    a, b, ds = _factors(lora_A, lora_B, delta_scale)
 
     def rows_of(rows: slice) -> torch.Tensor:
         shape = (rows.stop - rows.start, weight.shape[1])
@@ -169,6 +172,25 @@ def weight_codes(weight: torch.Tensor, delta: torch.Tensor | None, lora_A: torch
     for rows in reversed(blocks):
         value = value if value is not None and rows is blocks[-1] else rows_of(rows)
         codes[rows] = value.mul_(scale).round_().clamp_(-1, 1)
+    return codes, scale
+
+
+def _fused_weight_codes(fused: tuple, blocks: list[slice], weight: torch.Tensor, delta: torch.Tensor | None,
+                        a: torch.Tensor, b: torch.Tensor, scaling: float, ds: torch.Tensor | None,
+                        scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight_codes with compiled quantizers: per block of rows, one fused pass for Σ|W_eff| and one for the codes."""
+    abs_sum, block_codes = fused
+
+    def args(rows: slice) -> tuple:
+        return (weight[rows], None if delta is None else delta[rows], None if ds is None else ds[rows], a, b[rows],
+                scaling)
+
+    if scale is None:
+        total = sum(abs_sum(*args(rows)) for rows in blocks)
+        scale = 1.0 / (total / weight.numel()).float().clamp(min=EPS)
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for rows in blocks:
+        codes[rows] = block_codes(*args(rows), scale)
     return codes, scale
 
 
@@ -227,7 +249,7 @@ class BitLinearFunction(torch.autograd.Function):
 def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, kernel: Kernel, dtype: torch.dtype) -> torch.Tensor:
     """Q8(x) @ Q3(W).T from the codes and scales: the integer product on `kernel`, then both scales divided out."""
-    y = code_matmul(x_codes, w_codes.t(), kernel).div_(x_scale * w_scale).to(dtype)  # in place: a fresh product
+    y = dequantize(code_product(x_codes, w_codes.t(), kernel), x_scale, w_scale, dtype)
     return y + bias if bias is not None else y
 
 
@@ -235,7 +257,7 @@ def _input_grad(g: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, m
                 kernel: Kernel) -> torch.Tensor:
     if mode == "int8":
         g_codes, g_scale = int8_codes(g, GRAD_FLOOR)
-        return code_matmul(g_codes, w_codes, kernel).div_(g_scale * w_scale).to(g.dtype)
+        return dequantize(code_product(g_codes, w_codes, kernel), g_scale, w_scale, g.dtype)
     return (g @ w_codes.to(g.dtype)) * (1.0 / w_scale).to(g.dtype)
 
 

@@ -7,6 +7,8 @@ integer-valued codes are returned separately from their scales so that matmuls c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 EPS = 1e-5
@@ -34,9 +36,45 @@ def _int8_codes(x: torch.Tensor, floor: float = EPS) -> tuple[torch.Tensor, torc
     return codes, scale
 
 
-# The quantizers, not the matmuls, decide BitLinear's speed: eager they make several float32 passes over the
-# tensor; compiled they fuse into one. Eager is the default (no compiler needed); `compile_quantizers()` switches.
-_IMPL = {"ternary": _ternary_codes, "int8": _int8_codes}
+def _effective_block(w: torch.Tensor, d: torch.Tensor | None, ds: torch.Tensor | None, a: torch.Tensor,
+                     b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One block of rows of W + (ΔW + s·B·A) in float32 as one expression, for the compiler to fuse: the operations
+    of linear._effective_rows (the eager path, in place on reused buffers) in the same order. `a`, `b`, `ds` as
+    linear._factors gives them (bf16 factors: the product rounded to bf16, then float32)."""
+    if a.dtype == torch.float32:
+        if d is None:
+            return torch.addmm(w.float(), b, a, alpha=scaling)
+        merged = torch.addmm(d.float() * ds if ds is not None else d.float(), b, a, alpha=scaling)
+    else:
+        merged = (b @ a).float()
+        merged = merged * scaling if scaling != 1.0 else merged
+        if d is not None:
+            merged = merged + (d.float() * ds if ds is not None else d.float())
+    return merged + w.float()
+
+
+def _block_abs_sum(w, d, ds, a, b, scaling) -> torch.Tensor:
+    """Σ|W_eff| over one block of rows, accumulated in float64."""
+    return _effective_block(w, d, ds, a, b, scaling).abs().sum(dtype=torch.float64)
+
+
+def _block_codes(w, d, ds, a, b, scaling, scale: torch.Tensor) -> torch.Tensor:
+    """Q3 codes of one block of rows of W_eff: round(W_eff · scale) clamped to {-1, 0, 1}, int8."""
+    return (_effective_block(w, d, ds, a, b, scaling) * scale).round().clamp(-1, 1).to(torch.int8)
+
+
+def _dequantize(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    return product.float().div_(x_scale * w_scale).to(dtype)  # in place: a fresh product (int32 -> a float copy)
+
+
+# The quantizers, not the matmuls, decide BitLinear's speed: eager they make several passes over a tensor each
+# (W_eff's formation and codes ~10 per block of rows); compiled they fuse into one or two. Eager is the default on a
+# CPU (no compiler needed, no seconds of compiling per process); `compile_quantizers()` switches, process-wide.
+# The block entries are None while eager: linear.weight_codes then forms W_eff in place on reused buffers.
+_EAGER = {"ternary": _ternary_codes, "int8": _int8_codes, "block_abs_sum": None, "block_codes": None,
+          "dequantize": _dequantize}
+_IMPL = dict(_EAGER)
 
 
 def ternary_codes(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +91,37 @@ def int8_codes(x: torch.Tensor, floor: float = EPS) -> tuple[torch.Tensor, torch
     return _IMPL["int8"](x, floor)
 
 
+_FUSED = {"ternary": _ternary_codes, "int8": _int8_codes, "block_abs_sum": _block_abs_sum,
+          "block_codes": _block_codes, "dequantize": _dequantize}
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
 def compile_quantizers(enabled: bool = True) -> None:
-    """Use torch.compile'd (fused) quantizers; they give the same codes as the eager ones."""
-    if enabled:
-        _IMPL["ternary"] = torch.compile(_ternary_codes, dynamic=True)
-        _IMPL["int8"] = torch.compile(_int8_codes, dynamic=True)
-    else:
-        _IMPL.update(ternary=_ternary_codes, int8=_int8_codes)
+    """Use torch.compile'd (fused) quantizers, process-wide, or the eager ones again. Both give the same codes, but
+    for one thing: W_eff's absmean adds up in another order (float64 against float32 block sums), so its scale can
+    differ in the last bit, and a weight exactly at a rounding boundary then gets the neighbouring code."""
+    if not _COMPILED:
+        _COMPILED.update({name: torch.compile(fn, dynamic=True) for name, fn in _FUSED.items()})
+    _IMPL.update(_COMPILED if enabled else _EAGER)
+
+
+def compile_by_default(setting: bool | None, device: torch.device) -> bool:
+    """bitnet.compile_quantizers: None compiles on CUDA only (on a CPU, compiling costs seconds per process)."""
+    return setting if setting is not None else device.type == "cuda"
+
+
+def quantizers_compiled() -> bool:
+    return _IMPL["int8"] is not _int8_codes
+
+
+def block_quantizers() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
+    """The compiled (Σ|W_eff|, codes) functions of one block of rows, or None while eager."""
+    return None if _IMPL["block_abs_sum"] is None else (_IMPL["block_abs_sum"], _IMPL["block_codes"])
+
+
+def dequantize(product: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """product / (x_scale · w_scale) in `dtype`: a BitLinear's integer product (int32 or float32) in real units."""
+    return _IMPL["dequantize"](product, x_scale, w_scale, dtype)
 
 
 def _ste(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:

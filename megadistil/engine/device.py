@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from megadistil.bitnet import Hardware, Kernel, hardware, resolve_dtype, resolve_kernel
+from megadistil.bitnet import Hardware, Kernel, compile_by_default, hardware, resolve_dtype, resolve_kernel
 from megadistil.distributed import set_up_cpu_rank
 from megadistil.utils import dtype_name, torch_dtype
 
@@ -21,15 +21,18 @@ class Placement:
     dtype: torch.dtype
     threads: int  # intra-op threads of this rank (CPU)
     freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU: distributed.set_up_cpu_rank)
+    quantizers_compiled: bool = False  # BitLinear's quantizers torch.compile'd (bitnet.compile_quantizers)
 
     def describe(self) -> str:
         return (f"device {self.device}: {self.hardware.describe()}; BitLinear kernel {self.kernel.value}, "
-                f"dtype {dtype_name(self.dtype)}, {self.threads} intra-op threads"
+                f"quantizers {'compiled' if self.quantizers_compiled else 'eager'}, dtype {dtype_name(self.dtype)}, "
+                f"{self.threads} intra-op threads"
                 + (", malloc keeps freed blocks" if self.freed_blocks_kept else ""))
 
     def as_dict(self) -> dict:
         return {"device": str(self.device), "hardware": self.hardware.as_dict(), "kernel": self.kernel.value,
-                "dtype": dtype_name(self.dtype), "threads": self.threads, "freed_blocks_kept": self.freed_blocks_kept}
+                "dtype": dtype_name(self.dtype), "threads": self.threads, "freed_blocks_kept": self.freed_blocks_kept,
+                "quantizers_compiled": self.quantizers_compiled}
 
 
 def engine_device() -> torch.device:
@@ -39,9 +42,10 @@ def engine_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.device | None = None) -> Placement:
-    """Set this rank's threads and allocator (CPU), then measure the device and resolve `bitnet.kernel` and
-    `model.dtype`.
+def place(kernel: str, dtype: str, *, local_world_size: int, compile_quantizers: bool | None = None,
+          device: torch.device | None = None) -> Placement:
+    """Set this rank's threads and allocator (CPU), then measure the device and resolve `bitnet.kernel`,
+    `model.dtype` and `bitnet.compile_quantizers`.
 
     The threads are set first because the measurement must see the thread count the run will have. An explicit
     kernel the device lacks raises ValueError naming bitnet.kernel and the device.
@@ -49,7 +53,8 @@ def place(kernel: str, dtype: str, *, local_world_size: int, device: torch.devic
     device = device or engine_device()
     kept = set_up_cpu_rank(local_world_size) if device.type == "cpu" else False
     hw = hardware(device)
-    return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads(), kept)
+    return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads(), kept,
+                     compile_by_default(compile_quantizers, device))
 
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

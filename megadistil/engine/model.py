@@ -68,8 +68,7 @@ def build_student(cfg: RunConfig, ds_config: dict[str, Any], placement: Placemen
         to_bitnet(model, lora_rank=b.lora_rank, lora_alpha=b.lora_alpha, exclude=tuple(b.exclude), subln=b.subln,
                   delta=cfg.relora.reset_every > 0, delta_format=cfg.relora.delta_format, backward=b.backward,
                   kernel=placement.kernel)
-    if b.compile_quantizers or (b.compile_quantizers is None and placement.device.type == "cuda"):
-        compile_quantizers()
+    compile_quantizers(placement.quantizers_compiled)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
         # Non-reentrant checkpointing saves nothing in the first forward, so keeping a layer's int8 weight codes

@@ -104,7 +104,8 @@ class Trainer:
         stop_signal.watch()  # launch/train.py already does, before its imports
         self._check_resumable()
         try:
-            placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size)
+            placement = place(cfg.bitnet.kernel, cfg.model.dtype, local_world_size=self.dist.local_world_size,
+                              compile_quantizers=cfg.bitnet.compile_quantizers)
         except ValueError as e:
             raise ConfigError(f"config key 'bitnet.kernel': {e}") from None
         try:

@@ -122,3 +122,27 @@ def test_int8_units_run_bitlinears_products_without_falling_back(layout):
     w = torch.randint(-1, 2, (4096, 4096), dtype=torch.int8, generator=g).to(CUDA)
     b = w.t() if layout == "forward" else w.t().contiguous().t()  # [K, N] with stride (1, K)
     assert torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())  # float64: exact for these sums
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_quantizers_on_cuda_give_the_eager_outputs_and_gradients(dtype):
+    """On CUDA bitnet.compile_quantizers defaults to on: the Triton-fused W_eff formation, activation quantizer and
+    epilogue against the eager path, outputs and LoRA gradients (the scale may differ in its last bit: a weight at a
+    rounding boundary then takes the neighbouring code, so compare to bf16/float32 rounding, not bit for bit)."""
+    from megadistil.bitnet import compile_quantizers
+
+    layer = _layer(Kernel.int8, dtype)
+    x = torch.randn(64, 512, device=CUDA, dtype=dtype, requires_grad=True)
+
+    def run():
+        y = layer(x)
+        return (y, *torch.autograd.grad(y.float().square().sum(), (x, layer.lora_A, layer.lora_B)))
+
+    eager = run()
+    compile_quantizers()
+    try:
+        compiled = run()
+    finally:
+        compile_quantizers(False)
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=1e-3)
