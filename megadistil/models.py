@@ -203,6 +203,7 @@ def attn_implementation(model_config: PretrainedConfig, requested: str, device: 
     importable and the class supports it; else sdpa where the class supports it (Gemma2 does not: sdpa cannot softcap
     attention scores), else eager. An explicit choice the model or the device cannot do is a ValueError naming
     model.attn_implementation."""
+    requested = str(requested)  # the config's enum member or a plain string alike
     cls = causal_lm_class(model_config, trust_remote_code)
     flash = _flash_unavailable(cls, torch.device(device), dtype)
     sdpa = None if getattr(cls, "_supports_sdpa", False) else f"{cls.__name__} does not support sdpa"

@@ -493,6 +493,29 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
         _inputs(tmp_path, [*on_shards[:3], f"data.shards={tmp_path}/unfinished", "data.text=[]"])
 
 
+def test_a_teacher_or_reference_that_cannot_run_the_attention_setting_is_refused_before_any_load(
+        tmp_path, tiny_llama_dir, stdlib_text_file):
+    """model.attn_implementation applies to every model the run loads: a teacher or reference whose class cannot
+    run it is refused by name before the student's weights load (it used to fail at its own load, after them)."""
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    vocab = AutoConfig.from_pretrained(tiny_llama_dir).vocab_size
+    gemma = tmp_path / "gemma2"
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(gemma)
+    for f in tiny_llama_dir.glob("tokenizer*"):
+        shutil.copy(f, gemma)  # the student's tokenizer: the exact path, nothing else to refuse
+    base = [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", "model.attn_implementation=sdpa"]
+    for key, overrides in (("teacher.path", ["teacher.kind=hf", f"teacher.path={gemma}"]),
+                           ("preference.reference", [f"preference.reference={gemma}"])):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"'model.attn_implementation': for {key} {gemma}: model.attn_implementation='sdpa' cannot run here: "
+                "Gemma2ForCausalLM does not support sdpa")):
+            _inputs(tmp_path, [*base, *overrides])
+        _inputs(tmp_path, [*base[:2], *overrides])  # auto: eager for Gemma 2, sdpa for the student
+    _inputs(tmp_path, base)  # the student alone runs sdpa
+
+
 def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp_path, tiny_llama_dir, shards_dir,
                                                                             stdlib_text_file, crosstok_teacher_dir,
                                                                             crosstok_shards_dir):

@@ -24,7 +24,7 @@ from megadistil.config import (
 from megadistil.data import Manifest, expand_files, tokenizer_fingerprint
 from megadistil.data.stream import batches_per_epoch
 from megadistil.distill.losses import KDKind
-from megadistil.engine.architecture import check_architecture
+from megadistil.engine.architecture import check_architecture, check_companion
 from megadistil.engine.model import check_model_dir, check_same_tokenizer
 from megadistil.utils import require
 
@@ -51,6 +51,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
         vocab = AutoConfig.from_pretrained(cfg.teacher.path, trust_remote_code=trust).get_text_config().vocab_size
         _refuse(cfg.teacher.top_k > vocab, "teacher.top_k", f"{cfg.teacher.top_k} exceeds the teacher's vocabulary "
                 f"({vocab} tokens)")
+        check_companion(cfg.teacher.path, "teacher.path", cfg)
     student_config = AutoConfig.from_pretrained(cfg.model.student, trust_remote_code=trust)
     check_architecture(student_config, cfg)
     for where, loss in loss_configs(cfg):
@@ -67,6 +68,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
                 "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
     if cfg.preference.reference:
         check_same_tokenizer(cfg.preference.reference, tokenizer, "preference.reference", cfg)
+        check_companion(cfg.preference.reference, "preference.reference", cfg)
     inputs = Inputs(tokenizer, teacher_tokenizer, cross_tokenizer_targets=teacher_tokenizer is not None)
     _check_data_files(cfg)
     if cfg.data.shards:
