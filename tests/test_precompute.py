@@ -99,6 +99,31 @@ def test_other_arguments_in_same_out_dir_are_refused(full_run, tiny_llama_dir, s
         run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, out, top_k=4))
 
 
+def test_an_edit_that_keeps_the_text_size_is_another_run(tiny_llama_dir, stdlib_text_file, tmp_path):
+    """The resume identity holds each text's content hash: shards of the old text are not continued over an edited
+    text of the same size (path and size alone matched, and the old shards were kept)."""
+    from megadistil.data.generate import GenerateConfig
+    from megadistil.data.generate import run_identity as generate_identity
+    from megadistil.data.precompute import identity_hash, run_identity
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(stdlib_text_file.read_text()[:5000])
+    cfg = _cfg(tiny_llama_dir, text, tmp_path / "out")
+    gen = GenerateConfig(teacher=str(tiny_llama_dir), text=[str(text)], out=str(tmp_path / "gen"))
+
+    def hashes():
+        return (identity_hash(run_identity(cfg, 1, "teacher", "tok", "float32")),
+                identity_hash(generate_identity(gen, 1, "teacher", "tok", "float32")))
+
+    before = hashes()
+    assert hashes() == before
+    data = bytearray(text.read_bytes())
+    data[2500] = ord("x") if data[2500] != ord("x") else ord("y")
+    text.write_bytes(bytes(data))
+    after = hashes()
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_input_errors(tiny_llama_dir, stdlib_text_file, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

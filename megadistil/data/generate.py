@@ -40,7 +40,7 @@ from megadistil.data.precompute import (
     teacher_dir_fingerprint,
 )
 from megadistil.data.shards import tokenizer_fingerprint
-from megadistil.data.text import batched, expand_files, iter_documents
+from megadistil.data.text import batched, expand_files, files_identity, iter_documents
 from megadistil.data.vllm_backend import VLLMSampler, check_vllm
 from megadistil.sampling import SamplingConfig, lockstep_any, sample
 from megadistil.utils import write_atomic
@@ -143,7 +143,7 @@ def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> It
 def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str, dtype: str) -> dict[str, Any]:
     inputs = expand_files(cfg.text) if cfg.text else [cfg.prompts]
     return {"teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
-            "inputs": [[os.path.abspath(f), os.path.getsize(f)] for f in inputs], "from_documents": bool(cfg.text),
+            "inputs": files_identity(inputs), "from_documents": bool(cfg.text),
             "prompt_tokens": cfg.prompt_tokens, "sampling": _sampling_dict(cfg.sampling),
             "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": dtype, "world_size": world,
             "backend": cfg.backend.value}

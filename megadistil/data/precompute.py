@@ -38,7 +38,7 @@ from megadistil.data.shards import (
     sha256_file,
     tokenizer_fingerprint,
 )
-from megadistil.data.text import batched, expand_files, pack_text
+from megadistil.data.text import batched, expand_files, files_identity, pack_text
 from megadistil.distill.targets import aligned_targets, teacher_topk
 from megadistil.distributed import (
     accelerator_is_cuda,
@@ -232,7 +232,7 @@ def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str
     files = expand_files(cfg.text)
     ident = {
         "teacher_fingerprint": teacher_fp, "tokenizer_fingerprint": tok_fp,
-        "text": [[os.path.abspath(f), os.path.getsize(f)] for f in files],
+        "text": files_identity(files),
         "seq_len": cfg.seq_len, "top_k": cfg.top_k, "temperature": cfg.temperature, "shard_bytes": cfg.shard_bytes,
         "max_sequences": cfg.max_sequences, "dtype": dtype, "world_size": world, "codec": cfg.codec,
     }
