@@ -25,8 +25,8 @@ class BitNetConfig:
     kernel: Kernel = Kernel.auto  # the GEMM for the integer products (auto: the fastest measured on the device)
     exclude: tuple[str, ...] = ()  # module names (or name suffixes) that stay nn.Linear; the output head always does
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
-    # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds per layer shape.
-    compile_quantizers: bool | None = None  # torch.compile the quantizers (fused); None: on CUDA only
+    # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds in every process.
+    compile_quantizers: bool | None = None  # torch.compile the quantizers and W_eff's formation; None: on CUDA only
 
     def validate(self) -> None:
         require(self.lora_rank >= 1, "bitnet.lora_rank", f"must be >= 1, got {self.lora_rank}")
