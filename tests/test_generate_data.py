@@ -225,3 +225,21 @@ def test_vllm_backend_refuses_what_it_cannot_do(tiny_llama_dir, stdlib_text_file
     with pytest.raises(ValueError, match="--zero3 partitions a torch model"):
         run_generation(replace(one, zero3=True))
     assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_a_character_split_between_prompt_and_continuation_goes_to_the_continuation_whole(tiny_llama_dir):
+    """A prompt cut inside a character's bytes (byte-level tokens): the prompt and continuation fields split the text
+    before that character, not into two U+FFFD halves; together they are the text."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.generate import _line
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = "a naïve café in 東京"
+    ids = tok.encode(text, add_special_tokens=False)
+    splits = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
+    assert len(splits) >= 3  # ï, é and the CJK characters are spelled in several byte tokens
+    for k in splits:
+        line = _line(tok, 0, ids[:k], ids[k:], None, SAMPLING, "teacher")
+        assert line["prompt"] + line["continuation"] == line["text"] == tok.decode(ids)
+        assert "\ufffd" not in line["text"] and line["prompt"] == tok.decode(ids[:k])[:-1].rstrip("\ufffd")

@@ -269,9 +269,11 @@ def _line(tok: Any, index: int, prompt_ids: list[int], new_ids: list[int], eos: 
           sampling: SamplingConfig, teacher_fp: str) -> dict[str, Any]:
     stops = {eos} if isinstance(eos, int) else set(eos or ())
     stopped = bool(new_ids) and new_ids[-1] in stops
-    return {"index": index, "text": tok.decode(prompt_ids + new_ids, skip_special_tokens=True),
-            "prompt": tok.decode(prompt_ids, skip_special_tokens=True),
-            "continuation": tok.decode(new_ids, skip_special_tokens=True), "prompt_ids": prompt_ids,
+    text = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    # The prompt's text is where its own decoding agrees with the whole: a character whose bytes the prompt's last
+    # token and the continuation's first share goes to the continuation whole, not as U+FFFD on both sides.
+    cut = len(os.path.commonprefix([text, tok.decode(prompt_ids, skip_special_tokens=True)]))
+    return {"index": index, "text": text, "prompt": text[:cut], "continuation": text[cut:], "prompt_ids": prompt_ids,
             "continuation_ids": new_ids, "stop": "eos" if stopped else "length",
             "sampling": _sampling_dict(sampling), "teacher": teacher_fp}
 
