@@ -150,6 +150,73 @@ def test_the_layerwise_teacher_inside_the_students_forward_is_bitwise_the_whole_
     assert "forward" not in vars(decoder_layers(model)[0])  # the layers' own forward is back
 
 
+def _relation_kl_reference(student: torch.Tensor, teacher: torch.Tensor, heads: int, rows: torch.Tensor) -> float:
+    """float64 MiniLM relation KL of one of q/k/v: each counted row against all its earlier positions (causal keys),
+    mean over relation heads and counted rows."""
+    total, n = 0.0, 0
+    d = student.shape[-1] // heads
+    for b, i in rows.nonzero().tolist():
+        for h in range(heads):
+            s, t = (x[b, : i + 1, h * d:(h + 1) * d].double() for x in (student, teacher))
+            ls, lt = (torch.log_softmax(x[-1] @ x.T / d ** 0.5, -1) for x in (s, t))
+            total += float((lt.exp() * (lt - ls)).sum())
+            n += 1
+    return total / n
+
+
+def test_the_relation_term_of_a_completion_reaches_back_into_its_prompt():
+    """On-policy and preference batches train the completion only (labels ignore the prompt): its rows' attention
+    relations still span the prompt before them. The label mask was passed as the keys' mask, so the prompt dropped
+    out of every softmax (the first completion row compared itself with itself: always 0)."""
+    from megadistil.distill.losses import IGNORE_INDEX
+    from megadistil.engine.module import DistillModule
+    from megadistil.engine.teachers import SharedTeacher
+    from megadistil.models import capture_qkv
+
+    model, ids = tiny_model("llama31", head_scale=HEAD_SCALE), _ids(shape=(2, 12))
+    to_bitnet(model, lora_rank=4)
+    labels = ids.roll(-1, 1)
+    labels[:, :5] = IGNORE_INDEX  # a 6-token prompt
+    labels[:, -1] = IGNORE_INDEX
+    cfg = LossConfig(attn_relation_weight=1.0, attn_relation_layers=[0], attn_relation_heads=2)
+    targets = SharedTeacher(model, layerwise=False).targets({"input_ids": ids}, cfg)
+    with torch.no_grad():
+        parts = DistillModule(model)(ids, labels, targets, cfg)
+        with capture_qkv(model, [0]) as qkv:
+            model.model(input_ids=ids)
+    rows = labels != IGNORE_INDEX
+    expected = sum(_relation_kl_reference(s, t, 2, rows) for s, t in zip(qkv[0], targets.qkv[0], strict=True))
+    assert expected > 1e-3
+    assert float(parts["attn"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_dual_space_projector_ce_trains_the_projector_not_the_students_head():
+    """DSKD's projector learns to read the teacher's states through the student's head by CE; that CE must not train
+    the head (official DSKD detaches it). With the head trainable (optim.param_groups), its gradient is the KD term's
+    alone; the projected states still get the CE's gradient."""
+    from megadistil.distill.losses import IGNORE_INDEX
+    from megadistil.engine.module import HeadLoss
+    from megadistil.engine.teachers import Targets
+
+    model, ids = tiny_model("llama31", head_scale=HEAD_SCALE), _ids(shape=(2, 10))
+    head = model.get_output_embeddings().weight.requires_grad_()
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = IGNORE_INDEX
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 10, model.config.hidden_size, generator=g, requires_grad=True)
+    projected = torch.randn(2, 10, model.config.hidden_size, generator=g, requires_grad=True)
+    cfg = LossConfig(dskd_weight=1.0, kd_weight=0.0, ce_weight=1.0)
+    targets = Targets(foreign_mask=torch.ones(2, 10, dtype=torch.bool))
+    loss = HeadLoss(model)
+    parts = {"loss": torch.zeros(())}
+    loss._dual_space(parts, hidden, projected, head, labels, targets, cfg)
+    grad_head, grad_projected = torch.autograd.grad(parts["loss"], (head, projected))
+    kd_only = chunked_lm_head_loss(hidden, head, labels, LossConfig(kd_weight=1.0, ce_weight=0.0),
+                                   teacher_hidden=projected.detach(), teacher_lm_head_weight=head)
+    torch.testing.assert_close(grad_head, torch.autograd.grad(kd_only["loss"], head)[0])
+    assert grad_projected.abs().sum() > 0
+
+
 @pytest.mark.parametrize("arch", ["llama31", "gemma2", "cohere", "granite"])
 def test_top_k_targets_are_of_the_models_own_logits(arch):
     """The one producer of top-k targets (precompute's and the live HF teacher's TopKHead) sees the model's logits,

@@ -573,13 +573,14 @@ def _relations(x: Tensor, heads: int, temperature: float, key_mask: Tensor, name
 
 
 def attention_relation_loss(student_qkv: Sequence[Tensor], teacher_qkv: Sequence[Tensor], mask: Tensor | None, *,
-                            num_relation_heads: int, temperature: float = 1.0) -> Tensor:
+                            num_relation_heads: int, temperature: float = 1.0, rows: Tensor | None = None) -> Tensor:
     """MiniLM-v2 / BitDistill self-attention relation distillation for one layer.
 
     For X in (Q, K, V) (each [B, S, width], e.g. q_proj/k_proj/v_proj outputs; with GQA K/V are narrower): split
     X into `num_relation_heads` heads of size d_r, R_X = softmax(X X^T / sqrt(d_r)) with a causal (and padding)
     mask, then KL(R_X^teacher || R_X^student) per row. Summed over Q, K, V; mean over relation heads and valid rows.
-    mask: [B, S] True for real tokens (None = all).
+    mask: [B, S] True for real tokens (None = all): the keys, and the rows unless `rows` [B, S] says which rows count
+    (e.g. only the completion's, whose keys still include the prompt before it).
     """
     if len(student_qkv) != 3 or len(teacher_qkv) != 3:
         raise ValueError("attention_relation_loss expects (q, k, v) for student and teacher")
@@ -588,11 +589,12 @@ def attention_relation_loss(student_qkv: Sequence[Tensor], teacher_qkv: Sequence
         if s.dim() != 3 or s.shape[:2] != t.shape[:2]:
             raise ValueError(f"attention_relation_loss: {name} student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
         keep = _token_mask(mask, s, f"attention_relation_loss {name}")
+        counted = keep if rows is None else keep & _token_mask(rows, s, f"attention_relation_loss {name} rows")
         log_s, allowed = _relations(s, num_relation_heads, temperature, keep, f"student {name}")
         log_t, _ = _relations(t.detach(), num_relation_heads, temperature, keep, f"teacher {name}")
         # Disallowed entries are -inf in both; zero their difference so they add nothing (not nan).
         kl = (log_t.exp() * (log_t - log_s).masked_fill(~allowed, 0.0)).sum(-1)  # [B, h, S]
-        rows = keep[:, None, :].expand_as(kl)
-        term = kl.masked_fill(~rows, 0.0).sum() / rows.sum().clamp_min(1)  # no host sync
+        counted_rows = counted[:, None, :].expand_as(kl)
+        term = kl.masked_fill(~counted_rows, 0.0).sum() / counted_rows.sum().clamp_min(1)  # no host sync
         total = term if total is None else total + term
     return total

@@ -50,7 +50,9 @@ class DistillModule(nn.Module):
                                                 magnitude_weight=cfg.hidden_magnitude_weight)
             parts["loss"] = parts["loss"] + cfg.hidden_weight * parts["hidden"]
         if qkv_layers:
-            terms = [attention_relation_loss(qkv[i], targets.qkv[i], mask,
+            # Batches are right-padded (a real row never sees padding): every earlier position is a key, the trained
+            # rows count (a completion's relations to its prompt included).
+            terms = [attention_relation_loss(qkv[i], targets.qkv[i], None, rows=mask,
                                              num_relation_heads=cfg.attn_relation_heads,
                                              temperature=cfg.attn_relation_temperature) for i in qkv_layers]
             parts["attn"] = torch.stack(terms).mean()
@@ -97,8 +99,8 @@ class HeadLoss(nn.Module):
         in the same step; the student is distilled (loss.kind, temperature) towards the projected distribution,
         detached."""
         aligned = labels.masked_fill(~targets.foreign_mask, IGNORE_INDEX)
-        proj = chunked_lm_head_loss(projected, head_weight, aligned, replace(cfg, kd_weight=0.0, ce_weight=1.0),
-                                    logit_transform=self.logit_transform)
+        proj = chunked_lm_head_loss(projected, head_weight.detach(), aligned,  # the projector learns, not the head
+                                    replace(cfg, kd_weight=0.0, ce_weight=1.0), logit_transform=self.logit_transform)
         kd = chunked_lm_head_loss(hidden, head_weight, aligned, replace(cfg, kd_weight=1.0, ce_weight=0.0),
                                   teacher_hidden=projected.detach(), teacher_lm_head_weight=head_weight,
                                   logit_transform=self.logit_transform)
