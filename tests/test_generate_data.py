@@ -243,3 +243,19 @@ def test_a_character_split_between_prompt_and_continuation_goes_to_the_continuat
         line = _line(tok, 0, ids[:k], ids[k:], None, SAMPLING, "teacher")
         assert line["prompt"] + line["continuation"] == line["text"] == tok.decode(ids)
         assert "\ufffd" not in line["text"] and line["prompt"] == tok.decode(ids[:k])[:-1].rstrip("\ufffd")
+
+
+def test_prompt_lines_end_at_newlines_only(tiny_llama_dir, tmp_path):
+    """A JSON Lines prompt holding U+2028 (json.dumps(ensure_ascii=False) writes it as is) is one valid line, and a
+    .txt prompt holding a form feed is one prompt: str.splitlines broke both (refused, or two prompts that shifted
+    every later prompt's index and seed)."""
+    from megadistil.data.generate import _prompt_texts
+
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(json.dumps({"prompt": "one\u2028line"}, ensure_ascii=False) + "\n" +
+                    json.dumps({"prompt": "two"}) + "\n", encoding="utf-8")
+    text = tmp_path / "p.txt"
+    text.write_text("page one\x0cpage two\nsecond prompt\n", encoding="utf-8")
+    cfg = GenerateConfig(teacher=str(tiny_llama_dir), out=str(tmp_path / "a"), prompts=str(rows))
+    assert list(_prompt_texts(cfg)) == ["one\u2028line", "two"]
+    assert list(_prompt_texts(replace(cfg, prompts=str(text)))) == ["page one\x0cpage two", "second prompt"]

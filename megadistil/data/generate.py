@@ -106,7 +106,9 @@ def _prompt_texts(cfg: GenerateConfig) -> Iterator[str]:
         yield from iter_documents(cfg.text)
         return
     path = Path(cfg.prompts)
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    # Lines end at \n alone (as JSON Lines and the --text path read them): str.splitlines also breaks at U+2028,
+    # form feeds and other separators a prompt may hold.
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         if path.suffix == ".txt":
