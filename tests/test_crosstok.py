@@ -475,3 +475,10 @@ def test_teacher_targets_apply_the_head_weight_without_calling_the_head_module()
         want = topk_target(model(input_ids=ids).logits.float(), 5)
     assert torch.equal(target.topk_ids, want.topk_ids)
     torch.testing.assert_close(target.topk_logprobs, want.topk_logprobs)
+
+
+def test_a_teacher_head_padded_past_the_students_maps_its_padding_ids_to_none():
+    from megadistil.data.crosstok import padded_vocab_map
+
+    assert padded_vocab_map(8, 8) is None and padded_vocab_map(8, 10) is None
+    assert padded_vocab_map(10, 8).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1]

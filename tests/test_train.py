@@ -111,6 +111,26 @@ def crosstok_shards_dir(tmp_path_factory, tiny_llama_dir, crosstok_teacher_dir, 
 
 
 @pytest.fixture(scope="module")
+def padded_teacher_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny student's weights and tokenizer with 64 padding rows added to the embeddings and the head (as
+    Qwen2.5-7B has 128 more than 0.5B): copies of rows 0-63, so the padding ids score like real ones and reach the
+    top-k. A live teacher's top-k then holds ids past the student's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 64, mean_resizing=False)
+    with torch.no_grad():
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            emb[vocab:] = emb[:64]
+    out = tmp_path_factory.mktemp("padded_teacher")
+    model.save_pretrained(out)
+    for f in Path(tiny_llama_dir).glob("tokenizer*"):
+        shutil.copy(f, out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def five_sequence_text(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> Path:
     """Held-out text that packs into 5 sequences of 64 tokens: not a whole number of 2 ranks x 2-sequence batches."""
     from transformers import AutoTokenizer
@@ -129,7 +149,7 @@ def five_sequence_text(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> Pa
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, shards_dir, stdlib_text_file,
          crosstok_teacher_dir, crosstok_shards_dir, reference_dir, preference_file,
-         partitioned_ds_config, released_ds_config, five_sequence_text) -> dict[str, Path]:
+         partitioned_ds_config, released_ds_config, five_sequence_text, padded_teacher_dir) -> dict[str, Path]:
     """The module's training runs in one 2-rank launch (tests/_runs_probe.py: one Trainer after another in the same
     processes), each in its own dir. `onpolicy` goes first, as the killed run's fresh processes start."""
     specs = {
@@ -148,8 +168,9 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "train.max_steps=10", "train.save_every=5", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
             "data.shuffle_buffer=16"]},
         "hf": {"overrides": [
-            f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={tiny_llama_dir}", "teacher.top_k=32",
-            f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2", "train.max_steps=10",
+            f"model.student={tiny_llama_dir}", "teacher.kind=hf", f"teacher.path={padded_teacher_dir}",
+            "teacher.top_k=32", f"data.text=[{stdlib_text_file}]", "data.seq_len=64", "train.micro_batch_size=2",
+            "train.max_steps=10",
             "train.save_every=10", "bitnet.lora_rank=8", "optim.lr=1e-2", "optim.warmup_steps=2",
             "onpolicy.prompt_tokens=16", "onpolicy.max_new_tokens=16",
             "stages=[{start_step: 9, overrides: {onpolicy.fraction: 1.0}}]"]},
@@ -303,9 +324,11 @@ def test_offline_shards_run_lowers_kd(runs):
 
 @pytest.mark.multirank
 def test_separate_hf_teacher_as_zero3_inference_engine(runs):
-    """The teacher is another HF model (here: the same weights, loaded again) partitioned by its own ZeRO-3 engine;
-    its live top-k targets make the KD, so the student's KD to it falls like with the shared teacher. From step 9 (a
-    stage) it scores the student's own samples instead: its engine's forward runs in lockstep on both ranks."""
+    """The teacher is another HF model (here: the same weights, loaded again, with a head padded past the student's
+    vocabulary) partitioned by its own ZeRO-3 engine; its live top-k targets make the KD (the padding ids' mass in
+    the tail: they stopped the run with "ids outside" before), so the student's KD to it falls like with the shared
+    teacher. From step 9 (a stage) it scores the student's own samples instead: its engine's forward runs in lockstep
+    on both ranks."""
     assert all(p["error"] is None for p in probe(runs["hf"]))
     steps = [m for m in metrics(runs["hf"]) if "kd" in m]
     kd = [m["kd"] for m in steps]
@@ -468,7 +491,7 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
     from megadistil.tiny import make_tiny_llama
 
     make_tiny_llama(other, texts=[stdlib_text_file.read_text()[:20000]], vocab_size=300)
-    with pytest.raises(ConfigError, match="data.shards.*vocab"):
+    with pytest.raises(ConfigError, match="data.shards.*tokenizer_fingerprint"):
         _inputs(tmp_path, [f"model.student={other}", f"data.shards={shards_dir}", "data.text=[]", "data.seq_len=64"])
     on_shards = [f"model.student={tiny_llama_dir}", "teacher.kind=shards", f"data.shards={shards_dir}", "data.text=[]"]
     with pytest.raises(ConfigError, match="loss.temperature"):

@@ -277,6 +277,17 @@ def vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, teacher_vocab: int
     return out
 
 
+def padded_vocab_map(teacher_vocab: int, student_vocab: int) -> np.ndarray | None:
+    """The same tokenizer, heads of other sizes (e.g. Qwen2.5-7B's 152064 rows, 0.5B's 151936 rows): the teacher's
+    ids as they are, its rows past the student's (padding, never a token, but within reach of a top-k) to none
+    (-1); None where every teacher id fits the student."""
+    if teacher_vocab <= student_vocab:
+        return None
+    out = np.arange(teacher_vocab, dtype=np.int64)
+    out[student_vocab:] = -1
+    return out
+
+
 def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     """The bytes each ordinary token spells: byte-level BPE symbols (GPT-2's byte alphabet) or SentencePiece pieces
     ('\u2581' is a space, <0xNN> a byte); special tokens are left out."""

@@ -486,13 +486,12 @@ class Manifest:
     def check_compatible(self, *, vocab_size: int, tokenizer_fingerprint: str | None) -> None:
         """Raise ValueError if a student with this vocab / tokenizer cannot learn from these shards.
 
-        Cross-tokenizer shards: the top-k ids never index the student's logits, so a student vocab at least as large
-        as the tokens' (e.g. padded embeddings) is enough; otherwise the vocab must be the same."""
-        if self.cross_tokenizer and vocab_size < self.vocab_size:
+        The student must hold the tokens (a vocab at least as large as theirs). Heads of the same tokenizer may differ
+        in padding rows: the trainer folds a top-k id past the student's rows into the tail
+        (crosstok.padded_vocab_map); cross-tokenizer top-k ids are mapped anyway."""
+        if vocab_size < self.vocab_size and (self.cross_tokenizer or tokenizer_fingerprint is None):
             raise ValueError(f"manifest vocab_size {self.vocab_size} > student vocab_size {vocab_size} (the "
                              "student's tokens do not fit)")
-        if not self.cross_tokenizer and vocab_size != self.vocab_size:
-            raise ValueError(f"manifest vocab_size {self.vocab_size} != student vocab_size {vocab_size}")
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise ValueError(f"manifest tokenizer_fingerprint {self.tokenizer_fingerprint} != student tokenizer "
                              f"fingerprint {tokenizer_fingerprint}")

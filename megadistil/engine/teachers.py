@@ -217,8 +217,13 @@ def inference_engine(module: nn.Module, ds_config: dict[str, Any], head_weight: 
 
 
 class HFTeacher:
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int) -> None:
+    """A separate teacher of the student's tokenizer; vocab_map (crosstok.padded_vocab_map) where its head has rows
+    past the student's: their mass joins the tail."""
+
+    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int,
+                 vocab_map: Tensor | None = None) -> None:
         self.engine = inference_engine(TopKHead(model, top_k), ds_config, output_head(model).weight)
+        self.vocab_map = vocab_map
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
@@ -226,7 +231,9 @@ class HFTeacher:
             return Targets()
         out = self.engine(batch["input_ids"], loss.temperature, loss.chunk_tokens,
                           batch["labels"] if label_logprobs else None)
-        return Targets(sparse=SparseTarget(*out[:3]), label_logprobs=out[3] if label_logprobs else None)
+        targets = on_student_vocab(SparseTarget(*out[:3]), None, self.vocab_map, loss)
+        targets.label_logprobs = out[3] if label_logprobs else None
+        return targets
 
 
 class CrossTokenizerTeacher(HFTeacher):
@@ -236,9 +243,6 @@ class CrossTokenizerTeacher(HFTeacher):
     The targets hold the teacher's top-k + tail at those positions, as on_student_vocab gives them to the loss, and a
     mask of the positions that have one."""
 
-    def __init__(self, model: nn.Module, ds_config: dict[str, Any], *, top_k: int, vocab_map: Tensor) -> None:
-        super().__init__(model, ds_config, top_k=top_k)
-        self.vocab_map = vocab_map
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:

@@ -34,7 +34,7 @@ from megadistil.config import (
     value_at,
 )
 from megadistil.data import ShardStream
-from megadistil.data.crosstok import CrossTokenizerBatches, vocab_map
+from megadistil.data.crosstok import CrossTokenizerBatches, padded_vocab_map, vocab_map
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.distill.losses import LossConfig
@@ -191,9 +191,13 @@ class Trainer:
         return rundir.read_meta(self.ckpt_root / self.resume_tag).get("placement") if self.resume_tag else None
 
     def _vocab_map(self, teacher_tokenizer: Any, teacher_vocab: int) -> Tensor | None:
+        """A teacher's ids -> the student's (-1: none), or None where they are the student's own."""
         if teacher_tokenizer is None:
-            return None
-        return torch.from_numpy(vocab_map(teacher_tokenizer, self.inputs.tokenizer, teacher_vocab)).to(self.device)
+            student_vocab = utils.full_shape(output_head(self.engine.module.student).weight)[0]
+            mapping = padded_vocab_map(teacher_vocab, student_vocab)
+        else:
+            mapping = vocab_map(teacher_tokenizer, self.inputs.tokenizer, teacher_vocab)
+        return None if mapping is None else torch.from_numpy(mapping).to(self.device)
 
     def _build_data(self):
         cfg, d, tok = self.cfg, self.cfg.data, self.inputs.tokenizer
@@ -234,10 +238,11 @@ class Trainer:
         if kind == TeacherKind.none:
             return NoTeacher()
         model = load_causal_lm(self.cfg.teacher.path, self.cfg, self.ds_config, self.placement.dtype)
+        teacher_vocab = utils.full_shape(output_head(model).weight)[0]
+        mapping = self._vocab_map(self.inputs.teacher_tokenizer, teacher_vocab)
         if self.inputs.teacher_tokenizer is None:
-            return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k)
-        return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k,
-                                     vocab_map=self._vocab_map(self.inputs.teacher_tokenizer, model.config.vocab_size))
+            return HFTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k, vocab_map=mapping)
+        return CrossTokenizerTeacher(model, self.ds_config, top_k=self.cfg.teacher.top_k, vocab_map=mapping)
 
     def _build_projector(self, student: nn.Module) -> nn.Module | None:
         """DSKD's projector (loss.dskd_weight at any stage): the teacher's hidden size -> the student's, trained with
