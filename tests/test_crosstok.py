@@ -12,6 +12,7 @@ import torch
 from megadistil.data.crosstok import (
     align_positions,
     pack_text_windows,
+    padded_vocab_map,
     token_bytes,
     token_offsets,
     tokenize_segments,
@@ -478,7 +479,21 @@ def test_teacher_targets_apply_the_head_weight_without_calling_the_head_module()
 
 
 def test_a_teacher_head_padded_past_the_students_maps_its_padding_ids_to_none():
-    from megadistil.data.crosstok import padded_vocab_map
-
     assert padded_vocab_map(8, 8) is None and padded_vocab_map(8, 10) is None
     assert padded_vocab_map(10, 8).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, -1, -1]
+
+
+def test_shard_targets_of_a_padded_teacher_head_fold_its_padding_ids_into_the_tail():
+    """Shards of the student's tokenizer from a teacher whose head has rows past the student's: the trainer's
+    OfflineTeacher keeps the real ids where they are and adds the padding ids' mass to the tail."""
+    from megadistil.distill.losses import LossConfig
+    from megadistil.engine.teachers import OfflineTeacher
+
+    logprobs = torch.log(torch.tensor([[[0.5, 0.2, 0.1]]]))
+    batch = {"topk_ids": torch.tensor([[[3, 9, 1]]]), "topk_logprobs": logprobs,
+             "tail_logmass": torch.log(torch.tensor([[0.2]]))}
+    targets = OfflineTeacher(torch.from_numpy(padded_vocab_map(10, 8))).targets(batch, LossConfig())
+    present = targets.sparse.present[0, 0].tolist()
+    assert present == [True, False, True] and targets.kd_mask.all()
+    assert targets.sparse.topk_ids[0, 0].tolist()[::2] == [3, 1] and targets.sparse.topk_ids.max() < 8
+    torch.testing.assert_close(targets.sparse.tail_logmass.exp(), torch.tensor([[0.4]]))
