@@ -147,16 +147,23 @@ def test_slots_own_every_sample_once_in_ranges_equal_to_one(shards, sizes, n_slo
     assert max(counts) - min(counts) <= 1, counts
 
 
-@pytest.mark.parametrize("world, workers, batch, buffer", [(2, 2, 4, 10), (5, 0, 2, 0), (1, 2, 5, 3)])
-def test_an_epoch_reads_no_sample_twice(shards, world, workers, batch, buffer):
+@pytest.mark.parametrize("world, workers, batch, buffer", [(2, 2, 4, 10), (5, 0, 2, 0), (1, 2, 5, 3), (1, 4, 4, 3),
+                                                          (1, 3, 3, 5)])
+def test_no_epoch_reads_a_sample_twice(shards, world, workers, batch, buffer):
     """70 samples in 12 shards of 6 and one of 4. Each slot (rank x loader stream) owns a balanced contiguous range
-    of the samples, across shard ends, and drains its shuffle buffer at the end of its pass: an epoch repeats no
-    sample. Whole shards a slot gave 36 and 34 samples to two streams that take 35 each; the buffer, not drained,
-    pulled its last samples from the next pass."""
+    of the samples, across shard ends, drains its shuffle buffer at the end of its pass, and gives an epoch one pass's
+    worth, a whole round of the streams: no epoch repeats a sample, the second included. Whole shards a slot gave 36
+    and 34 samples to two streams that take 35 each; the buffer, not drained, pulled its last samples from the next
+    pass; 17 batches a rank over 4 streams (ranges of 17-18 samples) took 5 batches of 4 from the first stream; and a
+    pass's leftover began the next epoch, before the reshuffled pass that holds it again."""
     streams = [ShardStream(shards, batch_size=batch, rank=r, world_size=world, num_workers=workers,
-                           shuffle_buffer=buffer, epochs=1) for r in range(world)]
-    rows = [row for s in streams for row in _rows(list(s))]
-    assert len(rows) == len(set(rows)) == world * batch * streams[0].batches_per_epoch
+                           shuffle_buffer=buffer, epochs=2) for r in range(world)]
+    per_epoch = streams[0].batches_per_epoch
+    assert per_epoch % max(1, workers) == 0
+    batches = [list(s) for s in streams]
+    for epoch in range(2):
+        rows = [row for b in batches for row in _rows(b[epoch * per_epoch:(epoch + 1) * per_epoch])]
+        assert len(rows) == len(set(rows)) == world * batch * per_epoch
 
 
 def test_manifest_mismatch_is_refused(shards):
@@ -242,7 +249,8 @@ def test_bad_config_is_refused(shards):
         ShardStream(shards, batch_size=2, on_corrupt="ignore")
     with pytest.raises(ValueError, match="fewer than world_size 2 x batch_size 1000"):
         ShardStream(shards, batch_size=1000, world_size=2)
-    with pytest.raises(ValueError, match=r"70 samples are fewer than world_size 8 x 9 loader streams \(data.num_workers\)"):
+    with pytest.raises(ValueError, match=r"70 samples are fewer than world_size 8 x batch_size 1 x 9 loader streams "
+                                         r"\(data.num_workers\)"):
         ShardStream(shards, batch_size=1, world_size=8, num_workers=9)
 
 

@@ -9,9 +9,11 @@ Ordering model (what makes exact resume possible):
 - each slot is an infinite stream of passes over its range: pass e visits its pieces (whole shards, or a shard's
   members from one key to another) in a seeded order, through a seeded shuffle buffer that is drained at the end of
   the pass, so that a pass yields each of the slot's samples exactly once; samples are grouped into batches.
-- a rank yields ``total_samples // (world_size * batch_size)`` batches per epoch, taking batch i from stream
-  ``i % num_streams`` (the DataLoader's in-order round robin). Ranks therefore never disagree on the batch count;
-  in an epoch a stream takes at most a micro-batch more or less than its range holds.
+- a rank yields batches_per_epoch batches per epoch, a whole number of rounds over its streams, taking batch i from
+  stream ``i % num_streams`` (the DataLoader's in-order round robin): each stream takes its share of an epoch from
+  one pass, the first samples of the pass's shuffled order, and the rest of that pass (under a micro-batch and a
+  round's remainder) is dropped, like a DataLoader's drop_last. So ranks never disagree on the batch count, and no
+  epoch repeats a sample (where corrupt samples are skipped, a short pass is topped up from the next).
 
 The state is the number of batches yielded. A restarted reader starts each stream at the pass its position is in
 (passes are seeded by their index, and hold the same samples each time unless corrupt ones are skipped) and replays
@@ -37,7 +39,7 @@ from megadistil.data.shards import Manifest, ShardFormatError, check_raw_sample,
 from megadistil.utils import require
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2  # 2: balanced contiguous slot ranges, the buffer drained each pass (1: whole shards a slot)
+STATE_VERSION = 3  # 3: an epoch is one capped pass a stream; 2: passes ran on into the next epoch; 1: whole shards
 
 
 class OnCorrupt(enum.StrEnum):
@@ -56,7 +58,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shard samples in the shuffle buffer (0: stream order)
     seed: int = 0  # shard shuffle seed (0: train.seed, which also shuffles packed text)
     on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample stops the run, or is skipped and counted
-    epochs: int | None = None  # passes over the shards (None: endless)
+    epochs: int | None = None  # passes over the shards, no sample twice in one (None: endless)
     prefetch_factor: int = 2  # batches prefetched per worker
 
     def validate(self) -> None:
@@ -81,9 +83,10 @@ class _SlotSource:
         self.pieces = slot_pieces(manifest, n_slots, seed)[slot]
         self.size = sum(hi - lo for _, lo, hi in self.pieces)  # samples a pass yields when none is corrupt
 
-    def passes(self, bufsize: int, first: int = 0) -> Iterator[dict[str, Any]]:
-        """Pass after pass from pass `first`: each seeded by its own index (piece order and shuffle buffer), so a
-        resume skips whole passes without reading them."""
+    def passes(self, bufsize: int, cap: int, first: int = 0) -> Iterator[dict[str, Any]]:
+        """Pass after pass from pass `first`, at most `cap` samples of each (the stream's share of an epoch): each
+        seeded by its own index (piece order and shuffle buffer), so a resume skips whole passes without reading
+        them."""
         epoch = first
         while True:
             n = 0
@@ -91,6 +94,8 @@ class _SlotSource:
             for sample in _shuffled(self._pass(epoch), bufsize, rng):
                 n += 1
                 yield sample
+                if n == cap:
+                    break
             if n == 0:
                 raise ShardFormatError(f"{self.dir}: slot {self.slot} of {self.n_slots} got no valid sample in "
                                        f"epoch {epoch} (all its samples corrupt and skipped)")
@@ -173,9 +178,10 @@ def slot_pieces(manifest: Manifest, n_slots: int, seed: int) -> list[list[Piece]
     return slots
 
 
-def batches_per_epoch(manifest: Manifest, world_size: int, batch_size: int) -> int:
-    """The batches each rank yields in one pass over the shards: every rank yields as many (see the module doc)."""
-    return manifest.total_samples // (world_size * batch_size)
+def batches_per_epoch(manifest: Manifest, world_size: int, batch_size: int, num_streams: int = 1) -> int:
+    """The batches each rank yields in one pass over the shards: as many on every rank, a whole number of rounds over
+    its loader streams (data.num_workers), each within its stream's range (see the module doc)."""
+    return manifest.total_samples // (world_size * batch_size * num_streams) * num_streams
 
 
 def _shuffled(items: Iterator[dict[str, Any]], bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
@@ -234,12 +240,13 @@ class _Streams(torch.utils.data.IterableDataset):
         slot = o.rank * o.num_streams + stream
         src = _SlotSource(o.dir, o.manifest, slot, o.world_size * o.num_streams, o.seed, o.on_corrupt)
         replay = done * o.batch_size  # samples this stream yielded before the resume point
-        # Whole passes are skipped unread where every pass holds src.size samples (no corrupt sample skipped); the
-        # rest is replayed: read and validated, not decoded, so the shuffle buffer is rebuilt exactly.
-        first = replay // src.size if o.on_corrupt == OnCorrupt.fail else 0
-        replay -= first * src.size
+        cap = o.batches_per_epoch // o.num_streams * o.batch_size  # its share of an epoch, <= src.size
+        # Whole passes are skipped unread where every pass gives `cap` samples (no corrupt sample skipped); the rest
+        # is replayed: read and validated, not decoded, so the shuffle buffer is rebuilt exactly.
+        first = replay // cap if o.on_corrupt == OnCorrupt.fail else 0
+        replay -= first * cap
         batch: list[dict[str, Any]] = []
-        for raw in src.passes(o.shuffle_buffer, first):
+        for raw in src.passes(o.shuffle_buffer, cap, first):
             if replay > 0:
                 replay -= 1
                 continue
@@ -278,14 +285,11 @@ class ShardStream:
         self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory  # pinned: non-blocking copies to CUDA
         self.targets = targets  # False: token ids only, the top-k + tail are never decoded
-        self.batches_per_epoch = batches_per_epoch(self.manifest, world_size, batch_size)
+        self.batches_per_epoch = batches_per_epoch(self.manifest, world_size, batch_size, self.num_streams)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
-                             f"{world_size} x batch_size {batch_size}")
-        if self.manifest.total_samples < world_size * self.num_streams:
-            raise ValueError(f"{self.dir}: {self.manifest.total_samples} samples are fewer than world_size "
-                             f"{world_size} x {self.num_streams} loader streams (data.num_workers): a stream would "
-                             "read nothing")
+                             f"{world_size} x batch_size {batch_size} x {self.num_streams} loader streams "
+                             "(data.num_workers): a stream would get no batch in an epoch")
         self.consumed = 0
         self._skipped_by_stream: dict[int, int] = {}
         self._manifest_sha = hashlib.sha256((self.dir / "manifest.json").read_bytes()).hexdigest()[:16]

@@ -139,7 +139,7 @@ def _check_passes(cfg: RunConfig, manifest: Manifest, world_size: int) -> None:
     t, epochs = cfg.train, cfg.data.epochs
     if epochs is None:
         return
-    per_epoch = batches_per_epoch(manifest, world_size, t.micro_batch_size)
+    per_epoch = batches_per_epoch(manifest, world_size, t.micro_batch_size, max(1, cfg.data.num_workers))
     steps = epochs * per_epoch // t.grad_accum
     _refuse(steps < t.max_steps, "data.epochs",
             f"{epochs} pass(es) over the {manifest.total_samples} samples of {cfg.data.shards} give {per_epoch} "
