@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import re
 import shutil
 import socket
@@ -36,6 +37,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 
 DERIVED_PORT_BASE = 20000  # below Linux's ephemeral range (32768+), so a derived port rarely collides
 DERIVED_PORT_SPAN = 10000
@@ -299,9 +301,33 @@ def slurm_hostnames(nodelist: str) -> list[str]:
 
 
 def free_local_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free now for a rendezvous on this host, below the kernel's ephemeral range: a port the kernel
+    handed out (bind to 0) is free only until it hands it again as the source port of an outgoing connection (gloo's
+    pairs between the ranks of another job), and the rendezvous then fails with EADDRINUSE."""
+    low = _ephemeral_ports()[0]
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if 29500 <= port < 29700:  # torch's and DeepSpeed's default, and the fixed ports of other launches
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports (Linux; elsewhere IANA's 49152-65535)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def cpu_threads(sharing: int, environ: Mapping[str, str] | None = None) -> int | None:

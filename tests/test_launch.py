@@ -550,3 +550,17 @@ def test_dockerfile_lints_clean_and_matches_pyproject() -> None:
         assert version in ranges[name], f"Dockerfile pins {name}=={version} outside pyproject's {ranges[name]}"
     python = re.search(r"python(3\.\d+)-venv", text)
     assert python and python.group(1) in SpecifierSet(project["requires-python"])
+
+
+def test_a_free_rendezvous_port_lies_below_the_kernels_ephemeral_range():
+    """A port from bind(0) is ephemeral: the kernel may hand it to another job's outgoing connection (gloo's pairs)
+    before the rendezvous binds it, which then fails with EADDRINUSE (seen: the demo's training run under make test)."""
+    import socket
+
+    from megadistil.distributed import _ephemeral_ports, free_local_port
+
+    low, _ = _ephemeral_ports()
+    for port in {free_local_port() for _ in range(20)}:
+        assert 1024 <= port < low and not 29500 <= port < 29700
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
