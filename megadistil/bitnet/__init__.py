@@ -17,6 +17,6 @@ from megadistil.bitnet.surgery import BitNetConfig, bitlinear_modules, set_quant
 __all__ = [
     "BitLinear", "BitLinearFunction", "BitNetConfig", "DeltaFormat", "Hardware", "Kernel", "SubLN",
     "bitlinear_modules", "code_matmul", "compile_by_default", "compile_quantizers", "frozen_weight_codes",
-    "hardware", "int8_codes", "pack_ternary", "q3", "q8", "resolve_dtype", "resolve_kernel", "set_quant_lambda", "teacher_mode",
-    "ternary_codes", "to_bitnet", "unpack_ternary",
+    "hardware", "int8_codes", "pack_ternary", "q3", "q8", "resolve_dtype", "resolve_kernel", "set_quant_lambda",
+    "teacher_mode", "ternary_codes", "to_bitnet", "unpack_ternary",
 ]
