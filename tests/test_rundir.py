@@ -147,3 +147,36 @@ def test_data_and_export_import_no_engine_module() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                          timeout=300)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_save_replaces_an_earlier_checkpoint_of_its_tag_whole(tmp_path: Path) -> None:
+    """A run in an output dir another run used (train.resume=never) saves a tag the old one saved too: the new
+    checkpoint replaces the old one whole. It was written into the old dir, so the old run's merged ΔW (delta.json)
+    survived beside the new files and an export merged it into the new student. A staging dir a crashed save left
+    behind is cleared; `latest` names the complete checkpoint."""
+    from torch import nn
+
+    from megadistil.engine import checkpoint
+
+    class Engine:
+        module = nn.Linear(2, 2)
+
+        def save_checkpoint(self, root, tag, **kwargs):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(root) / tag / "mp_rank_00_model_states.pt").write_text(f"new, written as {tag}")
+
+    root = tmp_path / "checkpoints"
+    old = root / "step00000005"
+    old.mkdir(parents=True)
+    (old / rundir.DELTA_INDEX).write_text("{}")
+    (old / "mp_rank_00_model_states.pt").write_text("old")
+    rundir.write_latest(root, old.name)
+    (root / "step00000005.partial").mkdir()
+    (root / "step00000005.partial" / "left.over").write_text("a crashed save")
+    tag = checkpoint.save(Engine(), root, 5, rank_state={"step": 5}, meta={}, config_yaml="a: 1\n", sync_files=True)
+    assert tag == old.name and rundir.latest_tag(root) == tag
+    assert sorted(p.name for p in old.iterdir()) == sorted([rundir.CONFIG, rundir.META, "mp_rank_00_model_states.pt",
+                                                            rundir.rank_state_file(0)])
+    assert (old / "mp_rank_00_model_states.pt").read_text() == "new, written as step00000005.partial"
+    assert rundir.read_meta(old)["step"] == 5
+    assert sorted(p.name for p in root.iterdir()) == [rundir.LATEST, tag]

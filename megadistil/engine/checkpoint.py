@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from megadistil import rundir
 from megadistil.rundir import latest_tag, model_dir_fingerprint
-from megadistil.utils import dtype_name, fsync_tree, full_shape, torch_dtype, write_atomic
+from megadistil.utils import dtype_name, fsync_path, fsync_tree, full_shape, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
 __all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "rng_state", "save", "save_deltas",
@@ -86,28 +87,48 @@ def load_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
             param.data.copy_(full.view_as(param.data))  # its whole copy is what a forward outside the engine reads
 
 
+STAGING = ".partial"  # a checkpoint being written: `<tag>.partial`, renamed to `<tag>` once complete
+REPLACED = ".replaced"  # an earlier checkpoint of the same tag (another run in this output dir), deleted after
+
+
 def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta: dict[str, Any],
          config_yaml: str, sync_files: bool) -> str:
-    """Collective. Returns the tag. The ranks given `sync_files` (one a node) fsync every file of the checkpoint
-    before rank 0 publishes it as `latest`: a power loss cannot leave `latest` naming files still in a page cache."""
+    """Collective. Returns the tag. Every rank writes into a fresh staging dir; the ranks given `sync_files` (one a
+    node) fsync it; rank 0 then renames it to the tag and publishes it as `latest`. A power loss cannot leave
+    `latest` naming files still in a page cache, and a checkpoint of the same tag that another run left in this
+    output dir (train.resume=never) is replaced whole, never mixed with this one's files."""
     tag = rundir.tag_for(step)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+    staging, final = ckpt_root / (tag + STAGING), ckpt_root / tag
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    save_deltas(engine.module, ckpt_root / tag, rank, world)
-    write_atomic(ckpt_root / tag / rundir.rank_state_file(rank), json.dumps({**rank_state, "rng": rng_state()}))
-    if dist.is_initialized():
-        dist.barrier()
-    if sync_files:
-        fsync_tree(ckpt_root / tag)
-    if dist.is_initialized():
-        dist.barrier()
     if rank == 0:
-        write_atomic(ckpt_root / tag / rundir.CONFIG, config_yaml)
-        write_atomic(ckpt_root / tag / rundir.META, json.dumps({**meta, "step": step, "tag": tag, "world_size": world}))
+        shutil.rmtree(staging, ignore_errors=True)  # a save that crashed halfway
+    _barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=staging.name, save_latest=False, exclude_frozen_parameters=True)
+    save_deltas(engine.module, staging, rank, world)
+    write_atomic(staging / rundir.rank_state_file(rank), json.dumps({**rank_state, "rng": rng_state()}))
+    _barrier()
+    if rank == 0:
+        write_atomic(staging / rundir.CONFIG, config_yaml)
+        write_atomic(staging / rundir.META, json.dumps({**meta, "step": step, "tag": tag, "world_size": world}))
+    if sync_files:
+        fsync_tree(staging)
+    _barrier()
+    if rank == 0:
+        replaced = ckpt_root / (tag + REPLACED)
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+        staging.rename(final)
+        fsync_path(ckpt_root)
         rundir.write_latest(ckpt_root, tag)
+        shutil.rmtree(replaced, ignore_errors=True)
+    _barrier()
+    return tag
+
+
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-    return tag
 
 
 def load(engine, ckpt_root: Path, tag: str, *, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
