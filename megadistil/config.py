@@ -428,6 +428,10 @@ def validate_onpolicy(cfg: RunConfig) -> None:
     for where, c in staged_configs(cfg):
         _check(c.onpolicy.fraction == 0 or c.loss.kd_weight > 0, f"{where}loss.kd_weight" if where else "loss.kd_weight",
                "must be > 0 where onpolicy.fraction > 0 (on-policy micro-batches train on the KD term alone)")
+    _check(not cfg.data.preference, "onpolicy.fraction",
+           "on-policy prompts are each sequence's first onpolicy.prompt_tokens tokens, and data.preference rows hold "
+           "prompts of their own lengths followed by the chosen answer and padding: the student would continue "
+           "answers and padding, or cut prompts")
     if not cfg.data.shards:
         _check(op.prompt_tokens + op.max_new_tokens <= cfg.data.seq_len, "onpolicy.prompt_tokens",
                f"{op.prompt_tokens} prompt + {op.max_new_tokens} new tokens (onpolicy.max_new_tokens) exceed "
