@@ -256,8 +256,8 @@ def test_the_shared_teacher_runs_only_for_stages_whose_loss_reads_it():
      "'stages.0.overrides.onpolicy.fraction': must be in [0, 1]"),
     (["onpolicy.top_k=8"], "'onpolicy.top_k': is unused: onpolicy.fraction is 0 at every stage"),
     (["onpolicy.fraction=0.5", "data.text=[]", "data.preference=[/p.jsonl]"],
-     "'onpolicy.fraction': on-policy prompts are each sequence's first onpolicy.prompt_tokens tokens, and "
-     "data.preference rows hold prompts of their own lengths"),
+     ("'onpolicy.fraction': on-policy prompts are each sequence's first onpolicy.prompt_tokens tokens, and "
+      "data.preference rows hold prompts of their own lengths")),
 ])
 def test_onpolicy_settings_are_checked_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -216,6 +216,9 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     # the straight run's checkpoints, resumed by ranks of which one sees none (as on node-local disks)
     specs["split_view"] = {"overrides": specs["straight"]["overrides"], "out": specs["straight"]["out"],
                            "hide_checkpoints_on_rank": 1, "probe_dir": str(tmp_path_factory.mktemp("split_view"))}
+    # the straight run started again once finished: nothing to train, nothing logged twice
+    specs["finished"] = {"overrides": specs["straight"]["overrides"], "out": specs["straight"]["out"],
+                         "probe_dir": str(tmp_path_factory.mktemp("finished"))}
     ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
     return {name: Path(spec.get("probe_dir", spec["out"])) for name, spec in specs.items()}
 
@@ -471,6 +474,14 @@ def test_ranks_that_see_different_checkpoints_stop_before_any_load_naming_the_ou
         assert p["error"].startswith("config key 'train.output_dir': the ranks see different checkpoints in "), p
         assert "(rank 0: step00000012, rank 1: none): it must be one directory every node shares" in p["error"], p
     assert (runs["straight"] / "checkpoints" / "latest").read_text() == "step00000012"  # nothing touched
+
+
+def test_a_finished_run_started_again_trains_and_logs_nothing(runs):
+    """The straight run (12 steps) started again on its own output dir: no step, and no second final evaluation
+    (it evaluated again and logged a second record for step 12, and re-ran train.eval_tasks)."""
+    assert all(p["error"] is None for p in probe(runs["finished"]))
+    final = [m for m in metrics(runs["straight"]) if m.get("step") == 12]
+    assert len([m for m in final if "eval_ppl_student" in m]) == 1 and len([m for m in final if "loss" in m]) == 1
 
 
 def _inputs(tmp_path, overrides):

@@ -326,6 +326,10 @@ class Trainer:
     # ---------------------------------------------------------------- train
     def train(self) -> None:
         cfg = self.cfg
+        if self.state.step >= cfg.train.max_steps:  # a resumed, finished run: its final evaluation is logged already
+            self._print(f"nothing to train: the checkpoint is at step {self.state.step}, train.max_steps is "
+                        f"{cfg.train.max_steps} (raise it to train on)")
+            return
         batches = iter(self.data)
         self.engine.train()
         if self.state.step == 0 and self._evaluates():
