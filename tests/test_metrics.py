@@ -59,3 +59,23 @@ def test_steps_peak_leaves_out_the_load_peak_and_the_lifetime_peak_keeps_it():
     steps = bytearray(50 * 2**20)
     assert base + len(steps) / 2**20 - 5 <= peak.steps_mb() < base + 100  # the 200 MB transient is not in it
     assert peak.lifetime_mb() >= max(earlier, base + 200 - 5)  # neither reset lost an earlier peak
+
+
+def test_onpolicy_figures_are_every_ranks():
+    """The logged on-policy share and generation speed come from the counts summed over the ranks (the step's tokens
+    too): rank 0's counts times the world size stood for every rank's. The KD is this rank's, like the loss parts."""
+    import torch
+
+    from megadistil.engine.metrics import OnPolicyStats
+
+    ranks = []
+    for loss_tokens, kd, new_tokens in ((10, 0.5, 12), (30, 0.25, 40)):
+        stats = OnPolicyStats()
+        stats.generated(new_tokens, 2.0)
+        stats.trained(torch.tensor(loss_tokens), torch.tensor(kd))
+        ranks.append(stats)
+    summed = sum(s.as_tensor(torch.device("cpu")) for s in ranks)
+    record = ranks[0].record(80.0, summed)
+    assert record == {"onpolicy_share": 0.5, "onpolicy_kd": 0.5, "gen_time_s": 2.0, "gen_tokens_per_s": 26.0}
+    assert ranks[0].record(20.0) == {"onpolicy_share": 0.5, "onpolicy_kd": 0.5, "gen_time_s": 2.0,
+                                     "gen_tokens_per_s": 6.0}

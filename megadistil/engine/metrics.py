@@ -99,11 +99,18 @@ class OnPolicyStats:
         self.micro_batches += 1
         self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd
 
-    def record(self, tokens: int, world_size: int) -> dict[str, float]:
+    def as_tensor(self, device: torch.device) -> Tensor:
+        """[loss tokens, new tokens], float64: the counts a sum over the ranks adds up."""
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                            for v in (self.loss_tokens, self.new_tokens)])
+
+    def record(self, tokens: float, summed: Tensor | None = None) -> dict[str, float]:
         """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
-        onpolicy.kind); gen_time_s and gen_tokens_per_s (all ranks) of the step's generation."""
+        onpolicy.kind; this rank's, like the logged loss parts); gen_time_s and gen_tokens_per_s of the step's
+        generation. `tokens` and `summed` (as_tensor's, summed over the ranks): every rank's; None: this rank's."""
         if not self.seconds:
             return {"onpolicy_share": 0.0}
-        return {"onpolicy_share": int(self.loss_tokens) / max(tokens, 1),
+        loss_tokens, new_tokens = (summed if summed is not None else self.as_tensor(torch.device("cpu"))).tolist()
+        return {"onpolicy_share": loss_tokens / max(tokens, 1),
                 **({"onpolicy_kd": float(self.kd_sum) / self.micro_batches} if self.micro_batches else {}),
-                "gen_time_s": self.seconds, "gen_tokens_per_s": self.new_tokens * world_size / self.seconds}
+                "gen_time_s": self.seconds, "gen_tokens_per_s": new_tokens / self.seconds}
