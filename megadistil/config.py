@@ -12,6 +12,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
@@ -265,9 +266,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         schema = OmegaConf.structured(RunConfig)
         layers = [OmegaConf.from_dotlist(list(overrides))]
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layers.insert(0, OmegaConf.load(path))
+            layers.insert(0, _load_yaml(Path(path)))
         merged = schema
         for layer in layers:
             raw = OmegaConf.to_container(layer, resolve=False)
@@ -279,6 +278,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}" if key else str(e)) from None
     validate(cfg)
     return cfg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A config file as OmegaConf reads it; a missing file, broken YAML or anything but a mapping is a ConfigError
+    naming the file (yaml's own errors were tracebacks)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except OmegaConfBaseException as e:  # e.g. a duplicate key
+        raise ConfigError(f"config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file {path} holds a list, not a mapping of sections")
+    return layer
 
 
 def _refuse_moved(raw: dict[str, Any]) -> None:

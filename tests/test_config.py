@@ -423,3 +423,15 @@ def test_the_shards_hint_names_this_configs_seq_len_and_temperature(path):
         return
     hint = f"tools/precompute_teacher.py --seq-len {cfg.data.seq_len} --temperature {cfg.loss.temperature}"
     assert hint in " ".join(line.strip().lstrip("# ") for line in text.splitlines()), hint
+
+
+def test_a_config_file_that_is_no_yaml_mapping_is_refused_naming_the_file(tmp_path):
+    """Broken YAML, a duplicate key and a top-level list were yaml/AttributeError tracebacks (exit 1: 'does not fit'
+    for tools/estimate_memory.py)."""
+    cases = {"broken.yaml": ("model: [\n", "is not valid YAML: while parsing a flow node"),
+             "duplicate.yaml": ("model:\n  student: a\n  student: b\n", "is not valid YAML: .* duplicate key student"),
+             "list.yaml": ("- a\n- b\n", "holds a list, not a mapping of sections")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=f"config file {re.escape(str(tmp_path / name))} {message}"):
+            load_config(tmp_path / name)

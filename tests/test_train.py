@@ -494,6 +494,9 @@ def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, s
                             f"data.text=[{stdlib_text_file}]"])
     with pytest.raises(ConfigError, match="model.student"):
         _inputs(tmp_path, ["model.student=/no/such/student"])
+    with pytest.raises(ConfigError, match="'model.tokenizer': meta-llama/Llama-3.1-8B is not a directory .a tokenizer "
+                                          "is read from disk, never fetched from a hub"):
+        _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "model.tokenizer=meta-llama/Llama-3.1-8B"])
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(ConfigError, match=f"'train.output_dir': {tmp_path}/taken exists and is not a directory"):
         check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}/taken",

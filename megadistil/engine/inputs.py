@@ -45,6 +45,8 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
     out = Path(cfg.train.output_dir)
     _refuse(out.exists() and not out.is_dir(), "train.output_dir", f"{out} exists and is not a directory")
     check_model_dir(cfg.model.student, "model.student")
+    _refuse(bool(cfg.model.tokenizer) and not Path(cfg.model.tokenizer).is_dir(), "model.tokenizer",
+            f"{cfg.model.tokenizer} is not a directory (a tokenizer is read from disk, never fetched from a hub)")
     trust = cfg.model.trust_remote_code
     if cfg.teacher.kind == TeacherKind.hf:
         check_model_dir(cfg.teacher.path, "teacher.path")
