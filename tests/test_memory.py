@@ -125,6 +125,15 @@ def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     garbled = run("--config", "configs/tiny.yaml", "model.student=/nowhere", "--model-config", str(cfg))
     assert garbled.returncode == 2 and f"--model-config {cfg}: {cfg} is not a model's config.json" in garbled.stderr
     assert parse_bytes("80GB") == 80 * GiB and parse_bytes("81920MiB") == 80 * GiB
+    # The trainer's ds_config checks: a plan the trainer refuses is no "fits" (these said fits, exit 0)
+    base = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    for change, message in (({"train_micro_batch_size_per_gpu": 99}, "train_micro_batch_size_per_gpu=99 contradicts"),
+                            ({"bfloat16": {"enabled": True}}, 'ds_config "bfloat16"'),
+                            ({"amp": {"enabled": True}}, 'ds_config "amp"')):
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({**base, **change}))
+        refused = run("--config", "configs/llama3.1-8b.yaml", "--ds_config", str(ds))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
 
 
 def test_readme_planner_tables_are_the_tools_output(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.config import ConfigError, load_config
-from megadistil.engine.ds_config import load_ds_config
-from megadistil.engine.memory import Layout, as_trained, estimate, parse_bytes, resolve_dims, table
+from megadistil.engine.ds_config import load_ds_config, reconcile_ds_config
+from megadistil.engine.memory import Layout, as_trained, dtype_bytes, estimate, parse_bytes, resolve_dims, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = as_trained(load_config(args.config, args.overrides))
         dims, source = resolve_dims(cfg, model_config=args.model_config, config_path=args.config)
         layout = Layout(args.nodes, args.gpus_per_node)
-        est = estimate(cfg, dims, layout, load_ds_config(args.ds_config), offload=args.offload,
-                       capacity=parse_bytes(args.gpu_memory))
+        # the trainer's own ds_config checks, as on these ranks (model.dtype auto: bf16 on the GPUs planned for)
+        ds_config = reconcile_ds_config(cfg, load_ds_config(args.ds_config), world_size=layout.world,
+                                        bf16=dtype_bytes(cfg) == 2)
+        est = estimate(cfg, dims, layout, ds_config, offload=args.offload, capacity=parse_bytes(args.gpu_memory))
     except ConfigError as e:
         print(f"estimate_memory: error: {e}", file=sys.stderr)
         return 2
