@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -700,3 +701,34 @@ def test_verify_with_one_whole_sequence_as_the_prompt(tmp_path):
                             finish=verify)
     assert result.verify["passed"] is True and result.output == tmp_path / "hf"
 
+
+
+def test_card_scores_must_be_of_the_checkpoint_being_converted(tmp_path):
+    """--eval-results put any record into the model card as the export's scores: the base teacher's (kind hf) or
+    another checkpoint's were accepted."""
+    from megadistil import rundir
+    from megadistil.export.sources import CheckpointRef, ExportError
+    from megadistil.export.ternary import check_evaluated
+
+    def checkpoint(run: Path, step: int) -> Path:
+        ckpt = run / "checkpoints" / rundir.tag_for(step)
+        ckpt.mkdir(parents=True)
+        for name, text in ((rundir.META, json.dumps({"step": step})), (rundir.CONFIG, "{}\n"),
+                           ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "")):
+            (ckpt / name).write_text(text)
+        rundir.write_latest(ckpt.parent, ckpt.name)
+        return ckpt
+
+    ours, other = checkpoint(tmp_path / "run", 4), checkpoint(tmp_path / "other", 4)
+    ref = CheckpointRef(root=ours.parent, tag=ours.name, config=None, meta={"step": 4}, run_dir=tmp_path / "run")
+
+    def record(kind="student", step="4", path=tmp_path / "run"):
+        return {"name": "m", "kind": kind, "path": str(path), "fingerprint": {"checkpoint_step": step}}
+
+    check_evaluated(record(), ref)
+    check_evaluated(record(path=tmp_path / "elsewhere"), ref)  # evaluated on another machine: kind and step
+    for bad, message in ((record(kind="hf", path="/models/teacher"), "'m' is a hf model (/models/teacher), not this"),
+                         (record(step="2"), "the checkpoint of step 2, this one is step 4"),
+                         (record(path=tmp_path / "other"), f"evaluated {other}, not {ours}")):
+        with pytest.raises(ExportError, match=re.escape(message)):
+            check_evaluated(bad, ref)

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from megadistil import rundir
 from megadistil.bitnet.linear import weight_codes
 from megadistil.bitnet.quant import VALUES_PER_BYTE, pack_ternary
 from megadistil.bitnet.surgery import SUBLN_TARGETS, is_excluded
 from megadistil.export.sources import (
     BaseModel,
+    CheckpointRef,
     ExportError,
     StudentParts,
     check_fingerprint,
@@ -383,6 +385,29 @@ def load_student(checkpoint: str | Path, base: str | Path | None = None) -> Load
     return LoadedStudent(ckpt, base_model, parts, spec, tokenizer_dir)
 
 
+def check_evaluated(record: dict[str, Any], ckpt: CheckpointRef) -> None:
+    """A tools/evaluate.py record whose scores go into the card must be of this checkpoint's student (kind student,
+    its step, and where its path is on this machine, this very checkpoint): the base model's or another run's
+    scores would be published as the export's."""
+    where = f"--eval-results model {record.get('name')!r}"
+    if record.get("kind") != "student":
+        raise ExportError(f"{where} is a {record.get('kind')} model ({record.get('path')}), not this checkpoint's "
+                          f"student: evaluate the checkpoint (tools/evaluate.py --model NAME={ckpt.dir})")
+    step = str(ckpt.meta.get("step"))
+    if (record.get("fingerprint") or {}).get("checkpoint_step") != step:
+        raise ExportError(f"{where} evaluated the checkpoint of step "
+                          f"{(record.get('fingerprint') or {}).get('checkpoint_step')}, this one is step {step}")
+    path = Path(record.get("path", ""))
+    if not path.exists():
+        return  # evaluated on another machine: kind and step are what can be checked
+    try:
+        found = rundir.find_checkpoint(path)
+    except rundir.CheckpointError as e:
+        raise ExportError(f"{where}: {e}") from None
+    if found.resolve() != ckpt.dir.resolve():
+        raise ExportError(f"{where} evaluated {found}, not {ckpt.dir}")
+
+
 def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportConfig | None = None, *,
                        base: str | Path | None = None, verify: bool = False, verify_config=None,
                        evaluated: dict[str, Any] | None = None) -> ExportResult:
@@ -396,6 +421,8 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
     check_output(Path(output), cfg.overwrite, output_inputs(checkpoint, base))
     s = load_student(checkpoint, base)
     ckpt = s.ckpt
+    if evaluated is not None:
+        check_evaluated(evaluated, ckpt)
 
     def finish(staging: Path, result: ExportResult) -> None:
         if verify:
