@@ -732,3 +732,13 @@ def test_card_scores_must_be_of_the_checkpoint_being_converted(tmp_path):
                          (record(path=tmp_path / "other"), f"evaluated {other}, not {ours}")):
         with pytest.raises(ExportError, match=re.escape(message)):
             check_evaluated(bad, ref)
+
+
+def test_an_eval_results_file_that_is_not_evaluate_output_is_refused_naming_it(tmp_path):
+    from megadistil.export.card import eval_record
+
+    for text, message in (("", "not JSON"), ("[1, 2]", "not a tools/evaluate.py results file"),
+                          ('{"models": 3}', "not a tools/evaluate.py results file")):
+        (tmp_path / "r.json").write_text(text)
+        with pytest.raises(ValueError, match=f"--eval-results {re.escape(str(tmp_path / 'r.json'))}: {message}"):
+            eval_record(tmp_path / "r.json")

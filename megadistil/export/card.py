@@ -65,8 +65,13 @@ def data_fingerprint(run_config: DictConfig) -> dict[str, Any]:
 
 def eval_record(path: str | Path, name: str | None = None) -> dict[str, Any]:
     """One model's record of a tools/evaluate.py results JSON (named, or the file's only one)."""
-    results = json.loads(Path(path).read_text())
-    models = results.get("models", [])
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--eval-results {path}: not JSON ({e})") from None
+    models = results.get("models") if isinstance(results, dict) else None
+    if not isinstance(models, list):
+        raise ValueError(f"--eval-results {path}: not a tools/evaluate.py results file (no 'models' list)")  # noqa: TRY004 - bad input: exit 2 like the others
     chosen = [m for m in models if name is None or m["name"] == name]
     if len(chosen) != 1:
         raise ValueError(f"--eval-results {path}: holds models {[m['name'] for m in models]}; "
