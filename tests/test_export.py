@@ -279,6 +279,8 @@ def test_packed_weights_are_two_bits_and_the_size_report_adds_up(runs, capsys):
     (["--verify-sequences", "4"], "--verify-sequences is used only with --verify"),
     (["--format", "gguf", "--verify-seq-len", "32"], "--verify-seq-len is used only with --verify"),
     (["--eval-model", "student"], "--eval-model is used only with --eval-results"),
+    (["--verify", "--verify-sequences", "0"], "--verify-sequences must be >= 1, got 0"),  # were refused only after
+    (["--verify", "--verify-seq-len", "1"], "--verify-seq-len must be >= 2, got 1"),  # the whole export
 ])
 def test_an_option_the_conversion_would_not_read_is_refused(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

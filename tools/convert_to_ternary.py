@@ -53,6 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for key, needs in (("verify_sequences", "verify"), ("verify_seq_len", "verify"), ("eval_model", "eval_results")):
         if getattr(a, key) is not None and not getattr(a, needs):
             p.error(f"--{key.replace('_', '-')} is used only with --{needs.replace('_', '-')}")
+    for key, low in (("verify_sequences", 1), ("verify_seq_len", 2)):  # checked after the whole export before
+        if getattr(a, key) is not None and getattr(a, key) < low:
+            p.error(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(a, key)}")
     return a
 
 
