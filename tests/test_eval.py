@@ -113,6 +113,8 @@ def test_model_arguments_gguf_is_refused_and_kinds_are_recognised(tiny_llama_dir
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_1")
     assert parse_model(str(tmp_path / "run")).kind == "student"
+    (tmp_path / "run" / "student.gguf").write_bytes(b"GGUF")  # convert_to_ternary --format gguf --output run/...
+    assert parse_model(str(tmp_path / "run")).kind == "student"  # was refused as a GGUF model
 
 
 def test_text_perplexity_and_seeded_generations(tiny_llama_dir, stdlib_text_file, tmp_path):

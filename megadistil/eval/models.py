@@ -46,7 +46,8 @@ def parse_model(arg: str) -> ModelSpec:
     name, rest = named.groups() if named else ("", arg)
     kind, path = ("ternary", rest.removeprefix("ternary:")) if rest.startswith("ternary:") else ("", rest)
     p = Path(path)
-    if p.suffix == ".gguf" or (p.is_dir() and list(p.glob("*.gguf")) and not (p / "config.json").is_file()):
+    gguf_dir = p.is_dir() and list(p.glob("*.gguf")) and not (p / "config.json").is_file() and not is_checkpoint(p)
+    if p.suffix == ".gguf" or gguf_dir:  # a run dir may hold a GGUF export of itself: it is still the run
         raise EvalError(f"--model {arg}: GGUF models are not evaluated here; `tools/convert_to_ternary.py --format gguf "
                         "--verify` measures one in llama.cpp against the student, or evaluate the HF dir (teacher or "
                         "converted checkpoint) instead")
