@@ -215,3 +215,15 @@ def test_an_evaluation_leaves_every_global_rng_as_it_found_it():
         torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
         draws()
     assert draws() == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "t.txt", "--generations-out", "g.md"], "--generations-out is used only with --generate"),
+    (["--text", "t.txt", "--limit", "5"], "--limit is used only with --tasks"),
+    (["--text", "t.txt", "--include-path", "tasks/"], "--include-path is used only with --tasks"),
+])
+def test_an_option_the_evaluation_would_not_read_is_refused(args, message, tmp_path, capsys):
+    """They were accepted and ignored (exit 0, no generations file)."""
+    with pytest.raises(SystemExit) as exit_:
+        _tool_main()(["--model", str(tmp_path), "--out", str(tmp_path / "r.json"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (the GPU where there is one, else the CPU), cpu or cuda[:N]")
     p.add_argument("--out", required=True, help="results JSON")
     a = p.parse_args(argv)
+    for flag, value, needs, given in (("--generations-out", a.generations_out, "--generate", a.generate),
+                                      ("--limit", a.limit, "--tasks", a.tasks),
+                                      ("--include-path", a.include_path, "--tasks", a.tasks)):
+        if value is not None and not given:  # it would be silently ignored
+            p.error(f"{flag} is used only with {needs}")
     s = EvalSettings(tasks=[t for t in a.tasks.split(",") if t], include_path=a.include_path, limit=a.limit,
                      batch_size=a.batch_size, max_length=a.max_length, text=a.text, seq_len=a.seq_len,
                      text_sequences=a.text_sequences, generate=a.generate, max_new_tokens=a.max_new_tokens,
