@@ -59,3 +59,12 @@ def test_runs_are_labelled_by_their_differing_keys_and_figures_are_written(tmp_p
 def test_a_dir_that_is_not_a_run_is_named(tmp_path, capsys):
     assert _tool_main()([str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
     assert f"run {tmp_path}: no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    """mkdir on it was a FileExistsError traceback (exit 1); the docstring promises exit 2 for bad input."""
+    run = _run_dir(tmp_path / "a", [], 2.0, 0.5)
+    out = tmp_path / "out.txt"
+    out.write_text("")
+    assert _tool_main()([str(run), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"compare_runs: error: --out {out}: exists and is not a directory\n"

@@ -127,6 +127,37 @@ def test_bad_input_is_refused_naming_it(tiny_llama_dir, stdlib_text_file, tmp_pa
     assert "'sampling.top_p': must be in (0, 1]" in capsys.readouterr().err
 
 
+
+def test_shard_options_and_prompt_counts_are_refused_before_the_teacher_loads(tiny_llama_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """--shard-top-k 0 / --shard-seq-len 1 were refused by the shard writer after every continuation, as --top-k /
+    --seq-len; --max-prompts 0 and a blank prompts file wrote 0 continuations and exited 0; a --shard-* option
+    without --shards was dropped."""
+    from megadistil.data import generate
+    from tools.generate_teacher_data import main
+
+    def loaded(*_):
+        raise AssertionError("the teacher loaded")
+
+    monkeypatch.setattr(generate, "load_teacher", loaded)
+    prompts, blank, out = tmp_path / "p.txt", tmp_path / "blank.txt", tmp_path / "gen"
+    prompts.write_text("a\nb\n")
+    blank.write_text("\n  \n")
+    base = ["--teacher", str(tiny_llama_dir), "--out", str(out), "--no-progress"]
+    shards = ["--prompts", str(prompts), "--shards", str(tmp_path / "shards")]
+    for args, error in ((shards + ["--shard-top-k", "0"], "--shard-top-k must be >= 1, got 0"),
+                        (shards + ["--shard-seq-len", "1"], "--shard-seq-len must be >= 2, got 1"),
+                        (["--prompts", str(prompts), "--max-prompts", "0"], "--max-prompts must be >= 1, got 0"),
+                        (["--prompts", str(blank)], f"--prompts {blank}: holds no prompt (every line is blank)")):
+        assert main(base + args) == 2, args
+        assert capsys.readouterr().err == f"generate_teacher_data: error: {error}\n"
+        assert not out.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(base + ["--prompts", str(prompts), "--shard-top-k", "8"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith("error: --shard-top-k: used only with --shards\n")
+
+
 @pytest.mark.multirank
 def test_two_zero3_ranks_write_what_one_process_wrote(gen_run, tiny_llama_dir, stdlib_text_file, tmp_path):
     """Rank 0 holds prompts 0, 2, 4, 6 (two batches), rank 1 holds 1, 3, 5 (one): rank 1 samples a dummy batch in

@@ -326,3 +326,36 @@ def test_encodings_describe_the_cross_tokenizer_sections():
     assert cross["topk_ids"]["vocab_size"] == 128256 and "packbits" in cross["aligned"]
     assert cross["topk_ids"]["golomb_m"] == golomb_parameter(128256, 16) != plain["topk_ids"]["golomb_m"]
     assert cross["tokens"] == plain["tokens"] == "uint9 bit-packed, MSB first"
+
+
+def _one_sample_shard_dir(tmp_path):
+    """A shard dir of one sample (plain ids, no tokenizer): what inspect_shards reads."""
+    import webdataset as wds
+
+    from megadistil.data.shards import ShardInfo
+
+    rng = np.random.default_rng(0)
+    lp = np.log(np.full((8, 4), 1 / 64))
+    sample = encode_sample(rng.integers(0, 64, 8), np.tile(np.arange(4), (8, 1)), lp, vocab_size=64)
+    with wds.TarWriter(str(tmp_path / "s.tar")) as tar:
+        tar.write({"__key__": "k0", **sample})
+    _manifest(vocab_size=64, top_k=4, seq_len=8, shards=[ShardInfo("s.tar", 1, 0, "0" * 64)]).save(tmp_path)
+    return tmp_path
+
+
+def test_inspect_names_a_truncated_shard_and_a_missing_tokenizer(tmp_path, capsys):
+    """A cut tar was a tarfile.ReadError traceback (exit 1), and a --tokenizer that is no directory was dropped for
+    raw ids without a word."""
+    from megadistil.data.inspect import describe
+    from tools.inspect_shards import main
+
+    shards = _one_sample_shard_dir(tmp_path)
+    assert "sample k0 (first 4 positions" in describe(shards)
+    missing = tmp_path / "nope"
+    assert main([str(shards), "--tokenizer", str(missing)]) == 2
+    assert capsys.readouterr().err == f"inspect_shards: error: --tokenizer {missing}: not a directory\n"
+    tar = shards / "s.tar"
+    tar.write_bytes(tar.read_bytes()[:100])
+    assert main([str(shards)]) == 2
+    assert capsys.readouterr().err == (f"inspect_shards: error: {tar}: not a readable tar shard (truncated header); "
+                                       "it is corrupt or truncated\n")

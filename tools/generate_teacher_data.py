@@ -48,18 +48,27 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
                    help="torch: megadistil's sampler (every setting); vllm: vLLM's engine where installed (GPU, one "
                    "process, one temperature)")
     p.add_argument("--shards", default=None, help="also write teacher shards of the generated documents here")
-    p.add_argument("--shard-top-k", type=int, default=64)
-    p.add_argument("--shard-seq-len", type=int, default=512)
+    p.add_argument("--shard-top-k", type=int, default=None, help="--shards: teacher top-k kept (default 64)")
+    p.add_argument("--shard-seq-len", type=int, default=None, help="--shards: tokens a sequence (default 512)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
     sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperatures=tuple(a.temperatures), top_k=a.top_k,
                               top_p=a.top_p, seed=a.seed, stop_at_eos=not a.no_stop_at_eos)
-    shards = ShardOptions(out=a.shards, seq_len=a.shard_seq_len, top_k=a.shard_top_k) if a.shards else None
     return GenerateConfig(teacher=a.teacher, out=a.out, text=a.text or [], prompts=a.prompts,
                           prompt_tokens=a.prompt_tokens, sampling=sampling, batch_size=a.batch_size,
                           max_prompts=a.max_prompts, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress,
-                          shards=shards, backend=Backend(a.backend))
+                          shards=shard_options(p, a), backend=Backend(a.backend))
+
+
+def shard_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> ShardOptions | None:
+    """--shards' options (ShardOptions' defaults where not given); refused without --shards, which alone uses them."""
+    given = {k: v for k, v in (("top_k", a.shard_top_k), ("seq_len", a.shard_seq_len)) if v is not None}
+    if not a.shards:
+        if given:
+            p.error(f"{', '.join('--shard-' + k.replace('_', '-') for k in given)}: used only with --shards")
+        return None
+    return ShardOptions(out=a.shards, **given)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,14 @@ class ShardOptions:
     top_k: int = 64
     temperature: float = 1.0
 
+    def validate(self) -> None:
+        # Checked with the other arguments, not by the precompute writer after every continuation is generated, and
+        # named by this tool's flags (--top-k here is the sampling top-k).
+        if self.seq_len < 2:
+            raise ValueError(f"--shard-seq-len must be >= 2, got {self.seq_len}")
+        if self.top_k < 1:
+            raise ValueError(f"--shard-top-k must be >= 1, got {self.top_k}")
+
 
 @dataclass
 class GenerateConfig:
@@ -91,9 +99,11 @@ class GenerateConfig:
         if self.text:
             expand_files(self.text)
         for key, value in (("--prompt-tokens", self.prompt_tokens), ("--batch-size", self.batch_size),
-                           ("--max-prompts", self.max_prompts or 1)):
-            if value < 1:
+                           ("--max-prompts", self.max_prompts)):
+            if value is not None and value < 1:  # max_prompts None: every prompt
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.shards is not None:
+            self.shards.validate()
         self.dtype = checked_dtype(self.dtype)
         check_teacher_and_out(self.teacher, self.out)
 
@@ -190,6 +200,9 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     # mid-collective); the count is the progress bar's total. The loop below tokenises them again, streaming.
     total = sum(1 for _ in iter_prompts(cfg, AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False),
                                         max_positions))
+    if total == 0:  # else the run "succeeds" writing nothing; an empty --text file is refused by iter_documents
+        source = f"--prompts {cfg.prompts}" if cfg.prompts else f"--text {' '.join(cfg.text)}"
+        raise ValueError(f"{source}: holds no prompt (every line is blank)")
     out = Path(cfg.out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     if cfg.backend is Backend.vllm:

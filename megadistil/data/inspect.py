@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from megadistil.data.shards import Manifest, decode_sample
 
 def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 4, show_k: int = 5,
              tokenizer: str | None = None) -> str:
+    # A tokenizer asked for by name is not dropped for ids the way a missing default one is: the user meant it.
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: not a directory")
     m = Manifest.load(shard_dir)
     tokens = m.seq_len * m.total_samples
     total_bytes = sum(s.bytes for s in m.shards)
@@ -29,8 +33,7 @@ def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 
         lines.append(f"cross-tokenizer: tokens are the student's, top-k ids the teacher's (vocab {m.target_vocab}, "
                      f"tokenizer {m.teacher_tokenizer_fingerprint}); {m.alignment}")
     lines += [f"  {s.name}: {s.samples} samples  {s.bytes} B  sha256 {s.sha256[:16]}..." for s in m.shards[:20]]
-    raws = wds.tariterators.tarfile_samples([{"url": str(Path(shard_dir) / m.shards[0].name)}])
-    raw = next((r for i, r in enumerate(raws) if i == sample), None)
+    raw = _raw_sample(Path(shard_dir) / m.shards[0].name, sample)
     if raw is None:
         raise ValueError(f"{m.shards[0].name}: has no sample {sample}")
     dec = decode_sample(raw, seq_len=m.seq_len, top_k=m.top_k, vocab_size=m.vocab_size, codec=m.codec,
@@ -46,6 +49,16 @@ def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 
         lines.append(f"  [{t}] token {show_token(dec.input_ids[t])} -> {cands}  tail "
                      f"{np.exp(dec.tail_logmass[t]):.4f}{aligned}")
     return "\n".join(lines)
+
+
+def _raw_sample(path: Path, sample: int) -> dict | None:
+    """The shard's `sample`-th raw sample (None past its end); a corrupt or truncated tar is named, not a traceback."""
+    raws = wds.tariterators.tarfile_samples([{"url": str(path)}])
+    try:
+        return next((r for i, r in enumerate(raws) if i == sample), None)
+    except tarfile.TarError as exc:  # webdataset appends the stream and url to the reason: keep the reason alone
+        raise ValueError(f"{path}: not a readable tar shard ({exc.args[0] if exc.args else exc}); "
+                         "it is corrupt or truncated") from None
 
 
 def _shower(tok):

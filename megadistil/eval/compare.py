@@ -139,9 +139,11 @@ def _num(x: float | None) -> str:
 def compare_runs(paths: list[str | Path], out: str | Path) -> list[Path]:
     if not paths:
         raise EvalError("pass at least one run dir")
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # checked before the runs are read; mkdir would raise FileExistsError
+        raise EvalError(f"--out {out}: exists and is not a directory")
     runs = [load_run(p) for p in paths]
     differing = label_runs(runs)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = figures(runs, out)
     table = out / "summary.md"
