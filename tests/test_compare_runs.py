@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from megadistil.config import load_config, to_yaml
 from megadistil.eval.compare import label_runs, load_run
-
-REPO = Path(__file__).resolve().parents[1]
+from tests._tools import tool_main
 
 
 def _run_dir(path: Path, overrides: list[str], final_loss: float, acc: float) -> Path:
@@ -29,10 +27,7 @@ def _run_dir(path: Path, overrides: list[str], final_loss: float, acc: float) ->
 
 
 def _tool_main():
-    spec = importlib.util.spec_from_file_location("compare_runs_tool", REPO / "tools" / "compare_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("compare_runs")
 
 
 def test_runs_are_labelled_by_their_differing_keys_and_figures_are_written(tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,15 +13,11 @@ import torch
 from megadistil.eval.generate import continuations, generations_markdown
 from megadistil.eval.models import EvalError, files_sha256, parse_model
 from tests._tasks import task_docs, write_task
-
-REPO = Path(__file__).resolve().parents[1]
+from tests._tools import tool_main
 
 
 def _tool_main():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("evaluate")
 
 
 @torch.no_grad()

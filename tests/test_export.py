@@ -25,6 +25,7 @@ from megadistil.export import ExportConfig, convert_checkpoint
 from megadistil.export.sources import locate_checkpoint
 from megadistil.export.ternary import shard_bytes
 from tests._tasks import task_docs, write_task
+from tests._tools import tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -143,13 +144,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _tool_main():
-    """tools/convert_to_ternary.py's main, run in-process (the tool is a thin shell: no package import path)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_to_ternary", REPO / "tools" / "convert_to_ternary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("convert_to_ternary")
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

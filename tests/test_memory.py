@@ -25,10 +25,10 @@ from megadistil.engine.memory import (
     parse_bytes,
     resolve_dims,
 )
+from tests._tools import tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
-TOOL = ROOT / "tools" / "estimate_memory.py"
 
 
 def _cfg(name: str, *overrides: str):
@@ -83,13 +83,7 @@ def test_offload_moves_states_to_the_host() -> None:
 
 
 def _tool_main():
-    """tools/estimate_memory.py's main, loaded as the script is (a thin shell over the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("estimate_memory", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("estimate_memory")
 
 
 def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

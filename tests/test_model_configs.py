@@ -5,7 +5,6 @@ published parameter count, and the memory planner's tensor counts equal to the b
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import shlex
 from pathlib import Path
@@ -18,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megadistil.bitnet import BitLinear, to_bitnet
 from megadistil.config import load_config
 from megadistil.engine.memory import MODEL_PRESETS, count_tensors, preset_for, resolve_dims
+from tests._tools import tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDED = (".lora_A", ".lora_B", ".delta", ".sub_norm.weight")
@@ -118,9 +118,7 @@ def _estimate_commands(path: Path) -> list[list[str]]:
 def test_the_estimate_in_each_config_header_runs_from_the_preset_and_fits(path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (the script is only `sys.exit(main())`), from the repo root as the header says to run it."""
-    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    main = tool_main("estimate_memory")
     monkeypatch.chdir(ROOT)
     commands = _estimate_commands(path)
     assert commands, f"{path.name}: no `python tools/estimate_memory.py --config ...` line in its header"
@@ -128,7 +126,7 @@ def test_the_estimate_in_each_config_header_runs_from_the_preset_and_fits(path: 
         assert args[:2] == ["--config", f"configs/{path.name}"], args
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            code = module.main(args)
+            code = main(args)
         assert code == 0, (args, out.getvalue())
         assert f"model: preset {path.stem} (model.student not on this machine)" in out.getvalue()
         assert "| total" in out.getvalue() and "fits:" in out.getvalue()

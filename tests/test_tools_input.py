@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests._tools import tool_main
 
 
 def _make_tiny_llama_main():
-    spec = importlib.util.spec_from_file_location("make_tiny_llama_tool", REPO / "tools" / "make_tiny_llama.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return tool_main("make_tiny_llama")
 
 
 def test_make_tiny_llama_refuses_bad_arguments(tmp_path, capsys):
