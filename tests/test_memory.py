@@ -119,6 +119,10 @@ def test_cli_verdicts_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     garbled = run("--config", "configs/tiny.yaml", "model.student=/nowhere", "--model-config", str(cfg))
     assert garbled.returncode == 2 and f"--model-config {cfg}: {cfg} is not a model's config.json" in garbled.stderr
     assert parse_bytes("80GB") == 80 * GiB and parse_bytes("81920MiB") == 80 * GiB
+    # A teacher whose size the planner cannot tell (no config.json here, no preset) gets no verdict (it said fits)
+    mystery = run("--config", "configs/llama3.1-8b.yaml", "teacher.kind=hf", "teacher.path=/models/mystery")
+    assert mystery.returncode == 2 and "\nno verdict: " in mystery.stdout and "fits" not in mystery.stdout
+    assert "no verdict: HF teacher W (not counted: /models/mystery/config.json is not on this machine" in mystery.stderr
     # The trainer's ds_config checks: a plan the trainer refuses is no "fits" (these said fits, exit 0)
     base = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     for change, message in (({"train_micro_batch_size_per_gpu": 99}, "train_micro_batch_size_per_gpu=99 contradicts"),

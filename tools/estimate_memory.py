@@ -10,7 +10,7 @@ Model dimensions come from model.student's config.json when it exists, else --mo
 dir, or a preset: llama3.1-8b, llama3.1-70b, qwen2.5-0.5b, phi-3-mini), else the preset that the student path or
 config file name spells. The block is counted per architecture (Qwen2's q/k/v biases, Phi-3's fused qkv_proj and
 gate_up_proj, a tied LM head); an unknown model_type is counted as a Llama block, and the title says so.
-Exit status: 0 fits, 1 does not fit, 2 bad input.
+Exit status: 0 fits, 1 does not fit, 2 bad input (or a model it cannot size here: no verdict).
 """
 
 import argparse
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.ds_config}{' + --offload' if args.offload else ''}; model: {source}; micro batch "
              f"{cfg.train.micro_batch_size} x seq {cfg.data.seq_len}")
     print(table(est, title))
+    if est.uncounted:
+        print(f"estimate_memory: error: no verdict: {'; '.join(est.uncounted)}", file=sys.stderr)
+        return 2
     return 0 if est.fits else 1
 
 

@@ -193,10 +193,18 @@ class Estimate:
         return next(b for n, b, _ in self.rows if n == name)
 
     @property
+    def uncounted(self) -> list[str]:
+        """Rows whose size is unknown here (a frozen model with no config.json on this machine and no preset)."""
+        return [f"{name} ({how})" for name, _, how in self.rows + self.cpu_rows if how.startswith("not counted")]
+
+    @property
     def fits(self) -> bool | None:
-        return None if self.capacity is None else self.total <= self.capacity
+        """None: no capacity to compare with, or a row not counted (a verdict without a whole model is a guess)."""
+        return None if self.capacity is None or self.uncounted else self.total <= self.capacity
 
     def verdict(self) -> str:
+        if self.uncounted:
+            return f"no verdict: {self.total / GiB:.1f} GiB per GPU counted, without {'; '.join(self.uncounted)}"
         if self.capacity is None:
             return f"needs {self.total / GiB:.1f} GiB per GPU"
         margin = self.capacity - self.total
