@@ -243,7 +243,6 @@ class CrossTokenizerTeacher(HFTeacher):
     The targets hold the teacher's top-k + tail at those positions, as on_student_vocab gives them to the loss, and a
     mask of the positions that have one."""
 
-
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor], loss: LossConfig, *, label_logprobs: bool = False) -> Targets:
         if label_logprobs:
