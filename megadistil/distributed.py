@@ -304,7 +304,7 @@ def free_local_port() -> int:
     """A TCP port free now for a rendezvous on this host, below the kernel's ephemeral range: a port the kernel
     handed out (bind to 0) is free only until it hands it again as the source port of an outgoing connection (gloo's
     pairs between the ranks of another job), and the rendezvous then fails with EADDRINUSE."""
-    low = _ephemeral_ports()[0]
+    low = _first_ephemeral_port()
     rng = random.Random()
     for _ in range(100):
         port = rng.randrange(max(1024, low - 12000), low)
@@ -321,13 +321,12 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' source ports (Linux; elsewhere IANA's 49152-65535)."""
+def _first_ephemeral_port() -> int:
+    """Where the kernel's range for outgoing connections' source ports starts (Linux; elsewhere IANA's 49152)."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 49152, 65535
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def cpu_threads(sharing: int, environ: Mapping[str, str] | None = None) -> int | None:

@@ -557,9 +557,9 @@ def test_a_free_rendezvous_port_lies_below_the_kernels_ephemeral_range():
     before the rendezvous binds it, which then fails with EADDRINUSE (seen: the demo's training run under make test)."""
     import socket
 
-    from megadistil.distributed import _ephemeral_ports, free_local_port
+    from megadistil.distributed import _first_ephemeral_port, free_local_port
 
-    low, _ = _ephemeral_ports()
+    low = _first_ephemeral_port()
     for port in {free_local_port() for _ in range(20)}:
         assert 1024 <= port < low and not 29500 <= port < 29700
         with socket.socket() as s:

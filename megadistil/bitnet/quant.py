@@ -91,8 +91,7 @@ def int8_codes(x: torch.Tensor, floor: float = EPS) -> tuple[torch.Tensor, torch
     return _IMPL["int8"](x, floor)
 
 
-_FUSED = {"ternary": _ternary_codes, "int8": _int8_codes, "block_abs_sum": _block_abs_sum,
-          "block_codes": _block_codes, "dequantize": _dequantize}
+_FUSED = {**_EAGER, "block_abs_sum": _block_abs_sum, "block_codes": _block_codes}  # what compile_quantizers compiles
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 

@@ -6,13 +6,14 @@ Used by tools/precompute_teacher.py and by the trainer's live-teacher path (``da
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from megadistil.data.shards import sha256_file
 
 T = TypeVar("T")
 _BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -39,14 +40,7 @@ def expand_files(patterns: Sequence[str | os.PathLike], *, suffixes: Sequence[st
 def files_identity(files: Sequence[str | os.PathLike]) -> list[list[Any]]:
     """[absolute path, size, sha256] of each file: what a resumed run must have read before (a size alone misses an
     edit that keeps it; one pass at disk speed, a fraction of what tokenizing the files costs)."""
-    out = []
-    for f in files:
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        out.append([os.path.abspath(f), os.path.getsize(f), h.hexdigest()])
-    return out
+    return [[os.path.abspath(f), os.path.getsize(f), sha256_file(f)] for f in files]
 
 
 def iter_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:

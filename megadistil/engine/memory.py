@@ -179,6 +179,9 @@ class Layout:
         return self.nodes * self.gpus_per_node
 
 
+NOT_COUNTED = "not counted"  # how a row whose size this machine cannot tell begins (Estimate.uncounted)
+
+
 @dataclass
 class Estimate:
     rows: list[tuple[str, int, str]] = field(default_factory=list)  # (term, bytes per GPU, how)
@@ -195,7 +198,7 @@ class Estimate:
     @property
     def uncounted(self) -> list[str]:
         """Rows whose size is unknown here (a frozen model with no config.json on this machine and no preset)."""
-        return [f"{name} ({how})" for name, _, how in self.rows + self.cpu_rows if how.startswith("not counted")]
+        return [f"{name} ({how})" for name, _, how in self.rows + self.cpu_rows if how.startswith(NOT_COUNTED)]
 
     @property
     def fits(self) -> bool | None:
@@ -330,7 +333,7 @@ def _frozen_row(name: str, path: str, world: int, keep: float, p: int) -> tuple[
     elif preset is not None:
         config, source = MODEL_PRESETS[preset], f"preset {preset}"
     else:
-        return name, 0, f"not counted: {config_file} is not on this machine and no preset matches {path!r}"
+        return name, 0, f"{NOT_COUNTED}: {config_file} is not on this machine and no preset matches {path!r}"
     tensors = frozen_tensors(ModelDims.from_hf(config, source))
     return name, int(sharded_numel(tensors, world, keep) * p), f"{sum(tensors):,} / {world} ({source})"
 

@@ -393,10 +393,9 @@ def check_evaluated(record: dict[str, Any], ckpt: CheckpointRef) -> None:
     if record.get("kind") != "student":
         raise ExportError(f"{where} is a {record.get('kind')} model ({record.get('path')}), not this checkpoint's "
                           f"student: evaluate the checkpoint (tools/evaluate.py --model NAME={ckpt.dir})")
-    step = str(ckpt.meta.get("step"))
-    if (record.get("fingerprint") or {}).get("checkpoint_step") != step:
-        raise ExportError(f"{where} evaluated the checkpoint of step "
-                          f"{(record.get('fingerprint') or {}).get('checkpoint_step')}, this one is step {step}")
+    step, evaluated_step = str(ckpt.meta.get("step")), (record.get("fingerprint") or {}).get("checkpoint_step")
+    if evaluated_step != step:
+        raise ExportError(f"{where} evaluated the checkpoint of step {evaluated_step}, this one is step {step}")
     path = Path(record.get("path", ""))
     if not path.exists():
         return  # evaluated on another machine: kind and step are what can be checked
@@ -419,10 +418,10 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path, cfg: ExportCo
     cfg = cfg or ExportConfig()
     cfg.validate()
     check_output(Path(output), cfg.overwrite, output_inputs(checkpoint, base))
+    if evaluated is not None:  # before the student's tensors load: locating the checkpoint reads its meta only
+        check_evaluated(evaluated, locate_checkpoint(checkpoint))
     s = load_student(checkpoint, base)
     ckpt = s.ckpt
-    if evaluated is not None:
-        check_evaluated(evaluated, ckpt)
 
     def finish(staging: Path, result: ExportResult) -> None:
         if verify:
