@@ -13,6 +13,7 @@ import torch
 
 from megadistil.data import ShardFormatError, ShardStream
 from megadistil.data.precompute import PrecomputeConfig, run_precompute
+from megadistil.data.shards import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +217,32 @@ def test_truncated_shard(shards, tmp_path):
     name = sorted(p.name for p in bad.glob("*.tar"))[1]
     data = (bad / name).read_bytes()
     (bad / name).write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(ShardFormatError, match=rf"shard {name}"):
-        list(ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1))
+    # Refused before the first batch, by its size: not after training on the shards before it.
+    with pytest.raises(ShardFormatError, match=rf"{bad}: 1 shard\(s\) differ from the manifest \({name}: "
+                                               rf"{len(data) // 2 + 100} bytes, the manifest says {len(data)}\); "
+                                               r"a partial copy\? data.on_corrupt=skip trains on"):
+        ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1)
     skipping = ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip")
     assert len(list(skipping)) == len(skipping) and skipping.skipped >= 1
+
+
+def test_inspect_verify_reads_every_shard_against_the_manifest(shards, tmp_path, capsys):
+    """A flipped byte keeps the size (the stream's startup check passes it); --verify's sha256 names the shard."""
+    from tools.inspect_shards import main
+
+    assert main([str(shards), "--verify"]) == 0
+    assert "all match the manifest (size and sha256)" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    name = sorted(p.name for p in bad.glob("*.tar"))[1]
+    _flip_byte_in_member(bad / name, ".bin")
+    ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1)
+    assert main([str(bad), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "1 differ from the manifest" in out and f"  {name}: sha256 {sha256_file(bad / name)[:16]}..., " in out
+    with pytest.raises(SystemExit):
+        main([str(bad), "--verify", "--sample", "3"])
+    assert "--verify checks the files only" in capsys.readouterr().err
 
 
 def test_a_read_error_is_not_corruption_and_stops_even_when_skipping(shards, monkeypatch):
@@ -265,7 +288,6 @@ def _cross_dir(path, *, with_mask: bool = True, n: int = 6):
     import webdataset as wds
 
     from megadistil.data import Manifest, ShardInfo, encode_sample
-    from megadistil.data.shards import sha256_file
 
     path.mkdir()
     rng = np.random.default_rng(0)

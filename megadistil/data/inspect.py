@@ -51,6 +51,16 @@ def describe(shard_dir: str | os.PathLike, *, sample: int = 0, positions: int = 
     return "\n".join(lines)
 
 
+def verify(shard_dir: str | os.PathLike) -> tuple[str, bool]:
+    """Every shard's size and sha256 against the manifest (reads every byte): (report, all match)."""
+    m = Manifest.load(shard_dir)
+    bad = m.mismatched_shards(shard_dir, sha256=True)
+    lines = [f"  {name}: {why}" for name, why in bad.items()]
+    head = (f"{len(m.shards)} shards, {sum(s.bytes for s in m.shards)} bytes: " +
+            ("all match the manifest (size and sha256)" if not bad else f"{len(bad)} differ from the manifest"))
+    return "\n".join([head, *lines]), not bad
+
+
 def _raw_sample(path: Path, sample: int) -> dict | None:
     """The shard's `sample`-th raw sample (None past its end); a corrupt or truncated tar is named, not a traceback."""
     raws = wds.tariterators.tarfile_samples([{"url": str(path)}])

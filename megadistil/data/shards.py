@@ -483,6 +483,20 @@ class Manifest:
                              "(shards of one tokenizer are not cross-tokenizer)")
         return manifest
 
+    def mismatched_shards(self, shard_dir: str | os.PathLike, *, sha256: bool = False) -> dict[str, str]:
+        """{shard name: what is wrong} for each listed shard that is missing or whose size (with sha256=True, also
+        its digest, which reads every byte) is not the manifest's: a partial copy, a shard rewritten since."""
+        out = {}
+        for s in self.shards:
+            path = Path(shard_dir) / s.name
+            if not path.is_file():
+                out[s.name] = "missing"
+            elif path.stat().st_size != s.bytes:
+                out[s.name] = f"{path.stat().st_size} bytes, the manifest says {s.bytes}"
+            elif sha256 and sha256_file(path) != s.sha256:
+                out[s.name] = f"sha256 {sha256_file(path)[:16]}..., the manifest says {s.sha256[:16]}..."
+        return out
+
     def check_compatible(self, *, vocab_size: int, tokenizer_fingerprint: str | None) -> None:
         """Raise ValueError if a student with this vocab / tokenizer cannot learn from these shards.
 

@@ -277,9 +277,7 @@ class ShardStream:
         self.manifest = Manifest.load(self.dir)
         if vocab_size is not None:
             self.manifest.check_compatible(vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint)
-        missing = [s.name for s in self.manifest.shards if not (self.dir / s.name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{self.dir}: shard(s) listed in the manifest are missing: {missing[:5]}")
+        self._check_shard_files(on_corrupt)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.num_streams = num_workers, max(1, num_workers)
         self.shuffle_buffer, self.seed, self.on_corrupt, self.epochs = shuffle_buffer, seed, on_corrupt, epochs
@@ -293,6 +291,21 @@ class ShardStream:
         self.consumed = 0
         self._skipped_by_stream: dict[int, int] = {}
         self._manifest_sha = hashlib.sha256((self.dir / "manifest.json").read_bytes()).hexdigest()[:16]
+
+    def _check_shard_files(self, on_corrupt: str) -> None:
+        """A missing shard stops the run; one of another size than the manifest's (a partial copy) too, unless
+        data.on_corrupt=skip, which trains on the samples it still holds."""
+        bad = self.manifest.mismatched_shards(self.dir)
+        missing = [name for name, why in bad.items() if why == "missing"]
+        if missing:
+            raise FileNotFoundError(f"{self.dir}: shard(s) listed in the manifest are missing: {missing[:5]}")
+        if bad:
+            listed = "; ".join(f"{name}: {why}" for name, why in list(bad.items())[:5])
+            if on_corrupt != "skip":
+                raise ShardFormatError(f"{self.dir}: {len(bad)} shard(s) differ from the manifest ({listed}); a "
+                                       "partial copy? data.on_corrupt=skip trains on the samples they still hold")
+            log.warning("%s: %d shard(s) differ from the manifest (%s); their unreadable samples will be skipped",
+                        self.dir, len(bad), listed)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
