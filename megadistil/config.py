@@ -148,7 +148,7 @@ class ParamGroup:
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate of the adapters (times each group's lr_mult)
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at train.max_steps
-    warmup_steps: int = 10  # linear warmup at the start of the run
+    warmup_steps: int = 10  # linear warmup at the start of the run; a stage that sets it re-warms from its start_step
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     eps: float = 1e-8  # AdamW eps

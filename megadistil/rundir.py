@@ -85,6 +85,17 @@ def write_latest(ckpt_root: Path, tag: str) -> None:
     write_atomic(ckpt_root / LATEST, tag)
 
 
+def withdraw_latest(ckpt_root: Path) -> str | None:
+    """Remove the `latest` pointer (a run that starts over must not be resumed, or exported, as the earlier one it
+    replaces); the tag it named, or None. The checkpoints themselves stay until a save of the same tag replaces them."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    pointer.unlink()
+    return tag
+
+
 def latest_tag(ckpt_root: Path) -> str | None:
     """The tag `latest` names; None before the first save. A pointer to a tag without meta.json is an error."""
     pointer = ckpt_root / LATEST

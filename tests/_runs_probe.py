@@ -4,9 +4,11 @@ of one per run: the process group outlives each Trainer). argv[1] is a JSON list
     {"out": run dir, "overrides": [key=value ...], "nan_batches": [i, ...], "relora_probe": true|false,
      "relora_tolerance": the logit change a reset may make (default 0: bitwise), "ds_config": path (default
      ds_configs/zero3.json), "count_gathers": true|false, "hide_checkpoints_on_rank": r (that rank sees none, as
-     on a node whose disk is not the others'), "probe_dir": where probe.rank<r>.json goes (default: out)}
+     on a node whose disk is not the others'), "probe_dir": where probe.rank<r>.json goes (default: out),
+     "copy_from": a run dir copied into out first (an output dir another run used)}
 
-Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none) and, with relora_probe, the
+Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none), the checkpoint `latest` names
+once set-up is done (`latest_after_setup`: a run killed in its first steps leaves that) and, with relora_probe, the
 checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
 W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks sampling in lockstep
 draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes each optimizer step all-gathers
@@ -15,6 +17,7 @@ draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes 
 
 import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -140,6 +143,9 @@ def counting_gathers(trainer: Trainer, result: dict):
 
 
 def run(spec: dict) -> dict:
+    if spec.get("copy_from") and torch.distributed.get_rank() == 0:
+        shutil.copytree(spec["copy_from"], spec["out"], dirs_exist_ok=True)
+    torch.distributed.barrier()
     cfg = load_config("configs/tiny.yaml", [f"train.output_dir={spec['out']}", *spec["overrides"]])
     trainer = Trainer(cfg, spec.get("ds_config", "ds_configs/zero3.json"))
     result = {"error": None}
@@ -148,6 +154,7 @@ def run(spec: dict) -> dict:
         with faults(nan_batches=set(spec.get("nan_batches", ()))), \
                 mock.patch.object(checkpoint, "latest_tag", return_value=None) if hidden else contextlib.nullcontext():
             trainer.setup()
+            result["latest_after_setup"] = checkpoint.latest_tag(trainer.ckpt_root)
             gathers = counting_gathers(trainer, result) if spec.get("count_gathers") else contextlib.nullcontext()
             with gathers:
                 trainer.train()

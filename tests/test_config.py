@@ -157,6 +157,22 @@ def test_jagged_cosine_schedule_rewarms_after_each_reset():
     assert lrs[-1] == pytest.approx(0.1)
 
 
+def test_a_stage_that_sets_warmup_steps_rewarms_from_its_start():
+    """The stage's warmup_steps once shifted the whole cosine and compared itself with the absolute step: a stage
+    at 100 with warmup 20 jumped the LR up at once, one with 150 jumped and climbed on to its peak at step 150."""
+    from megadistil.engine.schedule import run_lr_at
+
+    stages = "[{start_step: 100, overrides: {optim.warmup_steps: 20}}, {start_step: 150, overrides: {optim.lr: 0.5}}]"
+    cfg = load_config(None, [*BASE, "optim.lr=1.0", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1",
+                             "train.max_steps=200", f"stages={stages}"])
+    lrs = {s: run_lr_at(s, cfg, stage_config(cfg, s)) for s in range(1, 201)}
+    base = {s: lr_at(s, cfg.optim, cfg.relora, 200) for s in range(1, 201)}
+    assert [lrs[s] for s in range(1, 100)] == [base[s] for s in range(1, 100)]
+    assert [lrs[s] / base[s] for s in (100, 109, 119, 120, 149)] == pytest.approx([1 / 20, 10 / 20, 1, 1, 1])
+    # a later stage that sets another key does not re-warm; its lr scales the same cosine
+    assert lrs[150] == pytest.approx(0.5 * base[150]) and lrs[200] == pytest.approx(0.05)
+
+
 def test_readme_config_reference_is_the_generated_one():
     from megadistil.config import reference_markdown
 

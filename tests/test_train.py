@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megadistil import rundir
 from megadistil.config import ConfigError, load_config
 from megadistil.distill.losses import LossConfig
 from megadistil.engine.inputs import check_inputs
@@ -219,6 +220,11 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     # the straight run started again once finished: nothing to train, nothing logged twice
     specs["finished"] = {"overrides": specs["straight"]["overrides"], "out": specs["straight"]["out"],
                          "probe_dir": str(tmp_path_factory.mktemp("finished"))}
+    # the straight run's output dir used by a run that starts over (resume=never): `latest` no longer names the
+    # earlier run's checkpoint once set up, so a kill before its first save cannot resume (or export) the other run
+    specs["restarted"] = {"overrides": [*specs["straight"]["overrides"], "train.resume=never", "train.max_steps=2",
+                                        "train.save_every=100"], "out": str(tmp_path_factory.mktemp("restarted")),
+                          "copy_from": specs["straight"]["out"]}
     ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
     return {name: Path(spec.get("probe_dir", spec["out"])) for name, spec in specs.items()}
 
@@ -482,6 +488,15 @@ def test_a_finished_run_started_again_trains_and_logs_nothing(runs):
     assert all(p["error"] is None for p in probe(runs["finished"]))
     final = [m for m in metrics(runs["straight"]) if m.get("step") == 12]
     assert len([m for m in final if "eval_ppl_student" in m]) == 1 and len([m for m in final if "loss" in m]) == 1
+
+
+def test_a_run_that_starts_over_withdraws_the_earlier_runs_latest(runs):
+    """resume=never in the straight run's output dir (checkpoints of steps 6 and 12): after set-up `latest` names
+    nothing (it named step 12, which a kill before the first save then resumed as this run's); the run's own final
+    save is `latest` at the end, and metrics.jsonl holds this run's steps only."""
+    assert [p["latest_after_setup"] for p in probe(runs["restarted"])] == [None, None]
+    assert rundir.latest_tag(runs["restarted"] / "checkpoints") == "step00000002"
+    assert [m["step"] for m in metrics(runs["restarted"]) if "loss" in m] == [1, 2]
 
 
 def _inputs(tmp_path, overrides):

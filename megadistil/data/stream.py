@@ -57,7 +57,7 @@ class DataConfig:
     num_workers: int = 0  # shard loader worker processes per rank
     shuffle_buffer: int = 1000  # shard samples in the shuffle buffer (0: stream order)
     seed: int = 0  # shard shuffle seed (0: train.seed, which also shuffles packed text)
-    on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample stops the run, or is skipped and counted
+    on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample or a shard of another size than the manifest's: stop, or skip and count
     epochs: int | None = None  # passes over the shards, no sample twice in one (None: endless)
     prefetch_factor: int = 2  # batches prefetched per worker
 

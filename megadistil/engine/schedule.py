@@ -1,10 +1,11 @@
-"""The learning rate: linear warmup, cosine decay to min_lr_ratio, and ReLoRA's jagged restarts."""
+"""The learning rate: linear warmup, cosine decay to min_lr_ratio, ReLoRA's jagged restarts, and a stage's re-warm."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from megadistil.config import OptimConfig, ReLoRAConfig
+from megadistil.config import OptimConfig, ReLoRAConfig, RunConfig
 
 
 def lr_at(step: int, optim: OptimConfig, relora: ReLoRAConfig, max_steps: int) -> float:
@@ -18,6 +19,18 @@ def lr_at(step: int, optim: OptimConfig, relora: ReLoRAConfig, max_steps: int) -
     if relora.reset_every and step > relora.reset_every:
         since_reset = (step - 1) % relora.reset_every + 1
         lr *= min(1.0, since_reset / max(relora.restart_warmup_steps, 1))
+    return lr
+
+
+def run_lr_at(step: int, cfg: RunConfig, active: RunConfig) -> float:
+    """LR of step `step` under the config in force (`active`: stage_config(cfg, step)). The cosine runs on the run's
+    own warmup_steps; a stage that sets optim.warmup_steps re-warms from its start_step over that many steps (a
+    multiplier, as ReLoRA's restarts), so a stage's new lr or loss is not hit at full rate."""
+    lr = lr_at(step, replace(active.optim, warmup_steps=cfg.optim.warmup_steps), cfg.relora, cfg.train.max_steps)
+    rewarms = [s for s in cfg.stages if s.start_step <= step and "optim.warmup_steps" in s.overrides]
+    if rewarms:
+        since = step - rewarms[-1].start_step + 1
+        lr *= min(1.0, since / max(active.optim.warmup_steps, 1))
     return lr
 
 

@@ -49,7 +49,7 @@ from megadistil.engine.model import assign_param_groups, build_optimizer, build_
 from megadistil.engine.module import DistillModule
 from megadistil.engine.profile import phase, profiled_step
 from megadistil.engine.relora import relora_reset
-from megadistil.engine.schedule import is_reset_step, lr_at
+from megadistil.engine.schedule import is_reset_step, run_lr_at
 from megadistil.engine.teachers import (
     CrossTokenizerTeacher,
     HFTeacher,
@@ -272,6 +272,10 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            withdrawn = rundir.withdraw_latest(self.ckpt_root) if self.cfg.train.resume == Resume.never else None
+            if withdrawn:
+                self._print(f"train.resume=never: {self.ckpt_root}/{rundir.LATEST} named {withdrawn!r} of an earlier "
+                            "run; removed, so that neither a resume nor an export takes it for this run's")
             (self.run_dir / rundir.CONFIG).write_text(to_yaml(self.cfg))
             (self.run_dir / rundir.RUN_INFO).write_text(json.dumps({
                 "git_sha": utils.git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
@@ -374,7 +378,7 @@ class Trainer:
             self.state.resets += 1
             relora_reset(self.engine.module.student, self.cfg.relora, seed=self.cfg.train.seed,
                          reset_index=self.state.resets)
-        lr = lr_at(step, active.optim, self.cfg.relora, self.cfg.train.max_steps)
+        lr = run_lr_at(step, self.cfg, active)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = active.optim.weight_decay * group.get("wd_mult", 1.0)
