@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -502,3 +503,76 @@ def test_int8_delta_holds_the_merge_to_half_a_step_per_row_and_a_merge_moves_log
         assert torch.equal(layer.delta_scale.squeeze(1), value.abs().amax(dim=1) / 127)
     change = float((after - before).abs().max() / before.abs().max())
     assert 0 < change <= 0.03, change
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_trained_bias_gets_the_sum_of_the_output_gradient_at_full_quantization(dtype):
+    """optim.param_groups may train a BitLinear's bias (a Qwen2 student's q/k/v ones): the λ warmup's fake-quant
+    forward trained it, BitLinearFunction's backward returned None for it at λ=1, so from then on it silently froze.
+    dL/db is Σ over every leading dim of g; dyadic g keeps the float64 sum exact in both dtypes."""
+    torch.manual_seed(0)
+    layer = BitLinear(32, 16, lora_rank=4, bias=True, kernel="fp32", dtype=dtype)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        layer.bias.normal_(0, 0.1)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 32, dtype=dtype)
+    g = (torch.randint(-8, 9, (3, 5, 16)) * 0.25).to(dtype)
+    grads = {}
+    for lam in (1.0, 0.999):  # BitLinearFunction, and the warmup's F.linear
+        layer.bias.grad, layer.quant_lambda = None, lam
+        (layer(x) * g).sum().backward()
+        grads[lam] = layer.bias.grad
+    reference = g.double().sum((0, 1)).to(dtype)
+    assert grads[1.0] is not None and grads[1.0].dtype == dtype
+    assert torch.equal(grads[1.0], reference) and torch.equal(grads[0.999], reference)
+    assert layer.weight.grad is None and layer.delta.grad is None  # frozen: no gradient, as before
+
+
+def test_param_groups_that_would_train_a_bitlinears_frozen_weight_or_delta_are_refused():
+    """W is the teacher's weight (one weight, two models) and ΔW changes only by merges: BitLinearFunction gives them
+    no gradient, so a group training them trained them in the λ warmup only. Refused with any teacher kind, naming the
+    parameter and the group; a bias, and a group that freezes them first, are accepted."""
+    from megadistil.config import ConfigError, OptimConfig, ParamGroup, RunConfig, TeacherConfig, TeacherKind
+    from megadistil.engine.model import assign_param_groups
+
+    model = to_bitnet(tiny_llama31(), lora_rank=2, delta_format="int8")
+
+    def cfg(*groups):
+        return RunConfig(teacher=TeacherConfig(kind=TeacherKind.none),
+                         optim=OptimConfig(param_groups=[ParamGroup(p, m) for p, m in groups]))
+
+    lora = ("lora_A", 2.0)
+    for groups, index, name in (([(r"q_proj\.weight$", 1.0)], 0, "model.layers.0.self_attn.q_proj.weight"),
+                                ([lora, ("delta$", 0.5)], 1, "model.layers.0.self_attn.q_proj.delta"),
+                                ([lora, ("delta_scale", 0.5)], 1, "model.layers.0.self_attn.q_proj.delta_scale")):
+        entry = re.escape(repr(groups[-1][0]))
+        with pytest.raises(ValueError, match=rf"'optim.param_groups.{index}.pattern': {entry} would train {name}, "
+                                             r"a BitLinear's frozen") as raised:
+            assign_param_groups(model, cfg(*groups))
+        assert isinstance(raised.value, ConfigError)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.bias = nn.Parameter(torch.zeros(layer.out_features))  # a biased projection, as Qwen2's q/k/v
+    groups = assign_param_groups(model, cfg((r"proj\.(weight|delta)", 0.0), (r"q_proj\.bias$", 1.0)))
+    assert layer.bias.requires_grad and not layer.weight.requires_grad and not layer.delta.requires_grad
+    assert any(p is layer.bias for g in groups for p in g["params"])
+
+
+@pytest.mark.parametrize("exclude", [("mlp",), ("model.layers.0",), ("layers.1.self_attn",), ("1.mlp.down_proj",)])
+def test_an_exclude_entry_naming_a_parent_module_keeps_every_linear_under_it_and_the_export_agrees(exclude, tmp_path):
+    """plan_conversion accepts an entry that names any module, but is_excluded tested each linear's own name only:
+    `mlp` or `model.layers.0` excluded nothing. An entry now excludes the linears it names or lies above (a name or a
+    dotted suffix, as before), and the export's modules_to_not_convert lists the same ones."""
+    from megadistil.export.sources import BaseModel
+    from megadistil.export.ternary import StudentSpec, unconverted_modules
+
+    base = tiny_llama31()
+    base.save_pretrained(tmp_path)
+    model = to_bitnet(copy.deepcopy(base), lora_rank=2, exclude=exclude)
+    prefix = {"mlp": ".mlp.", "model.layers.0": "model.layers.0.", "layers.1.self_attn": "model.layers.1.self_attn.",
+              "1.mlp.down_proj": "model.layers.1.mlp.down_proj"}[exclude[0]]
+    under = [n for n, m in base.named_modules() if type(m) is nn.Linear and prefix in n]
+    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert kept == [*under, "lm_head"] and under
+    spec = StudentSpec([n for n, _ in bitlinear_modules(model)], 1.0, torch.float32, False, ["lm_head", *exclude], 2)
+    assert sorted(unconverted_modules(BaseModel(tmp_path), spec)) == sorted(kept)

@@ -313,3 +313,51 @@ def test_a_resumed_run_keeps_the_kernel_and_dtype_its_checkpoint_was_trained_wit
     with pytest.raises(ValueError, match=r"fp32 \(model.dtype\), but the checkpoint to resume was trained in "
                                          r"bfloat16; a resumed run keeps its dtype: set model.dtype=auto or bfloat16"):
         as_resumed(now, recorded, kernel="auto", dtype="fp32")
+
+
+def _cuda_hardware(monkeypatch, bf16_exact: bool) -> Hardware:
+    """A CUDA profile as _hardware builds it, with the probes stubbed (no GPU here)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kernels, "_cuda_units", lambda device: ["int8", "bf16"])
+    monkeypatch.setattr(kernels, "_cuda_bf16_exact", lambda device: bf16_exact)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name="GPU", major=9,
+                                                                                            minor=0))
+    monkeypatch.setattr(kernels, "measure_gflops",
+                        lambda probe, device, *args: {"fp32": 50.0, "int8": 400.0, "bf16": 600.0})
+    return kernels._hardware.__wrapped__("cuda:0")
+
+
+@pytest.mark.parametrize("exact, expected", [(True, Kernel.bf16), (False, Kernel.int8)])
+def test_auto_takes_cudas_bf16_kernel_only_where_the_probe_found_float32_output(monkeypatch, exact, expected):
+    """Under torch 2.6-2.7 (pyproject allows them) CUDA has no mm(out_dtype=float32): code_product's bf16 kernel falls
+    back to a bf16-output GEMM that rounds integer sums above 256, yet `auto` took it as exact. bf16 stays a unit
+    (model.dtype=auto is still bf16 there, and bitnet.kernel=bf16 may still be asked for)."""
+    hw = _cuda_hardware(monkeypatch, exact)
+    assert hw.bf16_exact is exact and hw.kernel is expected and resolve_kernel("auto", hw) is expected
+    assert "bf16" in hw.units and hw.bf16_fast and resolve_dtype("auto", hw) == torch.bfloat16
+    assert resolve_kernel("bf16", hw) is Kernel.bf16
+    assert hw.as_dict()["bf16_exact"] is exact
+    assert hardware("cpu").bf16_exact is False  # the CPU's bf16 GEMM rounds its output
+
+
+def test_the_bf16_exactness_probe_needs_a_float32_sum_of_257_ones(monkeypatch):
+    """The probe itself, on the CPU with torch.mm stubbed as each torch behaves: 2.6-2.7 have no out_dtype (TypeError),
+    a backend may refuse it (RuntimeError) or return bf16 (257 rounds to 256); >= 2.8 on CUDA returns float32 sums."""
+    mm = torch.mm
+
+    def no_out_dtype(a, b):
+        return mm(a, b)
+
+    def refusing(a, b, out_dtype=None):
+        raise RuntimeError("out_dtype unsupported")
+
+    def bf16_out(a, b, out_dtype=None):
+        return mm(a, b)
+
+    def float32_out(a, b, out_dtype=None):
+        return mm(a.float(), b.float()).to(out_dtype)
+
+    for stub, expected in ((no_out_dtype, False), (refusing, False), (bf16_out, False), (float32_out, True)):
+        monkeypatch.setattr(torch, "mm", stub)
+        assert kernels._cuda_bf16_exact(torch.device("cpu")) is expected, stub.__name__

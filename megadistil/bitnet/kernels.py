@@ -4,10 +4,10 @@ The products Q8(x)·Q3(W)ᵀ and Q8(g)·Q3(W) are sums of small integers, so any
 same result: int8 `torch._int_mm` (int32 accumulators) where the device has int8 units (AMX or VNNI CPUs, CUDA tensor
 cores); otherwise a float32 GEMM on the codes, exact while every partial sum stays below 2**24 (K * 128 < 2**24,
 K < 1024 for an int8 x int8 product, K < 131072 for int8 x ternary) and within float32 rounding beyond; or a bf16
-GEMM (codes are exact in bf16; float32 output on CUDA, rounded to bf16 on a CPU, where only an explicit choice takes
-it). The choice is a speed choice made once per process and device: capability flags say which kernels have units, a
-short measurement says which is fastest, and `auto` never picks one that measured slower than float32. Nothing here
-knows about DeepSpeed.
+GEMM (codes are exact in bf16; float32 output on CUDA where torch has it (>= 2.8, probed), otherwise rounded to bf16,
+as on a CPU: there only an explicit choice takes it). The choice is a speed choice made once per process and device:
+capability flags say which kernels have units, a short measurement says which is fastest, and `auto` never picks one
+that measured slower than float32. Nothing here knows about DeepSpeed.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def code_product(a: torch.Tensor, b: torch.Tensor, kernel: Kernel) -> torch.Tens
     """code_matmul's product as the kernel returns it (int32 from int8; float32 or bf16), for a fused epilogue.
 
     int8 is exact for any K; fp32 is exact while K * max|a| * max|b| < 2**24; bf16 rounds the output to bf16 where
-    the backend has no float32-output bf16 GEMM (CPU), which `auto` therefore only picks when nothing else is faster.
+    the backend has no float32-output bf16 GEMM (CPU; CUDA under torch < 2.8), which `auto` therefore never picks
+    (Hardware.bf16_exact).
     `torch._int_mm` refuses some shapes on CUDA (M <= 16, K or N not a multiple of 8): those run in float32, exact
     alike. On CUDA b goes column-major (the forward's W codes transposed already are; the input gradient's are not):
     cuBLASLt's int8 GEMM takes that layout ("TN") on every GPU and CUDA version.
@@ -89,20 +90,29 @@ class Hardware:
     capability: str  # torch's CPU capability (AVX2, AVX512...) or the CUDA compute capability
     units: list[str]  # kernels with matrix units on this device: subset of int8, bf16 (fp32 always runs)
     gflops: dict[str, float] = field(default_factory=dict)  # GEMM throughput of fp32 and each unit kernel (CPU: a core)
+    # Whether the bf16 kernel's sums are exact (float32 output): probed on CUDA (_cuda_bf16_exact), never on a CPU.
+    # None (a profile built by hand): by the device type, exact on CUDA.
+    bf16_exact: bool | None = None
 
     @property
     def kernel(self) -> Kernel:
         """The fastest exact kernel measured, unless it fails to beat float32 by AUTO_MARGIN. The CPU's bf16 kernel
         rounds its output to bf16, so `auto` never takes it (`bitnet.kernel=bf16` does): every CPU with bf16 units
         also has int8 ones, ~2x faster, so only timing noise ever made it win (a probe run while another process held
-        the cores: one pytest worker's every --verify failed at once, twice, the second time through a 1.5x margin)."""
-        exact = {k: v for k, v in self.gflops.items() if k != "bf16" or self.device.startswith("cuda")}
+        the cores: one pytest worker's every --verify failed at once, twice, the second time through a 1.5x margin).
+        On CUDA it rounds too where torch lacks mm(out_dtype=float32) (torch < 2.8): `auto` takes it only where the
+        probe found its sums exact."""
+        exact = {k: v for k, v in self.gflops.items() if k != "bf16" or self.bf16_sums_exact}
         best = max(exact, key=exact.get)
         return Kernel(best if exact[best] >= AUTO_MARGIN * self.gflops["fp32"] else "fp32")
 
     @property
+    def bf16_sums_exact(self) -> bool:
+        return self.bf16_exact if self.bf16_exact is not None else self.device.startswith("cuda")
+
+    @property
     def bf16_fast(self) -> bool:
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda"):  # whether or not its GEMM outputs float32 sums (bf16_exact)
             return "bf16" in self.units  # tensor cores: bf16 is the GPU's native training dtype
         return "bf16" in self.units and self.gflops.get("bf16", 0.0) >= BF16_DTYPE_MARGIN * self.gflops["fp32"]
 
@@ -170,8 +180,20 @@ def _cuda_units(device: torch.device) -> list[str]:
     except RuntimeError:
         pass
     if torch.cuda.is_bf16_supported(including_emulation=False):  # V100/T4 only emulate it
-        units.append("bf16")
+        units.append("bf16")  # units: bf16 is fast (model.dtype); whether code_product's bf16 sums are exact is apart
     return units
+
+
+def _cuda_bf16_exact(device: torch.device) -> bool:
+    """Whether the CUDA bf16 kernel adds its codes exactly: torch.mm(bf16, bf16, out_dtype=float32) runs (torch >= 2.8)
+    and returns the float32 sum. Elsewhere code_product falls back to a bf16-output GEMM, which rounds sums above 256:
+    the probe's 257 ones would come back 256."""
+    try:
+        a = torch.ones(16, 257, dtype=torch.bfloat16, device=device)
+        out = torch.mm(a, a.t(), out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return out.dtype == torch.float32 and bool((out == 257).all())
 
 
 def synchronize(device: torch.device) -> None:
@@ -207,10 +229,13 @@ def _hardware(device: str) -> Hardware:
     dev = torch.device(device)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        hw = Hardware(device, props.name, f"sm_{props.major}{props.minor}", _cuda_units(dev))
+        units = _cuda_units(dev)
+        hw = Hardware(device, props.name, f"sm_{props.major}{props.minor}", units,
+                      bf16_exact="bf16" in units and _cuda_bf16_exact(dev))
     else:
         max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-        hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(), cpu_units(_cpu_flags(), max_isa))
+        hw = Hardware("cpu", cpu_model_name(), torch.backends.cpu.get_cpu_capability(),
+                      cpu_units(_cpu_flags(), max_isa), bf16_exact=False)
     # Only kernels with units are measured: without them int8 runs at ~1 GFLOP/s and the probe alone would take
     # seconds, for an answer known in advance.
     # The CPU probe runs on one thread: what a kernel's units give per core is what the choice needs, and a GEMM

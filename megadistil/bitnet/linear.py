@@ -207,7 +207,8 @@ class BitLinearFunction(torch.autograd.Function):
 
     Gradients (x̂ = Q8(x) dequantized, g = dL/dy, s = LoRA scaling):
       dA = s·(g·B)ᵀ·x̂ and dB = s·gᵀ·(x̂·Aᵀ), O(tokens·r·(in+out)), no dense dW;
-      dx = g·Q3(W_eff), with g quantized per row to int8 (`int8`) or kept in the activation dtype (`bf16`).
+      dx = g·Q3(W_eff), with g quantized per row to int8 (`int8`) or kept in the activation dtype (`bf16`);
+      db = Σ_tokens g (accumulated in float32), where optim.param_groups trains the bias. W, ΔW: none (frozen).
     The integer products run on `kernel` (kernels.py): the result is the same on every kernel.
     """
 
@@ -223,6 +224,7 @@ class BitLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B,
                               w_codes if keep_weight_codes else None, w_scale)
         ctx.scaling, ctx.backward_mode, ctx.kernel, ctx.x_shape = scaling, backward_mode, kernel, x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -230,11 +232,13 @@ class BitLinearFunction(torch.autograd.Function):
         x_codes, x_scale, weight, delta, delta_scale, lora_A, lora_B, w_codes, w_scale = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
         s = ctx.scaling
-        grad_x = grad_A = grad_B = None
+        grad_x = grad_A = grad_B = grad_bias = None
         if ctx.needs_input_grad[0]:
             if w_codes is None:
                 w_codes, w_scale = weight_codes(weight, delta, lora_A, lora_B, s, delta_scale, scale=w_scale)
             grad_x = _input_grad(g, w_codes, w_scale, ctx.backward_mode, ctx.kernel).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[6]:  # a bias optim.param_groups trains: dL/db = Σ_tokens g, as F.linear's
+            grad_bias = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.bias_dtype)
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             dt = lora_A.dtype
             x_int = x_codes.to(dt)  # exact: |codes| <= 128 is representable in bf16
@@ -243,7 +247,8 @@ class BitLinearFunction(torch.autograd.Function):
             # x̂ = codes / scale row-wise: fold 1/scale into the narrow [tokens, r] factor, not the wide input.
             grad_A = s * ((g @ lora_B) * inv_scale).t() @ x_int
             grad_B = s * g.t() @ ((x_int @ lora_A.t()) * inv_scale)
-        return grad_x, None, None, None, grad_A, grad_B, None, None, None, None, None
+        # W (the teacher's), ΔW and its row scale never train here (assign_param_groups refuses them): no gradient.
+        return grad_x, None, None, None, grad_A, grad_B, grad_bias, None, None, None, None
 
 
 def code_linear(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,

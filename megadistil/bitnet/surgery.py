@@ -23,7 +23,7 @@ class BitNetConfig:
     subln: bool = False  # BitDistill SubLN on the inputs of o_proj / down_proj (Llama bases: the export's bitnet model)
     backward: Backward = Backward.int8  # the input gradient's numerics (g quantized per row to int8, or kept)
     kernel: Kernel = Kernel.auto  # the GEMM for the integer products (auto: the fastest measured on the device)
-    exclude: tuple[str, ...] = ()  # module names (or name suffixes) that stay nn.Linear; the output head always does
+    exclude: tuple[str, ...] = ()  # modules (names or dotted suffixes) whose linears stay nn.Linear; the head always does
     quant_warmup_steps: int = 0  # HF 1.58-bit λ warmup: λ goes 0 -> 1 over these steps; 0 = off
     # The quantizers, not the matmuls, decide BitLinear's speed; on CPU compiling costs seconds in every process.
     compile_quantizers: bool | None = None  # torch.compile the quantizers and W_eff's formation; None: on CUDA only
@@ -39,8 +39,12 @@ SUBLN_TARGETS = ("o_proj", "down_proj")  # where BitDistill (and transformers' `
 
 
 def is_excluded(name: str, exclude: tuple[str, ...]) -> bool:
-    """Whether module `name` is excluded: it equals an entry or ends with "." + entry (the rule the export shares)."""
-    return any(name == e or name.endswith("." + e) for e in exclude)
+    """Whether module `name` is excluded (the rule the export shares): it, or a module it lies under, equals an entry
+    or ends with "." + entry. So `down_proj` and `1.mlp.down_proj` name linears as before, and an entry naming a
+    parent module (`mlp`, `model.layers.0`) excludes every linear under it, as plan_conversion accepts it."""
+    parts = name.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(a == e or a.endswith("." + e) for a in ancestors for e in exclude)
 
 
 def to_bitnet(

@@ -103,11 +103,22 @@ def assign_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]
     patterns = [(re.compile(g.pattern), g.lr_mult) for g in cfg.optim.param_groups]
     shared_teacher = cfg.teacher.kind == TeacherKind.shared
     won = [False] * len(patterns)
+    # A BitLinear's W is the teacher's own weight (one weight, two models) and its ΔW / row scale change only by
+    # ReLoRA merges: BitLinearFunction gives them no gradient, so a group that trains them would train them only in
+    # the λ warmup's fake-quant forward, then silently not. Refused with every teacher kind.
+    frozen = {f"{m}.{p}" for m, _ in bitlinear_modules(model) for p in ("weight", "delta", "delta_scale")}
     for name, param in model.named_parameters():
         first = next((i for i, (p, _) in enumerate(patterns) if p.search(name)), None)
         if first is not None:
             won[first] = True
         mult = patterns[first][1] if first is not None else 1.0 if DEFAULT_TRAINABLE.search(name) else 0.0
+        if mult > 0 and name in frozen:
+            raise ConfigError(
+                f"config key 'optim.param_groups.{first}.pattern': {cfg.optim.param_groups[first].pattern!r} would "
+                f"train {name}, a BitLinear's frozen {name.rpartition('.')[2]} (W is the teacher's weight; ΔW changes "
+                "only by ReLoRA merges): BitLinear trains lora_A / lora_B / sub_norm / bias only; give it lr_mult 0 "
+                "or narrow the pattern"
+            )
         if mult > 0 and shared_teacher and not DEFAULT_TRAINABLE.search(name):
             raise ConfigError(
                 f"config key 'optim.param_groups': {name} would train, but the shared teacher uses it; "

@@ -146,3 +146,21 @@ def test_compiled_quantizers_on_cuda_give_the_eager_outputs_and_gradients(dtype)
         compile_quantizers(False)
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=1e-3)
+
+
+def test_auto_takes_the_bf16_kernel_only_where_its_sums_are_exact():
+    """bf16 is a unit (model.dtype=auto: bf16) on any sm_80+ GPU, but code_product's bf16 GEMM sums exactly only where
+    torch has mm(out_dtype=float32) (>= 2.8): the probe decides whether `auto` may take it."""
+    from megadistil.bitnet import kernels
+
+    hw = hardware(CUDA)
+    if "bf16" not in hw.units:
+        pytest.skip(f"{hw.name} has no bf16 units")
+    assert hw.bf16_exact == kernels._cuda_bf16_exact(CUDA)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (64, 4096), dtype=torch.int8, generator=g)
+    b = torch.randint(-1, 2, (4096, 128), dtype=torch.int8, generator=g)
+    exact = torch.equal(code_matmul(a.to(CUDA), b.to(CUDA), Kernel.bf16).cpu().double(), a.double() @ b.double())
+    assert exact == hw.bf16_exact
+    if not hw.bf16_exact:
+        assert hw.kernel is not Kernel.bf16
