@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -12,6 +13,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import omegaconf
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
@@ -214,7 +216,8 @@ class TrainConfig:
                 f"must be >= 1 or null, got {self.eval_tasks_limit}")
         require(not self.eval_tasks_include_path or Path(self.eval_tasks_include_path).is_dir(),
                 "train.eval_tasks_include_path", f"{self.eval_tasks_include_path} is not a directory")
-        require(self.dist_timeout_s > 0, "train.dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
+        require(0 < self.dist_timeout_s < math.inf, "train.dist_timeout_s",
+                f"must be > 0 and finite, got {self.dist_timeout_s}")
 
 
 @dataclass
@@ -262,6 +265,10 @@ class RunConfig:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """defaults <- yaml <- dotlist, strict: an unknown key or a wrong type is an error naming the key. A list key given
     one value (data.text=corpus.txt) is a list of one; a key that moved names its new place."""
+    for item in overrides:  # OmegaConf would merge {"0": ...} into the list: a TypeError naming no key
+        key = item.split("=", 1)[0]
+        _check(not any(part.isdigit() for part in key.split(".")), key,
+               "a list is set whole (optim.betas=[0.9,0.99], stages=[{start_step: 5, overrides: {...}}]), not by index")
     try:
         schema = OmegaConf.structured(RunConfig)
         layers = [OmegaConf.from_dotlist(list(overrides))]
@@ -276,6 +283,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}" if key else str(e)) from None
+
     validate(cfg)
     return cfg
 
@@ -303,13 +311,17 @@ def _refuse_moved(raw: dict[str, Any]) -> None:
             raise ConfigError(f"config key {key!r} moved to {where} (README: migrating configs)")
 
 
+# OmegaConf 2.4 gives a tuple[...] field (bitnet.exclude) a TupleConfig, which is no ListConfig; 2.3 has none.
+_SEQUENCE_NODES = tuple(c for c in (ListConfig, getattr(omegaconf, "TupleConfig", None)) if c is not None)
+
+
 def _listify(schema: DictConfig, raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A scalar given for a list key becomes a list of one, at any depth of the typed sections; a list given for a
     scalar key is refused naming it (OmegaConf would say only "Cannot convert 'ListConfig' to string")."""
     out = {}
     for key, value in raw.items():
         node = schema._get_node(key) if key in schema else None
-        if isinstance(node, ListConfig) and not isinstance(value, (list, dict)) and value is not None:
+        if isinstance(node, _SEQUENCE_NODES) and not isinstance(value, (list, dict)) and value is not None:
             value = [value]
         elif isinstance(node, DictConfig) and isinstance(value, dict) and node._metadata.object_type is not dict:
             value = _listify(node, value, f"{prefix}{key}.")
@@ -418,10 +430,9 @@ def validate_teacher(cfg: RunConfig) -> None:
     targets from the teacher kind, and a teacher that no term reads is not loaded or decoded."""
     kind = cfg.teacher.kind
     provides, losses = TEACHER_PROVIDES[kind], loss_configs(cfg)
-    for (where, loss), overridden in zip(losses, [{}] + [s.overrides for s in cfg.stages]):
+    for where, loss in losses:
         for target, key in loss.needs().items():
-            named = f"{where}{key}" if key in overridden or not where else key
-            _check(target in provides, named, f"needs the teacher's {target.value}, which teacher.kind={kind} does "
+            _check(target in provides, setter_of(cfg, where, key), f"needs the teacher's {target.value}, which teacher.kind={kind} does "
                    f"not provide (kinds that do: {', '.join(k for k, p in TEACHER_PROVIDES.items() if target in p)})")
     if kind in (TeacherKind.hf, TeacherKind.shards):
         fed = [f"loss.{TARGET_WEIGHTS[t]}" for t in Target if t in provides]
@@ -543,14 +554,31 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
 
 
 def validate_unused(cfg: RunConfig) -> None:
-    """Refuses a key set away from its default where nothing reads it at any stage in force (CONDITIONAL_KEYS)."""
-    staged, default = [c for _, c in in_force(cfg)], RunConfig()
+    """Refuses a key set away from its default where nothing reads it (CONDITIONAL_KEYS) while that setting is in
+    force: the base's until a stage overrides the key, a stage's until a later one does."""
+    staged, default = staged_configs(cfg), RunConfig()
+    live = {where for where, _ in in_force(cfg)}
     for keys, condition, why in CONDITIONAL_KEYS:
-        if any(condition(c) for c in staged):
-            continue
+        holds = [where in live and condition(c) for where, c in staged]
         for key in keys:
-            if any(value_at(c, key) != value_at(default, key) for c in staged):
-                raise ConfigError(f"config key {_where_set(cfg, default, key)!r}: is unused: {why}")
+            for setter, span in _settings(cfg, staged, default, key):
+                if not any(holds[j] for j in span):
+                    at = "" if not setter.startswith("stages.") else \
+                        f" from step {cfg.stages[int(setter.split('.')[1])].start_step} on"
+                    raise ConfigError(f"config key {setter!r}: is unused{at}: {why}")
+
+
+def _settings(cfg: RunConfig, staged: list[tuple[str, RunConfig]], default: RunConfig,
+              key: str) -> list[tuple[str, range]]:
+    """Where `key` is set away from its default (the base, stages.<i>.overrides) and the indices into staged_configs
+    of the configs that setting is in force in."""
+    overriding = [i + 1 for i, s in enumerate(cfg.stages) if key in s.overrides]
+    ends = [*overriding, len(cfg.stages) + 1]
+    out = [(key, range(ends[0]))] if value_at(cfg, key) != value_at(default, key) else []
+    for j, end in zip(overriding, ends[1:]):
+        if value_at(staged[j][1], key) != value_at(default, key):
+            out.append((f"stages.{j - 1}.overrides.{key}", range(j, end)))
+    return out
 
 
 def value_at(cfg: RunConfig, key: str) -> Any:
@@ -558,11 +586,11 @@ def value_at(cfg: RunConfig, key: str) -> Any:
     return reduce(getattr, key.split("."), cfg)
 
 
-def _where_set(cfg: RunConfig, default: RunConfig, key: str) -> str:
-    """`key` as the user wrote it: in the base config, else in the first stage that overrides it."""
-    if value_at(cfg, key) != value_at(default, key):
-        return key
-    return next((f"stages.{i}.overrides.{key}" for i, s in enumerate(cfg.stages) if key in s.overrides), key)
+def setter_of(cfg: RunConfig, where: str, key: str) -> str:
+    """`key` as the user set the value in force at a staged_configs prefix (`where`): the last stage up to that one
+    that overrides it, else the base config's key."""
+    upto = int(where.split(".")[1]) + 1 if where else 0
+    return next((f"stages.{i}.overrides.{key}" for i in reversed(range(upto)) if key in cfg.stages[i].overrides), key)
 
 
 def shards_manifest(cfg: RunConfig) -> Manifest:

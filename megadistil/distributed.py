@@ -16,7 +16,9 @@ Discovery order (first match wins):
 4. a single process on a free local port.
 
 OpenMPI is checked before SLURM because ``mpirun`` inside an allocation inherits the SLURM_* variables of the
-step that started its daemons, which describe the daemons, not the ranks.
+step that started its daemons, which describe the daemons, not the ranks. MPICH's and Intel MPI's ``mpirun`` (Hydra)
+is not read: its ranks inherit the SLURM_* of the one proxy a node it started with srun, so a PMI_RANK, PMIX_RANK or
+PMI_SIZE that disagrees with the layout found (3 or 4) is refused rather than every rank of a node taken for rank 0.
 
 The parsing helpers are pure functions of an env mapping so that they are tested without starting processes.
 ``python -m megadistil.distributed CMD ...`` exports the discovered variables and execs CMD, for entry
@@ -230,18 +232,35 @@ def _slurm_local_world(env: Mapping[str, str], ntasks: int, n_hosts: int) -> int
     return per_node[node]
 
 
+def _refuse_other_mpi(env: Mapping[str, str], rank: int, world: int, source: str) -> None:
+    """Refuse a rank whose MPI launcher's variables (PMI_RANK/PMI_SIZE: MPICH, Intel MPI, srun --mpi=pmi2; PMIX_RANK:
+    PMIx, which exports no size) disagree with the layout ``source`` gave: rank ``rank`` of ``world``. Hydra's srun'd
+    proxies pass their own SLURM_PROCID and task count to every rank they start."""
+    clash = [f"{var}={env[var]}" for var in ("PMI_RANK", "PMIX_RANK") if env.get(var) and _int(env, var) != rank]
+    if env.get("PMI_SIZE") and _int(env, "PMI_SIZE") != world:
+        clash.append(f"PMI_SIZE={env['PMI_SIZE']}")
+    if clash:
+        raise DistEnvError(f"MPI launcher variables ({', '.join(clash)}) contradict {source} (rank {rank} of {world}): "
+                           "megadistil does not read the ranks of MPICH's or Intel MPI's mpirun (Hydra), whose ranks "
+                           "inside a SLURM allocation inherit the SLURM_* of its one proxy a node; launch with "
+                           "srun (one task per rank, e.g. `srun --ntasks-per-node=<GPUs> python ...`) or the deepspeed "
+                           "launcher")
+
+
 def from_slurm_env(env: Mapping[str, str],
                    hostnames: Callable[[str], list[str]] = expand_nodelist) -> DistInfo | None:
     """An srun task. A batch script or salloc shell with several tasks is refused: its tasks were never started."""
     if "SLURM_JOB_ID" not in env or "SLURM_PROCID" not in env:
         return None
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEP_NUM_TASKS" in env
-    ntasks = _int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS", 1)
+    ntasks_var = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    ntasks = _int(env, ntasks_var, 1)
     if not in_step:
         if ntasks > 1:
             raise DistEnvError(f"SLURM job {env['SLURM_JOB_ID']} has SLURM_NTASKS={ntasks} but this process is not "
                                f"in an srun step: start the tasks with `srun python ...` (see launch/slurm/)")
         return None
+    _refuse_other_mpi(env, _int(env, "SLURM_PROCID"), ntasks, f"SLURM_PROCID/{ntasks_var}")
     nodelist_var = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
     if not env.get(nodelist_var):
         raise DistEnvError("SLURM: neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
@@ -264,6 +283,7 @@ def discover(env: Mapping[str, str], *, hostnames: Callable[[str], list[str]] = 
         info = found()
         if info is not None:
             return info
+    _refuse_other_mpi(env, 0, 1, "a single process (no launcher, OpenMPI or srun variables)")
     port = _int(env, "MASTER_PORT", free_port() if free_port else 29500)
     return _check(DistInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, "single"))
 
@@ -395,9 +415,15 @@ def return_freed_heap() -> None:
 
 def set_up_cpu_rank(local_world_size: int) -> bool:
     """A CPU rank's process settings, for every entry point that starts one: its share of the node's cores
-    (cpu_threads) and malloc keeping freed blocks (keep_freed_blocks, whose result this returns). With a process
-    group, the ranks sharing its cores are counted from every rank's host and affinity (a collective: every rank
-    calls this); without one, the launcher's local world size stands for them."""
+    (set_rank_threads) and malloc keeping freed blocks (keep_freed_blocks, whose result this returns)."""
+    set_rank_threads(local_world_size)
+    return keep_freed_blocks()
+
+
+def set_rank_threads(local_world_size: int) -> int | None:
+    """Set this rank's intra-op threads to its share of the node's cores (cpu_threads); the count set, or None where
+    OMP_NUM_THREADS decides. With a process group, the ranks sharing its cores are counted from every rank's host and
+    affinity (a collective: every rank calls this); without one, the launcher's local world size stands for them."""
     import torch
     import torch.distributed as dist
 
@@ -410,7 +436,7 @@ def set_up_cpu_rank(local_world_size: int) -> bool:
     threads = cpu_threads(sharing)
     if threads is not None:
         torch.set_num_threads(threads)
-    return keep_freed_blocks()
+    return threads
 
 
 def mpi_rank0_endpoint() -> tuple[str, int] | None:

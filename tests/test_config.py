@@ -89,7 +89,7 @@ CE_ONLY = ["teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"]
     (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: no JSD is computed at any stage (loss.kind is not jsd"),
     (["loss.attn_relation_heads=4"], "'loss.attn_relation_heads': is unused: loss.attn_relation_weight is 0 at"),
     (["stages=[{start_step: 3, overrides: {loss.hidden_layers: [1]}}]"],
-     "'stages.0.overrides.loss.hidden_layers': is unused: loss.hidden_weight is 0 at every stage"),
+     "'stages.0.overrides.loss.hidden_layers': is unused from step 3 on: loss.hidden_weight is 0 at every stage"),
 ])
 def test_a_setting_nothing_reads_is_refused_naming_it(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -171,6 +171,28 @@ def test_a_stage_that_sets_warmup_steps_rewarms_from_its_start():
     assert [lrs[s] / base[s] for s in (100, 109, 119, 120, 149)] == pytest.approx([1 / 20, 10 / 20, 1, 1, 1])
     # a later stage that sets another key does not re-warm; its lr scales the same cosine
     assert lrs[150] == pytest.approx(0.5 * base[150]) and lrs[200] == pytest.approx(0.05)
+
+
+def test_a_stage_override_nothing_reads_while_it_is_in_force_is_refused():
+    """A condition holding at some stage accepted an override at a stage where it does not hold: on-policy
+    micro-batches read onpolicy.kind, so a loss.kind set at the stage that turns them all on-policy does nothing."""
+    over = "stages=[{start_step: 500, overrides: {onpolicy.fraction: 1.0, loss.kind: reverse_kl}}]"
+    with pytest.raises(ConfigError, match=r"config key 'stages.0.overrides.loss.kind': is unused from step 500 on: "):
+        load_config(None, [*BASE, "train.max_steps=1000", "onpolicy.fraction=0.5", over])
+    # the base's setting is in force until a stage overrides it: a condition that holds only later does not count
+    late = "stages=[{start_step: 5, overrides: {loss.hidden_weight: 1.0, loss.hidden_layers: [1]}}]"
+    with pytest.raises(ConfigError, match=r"config key 'loss.hidden_layers': is unused: loss.hidden_weight is 0"):
+        load_config(None, [*BASE, "loss.hidden_layers=[2]", late])
+    kept = load_config(None, [*BASE, "loss.hidden_layers=[2]", late.replace(", loss.hidden_layers: [1]", "")])
+    assert stage_config(kept, 5).loss.hidden_layers == [2]
+
+
+def test_list_and_number_settings_are_refused_or_wrapped_naming_the_key():
+    assert load_config(None, [*BASE, "bitnet.exclude=lm_head"]).bitnet.exclude == ("lm_head",)  # a TupleConfig
+    with pytest.raises(ConfigError, match=r"config key 'stages.0.start_step': a list is set whole"):
+        load_config(None, [*BASE, "stages.0.start_step=5"])
+    with pytest.raises(ConfigError, match=r"'train.dist_timeout_s': must be > 0 and finite, got inf"):
+        load_config(None, [*BASE, "train.dist_timeout_s=inf"])
 
 
 def test_readme_config_reference_is_the_generated_one():
@@ -451,3 +473,21 @@ def test_a_config_file_that_is_no_yaml_mapping_is_refused_naming_the_file(tmp_pa
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=f"config file {re.escape(str(tmp_path / name))} {message}"):
             load_config(tmp_path / name)
+
+
+def test_a_ds_config_activation_checkpointing_flag_that_is_on_is_refused():
+    """DeepSpeed's engine parses the section but never applies it here: the flag would do nothing, silently."""
+    cfg = load_config(None, BASE)
+    for flag in ("partition_activations", "cpu_checkpointing", "contiguous_memory_optimization"):
+        ds = {"activation_checkpointing": {"partition_activations": False, flag: True}}
+        with pytest.raises(ConfigError, match=rf"ds_config activation_checkpointing\.{flag}=true: .*"
+                                              r"model\.activation_checkpointing"):
+            reconcile_ds_config(cfg, ds, world_size=1, bf16=False)
+
+
+def test_a_ds_config_activation_checkpointing_section_with_every_flag_off_is_accepted():
+    cfg = load_config(None, BASE)
+    off = {"partition_activations": False, "cpu_checkpointing": False, "number_checkpoints": 4}
+    for section in ({}, off):
+        out = reconcile_ds_config(cfg, {"activation_checkpointing": section}, world_size=1, bf16=False)
+        assert out["activation_checkpointing"] == section

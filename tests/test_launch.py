@@ -564,3 +564,54 @@ def test_a_free_rendezvous_port_lies_below_the_kernels_ephemeral_range():
         assert 1024 <= port < low and not 29500 <= port < 29700
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_mpich_and_intel_mpi_ranks_under_a_slurm_proxy_are_refused() -> None:
+    """Hydra's mpirun inside an allocation srun's one proxy a node: its ranks inherit the proxy's SLURM_PROCID and task
+    count, so all of a node's ranks would read as rank 0 of a world of the node count."""
+    proxy = _slurm_step(SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NTASKS="2",
+                        SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_TASKS_PER_NODE="1(x2)")
+    for rank in range(3):
+        with pytest.raises(DistEnvError, match=r"PMI_SIZE=16\) contradict SLURM_PROCID/SLURM_STEP_NUM_TASKS .*"
+                                               r"launch with srun .* or the deepspeed launcher"):
+            discover(proxy | {"PMI_RANK": str(rank), "PMI_SIZE": "16"})
+    with pytest.raises(DistEnvError, match=r"\(PMIX_RANK=5\) contradict SLURM_PROCID"):
+        discover(proxy | {"PMIX_RANK": "5"})
+    with pytest.raises(DistEnvError, match=r"\(PMI_RANK=3, PMI_SIZE=8\) contradict a single process"):
+        discover({"PMI_RANK": "3", "PMI_SIZE": "8"})  # Hydra without Slurm: not one process on its own
+
+
+def test_pmi_variables_that_match_the_layout_are_accepted() -> None:
+    """srun --mpi=pmi2 / --mpi=pmix set PMI_RANK/PMI_SIZE or PMIX_RANK to the task's own rank and count."""
+    pmi2 = _slurm_step(PMI_RANK="3", PMI_SIZE="4")
+    assert discover(pmi2) == discover(_slurm_step()) == discover(_slurm_step(PMIX_RANK="3"))
+    assert discover({"PMI_RANK": "0", "PMI_SIZE": "1"}, free_port=lambda: 30002).launcher == "single"
+    # a launcher's RANK/WORLD_SIZE (deepspeed's MPICH runner sets them per rank) and OpenMPI's own variables come first
+    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+    assert discover(launcher | {"PMI_RANK": "1", "PMI_SIZE": "2"}).launcher == "env"
+    assert discover(_slurm_step() | _ompi(PMIX_RANK="1")).launcher == "openmpi"
+
+
+def test_gpu_ranks_take_their_share_of_the_cores_without_the_cpu_malloc_tuning(monkeypatch) -> None:
+    """deepspeed --num_gpus 8 leaves OMP_NUM_THREADS unset: each GPU rank would run DeepSpeedCPUAdam on every core."""
+    import torch
+
+    from megadistil import distributed
+    from megadistil.bitnet import Hardware
+    from megadistil.engine import device as device_mod
+
+    cores = len(distributed.allowed_cores())
+    gpu = Hardware("cuda:0", "test GPU", "9.0", ["int8", "bf16"], {"fp32": 1.0, "int8": 4.0, "bf16": 2.0})
+    monkeypatch.setattr(device_mod, "hardware", lambda device: gpu)
+    monkeypatch.setattr(distributed, "keep_freed_blocks", lambda: pytest.fail("malloc tuned on a GPU rank"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for local_world, threads in ((8, max(1, cores // 8)), (1, cores)):
+            placed = device_mod.place("fp32", "fp32", local_world_size=local_world, device=torch.device("cuda", 0))
+            assert (torch.get_num_threads(), placed.threads, placed.freed_blocks_kept) == (threads, threads, False)
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's or the launcher's choice stands
+        assert device_mod.place("fp32", "fp32", local_world_size=8, device=torch.device("cuda", 0)).threads == before
+    finally:
+        torch.set_num_threads(before)

@@ -503,6 +503,18 @@ def _inputs(tmp_path, overrides):
     return check_inputs(load_config(ROOT / "configs/tiny.yaml", [f"train.output_dir={tmp_path}", *overrides]), 2)
 
 
+def test_a_stage_error_names_the_key_where_it_was_set(tmp_path, tiny_llama_dir, stdlib_text_file):
+    """The value at fault is the base config's: the stage (which sets another key) was named for it."""
+    base = [f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", "loss.hidden_layers=[40]"]
+    with pytest.raises(ConfigError, match=r"config key 'loss.hidden_layers': loss.hidden_layers: layer 40 out of "):
+        _inputs(tmp_path, [*base, "stages=[{start_step: 5, overrides: {loss.hidden_weight: 0.5}}]"])
+    # read at stage 2, set at stage 1
+    with pytest.raises(ConfigError, match=r"config key 'stages.1.overrides.loss.hidden_layers': .*layer 50 out of "):
+        stages = ("[{start_step: 5, overrides: {loss.kd_weight: 0.5}}, {start_step: 6, overrides: "
+                  "{loss.hidden_layers: [50]}}, {start_step: 7, overrides: {loss.hidden_weight: 0.5}}]")
+        _inputs(tmp_path, [*base[:2], f"stages={stages}"])
+
+
 def test_bad_inputs_fail_before_any_weight_is_loaded(tmp_path, tiny_llama_dir, shards_dir, stdlib_text_file):
     with pytest.raises(ConfigError, match="teacher.path.*/no/such/teacher is not a model directory"):
         _inputs(tmp_path, [f"model.student={tiny_llama_dir}", "teacher.kind=hf", "teacher.path=/no/such/teacher",

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megadistil.bitnet import Hardware, Kernel, compile_by_default, hardware, resolve_dtype, resolve_kernel
-from megadistil.distributed import set_up_cpu_rank
+from megadistil.distributed import set_rank_threads, set_up_cpu_rank
 from megadistil.utils import dtype_name, torch_dtype
 
 
@@ -19,8 +19,8 @@ class Placement:
     hardware: Hardware
     kernel: Kernel
     dtype: torch.dtype
-    threads: int  # intra-op threads of this rank (CPU)
-    freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU: distributed.set_up_cpu_rank)
+    threads: int  # intra-op threads of this rank: its share of the node's cores, or OMP_NUM_THREADS
+    freed_blocks_kept: bool = False  # glibc keeps freed blocks for reuse (CPU only: distributed.set_up_cpu_rank)
     quantizers_compiled: bool = False  # BitLinear's quantizers torch.compile'd (bitnet.compile_quantizers)
 
     def describe(self) -> str:
@@ -44,14 +44,19 @@ def engine_device() -> torch.device:
 
 def place(kernel: str, dtype: str, *, local_world_size: int, compile_quantizers: bool | None = None,
           device: torch.device | None = None) -> Placement:
-    """Set this rank's threads and allocator (CPU), then measure the device and resolve `bitnet.kernel`,
+    """Set this rank's threads (and, on CPU, its allocator), then measure the device and resolve `bitnet.kernel`,
     `model.dtype` and `bitnet.compile_quantizers`.
 
     The threads are set first because the measurement must see the thread count the run will have. An explicit
     kernel the device lacks raises ValueError naming bitnet.kernel and the device.
     """
     device = device or engine_device()
-    kept = set_up_cpu_rank(local_world_size) if device.type == "cpu" else False
+    if device.type == "cpu":
+        kept = set_up_cpu_rank(local_world_size)
+    else:  # GPU ranks that no launcher bound (deepspeed --num_gpus) would each run DeepSpeedCPUAdam's offloaded step on
+        # every core; malloc's tuning is for ZeRO-3 gathering layers into CPU memory, which a GPU rank does not do
+        set_rank_threads(local_world_size)
+        kept = False
     hw = hardware(device)
     return Placement(device, hw, resolve_kernel(kernel, hw), resolve_dtype(dtype, hw), torch.get_num_threads(), kept,
                      compile_by_default(compile_quantizers, device))

@@ -38,6 +38,7 @@ def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size
         if section in ds:
             raise ConfigError(f"ds_config has an {section!r} section: megadistil builds it from optim.*; remove it")
     _reconcile_precision(cfg, ds, bf16)
+    _refuse_activation_checkpointing(ds)
     _require_zero3(ds)
     return ds
 
@@ -62,6 +63,28 @@ def _reconcile_precision(cfg: RunConfig, ds: dict[str, Any], bf16: bool) -> None
             raise ConfigError(f"ds_config {key}.enabled={have} contradicts model.dtype={cfg.model.dtype} "
                               f"(resolved to {'bf16' if bf16 else 'fp32'})")
         section["enabled"] = want
+
+
+# DeepSpeed's activation_checkpointing switches: its engine parses them, but only deepspeed.checkpointing.configure
+# applies them, which megadistil never calls (model.activation_checkpointing uses torch's non-reentrant checkpoint)
+ACTIVATION_CHECKPOINTING_FLAGS = ("partition_activations", "contiguous_memory_optimization", "cpu_checkpointing",
+                                  "synchronize_checkpoint_boundary", "profile")
+
+
+def _refuse_activation_checkpointing(ds: dict[str, Any]) -> None:
+    """A switched-on DeepSpeed activation_checkpointing flag would do nothing, silently: refused. A section whose
+    flags are all off or absent is accepted, as DeepSpeed's own default is."""
+    section = ds.get("activation_checkpointing")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"ds_config activation_checkpointing={json.dumps(section)}: must be a section; "
+                          "megadistil checkpoints activations from model.activation_checkpointing, so remove it")
+    on = [flag for flag in ACTIVATION_CHECKPOINTING_FLAGS if section.get(flag)]
+    if on:
+        raise ConfigError(f"ds_config activation_checkpointing.{on[0]}={json.dumps(section[on[0]])}: DeepSpeed's "
+                          "engine does not apply this section here; megadistil checkpoints activations from "
+                          "model.activation_checkpointing (the run config; true by default): remove the section")
 
 
 def _require_zero3(ds: dict[str, Any]) -> None:

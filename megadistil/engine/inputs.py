@@ -17,6 +17,7 @@ from megadistil.config import (
     TeacherKind,
     layer_lists,
     loss_configs,
+    setter_of,
     shard_seq_len,
     shards_manifest,
     uses_onpolicy,
@@ -60,12 +61,12 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
         try:
             layer_lists(loss, student_config.num_hidden_layers)
         except ValueError as e:
-            raise ConfigError(f"config key '{where}{str(e).split(':')[0]}': {e}") from None
-        _check_relation_heads(where, loss, student_config)
+            raise ConfigError(f"config key '{setter_of(cfg, where, str(e).split(':')[0])}': {e}") from None
+        _check_relation_heads(setter_of(cfg, where, "loss.attn_relation_heads"), loss, student_config)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.student, trust_remote_code=trust)
     teacher_tokenizer = _live_teacher_tokenizer(cfg, tokenizer)
     for where, loss in loss_configs(cfg):
-        _refuse(loss.dskd_weight and teacher_tokenizer is None, f"{where}loss.dskd_weight",
+        _refuse(loss.dskd_weight and teacher_tokenizer is None, setter_of(cfg, where, "loss.dskd_weight"),
                 "the dual-space term needs a live teacher with another tokenizer than the student's "
                 "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
     if cfg.preference.reference:
@@ -130,8 +131,8 @@ def _check_shards(cfg: RunConfig, inputs: Inputs, manifest: Manifest, vocab_size
     shards_teacher = _shards_teacher_tokenizer(cfg, manifest) if manifest.cross_tokenizer else None
     for where, loss in loss_configs(cfg):
         if loss.needs() and not math.isclose(manifest.temperature, loss.temperature):
-            raise ConfigError(f"config key '{where}loss.temperature': {loss.temperature} but the shards in "
-                              f"{cfg.data.shards} hold targets at T={manifest.temperature}")
+            raise ConfigError(f"config key '{setter_of(cfg, where, 'loss.temperature')}': {loss.temperature} but "
+                              f"the shards in {cfg.data.shards} hold targets at T={manifest.temperature}")
     return replace(inputs, shards_teacher_tokenizer=shards_teacher, cross_tokenizer_targets=manifest.cross_tokenizer,
                    manifest=manifest)
 
@@ -173,7 +174,7 @@ def _refuse(bad: object, key: str, message: str) -> None:
     require(not bad, key, message, ConfigError)
 
 
-def _check_relation_heads(where: str, loss: Any, config: Any) -> None:
+def _check_relation_heads(key: str, loss: Any, config: Any) -> None:
     """The attention-relation term splits the q and the (GQA: narrower) k/v projections into loss.attn_relation_heads
     heads: both widths must divide (it failed at the first forward)."""
     if not loss.attn_relation_weight:
@@ -181,5 +182,5 @@ def _check_relation_heads(where: str, loss: Any, config: Any) -> None:
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     for name, width in (("q", heads * head_dim), ("k/v", kv_heads * head_dim)):
-        _refuse(width % loss.attn_relation_heads != 0, f"{where}loss.attn_relation_heads",
+        _refuse(width % loss.attn_relation_heads != 0, key,
                 f"{loss.attn_relation_heads} does not divide the student's {name} width {width}")
