@@ -239,8 +239,12 @@ def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Pa
     qwen = frozen_tensors(ModelDims.from_hf(MODEL_PRESETS["qwen2.5-0.5b"], "qwen"))
     assert est.term("reference W") == int(sum(n if n < keep else n / 8 for n in qwen) * 2)
     plain = estimate(_cfg("llama3.1-8b.yaml"), dims, Layout(1, 8), ds)
-    added = (est.total - est.term("framework")) - (plain.total - plain.term("framework"))  # fragmentation: 5 % of all
+    # fragmentation: 5 % of all; the chunked loss: 3 buffers against the HF teacher's top-k, 9 against the shared one
+    unshared = ("framework", "chunked logits")
+    added = sum(est.term(n) for n, _, _ in est.rows if n not in unshared) - \
+        sum(plain.term(n) for n, _, _ in plain.rows if n not in unshared)
     assert added == est.term("HF teacher W") + est.term("reference W")
+    assert (est.term("chunked logits"), plain.term("chunked logits")) == (2048 * 128256 * 4 * 3, 2048 * 128256 * 4 * 9)
 
 
 def test_onpolicy_generation_gathers_the_whole_student() -> None:
@@ -277,3 +281,191 @@ def test_an_int8_delta_costs_a_byte_per_weight_and_its_row_scales() -> None:
     assert int8 == int(sum(t.delta) / 8 + rows * 2)
     bf16 = estimate(_cfg("llama3.1-8b.yaml", "relora.delta_format=dtype"), dims, Layout(1, 8), ds).term("ΔW")
     assert bf16 == int(sum(t.delta) / 8 * 2) and 0.5 < int8 / bf16 < 0.52
+
+
+# ---------------------------------------------------------------- frozen models of any architecture, the loss's buffers,
+# eager attention, class defaults, bitnet.exclude, teachers without a KV cache
+
+MIXTRAL_8X22B = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": 6144,
+                 "intermediate_size": 16384, "num_hidden_layers": 56, "num_attention_heads": 48,
+                 "num_key_value_heads": 8, "vocab_size": 32768, "num_local_experts": 8, "num_experts_per_tok": 2,
+                 "tie_word_embeddings": False}
+
+
+def _run_tool(*args: str):
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _tool_main()(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_a_frozen_model_is_counted_as_transformers_builds_it_or_gets_no_verdict(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A separate teacher counts every parameter of the model transformers builds from its config.json (meta device):
+    Mixtral-8x22B's 141B with its experts, not a 22B Llama block (that said fits on 4 GPUs, exit 0). One transformers
+    cannot build here is not counted where it has experts or a block layout the planner does not know: no verdict."""
+    monkeypatch.chdir(ROOT)
+    teacher = tmp_path / "Mixtral-8x22B"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(MIXTRAL_8X22B))
+    args = ["--config", "configs/llama3.1-8b.yaml", "--nodes", "1", "--gpus-per-node", "4", "teacher.kind=hf"]
+    moe = _run_tool(*args, f"teacher.path={teacher}")
+    assert "| HF teacher W       |   65.49 | 140,630,071,296 / 4 (" in moe.stdout, moe.stdout
+    assert moe.returncode == 1 and "does not fit:" in moe.stdout
+    # Gemma 2 (four norms a block, no tie key: tied by its class): counted as built, not as a Llama block
+    gemma = {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000}
+    (teacher / "config.json").write_text(json.dumps(gemma))
+    assert "| 9,241,705,984 / 4 (" in _run_tool(*args, f"teacher.path={teacher}").stdout  # gemma-2-9b's count
+    for config, why in (({**MIXTRAL_8X22B, "model_type": "my_moe"}, "a mixture of experts (num_local_experts=8)"),
+                        ({**MODEL_PRESETS["llama3.1-8b"], "model_type": "my_arch"},
+                         "model_type 'my_arch', whose block layout the planner does not know")):
+        (teacher / "config.json").write_text(json.dumps(config))
+        unknown = _run_tool(*args, f"teacher.path={teacher}")
+        assert unknown.returncode == 2 and "\nno verdict: " in unknown.stdout and "fits" not in unknown.stdout
+        assert f"HF teacher W (not counted: {teacher / 'config.json'}: {why}, and transformers " in unknown.stderr
+
+
+def test_chunked_logits_buffers_follow_the_target_kind() -> None:
+    """fp32 [chunk x vocab] buffers as measured at the loss's peak: 9 (forward KL), 11 (reverse KL, JSD), 15 (ULD)
+    against the shared teacher's dense logits, 3 against top-k targets (shards, an HF teacher), 2 for CE alone, one
+    more with a softcapped head (Gemma 2); the stage that needs the most (was 4 everywhere)."""
+    ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
+    dims = ModelDims.from_hf(MODEL_PRESETS["llama3.1-8b"], "8b")
+    shards = ["data.text=[]", "data.shards=/not/here", "teacher.kind=shards"]
+    cases = {(): 9, ("loss.kind=reverse_kl",): 11, ("loss.kind=jsd",): 11, ("loss.kind=uld",): 15,
+             ("teacher.kind=hf", "teacher.path=/models/Llama-3.1-70B"): 3, tuple(shards): 3,
+             ("teacher.kind=none", "loss.kd_weight=0", "loss.ce_weight=1"): 2}
+    for overrides, buffers in cases.items():
+        cfg = _cfg("llama3.1-8b.yaml", *overrides)
+        chunk = min(cfg.loss.chunk_tokens, cfg.train.micro_batch_size * cfg.data.seq_len)
+        assert estimate(cfg, dims, Layout(1, 8), ds).term("chunked logits") == chunk * 128256 * 4 * buffers, overrides
+    gemma = ModelDims.from_hf({"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}, "gemma2")
+    assert gemma.logit_softcap and not dims.logit_softcap
+    assert estimate(_cfg("llama3.1-8b.yaml"), gemma, Layout(1, 8), ds).term("chunked logits") == 2048 * 1000 * 4 * 10
+    staged = _cfg("llama3.1-8b.yaml", "loss.kd_weight=0", "loss.ce_weight=1",
+                  'stages=[{"start_step": 10, "overrides": {"loss.kd_weight": 1.0}}]')
+    assert estimate(staged, dims, Layout(1, 8), ds).term("chunked logits") == 2048 * 128256 * 4 * 9
+
+
+def test_eager_attention_keeps_its_scores_and_sdpa_its_qkv(tmp_path: Path) -> None:
+    """Eager attention keeps the [heads, S, S] softmax per sequence (fp32, and its bf16 cast; with Gemma 2's score
+    softcap the tanh's output too) and q, k, v repeated to every head; sdpa keeps q, k after RoPE, v, the output and
+    the logsumexp. Checked against the saved-tensor hooks of one converted Llama block (fp32): the difference between
+    the two implementations is the planner's to within 1 %."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    from megadistil.bitnet import to_bitnet
+    from megadistil.engine.memory import attention_implementation, block_internals_per_token
+
+    S, heads, head_dim, kv = 256, 8, 32, 2
+    config = {"model_type": "llama", "hidden_size": heads * head_dim, "intermediate_size": 512, "num_hidden_layers": 1,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": 512}
+    dims = ModelDims.from_hf(config, "llama")
+    planned, saved = {}, {}
+    for impl in ("sdpa", "eager"):
+        cfg = _cfg("tiny.yaml", "model.dtype=fp32", f"model.attn_implementation={impl}", f"data.seq_len={S}")
+        assert attention_implementation(dims, cfg, 4) == impl
+        planned[impl] = block_internals_per_token(dims, cfg, 4) * S
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), attn_implementation=impl)
+        to_bitnet(model, lora_rank=8, delta=False, kernel="fp32")
+        model.train()
+        storages: dict[int, int] = {}
+
+        def pack(t, storages=storages):
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            return t
+
+        emb = model.model.embed_tokens(torch.randint(0, 512, (1, S))).detach().requires_grad_()
+        pos = torch.arange(S)[None]
+        mask = create_causal_mask(config=model.config, inputs_embeds=emb, attention_mask=None, cache=None,
+                                  position_ids=pos)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.model.layers[0](emb, attention_mask=mask, position_ids=pos,
+                                  position_embeddings=model.model.rotary_emb(emb, pos))
+        saved[impl] = sum(storages.values())
+    q = heads * head_dim
+    assert planned["eager"] - planned["sdpa"] == S * (3 * q * 4 + heads * S * 4 - (2 * q + 2 * kv * head_dim) * 4 -
+                                                      heads * 4)
+    assert abs((planned["eager"] - planned["sdpa"]) / (saved["eager"] - saved["sdpa"]) - 1) < 0.01, (planned, saved)
+    # bf16: the softmax in fp32 and its cast; Gemma 2's auto resolves to eager (no sdpa), with the tanh of its softcap
+    cfg = _cfg("llama3.1-8b.yaml")
+    llama = ModelDims.from_hf(MODEL_PRESETS["llama3.1-8b"], "8b")
+    eager = _cfg("llama3.1-8b.yaml", "model.attn_implementation=eager")
+    gemma = ModelDims.from_hf({**MODEL_PRESETS["llama3.1-8b"], "model_type": "gemma2", "head_dim": 128}, "gemma2")
+    assert attention_implementation(gemma, cfg, 2) == "eager" and gemma.attn_softcap
+    extra = block_internals_per_token(llama, eager, 2) - block_internals_per_token(llama, cfg, 2)
+    assert extra == 3 * 4096 * 2 + 32 * 8192 * (4 + 2) - (2 * 4096 + 2 * 1024) * 2 - 32 * 4
+    assert block_internals_per_token(gemma, cfg, 2) - block_internals_per_token(llama, eager, 2) == 32 * 8192 * 2
+
+
+def test_config_keys_left_out_take_the_class_defaults() -> None:
+    """Gemma 2's config class ties the LM head when config.json has no tie_word_embeddings (it counted a second
+    vocab x hidden matrix) and has kv heads and a head_dim of its own; Llama's class unties."""
+    gemma = ModelDims.from_hf({"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336,
+                               "num_hidden_layers": 42, "num_attention_heads": 16, "vocab_size": 256000}, "gemma2")
+    assert (gemma.tied, gemma.kv_heads, gemma.head_dim) == (True, 4, 256)
+    assert frozen_tensors(gemma).count(256000 * 3584) == 1
+    llama = {k: v for k, v in MODEL_PRESETS["llama3.1-8b"].items() if k != "tie_word_embeddings"}
+    assert not ModelDims.from_hf(llama, "llama").tied
+
+
+def test_excluded_linears_have_no_adapters_delta_or_subln() -> None:
+    """bitnet.exclude keeps linears nn.Linear: the planner counts their W but no LoRA, ΔW or SubLN, as to_bitnet
+    converts a meta-device model (a layer-qualified entry excludes that layer's linear alone)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megadistil.bitnet import to_bitnet
+
+    config = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    exclude = ("o_proj", "1.mlp.down_proj")
+    cfg = _cfg("tiny.yaml", f"bitnet.exclude=[{','.join(exclude)}]", "bitnet.subln=true", "relora.reset_every=20",
+               "bitnet.lora_rank=8")
+    t = count_tensors(ModelDims.from_hf(config, "llama"), cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    to_bitnet(model, lora_rank=8, subln=True, delta=True, exclude=exclude)
+    count = lambda *ends: sum(p.numel() for n, p in model.named_parameters() if n.endswith(ends))
+    assert sum(t.trainable) == count(".lora_A", ".lora_B", ".sub_norm.weight")
+    assert sum(t.delta) == count(".delta")
+    assert sum(t.base) == sum(p.numel() for p in model.parameters()) - sum(t.trainable) - sum(t.delta)
+    assert t.block_numel == max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+
+
+def test_teacher_forwards_build_no_kv_cache() -> None:
+    """The teacher's forwards (precompute's and the HF teacher's top-k, the reference's log p(label)) ask the decoder
+    for no KV cache: config.use_cache defaults to True, and each forward kept every layer's keys and values."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.cache_utils import Cache
+
+    from megadistil.distill.targets import model_label_logprobs, teacher_topk
+    from megadistil.engine.teachers import LabelLogprobHead, TopKHead
+    from megadistil.models import decoder
+
+    for model_type in ("llama", "qwen2", "gemma2"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=256)).eval()
+        assert model.config.use_cache
+        caches: list[bool] = []
+        decoder(model).register_forward_hook(
+            lambda _m, _a, out, caches=caches: caches.append(any(isinstance(v, Cache) for v in out.values())))
+        ids = torch.randint(0, 256, (2, 16))
+        with torch.no_grad():
+            teacher_topk(model, ids, top_k=4, temperature=1.0)
+            model_label_logprobs(model, ids, ids)
+            TopKHead(model, 4)(ids, 1.0, 8)
+            TopKHead(model, 4)(ids, 1.0, 8, labels=ids)
+            LabelLogprobHead(model)(ids, ids, 8)
+        assert caches == [False] * 5, (model_type, caches)

@@ -28,8 +28,9 @@ def teacher_topk(model: nn.Module, input_ids: Tensor, *, top_k: int, temperature
                  chunk_tokens: int = 1024) -> SparseTarget:
     """A causal LM's targets at temperature T for input_ids [B, S]: fields [B, S, k] and [B, S]. The LM head runs
     `chunk_tokens` positions at a time, so no [tokens x vocab] logits exist beyond one chunk; its result goes through
-    the model's own output transform (e.g. Gemma2's softcap) before the temperature."""
-    hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    the model's own output transform (e.g. Gemma2's softcap) before the temperature. No KV cache is built (a
+    model's config.use_cache defaults to True: every layer's keys and values, kept for nothing)."""
+    hidden = decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state
     return hidden_topk(model, hidden, top_k=top_k, temperature=temperature, chunk_tokens=chunk_tokens)
 
 
@@ -68,8 +69,9 @@ def head_label_logprobs(hidden: Tensor, head_weight: Tensor, labels: Tensor, tra
 
 @torch.no_grad()
 def model_label_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, *, chunk_tokens: int = 1024) -> Tensor:
-    """A causal LM's log p(label) at temperature 1 (through its output transform) for input_ids [B, S]: [B, S]."""
-    hidden = decoder(model)(input_ids=input_ids).last_hidden_state
+    """A causal LM's log p(label) at temperature 1 (through its output transform) for input_ids [B, S]: [B, S]
+    (no KV cache built, as teacher_topk)."""
+    hidden = decoder(model)(input_ids=input_ids, use_cache=False).last_hidden_state
     return head_label_logprobs(hidden, output_head(model).weight, labels,
                                logit_transform(model.config, type(model)), chunk_tokens=chunk_tokens)
 

@@ -6,8 +6,10 @@ The model is counted from its dimensions (config.json), not built. Every term is
                      (tensors below stage3_param_persistence_threshold stay whole on every rank); on the CPU
                      with offload_param
   HF teacher W,      a separate teacher (teacher.kind=hf) and the preference reference, frozen, partitioned the same
-  reference W        way (dims from their config.json, or a preset their path names); their gathered blocks come and
-                     go before the student's forward
+  reference W        way (every parameter of the model transformers builds from their config.json, or a preset their
+                     path names, on the meta device: experts included); their gathered blocks come and go before the
+                     student's forward. One transformers cannot build here is not counted (no verdict), unless
+                     BLOCK_LAYOUTS knows its model_type and it has no experts
   adapters + optim   LoRA + SubLN (the trainable set): param and grad partitions in p bytes, and the fp32 master,
                      Adam m and v and fp32 grad (16 B) partitions; those 16 B on the CPU with offload_optimizer
   gathered params    ZeRO-3's working set of all-gathered (whole) parameters: everything up to
@@ -19,25 +21,28 @@ The model is counted from its dimensions (config.json), not built. Every term is
                      the model (twice on CPU/gloo, as measured)
   activations        activation checkpointing: the block inputs of every layer (p bytes per token and hidden
                      unit) plus the internals of the one block being recomputed (int8 inputs of its BitLinears,
-                     attention and MLP tensors, norms in fp32), its int8 weight codes and the two fp32 W_eff row
-                     blocks of its largest linear (bitnet.linear.ROW_BLOCK_NUMEL); without checkpointing every
-                     block's internals
+                     attention and MLP tensors, norms in fp32; eager attention's [heads, S, S] softmax), its int8
+                     weight codes and the two fp32 W_eff row blocks of its largest linear
+                     (bitnet.linear.ROW_BLOCK_NUMEL); without checkpointing every block's internals
   teacher targets    the shared/HF teacher's final hidden states (and the hidden layers the loss uses)
-  chunked logits     loss.chunk_tokens × vocab fp32 buffers (student logits, teacher logits, softmax/gradient)
+  chunked logits     loss.chunk_tokens × vocab fp32 buffers, as measured: 9-15 against the shared teacher (its
+                     logits and softmax too, by loss.kind), 3 against top-k targets, 2 for CE alone; +1 with a
+                     softcapped head (logit_buffers); the stage that needs the most
   grad buckets       reduce_bucket_size elements of p bytes, twice with overlap_comm, at most the trainable set
   framework          CUDA context, NCCL and cuBLAS workspaces (fixed), and allocator fragmentation (a fraction)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from megadistil.bitnet.linear import ROW_BLOCK_NUMEL, DeltaFormat
-from megadistil.bitnet.surgery import SUBLN_TARGETS
-from megadistil.config import ConfigError, RunConfig, shard_seq_len, shards_manifest, uses_onpolicy
+from megadistil.bitnet.surgery import SUBLN_TARGETS, is_excluded
+from megadistil.config import ConfigError, RunConfig, in_force, shard_seq_len, shards_manifest, uses_onpolicy
 
 GiB = 2**30
 # The presets are the models' own config.json files (transformers config kwargs, model_type included): the planner
@@ -124,24 +129,38 @@ class ModelDims:
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm of head_dim on q and k
     layout_known: bool = True  # False: model_type not in BLOCK_LAYOUTS, counted as a Llama block
+    # What the model's class supports and applies (models.attn_implementation, models.logit_transform); a model_type
+    # transformers does not know here is taken as Llama's: sdpa and flash attention, no softcaps.
+    sdpa: bool = True
+    flash: bool = True
+    attn_softcap: bool = False  # eager attention caps its scores (Gemma 2's attn_logit_softcapping): tanh kept
+    logit_softcap: bool = False  # the output head's logits are softcapped (final_logit_softcapping)
 
     @classmethod
     def from_hf(cls, config: dict[str, Any], source: str) -> ModelDims:
-        """From a config.json dict of any of BLOCK_LAYOUTS' architectures (GQA, tied, fused, biased)."""
+        """From a config.json dict of any of BLOCK_LAYOUTS' architectures (GQA, tied, fused, biased). A key the dict
+        leaves out has the value transformers' config class gives it (Gemma's tie_word_embeddings is True, Gemma 2's
+        num_key_value_heads and head_dim have defaults of their own), as the model is built with."""
         model_type = str(config.get("model_type") or "llama")
-        attention_bias = bool(config.get("attention_bias", False))
-        layout = {"qkv_bias": attention_bias, "o_bias": attention_bias, "mlp_bias": bool(config.get("mlp_bias", False)),
-                  **BLOCK_LAYOUTS.get(model_type, {})}
         try:
-            heads = int(config["num_attention_heads"])
-            return cls(hidden=int(config["hidden_size"]), intermediate=int(config["intermediate_size"]),
-                       layers=int(config["num_hidden_layers"]), heads=heads,
-                       kv_heads=int(config.get("num_key_value_heads") or heads),
-                       head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-                       vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)),
-                       model_type=model_type, layout_known=model_type in BLOCK_LAYOUTS, **layout)
+            heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+            required = {"intermediate": int(config["intermediate_size"]), "layers": int(config["num_hidden_layers"]),
+                        "vocab": int(config["vocab_size"])}
         except KeyError as e:
             raise ConfigError(f"{source}: model config has no {e.args[0]!r}") from None
+        resolved = hf_config(config)
+
+        def key(name: str, default: Any) -> Any:
+            value = getattr(resolved, name, None) if resolved is not None else config.get(name)
+            return default if value is None else value
+
+        attention_bias = bool(key("attention_bias", False))
+        layout = {"qkv_bias": attention_bias, "o_bias": attention_bias, "mlp_bias": bool(key("mlp_bias", False)),
+                  **BLOCK_LAYOUTS.get(model_type, {})}
+        return cls(hidden=hidden, heads=heads, kv_heads=int(key("num_key_value_heads", heads)),
+                   head_dim=int(key("head_dim", hidden // heads)), tied=bool(key("tie_word_embeddings", False)),
+                   model_type=model_type, layout_known=model_type in BLOCK_LAYOUTS, **required, **layout,
+                   **_class_traits(resolved))
 
     def block_linears(self) -> list[BlockLinear]:
         """The linears of one block, named as in transformers: Llama's seven, or Phi-3's four fused ones."""
@@ -167,6 +186,72 @@ class ModelDims:
     def assumption(self) -> str:
         """What resolve_dims appends to its source when the block layout is a guess."""
         return "" if self.layout_known else f"; model_type {self.model_type!r} counted as a Llama block"
+
+
+# Keys of a mixture-of-experts config (Mixtral, Qwen2-MoE/Qwen3-MoE, DeepSeek, OLMoE, ...): experts a Llama block lacks.
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "n_shared_experts")
+
+
+def hf_config(config: dict[str, Any]) -> Any:
+    """The transformers config object of a config.json dict (class defaults for the keys it leaves out), or None
+    where this transformers does not know its model_type or refuses its values."""
+    return _hf_config(config)[0]
+
+
+def _hf_config(config: dict[str, Any]) -> tuple[Any, str]:
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5's validation of config values
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    model_type = str(config.get("model_type") or "llama")
+    if model_type not in CONFIG_MAPPING:
+        return None, f"transformers {transformers.__version__} here does not know model_type {model_type!r}"
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(model_type, **kwargs), ""
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
+        return None, f"transformers refuses its config ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+
+def _class_traits(resolved: Any) -> dict[str, bool]:
+    """ModelDims' attention and logit traits from the class AutoModelForCausalLM builds for `resolved`."""
+    from megadistil.models import causal_lm_class, logit_transform
+
+    if resolved is None:
+        return {}
+    try:
+        model_class = causal_lm_class(resolved)
+    except ValueError:
+        return {}
+    try:
+        logit_softcap = logit_transform(resolved, model_class).softcap is not None
+    except ValueError:  # an output transform megadistil refuses (the run says so); the planner takes the softcap key
+        logit_softcap = getattr(resolved, "final_logit_softcapping", None) is not None
+    return {"sdpa": bool(getattr(model_class, "_supports_sdpa", False)),
+            "flash": bool(getattr(model_class, "_supports_flash_attn", False) or
+                          getattr(model_class, "_supports_flash_attn_2", False)),
+            "attn_softcap": getattr(resolved, "attn_logit_softcapping", None) is not None,
+            "logit_softcap": logit_softcap}
+
+
+def meta_tensors(config: dict[str, Any]) -> tuple[list[int] | None, str]:
+    """numel of each parameter tensor of the model AutoModelForCausalLM builds from `config`, on the meta device
+    (no memory: about a second for a 141B mixture of experts), whatever its architecture: experts, extra norms, a
+    tied head once. (None, why) where this transformers cannot build it (an unknown model_type, remote code)."""
+    import torch
+
+    from megadistil.models import causal_lm_class
+
+    resolved, why = _hf_config(config)
+    if resolved is None:
+        return None, why
+    try:
+        model_class = causal_lm_class(resolved)
+        with torch.device("meta"):
+            model = model_class._from_config(resolved, attn_implementation="eager")
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError, RuntimeError) as e:
+        return None, f"transformers cannot build it here ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return [p.numel() for p in model.parameters()], ""
 
 
 @dataclass(frozen=True)
@@ -295,19 +380,24 @@ class Tensors:
 
 def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
     """Every linear of a block becomes a BitLinear (its W, bias, ΔW, LoRA A/B; SubLN on the inputs of o_proj and
-    down_proj); embeddings, norms and the LM head stay as they are (one matrix when tied)."""
-    r, L = cfg.bitnet.lora_rank, dims.layers
-    linears = dims.block_linears()
-    weights = [lin.inp * lin.out for lin in linears]
-    biases = [lin.out for lin in linears if lin.bias]
-    lora = [n for lin in linears for n in (r * lin.inp, r * lin.out)]
-    subln = [lin.inp for lin in linears if lin.name.rsplit(".", 1)[-1] in SUBLN_TARGETS] if cfg.bitnet.subln else []
-    delta = weights if cfg.relora.reset_every > 0 else []
-    norms = dims.block_norms()
-    base = frozen_tensors(dims)
-    block = sum(weights) + sum(biases) + sum(norms) + sum(delta) + sum(lora) + sum(subln)
-    return Tensors(base=base, delta=L * delta, trainable=L * (lora + subln), block_numel=block,
-                   largest_linear=max(weights), linear_numel=L * sum(weights))
+    down_proj) but those bitnet.exclude names (model.layers.<i>.<name>, surgery.is_excluded), which stay nn.Linear;
+    embeddings, norms and the LM head stay as they are (one matrix when tied)."""
+    r, exclude = cfg.bitnet.lora_rank, tuple(cfg.bitnet.exclude)
+    base_block = [lin.inp * lin.out for lin in dims.block_linears()]
+    base_block += [lin.out for lin in dims.block_linears() if lin.bias] + dims.block_norms()
+    delta, trainable, blocks, converted = [], [], [], []
+    for i in range(dims.layers):
+        bit = [lin for lin in dims.block_linears() if not is_excluded(f"model.layers.{i}.{lin.name}", exclude)]
+        weights = [lin.inp * lin.out for lin in bit]
+        lora = [n for lin in bit for n in (r * lin.inp, r * lin.out)]
+        subln = [lin.inp for lin in bit if lin.name.rsplit(".", 1)[-1] in SUBLN_TARGETS] if cfg.bitnet.subln else []
+        layer_delta = weights if cfg.relora.reset_every > 0 else []
+        delta += layer_delta
+        trainable += lora + subln
+        converted += weights
+        blocks.append(sum(base_block) + sum(layer_delta) + sum(lora) + sum(subln))
+    return Tensors(base=frozen_tensors(dims), delta=delta, trainable=trainable, block_numel=max(blocks),
+                   largest_linear=max(converted, default=0), linear_numel=sum(converted))
 
 
 def frozen_tensors(dims: ModelDims) -> list[int]:
@@ -325,16 +415,27 @@ def frozen_models(cfg: RunConfig) -> list[tuple[str, str]]:
 
 
 def _frozen_row(name: str, path: str, world: int, keep: float, p: int) -> tuple[str, int, str]:
-    """A frozen model's ZeRO-3 partition: dims from its config.json, else a preset its path names."""
+    """A frozen model's ZeRO-3 partition: its parameters as transformers builds them from its config.json (else a
+    preset its path names) on the meta device, so any architecture counts whole (a mixture of experts with every
+    expert). Where transformers here cannot build it, the block layout counts it if BLOCK_LAYOUTS knows its
+    model_type and it has no experts; otherwise the row is not counted (no verdict)."""
     config_file = Path(path) / "config.json"
     preset = preset_for(path)
     if config_file.is_file():
-        config, source = json.loads(config_file.read_text()), str(config_file)
+        config, source = _read_json(config_file, name), str(config_file)
     elif preset is not None:
         config, source = MODEL_PRESETS[preset], f"preset {preset}"
     else:
         return name, 0, f"{NOT_COUNTED}: {config_file} is not on this machine and no preset matches {path!r}"
-    tensors = frozen_tensors(ModelDims.from_hf(config, source))
+    tensors, why = meta_tensors(config)
+    if tensors is None:
+        experts = [k for k in MOE_KEYS if config.get(k)]
+        model_type = str(config.get("model_type") or "llama")
+        if experts or model_type not in BLOCK_LAYOUTS:
+            what = f"a mixture of experts ({experts[0]}={config[experts[0]]})" if experts else \
+                f"model_type {model_type!r}, whose block layout the planner does not know"
+            return name, 0, f"{NOT_COUNTED}: {source}: {what}, and {why}"
+        tensors = frozen_tensors(ModelDims.from_hf(config, source))
     return name, int(sharded_numel(tensors, world, keep) * p), f"{sum(tensors):,} / {world} ({source})"
 
 
@@ -360,14 +461,36 @@ def dtype_bytes(cfg: RunConfig) -> int:
     return 4 if cfg.model.dtype == "fp32" else 2
 
 
+def attention_implementation(dims: ModelDims, cfg: RunConfig, p: int) -> str:
+    """model.attn_implementation as models.attn_implementation resolves it on the GPUs planned for (Ampere+): auto is
+    flash_attention_2 where the class supports it, the model runs in bf16 and flash_attn is installed (here), else
+    sdpa where the class supports it (Gemma 2 does not), else eager."""
+    requested = str(cfg.model.attn_implementation)
+    if requested != "auto":
+        return requested
+    if dims.flash and p == 2 and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa" if dims.sdpa else "eager"
+
+
 def block_internals_per_token(dims: ModelDims, cfg: RunConfig, p: int) -> float:
     """Bytes per token one block saves for its backward: int8 BitLinear inputs (+ a float32 scale each), the
-    attention inputs after RoPE and its output, the MLP's gate/up/activation, RMSNorms upcast to float32. A fused
-    linear (Phi-3's qkv_proj, gate_up_proj) quantizes and saves its input once."""
+    attention's tensors, the MLP's gate/up/activation, RMSNorms upcast to float32. A fused linear (Phi-3's qkv_proj,
+    gate_up_proj) quantizes and saves its input once.
+
+    Attention, as measured on the saved-tensor hooks of one Llama block: sdpa and flash attention keep q and k after
+    RoPE (RoPE's backward needs only cos/sin: q, k before it are not kept), v, the output and the logsumexp. Eager
+    attention keeps q, k and v repeated to every query head (repeat_kv) and, per sequence, the [heads, S, S] softmax
+    in float32 plus its cast to the model dtype for the product with v (none in fp32), and with Gemma 2's score
+    softcap the tanh's output: heads x S x (4 + p + p) bytes per token, S = data.seq_len."""
     h, ff, q, kv = dims.hidden, dims.intermediate, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     linears = dims.block_linears()
     int8_inputs = sum(lin.inp for lin in linears) + 4 * len(linears)
-    attention = (2 * q + 2 * kv) * p + q * p + dims.heads * 4  # q, k before/after RoPE, v, out, logsumexp
+    if attention_implementation(dims, cfg, p) == "eager":
+        scores = 4 + (p if p != 4 else 0) + (p if dims.attn_softcap else 0)
+        attention = 3 * q * p + dims.heads * cfg.data.seq_len * scores
+    else:
+        attention = (2 * q + 2 * kv) * p + dims.heads * 4  # q, k after RoPE, v, out, logsumexp
     mlp = 3 * ff * p
     norms = 2 * h * (4 + p) + ((q + kv) * (4 + p) if dims.qk_norm else 0)
     subln = (q + ff) * (4 + p) if cfg.bitnet.subln else 0
@@ -463,9 +586,33 @@ def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: 
     est.rows.append(("activations", int(act), how))
     teacher = tokens * dims.hidden * p * (1 + _hidden_layers(cfg, dims)) if cfg.teacher.kind in ("shared", "hf") else 0
     est.rows.append(("teacher targets", int(teacher), "final hidden states" if teacher else "offline: in the batch"))
-    chunk = min(cfg.loss.chunk_tokens, tokens)
-    est.rows.append(("chunked logits", int(chunk * dims.vocab * 4 * 4),
-                     f"{chunk} x {dims.vocab} fp32 x 4 buffers"))
+    stages = [(min(c.loss.chunk_tokens, tokens), logit_buffers(c, dims)) for _, c in in_force(cfg)]
+    chunk, buffers = max(stages, key=lambda stage: stage[0] * stage[1])  # the stage whose loss needs the most
+    est.rows.append(("chunked logits", int(chunk * dims.vocab * 4 * buffers),
+                     f"{chunk} x {dims.vocab} fp32 x {buffers} buffers"))
+
+
+# fp32 [chunk x vocab] buffers live at the peak of the chunked LM head loss (distill.losses._ChunkedLMHeadLoss, which
+# forms each chunk's gradient in its forward), measured with a TorchDispatchMode that tracks every storage allocated
+# during the loss and its backward (2048 tokens, chunks of 256-1024, vocab 32000; fp32, bf16 0.5-0.6 lower): against
+# the shared teacher's hidden states (dense: the teacher's logits and both softmaxes too) 9.1 forward_kl, 11.1
+# reverse_kl and jsd, 15.2 uld; against top-k + tail targets (shards, an HF teacher) 3.2 for every kind; CE only 2.1.
+# A softcapped head keeps its derivative too: one buffer more (LogitTransform.derivative).
+DENSE_LOGIT_BUFFERS = {"forward_kl": 9, "reverse_kl": 11, "jsd": 11, "uld": 15}
+SPARSE_LOGIT_BUFFERS, CE_LOGIT_BUFFERS = 3, 2
+
+
+def logit_buffers(cfg: RunConfig, dims: ModelDims) -> int:
+    """fp32 [chunk x vocab] buffers of the loss under `cfg` (one stage's config): dense against the shared teacher
+    (and DSKD's projected teacher states), sparse against top-k + tail targets."""
+    loss, kind = cfg.loss, str(cfg.loss.kind)
+    if loss.dskd_weight or (loss.kd_weight and cfg.teacher.kind == "shared"):
+        buffers = DENSE_LOGIT_BUFFERS.get(kind, max(DENSE_LOGIT_BUFFERS.values()))
+    elif loss.kd_weight and cfg.teacher.kind != "none":
+        buffers = SPARSE_LOGIT_BUFFERS
+    else:
+        buffers = CE_LOGIT_BUFFERS
+    return buffers + (1 if dims.logit_softcap else 0)
 
 
 def _hidden_layers(cfg: RunConfig, dims: ModelDims) -> int:

@@ -194,7 +194,7 @@ class TopKHead(nn.Module):
     def forward(self, input_ids: Tensor, temperature: float, chunk_tokens: int, labels: Tensor | None = None,
                 with_hidden: bool = False) -> tuple[Tensor, ...]:
         """(top-k ids, log-probs, tail) + (its final hidden states, with_hidden) or + (log p(label), labels)."""
-        hidden = decoder(self.teacher)(input_ids=input_ids).last_hidden_state
+        hidden = decoder(self.teacher)(input_ids=input_ids, use_cache=False).last_hidden_state  # no KV cache to keep
         t = hidden_topk(self.teacher, hidden, top_k=self.top_k, temperature=temperature, chunk_tokens=chunk_tokens)
         if labels is None:
             return (t.topk_ids, t.topk_logprobs, t.tail_logmass) + ((hidden,) if with_hidden else ())
