@@ -222,3 +222,34 @@ def test_an_option_the_evaluation_would_not_read_is_refused(args, message, tmp_p
     with pytest.raises(SystemExit) as exit_:
         _tool_main()(["--model", str(tmp_path), "--out", str(tmp_path / "r.json"), *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bf16_trained_student_is_evaluated_with_the_codes_it_trained_with(tmp_path, monkeypatch):
+    """--model RUN rebuilds the student as --verify does and moves it to the evaluation dtype: model.to(float32) made
+    a bf16 run's LoRA factors float32, whose float32 s·B·A gives other ternary codes than training's bf16 one."""
+    from types import SimpleNamespace
+
+    from megadistil.bitnet.linear import weight_codes
+    from megadistil.eval.models import ModelSpec, load_model
+    from megadistil.export import sources
+    from megadistil.export.ternary import layer_codes
+    from tests.test_export import _base_dir, _bf16_trained_student
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    base, parts, spec, run_config = _bf16_trained_student(_base_dir(tmp_path / "base", "llama31"))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "meta.json").write_text("{}")
+    ckpt = SimpleNamespace(config=run_config, dir=tmp_path / "ckpt", meta={"step": 1})
+    monkeypatch.setattr(sources, "locate_checkpoint", lambda path: ckpt)
+    monkeypatch.setattr(sources, "check_fingerprint", lambda ckpt, base: None)
+    monkeypatch.setattr(sources, "training_dtype", lambda ckpt: torch.bfloat16)
+    monkeypatch.setattr(sources.StudentParts, "from_checkpoint", classmethod(lambda cls, ckpt: parts))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(ModelSpec("s", "student", tmp_path / "run"), dtype).model
+        assert model.dtype == dtype
+        for m in spec.bitlinear:
+            lin = model.get_submodule(m)
+            assert lin.lora_A.dtype == lin.lora_B.dtype == torch.bfloat16
+            codes, scale = layer_codes(base, parts, spec, m)
+            got_codes, got_scale = weight_codes(lin.weight, lin.delta, lin.lora_A, lin.lora_B, lin.scaling)
+            assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale), m

@@ -739,3 +739,83 @@ def test_an_eval_results_file_that_is_not_evaluate_output_is_refused_naming_it(t
         (tmp_path / "r.json").write_text(text)
         with pytest.raises(ValueError, match=f"--eval-results {re.escape(str(tmp_path / 'r.json'))}: {message}"):
             eval_record(tmp_path / "r.json")
+
+
+def _bf16_trained_student(base_dir: Path, rank: int = 16):
+    """A student trained in bf16 (spec.train_dtype bf16): its LoRA factors as the ZeRO files hold them (float32
+    masters) and ΔW as the module held it (bf16), large enough that a float32 and a bf16 s·B·A give other codes;
+    returns (base, parts, spec, run config)."""
+    from omegaconf import OmegaConf
+
+    from megadistil.config import RunConfig
+    from megadistil.export.sources import BaseModel, StudentParts
+    from megadistil.export.ternary import student_spec
+
+    base, g = BaseModel(base_dir), torch.Generator().manual_seed(1)
+    state = {}
+    for name in base.names():
+        if ".layers." in name and name.endswith("proj.weight"):
+            m, (out, inp) = name[: -len(".weight")], base.shape(name)
+            state[f"{m}.lora_A"] = (torch.rand(rank, inp, generator=g) * 2 - 1) / inp ** 0.5
+            state[f"{m}.lora_B"] = torch.randn(out, rank, generator=g) * 0.05
+            state[f"{m}.delta"] = (torch.randn(out, inp, generator=g) * 0.005).bfloat16()
+    parts = StudentParts({n: (lambda t=t: t) for n, t in state.items()}, {n: tuple(t.shape) for n, t in state.items()})
+    run_config = OmegaConf.merge(OmegaConf.structured(RunConfig), {
+        "model": {"student": str(base_dir)}, "bitnet": {"lora_rank": rank, "lora_alpha": None}, "data": {"text": []}})
+    return base, parts, student_spec(parts, run_config, torch.bfloat16), run_config
+
+
+def test_the_verify_student_of_a_bf16_run_has_the_codes_it_trained_and_exported_with(tmp_path, monkeypatch):
+    """build_student runs the student in float32, but bitnet.linear._factors forms s·B·A in a bf16 GEMM for bf16
+    factors and in float32 for float32 ones: the reference kept its LoRA factors in float32 (model.float()), so a
+    bf16 run's reference differed from the trained student and its export in some codes and --verify failed."""
+    from megadistil.bitnet import BitLinear
+    from megadistil.bitnet.linear import weight_codes
+    from megadistil.export.ternary import export_student, layer_codes
+    from megadistil.export.verify import VerifyConfig, build_student, verify_export
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    base, parts, spec, run_config = _bf16_trained_student(_base_dir(tmp_path / "base", "llama31"))
+    student = build_student(base, parts, spec, run_config)
+    assert {m for m, lin in student.named_modules() if isinstance(lin, BitLinear)} == set(spec.bitlinear)
+    for m in spec.bitlinear:
+        lin = student.get_submodule(m)
+        assert lin.weight.dtype == lin.delta.dtype == torch.float32
+        assert lin.lora_A.dtype == lin.lora_B.dtype == torch.bfloat16
+        codes, scale = layer_codes(base, parts, spec, m)
+        got_codes, got_scale = weight_codes(lin.weight, lin.delta, lin.lora_A, lin.lora_B, lin.scaling)
+        assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale), m
+
+    def verify(staging: Path, result) -> None:
+        result.verify = verify_export(staging, base, parts, spec, run_config, "fp32", base.path,
+                                      VerifyConfig(sequences=4, seq_len=32, new_tokens=8, prompts=2, prompt_len=8))
+
+    result = export_student(base, parts, spec, tmp_path / "hf", ExportConfig(dtype="fp32", progress=False),
+                            finish=verify)
+    assert result.verify["passed"] is True and result.verify["max_abs_diff"] <= 1e-4  # was 0.3 on 512 wide
+
+
+def test_verify_takes_either_spelling_of_the_export_dtype(tmp_path, monkeypatch, capsys):
+    """--dtype offers float32 as well as fp32, but the tolerances were keyed by fp32 only: `--dtype float32
+    --verify` died with a KeyError after the whole export, its staging dir deleted."""
+    from types import SimpleNamespace
+
+    from megadistil.export import ternary
+    from megadistil.export.ternary import LoadedStudent
+    from megadistil.export.verify import VerifyConfig
+
+    for short, long in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")):
+        assert VerifyConfig().tolerance(long) == VerifyConfig().tolerance(short)
+    assert VerifyConfig(max_abs_diff={"float32": 0.5}).tolerance("fp32")["max_abs_diff"] == 0.5
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    _, base, parts, spec, run_config = _student(_base_dir(tmp_path / "base", "llama31"))
+    ckpt = SimpleNamespace(config=run_config, meta={"step": 1}, run_dir=None)
+    monkeypatch.setattr(ternary, "output_inputs", lambda checkpoint, base_dir: [])
+    monkeypatch.setattr(ternary, "load_student",
+                        lambda checkpoint, base_dir=None: LoadedStudent(ckpt, base, parts, spec, base.path))
+    out = tmp_path / "out"
+    assert _tool_main()(["--checkpoint", str(tmp_path / "run"), "--output", str(out), "--dtype", "float32",
+                         "--verify", "--verify-sequences", "2", "--verify-seq-len", "16", "--no-progress"]) == 0
+    assert (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert "PASSED" in capsys.readouterr().out

@@ -437,3 +437,30 @@ def test_the_tool_keeps_a_gguf_llama_cpp_cannot_load_as_a_failed_verification(ru
     (line,) = [e for e in capsys.readouterr().err.splitlines() if e.startswith("verification FAILED")]
     assert line.startswith("verification FAILED (llama.cpp could not load/run it: ")
     assert f"kept beside --output as {out}.verify-failed" in line
+
+
+def test_a_base_with_a_sliding_window_is_refused_naming_it(tmp_path):
+    """llama.cpp's `llama` graph attends over the whole context; transformers applies a Mistral base's sliding window,
+    so past it the GGUF computed another model (max |Δlogit| 0.97 beyond a window of 16). Qwen2-style configs slide
+    only with use_sliding_window; a window as long as the context never masks anything."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from megadistil.export.gguf import sliding_window
+    from tests.test_export import _base_dir, _student
+
+    with pytest.raises(ExportError, match=r"GGUF: this model_type='mistral' base attends over a sliding window "
+                                          r"\(config.sliding_window=16, max_position_embeddings=2048\), which "
+                                          r"llama.cpp's `llama` graph does not apply: past 16 tokens"):
+        gguf_architecture(MistralConfig(sliding_window=16, max_position_embeddings=2048), _spec(False))
+    assert gguf_architecture(MistralConfig(sliding_window=None), _spec(False)) == "llama"
+    assert gguf_architecture(MistralConfig(sliding_window=2048, max_position_embeddings=2048), _spec(False)) == "llama"
+    assert sliding_window(Qwen2Config(sliding_window=16)) is None  # use_sliding_window=false: transformers ignores it
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=16, num_hidden_layers=4,
+                                      max_window_layers=2)) == 16
+    assert sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=16, num_hidden_layers=4,
+                                      max_window_layers=4)) is None  # no layer slides
+
+    _, base, parts, spec, _ = _student(_base_dir(tmp_path / "base", "mistral"))  # tests._tiny: sliding_window 32
+    with pytest.raises(ExportError, match=r"config.sliding_window=32"):
+        export_gguf(base, parts, spec, tmp_path / "m.gguf", GGUFConfig(progress=False))
+    assert not list(tmp_path.glob("*m.gguf*"))

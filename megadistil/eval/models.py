@@ -91,7 +91,8 @@ def _load_ternary(path: Path, dtype: torch.dtype):
 
 
 def _load_student(path: Path, dtype: torch.dtype):
-    """The student as the exporter rebuilds it (float32, parameters rounded through the training dtype)."""
+    """The student as the exporter rebuilds it (parameters rounded through the training dtype, LoRA factors kept in
+    it: the codes it trained with), in `dtype`."""
     from megadistil.export.sources import (
         BaseModel,
         ExportError,
@@ -101,14 +102,15 @@ def _load_student(path: Path, dtype: torch.dtype):
         training_dtype,
     )
     from megadistil.export.ternary import student_spec
-    from megadistil.export.verify import build_student
+    from megadistil.export.verify import build_student, to_dtype
 
     try:
         ckpt = locate_checkpoint(path)
         base = BaseModel(ckpt.config.model.student)
         check_fingerprint(ckpt, base)
         parts = StudentParts.from_checkpoint(ckpt)
-        model = build_student(base, parts, student_spec(parts, ckpt.config, training_dtype(ckpt)), ckpt.config)
+        spec = student_spec(parts, ckpt.config, training_dtype(ckpt))
+        model = build_student(base, parts, spec, ckpt.config)
     except ExportError as e:
         raise EvalError(f"--model {path}: {e}") from None
     tokenizer_dir = ckpt.config.model.tokenizer or base.path
@@ -116,7 +118,7 @@ def _load_student(path: Path, dtype: torch.dtype):
                                            *sorted(f for f in ckpt.dir.iterdir() if f.is_file())]),
                    "over": f"base {base.path} config.json + safetensors, and every file of checkpoint {ckpt.dir}",
                    "checkpoint_step": str(ckpt.meta.get("step"))}
-    return model.to(dtype), _tokenizer(Path(tokenizer_dir)), fingerprint
+    return to_dtype(model, dtype, spec.train_dtype), _tokenizer(Path(tokenizer_dir)), fingerprint
 
 
 def dir_fingerprint(path: Path) -> dict[str, str]:

@@ -139,7 +139,26 @@ def gguf_architecture(config: Any, spec: StudentSpec, unconverted: list[str] | t
         raise ExportError(f"GGUF export writes Llama-family students ({', '.join(LLAMA_FAMILY)}); {family} is not one")
     if getattr(config, "mlp_bias", False):
         raise ExportError(f"GGUF: {family} has mlp_bias=true, which llama.cpp's `llama` graph does not load")
+    if (window := sliding_window(config)) is not None:
+        context = getattr(config, "max_position_embeddings", None)
+        raise ExportError(f"GGUF: this {family} base attends over a sliding window (config.sliding_window={window}, "
+                          f"max_position_embeddings={context}), which llama.cpp's `llama` graph does not apply: past "
+                          f"{window} tokens it would compute another model than the student. Export it with "
+                          "--format hf, where transformers applies the window")
     return "llama"
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window transformers applies to this base within its context, or None: sliding_window where it
+    is set (Qwen2-style configs only with use_sliding_window, and only in layer_types' sliding_attention layers)
+    and smaller than max_position_embeddings (a window that long never masks a position)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if (window is None or getattr(config, "use_sliding_window", True) is False
+            or (layer_types is not None and "sliding_attention" not in layer_types)):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return window if limit is None or window < limit else None
 
 
 def rope_scaling(config: Any) -> tuple[str, dict[str, Any]]:

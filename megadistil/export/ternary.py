@@ -224,7 +224,8 @@ def stored_scale(scale: torch.Tensor, linear_class: str) -> torch.Tensor:
 
 def unconverted_modules(base: BaseModel, spec: StudentSpec) -> list[str]:
     """The full names of the modules left full precision: the output head, then the base's modules that bitnet.exclude
-    kept out of to_bitnet (matched as it matched them: a name or a dotted suffix)."""
+    kept out of to_bitnet (matched as it matched them, by surgery.is_excluded: a name or a dotted suffix of the module
+    or of a module it lies under, so an entry naming a parent lists every linear under it)."""
     head, *exclude = spec.modules_to_not_convert
     modules = [n.removesuffix(".weight") for n in base.names() if n.endswith(".weight") and len(base.shape(n)) == 2]
     layers = set(spec.bitlinear)

@@ -1,6 +1,7 @@
 """--verify: does vanilla transformers, with no megadistil code, compute what the megadistil student computes?
 
-The parent builds the student (base + to_bitnet + the checkpoint's tensors, eval mode, float32) and records its logits
+The parent builds the student (base + to_bitnet + the checkpoint's tensors, eval mode, float32 but for the LoRA
+factors, kept in the training dtype: the codes it trained with) and records its logits
 on held-out sequences and its greedy generations. A subprocess that imports only torch and transformers (plus
 safetensors, which transformers itself needs) loads the exported dir as a user would and records the same. The parent
 compares: max |Δlogit|, argmax agreement, identical generations.
@@ -25,7 +26,7 @@ from torch import nn
 
 from megadistil.export.sources import BaseModel, ExportLoadError, StudentParts
 from megadistil.export.ternary import StudentSpec
-from megadistil.utils import torch_dtype
+from megadistil.utils import DTYPES, torch_dtype
 
 
 def load_failure(error: RuntimeError, runtime: str) -> dict[str, Any]:
@@ -56,15 +57,28 @@ class VerifyConfig:
     require_identical_generations: dict[str, bool] | None = None
 
     def tolerance(self, dtype: str) -> dict[str, Any]:
-        max_abs = {"fp32": 1e-3, "fp16": 0.5, "bf16": 1.0} | (self.max_abs_diff or {})
-        agree = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95} | (self.min_argmax_agreement or {})
-        gens = {"fp32": True, "fp16": False, "bf16": False} | (self.require_identical_generations or {})
-        return {"max_abs_diff": max_abs[dtype], "min_argmax_agreement": agree[dtype],
-                "identical_generations": gens[dtype]}
+        """The tolerances of an export in `dtype`, either of its names (fp32 or float32: --dtype takes both); the
+        overrides are keyed by either too."""
+        def by_short(d: dict[str, Any] | None) -> dict[str, Any]:
+            return {short_dtype(k): v for k, v in (d or {}).items()}
+
+        key = short_dtype(dtype)
+        max_abs = {"fp32": 1e-3, "fp16": 0.5, "bf16": 1.0} | by_short(self.max_abs_diff)
+        agree = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95} | by_short(self.min_argmax_agreement)
+        gens = {"fp32": True, "fp16": False, "bf16": False} | by_short(self.require_identical_generations)
+        return {"max_abs_diff": max_abs[key], "min_argmax_agreement": agree[key],
+                "identical_generations": gens[key]}
+
+
+def short_dtype(name: str) -> str:
+    """'float32' or 'fp32' -> 'fp32': the one spelling the tolerances are keyed by."""
+    t = torch_dtype(name)
+    return next(d.short for d in DTYPES if d.torch == t and d.short)
 
 
 def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_config) -> nn.Module:
-    """The megadistil student in eval mode, in float32, with its parameters rounded through the training dtype."""
+    """The megadistil student in eval mode, in float32 with its LoRA factors in the training dtype (to_dtype), with its
+    parameters rounded through the training dtype."""
     from transformers import AutoModelForCausalLM
 
     from megadistil.bitnet import to_bitnet
@@ -82,7 +96,21 @@ def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_c
             if name not in state:
                 raise RuntimeError(f"checkpoint tensor {name!r} has no place in the rebuilt student")
             state[name].copy_(parts.get(name).to(state[name].dtype))
-    return model.float().eval()
+    return to_dtype(model, torch.float32, spec.train_dtype).eval()
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype, factor_dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except that every BitLinear's LoRA factors keep `factor_dtype` (the training dtype) and their
+    values: the dtype of A and B alone decides how s·B·A is formed (bitnet.linear._factors: a bf16 GEMM for bf16
+    factors), so float32 factors of a bf16-trained student would give other ternary codes than the ones it trained
+    with and the export writes (ternary.layer_codes)."""
+    from megadistil.bitnet import BitLinear
+
+    factors = [(m, m.lora_A.data, m.lora_B.data) for m in model.modules() if isinstance(m, BitLinear)]
+    model.to(dtype)
+    for m, a, b in factors:
+        m.lora_A.data, m.lora_B.data = a.to(factor_dtype), b.to(factor_dtype)
+    return model
 
 
 def run_attention(base: BaseModel, run_config) -> str:
