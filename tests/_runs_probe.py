@@ -7,10 +7,11 @@ of one per run: the process group outlives each Trainer). argv[1] is a JSON list
      on a node whose disk is not the others'), "probe_dir": where probe.rank<r>.json goes (default: out),
      "copy_from": a run dir copied into out first (an output dir another run used)}
 
-Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none), the checkpoint `latest` names
-once set-up is done (`latest_after_setup`: a run killed in its first steps leaves that) and, with relora_probe, the
-checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam moments, the teacher's
-W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks sampling in lockstep
+Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if none), with copy_from the checkpoint
+`latest` names once set-up is done (`latest_after_setup`: a run killed in its first steps leaves that) and, with
+relora_probe, the checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam
+moments, the teacher's W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks
+sampling in lockstep
 draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes each optimizer step all-gathers
 (DeepSpeed's all-gather calls, counted at its communication backend).
 """
@@ -154,7 +155,8 @@ def run(spec: dict) -> dict:
         with faults(nan_batches=set(spec.get("nan_batches", ()))), \
                 mock.patch.object(checkpoint, "latest_tag", return_value=None) if hidden else contextlib.nullcontext():
             trainer.setup()
-            result["latest_after_setup"] = checkpoint.latest_tag(trainer.ckpt_root)
+            if spec.get("copy_from"):
+                result["latest_after_setup"] = checkpoint.latest_tag(trainer.ckpt_root)
             gathers = counting_gathers(trainer, result) if spec.get("count_gathers") else contextlib.nullcontext()
             with gathers:
                 trainer.train()

@@ -223,7 +223,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     # the straight run's output dir used by a run that starts over (resume=never): `latest` no longer names the
     # earlier run's checkpoint once set up, so a kill before its first save cannot resume (or export) the other run
     specs["restarted"] = {"overrides": [*specs["straight"]["overrides"], "train.resume=never", "train.max_steps=2",
-                                        "train.save_every=100"], "out": str(tmp_path_factory.mktemp("restarted")),
+                                        "train.save_every=100", "log.profile_step=0"], "out": str(tmp_path_factory.mktemp("restarted")),
                           "copy_from": specs["straight"]["out"]}
     ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
     return {name: Path(spec.get("probe_dir", spec["out"])) for name, spec in specs.items()}
