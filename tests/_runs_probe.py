@@ -11,9 +11,8 @@ Each run writes <out>/probe.rank<r>.json: the error that stopped it (null if non
 `latest` names once set-up is done (`latest_after_setup`: a run killed in its first steps leaves that) and, with
 relora_probe, the checks after training: a full ReLoRA reset leaves the logits bitwise equal and zeroes the Adam
 moments, the teacher's W is bitwise the base model's, the shared teacher's logits are the original model's; and ranks
-sampling in lockstep
-draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes each optimizer step all-gathers
-(DeepSpeed's all-gather calls, counted at its communication backend).
+sampling in lockstep draw what one batch draws. With count_gathers, `gathered_bytes` lists the bytes each optimizer
+step all-gathers (DeepSpeed's all-gather calls, counted at its communication backend).
 """
 
 import contextlib
