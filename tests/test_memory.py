@@ -239,12 +239,12 @@ def test_a_separate_teacher_and_a_reference_are_counted_partitioned(tmp_path: Pa
     qwen = frozen_tensors(ModelDims.from_hf(MODEL_PRESETS["qwen2.5-0.5b"], "qwen"))
     assert est.term("reference W") == int(sum(n if n < keep else n / 8 for n in qwen) * 2)
     plain = estimate(_cfg("llama3.1-8b.yaml"), dims, Layout(1, 8), ds)
-    # fragmentation: 5 % of all; the chunked loss: 3 buffers against the HF teacher's top-k, 9 against the shared one
+    # fragmentation: 5 % of all; the chunked loss: 2 buffers against the HF teacher's top-k, 4 against the shared one
     unshared = ("framework", "chunked logits")
     added = sum(est.term(n) for n, _, _ in est.rows if n not in unshared) - \
         sum(plain.term(n) for n, _, _ in plain.rows if n not in unshared)
     assert added == est.term("HF teacher W") + est.term("reference W")
-    assert (est.term("chunked logits"), plain.term("chunked logits")) == (2048 * 128256 * 4 * 3, 2048 * 128256 * 4 * 9)
+    assert (est.term("chunked logits"), plain.term("chunked logits")) == (2048 * 128256 * 4 * 2, 2048 * 128256 * 4 * 4)
 
 
 def test_onpolicy_generation_gathers_the_whole_student() -> None:
@@ -331,14 +331,14 @@ def test_a_frozen_model_is_counted_as_transformers_builds_it_or_gets_no_verdict(
 
 
 def test_chunked_logits_buffers_follow_the_target_kind() -> None:
-    """fp32 [chunk x vocab] buffers as measured at the loss's peak: 9 (forward KL), 11 (reverse KL, JSD), 15 (ULD)
-    against the shared teacher's dense logits, 3 against top-k targets (shards, an HF teacher), 2 for CE alone, one
-    more with a softcapped head (Gemma 2); the stage that needs the most (was 4 everywhere)."""
+    """fp32 [chunk x vocab] buffers at the loss's peak (measured below): 4 (forward KL, reverse KL), 5 (JSD), 6 (ULD)
+    against the shared teacher's dense logits, 2 against top-k targets (shards, an HF teacher), 2 for CE alone, one
+    more with a softcapped head (Gemma 2); the stage that needs the most."""
     ds = load_ds_config(ROOT / "ds_configs" / "zero3.json")
     dims = ModelDims.from_hf(MODEL_PRESETS["llama3.1-8b"], "8b")
     shards = ["data.text=[]", "data.shards=/not/here", "teacher.kind=shards"]
-    cases = {(): 9, ("loss.kind=reverse_kl",): 11, ("loss.kind=jsd",): 11, ("loss.kind=uld",): 15,
-             ("teacher.kind=hf", "teacher.path=/models/Llama-3.1-70B"): 3, tuple(shards): 3,
+    cases = {(): 4, ("loss.kind=reverse_kl",): 4, ("loss.kind=jsd",): 5, ("loss.kind=uld",): 6,
+             ("teacher.kind=hf", "teacher.path=/models/Llama-3.1-70B"): 2, tuple(shards): 2,
              ("teacher.kind=none", "loss.kd_weight=0", "loss.ce_weight=1"): 2}
     for overrides, buffers in cases.items():
         cfg = _cfg("llama3.1-8b.yaml", *overrides)
@@ -347,10 +347,73 @@ def test_chunked_logits_buffers_follow_the_target_kind() -> None:
     gemma = ModelDims.from_hf({"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512,
                                "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1000}, "gemma2")
     assert gemma.logit_softcap and not dims.logit_softcap
-    assert estimate(_cfg("llama3.1-8b.yaml"), gemma, Layout(1, 8), ds).term("chunked logits") == 2048 * 1000 * 4 * 10
+    assert estimate(_cfg("llama3.1-8b.yaml"), gemma, Layout(1, 8), ds).term("chunked logits") == 2048 * 1000 * 4 * 5
     staged = _cfg("llama3.1-8b.yaml", "loss.kd_weight=0", "loss.ce_weight=1",
                   'stages=[{"start_step": 10, "overrides": {"loss.kd_weight": 1.0}}]')
-    assert estimate(staged, dims, Layout(1, 8), ds).term("chunked logits") == 2048 * 128256 * 4 * 9
+    assert estimate(staged, dims, Layout(1, 8), ds).term("chunked logits") == 2048 * 128256 * 4 * 4
+
+
+def _storage_peak(fn) -> int:
+    """Peak bytes of the storages that ops under fn make, each counted while a tensor still holds it."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live: dict[int, tuple[int, list]] = {}  # storage address -> (bytes, weakrefs of its tensors)
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # Storages no tensor holds are gone first: their addresses may be those of this op's outputs.
+            alive = {k: (n, [r for r in refs if r() is not None]) for k, (n, refs) in self.live.items()}
+            self.live = {k: v for k, v in alive.items() if v[1]}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    self.live.setdefault(st.data_ptr(), (st.nbytes(), []))[1].append(weakref.ref(t))
+            self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+            return out
+
+    with Mode() as mode:
+        fn()
+    return mode.peak
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("target", ["forward_kl", "reverse_kl", "jsd", "uld", "sparse", "ce"])
+def test_the_chunked_loss_peak_is_the_planners_buffer_count(target: str, dtype: str) -> None:
+    """The loss's fwd+bwd, storages tracked op by op: its peak, less the [N, H] and [V, H] gradient accumulators, is
+    within the planner's buffer count and above one buffer fewer (a regression, or a constant left stale, fails)."""
+    import torch
+
+    from megadistil.distill.losses import LossConfig, SparseTarget, chunked_lm_head_loss
+    from megadistil.engine.memory import CE_LOGIT_BUFFERS, DENSE_LOGIT_BUFFERS, SPARSE_LOGIT_BUFFERS
+
+    g = torch.Generator().manual_seed(0)
+    N, H, V, chunk, k = 512, 4, 8192, 128, 32
+    dt = getattr(torch, dtype)
+    h, W = (torch.randn(n, H, generator=g).to(dt).requires_grad_() for n in (N, V))
+    labels = torch.randint(0, V, (N,), generator=g)
+    kw, buffers = {}, CE_LOGIT_BUFFERS
+    cfg = LossConfig(kind="forward_kl" if target in ("sparse", "ce") else target, chunk_tokens=chunk, temperature=2.0)
+    if target == "ce":
+        cfg = LossConfig(chunk_tokens=chunk, kd_weight=0.0, ce_weight=1.0)
+    elif target == "sparse":
+        ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+        kw["sparse"], buffers = SparseTarget(ids, torch.log_softmax(torch.randn(N, k, generator=g), -1) - 0.1,
+                                             torch.full((N,), -2.35)), SPARSE_LOGIT_BUFFERS
+    else:
+        kw = {"teacher_hidden": torch.randn(N, H, generator=g).to(dt),
+              "teacher_lm_head_weight": torch.randn(V, H, generator=g).to(dt)}
+        buffers = DENSE_LOGIT_BUFFERS[target]
+    peak = _storage_peak(lambda: chunked_lm_head_loss(h, W, labels, cfg, **kw)["loss"].backward())
+    measured = (peak - (N + V) * H * 4) / (chunk * V * 4)
+    assert buffers - 1 < measured <= buffers + 0.1, (target, dtype, measured)
 
 
 def test_eager_attention_keeps_its_scores_and_sdpa_its_qkv(tmp_path: Path) -> None:

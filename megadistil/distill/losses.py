@@ -234,33 +234,67 @@ def _kept(x: Tensor, present: Tensor | None) -> Tensor:
     return x if present is None else x.masked_fill(~present, 0.0)
 
 
-def _dense_kd(kind: str, beta: float, s: Tensor, t_logits: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """KD against a full teacher distribution; s and t_logits are tempered float32 logits [c, V]."""
-    logq = torch.log_softmax(s, -1)
-    logp = torch.log_softmax(t_logits, -1)
+def _dense_kd(kind: str, beta: float, z: Tensor, temperature: float, t_logits: Tensor,
+              need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KD against a full teacher distribution. z: the student's float32 logits [c, V] (left unchanged); t_logits:
+    the teacher's, consumed. Written in place so that at most 3 (forward_kl, reverse_kl) or 4 (jsd) [c, V] buffers
+    live besides z: with a 128-256k vocabulary these buffers are the loss's whole memory."""
+    if temperature != 1.0:
+        t_logits = t_logits.div_(temperature)
+    logp = t_logits.sub_(torch.logsumexp(t_logits, -1, keepdim=True))
+    del t_logits
+    s = (lambda: z / temperature) if temperature != 1.0 else (lambda: z)  # made when needed, freed at once
     if kind == "uld":
-        return _dense_uld(logp, logq, need_grad)
-    kd, g = _bucket_divergence(kind, beta, logp, logq, logp.exp(), need_grad)
-    if g is None:
+        p_sorted = logp.exp_().sort(-1, descending=True).values
+        del logp
+        return _dense_uld(p_sorted, torch.softmax(s(), -1), need_grad)
+    logq = torch.log_softmax(s(), -1)
+    if kind == "forward_kl":
+        log_ratio = logp - logq
+        p = logp.exp_()
+        kd = log_ratio.mul_(p).sum(-1)
+        del log_ratio
+        g = None  # d kd / d log q_b = -p_b: formed below without a buffer of its own
+    elif kind == "reverse_kl":
+        diff = logq - logp
+        q = torch.exp(logq, out=logp)  # logp is no longer needed: its buffer takes q
+        kd = torch.mul(diff, q, out=logq).sum(-1)
+        g = diff.add_(1.0).mul_(q)
+    else:  # jsd
+        logm, other = logp + math.log(beta), logq + math.log1p(-beta)
+        torch.logaddexp(logm, other, out=logm)
+        kd_p = torch.sub(logp, logm, out=other).mul_(logp.exp_()).sum(-1)
+        to_q = torch.sub(logq, logm, out=other)
+        q = logq.exp_()
+        to_q.mul_(q)
+        kd = beta * kd_p + (1.0 - beta) * to_q.sum(-1)
+        # d/dq_b of beta*KL(p||m) + (1-beta)*KL(q||m) simplifies to (1-beta) log(q_b/m_b).
+        g = to_q.mul_(1.0 - beta)
+    if not need_grad:
         return kd, None
     # Through log_softmax: d/ds_j = g_j - q_j * sum_b g_b.
-    return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
+    if g is None:  # forward_kl: -p_j + q_j * sum_b p_b
+        return kd, logq.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
+    return kd, g.sub_(q.mul_(g.sum(-1, keepdim=True)))
 
 
-def _dense_uld(logp: Tensor, logq: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """ULD over whole vocabularies: both sorted, paired by rank; the gradient goes back through the student's sort."""
-    logq_sorted, order = logq.sort(-1, descending=True)
-    logp_sorted = logp.sort(-1, descending=True).values
-    kd, g_sorted = _bucket_divergence("uld", 0.0, logp_sorted, logq_sorted, logp_sorted.exp(), need_grad)
-    if g_sorted is None:
+def _dense_uld(p_sorted: Tensor, q: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """ULD over whole vocabularies: the teacher's probabilities sorted (consumed) against the student's q [c, V],
+    paired by rank; the gradient goes back through the student's sort."""
+    q_sorted, order = q.sort(-1, descending=True)
+    diff = torch.sub(q_sorted, p_sorted, out=p_sorted)
+    kd = torch.linalg.vector_norm(diff, 1, -1)  # sum |q - p| without a buffer for the absolute values
+    if not need_grad:
         return kd, None
-    g = torch.empty_like(g_sorted).scatter_(-1, order, g_sorted)
-    return kd, g.sub_(logq.exp_().mul_(g.sum(-1, keepdim=True)))
+    g_sorted = diff.sign_().mul_(q_sorted)  # d kd / d log q_b = q_b sign(q_b - p_b)
+    g = q_sorted.scatter_(-1, order, g_sorted)  # `order` is a permutation: every entry of q_sorted is overwritten
+    del g_sorted, diff, order
+    return kd, g.sub_(q.mul_(g.sum(-1, keepdim=True)))
 
 
 def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tensor, tail: Tensor, need_grad: bool,
                present: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (left unchanged). `present`
+    """KD against top-k + tail buckets; s is the student's tempered float32 logits [c, V] (consumed). `present`
     [c, k]: the entries that are buckets; an absent entry's id repeats a present one's (so the complement, the tail,
     is the same set), its log-probs on both sides are -inf."""
     vocab, k = s.shape[-1], ids.shape[-1]
@@ -282,8 +316,8 @@ def _sparse_kd(kind: str, beta: float, s: Tensor, ids: Tensor, t_logprobs: Tenso
             return kd, None
         grad_top = g - logq_top.exp() * g.sum(-1, keepdim=True)
         return kd, torch.zeros_like(s).scatter_(-1, ids, grad_top)
-    # The one [c, V] buffer of this function: the complement's logits, turned in place into exp(s_j - lse_tail).
-    tail_exp = s.scatter(-1, ids, float("-inf"))
+    # The one [c, V] buffer of this function, s itself: the complement's logits, in place exp(s_j - lse_tail).
+    tail_exp = s.scatter_(-1, ids, float("-inf"))
     lse_tail = _logsumexp_(tail_exp)
     lse = torch.logaddexp(torch.logsumexp(s_top, -1, keepdim=True), lse_tail)
     logq = torch.cat([s_top, lse_tail], -1) - lse
@@ -340,16 +374,14 @@ def _chunk_terms(z: Tensor, chunk: _Chunk, cfg: LossConfig, teacher_weight: Tens
     ce = (lse1 - z.gather(-1, chunk.labels.unsqueeze(-1))).squeeze(-1)
     kd = grad = None
     if chunk.sparse is not None or chunk.teacher_hidden is not None:
-        s = z / T if T != 1.0 else z
         if chunk.sparse is not None:
             sp = chunk.sparse
-            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, s, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass, need_grad,
-                                  sp.present)
+            kd, grad = _sparse_kd(cfg.kind, cfg.jsd_beta, z / T, sp.topk_ids, sp.topk_logprobs, sp.tail_logmass,
+                                  need_grad, sp.present)  # z / T: a copy (even at T = 1) that _sparse_kd consumes
         else:
-            with torch.no_grad():
-                t_logits = transform.apply_((chunk.teacher_hidden @ teacher_weight.T).float())
-            kd, grad = _dense_kd(cfg.kind, cfg.jsd_beta, s, t_logits.div_(T), need_grad)
-        del s
+            with torch.no_grad():  # passed as a temporary: _dense_kd overwrites it and frees it when done
+                kd, grad = _dense_kd(cfg.kind, cfg.jsd_beta, z, T, transform.apply_(
+                    (chunk.teacher_hidden @ teacher_weight.T).float()), need_grad)
         if chunk.kd_scale is not None:
             kd, grad = _scale_rows(kd, grad, chunk.kd_scale)
     if chunk.ce_scale is not None:
@@ -422,6 +454,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     grad_h.index_add_(0, idx, (grad_z @ weight).float())
                 if want_w:
                     grad_w.addmm_(grad_z.T.float(), h.float())
+            del grad_z  # before the next chunk's logits exist
         kd_mean, ce_mean = kd_sum / kd_count, ce_sum / count
         loss = cfg.kd_weight * cfg.temperature ** 2 * kd_mean + cfg.ce_weight * ce_mean
         ctx.count, ctx.dtypes = count, (hidden.dtype, weight.dtype)

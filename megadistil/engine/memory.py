@@ -25,8 +25,8 @@ The model is counted from its dimensions (config.json), not built. Every term is
                      weight codes and the two fp32 W_eff row blocks of its largest linear
                      (bitnet.linear.ROW_BLOCK_NUMEL); without checkpointing every block's internals
   teacher targets    the shared/HF teacher's final hidden states (and the hidden layers the loss uses)
-  chunked logits     loss.chunk_tokens × vocab fp32 buffers, as measured: 9-15 against the shared teacher (its
-                     logits and softmax too, by loss.kind), 3 against top-k targets, 2 for CE alone; +1 with a
+  chunked logits     loss.chunk_tokens × vocab fp32 buffers, as measured: 4-6 against the shared teacher (its
+                     logits and softmax too, by loss.kind), 2 against top-k targets, 2 for CE alone; +1 with a
                      softcapped head (logit_buffers); the stage that needs the most
   grad buckets       reduce_bucket_size elements of p bytes, twice with overlap_comm, at most the trainable set
   framework          CUDA context, NCCL and cuBLAS workspaces (fixed), and allocator fragmentation (a fraction)
@@ -593,13 +593,14 @@ def _activations(est: Estimate, cfg: RunConfig, dims: ModelDims, t: Tensors, p: 
 
 
 # fp32 [chunk x vocab] buffers live at the peak of the chunked LM head loss (distill.losses._ChunkedLMHeadLoss, which
-# forms each chunk's gradient in its forward), measured with a TorchDispatchMode that tracks every storage allocated
-# during the loss and its backward (2048 tokens, chunks of 256-1024, vocab 32000; fp32, bf16 0.5-0.6 lower): against
-# the shared teacher's hidden states (dense: the teacher's logits and both softmaxes too) 9.1 forward_kl, 11.1
-# reverse_kl and jsd, 15.2 uld; against top-k + tail targets (shards, an HF teacher) 3.2 for every kind; CE only 2.1.
-# A softcapped head keeps its derivative too: one buffer more (LogitTransform.derivative).
-DENSE_LOGIT_BUFFERS = {"forward_kl": 9, "reverse_kl": 11, "jsd": 11, "uld": 15}
-SPARSE_LOGIT_BUFFERS, CE_LOGIT_BUFFERS = 3, 2
+# forms each chunk's gradient in its forward), as tests/test_memory.py measures them with a TorchDispatchMode that
+# tracks every storage made during the loss and its backward (fp32 and bf16, any temperature): against the shared
+# teacher's hidden states (dense: the teacher's logits and both softmaxes too) 4 forward_kl and reverse_kl, 5 jsd,
+# 6 uld; against top-k + tail targets (shards, an HF teacher) 2 for every kind; CE only 1 (fp32), 1.5 (bf16: the
+# matmul's bf16 output beside its fp32 copy). A softcapped head keeps its derivative too: one buffer more
+# (LogitTransform.derivative).
+DENSE_LOGIT_BUFFERS = {"forward_kl": 4, "reverse_kl": 4, "jsd": 5, "uld": 6}
+SPARSE_LOGIT_BUFFERS, CE_LOGIT_BUFFERS = 2, 2
 
 
 def logit_buffers(cfg: RunConfig, dims: ModelDims) -> int:
