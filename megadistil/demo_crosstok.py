@@ -79,7 +79,8 @@ def student_bytes(tok, seq) -> int:
     """UTF-8 bytes of the text a sequence's predicted tokens (all but the first) spell, EOS counted as one."""
     body = [int(t) for t in seq[1:]]
     eos = sum(t == tok.eos_token_id for t in body)
-    return len(tok.decode([t for t in body if t != tok.eos_token_id]).encode()) + eos
+    text = tok.decode([t for t in body if t != tok.eos_token_id], clean_up_tokenization_spaces=False)
+    return len(text.encode()) + eos
 
 
 def bits_per_byte(ppl: float, heldout: Path, tokenizer_dir: Path, seq_len: int, sequences: int) -> float:

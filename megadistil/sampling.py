@@ -13,6 +13,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,18 +45,34 @@ class SamplingConfig:
         return float(self.temperatures[min(position, len(self.temperatures) - 1)])
 
 
-def check_sampling_settings(s: object, prefix: str) -> None:
+def check_sampling_settings(s: object, prefix: str, name: Callable[[str], str] | None = None) -> None:
     """Every bound of the settings `s` has (max_new_tokens, temperatures, top_k, top_p), naming the key under
-    `prefix` ('sampling.' here; a config section that embeds them passes its own)."""
+    `prefix` ('sampling.' here; a config section that embeds them passes its own), or as `name(field)` says where
+    the values came from elsewhere (a tool's command-line flags)."""
+    key = name or (lambda f: f"config key '{prefix}{f}'")
     if s.max_new_tokens < 1:
-        raise SamplingError(f"config key '{prefix}max_new_tokens': must be >= 1, got {s.max_new_tokens}")
+        raise SamplingError(f"{key('max_new_tokens')}: must be >= 1, got {s.max_new_tokens}")
     if not s.temperatures or any(t < 0 for t in s.temperatures):
-        raise SamplingError(f"config key '{prefix}temperatures': one or more temperatures >= 0 (0 = greedy), "
+        raise SamplingError(f"{key('temperatures')}: one or more temperatures >= 0 (0 = greedy), "
                             f"got {list(s.temperatures)}")
     if s.top_k < 0:
-        raise SamplingError(f"config key '{prefix}top_k': must be >= 0 (0 = off), got {s.top_k}")
+        raise SamplingError(f"{key('top_k')}: must be >= 0 (0 = off), got {s.top_k}")
     if not 0 < s.top_p <= 1:
-        raise SamplingError(f"config key '{prefix}top_p': must be in (0, 1], got {s.top_p}")
+        raise SamplingError(f"{key('top_p')}: must be in (0, 1], got {s.top_p}")
+
+
+def eos_token_ids(generation_config: Any, tokenizer: Any) -> int | list[int] | None:
+    """The ids that end a continuation: the model's generation config's (Llama 3.1 lists several, e.g. <|eot_id|> as
+    well as <|end_of_text|>), else the tokenizer's EOS."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int] | Tensor) -> str:
+    """The text of generated ids, special tokens left out. No clean-up of tokenization spaces: a tokenizer saved with
+    clean_up_tokenization_spaces=True (the default of many) would turn " ," into "," and " 's" into "'s", so the text
+    would no longer be what the ids spell."""
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -149,7 +149,7 @@ class _FakeTokenizer:
         self.tokens, self.offsets, self.eos_token_id = tokens, offsets, eos
         self.backend_tokenizer = SimpleNamespace(decoder=decoders.ByteLevel() if byte_level else decoders.Fuse())
 
-    def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+    def __call__(self, texts, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=False):
         ids = list(range(1, len(self.tokens) + 1))
         return {"input_ids": [ids for _ in texts], "offset_mapping": [self.offsets for _ in texts]}
 
@@ -225,6 +225,18 @@ def test_a_normalized_text_aligns_through_its_character_offsets():
     ids, ends = tokenize_segments([text], lowering)
     ref_ids, ref_ends = tokenize_segments([text.lower()], plain)
     assert ids.tolist() == ref_ids.tolist() and ends.tolist() == ref_ends.tolist()
+
+
+def test_special_token_text_is_text_as_pack_text_reads_it(student, tmp_path):
+    """A document quoting the EOS token's text: both sides tokenize it as text, so the only EOS ids are the
+    separators and the windows are still pack_text's."""
+    docs = [f"a page quoting {student.eos_token} mid-text", *CORPUS[:3]]
+    path = _write_jsonl(tmp_path / "docs.jsonl", docs)
+    windows, reference = list(pack_text_windows([path], student, 8)), list(pack_text([path], student, 8))
+    assert len(windows) == len(reference) > 1
+    for w, ref in zip(windows, reference, strict=True):
+        np.testing.assert_array_equal(w.input_ids, ref)
+        assert w.segments.count(None) == int((w.input_ids == student.eos_token_id).sum())
 
 
 def test_windows_match_pack_text(student, tmp_path):

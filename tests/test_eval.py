@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megadistil.eval.generate import continuations, generations_markdown
+from megadistil.eval.generate import continuations, generations_markdown, read_prompts
 from megadistil.eval.models import EvalError, files_sha256, parse_model
 from tests._tasks import task_docs, write_task
 from tests._tools import tool_main
@@ -110,6 +110,79 @@ def test_model_arguments_gguf_is_refused_and_kinds_are_recognised(tiny_llama_dir
     assert parse_model(str(tmp_path / "run")).kind == "student"
     (tmp_path / "run" / "student.gguf").write_bytes(b"GGUF")  # convert_to_ternary --format gguf --output run/...
     assert parse_model(str(tmp_path / "run")).kind == "student"  # was refused as a GGUF model
+
+
+def test_a_model_argument_that_is_an_existing_path_is_that_path(tmp_path, monkeypatch):
+    """A run dir named lr=3e-4 was parsed as NAME=PATH: model 'lr' at the missing path 3e-4."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=3e-4" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "lr=3e-4" / "checkpoints" / "latest").write_text("step_1")
+    spec = parse_model("lr=3e-4")
+    assert (spec.name, spec.kind, spec.path) == ("lr=3e-4", "student", Path("lr=3e-4"))
+    assert parse_model("best=lr=3e-4").name == "best"  # NAME= before it still names it
+
+
+def test_prompt_lines_end_at_newlines_only(tmp_path):
+    """str.splitlines cut a prompt holding U+2028 or a form feed in two; a CRLF file's \\r is no part of a prompt."""
+    path = tmp_path / "p.txt"
+    path.write_bytes("one\u2028line\r\npage\x0cbreak\r\n\r\nlast\\nline".encode())
+    assert read_prompts(path) == ["one\u2028line", "page\x0cbreak", "last\nline"]
+
+
+@pytest.fixture(scope="module")
+def llama_like(tiny_llama_dir):
+    """The tiny teacher with a tokenizer that adds a BOS (as Llama's), its EOS reused as BOS: the vocab is the model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir, bos_token="<|eos|>", add_bos_token=True)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval(), tok
+
+
+def test_generation_prompts_start_with_the_tokenizers_bos(llama_like):
+    """Prompts were tokenized with add_special_tokens=False: a Llama model saw no BOS."""
+    model, tok = llama_like
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"][0].tolist()),
+                                           with_kwargs=True)
+    try:
+        continuations(model, tok, ["def main("], max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen[0] == tok("def main(")["input_ids"] and seen[0][0] == tok.bos_token_id
+
+
+def test_generation_stops_at_any_eos_of_the_generation_config(llama_like, monkeypatch):
+    """Llama 3.1 stops at any of generation_config.eos_token_id ([<|end_of_text|>, <|eom_id|>, <|eot_id|>]); only
+    the tokenizer's EOS stopped a continuation."""
+    from megadistil.sampling import SamplingConfig, decode_text, sample
+
+    model, tok = llama_like
+    ids = torch.tensor(tok("def main(")["input_ids"])
+    greedy = sample(model, [ids], SamplingConfig(max_new_tokens=8, temperatures=(0.0,)), eos_token_id=None,
+                    pad_token_id=0).tokens[0].tolist()
+    k = next(k for k in range(1, 7) if greedy[k] not in greedy[:k] + [tok.eos_token_id])
+    assert tok.eos_token_id not in greedy[:k]
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, greedy[k]])
+    got = continuations(model, tok, ["def main("], max_new_tokens=8)[0]["greedy"]
+    assert got == decode_text(tok, greedy[:k + 1]) != decode_text(tok, greedy)
+
+
+def test_generations_are_the_exact_text_of_their_ids(tiny_llama_dir, monkeypatch):
+    """A tokenizer saved with clean_up_tokenization_spaces=True: decode's default clean-up turned " ," into ","."""
+    from transformers import AutoTokenizer
+
+    from megadistil.eval import generate
+    from megadistil.sampling import Generation
+
+    # transformers >= 5.2x skips the clean-up for BPE tokenizers unless forced; 4.56-5.1x applied it to them
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir, clean_up_tokenization_spaces=True,
+                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    ids = tok.encode("f(a , b) . c 's", add_special_tokens=False)
+    exact = tok.backend_tokenizer.decode(ids)
+    assert " , " in exact and tok.decode(ids) != exact  # the clean-up is on
+    monkeypatch.setattr(generate, "sample", lambda *a, **kw: Generation(torch.tensor([ids]), torch.tensor([len(ids)])))
+    row = continuations(torch.nn.Linear(1, 1), tok, ["x"], max_new_tokens=len(ids))[0]
+    assert row["greedy"] == row["sampled"] == exact
 
 
 def test_text_perplexity_and_seeded_generations(tiny_llama_dir, stdlib_text_file, tmp_path):

@@ -120,11 +120,24 @@ def test_bad_input_is_refused_naming_it(tiny_llama_dir, stdlib_text_file, tmp_pa
         run_generation(replace(cfg, prompts=str(rows)))
     with pytest.raises(ValueError, match="either --text"):
         run_generation(replace(cfg, text=[str(stdlib_text_file)]))
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"), (["--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
+    (["--top-k", "-1"], "--top-k: must be >= 0"), (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+    (["--temperatures", "0.7", "-1"], "--temperatures: one or more temperatures >= 0"),
+])
+def test_bad_sampling_flags_are_refused_naming_the_flag(args, error, tiny_llama_dir, tmp_path, capsys):
+    """They were refused naming SamplingConfig's config key ('sampling.top_p'), which no one typed here."""
     from tools.generate_teacher_data import main
 
-    assert main(["--teacher", str(tiny_llama_dir), "--prompts", str(long), "--out", str(tmp_path / "b"),
-                 "--top-p", "1.5"]) == 2
-    assert "'sampling.top_p': must be in (0, 1]" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert main(["--teacher", str(tiny_llama_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"generate_teacher_data: error: {error}") and "sampling." not in err
+    assert not (tmp_path / "o").exists()
 
 
 
@@ -274,6 +287,23 @@ def test_a_character_split_between_prompt_and_continuation_goes_to_the_continuat
         line = _line(tok, 0, ids[:k], ids[k:], None, SAMPLING, "teacher")
         assert line["prompt"] + line["continuation"] == line["text"] == tok.decode(ids)
         assert "\ufffd" not in line["text"] and line["prompt"] == tok.decode(ids[:k])[:-1].rstrip("\ufffd")
+
+
+def test_line_text_is_the_exact_text_of_its_ids(tiny_llama_dir):
+    """A tokenizer saved with clean_up_tokenization_spaces=True: decode's default clean-up turned " ," into "," (and
+    " 's" into "'s"), so a line's text was not the text of its ids."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.generate import _line
+
+    # transformers >= 5.2x skips the clean-up for BPE tokenizers unless forced; 4.56-5.1x applied it to them
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir, clean_up_tokenization_spaces=True,
+                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    ids = tok.encode("f(a , b) . c 's", add_special_tokens=False)
+    exact = tok.backend_tokenizer.decode(ids)
+    assert " , " in exact and tok.decode(ids) != exact  # the clean-up is on
+    line = _line(tok, 0, ids[:3], ids[3:], None, SAMPLING, "teacher")
+    assert line["text"] == line["prompt"] + line["continuation"] == exact
 
 
 def test_prompt_lines_end_at_newlines_only(tiny_llama_dir, tmp_path):

@@ -39,7 +39,7 @@ def _write(path, rows) -> str:
 
 
 def _ids(tok, text) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # as preference_sequences
 
 
 def _expected(tok, row, seq_len) -> tuple[list[int], list[int]] | None:
@@ -277,3 +277,53 @@ def test_config_refusals_name_the_key(key, value, message):
     assert str(e.value).startswith(f"config key 'preference.{key}': ") and message in str(e.value)
 
 
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style BPE (Metaspace, prepend_scheme 'first': Llama-2 legacy=False, Mistral v0.3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    texts = ["Say hi: hi there, friend", "Count to ten. one two three ten"] * 4
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["</s>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+@pytest.mark.parametrize("row, completion", [
+    ({"prompt": "Say hi:", "chosen": " hi there"}, ["▁hi", "▁there", "</s>"]),
+    ({"prompt": "Count to", "chosen": " ten."}, ["▁ten.", "</s>"]),
+    # tokenized apart, "en." would be "▁", "en", "." (a spurious "▁"); joined, "▁ten." straddles the boundary and is
+    # counted as completion
+    ({"prompt": "Count to t", "chosen": "en."}, ["▁ten.", "</s>"]),
+])
+def test_prompt_and_completion_are_tokenized_as_one_text(tmp_path, row, completion):
+    tok = _metaspace_tokenizer()
+    ids, labels, _ = preference_sequences([_write(tmp_path / "t.jsonl", [{**row, "rejected": ""}])], tok, 16)
+    joint = _ids(tok, row["prompt"] + row["chosen"]) + [tok.eos_token_id]
+    n, n_prompt = len(joint), len(joint) - len(completion)
+    assert ids[0, :n].tolist() == joint and tok.convert_ids_to_tokens(joint[n_prompt:]) == completion
+    assert (labels[0, :n_prompt - 1] == I).all() and (labels[0, n - 1:] == I).all()
+    assert labels[0, n_prompt - 1:n - 1].tolist() == joint[n_prompt:]  # the prompt's last position predicts the first
+
+
+def test_special_token_text_in_a_row_is_text(tok, tmp_path):
+    row = {"prompt": "Say hi:", "chosen": f" hi {tok.eos_token} there", "rejected": ""}
+    assert tok.eos_token_id in tok(row["chosen"], add_special_tokens=False)["input_ids"]  # the default would
+    ids, labels, _ = preference_sequences([_write(tmp_path / "t.jsonl", [row])], tok, 40)
+    n = len(_ids(tok, row["prompt"] + row["chosen"])) + 1
+    assert np.flatnonzero(ids[0] == tok.eos_token_id).tolist() == list(range(n - 1, 40))  # the final EOS, padding
+    assert (labels[0] == tok.eos_token_id).sum() == 1
+
+
+def test_a_tokenizer_without_offsets_is_refused(tok, tmp_path):
+    class NoOffsets:  # what transformers 5 Python (slow) tokenizers do: drop the offsets request silently
+        eos_token_id = pad_token_id = tok.eos_token_id
+
+        def __call__(self, texts, **kwargs):
+            return {"input_ids": tok(texts, add_special_tokens=False)["input_ids"]}
+
+    with pytest.raises(ValueError, match="NoOffsets: preference data needs a fast tokenizer"):
+        preference_sequences([_write(tmp_path / "t.jsonl", ROWS)], NoOffsets(), 40)

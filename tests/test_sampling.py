@@ -7,7 +7,7 @@ import torch
 from _tiny import tiny_llama31, tiny_model
 
 from megadistil.bitnet import teacher_mode, to_bitnet
-from megadistil.sampling import SamplingConfig, SamplingError, filter_logits, sample
+from megadistil.sampling import SamplingConfig, SamplingError, eos_token_ids, filter_logits, sample
 
 PAD = 255
 
@@ -107,3 +107,12 @@ def test_a_sequence_stops_at_eos_and_the_rest_is_padding():
 def test_bad_settings_are_refused_naming_the_key(kwargs, key):
     with pytest.raises(SamplingError, match=f"'sampling.{key}'"):
         SamplingConfig(**kwargs)
+
+
+def test_eos_ids_are_the_generation_configs_else_the_tokenizers():
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(eos_token_id=2)
+    assert eos_token_ids(SimpleNamespace(eos_token_id=[128001, 128008, 128009]), tok) == [128001, 128008, 128009]
+    assert eos_token_ids(SimpleNamespace(eos_token_id=None), tok) == 2
+    assert eos_token_ids(None, tok) == 2  # a model without a generation config

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistil.data.generate import GENERATIONS, Backend, GenerateConfig, ShardOptions, run_generation
 from megadistil.data.precompute import PRECOMPUTE_DTYPES
-from megadistil.sampling import SamplingConfig
+from megadistil.sampling import SamplingConfig, check_sampling_settings
 from megadistil.utils import exit_without_teardown
 
 
@@ -53,6 +53,8 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
+    # Checked here, naming the flags: SamplingConfig's own check names its fields as config keys (sampling.top_p).
+    check_sampling_settings(a, "", name=lambda field: "--" + field.replace("_", "-"))
     sampling = SamplingConfig(max_new_tokens=a.max_new_tokens, temperatures=tuple(a.temperatures), top_k=a.top_k,
                               top_p=a.top_p, seed=a.seed, stop_at_eos=not a.no_stop_at_eos)
     return GenerateConfig(teacher=a.teacher, out=a.out, text=a.text or [], prompts=a.prompts,

@@ -79,7 +79,8 @@ def _batch_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], np
     """token_offsets for many texts in one tokenizer call (pack_text tokenizes in batches too)."""
     need_fast = f"tokenizer {_name(tokenizer)}: cross-tokenizer alignment needs a fast tokenizer (one that returns "
     try:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        # split_special_tokens: text spelling a special token is text, as pack_text tokenizes it
+        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     except NotImplementedError as e:  # transformers 4 slow tokenizers refuse offsets
         raise ValueError(need_fast + f"offset mappings): {e}") from e
     if "offset_mapping" not in enc:  # transformers 5 Python tokenizers silently drop the request

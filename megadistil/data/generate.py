@@ -42,7 +42,7 @@ from megadistil.data.precompute import (
 from megadistil.data.shards import tokenizer_fingerprint
 from megadistil.data.text import batched, expand_files, files_identity, iter_documents
 from megadistil.data.vllm_backend import VLLMSampler, check_vllm
-from megadistil.sampling import SamplingConfig, lockstep_any, sample
+from megadistil.sampling import SamplingConfig, decode_text, eos_token_ids, lockstep_any, sample
 from megadistil.utils import write_atomic
 
 GENERATIONS, IDENTITY, PARTS = "generations.jsonl", "generation.json", "parts"
@@ -208,11 +208,11 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
     if cfg.backend is Backend.vllm:
         tok, model, device = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=False), None, \
             torch.device("cpu")
-        eos = _eos(_generation_config(cfg.teacher), tok)
+        eos = eos_token_ids(_generation_config(cfg.teacher), tok)
         continuations = VLLMSampler(cfg.teacher, cfg.dtype, cfg.sampling, eos)
     else:
         tok, model, device = load_teacher(cfg.teacher, cfg.dtype, cfg.zero3)
-        eos = _eos(model.generation_config, tok)
+        eos = eos_token_ids(model.generation_config, tok)
         continuations = torch_sampler(model, cfg, tok, eos, world)
     teacher_fp = teacher_dir_fingerprint(cfg.teacher)
     ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok), loaded_dtype(model, cfg.dtype))
@@ -259,12 +259,6 @@ def _generation_config(teacher: str) -> Any:
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(teacher, trust_remote_code=False))
 
 
-def _eos(generation_config: Any, tok: Any) -> int | list[int] | None:
-    """The ids that end a continuation: the generation config's, else the tokenizer's EOS."""
-    eos = generation_config.eos_token_id
-    return eos if eos is not None else tok.eos_token_id
-
-
 def torch_sampler(model: Any, cfg: GenerateConfig, tok: Any, eos: int | list[int] | None,
                   world: int) -> Callable[[list[tuple[int, list[int]]]], list[list[int]]]:
     """Rows -> each prompt's continuation ids (the stopping EOS kept), by megadistil.sampling on the HF model."""
@@ -284,10 +278,10 @@ def _line(tok: Any, index: int, prompt_ids: list[int], new_ids: list[int], eos: 
           sampling: SamplingConfig, teacher_fp: str) -> dict[str, Any]:
     stops = {eos} if isinstance(eos, int) else set(eos or ())
     stopped = bool(new_ids) and new_ids[-1] in stops
-    text = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    text = decode_text(tok, prompt_ids + new_ids)
     # The prompt's text is where its own decoding agrees with the whole: a character whose bytes the prompt's last
     # token and the continuation's first share goes to the continuation whole, not as U+FFFD on both sides.
-    cut = len(os.path.commonprefix([text, tok.decode(prompt_ids, skip_special_tokens=True)]))
+    cut = len(os.path.commonprefix([text, decode_text(tok, prompt_ids)]))
     return {"index": index, "text": text, "prompt": text[:cut], "continuation": text[cut:], "prompt_ids": prompt_ids,
             "continuation_ids": new_ids, "stop": "eos" if stopped else "length",
             "sampling": _sampling_dict(sampling), "teacher": teacher_fp}

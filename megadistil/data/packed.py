@@ -17,11 +17,19 @@ IGNORE_INDEX = -100
 def eval_sequences(files: list[str], tokenizer: Any, seq_len: int, count: int) -> np.ndarray:
     """`count` packed sequences spread evenly over all of `files` (not the first ones), so that held-out perplexity
     measures the whole held-out distribution."""
-    seqs = list(pack_text(files, tokenizer, seq_len))
-    if not seqs:
-        raise ValueError(f"held-out text {files} holds fewer than {seq_len} tokens")
+    seqs = _packed(files, tokenizer, seq_len, "held-out text")
     picks = np.linspace(0, len(seqs) - 1, num=min(count, len(seqs))).round().astype(int)
     return np.stack([seqs[i] for i in picks])
+
+
+def _packed(files: list[str], tokenizer: Any, seq_len: int, what: str) -> list[np.ndarray]:
+    """pack_text's windows, or an error naming `what`, the files and the token count where there is not one whole
+    window (np.stack of none fails with numpy's bare "need at least one array to stack")."""
+    seqs = list(pack_text(files, tokenizer, seq_len, drop_last=False))  # the partial tail only to count it
+    if not seqs or len(seqs[0]) < seq_len:
+        raise ValueError(f"{what} ({', '.join(map(str, files))}) holds {len(seqs[0]) if seqs else 0} tokens (with an "
+                         f"EOS after each document): fewer than one sequence of seq_len={seq_len}")
+    return seqs if len(seqs[-1]) == seq_len else seqs[:-1]
 
 
 def shifted_batch(seqs: np.ndarray) -> dict[str, torch.Tensor]:
@@ -57,7 +65,7 @@ class PackedTextBatches:
 
     @classmethod
     def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
-        return cls(np.stack(list(pack_text(files, tokenizer, seq_len))), **kwargs)
+        return cls(np.stack(_packed(files, tokenizer, seq_len, "data.text")), **kwargs)
 
     @classmethod
     def from_preference(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:

@@ -6,13 +6,17 @@ string (so that a malformed file is caught whole) but never used.
 
 Each row becomes one sequence of exactly ``seq_len`` tokens:
 
-    ids = tokenizer(prompt) + tokenizer(chosen) + [eos]     (no special tokens added by the tokenizer)
+    ids = tokenizer(prompt + chosen) + [eos]     (no special tokens added; special-token text tokenized as text)
 
 cut to ``seq_len`` (keeping the prompt's start) or right-padded with the pad id (``tokenizer.pad_token_id``, else
-EOS). The loss is on the completion only (the prompt tokens masked): labels are aligned to logit positions as in
-`megadistil.data.packed.shifted_batch` (``labels[t] = ids[t + 1]``), but only where token ``t + 1`` belongs to the
-completion (chosen's tokens and the final EOS); IGNORE_INDEX on the prompt's positions, on padding and on the last
-position. Right padding needs no attention mask: a causal model's real positions never see the padding after them.
+EOS). Prompt and completion are tokenized as one text, as the model reads them: tokenized apart, a SentencePiece
+tokenizer would give the completion a spurious leading "▁" and no BPE merge could cross the boundary. The completion's
+tokens are those whose character span (the tokenizer's offsets: a fast tokenizer is needed) ends after the prompt; a
+token straddling the boundary is one of them. The loss is on the completion only (the prompt tokens masked): labels
+are aligned to logit positions as in `megadistil.data.packed.shifted_batch` (``labels[t] = ids[t + 1]``), but only
+where token ``t + 1`` belongs to the completion (its tokens and the final EOS); IGNORE_INDEX on the prompt's
+positions, on padding and on the last position. Right padding needs no attention mask: a causal model's real
+positions never see the padding after them.
 
 Rows are not packed several to a sequence: one row per sequence keeps the masking (and which prompt each completion
 is conditioned on) obviously right, at the cost of some padding.
@@ -100,15 +104,22 @@ def preference_sequences(files: Sequence[str | os.PathLike], tokenizer: Any,
 
     def add(prompts: list[str], chosens: list[str]) -> None:
         nonlocal truncated, dropped
-        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(chosens, add_special_tokens=False)["input_ids"]
-        for p, c in zip(p_ids, c_ids):
-            ids = list(p) + list(c) + [eos]
+        # split_special_tokens: a row quoting "</s>" is text, not a control token
+        enc = tokenizer([p + c for p, c in zip(prompts, chosens)], add_special_tokens=False,
+                        split_special_tokens=True, return_offsets_mapping=True)
+        if "offset_mapping" not in enc:  # slow (Python) tokenizers return none
+            raise ValueError(f"tokenizer {type(tokenizer).__name__}: preference data needs a fast tokenizer (one that "
+                             "returns offset mappings) to find where each completion starts")
+        for prompt, joint, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"]):
+            # the completion starts at the first token reaching past the prompt: one straddling the boundary (a
+            # merge across it) is counted as completion, so that every completion character is learned
+            n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(joint))
+            ids = list(joint) + [eos]
             if len(ids) > seq_len:
                 truncated += 1
                 ids = ids[:seq_len]
-            # label position t reads token t + 1; completion tokens sit at indices len(p) .. len(ids) - 1
-            first = max(len(p) - 1, 0)
+            # label position t reads token t + 1; completion tokens sit at indices n_prompt .. len(ids) - 1
+            first = max(n_prompt - 1, 0)
             last = len(ids) - 1  # exclusive end of the labelled positions
             if first >= last:
                 dropped += 1

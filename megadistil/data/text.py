@@ -74,7 +74,8 @@ def pack_text(
     """Yield int64 arrays of exactly ``seq_len`` tokens (no shift: callers derive labels from it).
 
     Documents are concatenated with the tokenizer's EOS between them (EOS after every document) and cut into
-    consecutive windows; a trailing partial window is dropped (``drop_last``) or returned shorter.
+    consecutive windows; a trailing partial window is dropped (``drop_last``) or returned shorter. Special-token text
+    inside a document (a literal "</s>") is tokenized as text: only the EOS inserted here is a control token.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -83,7 +84,9 @@ def pack_text(
         raise ValueError("tokenizer has no eos_token_id; pass add_eos=False or set one")
     buf: list[int] = []
     for docs in batched(iter_documents(files), batch_docs):
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        # split_special_tokens: corpus text that spells a special token must not become the control token (a web page
+        # quoting "<|end_of_text|>" would otherwise end a document mid-text)
+        for ids in tokenizer(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
             buf.extend(ids)
             if add_eos:
                 buf.append(eos)

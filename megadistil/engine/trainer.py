@@ -61,7 +61,7 @@ from megadistil.engine.teachers import (
     Teacher,
 )
 from megadistil.models import output_head, output_head_name
-from megadistil.sampling import lockstep_any, sample
+from megadistil.sampling import eos_token_ids, lockstep_any, sample
 
 
 @dataclass
@@ -446,8 +446,8 @@ class Trainer:
         student = self.engine.module.student
         prompts = batch["input_ids"][:, :op.prompt_tokens]
         indices = sequence_indices(micro, self.dist.rank, self.dist.world_size, prompts.shape[0])
-        stop = student.generation_config.eos_token_id
         tok = self.inputs.tokenizer
+        stop = eos_token_ids(student.generation_config, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         start = time.perf_counter()
         zero3 = self.engine.zero_optimization_stage() == 3

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from megadistil.eval.models import EvalError
-from megadistil.sampling import SamplingConfig, sample
+from megadistil.sampling import SamplingConfig, decode_text, eos_token_ids, sample
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -16,7 +16,10 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"--generate {path}: no such prompts file")
-    prompts = [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
+    # Lines end at \n alone (a CRLF file's \r dropped): str.splitlines also breaks at U+2028, form feeds and other
+    # separators a prompt may hold, cutting it in two.
+    lines = (line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n"))
+    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise EvalError(f"--generate {path}: holds no prompts (one per line)")
     return prompts
@@ -26,17 +29,20 @@ def continuations(model: nn.Module, tokenizer: Any, prompts: list[str], *, max_n
                   temperature: float = 0.8, top_p: float = 0.95) -> list[dict[str, str]]:
     """Greedy and seeded sampled continuations through megadistil.sampling. Each prompt alone (no padding, so
     batching cannot change a result), with the generator of its index, so a model's sampled text does not depend on
-    which prompts came before it. Generation runs to max_new_tokens or EOS."""
+    which prompts came before it. A prompt starts with the tokenizer's special tokens (Llama models expect their
+    BOS first); generation runs to max_new_tokens or any of the model's EOS ids (its generation config's list,
+    as Llama 3.1's <|eot_id|>, else the tokenizer's EOS)."""
+    eos = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     greedy_cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperatures=(0.0,))
     sampled_cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperatures=(temperature,), top_p=top_p, seed=seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
         texts = {}
         for kind, cfg in (("greedy", greedy_cfg), ("sampled", sampled_cfg)):
-            out = sample(model, [ids], cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, indices=[i])
-            texts[kind] = tokenizer.decode(out.tokens[0, :out.lengths[0]], skip_special_tokens=True)
+            out = sample(model, [ids], cfg, eos_token_id=eos, pad_token_id=pad, indices=[i])
+            texts[kind] = decode_text(tokenizer, out.tokens[0, :out.lengths[0]])
         rows.append({"prompt": prompt, **texts})
     return rows
 

@@ -5,6 +5,7 @@
                      (base W + ΔW + LoRA + SubLN, exactly as the exporter rebuilds it for --verify)
   ternary:DIR        the HF dir naively ternarized (BitLinear with ΔW = 0, B = 0): post-training quantization
   NAME=...           any of the above, with the name the results and tables use
+                     (an argument that is itself an existing path, as a dir named lr=3e-4, is that path)
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ class LoadedModel:
 
 def parse_model(arg: str) -> ModelSpec:
     """`[NAME=][ternary:]PATH` -> what it is; a GGUF file is refused (lm-eval has no llama.cpp model here)."""
-    named = re.fullmatch(r"([\w.-]+)=(.+)", arg)
-    name, rest = named.groups() if named else ("", arg)
-    kind, path = ("ternary", rest.removeprefix("ternary:")) if rest.startswith("ternary:") else ("", rest)
+    if Path(arg).exists():  # a path as given is that path, though it reads as NAME=... (a run dir named lr=3e-4)
+        name, kind, path = "", "", arg
+    else:
+        named = re.fullmatch(r"([\w.-]+)=(.+)", arg)
+        name, rest = named.groups() if named else ("", arg)
+        kind, path = ("ternary", rest.removeprefix("ternary:")) if rest.startswith("ternary:") else ("", rest)
     p = Path(path)
     gguf_dir = p.is_dir() and list(p.glob("*.gguf")) and not (p / "config.json").is_file() and not is_checkpoint(p)
     if p.suffix == ".gguf" or gguf_dir:  # a run dir may hold a GGUF export of itself: it is still the run
