@@ -309,14 +309,14 @@ def test_line_text_is_the_exact_text_of_its_ids(tiny_llama_dir):
 def test_prompt_lines_end_at_newlines_only(tiny_llama_dir, tmp_path):
     """A JSON Lines prompt holding U+2028 (json.dumps(ensure_ascii=False) writes it as is) is one valid line, and a
     .txt prompt holding a form feed is one prompt: str.splitlines broke both (refused, or two prompts that shifted
-    every later prompt's index and seed)."""
+    every later prompt's index and seed); a CRLF file's prompts end without their \r."""
     from megadistil.data.generate import _prompt_texts
 
     rows = tmp_path / "p.jsonl"
     rows.write_text(json.dumps({"prompt": "one\u2028line"}, ensure_ascii=False) + "\n" +
                     json.dumps({"prompt": "two"}) + "\n", encoding="utf-8")
     text = tmp_path / "p.txt"
-    text.write_text("page one\x0cpage two\nsecond prompt\n", encoding="utf-8")
+    text.write_text("page one\x0cpage two\r\nsecond prompt\r\n", encoding="utf-8")  # CRLF: no \r kept
     cfg = GenerateConfig(teacher=str(tiny_llama_dir), out=str(tmp_path / "a"), prompts=str(rows))
     assert list(_prompt_texts(cfg)) == ["one\u2028line", "two"]
     assert list(_prompt_texts(replace(cfg, prompts=str(text)))) == ["page one\x0cpage two", "second prompt"]

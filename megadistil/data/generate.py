@@ -40,7 +40,7 @@ from megadistil.data.precompute import (
     teacher_dir_fingerprint,
 )
 from megadistil.data.shards import tokenizer_fingerprint
-from megadistil.data.text import batched, expand_files, files_identity, iter_documents
+from megadistil.data.text import batched, expand_files, files_identity, iter_documents, text_lines
 from megadistil.data.vllm_backend import VLLMSampler, check_vllm
 from megadistil.sampling import SamplingConfig, decode_text, eos_token_ids, lockstep_any, sample
 from megadistil.utils import write_atomic
@@ -116,11 +116,7 @@ def _prompt_texts(cfg: GenerateConfig) -> Iterator[str]:
         yield from iter_documents(cfg.text)
         return
     path = Path(cfg.prompts)
-    # Lines end at \n alone (as JSON Lines and the --text path read them): str.splitlines also breaks at U+2028,
-    # form feeds and other separators a prompt may hold.
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
+    for n, line in text_lines(path):
         if path.suffix == ".txt":
             yield line.replace("\\n", "\n")
             continue

@@ -62,6 +62,14 @@ def iter_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:
             raise ValueError(f"text input {path}: holds no non-empty text")
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of a UTF-8 file's non-blank lines. Lines end at \n alone, a CRLF's \r dropped:
+    str.splitlines also breaks at U+2028, form feeds and other separators a prompt may hold, cutting it in two."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            yield n, line.removesuffix("\r")
+
+
 def pack_text(
     files: Sequence[str | os.PathLike],
     tokenizer: Any,

@@ -237,8 +237,9 @@ def _kept(x: Tensor, present: Tensor | None) -> Tensor:
 def _dense_kd(kind: str, beta: float, z: Tensor, temperature: float, t_logits: Tensor,
               need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """KD against a full teacher distribution. z: the student's float32 logits [c, V] (left unchanged); t_logits:
-    the teacher's, consumed. Written in place so that at most 3 (forward_kl, reverse_kl) or 4 (jsd) [c, V] buffers
-    live besides z: with a 128-256k vocabulary these buffers are the loss's whole memory."""
+    the teacher's, consumed. Written in place so that at most 3 (forward_kl, reverse_kl), 4 (jsd) or 5 (uld: its
+    sort's int64 indices) [c, V] float32 buffers live besides z: with a 128-256k vocabulary these buffers are the
+    loss's whole memory (engine.memory.DENSE_LOGIT_BUFFERS counts them, z included)."""
     if temperature != 1.0:
         t_logits = t_logits.div_(temperature)
     logp = t_logits.sub_(torch.logsumexp(t_logits, -1, keepdim=True))

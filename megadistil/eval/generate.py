@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from megadistil.data.text import text_lines
 from megadistil.eval.models import EvalError
 from megadistil.sampling import SamplingConfig, decode_text, eos_token_ids, sample
 
@@ -16,10 +17,7 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"--generate {path}: no such prompts file")
-    # Lines end at \n alone (a CRLF file's \r dropped): str.splitlines also breaks at U+2028, form feeds and other
-    # separators a prompt may hold, cutting it in two.
-    lines = (line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n"))
-    prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
+    prompts = [line.replace("\\n", "\n") for _, line in text_lines(path)]
     if not prompts:
         raise EvalError(f"--generate {path}: holds no prompts (one per line)")
     return prompts
