@@ -177,7 +177,7 @@ class OptimConfig:
 
 @dataclass
 class RunDataConfig(DataConfig):
-    text: list[str] = field(default_factory=list)  # text files for a live teacher (instead of shards)
+    text: list[str] = field(default_factory=list)  # text files for a live teacher (instead of shards); text spelling a special token stays text
     preference: list[str] = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected): prompt + chosen, loss on chosen
     eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 256  # packing length for text (shards carry their own: set, it must be theirs)
