@@ -108,5 +108,7 @@ bench: setup llama-cpp bytecode
 lint: setup
 	$(PY) -m ruff check megadistil launch tools bench tests
 
+# runs/ is not build output: every shipped config's train.output_dir (checkpoints) is under it. `rm -rf runs/demo`
+# for the demo's.
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache

@@ -277,7 +277,7 @@ def discover(env: Mapping[str, str], *, hostnames: Callable[[str], list[str]] = 
              rank0_endpoint: Callable[[], tuple[str, int] | None] = lambda: None,
              free_port: Callable[[], int] | None = None) -> DistInfo:
     """Rank layout of this process from ``env`` (see the module doc for the order)."""
-    for found in (lambda: from_launcher_env(env),
+    for found in (lambda: _one_world(from_launcher_env(env), env),
                   lambda: from_openmpi_env(env, rank0_endpoint() if "OMPI_COMM_WORLD_RANK" in env else None),
                   lambda: from_slurm_env(env, hostnames)):
         info = found()
@@ -286,6 +286,18 @@ def discover(env: Mapping[str, str], *, hostnames: Callable[[str], list[str]] = 
     _refuse_other_mpi(env, 0, 1, "a single process (no launcher, OpenMPI or srun variables)")
     port = _int(env, "MASTER_PORT", free_port() if free_port else 29500)
     return _check(DistInfo(0, 1, 0, 1, env.get("MASTER_ADDR") or "127.0.0.1", port, "single"))
+
+
+def _one_world(info: DistInfo | None, env: Mapping[str, str]) -> DistInfo | None:
+    """A launcher's one-node world inside an srun step that spans nodes (`srun -N2 deepspeed ...`) would be one
+    world per node, each training alone into the same output_dir: refused."""
+    nodes = _int(env, "SLURM_STEP_NUM_NODES", 1)
+    if info is not None and nodes > 1 and info.world_size == info.local_world_size:
+        raise DistEnvError(f"[{info.launcher}] a world of {info.world_size} rank(s) on one node, started on each of "
+                           f"the {nodes} nodes of an srun step: every node would train alone. Let srun start the "
+                           "ranks (launch/slurm/train.sbatch), or give the launcher every node (a hostfile, "
+                           "torchrun --nnodes)")
+    return info
 
 
 def rank_layout(env: Mapping[str, str]) -> DistInfo:

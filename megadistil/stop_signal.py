@@ -1,21 +1,58 @@
-"""A scheduler's warning before a time limit (Slurm: `#SBATCH --signal=USR1@600`): the trainer finishes its step,
-saves it and stops. Standard library only, so that launch/train.py installs the handler before its heavy imports:
-Python's default for SIGUSR1 ends the process, and the warning can come at any time (a short job gets it at once)."""
+"""Stop requests: the trainer finishes its step, saves it and stops; the next job resumes from it.
+
+SIGUSR1 is a scheduler's warning before a time limit (Slurm: `#SBATCH --signal=USR1@600`), watched from the start:
+Python's default for it ends the process, and it can come at any time (a short job gets it at once). SIGTERM
+(Slurm's preemption and scancel, `kill`, `docker stop`) is a request only while steps run (`stoppable`): before them
+there is nothing to save, and a launcher ending its ranks with SIGTERM must not wait on a rank's set-up. A second
+SIGTERM ends the process at once (the scheduler's SIGKILL follows anyway; the checkpoint is written atomically).
+Standard library only, so that launch/train.py installs the watch before its heavy imports."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
-STOP_SIGNAL = signal.SIGUSR1
-_requested = threading.Event()
+_REASONS = {signal.SIGUSR1: "a time limit ahead", signal.SIGTERM: "preemption, scancel or kill"}
+_received: list[signal.Signals] = []
+
+
+def _record(signum: int, frame: object) -> None:
+    _received.append(signal.Signals(signum))
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # Python runs handlers there only
 
 
 def watch() -> None:
-    """Record STOP_SIGNAL from now on (Python delivers signals to the main thread only; elsewhere, nothing)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(STOP_SIGNAL, lambda signum, frame: _requested.set())
+    """Record SIGUSR1 from now on (called from another thread: nothing)."""
+    if _main_thread():
+        signal.signal(signal.SIGUSR1, _record)
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """Inside the block, SIGTERM is a stop request too (the first one)."""
+    if not _main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _record)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _record:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def requested() -> bool:
-    return _requested.is_set()
+    return bool(_received)
+
+
+def reason() -> str:
+    """The first stop signal received, and what it means (e.g. "SIGUSR1 (a time limit ahead)")."""
+    first = _received[0]
+    return f"{first.name} ({_REASONS[first]})"

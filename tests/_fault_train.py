@@ -2,7 +2,8 @@
 
     MEGADISTIL_FAULT_KILL_AFTER_STEP=n[,m]  every rank SIGKILLs itself once step n is done (saved, evaluated)
     MEGADISTIL_FAULT_NAN_BATCHES=i[,j]      the i-th micro-batch drawn (1-based, counting skipped ones) has a NaN loss
-    MEGADISTIL_FAULT_SIGNAL_AT_STEP=n       rank 0 alone gets SIGUSR1 (a scheduler's time-limit warning) in step n
+    MEGADISTIL_FAULT_SIGNAL_AT_STEP=n       rank 0 alone gets a stop signal in step n: MEGADISTIL_FAULT_SIGNAL (USR1, a
+                                            scheduler's time-limit warning, by default; TERM: preemption)
 """
 
 import contextlib
@@ -37,7 +38,7 @@ def faults(kill_after: set[int] = frozenset(), nan_batches: set[int] = frozenset
         if step - 1 in kill_after:  # step - 1 finished entirely: its checkpoint and evaluation are written
             os.kill(os.getpid(), signal.SIGKILL)
         if step in signal_at and self.dist.rank == 0:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.Signals["SIG" + os.environ.get("MEGADISTIL_FAULT_SIGNAL", "USR1")])
         before_step(self, step, active)
 
     Trainer._forward, Trainer._before_step = faulty_forward, killing_before_step

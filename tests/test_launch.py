@@ -199,6 +199,18 @@ def test_mpirun_ranks_seeing_fewer_gpus_than_their_local_rank_are_refused() -> N
         device_local_rank(DistInfo(1, 2, 1, 2, "n0", 29500, "openmpi"), 1)
 
 
+def test_a_one_node_launcher_world_on_every_node_of_an_srun_step_is_refused() -> None:
+    """`srun -N2 deepspeed --num_gpus 8 ...`: each node's launcher made its own 8-rank world on 127.0.0.1 (both rank
+    0s writing one output_dir); a launcher world that spans the nodes (torchrun --nnodes 2) is the launcher's."""
+    launcher = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": "2"}
+    with pytest.raises(DistEnvError, match=r"\[deepspeed\] a world of 8 rank\(s\) on one node, started on each of the 2 "
+                                           "nodes of an srun step"):
+        discover(launcher)
+    assert discover({**launcher, "WORLD_SIZE": "16"}).world_size == 16
+    assert discover({**launcher, "SLURM_STEP_NUM_NODES": "1"}).world_size == 8
+
+
 def test_discovery_order() -> None:
     launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
     assert discover(_slurm_step() | _ompi() | launcher).launcher == "env"
@@ -241,9 +253,10 @@ def test_nodelist_matches_scontrol(slurm: dict[str, str]) -> None:
         assert expand_nodelist(nodelist) == ref, nodelist
 
 
-def _job(script: Path, tmp_path: Path, slurm: dict[str, str], *args: str,
+def _job(script: Path, tmp_path: Path, slurm: dict[str, str], *args: str, export: str = "ALL",
          **env: str) -> tuple[int, dict[str, str], Path]:
-    """sbatch a shipped script with 2 tasks on the one node (the probe as the train entry); wait for the end.
+    """sbatch a shipped script with 2 tasks on the one node (the probe as the train entry), `export` its --export;
+    wait for the end.
 
     Returns the job id, its ``scontrol show job`` fields plus "wall_s" (submit to end, as seen here), its log.
     """
@@ -252,7 +265,8 @@ def _job(script: Path, tmp_path: Path, slurm: dict[str, str], *args: str,
     job_env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable,
                "MEGADISTIL_ENTRY": "tests/_launch_probe.py", "PROBE_OUT": str(tmp_path / "out"), **env}
     options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-               "--signal=USR1@5", "--job-name=megadistil-test"]  # a 10-min job: train.sbatch's USR1@600 comes at once
+               "--signal=USR1@5", "--job-name=megadistil-test",  # a 10-min job: train.sbatch's USR1@600 comes at once
+               f"--export={export}"]
     start = time.monotonic()
     job = harness.sbatch(script, list(args), options=options, env=job_env, cwd=tmp_path)
     fields = harness.wait_job(job, slurm, JOB_WAIT_S)
@@ -349,13 +363,16 @@ def test_killed_rank_makes_the_other_fail(tmp_path: Path) -> None:
 @pytest.mark.multirank
 def test_sbatch_precompute_two_tasks(tmp_path: Path, slurm: dict[str, str], tiny_llama_dir: Path,
                                      stdlib_text_file: Path) -> None:
-    """The real tools/precompute_teacher.py, its ranks found by the exec wrapper from SLURM's environment."""
+    """The real tools/precompute_teacher.py, its ranks found by the exec wrapper from SLURM's environment. Submitted
+    exporting only the job's own variables (as where a site sets SBATCH_EXPORT=NONE): srun's tasks still get the
+    script's environment (they got none, not even PATH: "execve(): bash: No such file or directory")."""
     from megadistil.data.shards import Manifest
 
     out = tmp_path / "shards"
     job, fields, log = _job(PRECOMPUTE_SBATCH, tmp_path, slurm, "--teacher", str(tiny_llama_dir), "--text",
                             str(stdlib_text_file), "--out", str(out), "--seq-len", "32", "--top-k", "8",
                             "--shard-bytes", "4000", "--max-sequences", "24", "--no-progress",
+                            export="MEGADISTIL_HOME,MEGADISTIL_PYTHON,MEGADISTIL_ENTRY",
                             MEGADISTIL_ENTRY="tools/precompute_teacher.py")
     text = log.read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
@@ -615,3 +632,29 @@ def test_gpu_ranks_take_their_share_of_the_cores_without_the_cpu_malloc_tuning(m
         assert device_mod.place("fp32", "fp32", local_world_size=8, device=torch.device("cuda", 0)).threads == before
     finally:
         torch.set_num_threads(before)
+
+
+def test_sigterm_is_a_stop_request_only_while_steps_run() -> None:
+    """SIGUSR1 is recorded from the start; SIGTERM only inside stoppable() (the training steps): before them it ends
+    the process as by default (nothing to save; a launcher ending its ranks must not wait on set-up), and a second
+    SIGTERM inside ends it at once."""
+    code = """
+import os, signal, sys
+from megadistil import stop_signal
+stop_signal.watch()
+os.kill(os.getpid(), signal.SIGUSR1)
+print(stop_signal.reason(), flush=True)
+with stop_signal.stoppable():
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("alive after one SIGTERM", flush=True)
+    if sys.argv[1] == "twice":
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("alive after two", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+print("alive after the steps", flush=True)
+"""
+    runs = {how: subprocess.run([sys.executable, "-c", code, how], cwd=REPO, capture_output=True, text=True,
+                                check=False) for how in ("once", "twice")}
+    assert runs["once"].returncode == runs["twice"].returncode == -signal.SIGTERM
+    assert runs["once"].stdout.splitlines() == ["SIGUSR1 (a time limit ahead)", "alive after one SIGTERM"]
+    assert runs["twice"].stdout.splitlines() == ["SIGUSR1 (a time limit ahead)", "alive after one SIGTERM"]

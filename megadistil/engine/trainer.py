@@ -339,6 +339,15 @@ class Trainer:
         if self.state.step == 0 and self._evaluates():
             self._evaluate(teacher=True)
         self.peak.start_steps()
+        with stop_signal.stoppable():
+            finished = self._steps(batches)
+        if finished and self._evaluates() and not (cfg.train.eval_every and
+                                                   self.state.step % cfg.train.eval_every == 0):
+            self._evaluate()
+
+    def _steps(self, batches) -> bool:
+        """Steps until train.max_steps (True), or until a rank got a stop signal (False: saved there)."""
+        cfg = self.cfg
         while self.state.step < cfg.train.max_steps:
             step = self.state.step + 1
             active = self._config_at(step)
@@ -359,11 +368,11 @@ class Trainer:
             if step < cfg.train.max_steps and self._stop_agreed():  # the last step ends the run anyway
                 if step % cfg.train.save_every:
                     self.save()
-                self._print(f"step {step}: stopping on {stop_signal.STOP_SIGNAL.name} (a time limit ahead): the "
-                            "checkpoint is saved, and the next job with this train.output_dir resumes from it")
-                return
-        if self._evaluates() and not (cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0):
-            self._evaluate()
+                why = stop_signal.reason() if stop_signal.requested() else "another rank's stop signal"
+                self._print(f"step {step}: stopping on {why}: the checkpoint is saved, and the next job with this "
+                            "train.output_dir resumes from it")
+                return False
+        return True
 
     def _config_at(self, step: int) -> RunConfig:
         """The config in force at `step`, merged again only when another stage has started (an OmegaConf merge per
