@@ -2,10 +2,12 @@
 
 SIGUSR1 is a scheduler's warning before a time limit (Slurm: `#SBATCH --signal=USR1@600`), watched from the start:
 Python's default for it ends the process, and it can come at any time (a short job gets it at once). SIGTERM
-(Slurm's preemption and scancel, `kill`, `docker stop`) is a request only while steps run (`stoppable`): before them
-there is nothing to save, and a launcher ending its ranks with SIGTERM must not wait on a rank's set-up. A second
-SIGTERM ends the process at once (the scheduler's SIGKILL follows anyway; the checkpoint is written atomically).
-Standard library only, so that launch/train.py installs the watch before its heavy imports."""
+(Slurm's preemption and scancel, `kill`, `docker stop`) is a request only while steps run (`stoppable`), and only for
+ranks that the scheduler started itself (srun, mpirun, one process): before the steps there is nothing to save, and
+the deepspeed launcher and torchrun end their ranks with SIGTERM when one fails, one rank after another (30 s each),
+where a rank blocked in a collective runs no Python handler: those die at once as by default. A second SIGTERM ends
+the process at once (the scheduler's SIGKILL follows anyway; checkpoints are written atomically). Standard library
+only, so that launch/train.py installs the watch before its heavy imports."""
 
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ def watch() -> None:
 
 
 @contextlib.contextmanager
-def stoppable() -> Iterator[None]:
-    """Inside the block, SIGTERM is a stop request too (the first one)."""
-    if not _main_thread():
+def stoppable(sigterm: bool = True) -> Iterator[None]:
+    """Inside the block, SIGTERM (the first one) is a stop request too, if `sigterm`."""
+    if not sigterm or not _main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _record)

@@ -428,11 +428,12 @@ def _rank_pid(marker: str, rank: int) -> int | None:
 
 
 @pytest.mark.multirank
-def test_sbatch_time_limit_warning_saves_the_step_and_completes(tmp_path: Path, slurm: dict[str, str],
-                                                                tiny_overrides: list[str]) -> None:
+@pytest.mark.parametrize("sig, why", [("USR1", "a time limit ahead"), ("TERM", "preemption, scancel or kill")])
+def test_sbatch_stop_signal_saves_the_step_and_completes(tmp_path: Path, slurm: dict[str, str],
+                                                         tiny_overrides: list[str], sig: str, why: str) -> None:
     """SIGUSR1 from Slurm to the job's tasks (as train.sbatch's --signal=USR1@600 sends it, here through scancel, not
-    the ~minute-grained timer): they finish a step, save it and exit 0, where Python's default for SIGUSR1 ended
-    them; the job COMPLETES with that checkpoint."""
+    the ~minute-grained timer), or SIGTERM (a preemption's): they finish a step, save it and exit 0, where the
+    signals' defaults ended them; the job COMPLETES with that checkpoint."""
     run = tmp_path / "run"
     (tmp_path / "logs").mkdir()
     env = {**slurm, "MEGADISTIL_HOME": str(REPO), "MEGADISTIL_PYTHON": sys.executable}
@@ -444,11 +445,11 @@ def test_sbatch_time_limit_warning_saves_the_step_and_completes(tmp_path: Path, 
     while not (run / "metrics.jsonl").is_file() or (run / "metrics.jsonl").read_text().count('"loss"') < 2:
         assert time.monotonic() < deadline, "the run did not reach step 2"
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", str(job)], env=env, timeout=30, check=True)
+    subprocess.run(["scancel", f"--signal={sig}", str(job)], env=env, timeout=30, check=True)
     fields = harness.wait_job(job, slurm, JOB_WAIT_S)
     text = (tmp_path / "logs" / f"megadistil-test-{job}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
-    stopped = int(re.search(r"step (\d+): stopping on SIGUSR1 \(a time limit ahead\)", text).group(1))
+    stopped = int(re.search(rf"step (\d+): stopping on SIG{sig} \({why}\)", text).group(1))
     assert stopped >= 2 and max(_metric_steps(run)) == stopped
     _checkpoint_ok(run, stopped)
 
@@ -635,16 +636,15 @@ def test_gpu_ranks_take_their_share_of_the_cores_without_the_cpu_malloc_tuning(m
 
 
 def test_sigterm_is_a_stop_request_only_while_steps_run() -> None:
-    """SIGUSR1 is recorded from the start; SIGTERM only inside stoppable() (the training steps): before them it ends
-    the process as by default (nothing to save; a launcher ending its ranks must not wait on set-up), and a second
-    SIGTERM inside ends it at once."""
+    """SIGUSR1 is recorded from the start; SIGTERM only inside stoppable() (the training steps) and not for a launcher's
+    ranks (sigterm=False): otherwise it ends the process as by default, and a second SIGTERM inside ends it at once."""
     code = """
 import os, signal, sys
 from megadistil import stop_signal
 stop_signal.watch()
 os.kill(os.getpid(), signal.SIGUSR1)
 print(stop_signal.reason(), flush=True)
-with stop_signal.stoppable():
+with stop_signal.stoppable(sigterm=sys.argv[1] != "launcher"):
     os.kill(os.getpid(), signal.SIGTERM)
     print("alive after one SIGTERM", flush=True)
     if sys.argv[1] == "twice":
@@ -654,7 +654,8 @@ os.kill(os.getpid(), signal.SIGTERM)
 print("alive after the steps", flush=True)
 """
     runs = {how: subprocess.run([sys.executable, "-c", code, how], cwd=REPO, capture_output=True, text=True,
-                                check=False) for how in ("once", "twice")}
-    assert runs["once"].returncode == runs["twice"].returncode == -signal.SIGTERM
+                                check=False) for how in ("once", "twice", "launcher")}
+    assert {r.returncode for r in runs.values()} == {-signal.SIGTERM}
     assert runs["once"].stdout.splitlines() == ["SIGUSR1 (a time limit ahead)", "alive after one SIGTERM"]
     assert runs["twice"].stdout.splitlines() == ["SIGUSR1 (a time limit ahead)", "alive after one SIGTERM"]
+    assert runs["launcher"].stdout.splitlines() == ["SIGUSR1 (a time limit ahead)"]  # deepspeed, torchrun: default

@@ -619,15 +619,14 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
 
 
 @pytest.mark.multirank
-def test_a_preemption_saves_after_the_step_and_stops_every_rank(tmp_path, text_overrides):
-    """SIGTERM (Slurm's preemption, scancel) reaching one rank while steps run: every rank stops after the same step,
-    with a checkpoint of it, and exits cleanly; the default for SIGTERM was to die, losing the steps since the last
-    save. The next job resumes from it. (SIGUSR1, the time-limit warning, takes this path too: test_launch.py.)"""
+def test_a_time_limit_warning_saves_after_the_step_and_stops_every_rank(tmp_path, text_overrides):
+    """SIGUSR1 (train.sbatch's --signal=USR1@600) reaching one rank: every rank stops after the same step, with a
+    checkpoint of it, and exits cleanly; Python's default for SIGUSR1 was to die, losing the steps since the last
+    save. The next job resumes from it. (SIGTERM under srun: test_launch.py.)"""
     overrides = [*text_overrides, "train.max_steps=6", "train.save_every=100"]
-    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_SIGNAL_AT_STEP": "3", "MEGADISTIL_FAULT_SIGNAL": "TERM"},
-                 port=29519)
+    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_SIGNAL_AT_STEP": "3"}, port=29519)
     ok(proc)
-    assert "step 3: stopping on SIGTERM (preemption, scancel or kill): the checkpoint is saved" in proc.stdout
+    assert "step 3: stopping on SIGUSR1 (a time limit ahead): the checkpoint is saved" in proc.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1, 2, 3]
 

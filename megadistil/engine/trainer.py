@@ -339,7 +339,7 @@ class Trainer:
         if self.state.step == 0 and self._evaluates():
             self._evaluate(teacher=True)
         self.peak.start_steps()
-        with stop_signal.stoppable():
+        with stop_signal.stoppable(sigterm=self.dist.launcher not in ("deepspeed", "torchrun")):
             finished = self._steps(batches)
         if finished and self._evaluates() and not (cfg.train.eval_every and
                                                    self.state.step % cfg.train.eval_every == 0):
