@@ -20,18 +20,24 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install torch==2.6.0 --index-url "https://download.pytorch.org/whl/cu124"
 
 WORKDIR /opt/megadistil
+# The dependencies from pyproject.toml alone (an empty package stands in for the source), so that a source edit
+# rebuilds the layers below only, not ~130 packages and flash-attn.
 COPY pyproject.toml README.md LICENSE ./
-COPY megadistil ./megadistil
-RUN pip install ".[wandb,mpi]" "transformers==5.24.0" "deepspeed==0.19.8" \
+RUN mkdir megadistil && touch megadistil/__init__.py \
+ && pip install ".[wandb,mpi]" "transformers==5.24.0" "deepspeed==0.19.8" \
  && pip install packaging wheel \
- && pip install "flash-attn==2.7.4.post1" --no-build-isolation
+ && pip install "flash-attn==2.7.4.post1" --no-build-isolation \
+ && pip uninstall -y megadistil && rm -rf megadistil build
+COPY megadistil ./megadistil
+RUN pip install --no-deps .
 
 COPY launch ./launch
 COPY configs ./configs
 COPY ds_configs ./ds_configs
 COPY tools ./tools
 
-# docker run --gpus all --ipc=host -v /models:/models -v /data:/data IMAGE --ds_config ds_configs/zero3.json \
-#     --config configs/llama3.1-8b.yaml model.student=/models/... (--ipc=host: NCCL's shared memory)
+# docker run --gpus all --ipc=host -v /models:/models -v /data:/data -v $PWD/runs:/opt/megadistil/runs IMAGE \
+#     --ds_config ds_configs/zero3.json --config configs/llama3.1-8b.yaml model.student=/models/...
+# (--ipc=host: NCCL's shared memory; runs/: the configs' train.output_dir, lost with the container otherwise)
 ENTRYPOINT ["deepspeed", "launch/train.py"]
 CMD ["--help"]
