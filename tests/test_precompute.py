@@ -207,12 +207,15 @@ def test_every_tool_takes_both_spellings_of_a_dtype(tiny_llama_dir, stdlib_text_
 
 @pytest.mark.multirank
 def test_two_ranks_write_disjoint_shards_and_one_manifest(full_run, tiny_llama_dir, stdlib_text_file, tmp_path):
+    """Rank 1 finishes 12 s after rank 0, with the process group's timeout cut to 6 s (standing for hours apart and
+    600 s): the rendezvous after the work waits (it timed out, and no manifest was written, on every rerun)."""
     out = tmp_path / "mr"
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29617", str(ROOT / "tools/precompute_teacher.py"),
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29617", str(ROOT / "tests/_slow_rank_precompute.py"),
            "--teacher", str(tiny_llama_dir), "--text", str(stdlib_text_file), "--out", str(out), "--seq-len", "32",
            "--top-k", "8", "--shard-bytes", "4000", "--max-sequences", "24", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False,
+                       env={**os.environ, "MEGADISTIL_TEST_DIST_TIMEOUT_S": "6", "MEGADISTIL_TEST_RANK1_DELAY_S": "12"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     m = Manifest.load(out)
     assert {s.name[:10] for s in m.shards} == {"shard-r000", "shard-r001"}
@@ -413,7 +416,7 @@ def test_a_manifest_missing_shards_another_node_wrote_is_refused(tiny_llama_dir,
     manifest. The sequences every rank wrote are summed over the ranks and must all be there."""
     from megadistil.data import precompute
 
-    monkeypatch.setattr(precompute, "sum_over_ranks", lambda count, world, device: count + 7)
+    monkeypatch.setattr(precompute, "sum_over_ranks", lambda count, world, device, group=None: count + 7)
     with pytest.raises(ValueError, match=r"the ranks wrote \d+ sequences, the shards rank 0 sees hold \d+: --out must"):
         run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "x"))
     assert not (tmp_path / "x" / "manifest.json").exists()

@@ -359,3 +359,17 @@ def test_inspect_names_a_truncated_shard_and_a_missing_tokenizer(tmp_path, capsy
     assert main([str(shards)]) == 2
     assert capsys.readouterr().err == (f"inspect_shards: error: {tar}: not a readable tar shard (truncated header); "
                                        "it is corrupt or truncated\n")
+
+
+def test_levels_that_expand_past_their_size_are_refused_before_they_do():
+    """A sample (valid crc32) whose levels section is an LZMA2 bomb (100 MB of zeros in 15 kB), cut short, or padded:
+    refused naming the section, reading at most one byte past the expected size (it expanded whole first)."""
+    lp = np.log(np.tile([0.5, 0.2, 0.1], (6, 1)))
+    header, parts = _split(encode_sample(_OLD_TOKENS, _OLD_IDS, lp, vocab_size=50)["bin"])
+    levels = lzma.decompress(parts["levels"], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    squeeze = lambda raw: lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    cases = {squeeze(bytes(10**8)): "expand past the 24 bytes expected", squeeze(levels + b"\0"): "expand past",
+             parts["levels"][:-4]: "cut short|do not decompress", squeeze(levels[:-1]): "hold 23 bytes, expected 24"}
+    for bad, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            decode_sample(_repack(header, {**parts, "levels": bad}), seq_len=6, top_k=3, vocab_size=50)

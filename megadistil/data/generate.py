@@ -33,6 +33,7 @@ from megadistil.data.precompute import (
     checked_dtype,
     collective_batches,
     dist_env,
+    finish_group,
     identity_hash,
     load_teacher,
     loaded_dtype,
@@ -188,6 +189,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
 
     cfg.validate()
     rank, world = dist_env()
+    finish = finish_group(world)
     if cfg.backend is Backend.vllm:
         check_vllm(cfg.sampling, cfg.zero3, world)
     max_positions = getattr(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False),
@@ -231,9 +233,9 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
             bar.update(len(batch or []) * world)
             bar.set_postfix(new_tok_s=f"{new_tokens * world / max(time.time() - t0, 1e-9):.0f}")
     bar.close()
-    barrier(world)
+    barrier(world, finish)  # ranks end their prompts apart (a resume keeps different numbers of batches on each)
     summary = merge_parts(out, ident, world) if rank == 0 else None
-    barrier(world)
+    barrier(world, finish)
     if cfg.shards is not None:
         if isinstance(continuations, VLLMSampler):
             continuations.close()  # the HF teacher loads next, for its logits

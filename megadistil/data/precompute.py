@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,9 +126,21 @@ def dist_env() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def barrier(world: int) -> None:
+# Ranks finish their share hours apart (a resume keeps different numbers of shards on each rank; a slower node), so
+# the rendezvous after the work runs on a gloo group that waits this long, not the process group's bounded timeout
+# (600 s: a rank that finished waited for the others, timed out, and wrote no manifest, on every rerun). The work's
+# own collectives keep the bounded timeout; a dead rank still fails the wait at once (its sockets close).
+FINISH_TIMEOUT = timedelta(days=2)
+
+
+def finish_group(world: int) -> Any:
+    """The group of the rendezvous after the work (a collective: every rank creates it at set-up)."""
+    return torch.distributed.new_group(backend="gloo", timeout=FINISH_TIMEOUT) if world > 1 else None
+
+
+def barrier(world: int, group: Any = None) -> None:
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
 
 
 def collective_batches(batches: Iterator[list[T]], lockstep: bool, world: int,
@@ -146,11 +159,12 @@ def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     return bool(sum_over_ranks(int(flag), world, device))
 
 
-def sum_over_ranks(count: int, world: int, device: torch.device) -> int:
+def sum_over_ranks(count: int, world: int, device: torch.device, group: Any = None) -> int:
+    """`count` summed over the ranks, on `device` (a gloo `group`'s on the CPU)."""
     if world == 1:
         return count
-    t = torch.tensor([count], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t)
+    t = torch.tensor([count], dtype=torch.int64, device=device if group is None else "cpu")
+    torch.distributed.all_reduce(t, group=group)
     return int(t.item())
 
 
@@ -386,6 +400,7 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
 
     cfg.validate()
     rank, world = dist_env()
+    finish = finish_group(world)
     teacher_vocab = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=False).vocab_size
     if cfg.top_k > teacher_vocab:
         raise ValueError(f"--top-k {cfg.top_k} is larger than the teacher's vocab size {teacher_vocab}")
@@ -449,11 +464,12 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     if positions:
         log.info("rank %d: %d of %d student positions (%.1f%%) have a teacher position that read the same text",
                  rank, aligned, positions, 100.0 * aligned / positions)
-    written = sum_over_ranks(sidecars.first_seq, world, device)  # every rank's sequences, kept ones included
+    # every rank's sequences, kept ones included
+    written = sum_over_ranks(sidecars.first_seq, world, device, group=finish)
     manifest = None
     if rank == 0:
         manifest = merge_manifest(out, ident, vocab, codec, cfg, target_vocab=target_vocab, written=written)
-    barrier(world)
+    barrier(world, finish)
     return manifest
 
 

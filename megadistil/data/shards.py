@@ -362,14 +362,18 @@ def decode_sample(
         off += size
     tokens = _unpack_fixed(parts["tokens"], seq_len, _id_bits(vocab_size))
     ids = _golomb_decode(parts["id_unary"], parts["id_prefix"], parts["id_extra"], seq_len, top_k, target_vocab)
-    try:
-        raw_levels = lzma.decompress(parts["levels"], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    dtype = np.dtype(_level_dtype(codec))
+    expected = seq_len * (top_k + 1) * dtype.itemsize
+    try:  # at most one byte past the expected size: a crafted sample cannot make it expand to gigabytes first
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        raw_levels = decompressor.decompress(parts["levels"], max_length=expected + 1)
     except lzma.LZMAError as exc:
         raise ValueError(f"probability levels do not decompress ({exc})") from None
-    dtype = np.dtype(_level_dtype(codec))
-    if len(raw_levels) != seq_len * (top_k + 1) * dtype.itemsize:
-        raise ValueError(f"probability levels hold {len(raw_levels)} bytes, expected "
-                         f"{seq_len * (top_k + 1) * dtype.itemsize}")
+    if len(raw_levels) > expected:
+        raise ValueError(f"probability levels expand past the {expected} bytes expected")
+    if len(raw_levels) < expected or not decompressor.eof:
+        raise ValueError(f"probability levels hold {len(raw_levels)} bytes{'' if decompressor.eof else ' (cut short)'}"
+                         f", expected {expected}")
     levels = np.frombuffer(raw_levels, dtype=dtype).astype(np.int64).reshape(seq_len, top_k + 1)
     logq = codec.logp_of_level(levels + codec.level_range[0])
     if top_k >= target_vocab:
