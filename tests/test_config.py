@@ -173,6 +173,21 @@ def test_a_stage_that_sets_warmup_steps_rewarms_from_its_start():
     assert lrs[150] == pytest.approx(0.5 * base[150]) and lrs[200] == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_a_stage_from_the_first_step_that_sets_warmup_steps_is_the_runs_warmup(start):
+    """start_step 0 and 1 are the same step: the stage's warmup replaces the run's (it multiplied the run's ramp by
+    its own from step 1, and start 0 and 1 gave two ramps); warmup 0 turns it off."""
+    from megadistil.engine.schedule import run_lr_at
+
+    for warmup in (4, 0):
+        stages = f"[{{start_step: {start}, overrides: {{optim.warmup_steps: {warmup}}}}}]"
+        cfg = load_config(None, [*BASE, "optim.lr=1.0", "optim.warmup_steps=8", "train.max_steps=100",
+                                 f"stages={stages}"])
+        plain = load_config(None, [*BASE, "optim.lr=1.0", f"optim.warmup_steps={warmup}", "train.max_steps=100"])
+        assert [run_lr_at(s, cfg, stage_config(cfg, s)) for s in range(1, 101)] == \
+            [lr_at(s, plain.optim, plain.relora, 100) for s in range(1, 101)]
+
+
 def test_a_stage_override_nothing_reads_while_it_is_in_force_is_refused():
     """A condition holding at some stage accepted an override at a stage where it does not hold: on-policy
     micro-batches read onpolicy.kind, so a loss.kind set at the stage that turns them all on-policy does nothing."""
@@ -437,6 +452,10 @@ def test_loss_settings_that_some_micro_batches_read_are_accepted(overrides):
     ({"amp": {"enabled": True}}, 'ds_config "amp": megadistil sets the precision from model.dtype'),
     ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}},
      'ds_config "torch_autocast": megadistil sets the precision from model.dtype'),
+    # writers that commit after save_checkpoint returns, or never: `latest` would name a tag without its files
+    ({"checkpoint": {"writer": {"decoupled": True}}}, "ds_config checkpoint.writer.decoupled=true: its files are"),
+    ({"checkpoint": {"writer": {"type": "mock"}}}, 'ds_config checkpoint.writer.type="MOCK" writes no files'),
+    ({"datastates_ckpt": {"host_cache_size": 16}}, "ds_config datastates_ckpt: DataStates writes checkpoints"),
 ])
 def test_ds_config_sections_megadistil_cannot_honour_are_refused(ds, message):
     cfg = load_config(None, BASE)

@@ -803,3 +803,14 @@ def test_dual_space_term_matches_its_definition():
     torch.testing.assert_close(parts["loss"].double(), ce + 0.5 * (4.0 * kd + proj_ce), rtol=2e-5, atol=1e-6)
     (0.5 * proj_ce).backward()  # the projector learns from its CE alone: the KD target is detached
     torch.testing.assert_close(projector.weight.grad.double(), P.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume():
+    """A kill (or a full disk) mid-write leaves half a JSON line last in metrics.jsonl: every resume stopped on it
+    with a JSONDecodeError, after loading everything. Records after the resume step go; the step's own stays."""
+    from megadistil.engine.trainer import _kept
+
+    lines = ['{"step": 7, "loss": 1.0}', '{"step": 8, "loss": 0.9}', '{"step": 8, "eval_loss": 2.0}',
+             '{"step": 9, "loss": 0.8}', '{"step": 10, "lo']
+    assert [line for line in lines if _kept(line, 8)] == lines[:3]
+    assert [line for line in lines if _kept(line, 0)] == []  # starting over

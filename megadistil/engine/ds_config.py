@@ -39,8 +39,27 @@ def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size
             raise ConfigError(f"ds_config has an {section!r} section: megadistil builds it from optim.*; remove it")
     _reconcile_precision(cfg, ds, bf16)
     _refuse_activation_checkpointing(ds)
+    _refuse_deferred_checkpoint_writes(ds)
     _require_zero3(ds)
     return ds
+
+
+def _refuse_deferred_checkpoint_writes(ds: dict[str, Any]) -> None:
+    """engine.checkpoint renames a tag into place and writes `latest` once DeepSpeed's save_checkpoint returns: a
+    writer that commits the files later (decoupled, DataStates) or never (MOCK) would leave `latest` naming a tag
+    without its ZeRO files (measured: the decoupled writer's tag held none when `latest` named it)."""
+    checkpoint = ds.get("checkpoint") or {}
+    writer = checkpoint.get("writer") or {} if isinstance(checkpoint, dict) else {}
+    if not isinstance(writer, dict):
+        return  # DeepSpeed's own validation names it
+    if writer.get("decoupled"):
+        raise ConfigError("ds_config checkpoint.writer.decoupled=true: its files are committed after save returns, "
+                          "after megadistil has written `latest` (a kill then leaves a tag without them); remove it")
+    if str(writer.get("type", "")).upper() == "MOCK":
+        raise ConfigError('ds_config checkpoint.writer.type="MOCK" writes no files: remove it')
+    if ds.get("datastates_ckpt") not in (None, False):
+        raise ConfigError("ds_config datastates_ckpt: DataStates writes checkpoints asynchronously, after megadistil "
+                          "has written `latest`; remove it")
 
 
 def _reconcile_precision(cfg: RunConfig, ds: dict[str, Any], bf16: bool) -> None:

@@ -24,10 +24,14 @@ def lr_at(step: int, optim: OptimConfig, relora: ReLoRAConfig, max_steps: int) -
 
 def run_lr_at(step: int, cfg: RunConfig, active: RunConfig) -> float:
     """LR of step `step` under the config in force (`active`: stage_config(cfg, step)). The cosine runs on the run's
-    own warmup_steps; a stage that sets optim.warmup_steps re-warms from its start_step over that many steps (a
-    multiplier, as ReLoRA's restarts), so a stage's new lr or loss is not hit at full rate."""
-    lr = lr_at(step, replace(active.optim, warmup_steps=cfg.optim.warmup_steps), cfg.relora, cfg.train.max_steps)
-    rewarms = [s for s in cfg.stages if s.start_step <= step and "optim.warmup_steps" in s.overrides]
+    own warmup_steps (a stage in force from step 1, start_step 0 or 1, sets it); a later stage that sets
+    optim.warmup_steps re-warms from its start_step over that many steps (a multiplier, as ReLoRA's restarts), so a
+    stage's new lr or loss is not hit at full rate."""
+    sets_warmup = [s for s in cfg.stages if "optim.warmup_steps" in s.overrides]
+    run_warmup = next((s.overrides["optim.warmup_steps"] for s in reversed(sets_warmup) if s.start_step <= 1),
+                      cfg.optim.warmup_steps)
+    lr = lr_at(step, replace(active.optim, warmup_steps=run_warmup), cfg.relora, cfg.train.max_steps)
+    rewarms = [s for s in sets_warmup if 1 < s.start_step <= step]
     if rewarms:
         since = step - rewarms[-1].start_step + 1
         lr *= min(1.0, since / max(active.optim.warmup_steps, 1))

@@ -296,8 +296,7 @@ class Trainer:
         records up to the step we start from, so metrics.jsonl reads as one run."""
         path = self.run_dir / rundir.METRICS
         if self.dist.rank == 0 and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) < self.state.step
-                    or (self.state.step and json.loads(line).get("step") == self.state.step)]
+            keep = [line for line in path.read_text().splitlines() if _kept(line, self.state.step)]
             utils.write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _resume(self) -> None:
@@ -601,6 +600,16 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
+
+
+def _kept(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl record stays when the run (re)starts from `step`: those of earlier steps, and of `step`
+    itself (its evaluation) unless starting over; a line a kill cut mid-write goes (it stopped every resume)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return record.get("step", 0) < step or bool(step and record.get("step") == step)
 
 
 def _over_ranks(flag: Tensor, op: dist.ReduceOp) -> bool:
