@@ -197,6 +197,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro steps per optimizer step; each one's mean loss counts alike, whatever its tokens
     output_dir: str = "runs/tiny"  # the run dir: config.yaml, metrics.jsonl, checkpoints/
     save_every: int = 50  # steps between checkpoints (and one at the end)
+    keep_last: int = 0  # checkpoints kept: the newest N tags (0: all); the tag `latest` names is never deleted
     seed: int = 0  # seeds torch/numpy/python, the data order and ReLoRA's re-initialisation
     resume: Resume = Resume.auto  # auto: continue from <output_dir>/checkpoints/latest if present | never
     eval_every: int = 0  # steps between evaluations (held-out perplexity, eval_tasks); 0 = only at the end
@@ -210,6 +211,7 @@ class TrainConfig:
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "save_every", "max_nan_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.keep_last >= 0, "train.keep_last", f"must be >= 0 (0: keep every checkpoint), got {self.keep_last}")
         require(self.eval_every >= 0, "train.eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {self.eval_batches}")
         require(self.eval_tasks_limit is None or self.eval_tasks_limit >= 1, "train.eval_tasks_limit",
@@ -584,6 +586,24 @@ def _settings(cfg: RunConfig, staged: list[tuple[str, RunConfig]], default: RunC
 def value_at(cfg: RunConfig, key: str) -> Any:
     """The setting at a dotted key (train.max_steps)."""
     return reduce(getattr, key.split("."), cfg)
+
+
+def changed_settings(saved: DictConfig, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """dotted key -> (value in `saved`, value in `cfg`) for every setting they both hold and that differs (a key the
+    saved config predates is not a change)."""
+    then, now = _flat(OmegaConf.to_container(saved, enum_to_str=True)), _flat(
+        OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
+    return {key: (then[key], now[key]) for key in then if key in now and then[key] != now[key]}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # TupleConfig's, as saved
+    return out
 
 
 def setter_of(cfg: RunConfig, where: str, key: str) -> str:

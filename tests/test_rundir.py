@@ -180,3 +180,98 @@ def test_a_save_replaces_an_earlier_checkpoint_of_its_tag_whole(tmp_path: Path) 
     assert (old / "mp_rank_00_model_states.pt").read_text() == "new, written as step00000005.partial"
     assert rundir.read_meta(old)["step"] == 5
     assert sorted(p.name for p in root.iterdir()) == [rundir.LATEST, tag]
+
+
+class _TinyEngine:
+    """What checkpoint.save asks of DeepSpeed's engine: a module (no ΔW) and save_checkpoint into <root>/<tag>."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        self.module = nn.Linear(2, 2)
+
+    def save_checkpoint(self, root, tag, **kwargs):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+            (Path(root) / tag / name).write_text(tag)
+
+
+def _save_steps(root: Path, steps: list[int], keep_last: int) -> None:
+    from megadistil.engine import checkpoint
+
+    for step in steps:
+        assert checkpoint.save(_TinyEngine(), root, step, rank_state={}, meta={}, config_yaml="a: 1\n",
+                               sync_files=False, keep_last=keep_last) == rundir.tag_for(step)
+
+
+def test_keep_last_keeps_the_newest_tags_and_latest_names_the_newest(tmp_path: Path) -> None:
+    """train.keep_last=2 after 4 saves: the 2 newest tags stay, `latest` names the newest; nothing that is not a
+    name the checkpoint module writes is touched."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "notes").mkdir()  # the user's: no tag name
+    (root / "step5").mkdir()  # not rundir.tag_for's spelling
+    _save_steps(root, [2, 4, 6, 8], keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == sorted([rundir.LATEST, "notes", "step5", "step00000006",
+                                                             "step00000008"])
+    assert rundir.latest_tag(root) == "step00000008"
+    assert rundir.find_checkpoint(tmp_path) == root / "step00000008"
+    assert rundir.read_meta(root / "step00000006")["step"] == 6
+
+
+def test_keep_last_0_keeps_every_tag(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    _save_steps(root, [2, 4, 6, 8], keep_last=0)
+    assert sorted(p.name for p in root.iterdir()) == [rundir.LATEST, *(rundir.tag_for(s) for s in (2, 4, 6, 8))]
+    assert rundir.latest_tag(root) == "step00000008"
+
+
+def test_a_save_sweeps_the_staging_dirs_crashed_saves_and_prunes_left(tmp_path: Path) -> None:
+    """`.partial` (a save that crashed while writing), `.replaced` (one that crashed replacing a tag) and `.pruned`
+    (a deletion cut short) dirs of earlier saves are swept by the next save, whatever keep_last."""
+    root = tmp_path / "checkpoints"
+    _save_steps(root, [2], keep_last=0)
+    for name in ("step00000003.partial", "step00000002.replaced", "step00000001.pruned"):
+        (root / name / "sub").mkdir(parents=True)
+        (root / name / "sub" / "x.pt").write_text("left over")
+    _save_steps(root, [4], keep_last=0)
+    assert sorted(p.name for p in root.iterdir()) == [rundir.LATEST, "step00000002", "step00000004"]
+
+
+def test_prune_tags_never_deletes_the_tag_latest_names_nor_a_later_runs_tags(tmp_path: Path) -> None:
+    """Pruning counts the tags up to the one `latest` names (always kept). Tags of later steps were left by an
+    earlier run in this output dir (train.resume=never withdrew its `latest`): a save of their step replaces them,
+    pruning leaves them. A pruned tag is renamed away from its tag name before it is deleted."""
+    from megadistil.engine.checkpoint import PRUNED, prune_tags
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 9, 10):
+        (root / rundir.tag_for(step)).mkdir(parents=True)
+        (root / rundir.tag_for(step) / rundir.META).write_text(json.dumps({"step": step}))
+    rundir.write_latest(root, rundir.tag_for(3))
+    renamed = []
+    real_rename = Path.rename
+
+    def spying_rename(self, target):
+        renamed.append((self.name, Path(target).name))
+        return real_rename(self, target)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Path, "rename", spying_rename):
+        assert prune_tags(root, 1) == ["step00000001", "step00000002"]
+    assert renamed == [("step00000001", "step00000001" + PRUNED), ("step00000002", "step00000002" + PRUNED)]
+    assert sorted(p.name for p in root.iterdir()) == [rundir.LATEST, "step00000003", "step00000009", "step00000010"]
+    assert rundir.latest_tag(root) == "step00000003"
+    assert prune_tags(root, 5) == [] and prune_tags(root, 0) == []
+    (root / rundir.LATEST).unlink()
+    assert prune_tags(root, 1) == []  # no `latest`: nothing to anchor on, no tag deleted
+
+
+@pytest.mark.parametrize("value", [-1, -3])
+def test_train_keep_last_below_0_is_refused_naming_the_key(value: int) -> None:
+    from megadistil.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"config key 'train.keep_last': must be >= 0 .*got {value}"):
+        load_config(None, ["model.student=/m", "data.text=[a.txt]", f"train.keep_last={value}"])
+    assert load_config(None, ["model.student=/m", "data.text=[a.txt]", "train.keep_last=2"]).train.keep_last == 2

@@ -111,7 +111,8 @@ def test_a_resume_skips_whole_passes_unread(shards, monkeypatch):
     state = first.state_dict()
     read: list[int] = []
     real = stream_module._SlotSource._pass
-    monkeypatch.setattr(stream_module._SlotSource, "_pass", lambda self, epoch: read.append(epoch) or real(self, epoch))
+    monkeypatch.setattr(stream_module._SlotSource, "_pass",
+                        lambda self, epoch, *rnd: read.append(epoch) or real(self, epoch, *rnd))
     resumed = ShardStream(shards, **kw)
     resumed.load_state_dict(state)
     _same(_take(resumed, 10), reference[20:])
@@ -224,6 +225,73 @@ def test_truncated_shard(shards, tmp_path):
         ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1)
     skipping = ShardStream(bad, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip")
     assert len(list(skipping)) == len(skipping) and skipping.skipped >= 1
+
+
+def _epoch_rows(batches, per_epoch):
+    return [_rows(batches[e * per_epoch:(e + 1) * per_epoch]) for e in range(len(batches) // per_epoch)]
+
+
+def test_a_pass_short_of_skipped_samples_is_topped_up_from_itself(shards, tmp_path):
+    """One corrupt sample in 70, an epoch of 70 (batches of 2): each epoch is its own pass, its 69 valid samples and
+    one of them again. Topped up from the next pass instead, every later epoch began inside a pass and repeated
+    samples of it across the pass boundary; and the corrupt sample was counted again on every pass."""
+    everything = set(_rows(list(ShardStream(shards, batch_size=1, epochs=1, shuffle_buffer=0))))
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    _flip_byte_in_member(bad / sorted(p.name for p in bad.glob("*.tar"))[3], ".bin")
+    stream = ShardStream(bad, batch_size=2, shuffle_buffer=7, seed=2, epochs=5, on_corrupt="skip")
+    epochs = _epoch_rows(list(stream), stream.batches_per_epoch)
+    assert len(epochs) == 5
+    (lost,) = everything - set(epochs[0])
+    for rows in epochs:
+        assert len(rows) == 70 and set(rows) == everything - {lost}  # the pass's valid samples, one of them twice
+    assert len({tuple(rows) for rows in epochs}) == 5  # each pass (and its top-up) in its own order
+    assert stream.skipped == 1 and stream.state_dict()["skipped"] == 1
+
+
+def test_a_truncated_shard_counts_the_samples_it_lost(shards, tmp_path):
+    """skipped counts samples lost, once each: a shard cut to a quarter loses most of its samples, not 1, and a
+    corrupt sample in another shard adds 1, however many passes meet them."""
+    everything = set(_rows(list(ShardStream(shards, batch_size=1, epochs=1, shuffle_buffer=0))))
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    names = sorted(p.name for p in bad.glob("*.tar"))
+    data = (bad / names[1]).read_bytes()
+    (bad / names[1]).write_bytes(data[: len(data) // 4])
+    _flip_byte_in_member(bad / names[5], ".bin")
+    stream = ShardStream(bad, batch_size=2, shuffle_buffer=5, seed=4, epochs=3, on_corrupt="skip")
+    epochs = _epoch_rows(list(stream), stream.batches_per_epoch)
+    kept = set(epochs[0])
+    assert all(set(rows) == kept for rows in epochs) and kept < everything
+    assert stream.skipped == len(everything) - len(kept) > 2
+
+
+def test_a_resume_under_skip_starts_at_its_pass(shards, tmp_path, monkeypatch):
+    """With corrupt samples skipped, epoch e is still pass e: a resume late in the run gives the batches the
+    uninterrupted stream gives and reads only the passes from its own on (it replayed every pass from pass 0)."""
+    from megadistil.data import stream as stream_module
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    names = sorted(p.name for p in bad.glob("*.tar"))
+    _flip_byte_in_member(bad / names[0], ".bin")
+    _flip_byte_in_member(bad / names[7], ".bin")
+    kw = {"batch_size": 2, "shuffle_buffer": 7, "seed": 3, "on_corrupt": "skip"}
+    per_epoch = ShardStream(bad, **kw).batches_per_epoch
+    at = 4 * per_epoch - 1  # epoch 3's last batch: its pass's top-up read (68 valid samples, 70 an epoch)
+    reference = _take(ShardStream(bad, **kw), at + per_epoch)
+    first = ShardStream(bad, **kw)
+    _take(first, at)
+    state = json.loads(json.dumps(first.state_dict()))
+    read: list[tuple[int, ...]] = []
+    real = stream_module._SlotSource._pass
+    monkeypatch.setattr(stream_module._SlotSource, "_pass",
+                        lambda self, epoch, *rnd: read.append((epoch, *rnd)) or real(self, epoch, *rnd))
+    resumed = ShardStream(bad, **kw)
+    resumed.load_state_dict(state)
+    _same(_take(resumed, per_epoch), reference[at:])
+    assert min(read)[0] == 3, read
+    assert (3, 1) in read and (4, 0) in read  # epoch 3 topped up from itself, then the next pass
 
 
 def test_inspect_verify_reads_every_shard_against_the_manifest(shards, tmp_path, capsys):

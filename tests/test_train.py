@@ -714,6 +714,8 @@ def test_an_offloaded_optimizer_is_deepspeeds_cpu_adam(monkeypatch, ds_config, e
 def test_a_resume_is_refused_before_any_load_where_the_base_or_the_adapters_differ(tmp_path, tiny_llama_dir):
     """A checkpoint resumes only onto the base it trained from (meta.json's fingerprint samples the weights: a base of
     the same shapes and other weights used to resume silently) and with its adapters' shape and scale."""
+    from types import SimpleNamespace
+
     from megadistil import rundir
     from megadistil.config import to_yaml
     from megadistil.engine.trainer import Trainer
@@ -726,10 +728,16 @@ def test_a_resume_is_refused_before_any_load_where_the_base_or_the_adapters_diff
 
     def check(overrides):
         trainer = Trainer(load_config(None, [*base, *overrides]), "unused.json")
-        trainer.resume_tag = tag.name
+        trainer.resume_tag, trainer.dist = tag.name, SimpleNamespace(rank=0)
         trainer._check_resumable()
+        return trainer
 
-    check(["bitnet.lora_rank=8"])  # the run it continues
+    assert check(["bitnet.lora_rank=8"]).changed_on_resume == {}  # the run it continues
+    # other settings resume as changed, said and recorded (run.json), not silently
+    changed = check(["bitnet.lora_rank=8", "optim.lr=0.05", "train.max_steps=77", "loss.kind=jsd"]).changed_on_resume
+    defaults = load_config(None, base)
+    assert changed == {"optim.lr": (defaults.optim.lr, 0.05), "train.max_steps": (defaults.train.max_steps, 77),
+                       "loss.kind": (str(defaults.loss.kind), "jsd")}
     with pytest.raises(ConfigError, match=r"'bitnet.lora_rank': 4 but the checkpoint .*step00000004 was trained with 8"):
         check(["bitnet.lora_rank=4"])
     other = tmp_path / "other"  # the same files but for some weights' bytes: same config, headers and shapes

@@ -13,11 +13,14 @@ Ordering model (what makes exact resume possible):
   stream ``i % num_streams`` (the DataLoader's in-order round robin): each stream takes its share of an epoch from
   one pass, the first samples of the pass's shuffled order, and the rest of that pass (under a micro-batch and a
   round's remainder) is dropped, like a DataLoader's drop_last. So ranks never disagree on the batch count, and no
-  epoch repeats a sample (where corrupt samples are skipped, a short pass is topped up from the next).
+  epoch repeats a sample, unless skipped corrupt samples (data.on_corrupt=skip) leave its pass short of its share:
+  then that pass is read again (same pieces, another seeded order) until the share is met, so the repeats stay in
+  that epoch, of that pass's samples. Epoch e is always pass e, and the next epoch starts at the next pass's start.
 
 The state is the number of batches yielded. A restarted reader starts each stream at the pass its position is in
-(passes are seeded by their index, and hold the same samples each time unless corrupt ones are skipped) and replays
-that pass's raw bytes up to the position (validated but not decoded), so the shuffle buffer is rebuilt bit-exactly.
+(passes and their top-up reads are seeded by their index, so whole passes are skipped unread, in both on_corrupt
+modes) and replays that pass's raw bytes up to the position (validated but not decoded), so the shuffle buffer is
+rebuilt bit-exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shard samples in the shuffle buffer (0: stream order)
     seed: int = 0  # shard shuffle seed (0: train.seed, which also shuffles packed text)
     on_corrupt: OnCorrupt = OnCorrupt.fail  # a corrupt sample or a shard of another size than the manifest's: stop, or skip and count
-    epochs: int | None = None  # passes over the shards, no sample twice in one (None: endless)
+    epochs: int | None = None  # passes over the shards, no sample twice in one unless skipped ones left it short (None: endless)
     prefetch_factor: int = 2  # batches prefetched per worker
 
     def validate(self) -> None:
@@ -79,30 +82,45 @@ class _SlotSource:
     def __init__(self, shard_dir: Path, manifest: Manifest, slot: int, n_slots: int, seed: int, on_corrupt: str):
         self.dir, self.m, self.slot, self.n_slots = shard_dir, manifest, slot, n_slots
         self.seed, self.on_corrupt = seed, on_corrupt
+        # Samples of this slot's range found lost (on_corrupt=skip) since this reader started: a corrupt sample counts
+        # 1, a truncated or unreadable shard the samples of the piece's range it no longer holds. Each problem counts
+        # once (by shard and sample, or shard piece), however many passes and top-up reads meet it again; a resumed
+        # reader recounts those it meets again from the pass it resumes at.
         self.skipped = 0
+        self._seen: set[tuple[Any, ...]] = set()
         self.pieces = slot_pieces(manifest, n_slots, seed)[slot]
         self.size = sum(hi - lo for _, lo, hi in self.pieces)  # samples a pass yields when none is corrupt
 
     def passes(self, bufsize: int, cap: int, first: int = 0) -> Iterator[dict[str, Any]]:
-        """Pass after pass from pass `first`, at most `cap` samples of each (the stream's share of an epoch): each
+        """Pass after pass from pass `first`, exactly `cap` samples of each (the stream's share of an epoch): each
         seeded by its own index (piece order and shuffle buffer), so a resume skips whole passes without reading
-        them."""
+        them. A pass left with fewer than `cap` valid samples (skipped corrupt ones) is read again, round after
+        round, each seeded by (pass, round), until it has given `cap`: its repeats stay in its own epoch."""
         epoch = first
         while True:
-            n = 0
-            rng = np.random.default_rng([self.seed, self.slot, 7, epoch])
-            for sample in _shuffled(self._pass(epoch), bufsize, rng):
-                n += 1
-                yield sample
-                if n == cap:
-                    break
-            if n == 0:
-                raise ShardFormatError(f"{self.dir}: slot {self.slot} of {self.n_slots} got no valid sample in "
-                                       f"epoch {epoch} (all its samples corrupt and skipped)")
+            n, rnd = 0, 0
+            while n < cap:
+                got = 0
+                key = [self.seed, self.slot, 7, epoch] + ([rnd] if rnd else [])  # round 0: the plain pass's seed
+                samples = _shuffled(self._pass(epoch, rnd), bufsize, np.random.default_rng(key))
+                try:
+                    for sample in samples:
+                        n += 1
+                        got += 1
+                        yield sample
+                        if n == cap:
+                            break
+                finally:
+                    samples.close()  # closes the shard being read
+                if got == 0:
+                    raise ShardFormatError(f"{self.dir}: slot {self.slot} of {self.n_slots} got no valid sample in "
+                                           f"epoch {epoch} (all its samples corrupt and skipped)")
+                rnd += 1
             epoch += 1
 
-    def _pass(self, epoch: int) -> Iterator[dict[str, Any]]:
-        rng = np.random.default_rng([self.seed, epoch, self.slot])
+    def _pass(self, epoch: int, rnd: int = 0) -> Iterator[dict[str, Any]]:
+        """One read of pass `epoch`'s pieces; a top-up read (rnd > 0) visits them in another seeded order."""
+        rng = np.random.default_rng([self.seed, epoch, self.slot] + ([rnd] if rnd else []))
         for i in rng.permutation(len(self.pieces)):
             shard, lo, hi = self.pieces[i]
             info = self.m.shards[shard]
@@ -120,7 +138,7 @@ class _SlotSource:
                 count += 1
                 if count > hi:  # the shard's last piece reads on to count its samples
                     continue
-                if count > lo and self._valid(name, raw):
+                if count > lo and self._valid(name, count - 1, raw):
                     yield raw
                 if count == hi and hi < expected:
                     return
@@ -130,28 +148,33 @@ class _SlotSource:
             raise OSError(exc.errno, f"shard {name}: read failed after key {key} ({exc.strerror or exc}); not "
                                      "skipped under data.on_corrupt=skip, which is for corrupt data") from exc
         except Exception as exc:  # noqa: BLE001 - tarfile and format errors alike: this shard ends here
-            self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})")
+            self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})",
+                          (name, lo, hi), max(0, hi - max(lo, count)))
             return
         finally:
             samples.close()  # a piece that ends inside the shard closes its file now
         if count != expected:
             self._corrupt(f"shard {name}: holds {count} samples, manifest says {expected} (truncated?) "
-                          f"last key {key}")
+                          f"last key {key}", (name, lo, hi), max(0, hi - max(lo, count)))
 
-    def _valid(self, name: str, raw: dict[str, Any]) -> bool:
+    def _valid(self, name: str, index: int, raw: dict[str, Any]) -> bool:
         try:
             check_raw_sample(raw, seq_len=self.m.seq_len, top_k=self.m.top_k, vocab_size=self.m.vocab_size,
                              target_vocab_size=self.m.target_vocab, aligned=self.m.cross_tokenizer)
             return True
         except ValueError as exc:
-            self._corrupt(f"shard {name} key {raw['__key__']}: {exc}")
+            self._corrupt(f"shard {name} key {raw['__key__']}: {exc}", (name, index), 1)
             return False
 
-    def _corrupt(self, msg: str) -> None:
+    def _corrupt(self, msg: str, problem: tuple[Any, ...], lost: int) -> None:
+        """`lost` samples of this slot's range are skipped; `problem` names them, so that rereads count them once."""
         if self.on_corrupt == "fail":
             raise ShardFormatError(msg + " [data.on_corrupt=fail]")
-        self.skipped += 1
-        log.warning("skipping corrupt data (%d so far in slot %d): %s", self.skipped, self.slot, msg)
+        if problem in self._seen:
+            return
+        self._seen.add(problem)
+        self.skipped += lost
+        log.warning("skipping corrupt data (%d samples lost so far in slot %d): %s", self.skipped, self.slot, msg)
 
 
 def _first_arg(exc: BaseException) -> str:
@@ -241,10 +264,9 @@ class _Streams(torch.utils.data.IterableDataset):
         src = _SlotSource(o.dir, o.manifest, slot, o.world_size * o.num_streams, o.seed, o.on_corrupt)
         replay = done * o.batch_size  # samples this stream yielded before the resume point
         cap = o.batches_per_epoch // o.num_streams * o.batch_size  # its share of an epoch, <= src.size
-        # Whole passes are skipped unread where every pass gives `cap` samples (no corrupt sample skipped); the rest
-        # is replayed: read and validated, not decoded, so the shuffle buffer is rebuilt exactly.
-        first = replay // cap if o.on_corrupt == OnCorrupt.fail else 0
-        replay -= first * cap
+        # Every pass gives exactly `cap` samples (a short one is topped up from itself), so whole passes are skipped
+        # unread; the rest is replayed: read and validated, not decoded, so the shuffle buffer is rebuilt exactly.
+        first, replay = divmod(replay, cap)
         batch: list[dict[str, Any]] = []
         for raw in src.passes(o.shuffle_buffer, cap, first):
             if replay > 0:
@@ -316,7 +338,8 @@ class ShardStream:
 
     @property
     def skipped(self) -> int:
-        """Corrupt samples/shards skipped so far (on_corrupt='skip'), summed over this rank's streams."""
+        """Samples found lost to corruption so far (on_corrupt='skip'; see _SlotSource.skipped), summed over this
+        rank's streams."""
         return sum(self._skipped_by_stream.values())
 
     @property

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,8 @@ from megadistil.rundir import latest_tag, model_dir_fingerprint
 from megadistil.utils import dtype_name, fsync_path, fsync_tree, full_shape, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
-__all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "rng_state", "save", "save_deltas",
-           "set_rng_state"]
+__all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "prune_tags", "rng_state", "save",
+           "save_deltas", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,14 +91,19 @@ def load_deltas(model: nn.Module, directory: Path, rank: int, world_size: int) -
 
 STAGING = ".partial"  # a checkpoint being written: `<tag>.partial`, renamed to `<tag>` once complete
 REPLACED = ".replaced"  # an earlier checkpoint of the same tag (another run in this output dir), deleted after
+PRUNED = ".pruned"  # a checkpoint beyond train.keep_last: renamed away from its tag first, then deleted
+_TAG = re.compile(r"step(\d{8,})")  # rundir.tag_for's names
+_STALE = re.compile(r"step\d{8,}(" + "|".join(re.escape(s) for s in (STAGING, REPLACED, PRUNED)) + ")")
 
 
 def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta: dict[str, Any],
-         config_yaml: str, sync_files: bool) -> str:
+         config_yaml: str, sync_files: bool, keep_last: int = 0) -> str:
     """Collective. Returns the tag. Every rank writes into a fresh staging dir; the ranks given `sync_files` (one a
     node) fsync it; rank 0 then renames it to the tag and publishes it as `latest`. A power loss cannot leave
     `latest` naming files still in a page cache, and a checkpoint of the same tag that another run left in this
-    output dir (train.resume=never) is replaced whole, never mixed with this one's files."""
+    output dir (train.resume=never) is replaced whole, never mixed with this one's files. Once `latest` is published,
+    rank 0 prunes older tags beyond `keep_last` (train.keep_last) and sweeps crashed saves' staging dirs
+    (prune_tags)."""
     tag = rundir.tag_for(step)
     staging, final = ckpt_root / (tag + STAGING), ckpt_root / tag
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -122,8 +129,46 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: dict[str, Any], meta
         fsync_path(ckpt_root)
         rundir.write_latest(ckpt_root, tag)
         shutil.rmtree(replaced, ignore_errors=True)
+        try:
+            prune_tags(ckpt_root, keep_last)
+        except OSError as e:  # the checkpoint is published: a deletion that fails must not stop the run
+            warnings.warn(f"checkpoints in {ckpt_root} not pruned (train.keep_last={keep_last}): {e}", stacklevel=2)
     _barrier()
     return tag
+
+
+def prune_tags(ckpt_root: Path, keep_last: int) -> list[str]:
+    """Keeps the newest `keep_last` tags (0: all) up to the one `latest` names, which is always kept; returns the
+    tags deleted. Tags of later steps than `latest`'s (left by an earlier run in this output dir, train.resume=never)
+    are not this run's: they stay until a save of their step replaces them. Only names this module writes are
+    touched (step<8+ digits>, and <tag>.partial / .replaced / .pruned, which are swept whatever keep_last: no resume
+    or export reads them, and a save in progress has renamed its own before this runs). A pruned tag is renamed to
+    <tag>.pruned before it is deleted: a deletion cut short never leaves a tag-named, half-deleted checkpoint, and the
+    next save sweeps what is left of it."""
+    pointer = ckpt_root / rundir.LATEST
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    deleted: list[str] = []
+    if keep_last > 0 and latest is not None and _step_of(latest) is not None and (ckpt_root / latest).is_dir():
+        ours = sorted((step, path) for path in ckpt_root.iterdir() if path.is_dir() and not path.is_symlink()
+                      and (step := _step_of(path.name)) is not None and step <= _step_of(latest))
+        for _, path in ours[:-keep_last]:
+            if path.name != latest:
+                gone = path.with_name(path.name + PRUNED)
+                shutil.rmtree(gone, ignore_errors=True)  # an earlier deletion of this name cut short
+                path.rename(gone)
+                deleted.append(path.name)
+        if deleted:
+            fsync_path(ckpt_root)  # the renames reach the disk before the files go
+    for path in sorted(ckpt_root.iterdir()):
+        if _STALE.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+    return deleted
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a tag this module names (rundir.tag_for), else None."""
+    m = _TAG.fullmatch(name)
+    return int(m.group(1)) if m and rundir.tag_for(int(m.group(1))) == name else None
 
 
 def _barrier() -> None:

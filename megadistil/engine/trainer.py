@@ -27,6 +27,7 @@ from megadistil.config import (
     Resume,
     RunConfig,
     TeacherKind,
+    changed_settings,
     loss_configs,
     stage_config,
     to_yaml,
@@ -94,6 +95,7 @@ class Trainer:
         self._owns_process_group = False
         self._stage_config = (0, cfg)  # (stages started, the config they make)
         self._interval = _StepClock()
+        self.changed_on_resume: dict[str, tuple[Any, Any]] = {}  # key -> (saved with the checkpoint, now)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -144,6 +146,7 @@ class Trainer:
         self._prepare_run_dir()
         if cfg.train.resume == Resume.auto:
             self._resume()
+        self._record_run()  # after the resume: a refused one leaves the run's config.yaml as it was
         self._truncate_metrics()
 
     def _agreed_resume_tag(self) -> str | None:
@@ -185,6 +188,10 @@ class Trainer:
             if then is not KeyError and then != now:  # KeyError: a config saved before the key existed
                 raise ConfigError(f"config key {key!r}: {now} but the checkpoint {tag_dir} was trained with {then}: "
                                   "a resumed run keeps the adapters' shape and scale (start a new train.output_dir)")
+        self.changed_on_resume = changed_settings(saved, self.cfg)
+        if self.changed_on_resume:
+            self._print(f"resuming {tag_dir} with settings changed since it was saved (run.json records them): " +
+                        "; ".join(f"{k} {then!r} -> {now!r}" for k, (then, now) in self.changed_on_resume.items()))
 
     def _resumed_placement(self) -> dict | None:
         """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""
@@ -276,15 +283,19 @@ class Trainer:
             if withdrawn:
                 self._print(f"train.resume=never: {self.ckpt_root}/{rundir.LATEST} named {withdrawn!r} of an earlier "
                             "run; removed, so that neither a resume nor an export takes it for this run's")
-            (self.run_dir / rundir.CONFIG).write_text(to_yaml(self.cfg))
-            (self.run_dir / rundir.RUN_INFO).write_text(json.dumps({
-                "git_sha": utils.git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
-                "ds_config": self.ds_config,
-            }, indent=1))
         if dist.is_initialized():
             dist.barrier()
         self.logger = MetricsLogger(self.run_dir, self.cfg.log, rank=self.dist.rank,
                                     run_config=self._wandb_config())
+
+    def _record_run(self) -> None:
+        """config.yaml and run.json: this run's config, and where and how it runs (and what it changed on resume)."""
+        if self.dist.rank == 0:
+            (self.run_dir / rundir.CONFIG).write_text(to_yaml(self.cfg))
+            (self.run_dir / rundir.RUN_INFO).write_text(json.dumps({
+                "git_sha": utils.git_sha(), "world_size": self.dist.world_size, "placement": self.placement.as_dict(),
+                "ds_config": self.ds_config, "changed_on_resume": self.changed_on_resume,
+            }, indent=1))
 
     def _wandb_config(self) -> dict[str, Any]:
         """The resolved run config as wandb's run config, with the ds_config and placement it resolved to."""
@@ -583,7 +594,8 @@ class Trainer:
                                     "placement": {"kernel": self.placement.kernel.value,
                                                   "dtype": utils.dtype_name(self.placement.dtype)},
                                     "base_fingerprint": checkpoint.model_dir_fingerprint(self.cfg.model.student)},
-                              config_yaml=to_yaml(self.cfg), sync_files=self.dist.local_rank == 0)
+                              config_yaml=to_yaml(self.cfg), sync_files=self.dist.local_rank == 0,
+                              keep_last=self.cfg.train.keep_last)
         self._print(f"saved {self.ckpt_root / tag}")
 
     def _stop_agreed(self) -> bool:
