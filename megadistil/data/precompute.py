@@ -271,8 +271,10 @@ def _shard_pattern(rank: int) -> str:
     return f"shard-r{rank:03d}-%06d.tar"
 
 
-def complete_prefix(out: Path, rank: int, run_hash: str) -> tuple[int, int]:
-    """(shards to keep, local sequences they hold); deletes this rank's later or damaged shards."""
+def complete_prefix(out: Path, rank: int, ident: dict[str, Any]) -> tuple[int, int]:
+    """(shards to keep, local sequences they hold); deletes this rank's later or damaged shards. A shard of another
+    run (another identity) is refused, naming what differs (sidecars since they record their identity)."""
+    run_hash = identity_hash(ident)
     keep, seqs, n = 0, 0, 0
     while True:
         tar = out / (_shard_pattern(rank) % n)
@@ -281,8 +283,8 @@ def complete_prefix(out: Path, rank: int, run_hash: str) -> tuple[int, int]:
             break
         meta = json.loads(side.read_text())
         if meta.get("run") != run_hash:
-            raise ValueError(f"{out}: {tar.name} was written with different arguments or teacher; use a new "
-                             "--out directory or delete the old shards")
+            raise ValueError(f"{out}: {tar.name} was written with {_identity_change(meta.get('identity'), ident)}; "
+                             "resume with those, or use a new --out directory or delete the old shards")
         if meta["bytes"] != tar.stat().st_size or meta["sha256"] != sha256_file(tar):
             log.warning("%s: sha256/size does not match its sidecar; redoing it", tar.name)
             break
@@ -293,14 +295,24 @@ def complete_prefix(out: Path, rank: int, run_hash: str) -> tuple[int, int]:
     return keep, seqs
 
 
+def _identity_change(then: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between a shard's run identity and this run's, e.g. "world_size 2 (now 1)" (the rank count is
+    part of it: each rank's shards hold every world_size-th sequence)."""
+    if not isinstance(then, dict):
+        return "different arguments, teacher or rank count"
+    keys = [k for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+    short = lambda v: (r if len(r := json.dumps(v)) <= 40 else r[:37] + "...")
+    return ", ".join(f"{k} {short(then.get(k))} (now {short(now.get(k))})" for k in keys)
+
+
 # ---------------------------------------------------------------- the run
 
 
 class _Sidecars:
     """ShardWriter `post` hook: records what each closed shard holds."""
 
-    def __init__(self, run_hash: str, first_seq: int):
-        self.run_hash, self.first_seq = run_hash, first_seq
+    def __init__(self, ident: dict[str, Any], first_seq: int):
+        self.ident, self.run_hash, self.first_seq = ident, identity_hash(ident), first_seq
         self.samples = self.tokens = 0
 
     def add(self, tokens: int) -> None:
@@ -314,7 +326,8 @@ class _Sidecars:
             return
         write_atomic(path.with_name(path.name + ".json"), json.dumps({
             "samples": self.samples, "tokens": self.tokens, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "first_seq": self.first_seq, "run": self.run_hash}, indent=1))
+            "sha256": sha256_file(path), "first_seq": self.first_seq, "run": self.run_hash, "identity": self.ident},
+            indent=1))
         self.first_seq += self.samples
         self.samples = self.tokens = 0
 
@@ -425,9 +438,8 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
                  "student positions whose text the teacher read exactly (%s)", cfg.student_tokenizer, vocab,
                  teacher_vocab, ALIGNMENT)
     cross = student is not None
-    run_hash = identity_hash(ident)
-    start_shard, done = complete_prefix(out, rank, run_hash)
-    sidecars = _Sidecars(run_hash, done)
+    start_shard, done = complete_prefix(out, rank, ident)
+    sidecars = _Sidecars(ident, done)
     writer = wds.ShardWriter(str(out / _shard_pattern(rank)), maxsize=cfg.shard_bytes, maxcount=1 << 40,
                              post=sidecars, start_shard=start_shard, verbose=0, encoder=False, mtime=0.0)
     bar = tqdm(unit="seq", disable=not cfg.progress or rank != 0, desc="teacher", initial=done)
