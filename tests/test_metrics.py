@@ -20,6 +20,20 @@ def test_rank0_writes_jsonl_stdout_and_offline_wandb(tmp_path, capsys, monkeypat
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
+def test_a_resumed_run_continues_its_wandb_run_and_a_new_one_starts_another(tmp_path, monkeypatch):
+    """The wandb run id is kept in the run dir: a resume (from a checkpoint) logs into the same wandb run (every
+    resume made a new one), a run started afresh in the same dir into a new one."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = LogConfig(wandb=WandbConfig(enabled=True, mode="offline", project="megadistil-test"))
+    ids = []
+    for resumed in (False, True, False):
+        logger = MetricsLogger(tmp_path, cfg, rank=0, run_config={}, resumed=resumed)
+        ids.append(logger.wandb.id)
+        logger.close()
+    assert ids[0] == ids[1] != ids[2]
+    assert (tmp_path / "wandb_run_id").read_text().strip() == ids[2]
+
+
 def test_other_ranks_log_nothing(tmp_path, capsys):
     logger = MetricsLogger(tmp_path, LogConfig(), rank=1, run_config={})
     logger.log({"step": 1, "loss": 0.5})

@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,14 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; = VmHWM
 
 
+WANDB_RUN_ID = "wandb_run_id"  # in the run dir: the wandb run a resumed run continues
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LogConfig, *, rank: int, run_config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, cfg: LogConfig, *, rank: int, run_config: dict[str, Any],
+                 resumed: bool = False) -> None:
+        """`resumed`: the run continues from a checkpoint, and its wandb run continues the one that wrote it (with
+        resume="allow" and no id, every resume started a new wandb run); otherwise a new wandb run is made."""
         self.enabled = rank == 0
         self.path = run_dir / METRICS
         self.wandb = None
@@ -62,8 +69,11 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(run_dir))
+            id_file = run_dir / WANDB_RUN_ID
+            run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:16]
+            id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, mode=cfg.wandb.mode,
-                                    config=run_config, dir=str(run_dir), resume="allow")
+                                    config=run_config, dir=str(run_dir), id=run_id, resume="allow")
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -286,7 +286,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         self.logger = MetricsLogger(self.run_dir, self.cfg.log, rank=self.dist.rank,
-                                    run_config=self._wandb_config())
+                                    run_config=self._wandb_config(), resumed=self.resume_tag is not None)
 
     def _record_run(self) -> None:
         """config.yaml and run.json: this run's config, and where and how it runs (and what it changed on resume)."""
