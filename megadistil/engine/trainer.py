@@ -350,13 +350,12 @@ class Trainer:
             self._evaluate(teacher=True)
         self.peak.start_steps()
         with stop_signal.stoppable(sigterm=self.dist.launcher not in ("deepspeed", "torchrun")):
-            finished = self._steps(batches)
-        if finished and self._evaluates() and not (cfg.train.eval_every and
-                                                   self.state.step % cfg.train.eval_every == 0):
-            self._evaluate()
+            self._steps(batches)
 
-    def _steps(self, batches) -> bool:
-        """Steps until train.max_steps (True), or until a rank got a stop signal (False: saved there)."""
+    def _steps(self, batches) -> None:
+        """Steps until train.max_steps, or until a rank got a stop signal (saved there). A step's evaluation (every
+        eval_every, and the last step's) comes before its checkpoint: a run killed in between resumes from the step
+        before and evaluates again (a resume from the checkpoint would not: the evaluation was lost)."""
         cfg = self.cfg
         while self.state.step < cfg.train.max_steps:
             step = self.state.step + 1
@@ -371,18 +370,18 @@ class Trainer:
                 self._log_step(step, parts, tokens, start, onpolicy)
             else:
                 self._interval.add(time.perf_counter() - start)
-            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
-                self.save()
-            if self._evaluates() and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            last = step == cfg.train.max_steps
+            if self._evaluates() and (last or cfg.train.eval_every and step % cfg.train.eval_every == 0):
                 self._evaluate()
-            if step < cfg.train.max_steps and self._stop_agreed():  # the last step ends the run anyway
+            if step % cfg.train.save_every == 0 or last:
+                self.save()
+            if not last and self._stop_agreed():  # the last step ends the run anyway
                 if step % cfg.train.save_every:
                     self.save()
                 why = stop_signal.reason() if stop_signal.requested() else "another rank's stop signal"
                 self._print(f"step {step}: stopping on {why}: the checkpoint is saved, and the next job with this "
                             "train.output_dir resumes from it")
-                return False
-        return True
+                return
 
     def _config_at(self, step: int) -> RunConfig:
         """The config in force at `step`, merged again only when another stage has started (an OmegaConf merge per
