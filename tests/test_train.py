@@ -822,3 +822,22 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume():
              '{"step": 9, "loss": 0.8}', '{"step": 10, "lo']
     assert [line for line in lines if _kept(line, 8)] == lines[:3]
     assert [line for line in lines if _kept(line, 0)] == []  # starting over
+
+
+def test_samples_lost_to_corrupt_shards_are_in_the_step_records(tmp_path, tiny_llama_dir):
+    """data.on_corrupt=skip counted lost samples only in warnings and the checkpoint: each logged step says how many
+    (summed over the ranks, in the tokens' collective); a run that does not skip has no such field."""
+    from types import SimpleNamespace
+
+    from megadistil.engine.metrics import OnPolicyStats
+    from megadistil.engine.trainer import Trainer
+
+    for data, expected in ((SimpleNamespace(on_corrupt="skip", skipped=3), {"data_skipped": 3}),
+                           (SimpleNamespace(on_corrupt="fail", skipped=0), {}), (object(), {})):
+        trainer = Trainer(load_config(None, [f"model.student={tiny_llama_dir}", "data.text=[x]"]), "unused.json")
+        records = []
+        trainer.data, trainer.device, trainer.lr, trainer.onpolicy_on = data, torch.device("cpu"), 1e-3, False
+        trainer.logger, trainer._peak_memory = SimpleNamespace(log=records.append), dict
+        trainer._log_step(1, {"loss": torch.tensor(0.5)}, torch.tensor(64), 0.0, OnPolicyStats())
+        assert {k: v for k, v in records[0].items() if k == "data_skipped"} == expected
+        assert records[0]["tokens"] == 64 and records[0]["loss"] == 0.5

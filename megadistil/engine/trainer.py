@@ -522,15 +522,19 @@ class Trainer:
         steps since the last record; step time excludes checkpoints and evaluations."""
         values = {k: float(v) for k, v in parts.items()}  # waits for the device: the interval ends here
         seconds = self._interval.add(time.perf_counter() - start).mean_and_reset()
-        # Every rank's tokens (on-policy and preference rows differ in length from rank to rank), one collective
-        summed = torch.cat([tokens.to(torch.float64).reshape(1), onpolicy.as_tensor(self.device)])
+        # Every rank's tokens (on-policy and preference rows differ in length from rank to rank) and shard samples lost
+        # to corruption (data.on_corrupt=skip), one collective
+        skipping = getattr(self.data, "on_corrupt", None) == "skip"
+        lost = torch.tensor([self.data.skipped if skipping else 0], dtype=torch.float64, device=self.device)
+        summed = torch.cat([tokens.to(torch.float64).reshape(1), lost, onpolicy.as_tensor(self.device)])
         if dist.is_initialized():
             dist.all_reduce(summed)
         total_tokens = int(summed[0])
         record = {"step": step, **values, "lr": self.lr, "tokens": total_tokens,
                   "tokens_per_s": total_tokens / seconds, "step_time_s": seconds,
                   "resets": self.state.resets, "nan_skipped": self.state.nan_skipped, **self._peak_memory(),
-                  **(onpolicy.record(total_tokens, summed[1:]) if self.onpolicy_on else {})}
+                  **({"data_skipped": int(summed[1])} if skipping else {}),
+                  **(onpolicy.record(total_tokens, summed[2:]) if self.onpolicy_on else {})}
         self.logger.log(record)
 
     @torch.no_grad()
