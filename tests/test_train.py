@@ -841,3 +841,34 @@ def test_samples_lost_to_corrupt_shards_are_in_the_step_records(tmp_path, tiny_l
         trainer._log_step(1, {"loss": torch.tensor(0.5)}, torch.tensor(64), 0.0, OnPolicyStats())
         assert {k: v for k, v in records[0].items() if k == "data_skipped"} == expected
         assert records[0]["tokens"] == 64 and records[0]["loss"] == 0.5
+
+
+def test_a_data_position_the_run_cannot_resume_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir):
+    """Another seed, micro-batch size or text (the reader refuses the saved position), or another world size (no
+    state file for this rank): refused at set-up, naming the rank, not after the model and optimizer loaded."""
+    from types import SimpleNamespace
+
+    from megadistil import rundir
+    from megadistil.config import ConfigError
+    from megadistil.engine.trainer import Trainer
+
+    tag = tmp_path / "run" / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / rundir.rank_state_file(0)).write_text(json.dumps({"data": {"seed": 1}, "rng": {}}))
+
+    def check(rank, seed):
+        def load_state_dict(state):
+            if state["seed"] != seed:
+                raise ValueError(f"data state has seed={state['seed']} but this reader has {seed}")
+
+        trainer = Trainer(load_config(None, [f"model.student={tiny_llama_dir}", "data.text=[x]",
+                                             f"train.output_dir={tmp_path / 'run'}"]), "unused.json")
+        trainer.resume_tag, trainer.device = tag.name, torch.device("cpu")
+        trainer.dist, trainer.data = SimpleNamespace(rank=rank), SimpleNamespace(load_state_dict=load_state_dict)
+        trainer._check_data_resumable()
+
+    check(0, 1)  # the run it continues
+    with pytest.raises(ConfigError, match=r"step00000004: rank 0: data state has seed=1 but this reader has 7"):
+        check(0, 7)
+    with pytest.raises(ConfigError, match=r"rank 1: it has no rank.*: it was saved by a different world size"):
+        check(1, 1)

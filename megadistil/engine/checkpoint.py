@@ -25,8 +25,8 @@ from megadistil.rundir import latest_tag, model_dir_fingerprint
 from megadistil.utils import dtype_name, fsync_path, fsync_tree, full_shape, torch_dtype, write_atomic
 
 # latest_tag and model_dir_fingerprint are re-exported: with save and load they are the trainer's checkpoint API.
-__all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "prune_tags", "rng_state", "save",
-           "save_deltas", "set_rng_state"]
+__all__ = ["latest_tag", "load", "load_deltas", "model_dir_fingerprint", "prune_tags", "rank_state", "rng_state",
+           "save", "save_deltas", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -186,10 +186,15 @@ def load(engine, ckpt_root: Path, tag: str, *, rank: int) -> tuple[dict[str, Any
     world = dist.get_world_size() if dist.is_initialized() else 1
     if (ckpt_root / tag / rundir.DELTA_INDEX).is_file():
         load_deltas(engine.module, ckpt_root / tag, rank, world)
-    rank_file = ckpt_root / tag / rundir.rank_state_file(rank)
-    if not rank_file.is_file():
-        raise RuntimeError(f"checkpoint {ckpt_root / tag} has no {rank_file.name}: "
-                           "it was saved by a different world size (exact resume needs the same one)")
-    state = json.loads(rank_file.read_text())
+    state = rank_state(ckpt_root, tag, rank)
     set_rng_state(state.pop("rng"))
     return rundir.read_meta(ckpt_root / tag), state
+
+
+def rank_state(ckpt_root: Path, tag: str, rank: int) -> dict[str, Any]:
+    """This rank's state in a checkpoint (its data position, RNG), read without loading any weights."""
+    rank_file = ckpt_root / tag / rundir.rank_state_file(rank)
+    if not rank_file.is_file():
+        raise ValueError(f"it has no {rank_file.name}: it was saved by a different world size (exact resume needs "
+                         "the same one)")
+    return json.loads(rank_file.read_text())

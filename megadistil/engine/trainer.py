@@ -124,6 +124,7 @@ class Trainer:
                                              world_size=self.dist.world_size, bf16=bf16)
         self.inputs = check_inputs(cfg, self.dist.world_size)
         self.data = self._build_data()
+        self._check_data_resumable()
         self.eval_seqs = self._build_eval()  # before any weight loads: a held-out text too short is a config error
         student = build_student(cfg, self.ds_config, self.placement)
         groups = assign_param_groups(student, cfg)
@@ -192,6 +193,22 @@ class Trainer:
         if self.changed_on_resume:
             self._print(f"resuming {tag_dir} with settings changed since it was saved (run.json records them): " +
                         "; ".join(f"{k} {then!r} -> {now!r}" for k, (then, now) in self.changed_on_resume.items()))
+
+    def _check_data_resumable(self) -> None:
+        """The data position the checkpoint holds fits this run's reader (world size, micro-batch size, seed, shards
+        or text): checked on every rank before any weight loads (it was after the model and optimizer state had
+        loaded, minutes on a 70B), and refused on every rank together (one rank alone would leave the others waiting
+        in a collective)."""
+        if self.resume_tag is None:
+            return
+        problem = ""
+        try:
+            self.data.load_state_dict(checkpoint.rank_state(self.ckpt_root, self.resume_tag, self.dist.rank)["data"])
+        except ValueError as e:  # a changed micro-batch size, seed, world size or text: not the run it continues
+            problem = f"rank {self.dist.rank}: {e}"
+        if _over_ranks(torch.tensor(bool(problem), device=self.device), dist.ReduceOp.MAX):
+            raise ConfigError(f"checkpoint {self.ckpt_root / self.resume_tag}: "
+                              f"{problem or 'another rank cannot resume its data position'}")
 
     def _resumed_placement(self) -> dict | None:
         """The kernel and dtype of the checkpoint this run will resume, if any (checkpoints since they were saved)."""
@@ -325,10 +342,7 @@ class Trainer:
                               "saved it)") from None
         self.state.load_state_dict(meta)
         self._restore_group_settings()
-        try:
-            self.data.load_state_dict(rank_state["data"])
-        except ValueError as e:  # a changed micro-batch size, seed, world size or text: not the run it continues
-            raise ConfigError(f"checkpoint {self.ckpt_root / tag}: {e}") from None
+        self.data.load_state_dict(rank_state["data"])  # checked at set-up (_check_data_resumable)
         self._print(f"resumed from {self.ckpt_root / tag} at step {self.state.step}")
 
     def _restore_group_settings(self) -> None:
