@@ -24,7 +24,7 @@ WORKDIR /opt/megadistil
 # rebuilds the layers below only, not ~130 packages and flash-attn.
 COPY pyproject.toml README.md LICENSE ./
 RUN mkdir megadistil && touch megadistil/__init__.py \
- && pip install ".[wandb,mpi]" "transformers==5.24.0" "deepspeed==0.19.8" \
+ && pip install ".[wandb,mpi]" "transformers==5.25.0" "deepspeed==0.19.8" \
  && pip install packaging wheel \
  && pip install "flash-attn==2.7.4.post1" --no-build-isolation \
  && pip uninstall -y megadistil && rm -rf megadistil build
