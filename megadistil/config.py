@@ -285,7 +285,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}" if key else str(e)) from None
-
     validate(cfg)
     return cfg
 
@@ -591,16 +590,17 @@ def value_at(cfg: RunConfig, key: str) -> Any:
 def changed_settings(saved: DictConfig, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """dotted key -> (value in `saved`, value in `cfg`) for every setting they both hold and that differs (a key the
     saved config predates is not a change)."""
-    then, now = _flat(OmegaConf.to_container(saved, enum_to_str=True)), _flat(
+    then, now = flat_settings(OmegaConf.to_container(saved, enum_to_str=True)), flat_settings(
         OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True))
     return {key: (then[key], now[key]) for key in then if key in now and then[key] != now[key]}
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_settings(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as a plain nested dict -> {dotted key: value} (lists, and tuples as lists, are values)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_settings(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # TupleConfig's, as saved
     return out

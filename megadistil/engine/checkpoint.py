@@ -145,10 +145,9 @@ def prune_tags(ckpt_root: Path, keep_last: int) -> list[str]:
     or export reads them, and a save in progress has renamed its own before this runs). A pruned tag is renamed to
     <tag>.pruned before it is deleted: a deletion cut short never leaves a tag-named, half-deleted checkpoint, and the
     next save sweeps what is left of it."""
-    pointer = ckpt_root / rundir.LATEST
-    latest = pointer.read_text().strip() if pointer.is_file() else None
+    latest = latest_tag(ckpt_root)
     deleted: list[str] = []
-    if keep_last > 0 and latest is not None and _step_of(latest) is not None and (ckpt_root / latest).is_dir():
+    if keep_last > 0 and latest is not None and _step_of(latest) is not None:
         ours = sorted((step, path) for path in ckpt_root.iterdir() if path.is_dir() and not path.is_symlink()
                       and (step := _step_of(path.name)) is not None and step <= _step_of(latest))
         for _, path in ours[:-keep_last]:

@@ -195,10 +195,10 @@ class Trainer:
                         "; ".join(f"{k} {then!r} -> {now!r}" for k, (then, now) in self.changed_on_resume.items()))
 
     def _check_data_resumable(self) -> None:
-        """The data position the checkpoint holds fits this run's reader (world size, micro-batch size, seed, shards
-        or text): checked on every rank before any weight loads (it was after the model and optimizer state had
-        loaded, minutes on a 70B), and refused on every rank together (one rank alone would leave the others waiting
-        in a collective)."""
+        """The reader starts at the data position the checkpoint holds, if it fits this run's reader (world size,
+        micro-batch size, seed, shards or text): checked on every rank before any weight loads (it was after the
+        model and optimizer state had loaded, minutes on a 70B), and refused on every rank together (one rank alone
+        would leave the others waiting in a collective)."""
         if self.resume_tag is None:
             return
         problem = ""
@@ -332,7 +332,7 @@ class Trainer:
         if tag is None:
             return
         try:
-            meta, rank_state = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
+            meta, _ = checkpoint.load(self.engine, self.ckpt_root, tag, rank=self.dist.rank)
         except ValueError as e:
             if "parameter group" not in str(e):
                 raise
@@ -342,7 +342,6 @@ class Trainer:
                               "saved it)") from None
         self.state.load_state_dict(meta)
         self._restore_group_settings()
-        self.data.load_state_dict(rank_state["data"])  # checked at set-up (_check_data_resumable)
         self._print(f"resumed from {self.ckpt_root / tag} at step {self.state.step}")
 
     def _restore_group_settings(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from megadistil import rundir
+from megadistil.config import flat_settings
 from megadistil.eval.models import EvalError
 
 IGNORED_KEYS = ("train.output_dir",)  # differs between any two runs, says nothing about them
@@ -45,21 +46,13 @@ def load_run(path: str | Path) -> Run:
         except json.JSONDecodeError:
             if i != len(metrics.read_text().splitlines()) - 1:  # only a crash's cut last line is forgiven
                 raise EvalError(f"{metrics}: line {i + 1} is not JSON") from None
-    flat = _flatten(OmegaConf.to_container(OmegaConf.load(config), resolve=False))
+    flat = {k: json.dumps(v) if isinstance(v, list) else v  # lists hashable, as labels show them
+            for k, v in flat_settings(OmegaConf.to_container(OmegaConf.load(config), resolve=False)).items()}
     return Run(path, flat, [r for r in records if "loss" in r], [r for r in records if _is_eval(r)])
 
 
 def _is_eval(record: dict[str, Any]) -> bool:
     return any(k.startswith(("eval_ppl", "eval_task/")) for k in record)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
 
 
 def label_runs(runs: list[Run]) -> list[str]:
