@@ -133,6 +133,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _by_torch(dtype).name
 
 
+def short_dtype_name(name: str) -> str | None:
+    """'float32' or 'fp32' -> 'fp32': the name megadistil's configs and CLIs use (None where they offer none)."""
+    return _by_torch(torch_dtype(name)).short
+
+
 def safetensors_code(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'BF16', as a safetensors header writes it."""
     return _by_torch(dtype).safetensors

@@ -383,11 +383,11 @@ def count_tensors(dims: ModelDims, cfg: RunConfig) -> Tensors:
     down_proj) but those bitnet.exclude names (model.layers.<i>.<name>, surgery.is_excluded), which stay nn.Linear;
     embeddings, norms and the LM head stay as they are (one matrix when tied)."""
     r, exclude = cfg.bitnet.lora_rank, tuple(cfg.bitnet.exclude)
-    base_block = [lin.inp * lin.out for lin in dims.block_linears()]
-    base_block += [lin.out for lin in dims.block_linears() if lin.bias] + dims.block_norms()
+    linears = dims.block_linears()
+    base_block = [lin.inp * lin.out for lin in linears] + [lin.out for lin in linears if lin.bias] + dims.block_norms()
     delta, trainable, blocks, converted = [], [], [], []
     for i in range(dims.layers):
-        bit = [lin for lin in dims.block_linears() if not is_excluded(f"model.layers.{i}.{lin.name}", exclude)]
+        bit = [lin for lin in linears if not is_excluded(f"model.layers.{i}.{lin.name}", exclude)]
         weights = [lin.inp * lin.out for lin in bit]
         lora = [n for lin in bit for n in (r * lin.inp, r * lin.out)]
         subln = [lin.inp for lin in bit if lin.name.rsplit(".", 1)[-1] in SUBLN_TARGETS] if cfg.bitnet.subln else []

@@ -26,7 +26,7 @@ from torch import nn
 
 from megadistil.export.sources import BaseModel, ExportLoadError, StudentParts
 from megadistil.export.ternary import StudentSpec
-from megadistil.utils import DTYPES, torch_dtype
+from megadistil.utils import short_dtype_name, torch_dtype
 
 
 def load_failure(error: RuntimeError, runtime: str) -> dict[str, Any]:
@@ -60,20 +60,14 @@ class VerifyConfig:
         """The tolerances of an export in `dtype`, either of its names (fp32 or float32: --dtype takes both); the
         overrides are keyed by either too."""
         def by_short(d: dict[str, Any] | None) -> dict[str, Any]:
-            return {short_dtype(k): v for k, v in (d or {}).items()}
+            return {short_dtype_name(k): v for k, v in (d or {}).items()}
 
-        key = short_dtype(dtype)
+        key = short_dtype_name(dtype)
         max_abs = {"fp32": 1e-3, "fp16": 0.5, "bf16": 1.0} | by_short(self.max_abs_diff)
         agree = {"fp32": 1.0, "fp16": 0.98, "bf16": 0.95} | by_short(self.min_argmax_agreement)
         gens = {"fp32": True, "fp16": False, "bf16": False} | by_short(self.require_identical_generations)
         return {"max_abs_diff": max_abs[key], "min_argmax_agreement": agree[key],
                 "identical_generations": gens[key]}
-
-
-def short_dtype(name: str) -> str:
-    """'float32' or 'fp32' -> 'fp32': the one spelling the tolerances are keyed by."""
-    t = torch_dtype(name)
-    return next(d.short for d in DTYPES if d.torch == t and d.short)
 
 
 def build_student(base: BaseModel, parts: StudentParts, spec: StudentSpec, run_config) -> nn.Module:
