@@ -308,14 +308,20 @@ def rank_layout(env: Mapping[str, str]) -> DistInfo:
 
 def device_local_rank(info: DistInfo, visible_gpus: int) -> int:
     """This rank's CUDA device index, which DeepSpeed reads from LOCAL_RANK (the engine and zero.Init set their device
-    from it): the local rank, or, where a rank sees fewer GPUs than that (srun --gpus-per-task=1, a per-rank
-    CUDA_VISIBLE_DEVICES), the local rank modulo what it sees."""
-    if info.local_rank < visible_gpus:
+    from it): the local rank where the rank sees all of its node's GPUs, or the one GPU it sees (srun
+    --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES). Anything between would put two ranks on one GPU, which NCCL
+    refuses at its first collective ("Duplicate GPU detected"): refused here with the settings to change."""
+    if visible_gpus >= info.local_world_size:
         return info.local_rank
-    if info.launcher == "openmpi":  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
+    if visible_gpus > 1:
+        raise DistEnvError(f"[{info.launcher}] {info.local_world_size} ranks on this node, and local rank "
+                           f"{info.local_rank} sees {visible_gpus} GPUs: ranks would share GPUs. Start one rank per GPU "
+                           "(srun --ntasks-per-node, deepspeed --num_gpus, torchrun --nproc-per-node: the node's GPU "
+                           "count), or give each rank one GPU of its own (srun --gpus-per-task=1)")
+    if info.launcher == "openmpi" and info.local_rank:  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
         raise DistEnvError(f"local rank {info.local_rank} sees {visible_gpus} GPU(s): under mpirun DeepSpeed takes the "
                            "local rank as the GPU index, so let every rank see all of its node's GPUs")
-    return info.local_rank % visible_gpus
+    return 0
 
 
 # ---------------------------------------------------------------- side effects: processes, sockets, mpi4py

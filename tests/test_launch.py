@@ -187,11 +187,21 @@ def test_rank_layout_needs_no_rendezvous_across_mpirun_nodes() -> None:
 @pytest.mark.parametrize("launcher, local_rank, gpus, device", [
     ("slurm", 3, 8, 3),  # every rank sees the node's GPUs: its local rank
     ("slurm", 3, 1, 0),  # srun --gpus-per-task=1: the one it sees
-    ("torchrun", 5, 2, 1),
+    ("openmpi", 0, 1, 0),
 ])
 def test_the_gpu_deepspeed_is_given_is_one_the_rank_sees(launcher, local_rank, gpus, device) -> None:
     info = DistInfo(local_rank, 8, local_rank, 8, "n0", 29500, launcher)
     assert device_local_rank(info, gpus) == device
+
+
+@pytest.mark.parametrize("local_rank", [0, 5])
+def test_ranks_that_would_share_a_gpu_are_refused_on_every_rank(local_rank) -> None:
+    """8 ranks on a node whose ranks each see 2 GPUs: four to a GPU, which NCCL refuses only at the first collective
+    ("Duplicate GPU detected"); refused by every rank, not just those past the GPU count, naming what to change."""
+    info = DistInfo(local_rank, 8, local_rank, 8, "n0", 29500, "torchrun")
+    with pytest.raises(DistEnvError, match=rf"\[torchrun\] 8 ranks on this node, and local rank {local_rank} sees 2 "
+                                           r"GPUs: ranks would share GPUs\. Start one rank per GPU"):
+        device_local_rank(info, 2)
 
 
 def test_mpirun_ranks_seeing_fewer_gpus_than_their_local_rank_are_refused() -> None:
