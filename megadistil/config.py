@@ -194,7 +194,7 @@ class RunDataConfig(DataConfig):
 class TrainConfig:
     max_steps: int = 100  # optimizer steps
     micro_batch_size: int = 4  # sequences per rank per micro step (the ds_config's train_micro_batch_size_per_gpu)
-    grad_accum: int = 1  # micro steps per optimizer step; each one's mean loss counts alike, whatever its tokens
+    grad_accum: int = 1  # micro steps per optimizer step; the step's loss is the mean over all its trained tokens
     output_dir: str = "runs/tiny"  # the run dir: config.yaml, metrics.jsonl, checkpoints/
     save_every: int = 50  # steps between checkpoints (and one at the end)
     keep_last: int = 0  # checkpoints kept: the newest N tags (0: all); the tag `latest` names is never deleted

@@ -191,6 +191,13 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
             "data.seq_len=64", f"preference.reference={reference_dir}", "preference.beta=2.0", "loss.ce_weight=0.5",
             "train.micro_batch_size=2", "train.max_steps=6", "train.save_every=6", "bitnet.lora_rank=8",
             "optim.lr=1e-2", "optim.warmup_steps=2"], "ds_config": partitioned_ds_config},
+        # one step over the same 4 preference rows (completions of different lengths), as 2 micro-batches of 1 row
+        # per rank and as 1 micro-batch of 2: the gradient is the mean over the step's trained tokens either way
+        **{name: {"overrides": [f"model.student={tiny_llama_dir}", f"data.preference=[{preference_file}]",
+                                "data.text=[]", "data.seq_len=128", "model.dtype=fp32", "train.max_steps=1",
+                                "train.save_every=100", "bitnet.lora_rank=8", *extra]}
+           for name, extra in (("accum_rows", ["train.micro_batch_size=1", "train.grad_accum=2"]),
+                               ("batch_rows", ["train.micro_batch_size=2", "train.grad_accum=1"]))},
         # float32: the base is float32, so the teacher's W and logits are bitwise the base's and a merge is invisible
         # bit for bit (a bf16 ΔW rounds the merged value: ~2 % of the largest logit on this model)
         "relora": {"overrides": [*text_overrides, "train.max_steps=6", "train.save_every=100",
@@ -419,6 +426,16 @@ def test_preference_weighted_run_on_chosen_completions(runs):
     assert all(0.0 < w < 4.0 for w in weights) and len(set(weights)) > 1 and 1.0 not in weights, weights
     # completion-only: far fewer tokens than the 2 ranks x 2 sequences x 63 positions a packed batch trains on
     assert all(m["tokens"] < 2 * 2 * 63 for m in steps)
+
+
+@pytest.mark.multirank
+def test_gradient_accumulation_weighs_micro_batches_by_their_tokens(runs):
+    """The same step as two micro-batches of one row per rank and as one of two rows: the gradient (its norm before
+    clipping, over both ranks) is the mean over the step's trained tokens either way; a mean of per-micro-batch means
+    gives the short rows' tokens more weight."""
+    accum, batch = (metrics(runs[name])[-1] for name in ("accum_rows", "batch_rows"))
+    assert accum["tokens"] == batch["tokens"] < 4 * 127  # the same rows, completions only
+    assert accum["grad_norm"] == pytest.approx(batch["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.multirank

@@ -38,7 +38,7 @@ from megadistil.data import ShardStream
 from megadistil.data.crosstok import CrossTokenizerBatches, padded_vocab_map, vocab_map
 from megadistil.data.packed import PackedTextBatches, eval_sequences, shifted_batch
 from megadistil.data.precompute import teacher_dir_fingerprint
-from megadistil.distill.losses import LossConfig
+from megadistil.distill.losses import IGNORE_INDEX, LossConfig
 from megadistil.distill.onpolicy import OnPolicyConfig, is_onpolicy, onpolicy_batch, sequence_indices
 from megadistil.distributed import init_distributed
 from megadistil.engine import checkpoint
@@ -419,30 +419,26 @@ class Trainer:
             set_quant_lambda(self.engine.module.student, min(1.0, (step - 1) / warmup))
 
     def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor, OnPolicyStats]:
-        """grad_accum finite micro-batches. A non-finite loss (on any rank) skips that micro-batch: no backward,
-        no optimizer update; max_nan_steps of them in a row stop the run with the last checkpoint intact.
-        The loss parts are summed on the device; only the finite check reads a scalar back each micro-batch.
-        An on-policy micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts."""
-        done, consecutive, sums, tokens = 0, 0, {}, torch.zeros((), dtype=torch.int64, device=self.device)
-        kd_tokens = torch.zeros_like(tokens)
+        """grad_accum finite micro-batches, weighted by their trained tokens (_token_weight). A non-finite loss
+        (on any rank) skips that micro-batch: no backward, no optimizer update; max_nan_steps of them in a row stop
+        the run with the last checkpoint intact. The loss parts are summed on the device; only the finite check reads
+        a scalar back each micro-batch. An on-policy micro-batch (onpolicy.fraction) trains on the student's
+        continuations of its prompts: all of a step's are generated first, since their token counts weigh the step
+        (the weights do not change within a step, so the continuations are the same)."""
+        accum = self.cfg.train.grad_accum
         # Micro-batch positions count every attempt, skipped ones too: a skip must not give two micro-batches one
         # position (the same on-policy choice and sampling seeds). nan_skipped is in every checkpoint.
-        stats, attempt, first = OnPolicyStats(), 0, self.state.step * self.cfg.train.grad_accum + self.state.nan_skipped
-        while done < self.cfg.train.grad_accum:
-            batch = next(batches, None)
-            if batch is None:  # only data.epochs ends the data; check_inputs counted its steps without skipped ones
-                raise RuntimeError(f"the data ran out at step {self.state.step + 1}: data.epochs="
-                                   f"{self.cfg.data.epochs} passes, {self.state.nan_skipped} non-finite micro-batches "
-                                   f"skipped (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
-            batch = self._to_device(batch)
-            micro = first + attempt  # the schedule's and the seeds' position
-            attempt += 1
-            loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
-            if onpolicy:
-                with phase("generate"):
-                    batch = self._generate(batch, active.onpolicy, micro, stats)
-                loss_cfg = replace(active.loss, kind=active.onpolicy.kind, ce_weight=0.0)
-            parts = self._forward(batch, loss_cfg)
+        first, stats = self.state.step * accum + self.state.nan_skipped, OnPolicyStats()
+        queue = [self._micro_batch(batches, active, first + i, stats) for i in range(accum)]
+        step_tokens = sum(m.tokens for m in queue).double()
+        if dist.is_initialized():
+            dist.all_reduce(step_tokens)  # on the device: no host sync
+        attempt, consecutive, sums = accum, 0, {}
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        kd_tokens = torch.zeros_like(tokens)
+        while queue:
+            micro = queue.pop(0)
+            parts = self._forward(micro.batch, micro.loss_cfg)
             if not self._all_finite(parts["loss"]):
                 consecutive += 1
                 self.state.nan_skipped += 1
@@ -450,25 +446,52 @@ class Trainer:
                 if consecutive >= self.cfg.train.max_nan_steps:
                     raise FloatingPointError(f"{consecutive} non-finite losses in a row at step {self.state.step + 1}; "
                                              f"stopping (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
+                queue.append(self._micro_batch(batches, active, first + attempt, stats))
+                attempt += 1
                 continue
             consecutive = 0
             with phase("backward"):
-                self.engine.backward(parts["loss"])
+                self.engine.backward(parts["loss"] * self._token_weight(micro.tokens, step_tokens))
             with phase("optimizer"):
                 self.engine.step()
-            done += 1
-            if onpolicy:
+            if micro.onpolicy:
                 stats.trained(parts["tokens"], parts["kd"].detach().float())
             tokens += parts.pop("tokens")
             kd_tokens += parts.pop("kd_tokens")
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / self.cfg.train.grad_accum
+            for k, v in parts.items():  # token-weighted like the gradient: this rank's mean over its trained tokens
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * micro.tokens
+        sums = {k: v / tokens.clamp_min(1) for k, v in sums.items()}
         if self.inputs.cross_tokenizer_targets:  # the share of trained tokens a teacher of another tokenizer targets
             sums["kd_target_share"] = kd_tokens.double() / tokens.clamp_min(1)
         norm = self.engine.get_global_grad_norm()  # inf: ZeRO skipped the update (an inf or nan gradient)
         if norm is not None:
             sums["grad_norm"] = torch.as_tensor(norm, dtype=torch.float64)  # read back on logging steps only
         return sums, tokens, stats
+
+    def _micro_batch(self, batches, active: RunConfig, micro: int,
+                     stats: OnPolicyStats) -> _MicroBatch:
+        """The next micro-batch on the device; position `micro` in the schedule decides whether it is on-policy
+        (then generated here)."""
+        batch = next(batches, None)
+        if batch is None:  # only data.epochs ends the data; check_inputs counted its steps without skipped ones
+            raise RuntimeError(f"the data ran out at step {self.state.step + 1}: data.epochs={self.cfg.data.epochs} "
+                               f"passes, {self.state.nan_skipped} non-finite micro-batches skipped (last checkpoint: "
+                               f"{checkpoint.latest_tag(self.ckpt_root)})")
+        batch, loss_cfg, onpolicy = self._to_device(batch), active.loss, is_onpolicy(micro, active.onpolicy.fraction)
+        if onpolicy:
+            with phase("generate"):
+                batch = self._generate(batch, active.onpolicy, micro, stats)
+            loss_cfg = replace(active.loss, kind=active.onpolicy.kind, ce_weight=0.0)
+        return _MicroBatch(batch, loss_cfg, (batch["labels"] != IGNORE_INDEX).sum(), onpolicy)
+
+    def _token_weight(self, count: Tensor, step_tokens: Tensor) -> Tensor:
+        """A micro-batch's loss weight, so that the step's gradient is the mean over every trained token of the step,
+        on every rank: its tokens' share of the step's, times the grad_accum and world size that DeepSpeed divides by
+        (backward's mean over micro-batches, the all-reduce's over ranks). Preference rows (padding), on-policy
+        continuations and ranks differ in token counts; with equal counts every weight is exactly 1. The KD term of a
+        teacher of another tokenizer stays a mean over each micro-batch's aligned tokens. A skipped micro-batch's
+        replacement is weighed against the count agreed before (the weights then sum to about 1, not exactly)."""
+        return (count * (self.cfg.train.grad_accum * self.dist.world_size) / step_tokens.clamp_min(1)).float()
 
     @torch.no_grad()
     def _generate(self, batch: dict[str, Tensor], op: OnPolicyConfig, micro: int,
@@ -628,6 +651,14 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.dist.rank == 0:
             print(f"[megadistil] {message}", flush=True)
+
+
+@dataclass
+class _MicroBatch:
+    batch: dict[str, Tensor]  # on the engine's device
+    loss_cfg: LossConfig
+    tokens: Tensor  # its trained (labelled) tokens, on the device
+    onpolicy: bool
 
 
 def _kept(line: str, step: int) -> bool:
