@@ -7,7 +7,8 @@ over it. Columns ids/lvl/tok are the bytes/token of the top-k id, probability-le
 
 Teachers are tiny random Llamas (1 layer) with the given vocab; "peaked" scales the LM head so the next-token
 entropy resembles a trained model's (a few nats), "random" leaves init weights (near-uniform distributions).
-Writes bench/results/shards.json.
+Also: the bytes one pass of 16 slots reads from 2 shards (slots whose ranges start inside a shard), seeking vs
+streaming each piece from its shard's start. Writes bench/results/shards.json.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megadistil.data import Manifest, ShardStream, decode_sample, encode_sample
+from megadistil.data import Manifest, ShardInfo, ShardStream, decode_sample, encode_sample
 from megadistil.data.precompute import PrecomputeConfig, run_precompute
-from megadistil.data.shards import check_raw_sample
+from megadistil.data.shards import check_raw_sample, sha256_file
+from megadistil.data.stream import _SlotSource
 from tests.conftest import _stdlib_text, _train_tokenizer
 
 
@@ -111,6 +113,49 @@ def loader_tokens_per_s(out: Path, workers: int, batches: int) -> float:
     return rate
 
 
+def _rchar() -> int:
+    """Bytes this process has read through read syscalls (Linux), page-cache hits included."""
+    return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+
+def slot_read_bytes(root: Path, seq_len: int, slots: int = 16, shards: int = 2, per_shard: int = 32) -> dict:
+    """Bytes that one pass of each of `slots` slots (ranks x loader workers) reads from `shards` shards, over the
+    shards' size. Most slots' ranges start inside a shard: "seek" is the reader (headers only up to its range),
+    "stream" reads each piece as a tar stream from its shard's start, as the reader did before (webdataset)."""
+    import webdataset as wds
+
+    out, rng, k, vocab = root / "slot-reads", np.random.default_rng(0), 64, 128256
+    out.mkdir()
+    infos = []
+    for s in range(shards):
+        tar = out / f"s{s}.tar"
+        with wds.TarWriter(str(tar), encoder=False, mtime=0.0) as tw:  # mtime as precompute writes it (pax headers)
+            for i in range(per_shard):
+                ids = np.stack([np.sort(rng.choice(vocab, k, replace=False)) for _ in range(seq_len)])
+                lp = np.log(np.sort(rng.dirichlet(np.full(k + 1, 0.3), seq_len)[:, :k], 1)[:, ::-1] + 1e-9)
+                tw.write({"__key__": f"s{s}-{i:06d}", **encode_sample(rng.integers(0, vocab, seq_len), ids, lp,
+                                                                       vocab_size=vocab)})
+        infos.append(ShardInfo(tar.name, per_shard, tar.stat().st_size, sha256_file(tar)))
+    m = Manifest(vocab_size=vocab, top_k=k, temperature=1.0, seq_len=seq_len, teacher_fingerprint="bench",
+                 tokenizer_fingerprint="bench", shards=infos)
+    total = sum(i.bytes for i in infos)
+    sources = [_SlotSource(out, m, s, slots, 0, "fail") for s in range(slots)]
+    before = _rchar()
+    for src in sources:
+        for _ in src._pass(0):
+            pass
+    seek = _rchar() - before
+    before = _rchar()
+    for src in sources:
+        for shard, lo, hi in src.pieces:
+            for count, _ in enumerate(wds.tariterators.tarfile_samples([{"url": str(out / infos[shard].name)}]), 1):
+                if count == hi and hi < per_shard:
+                    break
+    stream = _rchar() - before
+    return {"slots": slots, "shards": shards, "samples_per_shard": per_shard, "sample_kB": total / 1e3 / len(
+        infos) / per_shard, "seek_read_ratio": seek / total, "stream_read_ratio": stream / total}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -145,6 +190,7 @@ def main() -> None:
                 row.update(section_bytes_per_token(raw, m))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        reads = slot_read_bytes(root, args.seq_len)
     print()
     print(f"{'vocab':>7} {'teacher':>7} {'H':>5} {'k':>4} {'B/tok':>7} {'KL':>9} {'enc tok/s':>10} {'dec tok/s':>10}"
           f" {'ids':>6} {'lvl':>6} {'tok':>5} {'load w0':>9} {'w1':>9} {'w2':>9}")
@@ -153,9 +199,12 @@ def main() -> None:
         print(f"{r['vocab']:7d} {r['teacher']:>7} {r['entropy_nats']:5.2f} {r['k']:4d} {r['bytes_per_token']:7.1f} "
               f"{r['kl_mean']:9.2e} {r['encode_tok_s']:10.0f} {r['decode_tok_s']:10.0f} {r['ids_B']:6.1f} "
               f"{r['levels_B']:6.1f} {r['tokens_B']:5.2f} {load}")
+    print(f"\none pass of {reads['slots']} slots over {reads['shards']} shards of {reads['samples_per_shard']} "
+          f"samples ({reads['sample_kB']:.0f} kB each) reads {reads['seek_read_ratio']:.2f}x the shards' bytes "
+          f"(streaming each piece from its shard's start: {reads['stream_read_ratio']:.2f}x)")
     res = Path(__file__).resolve().parent / "results"
     res.mkdir(exist_ok=True)
-    (res / "shards.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (res / "shards.json").write_text(json.dumps({"args": vars(args), "rows": rows, "slot_reads": reads}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import tarfile
 
@@ -318,17 +319,7 @@ def test_a_read_error_is_not_corruption_and_stops_even_when_skipping(shards, mon
     time only, and a resumed run's replay would then differ from the run it continues."""
     import errno
 
-    import megadistil.data.stream as stream_module
-
-    real = stream_module.wds.tariterators.tarfile_samples
-
-    def failing(src):
-        for i, raw in enumerate(real(src)):
-            if i == 3:
-                raise OSError(errno.EIO, "Input/output error")
-            yield raw
-
-    monkeypatch.setattr(stream_module.wds.tariterators, "tarfile_samples", failing)
+    _count_tar_reads(monkeypatch, fail_at=2500)  # a read that starts 2.5 kB or more into a shard fails
     with pytest.raises(OSError, match=r"shard shard-\S+\.tar: read failed after key \S+ \(Input/output error\); not "
                                       r"skipped under data.on_corrupt=skip") as info:
         list(ShardStream(shards, batch_size=2, shuffle_buffer=0, epochs=1, on_corrupt="skip"))
@@ -343,6 +334,196 @@ def test_bad_config_is_refused(shards):
     with pytest.raises(ValueError, match=r"70 samples are fewer than world_size 8 x batch_size 1 x 9 loader streams "
                                          r"\(data.num_workers\)"):
         ShardStream(shards, batch_size=1, world_size=8, num_workers=9)
+
+
+# ---------------------------------------------------------------- a piece reads the data of its own samples only
+
+
+class _CountingRaw(io.RawIOBase):
+    """A shard file that adds the bytes read from it to `reads[-1]`, failing with EIO from offset `fail_at` on."""
+
+    def __init__(self, f, reads: list[int], fail_at: int | None):
+        self.f, self.reads, self.fail_at = f, reads, fail_at
+
+    def readinto(self, b):
+        import errno
+
+        if self.fail_at is not None and self.f.tell() >= self.fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        n = self.f.readinto(b)
+        self.reads[-1] += n or 0
+        return n
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, *args):
+        return self.f.seek(*args)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _count_tar_reads(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """From now on, the bytes each .tar opened for reading gives (one entry an open), whichever reader opens it
+    (webdataset's streaming read too): the buffered file's reads of the underlying file, i.e. what the OS serves."""
+    import builtins
+
+    real, reads = builtins.open, []
+
+    def counting_open(file, mode="r", buffering=-1, *args, **kw):
+        if not str(file).endswith(".tar") or "r" not in mode:
+            return real(file, mode, buffering, *args, **kw)
+        reads.append(0)
+        raw = _CountingRaw(real(file, "rb", buffering=0), reads, fail_at)
+        return io.BufferedReader(raw, buffering if buffering > 0 else io.DEFAULT_BUFFER_SIZE)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return reads
+
+
+def _big_shard(path, n=24, expected=None):
+    """A one-shard dir of `n` random samples of ~6.7 KB (seq 256, top-16 of 1000), keys k0000...; the manifest says
+    `expected` samples (default n)."""
+    import numpy as np
+    import webdataset as wds
+
+    from megadistil.data import Manifest, ShardInfo, encode_sample
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    tar = path / "s.tar"
+    with wds.TarWriter(str(tar), encoder=False, mtime=0.0) as tw:
+        for i in range(n):
+            ids = np.stack([rng.choice(1000, 16, replace=False) for _ in range(256)])
+            lp = np.log(np.tile(np.linspace(0.1, 0.01, 16), (256, 1)))
+            tw.write({"__key__": f"k{i:04d}", **encode_sample(rng.integers(0, 1000, 256), ids, lp, vocab_size=1000)})
+    Manifest(vocab_size=1000, top_k=16, temperature=1.0, seq_len=256, teacher_fingerprint="t",
+             tokenizer_fingerprint="x",
+             shards=[ShardInfo(tar.name, n if expected is None else expected, tar.stat().st_size, sha256_file(tar))]
+             ).save(path)
+    return tar
+
+
+def _source(shard_dir, on_corrupt="fail"):
+    from megadistil.data import Manifest
+    from megadistil.data.stream import _SlotSource
+
+    return _SlotSource(shard_dir, Manifest.load(shard_dir), 0, 1, 0, on_corrupt)
+
+
+def _streamed(tar) -> list[dict]:
+    """The shard as webdataset's streaming read gives it (what the reader used before it seeked)."""
+    import webdataset as wds
+
+    return list(wds.tariterators.tarfile_samples([{"url": str(tar)}]))
+
+
+def _member_offsets(tar) -> list[int]:
+    """Each member's header offset, then the end of the last member's data (padded)."""
+    with tarfile.open(tar) as tf:
+        members = tf.getmembers()
+    return [m.offset for m in members] + [members[-1].offset_data + -(-members[-1].size // 512) * 512]
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 24), (0, 5), (9, 24), (9, 14), (23, 24)])
+def test_a_piece_yields_what_the_streaming_read_gives(tmp_path, lo, hi):
+    """The same dicts (keys, __url__, the bin bytes, field order) as webdataset's tarfile_samples, sliced."""
+    tar = _big_shard(tmp_path / "d")
+    got = list(_source(tmp_path / "d")._piece("s.tar", 24, lo, hi))
+    expected = _streamed(tar)[lo:hi]
+    assert [list(r) for r in got] == [list(r) for r in expected] and got == expected
+
+
+def test_pieces_of_precomputed_shards_match_the_streaming_read(shards):
+    src = _source(shards)
+    for info in src.m.shards:
+        whole, n = _streamed(shards / info.name), info.samples
+        for lo, hi in {(0, n), (0, n // 2), (n // 2, n), (1, n - 1)}:
+            if lo < hi:
+                assert list(src._piece(info.name, n, lo, hi)) == whole[lo:hi], (info.name, lo, hi)
+
+
+def test_a_piece_inside_a_shard_reads_its_own_samples_data_only(tmp_path, monkeypatch):
+    """A slot's range that starts deep in a shard: the members before it cost their headers (one 2 KiB read each),
+    not their data. The streaming read read all of members 0..20 (2.7x the bytes here, with 8 KiB members)."""
+    tar = _big_shard(tmp_path / "d")
+    at = _member_offsets(tar)
+    reads = _count_tar_reads(monkeypatch)
+    got = list(_source(tmp_path / "d")._piece("s.tar", 24, 16, 20))
+    assert [r["__key__"] for r in got] == [f"k{i:04d}" for i in range(16, 20)]
+    # the piece's members, and a read of the headers of each member up to the one after the piece (where its last
+    # sample is known to end)
+    assert len(reads) == 1 and reads[0] <= at[20] - at[16] + 21 * 2048 < at[17], (reads, at[20] - at[16])
+
+
+def test_the_last_piece_counts_the_samples_past_it_by_their_headers(tmp_path, monkeypatch, caplog):
+    """A shard with 4 samples more than the manifest says: its last piece counts them, reading their headers only."""
+    tar = _big_shard(tmp_path / "d", expected=20)
+    at = _member_offsets(tar)
+    reads = _count_tar_reads(monkeypatch)
+    src = _source(tmp_path / "d", "skip")
+    with caplog.at_level(logging.WARNING):
+        got = list(src._piece("s.tar", 20, 18, 20))
+    assert [r["__key__"] for r in got] == ["k0018", "k0019"] and src.skipped == 0  # none of the range was lost
+    assert "shard s.tar: holds 24 samples, manifest says 20 (truncated?) last key k0023" in caplog.text
+    assert len(reads) == 1 and reads[0] <= at[20] - at[18] + 25 * 2048 < at[21], (reads, at[20] - at[18])
+    with pytest.raises(ShardFormatError, match=r"holds 24 samples, manifest says 20 \(truncated\?\) last key k0023 "
+                                               r"\[data.on_corrupt=fail\]"):
+        list(_source(tmp_path / "d")._piece("s.tar", 20, 18, 20))
+
+
+@pytest.mark.parametrize("on_corrupt", ["skip", "fail"])
+@pytest.mark.parametrize("damage, lo, hi, kept, msg", [
+    # cut inside member 12's data: found reading it (in the piece), or seeking past it (before the piece)
+    ("cut", 8, 16, 4, "unreadable after key k0011 (ReadError: unexpected end of data)"),
+    ("cut", 16, 20, 0, "unreadable after key k0011 (ReadError: unexpected end of data)"),
+    ("cut", 4, 12, 8, None),  # a piece that ends before the cut reads whole (the next piece reports it)
+    # member 12's header fails its checksum: tarfile ends the archive there (as webdataset's read did), and the
+    # count check reports it
+    ("header", 8, 16, 4, "holds 12 samples, manifest says 24 (truncated?) last key k0011"),
+    ("header", 16, 20, 0, "holds 12 samples, manifest says 24 (truncated?) last key k0011"),
+])
+def test_a_damaged_shard_ends_the_piece_where_it_is_damaged(tmp_path, caplog, on_corrupt, damage, lo, hi, kept, msg):
+    tar = _big_shard(tmp_path / "d")
+    at = _member_offsets(tar)
+    data = bytearray(tar.read_bytes())
+    if damage == "cut":
+        del data[at[12] + 512 + 3000:]
+    else:
+        data[at[12] + 1] ^= 0x40  # a byte of the name: the header's checksum no longer matches
+    tar.write_bytes(bytes(data))
+    src, got = _source(tmp_path / "d", on_corrupt), []
+    lost = hi - lo - kept if msg else 0
+    with caplog.at_level(logging.WARNING):
+        if on_corrupt == "fail" and msg:
+            with pytest.raises(ShardFormatError, match=re.escape(f"shard s.tar: {msg} [data.on_corrupt=fail]")):
+                got.extend(src._piece("s.tar", 24, lo, hi))
+        else:
+            got.extend(src._piece("s.tar", 24, lo, hi))
+    assert [r["__key__"] for r in got] == [f"k{i:04d}" for i in range(lo, lo + kept)]
+    if on_corrupt == "skip":
+        assert src.skipped == lost and (not msg or f"({lost} samples lost so far in slot 0): shard s.tar: {msg}"
+                                        in caplog.text)
+
+
+def test_a_piece_closed_early_closes_its_shard(tmp_path, monkeypatch):
+    import builtins
+
+    tar = _big_shard(tmp_path / "d")
+    real, opened = builtins.open, []
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **kw: opened.append(real(file, *a, **kw)) or opened[-1])
+    piece = _source(tmp_path / "d")._piece("s.tar", 24, 5, 15)
+    assert next(piece)["__key__"] == "k0005" and not opened[-1].closed and opened[-1].name == str(tar)
+    piece.close()
+    assert opened[-1].closed
 
 
 # ---------------------------------------------------------------- cross-tokenizer shards (synthetic)

@@ -28,7 +28,10 @@ from __future__ import annotations
 import bisect
 import enum
 import hashlib
+import itertools
 import logging
+import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,21 +130,22 @@ class _SlotSource:
             yield from self._piece(info.name, info.samples, lo, hi)
 
     def _piece(self, name: str, expected: int, lo: int, hi: int) -> Iterator[dict[str, Any]]:
-        """Samples lo..hi-1 of a shard (the members before lo are read past, not checked); the whole shard also
-        checks its sample count against the manifest."""
+        """Samples lo..hi-1 of a shard (the members before lo are passed over, not checked); the whole shard also
+        checks its sample count against the manifest. Only samples lo..hi-1 have their data read, the others cost
+        their headers (see _tar_samples): a slot whose range starts deep inside a shard does not read its head."""
         path = self.dir / name
         count, key = 0, None
-        samples = wds.tariterators.tarfile_samples([{"url": str(path)}])
         try:
-            for raw in samples:
-                key = raw["__key__"]
-                count += 1
-                if count > hi:  # the shard's last piece reads on to count its samples
-                    continue
-                if count > lo and self._valid(name, count - 1, raw):
-                    yield raw
-                if count == hi and hi < expected:
-                    return
+            with open(path, "rb", buffering=_TAR_BUFFER) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for raw in _tar_samples(tar, str(path), lo, hi):
+                    key = raw["__key__"]
+                    count += 1
+                    if count > hi:  # the shard's last piece reads on (headers only) to count its samples
+                        continue
+                    if count > lo and self._valid(name, count - 1, raw):
+                        yield raw
+                    if count == hi and hi < expected:
+                        return
         except ShardFormatError:
             raise
         except OSError as exc:  # the filesystem failed, not the shard: skipping would make the stream unreplayable
@@ -151,8 +155,6 @@ class _SlotSource:
             self._corrupt(f"shard {name}: unreadable after key {key} ({type(exc).__name__}: {_first_arg(exc)})",
                           (name, lo, hi), max(0, hi - max(lo, count)))
             return
-        finally:
-            samples.close()  # a piece that ends inside the shard closes its file now
         if count != expected:
             self._corrupt(f"shard {name}: holds {count} samples, manifest says {expected} (truncated?) "
                           f"last key {key}", (name, lo, hi), max(0, hi - max(lo, count)))
@@ -175,6 +177,33 @@ class _SlotSource:
         self._seen.add(problem)
         self.skipped += lost
         log.warning("skipping corrupt data (%d samples lost so far in slot %d): %s", self.skipped, self.slot, msg)
+
+
+# A shard file's read buffer: each member a seek lands on fills it once, so it holds just what tarfile reads there:
+# the byte before (its check that the previous member's data is all there), then the member's pax header, pax
+# record and ustar header (3 x 512 B; webdataset writes a pax mtime). open()'s default is the file's st_blksize,
+# MiBs on some parallel filesystems. Member data, read whole, bypasses the buffer.
+_TAR_BUFFER = 4 * tarfile.BLOCKSIZE
+_WDS_META = re.compile(r"__[^/]*__($|/)")  # member names webdataset's tar reader skips (its skip_meta default)
+
+
+def _tar_samples(tar: tarfile.TarFile, url: str, lo: int, hi: int) -> Iterator[dict[str, Any]]:
+    """The samples webdataset's tarfile_samples yields from `tar`, in order, with the data of samples lo..hi-1 only
+    (the others' fields are None). As there: a sample is a run of regular members with one key (the name up to the
+    first dot of its last part), a field each (the rest, lower-cased), __meta__ names are skipped, a field twice in
+    a sample is an error. `tar` must be in "r:" mode: tarfile.next() then seeks over the data of a member that
+    was not read (checking with a 1-byte read that it is there), where "r|" mode (webdataset's) reads it."""
+    members = (m for m in iter(tar.next, None) if m.isreg() and not _WDS_META.match(m.name))
+    fields = ((*wds.tariterators.base_plus_ext(m.name), m) for m in members)
+    runs = itertools.groupby((f for f in fields if f[0] is not None), key=lambda f: f[0])
+    for i, (key, run) in enumerate(runs):
+        raw: dict[str, Any] = {"__key__": key, "__url__": url}
+        for _, field, m in run:
+            field = field.lower()
+            if field in raw:
+                raise ValueError(f"{m.name}: duplicate file name in tar file {field} {raw.keys()}")
+            raw[field] = tar.extractfile(m).read() if lo <= i < hi else None
+        yield raw  # a run ends at the next key's header (or the tar's end): one header past the sample
 
 
 def _first_arg(exc: BaseException) -> str:
