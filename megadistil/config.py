@@ -181,6 +181,7 @@ class RunDataConfig(DataConfig):
     preference: list[str] = field(default_factory=list)  # preference JSONL (prompt, chosen, rejected): prompt + chosen, loss on chosen
     eval_text: list[str] = field(default_factory=list)  # held-out text for perplexity
     seq_len: int = 256  # packing length for text (shards carry their own: set, it must be theirs)
+    split_special_tokens: bool = True  # text spelling a special token stays text; false: the control token (chat-formatted text)
 
     def validate(self) -> None:
         super().validate()
@@ -525,6 +526,8 @@ CONDITIONAL_KEYS: tuple[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]
      "the shard stream's setting, and data.shards is not set (text is packed in memory, shuffled by train.seed)"),
     (("data.prefetch_factor",), lambda c: c.data.num_workers > 0,
      "data.num_workers is 0 (the shards are read in the training process, nothing is prefetched)"),
+    (("data.split_special_tokens",), lambda c: bool(c.data.text or c.data.preference or c.data.eval_text),
+     "no text is tokenized (data.shards hold token ids, and there is no data.eval_text)"),
     (("train.eval_every",), lambda c: bool(c.data.eval_text or c.train.eval_tasks),
      "nothing is evaluated (no data.eval_text, no train.eval_tasks)"),
     (("train.eval_batches",), lambda c: bool(c.data.eval_text), "no data.eval_text to take held-out batches from"),

@@ -68,11 +68,11 @@ def eos_token_ids(generation_config: Any, tokenizer: Any) -> int | list[int] | N
     return eos if eos is not None else tokenizer.eos_token_id
 
 
-def decode_text(tokenizer: Any, ids: Sequence[int] | Tensor) -> str:
-    """The text of generated ids, special tokens left out. No clean-up of tokenization spaces: a tokenizer saved with
-    clean_up_tokenization_spaces=True (the default of many) would turn " ," into "," and " 's" into "'s", so the text
-    would no longer be what the ids spell."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+def decode_text(tokenizer: Any, ids: Sequence[int] | Tensor, *, special_tokens: bool = False) -> str:
+    """The text of generated ids, special tokens left out (`special_tokens`: spelled out, as a chat template's are).
+    No clean-up of tokenization spaces: a tokenizer saved with clean_up_tokenization_spaces=True (the default of many)
+    would turn " ," into "," and " 's" into "'s", so the text would no longer be what the ids spell."""
+    return tokenizer.decode(ids, skip_special_tokens=not special_tokens, clean_up_tokenization_spaces=False)
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -85,6 +85,8 @@ CE_ONLY = ["teacher.kind=none", "loss.kd_weight=0.0", "loss.ce_weight=1.0"]
     (["data.seed=3"], "'data.seed': is unused: the shard stream's setting, and data.shards is not set (text is packed"),
     (["data.text=[]", "data.shards=/s", "data.prefetch_factor=8"],
      "'data.prefetch_factor': is unused: data.num_workers is 0 (the shards are read in the training process"),
+    (["data.text=[]", "data.shards=/s", "data.split_special_tokens=false"],
+     "'data.split_special_tokens': is unused: no text is tokenized (data.shards hold token ids, and there is no "),
     ([*CE_ONLY, "loss.temperature=2.0"], "'loss.temperature': is unused: loss.kd_weight and loss.dskd_weight are 0"),
     (["loss.jsd_beta=0.3"], "'loss.jsd_beta': is unused: no JSD is computed at any stage (loss.kind is not jsd"),
     (["loss.attn_relation_heads=4"], "'loss.attn_relation_heads': is unused: loss.attn_relation_weight is 0 at"),
@@ -106,6 +108,7 @@ def test_a_setting_nothing_reads_is_refused_naming_it(overrides, message):
     ["log.wandb.enabled=true", "log.wandb.mode=disabled"],
     ["data.text=[]", "data.shards=/s", "data.shuffle_buffer=16", "data.seed=3", "data.epochs=2",
      "data.num_workers=2", "data.prefetch_factor=8"],
+    ["data.text=[]", "data.shards=/s", "data.eval_text=[e.txt]", "data.split_special_tokens=false"],
 ])
 def test_a_setting_that_acts_at_some_stage_is_accepted(overrides):
     cfg, default = load_config(None, [*BASE, *overrides]), RunConfig()

@@ -285,10 +285,32 @@ def test_an_evaluation_leaves_every_global_rng_as_it_found_it():
     assert draws() == expected
 
 
+def test_chat_text_perplexity_reads_spelled_control_tokens_when_told(tiny_llama_dir, tmp_path):
+    """--no-split-special-tokens: the perplexity of chat-formatted text is over its control tokens, as the trainer's
+    held-out figure with data.split_special_tokens=false."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadistil.data.packed import eval_sequences
+    from megadistil.eval.perplexity import text_perplexity
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    chat = tmp_path / "chat.txt"
+    chat.write_text("".join(f"question {i}{tok.eos_token}answer {i}{tok.eos_token}\n" for i in range(40)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.from_numpy(eval_sequences([str(chat)], tok, 32, 6, split_special_tokens=False)).long()
+    assert int((ids == tok.eos_token_id).sum()) > 6  # spelled ones, besides the separators
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    control = text_perplexity(model, tok, [str(chat)], seq_len=32, max_sequences=6, split_special_tokens=False)
+    assert control["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    assert text_perplexity(model, tok, [str(chat)], seq_len=32, max_sequences=6)["perplexity"] != control["perplexity"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "t.txt", "--generations-out", "g.md"], "--generations-out is used only with --generate"),
     (["--text", "t.txt", "--limit", "5"], "--limit is used only with --tasks"),
     (["--text", "t.txt", "--include-path", "tasks/"], "--include-path is used only with --tasks"),
+    (["--tasks", "arc_easy", "--no-split-special-tokens"], "--no-split-special-tokens is used only with --text"),
 ])
 def test_an_option_the_evaluation_would_not_read_is_refused(args, message, tmp_path, capsys):
     """They were accepted and ignored (exit 0, no generations file)."""

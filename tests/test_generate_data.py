@@ -81,6 +81,46 @@ def test_shards_hold_the_generated_documents(gen_run, tiny_llama_dir):
     assert np.array_equal(dec.input_ids, packed)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ eos_token }}{% endif %}")  # EOS as the tiny vocab's only control token
+
+
+def test_chat_prompts_are_user_turns_whose_control_tokens_the_lines_and_shards_keep(tiny_llama_dir, tmp_path):
+    """--chat-template: each prompt is a user turn in the tokenizer's template (its control tokens as tokens), the
+    lines' text spells them, and the shards written from that text hold them as control tokens again (as training
+    with data.split_special_tokens=false reads it); without a template, or with --text, it is refused."""
+    from transformers import AutoTokenizer
+
+    from megadistil.data.generate import iter_prompts
+
+    teacher = tmp_path / "chat_teacher"
+    shutil.copytree(tiny_llama_dir, teacher)
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(teacher)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the first prompt\nanother one\n")
+    cfg = GenerateConfig(teacher=str(teacher), out=str(tmp_path / "gen"), prompts=str(prompts), chat_template=True,
+                         sampling=SAMPLING, batch_size=2, progress=False, dtype="float32",
+                         shards=ShardOptions(out=str(tmp_path / "shards"), seq_len=16, top_k=4))
+    run_generation(cfg)
+    eos = tok.eos_token_id
+    lines = _lines(tmp_path / "gen")
+    for row, prompt in zip(lines, ["the first prompt", "another one"], strict=True):
+        assert row["prompt_ids"] == [*tok(prompt, add_special_tokens=False)["input_ids"], eos, eos]
+        assert row["prompt"] == prompt + tok.eos_token * 2
+        assert row["text"] == tok.decode(row["prompt_ids"] + row["continuation_ids"], skip_special_tokens=False)
+    m = Manifest.load(tmp_path / "shards")
+    raw = next(iter(wds.tariterators.tarfile_samples([{"url": str(tmp_path / "shards" / m.shards[0].name)}])))
+    dec = decode_sample(raw, seq_len=16, top_k=4, vocab_size=m.vocab_size, codec=m.codec)
+    first = lines[0]["prompt_ids"]
+    assert len(first) < 16 and dec.input_ids.tolist()[:len(first)] == first
+    with pytest.raises(ValueError, match="has no chat template"):
+        list(iter_prompts(replace(cfg, teacher=str(tiny_llama_dir)), AutoTokenizer.from_pretrained(tiny_llama_dir), None))
+    with pytest.raises(ValueError, match="--chat-template needs --prompts"):
+        run_generation(replace(cfg, prompts=None, text=[str(prompts)]))
+
+
 def test_a_killed_run_resumes_to_identical_files(gen_run, tiny_llama_dir, stdlib_text_file, tmp_path):
     _, full, _ = gen_run
     out = tmp_path / "resumed"

@@ -343,6 +343,26 @@ def test_student_with_the_teachers_tokenizer_gets_ordinary_shards(full_run, tiny
     assert [(s.name, s.sha256) for s in manifest.shards] == [(s.name, s.sha256) for s in full_run[0].shards]
 
 
+def test_control_tokens_in_text_are_part_of_the_identity_and_need_one_tokenizer(full_run, tiny_llama_dir,
+                                                                                stdlib_text_file, tmp_path):
+    """--no-split-special-tokens tokenizes another way: shards of the default run are not continued with it (and a
+    run from before the option keeps its identity); with --student-tokenizer it is refused."""
+    out = tmp_path / "o"
+    shutil.copytree(full_run[1], out)
+    with pytest.raises(ValueError, match=r"was written with split_special_tokens null \(now false\)"):
+        run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, out, split_special_tokens=False))
+    with pytest.raises(ValueError, match="--no-split-special-tokens with --student-tokenizer: control tokens"):
+        run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "a", split_special_tokens=False,
+                            student_tokenizer=str(tiny_llama_dir)))
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from precompute_teacher import parse
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    base = ["--teacher", "t", "--text", "a.txt", "--out", "o"]
+    assert parse(base).split_special_tokens and not parse([*base, "--no-split-special-tokens"]).split_special_tokens
+
+
 def test_student_tokenizer_must_be_a_directory(tiny_llama_dir, stdlib_text_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="--student-tokenizer .*nope: not a directory"):
         run_precompute(_cfg(tiny_llama_dir, stdlib_text_file, tmp_path / "a", student_tokenizer=str(tmp_path / "nope")))

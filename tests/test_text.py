@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,26 @@ def test_special_token_text_in_the_corpus_is_text(tok, tmp_path):
     assert ids == want
     ends = np.cumsum([len(_ids(tok, doc)) + 1 for doc in DOCS]) - 1
     assert np.flatnonzero(np.asarray(ids) == tok.eos_token_id).tolist() == ends.tolist()  # only the separators
+
+
+def test_chat_text_spells_control_tokens_when_told(tok, tmp_path):
+    """split_special_tokens=False (data.split_special_tokens=false): text that spells a special token, as a chat
+    template's does, is that control token, in training text, held-out text and preference rows alike."""
+    from megadistil.data.preference import preference_sequences
+
+    path = tmp_path / "chat.txt"
+    path.write_text("\n".join(DOCS) + "\n")
+    control = [t for doc in DOCS for t in [*tok(doc, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
+    assert control.count(tok.eos_token_id) == 3 + 3  # the spelled ones and the separators
+    ids = np.concatenate(list(pack_text([path], tok, 4, drop_last=False, split_special_tokens=False))).tolist()
+    assert ids == control
+    held_out = eval_sequences([str(path)], tok, 4, 100, split_special_tokens=False)
+    assert held_out.ravel().tolist() == control[:len(control) // 4 * 4]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": f"the quick {EOS}", "chosen": "brown fox", "rejected": "x"}) + "\n")
+    seqs, _, _ = preference_sequences([rows], tok, 16, split_special_tokens=False)
+    want = [*tok(f"the quick {EOS}brown fox", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert want.count(tok.eos_token_id) == 2 and seqs[0, :len(want)].tolist() == want  # the spelled one, the row's end
 
 
 def test_too_little_text_names_the_files_and_counts_the_tokens(tok, tmp_path):

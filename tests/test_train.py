@@ -611,6 +611,8 @@ def test_a_teacher_with_another_tokenizer_is_checked_before_any_weight_loads(tmp
         _inputs(tmp_path, [*common, text, "loss.kind=uld", "teacher.top_k=100000"])
     with pytest.raises(ConfigError, match="'onpolicy.fraction': on-policy distillation needs the teacher to score"):
         _inputs(tmp_path, [*common, text, "loss.kind=uld", "onpolicy.fraction=0.5"])
+    with pytest.raises(ConfigError, match="'data.split_special_tokens': control tokens in the text need one tokenizer"):
+        _inputs(tmp_path, [*common, text, "loss.kind=uld", "data.split_special_tokens=false"])
     with pytest.raises(ConfigError, match="'preference.reference': .* has another tokenizer than the student"):
         _inputs(tmp_path, [f"model.student={tiny_llama_dir}", text,
                             f"preference.reference={crosstok_teacher_dir}"])

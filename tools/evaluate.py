@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text", nargs="+", default=[], help="text files (.txt lines or .jsonl 'text') for perplexity")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--text-sequences", type=int, default=64, help="packed sequences spread over the text")
+    p.add_argument("--no-split-special-tokens", action="store_true",
+                   help="--text spelling a special token is the control token (chat-formatted text), as "
+                        "data.split_special_tokens=false trains on it")
     p.add_argument("--generate", default=None, help="prompts file, one per line (\\n for a newline)")
     p.add_argument("--generations-out", default=None, help="markdown table (default: OUT with .generations.md)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -45,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     for flag, value, needs, given in (("--generations-out", a.generations_out, "--generate", a.generate),
                                       ("--limit", a.limit, "--tasks", a.tasks),
-                                      ("--include-path", a.include_path, "--tasks", a.tasks)):
+                                      ("--include-path", a.include_path, "--tasks", a.tasks),
+                                      ("--no-split-special-tokens", a.no_split_special_tokens or None, "--text",
+                                       a.text)):
         if value is not None and not given:  # it would be silently ignored
             p.error(f"{flag} is used only with {needs}")
     s = EvalSettings(tasks=[t for t in a.tasks.split(",") if t], include_path=a.include_path, limit=a.limit,
                      batch_size=a.batch_size, max_length=a.max_length, text=a.text, seq_len=a.seq_len,
                      text_sequences=a.text_sequences, generate=a.generate, max_new_tokens=a.max_new_tokens,
-                     seed=a.seed, temperature=a.temperature, dtype=a.dtype, device=a.device)
+                     seed=a.seed, temperature=a.temperature, dtype=a.dtype, device=a.device,
+                     split_special_tokens=not a.no_split_special_tokens)
     try:
         check_outputs(a.out, a.generations_out)
         results = evaluate_models(a.model, s)

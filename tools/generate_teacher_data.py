@@ -47,6 +47,9 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
     p.add_argument("--backend", default="torch", choices=[b.value for b in Backend],
                    help="torch: megadistil's sampler (every setting); vllm: vLLM's engine where installed (GPU, one "
                    "process, one temperature)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="each --prompts prompt as a user turn in the teacher tokenizer's chat template; the lines' "
+                        "text spells the template's control tokens: train on it with data.split_special_tokens=false")
     p.add_argument("--shards", default=None, help="also write teacher shards of the generated documents here")
     p.add_argument("--shard-top-k", type=int, default=None, help="--shards: teacher top-k kept (default 64)")
     p.add_argument("--shard-seq-len", type=int, default=None, help="--shards: tokens a sequence (default 512)")
@@ -60,7 +63,7 @@ def parse(argv: list[str] | None = None) -> GenerateConfig:
     return GenerateConfig(teacher=a.teacher, out=a.out, text=a.text or [], prompts=a.prompts,
                           prompt_tokens=a.prompt_tokens, sampling=sampling, batch_size=a.batch_size,
                           max_prompts=a.max_prompts, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress,
-                          shards=shard_options(p, a), backend=Backend(a.backend))
+                          shards=shard_options(p, a), backend=Backend(a.backend), chat_template=a.chat_template)
 
 
 def shard_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> ShardOptions | None:

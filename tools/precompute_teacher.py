@@ -37,13 +37,17 @@ def parse(argv: list[str] | None = None) -> PrecomputeConfig:
                    help="the student's tokenizer when it differs from the teacher's (a dir AutoTokenizer loads): "
                         "the shards hold the student's tokens, the teacher's top-k at the positions where both have "
                         "read the same text, and that mask (use loss.kind=uld)")
+    p.add_argument("--no-split-special-tokens", action="store_true",
+                   help="text spelling a special token is the control token, not text (chat-formatted text, e.g. "
+                        "generate_teacher_data --chat-template's); train such shards' eval text with "
+                        "data.split_special_tokens=false")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     a = p.parse_args(argv)
     return PrecomputeConfig(teacher=a.teacher, text=a.text, out=a.out, seq_len=a.seq_len, top_k=a.top_k,
                             temperature=a.temperature, batch_size=a.batch_size, shard_bytes=a.shard_bytes,
                             max_sequences=a.max_sequences, dtype=a.dtype, zero3=a.zero3, progress=not a.no_progress,
-                            student_tokenizer=a.student_tokenizer)
+                            student_tokenizer=a.student_tokenizer, split_special_tokens=not a.no_split_special_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,7 @@ class GenerateConfig:
     progress: bool = True
     shards: ShardOptions | None = None
     backend: Backend = Backend.torch
+    chat_template: bool = False  # each prompt a user turn in the teacher tokenizer's chat template
 
     def validate(self) -> None:
         if bool(self.text) == bool(self.prompts):
@@ -97,6 +98,9 @@ class GenerateConfig:
             raise ValueError(f"--prompts {self.prompts}: use a .txt (a prompt a line) or .jsonl ('prompt' field)")
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise FileNotFoundError(f"--prompts {self.prompts}: no such file")
+        if self.chat_template and self.text:
+            raise ValueError("--chat-template needs --prompts: a prompt from --text is a document's first "
+                             "--prompt-tokens tokens, not a user turn")
         if self.text:
             expand_files(self.text)
         for key, value in (("--prompt-tokens", self.prompt_tokens), ("--batch-size", self.batch_size),
@@ -132,18 +136,28 @@ def _prompt_texts(cfg: GenerateConfig) -> Iterator[str]:
 
 
 def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> Iterator[tuple[int, list[int]]]:
-    """(global index, token ids): the tokenizer's own special tokens (BOS) first; from documents, the first
-    prompt_tokens tokens (a shorter document is a whole prompt); a prompt with no room for max_new_tokens in the
-    model's context is refused."""
+    """(global index, token ids): the tokenizer's own special tokens (BOS) first, or with --chat-template the
+    template's user turn and assistant header; from documents, the first prompt_tokens tokens (a shorter document is a
+    whole prompt); a prompt with no room for max_new_tokens in the model's context is refused."""
     for n, text in enumerate(_prompt_texts(cfg)):
         if cfg.max_prompts is not None and n >= cfg.max_prompts:
             return
-        ids = tok(text, add_special_tokens=True)["input_ids"]
+        ids = _chat_prompt(tok, text, cfg.teacher) if cfg.chat_template else tok(text, add_special_tokens=True)["input_ids"]
         ids = ids[:cfg.prompt_tokens] if cfg.text else ids
         if max_positions is not None and len(ids) + cfg.sampling.max_new_tokens > max_positions:
             raise ValueError(f"prompt {n} ({len(ids)} tokens) + --max-new-tokens {cfg.sampling.max_new_tokens} "
                              f"exceed the teacher's {max_positions} positions")
         yield n, ids
+
+
+def _chat_prompt(tok: Any, text: str, teacher: str) -> list[int]:
+    """A user turn and the assistant's header in the tokenizer's chat template, as the template spells them (its
+    control tokens, BOS included) and tokenized as such."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"--chat-template: the tokenizer of {teacher} has no chat template (a base model's; use an "
+                         "instruct model's tokenizer, or leave --chat-template out)")
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tok(chat, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------- resume
@@ -155,7 +169,7 @@ def run_identity(cfg: GenerateConfig, world: int, teacher_fp: str, tok_fp: str, 
             "inputs": files_identity(inputs), "from_documents": bool(cfg.text),
             "prompt_tokens": cfg.prompt_tokens, "sampling": _sampling_dict(cfg.sampling),
             "batch_size": cfg.batch_size, "max_prompts": cfg.max_prompts, "dtype": dtype, "world_size": world,
-            "backend": cfg.backend.value}
+            "backend": cfg.backend.value, **({"chat_template": True} if cfg.chat_template else {})}
 
 
 def _sampling_dict(s: SamplingConfig) -> dict[str, Any]:
@@ -226,7 +240,8 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
             # a rank out of prompts in a ZeRO-3 lockstep still samples (one dummy prompt), its rows unwritten
             rows = batch or [(-1, [tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id])]
             for (index, ids), new in zip(batch or [], continuations(rows)):
-                f.write(json.dumps(_line(tok, index, ids, new, eos, cfg.sampling, teacher_fp)) + "\n")
+                f.write(json.dumps(_line(tok, index, ids, new, eos, cfg.sampling, teacher_fp, cfg.chat_template))
+                        + "\n")
                 new_tokens += len(new)
             f.flush()
             os.fsync(f.fileno())
@@ -243,7 +258,8 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any] | None:
         run_precompute(PrecomputeConfig(teacher=cfg.teacher, text=[str(out / GENERATIONS)], out=s.out,
                                         seq_len=s.seq_len, top_k=s.top_k, temperature=s.temperature,
                                         batch_size=cfg.batch_size, dtype=cfg.dtype, zero3=cfg.zero3,
-                                        progress=cfg.progress), loaded=(tok, model, device) if model else None)
+                                        progress=cfg.progress, split_special_tokens=not cfg.chat_template),
+                        loaded=(tok, model, device) if model else None)
     return summary
 
 
@@ -273,13 +289,15 @@ def torch_sampler(model: Any, cfg: GenerateConfig, tok: Any, eos: int | list[int
 
 
 def _line(tok: Any, index: int, prompt_ids: list[int], new_ids: list[int], eos: int | list[int] | None,
-          sampling: SamplingConfig, teacher_fp: str) -> dict[str, Any]:
+          sampling: SamplingConfig, teacher_fp: str, chat: bool = False) -> dict[str, Any]:
+    """One generation as a JSON line; a chat's text spells its control tokens (the template's, the stop token), which
+    data.split_special_tokens=false reads back as such."""
     stops = {eos} if isinstance(eos, int) else set(eos or ())
     stopped = bool(new_ids) and new_ids[-1] in stops
-    text = decode_text(tok, prompt_ids + new_ids)
+    text = decode_text(tok, prompt_ids + new_ids, special_tokens=chat)
     # The prompt's text is where its own decoding agrees with the whole: a character whose bytes the prompt's last
     # token and the continuation's first share goes to the continuation whole, not as U+FFFD on both sides.
-    cut = len(os.path.commonprefix([text, decode_text(tok, prompt_ids)]))
+    cut = len(os.path.commonprefix([text, decode_text(tok, prompt_ids, special_tokens=chat)]))
     return {"index": index, "text": text, "prompt": text[:cut], "continuation": text[cut:], "prompt_ids": prompt_ids,
             "continuation_ids": new_ids, "stop": "eos" if stopped else "length",
             "sampling": _sampling_dict(sampling), "teacher": teacher_fp}

@@ -14,18 +14,20 @@ from megadistil.data.text import pack_text
 IGNORE_INDEX = -100
 
 
-def eval_sequences(files: list[str], tokenizer: Any, seq_len: int, count: int) -> np.ndarray:
+def eval_sequences(files: list[str], tokenizer: Any, seq_len: int, count: int, *,
+                   split_special_tokens: bool = True) -> np.ndarray:
     """`count` packed sequences spread evenly over all of `files` (not the first ones), so that held-out perplexity
     measures the whole held-out distribution."""
-    seqs = _packed(files, tokenizer, seq_len, "held-out text")
+    seqs = _packed(files, tokenizer, seq_len, "held-out text", split_special_tokens)
     picks = np.linspace(0, len(seqs) - 1, num=min(count, len(seqs))).round().astype(int)
     return np.stack([seqs[i] for i in picks])
 
 
-def _packed(files: list[str], tokenizer: Any, seq_len: int, what: str) -> list[np.ndarray]:
+def _packed(files: list[str], tokenizer: Any, seq_len: int, what: str, split_special_tokens: bool) -> list[np.ndarray]:
     """pack_text's windows, or an error naming `what`, the files and the token count where there is not one whole
     window (np.stack of none fails with numpy's bare "need at least one array to stack")."""
-    seqs = list(pack_text(files, tokenizer, seq_len, drop_last=False))  # the partial tail only to count it
+    # the partial tail only to count it
+    seqs = list(pack_text(files, tokenizer, seq_len, drop_last=False, split_special_tokens=split_special_tokens))
     if not seqs or len(seqs[0]) < seq_len:
         raise ValueError(f"{what} ({', '.join(map(str, files))}) holds {len(seqs[0]) if seqs else 0} tokens (with an "
                          f"EOS after each document): fewer than one sequence of seq_len={seq_len}")
@@ -64,16 +66,18 @@ class PackedTextBatches:
         self._sequences_sha = digest.hexdigest()[:16]
 
     @classmethod
-    def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
-        return cls(np.stack(_packed(files, tokenizer, seq_len, "data.text")), **kwargs)
+    def from_files(cls, files: list[str], tokenizer: Any, seq_len: int, *, split_special_tokens: bool = True,
+                   **kwargs) -> PackedTextBatches:
+        return cls(np.stack(_packed(files, tokenizer, seq_len, "data.text", split_special_tokens)), **kwargs)
 
     @classmethod
-    def from_preference(cls, files: list[str], tokenizer: Any, seq_len: int, **kwargs) -> PackedTextBatches:
+    def from_preference(cls, files: list[str], tokenizer: Any, seq_len: int, *, split_special_tokens: bool = True,
+                        **kwargs) -> PackedTextBatches:
         """One sequence per preference row (prompt + chosen + EOS), labels on the completion only
         (megadistil.data.preference; its counts are logged there)."""
         from megadistil.data.preference import preference_sequences
 
-        seqs, labels, _ = preference_sequences(files, tokenizer, seq_len)
+        seqs, labels, _ = preference_sequences(files, tokenizer, seq_len, split_special_tokens=split_special_tokens)
         return cls(seqs, labels=labels, **kwargs)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

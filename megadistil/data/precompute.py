@@ -75,6 +75,7 @@ class PrecomputeConfig:
     codec: dict[str, float] = field(default_factory=lambda: asdict(ProbCodec()))
     progress: bool = True
     student_tokenizer: str | None = None  # the student's tokenizer dir when it differs from the teacher's
+    split_special_tokens: bool = True  # text spelling a special token stays text; False: the control token (chat text)
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -91,6 +92,9 @@ class PrecomputeConfig:
         check_teacher_and_out(self.teacher, self.out)
         if self.student_tokenizer is not None and not os.path.isdir(self.student_tokenizer):
             raise FileNotFoundError(f"--student-tokenizer {self.student_tokenizer}: not a directory")
+        if self.student_tokenizer is not None and not self.split_special_tokens:
+            raise ValueError("--no-split-special-tokens with --student-tokenizer: control tokens in the text need one "
+                             "tokenizer (the teacher's would read the student's as text, and the two are aligned by text)")
         expand_files(self.text)  # a typo fails here, before the teacher loads
 
 
@@ -252,6 +256,8 @@ def run_identity(cfg: PrecomputeConfig, world: int, teacher_fp: str, tok_fp: str
     }
     if teacher_tok_fp is not None:
         ident |= {"teacher_tokenizer_fingerprint": teacher_tok_fp, "student_tokenizer": cfg.student_tokenizer}
+    if not cfg.split_special_tokens:  # only when set: the identities of runs from before the option stay theirs
+        ident["split_special_tokens"] = False
     return ident
 
 
@@ -427,7 +433,7 @@ def run_precompute(cfg: PrecomputeConfig, loaded: tuple[Any, Any, torch.device] 
     if student is None:
         vocab, target_vocab = teacher_vocab, None
         ident = run_identity(cfg, world, teacher_fp, tokenizer_fingerprint(tok), loaded_dtype(model, cfg.dtype))
-        sequences = pack_text(cfg.text, tok, cfg.seq_len)
+        sequences = pack_text(cfg.text, tok, cfg.seq_len, split_special_tokens=cfg.split_special_tokens)
     else:
         student_tok, vocab = student
         target_vocab = teacher_vocab

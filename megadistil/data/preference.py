@@ -78,8 +78,8 @@ def iter_preference_rows(path: str) -> Iterator[tuple[str, str]]:
         raise ValueError(f"preference data {path}: holds no rows")
 
 
-def preference_sequences(files: Sequence[str | os.PathLike], tokenizer: Any,
-                         seq_len: int) -> tuple[np.ndarray, np.ndarray, PreferenceStats]:
+def preference_sequences(files: Sequence[str | os.PathLike], tokenizer: Any, seq_len: int, *,
+                         split_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, PreferenceStats]:
     """Every row of `files` as one sequence: ``(input_ids, labels, stats)``, input_ids and labels int64 [N, seq_len]
     (labels on the completion only, see the module docstring), N = stats.rows - stats.dropped.
 
@@ -104,9 +104,9 @@ def preference_sequences(files: Sequence[str | os.PathLike], tokenizer: Any,
 
     def add(prompts: list[str], chosens: list[str]) -> None:
         nonlocal truncated, dropped
-        # split_special_tokens: a row quoting "</s>" is text, not a control token
+        # split_special_tokens: a row quoting "</s>" is text, not a control token (False: chat-formatted rows)
         enc = tokenizer([p + c for p, c in zip(prompts, chosens)], add_special_tokens=False,
-                        split_special_tokens=True, return_offsets_mapping=True)
+                        split_special_tokens=split_special_tokens, return_offsets_mapping=True)
         if "offset_mapping" not in enc:  # slow (Python) tokenizers return none
             raise ValueError(f"tokenizer {type(tokenizer).__name__}: preference data needs a fast tokenizer (one that "
                              "returns offset mappings) to find where each completion starts")

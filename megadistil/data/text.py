@@ -78,12 +78,14 @@ def pack_text(
     add_eos: bool = True,
     batch_docs: int = 256,
     drop_last: bool = True,
+    split_special_tokens: bool = True,
 ) -> Iterator[np.ndarray]:
     """Yield int64 arrays of exactly ``seq_len`` tokens (no shift: callers derive labels from it).
 
     Documents are concatenated with the tokenizer's EOS between them (EOS after every document) and cut into
     consecutive windows; a trailing partial window is dropped (``drop_last``) or returned shorter. Special-token text
-    inside a document (a literal "</s>") is tokenized as text: only the EOS inserted here is a control token.
+    inside a document (a literal "</s>") is tokenized as text: only the EOS inserted here is a control token; with
+    ``split_special_tokens=False`` it is the control token (chat-formatted text, whose template spells them).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -94,7 +96,7 @@ def pack_text(
     for docs in batched(iter_documents(files), batch_docs):
         # split_special_tokens: corpus text that spells a special token must not become the control token (a web page
         # quoting "<|end_of_text|>" would otherwise end a document mid-text)
-        for ids in tokenizer(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]:
+        for ids in tokenizer(docs, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]:
             buf.extend(ids)
             if add_eos:
                 buf.append(eos)

@@ -69,6 +69,9 @@ def check_inputs(cfg: RunConfig, world_size: int) -> Inputs:
         _refuse(loss.dskd_weight and teacher_tokenizer is None, setter_of(cfg, where, "loss.dskd_weight"),
                 "the dual-space term needs a live teacher with another tokenizer than the student's "
                 "(teacher.kind=hf, teacher.path); with the same tokenizer the KD term is the exact one")
+    _refuse(not cfg.data.split_special_tokens and teacher_tokenizer is not None, "data.split_special_tokens",
+            "control tokens in the text need one tokenizer: the teacher's (another than the student's) would read the "
+            "student's as text, and the two are aligned by text")
     if cfg.preference.reference:
         check_same_tokenizer(cfg.preference.reference, tokenizer, "preference.reference", cfg)
         check_companion(cfg.preference.reference, "preference.reference", cfg)

@@ -32,6 +32,7 @@ class EvalSettings:
     text: list[str] = field(default_factory=list)
     seq_len: int = 256
     text_sequences: int = 64
+    split_special_tokens: bool = True  # False: text spelling a special token is the control token (chat text)
     generate: str | None = None
     max_new_tokens: int = 32
     seed: int = 0
@@ -77,7 +78,8 @@ def evaluate_one(loaded: LoadedModel, s: EvalSettings, prompts: list[str] | None
                                     batch_size=s.batch_size, max_length=s.max_length, checked=True)
     if s.text:
         record["perplexity"] = {"files": list(s.text), **text_perplexity(
-            m, loaded.tokenizer, s.text, seq_len=s.seq_len, max_sequences=s.text_sequences, batch_size=s.batch_size)}
+            m, loaded.tokenizer, s.text, seq_len=s.seq_len, max_sequences=s.text_sequences, batch_size=s.batch_size,
+            split_special_tokens=s.split_special_tokens)}
     if prompts:
         record["generations"] = continuations(m, loaded.tokenizer, prompts, max_new_tokens=s.max_new_tokens,
                                               seed=s.seed, temperature=s.temperature)

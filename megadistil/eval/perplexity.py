@@ -15,11 +15,11 @@ from megadistil.eval.models import EvalError
 
 @torch.no_grad()
 def text_perplexity(model: nn.Module, tokenizer: Any, files: list[str], *, seq_len: int = 256,
-                    max_sequences: int = 64, batch_size: int = 8) -> dict[str, float]:
+                    max_sequences: int = 64, batch_size: int = 8, split_special_tokens: bool = True) -> dict[str, float]:
     """exp(mean next-token CE) over `max_sequences` packed sequences spread over all of `files` (the trainer's
     eval_sequences: documents joined with EOS, so the same text gives the trainer's figure)."""
     try:
-        seqs = eval_sequences(list(files), tokenizer, seq_len, max_sequences)
+        seqs = eval_sequences(list(files), tokenizer, seq_len, max_sequences, split_special_tokens=split_special_tokens)
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(f"--text {' '.join(files)}: {e}") from None
     nll, count = 0.0, 0
