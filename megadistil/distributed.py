@@ -308,20 +308,28 @@ def rank_layout(env: Mapping[str, str]) -> DistInfo:
 
 def device_local_rank(info: DistInfo, visible_gpus: int) -> int:
     """This rank's CUDA device index, which DeepSpeed reads from LOCAL_RANK (the engine and zero.Init set their device
-    from it): the local rank where the rank sees all of its node's GPUs, or the one GPU it sees (srun
-    --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES). Anything between would put two ranks on one GPU, which NCCL
-    refuses at its first collective ("Duplicate GPU detected"): refused here with the settings to change."""
-    if visible_gpus >= info.local_world_size:
+    from it): the local rank, or, where a rank sees fewer GPUs than that (srun --gpus-per-task=1, --gpu-bind=closest,
+    a per-rank CUDA_VISIBLE_DEVICES), the local rank modulo what it sees. Whether two ranks then share a GPU only the
+    GPUs' identities tell: refuse_shared_gpus checks them once the process group is up."""
+    if info.local_rank < visible_gpus:
         return info.local_rank
-    if visible_gpus > 1:
-        raise DistEnvError(f"[{info.launcher}] {info.local_world_size} ranks on this node, and local rank "
-                           f"{info.local_rank} sees {visible_gpus} GPUs: ranks would share GPUs. Start one rank per GPU "
-                           "(srun --ntasks-per-node, deepspeed --num_gpus, torchrun --nproc-per-node: the node's GPU "
-                           "count), or give each rank one GPU of its own (srun --gpus-per-task=1)")
-    if info.launcher == "openmpi" and info.local_rank:  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
+    if info.launcher == "openmpi":  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
         raise DistEnvError(f"local rank {info.local_rank} sees {visible_gpus} GPU(s): under mpirun DeepSpeed takes the "
                            "local rank as the GPU index, so let every rank see all of its node's GPUs")
-    return 0
+    return info.local_rank % visible_gpus
+
+
+def shared_gpu_error(devices: Sequence[tuple[str, str]]) -> str | None:
+    """devices[rank] = (host, GPU UUID): the error naming two ranks on one GPU, else None."""
+    first: dict[tuple[str, str], int] = {}
+    for rank, device in enumerate(devices):
+        if device in first:
+            return (f"ranks {first[device]} and {rank} on {device[0]} use the same GPU ({device[1]}): more ranks on "
+                    "the node than GPUs they see. Start one rank per GPU (srun --ntasks-per-node, deepspeed "
+                    "--num_gpus, torchrun --nproc-per-node: the node's GPU count), or give each rank its own GPU (srun "
+                    "--gpus-per-task=1)")
+        first[device] = rank
+    return None
 
 
 # ---------------------------------------------------------------- side effects: processes, sockets, mpi4py
@@ -522,7 +530,26 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
                                timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
                                verbose=info.rank == 0)
+    if cuda and info.world_size > 1:
+        refuse_shared_gpus(info)
     return info
+
+
+def refuse_shared_gpus(info: DistInfo) -> None:
+    """Two ranks on one GPU, which NCCL refuses only at its first collective ("Duplicate GPU detected", naming no
+    setting), stop every rank here: each GPU's UUID gathered over a gloo group, which the GPUs' sharing cannot fail."""
+    import torch
+    import torch.distributed as dist
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    mine = (socket.gethostname(), str(props.uuid))
+    group = dist.new_group(backend="gloo")
+    every: list[object] = [None] * info.world_size
+    dist.all_gather_object(every, mine, group=group)
+    dist.destroy_process_group(group)
+    error = shared_gpu_error(every)
+    if error:
+        raise DistEnvError(f"[{info.launcher}] {error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

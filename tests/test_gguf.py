@@ -168,6 +168,25 @@ def test_llama_cpp_agrees_on_perplexity_tokens_and_greedy_text(run):
 
 
 @pytest.mark.multirank
+@pytest.mark.multirank
+def test_verify_reads_text_spelling_a_special_token_as_the_run_did(run):
+    """verify compares llama.cpp's tokenization of the held-out text with the run's: text spelling EOS is text by
+    default and the control token under data.split_special_tokens=false (chat-formatted data), on both sides."""
+    from transformers import AutoTokenizer
+
+    from megadistil.export.llamacpp import run_llama_cpp
+
+    path = run["tmp"] / "tokenize.gguf"
+    convert_checkpoint_gguf(run["run"], path, GGUFConfig(progress=False), verify=False)
+    tok = AutoTokenizer.from_pretrained(run["tiny"])
+    text = f"def f():{tok.eos_token}    return 1"
+    ids = torch.zeros(1, 4, dtype=torch.int64)
+    for split in (True, False):
+        got, _ = run_llama_cpp(path, ids, ids[:0, :1], [], 0, text, special=not split)
+        want = tok(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+        assert (tok.eos_token_id in want) is not split and got["text_ids"].tolist() == want
+
+
 def test_every_ternary_tensor_is_q3_of_the_float64_rebuilt_weight(run):
     """Independent of the exporter: W + codes·scale (ΔW partitions concatenated) + s·B·A in float64, Q3, q/k rows in
     GGML's rope order, against the TQ2_0 file's codes and d."""

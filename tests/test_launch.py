@@ -34,6 +34,7 @@ from megadistil.distributed import (
     from_slurm_env,
     parse_tasks_per_node,
     rank_layout,
+    shared_gpu_error,
 )
 from tests.cluster import harness
 
@@ -187,6 +188,7 @@ def test_rank_layout_needs_no_rendezvous_across_mpirun_nodes() -> None:
 @pytest.mark.parametrize("launcher, local_rank, gpus, device", [
     ("slurm", 3, 8, 3),  # every rank sees the node's GPUs: its local rank
     ("slurm", 3, 1, 0),  # srun --gpus-per-task=1: the one it sees
+    ("torchrun", 5, 2, 1),  # srun --gpu-bind=closest, --gpus-per-task=2: a share of the node's
     ("openmpi", 0, 1, 0),
 ])
 def test_the_gpu_deepspeed_is_given_is_one_the_rank_sees(launcher, local_rank, gpus, device) -> None:
@@ -194,14 +196,13 @@ def test_the_gpu_deepspeed_is_given_is_one_the_rank_sees(launcher, local_rank, g
     assert device_local_rank(info, gpus) == device
 
 
-@pytest.mark.parametrize("local_rank", [0, 5])
-def test_ranks_that_would_share_a_gpu_are_refused_on_every_rank(local_rank) -> None:
-    """8 ranks on a node whose ranks each see 2 GPUs: four to a GPU, which NCCL refuses only at the first collective
-    ("Duplicate GPU detected"); refused by every rank, not just those past the GPU count, naming what to change."""
-    info = DistInfo(local_rank, 8, local_rank, 8, "n0", 29500, "torchrun")
-    with pytest.raises(DistEnvError, match=rf"\[torchrun\] 8 ranks on this node, and local rank {local_rank} sees 2 "
-                                           r"GPUs: ranks would share GPUs\. Start one rank per GPU"):
-        device_local_rank(info, 2)
+def test_ranks_on_one_gpu_are_named_by_the_gpus_identities() -> None:
+    """Whether ranks share a GPU only the GPUs' UUIDs tell (a rank seeing 4 of 8 GPUs may share none, 2 ranks
+    each seeing the node's one GPU share it): the first two ranks on one (host, GPU) are named, with what to change."""
+    assert shared_gpu_error([("n0", "GPU-a"), ("n0", "GPU-b"), ("n1", "GPU-a"), ("n1", "GPU-b")]) is None
+    error = shared_gpu_error([("n0", "GPU-a"), ("n0", "GPU-b"), ("n0", "GPU-a")])
+    assert error.startswith("ranks 0 and 2 on n0 use the same GPU (GPU-a): more ranks on the node than GPUs they see. "
+                            "Start one rank per GPU")
 
 
 def test_mpirun_ranks_seeing_fewer_gpus_than_their_local_rank_are_refused() -> None:

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from megadistil.config import LogConfig, WandbConfig
@@ -93,3 +94,8 @@ def test_onpolicy_figures_are_every_ranks():
     assert record == {"onpolicy_share": 0.5, "onpolicy_kd": 0.5, "gen_time_s": 2.0, "gen_tokens_per_s": 26.0}
     assert ranks[0].record(20.0) == {"onpolicy_share": 0.5, "onpolicy_kd": 0.5, "gen_time_s": 2.0,
                                      "gen_tokens_per_s": 6.0}
+    both = OnPolicyStats()  # two micro-batches of 10 and 30 tokens: the KD is their mean over the 40 tokens
+    both.generated(52, 4.0)
+    for loss_tokens, kd in ((10, 0.5), (30, 0.25)):
+        both.trained(torch.tensor(loss_tokens), torch.tensor(kd))
+    assert both.record(40.0)["onpolicy_kd"] == pytest.approx((10 * 0.5 + 30 * 0.25) / 40)

@@ -891,3 +891,48 @@ def test_a_data_position_the_run_cannot_resume_is_refused_before_any_weight_load
         check(0, 7)
     with pytest.raises(ConfigError, match=r"rank 1: it has no rank.*: it was saved by a different world size"):
         check(1, 1)
+
+
+def _step_weights(counts: list[int], nan_at: tuple[int, ...] = (), accum: int = 4) -> tuple[list[float], list[int]]:
+    """Trainer._optimizer_step on one rank with a stand-in engine and forward (every token's loss 1): each backward's
+    loss over grad_accum (DeepSpeed's mean over micro-batches), and how many batches were on the device at each
+    forward."""
+    from types import SimpleNamespace
+
+    from megadistil.distill.losses import IGNORE_INDEX
+    from megadistil.engine.trainer import Trainer, TrainState
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=accum, max_nan_steps=5))
+    trainer.state, trainer.dist, trainer.device = TrainState(), SimpleNamespace(world_size=1, rank=0), torch.device("cpu")
+    trainer.inputs, trainer._print = SimpleNamespace(cross_tokenizer_targets=False), lambda message: None
+    backwards, moved, on_device = [], [], []
+    trainer.engine = SimpleNamespace(backward=lambda loss: backwards.append(float(loss) / accum), step=lambda: None,
+                                     get_global_grad_norm=lambda: None)
+    trainer._to_device = lambda batch: moved.append(batch) or batch
+
+    def forward(batch, loss_cfg):
+        on_device.append(len(moved))
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = torch.tensor(float("nan") if len(on_device) - 1 in nan_at else 1.0)
+        return {"loss": loss, "ce": loss, "tokens": torch.tensor(n), "kd_tokens": torch.tensor(n)}
+
+    trainer._forward = forward
+    batches = [{"input_ids": torch.ones(1, 8, dtype=torch.long),
+                "labels": torch.tensor([[1] * n + [IGNORE_INDEX] * (8 - n)])} for n in counts]
+    trainer._optimizer_step(iter(batches), SimpleNamespace(loss=None, onpolicy=SimpleNamespace(fraction=0.0)))
+    return backwards, on_device
+
+
+def test_micro_batch_weights_are_token_shares_and_a_skipped_ones_replacement_takes_its_share():
+    """The step's gradient is the token mean: weights in proportion to the micro-batches' tokens, summing to 1 after
+    DeepSpeed's 1/grad_accum; a non-finite micro-batch's replacement takes the skipped one's share (weighed by its own
+    tokens, an 8-token micro-batch replaced by a 1-token one gave the step's gradient half its size). A batch goes to
+    the device at its own forward, not the step's all at once (shard targets: grad_accum times the planned memory)."""
+    weights, on_device = _step_weights([8, 2, 2, 2])
+    assert weights == pytest.approx([8 / 14, 2 / 14, 2 / 14, 2 / 14]) and on_device == [1, 2, 3, 4]
+    assert _step_weights([8, 8, 8, 8])[0] == [0.25] * 4
+    for counts in ([8, 2, 2, 2, 1], [2, 8, 8, 8, 2]):
+        weights, _ = _step_weights(counts, nan_at=(0,))
+        assert len(weights) == 4 and sum(weights) == pytest.approx(1.0)  # the skipped one has no backward
+        assert weights[-1] == pytest.approx(counts[0] / sum(counts[:4]))

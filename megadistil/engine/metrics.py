@@ -107,7 +107,7 @@ class OnPolicyStats:
 
     def trained(self, loss_tokens: Tensor, kd: Tensor) -> None:
         self.micro_batches += 1
-        self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd
+        self.loss_tokens, self.kd_sum = self.loss_tokens + loss_tokens, self.kd_sum + kd * loss_tokens
 
     def as_tensor(self, device: torch.device) -> Tensor:
         """[loss tokens, new tokens], float64: the counts a sum over the ranks adds up."""
@@ -116,11 +116,11 @@ class OnPolicyStats:
 
     def record(self, tokens: float, summed: Tensor | None = None) -> dict[str, float]:
         """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
-        onpolicy.kind; this rank's, like the logged loss parts); gen_time_s and gen_tokens_per_s of the step's
+        onpolicy.kind; this rank's mean over its on-policy tokens, like the logged loss parts); gen_time_s and gen_tokens_per_s of the step's
         generation. `tokens` and `summed` (as_tensor's, summed over the ranks): every rank's; None: this rank's."""
         if not self.seconds:
             return {"onpolicy_share": 0.0}
         loss_tokens, new_tokens = (summed if summed is not None else self.as_tensor(torch.device("cpu"))).tolist()
         return {"onpolicy_share": loss_tokens / max(tokens, 1),
-                **({"onpolicy_kd": float(self.kd_sum) / self.micro_batches} if self.micro_batches else {}),
+                **({"onpolicy_kd": float(self.kd_sum) / max(float(self.loss_tokens), 1)} if self.micro_batches else {}),
                 "gen_time_s": self.seconds, "gen_tokens_per_s": new_tokens / self.seconds}

@@ -440,7 +440,7 @@ class Trainer:
         kd_tokens = torch.zeros_like(tokens)
         while queue:
             micro = queue.pop(0)
-            parts = self._forward(micro.batch, micro.loss_cfg)
+            parts = self._forward(self._to_device(micro.batch), micro.loss_cfg)
             if not self._all_finite(parts["loss"]):
                 consecutive += 1
                 self.state.nan_skipped += 1
@@ -448,12 +448,13 @@ class Trainer:
                 if consecutive >= self.cfg.train.max_nan_steps:
                     raise FloatingPointError(f"{consecutive} non-finite losses in a row at step {self.state.step + 1}; "
                                              f"stopping (last checkpoint: {checkpoint.latest_tag(self.ckpt_root)})")
-                queue.append(self._micro_batch(batches, active, first + attempt, stats))
+                replacement = self._micro_batch(batches, active, first + attempt, stats)
+                queue.append(replace(replacement, share=micro.share))  # the step's weights still sum to 1
                 attempt += 1
                 continue
             consecutive = 0
             with phase("backward"):
-                self.engine.backward(parts["loss"] * self._token_weight(micro.tokens, step_tokens))
+                self.engine.backward(parts["loss"] * self._token_weight(micro.share, step_tokens))
             with phase("optimizer"):
                 self.engine.step()
             if micro.onpolicy:
@@ -472,19 +473,21 @@ class Trainer:
 
     def _micro_batch(self, batches, active: RunConfig, micro: int,
                      stats: OnPolicyStats) -> _MicroBatch:
-        """The next micro-batch on the device; position `micro` in the schedule decides whether it is on-policy
-        (then generated here)."""
+        """The next micro-batch; position `micro` in the schedule decides whether it is on-policy (then generated
+        here, on the device). An off-policy one stays where the loader put it until its forward: a step's shard
+        targets on the device at once would be grad_accum times the planned memory."""
         batch = next(batches, None)
         if batch is None:  # only data.epochs ends the data; check_inputs counted its steps without skipped ones
             raise RuntimeError(f"the data ran out at step {self.state.step + 1}: data.epochs={self.cfg.data.epochs} "
                                f"passes, {self.state.nan_skipped} non-finite micro-batches skipped (last checkpoint: "
                                f"{checkpoint.latest_tag(self.ckpt_root)})")
-        batch, loss_cfg, onpolicy = self._to_device(batch), active.loss, is_onpolicy(micro, active.onpolicy.fraction)
+        loss_cfg, onpolicy = active.loss, is_onpolicy(micro, active.onpolicy.fraction)
         if onpolicy:
             with phase("generate"):
-                batch = self._generate(batch, active.onpolicy, micro, stats)
+                batch = self._generate(self._to_device(batch), active.onpolicy, micro, stats)
             loss_cfg = replace(active.loss, kind=active.onpolicy.kind, ce_weight=0.0)
-        return _MicroBatch(batch, loss_cfg, (batch["labels"] != IGNORE_INDEX).sum(), onpolicy)
+        tokens = (batch["labels"] != IGNORE_INDEX).sum().to(self.device, non_blocking=True)
+        return _MicroBatch(batch, loss_cfg, tokens, onpolicy, share=tokens)
 
     def _token_weight(self, count: Tensor, step_tokens: Tensor) -> Tensor:
         """A micro-batch's loss weight, so that the step's gradient is the mean over every trained token of the step,
@@ -492,7 +495,7 @@ class Trainer:
         (backward's mean over micro-batches, the all-reduce's over ranks). Preference rows (padding), on-policy
         continuations and ranks differ in token counts; with equal counts every weight is exactly 1. The KD term of a
         teacher of another tokenizer stays a mean over each micro-batch's aligned tokens. A skipped micro-batch's
-        replacement is weighed against the count agreed before (the weights then sum to about 1, not exactly)."""
+        replacement takes its share (the count agreed before the skip), so that the weights still sum to 1."""
         return (count * (self.cfg.train.grad_accum * self.dist.world_size) / step_tokens.clamp_min(1)).float()
 
     @torch.no_grad()
@@ -657,10 +660,11 @@ class Trainer:
 
 @dataclass
 class _MicroBatch:
-    batch: dict[str, Tensor]  # on the engine's device
+    batch: dict[str, Tensor]  # the loader's (CPU) batch, or an on-policy one on the engine's device
     loss_cfg: LossConfig
     tokens: Tensor  # its trained (labelled) tokens, on the device
     onpolicy: bool
+    share: Tensor  # the tokens its weight counts: its own, or those of the skipped micro-batch it replaces
 
 
 def _kept(line: str, step: int) -> bool:

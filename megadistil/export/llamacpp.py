@@ -99,7 +99,7 @@ for row in prompts.tolist():  # greedy, EOS masked for every step like generate(
         out.append(int(last.argmax()))
         m.eval([out[-1]])
     gens.append(out)
-text_ids = np.array(m.tokenize(text.encode("utf-8"), add_bos=False, special=False), dtype=np.int64)
+text_ids = np.array(m.tokenize(text.encode("utf-8"), add_bos=False, special=bool(inp["special"])), dtype=np.int64)
 np.savez(f"{io_dir}/output.npz", logits=np.stack(logits), generations=np.array(gens, dtype=np.int64),
          text_ids=text_ids)
 print(json.dumps({"torch_imported": "torch" in sys.modules, "megadistil_imported": "megadistil" in sys.modules,
@@ -109,11 +109,12 @@ print(json.dumps({"torch_imported": "torch" in sys.modules, "megadistil_imported
 
 
 def run_llama_cpp(gguf_path: Path, ids: torch.Tensor, prompts: torch.Tensor, eos: list[int], new_tokens: int,
-                  text: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                  text: str, special: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """`special`: `text` spelling a special token is the control token (data.split_special_tokens=false)."""
     require_llama_cpp()
     with tempfile.TemporaryDirectory(prefix="megadistil-llamacpp-") as io_dir:
         np.savez(f"{io_dir}/input.npz", ids=ids.numpy(), prompts=prompts.numpy(), eos=np.array(eos, dtype=np.int64),
-                 new_tokens=np.array(new_tokens))
+                 new_tokens=np.array(new_tokens), special=np.array(special))
         Path(io_dir, "text.txt").write_text(text, encoding="utf-8")
         proc, plain = _run_script(SUBPROCESS, [str(gguf_path), io_dir], cwd=io_dir)
         if proc.returncode != 0:
@@ -174,7 +175,7 @@ def held_out_text(run_config, chars: int) -> str:
 def verify_gguf(gguf_path: Path, student: torch.nn.Module, tokenizer, run_config,
                 cfg: LlamaCppVerifyConfig | None = None) -> dict[str, Any]:
     """Figures of llama.cpp against `student` (float32, eval mode) on held-out tokens; figures["passed"]."""
-    from megadistil.export.verify import VerifyConfig, held_out_sequences, reference_outputs
+    from megadistil.export.verify import VerifyConfig, held_out_sequences, reference_outputs, splits_special_tokens
 
     cfg = cfg or LlamaCppVerifyConfig()
     hf_cfg = VerifyConfig(sequences=cfg.sequences, seq_len=cfg.seq_len, new_tokens=cfg.new_tokens,
@@ -184,10 +185,11 @@ def verify_gguf(gguf_path: Path, student: torch.nn.Module, tokenizer, run_config
     eos = student.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     text = held_out_text(run_config, cfg.text_chars)
-    got, info = run_llama_cpp(gguf_path, ids, ref["prompts"], eos, cfg.new_tokens, text)
+    split = splits_special_tokens(run_config)  # both tokenizers read the text as the run did
+    got, info = run_llama_cpp(gguf_path, ids, ref["prompts"], eos, cfg.new_tokens, text, special=not split)
     ref_logits = ref["logits"].numpy()
     ppl_ref, ppl_got = perplexity(ref_logits, ids.numpy()), perplexity(got["logits"], ids.numpy())
-    hf_text_ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    hf_text_ids = tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"] if text else []
     figures = {
         "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "source": source,
         "prompts": int(ref["prompts"].shape[0]), "new_tokens": cfg.new_tokens,

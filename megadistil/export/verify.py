@@ -121,14 +121,22 @@ def run_attention(base: BaseModel, run_config) -> str:
         return attn_implementation(config, "auto", "cpu")
 
 
+def splits_special_tokens(run_config) -> bool:
+    """The run's data.split_special_tokens: how its text was tokenized (a config from before the key: True)."""
+    return bool(run_config.data.get("split_special_tokens", True))
+
+
 def held_out_sequences(run_config, tokenizer, cfg: VerifyConfig, vocab_size: int) -> tuple[torch.Tensor, str]:
-    """Held-out text if the run had some (data.eval_text), else the training text, else random tokens."""
+    """Held-out text if the run had some (data.eval_text), else the training text, else random tokens; tokenized as
+    the run tokenized it."""
     from megadistil.data.text import pack_text
 
+    split = splits_special_tokens(run_config)
     for key in ("eval_text", "text"):
         files = [f for f in run_config.data[key] if Path(f).is_file()]
         if files:
-            seqs = list(itertools.islice(pack_text(files, tokenizer, cfg.seq_len), cfg.sequences))
+            seqs = list(itertools.islice(pack_text(files, tokenizer, cfg.seq_len, split_special_tokens=split),
+                                         cfg.sequences))
             if len(seqs) == cfg.sequences:
                 return torch.as_tensor(np.stack(seqs), dtype=torch.int64), f"data.{key}"
     g = torch.Generator().manual_seed(cfg.seed)

@@ -164,3 +164,22 @@ def test_auto_takes_the_bf16_kernel_only_where_its_sums_are_exact():
     assert exact == hw.bf16_exact
     if not hw.bf16_exact:
         assert hw.kernel is not Kernel.bf16
+
+
+def test_two_ranks_on_one_gpu_stop_naming_the_setting(tmp_path):
+    """torchrun --nproc-per-node 2 where each rank sees the one GPU: both would be cuda:0, which NCCL refuses only at
+    its first collective ("Duplicate GPU detected"); init_distributed stops them naming the ranks and the setting."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "init.py"
+    script.write_text("from megadistil.distributed import init_distributed\ninit_distributed(timeout_s=120)\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+           "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "ranks 0 and 1 on" in proc.stderr and "use the same GPU" in proc.stderr, \
+        proc.stderr[-3000:]
