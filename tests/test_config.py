@@ -466,6 +466,17 @@ def test_ds_config_sections_megadistil_cannot_honour_are_refused(ds, message):
         reconcile_ds_config(cfg, ds, world_size=1, bf16=False)
 
 
+def test_nvme_parameter_offload_is_refused_where_relora_merges_into_partitions():
+    """ΔW's partitions are merged into and checkpointed in memory (ds_tensor), which NVMe offload swaps out."""
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/local"}}}
+    with pytest.raises(ConfigError, match=re.escape("ds_config zero_optimization.offload_param.device=nvme with "
+                                                    "relora.reset_every > 0: ReLoRA merges into")):
+        reconcile_ds_config(load_config(None, [*BASE, "relora.reset_every=100"]), nvme, world_size=1, bf16=False)
+    reconcile_ds_config(load_config(None, BASE), nvme, world_size=1, bf16=False)  # no ΔW: nothing swapped is touched
+    cpu = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    reconcile_ds_config(load_config(None, [*BASE, "relora.reset_every=100"]), cpu, world_size=1, bf16=False)
+
+
 def test_ds_config_without_a_stage_or_precision_gets_zero3_and_the_resolved_dtype():
     out = reconcile_ds_config(load_config(None, BASE), {}, world_size=1, bf16=True)
     assert (out["zero_optimization"]["stage"], out["bf16"], out["fp16"]) == (3, {"enabled": True}, {"enabled": False})

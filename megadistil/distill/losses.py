@@ -199,8 +199,10 @@ class SparseTarget:
             raise ValueError(f"sparse.topk_ids must be int64, got {ids.dtype}")
         if not 0 < k <= vocab:
             raise ValueError(f"sparse.topk_ids: k={k} must be in [1, the student's vocab={vocab}]")
-        if student_ids and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-            raise ValueError(f"sparse.topk_ids has ids outside [0, {vocab})")
+        if student_ids and ids.numel():
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"sparse.topk_ids has ids outside [0, {vocab})")
         return SparseTarget(ids, logprobs.float(), tail.float(), present)
 
 
@@ -537,7 +539,7 @@ def _per_token(values: Tensor | None, labels: Tensor, name: str) -> Tensor | Non
     if not values.dtype.is_floating_point and values.dtype != torch.bool:
         raise ValueError(f"{name} must be bool or float, got {values.dtype}")
     out = flat.float()
-    if not bool((torch.isfinite(out) & (out >= 0)).all()):  # one host sync
+    if values.dtype != torch.bool and not bool((torch.isfinite(out) & (out >= 0)).all()):  # one host sync
         raise ValueError(f"{name} must be finite and >= 0")
     return out
 

@@ -35,9 +35,10 @@ def rng_state() -> dict[str, Any]:
         "python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        # this rank's GPU only: a resume may see fewer GPUs per process (srun --gpus-per-task=1)
+        # this rank's GPU only: a resume may see fewer GPUs per process (srun --gpus-per-task=1); none where the rank
+        # computes on the CPU (DS_ACCELERATOR=cpu on a GPU node: get_rng_state would start CUDA there)
         "cuda": [base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()]
-        if torch.cuda.is_available() else [],
+        if torch.cuda.is_initialized() else [],
     }
 
 
@@ -46,7 +47,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
-    for s in state.get("cuda", [])[:1] if torch.cuda.is_available() else []:
+    for s in state.get("cuda", [])[:1] if torch.cuda.is_initialized() else []:
         torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()))
 
 

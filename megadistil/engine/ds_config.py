@@ -40,8 +40,20 @@ def reconcile_ds_config(cfg: RunConfig, ds_config: dict[str, Any], *, world_size
     _reconcile_precision(cfg, ds, bf16)
     _refuse_activation_checkpointing(ds)
     _refuse_deferred_checkpoint_writes(ds)
+    _refuse_swapped_deltas(cfg, ds)
     _require_zero3(ds)
     return ds
+
+
+def _refuse_swapped_deltas(cfg: RunConfig, ds: dict[str, Any]) -> None:
+    """ReLoRA merges into ΔW's partitions, and checkpoints save and load them, in place (param.ds_tensor): with
+    parameters offloaded to NVMe, a partition not in use is swapped out and ds_tensor is a placeholder."""
+    zero = ds.get("zero_optimization") or {}
+    device = (zero.get("offload_param") or {}).get("device", "none") if isinstance(zero, dict) else "none"
+    if device == "nvme" and cfg.relora.reset_every > 0:
+        raise ConfigError("ds_config zero_optimization.offload_param.device=nvme with relora.reset_every > 0: ReLoRA "
+                          "merges into ΔW's partitions and checkpoints them in memory, where NVMe offload swaps them "
+                          'out; use "cpu" offload, or relora.reset_every=0')
 
 
 def _refuse_deferred_checkpoint_writes(ds: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ def phase(name: str) -> contextlib.AbstractContextManager:
 @contextlib.contextmanager
 def profiled_step(out: Path, rank: int) -> Iterator[None]:
     """Profile what runs inside; write its summary to profile.rank<rank>.json in `out`."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_initialized() else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         yield

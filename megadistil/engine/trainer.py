@@ -423,8 +423,8 @@ class Trainer:
     def _optimizer_step(self, batches, active: RunConfig) -> tuple[dict[str, Tensor], Tensor, OnPolicyStats]:
         """grad_accum finite micro-batches, weighted by their trained tokens (_token_weight). A non-finite loss
         (on any rank) skips that micro-batch: no backward, no optimizer update; max_nan_steps of them in a row stop
-        the run with the last checkpoint intact. The loss parts are summed on the device; only the finite check reads
-        a scalar back each micro-batch. An on-policy micro-batch (onpolicy.fraction) trains on the student's
+        the run with the last checkpoint intact. The loss parts are summed on the device; a micro-batch reads back
+        only the finite check and what the loss's chunk loop and input checks need on the host. An on-policy micro-batch (onpolicy.fraction) trains on the student's
         continuations of its prompts: all of a step's are generated first, since their token counts weigh the step
         (the weights do not change within a step, so the continuations are the same)."""
         accum = self.cfg.train.grad_accum

@@ -94,7 +94,7 @@ def preserved_rng() -> Iterator[None]:
     have."""
     state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
             yield
     finally:
         random.setstate(state[0])
