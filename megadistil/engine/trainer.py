@@ -424,9 +424,10 @@ class Trainer:
         """grad_accum finite micro-batches, weighted by their trained tokens (_token_weight). A non-finite loss
         (on any rank) skips that micro-batch: no backward, no optimizer update; max_nan_steps of them in a row stop
         the run with the last checkpoint intact. The loss parts are summed on the device; a micro-batch reads back
-        only the finite check and what the loss's chunk loop and input checks need on the host. An on-policy micro-batch (onpolicy.fraction) trains on the student's
-        continuations of its prompts: all of a step's are generated first, since their token counts weigh the step
-        (the weights do not change within a step, so the continuations are the same)."""
+        only the finite check and what the loss's chunk loop and input checks need on the host. An on-policy
+        micro-batch (onpolicy.fraction) trains on the student's continuations of its prompts: all of a step's are
+        generated first, since their token counts weigh the step (the weights do not change within a step, so the
+        continuations are the same)."""
         accum = self.cfg.train.grad_accum
         # Micro-batch positions count every attempt, skipped ones too: a skip must not give two micro-batches one
         # position (the same on-policy choice and sampling seeds). nan_skipped is in every checkpoint.
