@@ -68,6 +68,17 @@ def eos_token_ids(generation_config: Any, tokenizer: Any) -> int | list[int] | N
     return eos if eos is not None else tokenizer.eos_token_id
 
 
+def chat_prompt_ids(tokenizer: Any, text: str, owner: str) -> list[int]:
+    """`text` as a user turn and the assistant's header in the tokenizer's chat template, tokenized as the template
+    spells it (its control tokens, BOS included, as such). `owner` names the model in the error of a tokenizer with no
+    template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat-template: the tokenizer of {owner} has no chat template (a base model's; use an "
+                         "instruct model's tokenizer, or leave --chat-template out)")
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(chat, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+
+
 def decode_text(tokenizer: Any, ids: Sequence[int] | Tensor, *, special_tokens: bool = False) -> str:
     """The text of generated ids, special tokens left out (`special_tokens`: spelled out, as a chat template's are).
     No clean-up of tokenization spaces: a tokenizer saved with clean_up_tokenization_spaces=True (the default of many)

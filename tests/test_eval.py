@@ -306,11 +306,38 @@ def test_chat_text_perplexity_reads_spelled_control_tokens_when_told(tiny_llama_
     assert text_perplexity(model, tok, [str(chat)], seq_len=32, max_sequences=6)["perplexity"] != control["perplexity"]
 
 
+def test_chat_generations_answer_user_turns_in_the_template(tiny_llama_dir, tmp_path):
+    """--chat-template: each --generate prompt is a user turn in the tokenizer's chat template, the continuation
+    what the model samples after the assistant's header; a tokenizer without a template is refused, naming it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadistil.sampling import SamplingConfig, sample
+    from tests.test_generate_data import CHAT_TEMPLATE
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(tiny_llama_dir, chat_dir)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(chat_dir, dtype=torch.float32).eval()
+    rows = continuations(model, tok, ["def main(", "import os"], max_new_tokens=6, chat_template=True)
+    for i, prompt in enumerate(["def main(", "import os"]):
+        ids = [*tok(prompt, add_special_tokens=False)["input_ids"], tok.eos_token_id, tok.eos_token_id]
+        greedy = sample(model, [torch.tensor(ids)], SamplingConfig(max_new_tokens=6, temperatures=(0.0,)),
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, indices=[i])
+        assert rows[i]["greedy"] == tok.decode(greedy.tokens[0, :greedy.lengths[0]], skip_special_tokens=True)
+    assert rows != continuations(model, tok, ["def main(", "import os"], max_new_tokens=6)  # not the plain prompts
+    with pytest.raises(ValueError, match="--chat-template: the tokenizer of .* has no chat template"):
+        continuations(model, AutoTokenizer.from_pretrained(tiny_llama_dir), ["x"], chat_template=True)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "t.txt", "--generations-out", "g.md"], "--generations-out is used only with --generate"),
     (["--text", "t.txt", "--limit", "5"], "--limit is used only with --tasks"),
     (["--text", "t.txt", "--include-path", "tasks/"], "--include-path is used only with --tasks"),
     (["--tasks", "arc_easy", "--no-split-special-tokens"], "--no-split-special-tokens is used only with --text"),
+    (["--text", "t.txt", "--chat-template"], "--chat-template is used only with --generate"),
 ])
 def test_an_option_the_evaluation_would_not_read_is_refused(args, message, tmp_path, capsys):
     """They were accepted and ignored (exit 0, no generations file)."""

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--text spelling a special token is the control token (chat-formatted text), as "
                         "data.split_special_tokens=false trains on it")
     p.add_argument("--generate", default=None, help="prompts file, one per line (\\n for a newline)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="--generate's prompts as user turns in the tokenizer's chat template (an instruct model's)")
     p.add_argument("--generations-out", default=None, help="markdown table (default: OUT with .generations.md)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled continuations")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results JSON")
     a = p.parse_args(argv)
     for flag, value, needs, given in (("--generations-out", a.generations_out, "--generate", a.generate),
+                                      ("--chat-template", a.chat_template or None, "--generate", a.generate),
                                       ("--limit", a.limit, "--tasks", a.tasks),
                                       ("--include-path", a.include_path, "--tasks", a.tasks),
                                       ("--no-split-special-tokens", a.no_split_special_tokens or None, "--text",
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                      batch_size=a.batch_size, max_length=a.max_length, text=a.text, seq_len=a.seq_len,
                      text_sequences=a.text_sequences, generate=a.generate, max_new_tokens=a.max_new_tokens,
                      seed=a.seed, temperature=a.temperature, dtype=a.dtype, device=a.device,
-                     split_special_tokens=not a.no_split_special_tokens)
+                     split_special_tokens=not a.no_split_special_tokens, chat_template=a.chat_template)
     try:
         check_outputs(a.out, a.generations_out)
         results = evaluate_models(a.model, s)

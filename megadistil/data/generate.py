@@ -43,7 +43,7 @@ from megadistil.data.precompute import (
 from megadistil.data.shards import tokenizer_fingerprint
 from megadistil.data.text import batched, expand_files, files_identity, iter_documents, text_lines
 from megadistil.data.vllm_backend import VLLMSampler, check_vllm
-from megadistil.sampling import SamplingConfig, decode_text, eos_token_ids, lockstep_any, sample
+from megadistil.sampling import SamplingConfig, chat_prompt_ids, decode_text, eos_token_ids, lockstep_any, sample
 from megadistil.utils import write_atomic
 
 GENERATIONS, IDENTITY, PARTS = "generations.jsonl", "generation.json", "parts"
@@ -142,22 +142,12 @@ def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> It
     for n, text in enumerate(_prompt_texts(cfg)):
         if cfg.max_prompts is not None and n >= cfg.max_prompts:
             return
-        ids = _chat_prompt(tok, text, cfg.teacher) if cfg.chat_template else tok(text, add_special_tokens=True)["input_ids"]
+        ids = chat_prompt_ids(tok, text, cfg.teacher) if cfg.chat_template else tok(text, add_special_tokens=True)["input_ids"]
         ids = ids[:cfg.prompt_tokens] if cfg.text else ids
         if max_positions is not None and len(ids) + cfg.sampling.max_new_tokens > max_positions:
             raise ValueError(f"prompt {n} ({len(ids)} tokens) + --max-new-tokens {cfg.sampling.max_new_tokens} "
                              f"exceed the teacher's {max_positions} positions")
         yield n, ids
-
-
-def _chat_prompt(tok: Any, text: str, teacher: str) -> list[int]:
-    """A user turn and the assistant's header in the tokenizer's chat template, as the template spells them (its
-    control tokens, BOS included) and tokenized as such."""
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"--chat-template: the tokenizer of {teacher} has no chat template (a base model's; use an "
-                         "instruct model's tokenizer, or leave --chat-template out)")
-    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return tok(chat, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------- resume

@@ -34,6 +34,7 @@ class EvalSettings:
     text_sequences: int = 64
     split_special_tokens: bool = True  # False: text spelling a special token is the control token (chat text)
     generate: str | None = None
+    chat_template: bool = False  # --generate's prompts as user turns in the tokenizer's chat template
     max_new_tokens: int = 32
     seed: int = 0
     temperature: float = 0.8
@@ -82,7 +83,7 @@ def evaluate_one(loaded: LoadedModel, s: EvalSettings, prompts: list[str] | None
             split_special_tokens=s.split_special_tokens)}
     if prompts:
         record["generations"] = continuations(m, loaded.tokenizer, prompts, max_new_tokens=s.max_new_tokens,
-                                              seed=s.seed, temperature=s.temperature)
+                                              seed=s.seed, temperature=s.temperature, chat_template=s.chat_template)
     record["seconds"] = round(time.time() - start, 2)
     return record
 
