@@ -310,7 +310,10 @@ def device_local_rank(info: DistInfo, visible_gpus: int) -> int:
     """This rank's CUDA device index, which DeepSpeed reads from LOCAL_RANK (the engine and zero.Init set their device
     from it): the local rank, or, where a rank sees fewer GPUs than that (srun --gpus-per-task=1, --gpu-bind=closest,
     a per-rank CUDA_VISIBLE_DEVICES), the local rank modulo what it sees. Whether two ranks then share a GPU only the
-    GPUs' identities tell: refuse_shared_gpus checks them once the process group is up."""
+    GPUs' identities tell, which NCCL checks as it connects (explained_init_error)."""
+    if visible_gpus < 1:
+        raise DistEnvError(f"[{info.launcher}] local rank {info.local_rank} sees no GPU, and DeepSpeed's accelerator "
+                           "is CUDA: check CUDA_VISIBLE_DEVICES and the job's GPU request, or set DS_ACCELERATOR=cpu")
     if info.local_rank < visible_gpus:
         return info.local_rank
     if info.launcher == "openmpi":  # DeepSpeed asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
@@ -319,17 +322,17 @@ def device_local_rank(info: DistInfo, visible_gpus: int) -> int:
     return info.local_rank % visible_gpus
 
 
-def shared_gpu_error(devices: Sequence[tuple[str, str]]) -> str | None:
-    """devices[rank] = (host, GPU UUID): the error naming two ranks on one GPU, else None."""
-    first: dict[tuple[str, str], int] = {}
-    for rank, device in enumerate(devices):
-        if device in first:
-            return (f"ranks {first[device]} and {rank} on {device[0]} use the same GPU ({device[1]}): more ranks on "
-                    "the node than GPUs they see. Start one rank per GPU (srun --ntasks-per-node, deepspeed "
-                    "--num_gpus, torchrun --nproc-per-node: the node's GPU count), or give each rank its own GPU (srun "
-                    "--gpus-per-task=1)")
-        first[device] = rank
-    return None
+def explained_init_error(exc: BaseException, launcher: str) -> BaseException:
+    """NCCL's refusal of two ranks on one GPU ("Duplicate GPU detected", at the process group's start where DeepSpeed
+    binds the device, else at the first collective) names no setting: the same error with the ones to change. Any
+    other error is returned as it is."""
+    if "Duplicate GPU" not in str(exc):
+        return exc
+    nccl = next((line.strip() for line in str(exc).splitlines() if "Duplicate GPU" in line), "")
+    return DistEnvError(f"[{launcher}] two ranks on one GPU ({nccl}): more ranks on the node than GPUs they see. "
+                        "Start one rank per GPU (srun --ntasks-per-node, deepspeed --num_gpus, torchrun "
+                        "--nproc-per-node: the node's GPU count), or give each rank its own GPU (srun "
+                        "--gpus-per-task=1)")
 
 
 # ---------------------------------------------------------------- side effects: processes, sockets, mpi4py
@@ -527,29 +530,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600) -> Dist
         torch.cuda.set_device(device)
     _skip_shm_comm_op()
     warnings.filterwarnings("ignore", DEEPSPEED_COLLECTIVE_DEPRECATION, FutureWarning)
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
-                               timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
-                               verbose=info.rank == 0)
-    if cuda and info.world_size > 1:
-        refuse_shared_gpus(info)
+    try:
+        deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"),
+                                   timeout=timedelta(seconds=timeout_s), auto_mpi_discovery=False,
+                                   verbose=info.rank == 0)
+    except Exception as exc:
+        explained = explained_init_error(exc, info.launcher)
+        if explained is exc:
+            raise
+        raise explained from exc
     return info
-
-
-def refuse_shared_gpus(info: DistInfo) -> None:
-    """Two ranks on one GPU, which NCCL refuses only at its first collective ("Duplicate GPU detected", naming no
-    setting), stop every rank here: each GPU's UUID gathered over a gloo group, which the GPUs' sharing cannot fail."""
-    import torch
-    import torch.distributed as dist
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    mine = (socket.gethostname(), str(props.uuid))
-    group = dist.new_group(backend="gloo")
-    every: list[object] = [None] * info.world_size
-    dist.all_gather_object(every, mine, group=group)
-    dist.destroy_process_group(group)
-    error = shared_gpu_error(every)
-    if error:
-        raise DistEnvError(f"[{info.launcher}] {error}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

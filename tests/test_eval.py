@@ -332,6 +332,20 @@ def test_chat_generations_answer_user_turns_in_the_template(tiny_llama_dir, tmp_
         continuations(model, AutoTokenizer.from_pretrained(tiny_llama_dir), ["x"], chat_template=True)
 
 
+def test_a_model_without_a_chat_template_is_refused_before_any_model_loads(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """evaluate.py --generate --chat-template: every model's tokenizer is checked first; the error came from the
+    generation of the model without one, after the earlier models' evaluations (lost: nothing was written)."""
+    from megadistil.eval import harness
+
+    monkeypatch.setattr(harness, "load_model", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\n")
+    rc = _tool_main()(["--model", f"plain={tiny_llama_dir}", "--generate", str(prompts), "--chat-template", "--out",
+                       str(tmp_path / "r.json")])
+    assert rc == 2 and "--chat-template: the tokenizer of --model plain" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", "t.txt", "--generations-out", "g.md"], "--generations-out is used only with --generate"),
     (["--text", "t.txt", "--limit", "5"], "--limit is used only with --tasks"),

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from torch.distributed import DistBackendError
 
 from megadistil.distributed import (
     DistEnvError,
@@ -27,6 +28,7 @@ from megadistil.distributed import (
     device_local_rank,
     discover,
     expand_nodelist,
+    explained_init_error,
     export_env,
     free_local_port,
     from_launcher_env,
@@ -34,7 +36,6 @@ from megadistil.distributed import (
     from_slurm_env,
     parse_tasks_per_node,
     rank_layout,
-    shared_gpu_error,
 )
 from tests.cluster import harness
 
@@ -196,13 +197,20 @@ def test_the_gpu_deepspeed_is_given_is_one_the_rank_sees(launcher, local_rank, g
     assert device_local_rank(info, gpus) == device
 
 
-def test_ranks_on_one_gpu_are_named_by_the_gpus_identities() -> None:
-    """Whether ranks share a GPU only the GPUs' UUIDs tell (a rank seeing 4 of 8 GPUs may share none, 2 ranks
-    each seeing the node's one GPU share it): the first two ranks on one (host, GPU) are named, with what to change."""
-    assert shared_gpu_error([("n0", "GPU-a"), ("n0", "GPU-b"), ("n1", "GPU-a"), ("n1", "GPU-b")]) is None
-    error = shared_gpu_error([("n0", "GPU-a"), ("n0", "GPU-b"), ("n0", "GPU-a")])
-    assert error.startswith("ranks 0 and 2 on n0 use the same GPU (GPU-a): more ranks on the node than GPUs they see. "
-                            "Start one rank per GPU")
+def test_two_ranks_on_one_gpu_get_nccls_error_with_the_settings_to_change() -> None:
+    """Whether ranks share a GPU only NCCL sees (a rank seeing 4 of 8 GPUs may share none, 2 ranks each seeing the
+    node's one GPU share it): its "Duplicate GPU detected" at the process group's start gets the flags to change;
+    other errors pass through as they are; a rank that sees no GPU is named."""
+    nccl = DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1234, invalid usage, NCCL version 2.21.5\n"
+                            "Last error:\nDuplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000")
+    error = explained_init_error(nccl, "torchrun")
+    assert isinstance(error, DistEnvError) and str(error).startswith(
+        "[torchrun] two ranks on one GPU (Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000): more "
+        "ranks on the node than GPUs they see. Start one rank per GPU")
+    other = DistBackendError("NCCL error: unhandled system error")
+    assert explained_init_error(other, "torchrun") is other
+    with pytest.raises(DistEnvError, match=r"\[slurm\] local rank 0 sees no GPU, and DeepSpeed's accelerator is CUDA"):
+        device_local_rank(DistInfo(0, 8, 0, 8, "n0", 29500, "slurm"), 0)
 
 
 def test_mpirun_ranks_seeing_fewer_gpus_than_their_local_rank_are_refused() -> None:

@@ -13,7 +13,7 @@ import torch
 
 from megadistil.data.text import expand_files
 from megadistil.eval.generate import continuations, generations_markdown, read_prompts
-from megadistil.eval.models import EvalError, LoadedModel, load_model, parse_model
+from megadistil.eval.models import EvalError, LoadedModel, load_model, load_tokenizer, parse_model
 from megadistil.eval.perplexity import text_perplexity
 from megadistil.eval.tasks import check_tasks, go_offline, run_tasks, task_manager
 from megadistil.utils import dtype_name, dtype_spellings, provenance, torch_dtype, write_atomic
@@ -99,6 +99,11 @@ def evaluate_models(model_args: list[str], s: EvalSettings) -> dict[str, Any]:
     if s.tasks:
         check_tasks(s.tasks, task_manager(s.include_path, tuple(s.tasks)))
     prompts = read_prompts(s.generate) if s.generate else None
+    if prompts and s.chat_template:
+        for spec in specs:
+            if not getattr(load_tokenizer(spec), "chat_template", None):
+                raise EvalError(f"--chat-template: the tokenizer of --model {spec.name} ({spec.path}) has no chat "
+                                "template (a base model's); leave --chat-template out, or evaluate an instruct model")
     records = []
     for spec in specs:
         loaded = load_model(spec, torch_dtype(s.dtype), torch.device(s.device))

@@ -77,6 +77,19 @@ def _tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer alone (a student's: its run's model.tokenizer, else its base's), without its weights."""
+    if spec.kind != "student":
+        return _tokenizer(spec.path)
+    from megadistil.export.sources import ExportError, locate_checkpoint
+
+    try:
+        config = locate_checkpoint(spec.path).config
+    except ExportError as e:
+        raise EvalError(f"--model {spec.path}: {e}") from None
+    return _tokenizer(Path(config.model.tokenizer or config.model.student))
+
+
 def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 

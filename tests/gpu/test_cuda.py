@@ -167,8 +167,8 @@ def test_auto_takes_the_bf16_kernel_only_where_its_sums_are_exact():
 
 
 def test_two_ranks_on_one_gpu_stop_naming_the_setting(tmp_path):
-    """torchrun --nproc-per-node 2 where each rank sees the one GPU: both would be cuda:0, which NCCL refuses only at
-    its first collective ("Duplicate GPU detected"); init_distributed stops them naming the ranks and the setting."""
+    """torchrun --nproc-per-node 2 where each rank sees the one GPU: both are cuda:0, which NCCL refuses as it
+    connects ("Duplicate GPU detected"); init_distributed's error says which settings to change."""
     import os
     import subprocess
     import sys
@@ -181,5 +181,5 @@ def test_two_ranks_on_one_gpu_stop_naming_the_setting(tmp_path):
            "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
                           env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode != 0 and "ranks 0 and 1 on" in proc.stderr and "use the same GPU" in proc.stderr, \
+    assert proc.returncode != 0 and "two ranks on one GPU" in proc.stderr and "Start one rank per GPU" in proc.stderr, \
         proc.stderr[-3000:]
