@@ -75,7 +75,8 @@ def chat_prompt_ids(tokenizer: Any, text: str, owner: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--chat-template: the tokenizer of {owner} has no chat template (a base model's; use an "
                          "instruct model's tokenizer, or leave --chat-template out)")
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    turn = [{"role": "user", "content": text}]
+    chat = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
     return tokenizer(chat, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
 

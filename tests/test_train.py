@@ -904,7 +904,8 @@ def _step_weights(counts: list[int], nan_at: tuple[int, ...] = (), accum: int = 
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=accum, max_nan_steps=5))
-    trainer.state, trainer.dist, trainer.device = TrainState(), SimpleNamespace(world_size=1, rank=0), torch.device("cpu")
+    trainer.state, trainer.device = TrainState(), torch.device("cpu")
+    trainer.dist = SimpleNamespace(world_size=1, rank=0)
     trainer.inputs, trainer._print = SimpleNamespace(cross_tokenizer_targets=False), lambda message: None
     backwards, moved, on_device = [], [], []
     trainer.engine = SimpleNamespace(backward=lambda loss: backwards.append(float(loss) / accum), step=lambda: None,

@@ -142,7 +142,8 @@ def iter_prompts(cfg: GenerateConfig, tok: Any, max_positions: int | None) -> It
     for n, text in enumerate(_prompt_texts(cfg)):
         if cfg.max_prompts is not None and n >= cfg.max_prompts:
             return
-        ids = chat_prompt_ids(tok, text, cfg.teacher) if cfg.chat_template else tok(text, add_special_tokens=True)["input_ids"]
+        ids = chat_prompt_ids(tok, text, cfg.teacher) if cfg.chat_template else \
+            tok(text, add_special_tokens=True)["input_ids"]
         ids = ids[:cfg.prompt_tokens] if cfg.text else ids
         if max_positions is not None and len(ids) + cfg.sampling.max_new_tokens > max_positions:
             raise ValueError(f"prompt {n} ({len(ids)} tokens) + --max-new-tokens {cfg.sampling.max_new_tokens} "

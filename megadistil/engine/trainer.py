@@ -245,8 +245,8 @@ class Trainer:
             return None
         seq_len = self.inputs.manifest.seq_len if d.shards else d.seq_len
         per_round = self.cfg.train.micro_batch_size * self.dist.world_size
-        seqs = eval_sequences(list(d.eval_text), self.inputs.tokenizer, seq_len, self.cfg.train.eval_batches * per_round,
-                              split_special_tokens=d.split_special_tokens)
+        seqs = eval_sequences(list(d.eval_text), self.inputs.tokenizer, seq_len,
+                              self.cfg.train.eval_batches * per_round, split_special_tokens=d.split_special_tokens)
         # Whole rounds only: under ZeRO-3 a rank with one forward more than the others would wait in its gather forever.
         utils.require(len(seqs) >= per_round, "data.eval_text",
                       f"{len(seqs)} sequences of {seq_len} tokens, fewer than train.micro_batch_size "

@@ -15,7 +15,8 @@ from megadistil.eval.models import EvalError
 
 @torch.no_grad()
 def text_perplexity(model: nn.Module, tokenizer: Any, files: list[str], *, seq_len: int = 256,
-                    max_sequences: int = 64, batch_size: int = 8, split_special_tokens: bool = True) -> dict[str, float]:
+                    max_sequences: int = 64, batch_size: int = 8,
+                    split_special_tokens: bool = True) -> dict[str, float]:
     """exp(mean next-token CE) over `max_sequences` packed sequences spread over all of `files` (the trainer's
     eval_sequences: documents joined with EOS, so the same text gives the trainer's figure)."""
     try:
