@@ -23,7 +23,8 @@ def eval_sequences(files: list[str], tokenizer: Any, seq_len: int, count: int, *
     return np.stack([seqs[i] for i in picks])
 
 
-def _packed(files: list[str], tokenizer: Any, seq_len: int, what: str, split_special_tokens: bool) -> list[np.ndarray]:
+def _packed(files: list[str], tokenizer: Any, seq_len: int, what: str,
+            split_special_tokens: bool) -> list[np.ndarray]:
     """pack_text's windows, or an error naming `what`, the files and the token count where there is not one whole
     window (np.stack of none fails with numpy's bare "need at least one array to stack")."""
     # the partial tail only to count it

@@ -116,8 +116,9 @@ class OnPolicyStats:
 
     def record(self, tokens: float, summed: Tensor | None = None) -> dict[str, float]:
         """onpolicy_share: the step's loss tokens that were on-policy; onpolicy_kd: their mean KD (the divergence
-        onpolicy.kind; this rank's mean over its on-policy tokens, like the logged loss parts); gen_time_s and gen_tokens_per_s of the step's
-        generation. `tokens` and `summed` (as_tensor's, summed over the ranks): every rank's; None: this rank's."""
+        onpolicy.kind; this rank's mean over its on-policy tokens, like the logged loss parts); gen_time_s and
+        gen_tokens_per_s of the step's generation. `tokens` and `summed` (as_tensor's, summed over the ranks): every
+        rank's; None: this rank's."""
         if not self.seconds:
             return {"onpolicy_share": 0.0}
         loss_tokens, new_tokens = (summed if summed is not None else self.as_tensor(torch.device("cpu"))).tolist()

@@ -87,7 +87,12 @@ def load_tokenizer(spec: ModelSpec):
         config = locate_checkpoint(spec.path).config
     except ExportError as e:
         raise EvalError(f"--model {spec.path}: {e}") from None
-    return _tokenizer(Path(config.model.tokenizer or config.model.student))
+    return _tokenizer(_run_tokenizer_dir(config))
+
+
+def _run_tokenizer_dir(run_config) -> Path:
+    """A run's tokenizer: model.tokenizer, else the base's (model.student)."""
+    return Path(run_config.model.tokenizer or run_config.model.student)
 
 
 def _load_hf(path: Path, dtype: torch.dtype):
@@ -130,12 +135,11 @@ def _load_student(path: Path, dtype: torch.dtype):
         model = build_student(base, parts, spec, ckpt.config)
     except ExportError as e:
         raise EvalError(f"--model {path}: {e}") from None
-    tokenizer_dir = ckpt.config.model.tokenizer or base.path
     fingerprint = {"sha256": files_sha256([base.path / "config.json", *sorted(base.path.glob("*.safetensors")),
                                            *sorted(f for f in ckpt.dir.iterdir() if f.is_file())]),
                    "over": f"base {base.path} config.json + safetensors, and every file of checkpoint {ckpt.dir}",
                    "checkpoint_step": str(ckpt.meta.get("step"))}
-    return to_dtype(model, dtype, spec.train_dtype), _tokenizer(Path(tokenizer_dir)), fingerprint
+    return to_dtype(model, dtype, spec.train_dtype), _tokenizer(_run_tokenizer_dir(ckpt.config)), fingerprint
 
 
 def dir_fingerprint(path: Path) -> dict[str, str]:
