@@ -12,11 +12,11 @@ OUTDIR=.whl
 rm -rf "$OUTDIR" && mkdir -p "$OUTDIR"
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pin() { for name in "$@"; do echo "$name==$(version "$name")"; done; }
-# Pure-Python sdists (deepspeed builds its CUDA ops just in time; antlr4 is omegaconf's parser): built here.
-"$PY" -m pip wheel -q --no-deps -w "$OUTDIR" $(pin deepspeed antlr4-python3-runtime)
+# A pure-Python sdist (deepspeed builds its CUDA ops just in time): built here. (omegaconf 2.4 no longer needs antlr4.)
+"$PY" -m pip wheel -q --no-deps -w "$OUTDIR" $(pin deepspeed)
 # Binary or universal wheels for the GPU machine's Python.
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$OUTDIR" \
-  $(pin omegaconf webdataset braceexpand datasets dill multiprocess hjson pydantic pydantic-core annotated-types \
-        typing-inspection)
+  $(pin omegaconf webdataset braceexpand datasets dill multiprocess xxhash hjson einops gguf pydantic pydantic-core \
+        annotated-types typing-inspection)
 ls "$OUTDIR"
