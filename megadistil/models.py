@@ -200,13 +200,13 @@ def _unknown_transform(cls: type[nn.Module], window: str, what: str) -> str:
 def attn_implementation(model_config: PretrainedConfig, requested: str, device: torch.device | str,
                         trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> str:
     """`auto`: flash_attention_2 on an Ampere+ CUDA device, in bf16/fp16 (`dtype`, where known), when flash_attn is
-    importable and the class supports it; else sdpa where the class supports it (Gemma2 does not: sdpa cannot softcap
-    attention scores), else eager. An explicit choice the model or the device cannot do is a ValueError naming
+    importable and the class supports it; else sdpa where it can run (not with Gemma 2's attention-score softcap),
+    else eager. An explicit choice the model or the device cannot do is a ValueError naming
     model.attn_implementation."""
     requested = str(requested)  # the config's enum member or a plain string alike
     cls = causal_lm_class(model_config, trust_remote_code)
     flash = _flash_unavailable(cls, torch.device(device), dtype)
-    sdpa = None if getattr(cls, "_supports_sdpa", False) else f"{cls.__name__} does not support sdpa"
+    sdpa = sdpa_unavailable(model_config, cls)
     if requested == "auto":
         return "flash_attention_2" if flash is None else "sdpa" if sdpa is None else "eager"
     unknown = "not one of auto, sdpa, eager, flash_attention_2"
@@ -215,6 +215,16 @@ def attn_implementation(model_config: PretrainedConfig, requested: str, device: 
         raise ValueError(f"model.attn_implementation={requested!r} cannot run here: {reason} (auto picks what "
                          "the model supports)")
     return requested
+
+
+def sdpa_unavailable(model_config: PretrainedConfig, cls: type[nn.Module]) -> str | None:
+    """Why sdpa cannot run this model, or None. A score softcap rules it out whatever the class claims:
+    transformers < 5.25 says Gemma 2 supports sdpa, and its sdpa path drops attn_logit_softcapping."""
+    if not getattr(cls, "_supports_sdpa", False):
+        return f"{cls.__name__} does not support sdpa"
+    if getattr(model_config, "attn_logit_softcapping", None) is not None:
+        return f"sdpa cannot softcap attention scores ({cls.__name__}'s attn_logit_softcapping)"
+    return None
 
 
 def _flash_unavailable(cls: type[nn.Module], device: torch.device, dtype: torch.dtype | None) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from megadistil.models import (
     output_head_name,
 )
 from tests._tiny import ARCHITECTURES, tiny_config, tiny_model
+from tests._tools import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = list(ARCHITECTURES)
@@ -298,6 +298,24 @@ def test_the_chosen_attention_is_one_the_model_accepts(arch):
             attn_implementation(config, "sdpa", "cpu")
 
 
+def test_a_score_softcap_rules_out_sdpa_where_the_class_claims_it(monkeypatch):
+    """transformers < 5.25 says Gemma 2 supports sdpa, whose path drops attn_logit_softcapping: the run and the
+    memory planner take eager all the same, and without the softcap sdpa again."""
+    from transformers import Gemma2ForCausalLM
+
+    from megadistil.engine.memory import ModelDims
+
+    monkeypatch.setattr(Gemma2ForCausalLM, "_supports_sdpa", True)
+    config = tiny_config("gemma2")
+    assert attn_implementation(config, "auto", "cpu") == "eager"
+    with pytest.raises(ValueError, match="'sdpa' cannot run here: sdpa cannot softcap .*attn_logit_softcapping"):
+        attn_implementation(config, "sdpa", "cpu")
+    assert not ModelDims.from_hf(config.to_dict(), "tiny gemma2").sdpa
+    config.attn_logit_softcapping = None
+    assert attn_implementation(config, "auto", "cpu") == "sdpa"
+    assert ModelDims.from_hf(config.to_dict(), "tiny gemma2").sdpa
+
+
 def test_an_unknown_output_transform_is_refused_naming_the_class():
     from transformers import LlamaForCausalLM
 
@@ -437,7 +455,7 @@ def end_to_end(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> dict[str, 
     heldout.write_text((Path(os.__file__).parent / "shlex.py").read_text())  # not in the training corpus
     dirs = [str(_model_dir(root / "models", arch, tiny_llama_dir)) for arch in TRAINED]
     probe, log = root / "probe.jsonl", root / "launch.log"
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", "29611",
+    cmd = [*deepspeed_cmd(2),
            "tests/_arch_probe.py", str(probe), str(root / "runs"), str(heldout), str(stdlib_text_file), *dirs,
            "--", *TRAIN_OVERRIDES]
     results: dict[str, dict] = {}

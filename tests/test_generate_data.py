@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from megadistil.data.generate import GENERATIONS, IDENTITY, PARTS, GenerateConfi
 from megadistil.data.precompute import teacher_dir_fingerprint
 from megadistil.data.text import iter_documents, pack_text
 from megadistil.sampling import SamplingConfig, sample
+from tests._tools import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLING = SamplingConfig(max_new_tokens=10, temperatures=(1.5, 0.7), top_p=0.9, seed=5)
@@ -216,8 +216,7 @@ def test_two_zero3_ranks_write_what_one_process_wrote(gen_run, tiny_llama_dir, s
     """Rank 0 holds prompts 0, 2, 4, 6 (two batches), rank 1 holds 1, 3, 5 (one): rank 1 samples a dummy batch in
     lockstep while rank 0 runs its second."""
     out = tmp_path / "mr"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29623", str(ROOT / "tools/generate_teacher_data.py"),
+    cmd = [*deepspeed_cmd(2), str(ROOT / "tools/generate_teacher_data.py"),
            "--teacher", str(tiny_llama_dir), "--text", str(stdlib_text_file), "--out", str(out), "--zero3",
            "--prompt-tokens", "6", "--max-prompts", "7", "--batch-size", "3", "--max-new-tokens", "10",
            "--temperatures", "1.5", "0.7", "--top-p", "0.9", "--seed", "5", "--dtype", "float32",

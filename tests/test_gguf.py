@@ -32,7 +32,8 @@ from megadistil.export.gguf import (
 from megadistil.export.llamacpp import verify_gguf
 from megadistil.export.sources import BaseModel, ExportError, StudentParts
 from megadistil.export.ternary import StudentSpec, student_spec
-from tests.test_export import DEEPSPEED, _run, _tensors, _tool_main, read_delta
+from tests._tools import deepspeed_cmd
+from tests.test_export import _run, _tensors, _tool_main, read_delta
 
 REPO = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
@@ -121,7 +122,7 @@ def run(tmp_path_factory) -> dict[str, Path]:
     texts = [f.read_text(errors="replace") for f in stdlib_files(6)]
     tiny = make_tiny_llama(tmp / "tiny", texts=texts, vocab_size=384, seed=0, pretrain_steps=60, hidden_size=256,
                            intermediate_size=384)
-    _run([DEEPSPEED, "--num_gpus", "2", "--master_port", "29633", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+    _run([*deepspeed_cmd(2), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           "train.max_steps=4", "train.save_every=4", "relora.reset_every=2", "relora.restart_warmup_steps=1",
           "relora.delta_format=int8",

@@ -25,7 +25,7 @@ from megadistil.engine.memory import (
     parse_bytes,
     resolve_dims,
 )
-from tests._tools import tool_main
+from tests._tools import deepspeed_cmd, tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -205,7 +205,7 @@ def test_estimate_within_25_percent_of_measured_cpu_runs(tmp_path: Path, mem_mod
     out = tmp_path / "mem"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     # One rank needs no launcher (init_distributed starts a 1-process group), which saves its ~8 s of start-up.
-    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", "29542"] if ranks == 2 else [sys.executable]
+    launcher = deepspeed_cmd(2) if ranks == 2 else [sys.executable]
     proc = subprocess.run([*launcher, "tests/_memory_probe.py", "--out", str(out), "--ds_config",
                            "ds_configs/zero3.json", "--config", "configs/tiny.yaml", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
@@ -449,8 +449,8 @@ def test_eager_attention_keeps_its_scores_and_sdpa_its_qkv(tmp_path: Path) -> No
 
         emb = model.model.embed_tokens(torch.randint(0, 512, (1, S))).detach().requires_grad_()
         pos = torch.arange(S)[None]
-        mask = create_causal_mask(config=model.config, inputs_embeds=emb, attention_mask=None, cache=None,
-                                  position_ids=pos)
+        # the cache positionally: transformers 5.25 named it `cache`, earlier releases `past_key_values`
+        mask = create_causal_mask(model.config, emb, None, None, position_ids=pos)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.model.layers[0](emb, attention_mask=mask, position_ids=pos,
                                   position_embeddings=model.model.rotary_emb(emb, pos))

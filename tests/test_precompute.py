@@ -17,6 +17,7 @@ import webdataset as wds
 from megadistil.data import Manifest, decode_sample
 from megadistil.data.precompute import PrecomputeConfig, run_precompute
 from megadistil.distill.targets import teacher_topk
+from tests._tools import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,8 +212,7 @@ def test_two_ranks_write_disjoint_shards_and_one_manifest(full_run, tiny_llama_d
     """Rank 1 finishes 12 s after rank 0, with the process group's timeout cut to 6 s (standing for hours apart and
     600 s): the rendezvous after the work waits (it timed out, and no manifest was written, on every rerun)."""
     out = tmp_path / "mr"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29617", str(ROOT / "tests/_slow_rank_precompute.py"),
+    cmd = [*deepspeed_cmd(2), str(ROOT / "tests/_slow_rank_precompute.py"),
            "--teacher", str(tiny_llama_dir), "--text", str(stdlib_text_file), "--out", str(out), "--seq-len", "32",
            "--top-k", "8", "--shard-bytes", "4000", "--max-sequences", "24", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, check=False,
@@ -387,8 +387,7 @@ def test_two_ranks_write_cross_tokenizer_shards(crosstok_teacher_dir, tiny_llama
     from megadistil.data.crosstok import align_positions, pack_text_windows, tokenize_segments
 
     out = tmp_path / "mr"
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", "29619", str(ROOT / "tools/precompute_teacher.py"),
+    cmd = [*deepspeed_cmd(2), str(ROOT / "tools/precompute_teacher.py"),
            "--teacher", str(crosstok_teacher_dir), "--student-tokenizer", str(tiny_llama_dir), "--text",
            str(stdlib_text_file), "--out", str(out), "--seq-len", "32", "--top-k", "8", "--shard-bytes", "4000",
            "--max-sequences", "12", "--dtype", "float32", "--no-progress"]

@@ -17,14 +17,15 @@ from megadistil import rundir
 from megadistil.config import ConfigError, load_config
 from megadistil.distill.losses import LossConfig
 from megadistil.engine.inputs import check_inputs
+from tests._tools import deepspeed_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 TIMEOUT_S = 300
 
 
-def deepspeed_run(script: str, args: list[str], *, nproc: int = 2, env: dict | None = None, port: int = 29511):
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
+def deepspeed_run(script: str, args: list[str], *, nproc: int = 2, env: dict | None = None):
+    cmd = [*deepspeed_cmd(nproc), script, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
                           env={**os.environ, **(env or {})})
 
@@ -232,7 +233,7 @@ def runs(tmp_path_factory, text_overrides, onpolicy_overrides, tiny_llama_dir, s
     specs["restarted"] = {"overrides": [*specs["straight"]["overrides"], "train.resume=never", "train.max_steps=2",
                                         "train.save_every=100", "log.profile_step=0"], "out": str(tmp_path_factory.mktemp("restarted")),
                           "copy_from": specs["straight"]["out"]}
-    ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))], port=29518))
+    ok(deepspeed_run("tests/_runs_probe.py", [json.dumps(list(specs.values()))]))
     return {name: Path(spec.get("probe_dir", spec["out"])) for name, spec in specs.items()}
 
 
@@ -290,10 +291,10 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, runs, onpolicy_overr
     """Bit-exact on CPU: same data order, same reductions, RNG and optimizer state restored, and the same samples
     (on-policy micro-batches are seeded by their position in the run). The run is killed one step after its
     checkpoint, so the resumed run redoes step 7 and metrics.jsonl keeps one record per step."""
-    killed = train(tmp_path, onpolicy_overrides, env={"MEGADISTIL_FAULT_KILL_AFTER_STEP": "7"}, port=29512)
+    killed = train(tmp_path, onpolicy_overrides, env={"MEGADISTIL_FAULT_KILL_AFTER_STEP": "7"})
     assert killed.returncode != 0
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == list(range(1, 8))
-    resumed_run = train(tmp_path, onpolicy_overrides, port=29512)
+    resumed_run = train(tmp_path, onpolicy_overrides)
     ok(resumed_run)
     for collective in ("all_gather_into_tensor", "reduce_scatter_tensor"):  # torch's deprecation of DeepSpeed's calls
         assert f"torch.distributed.{collective}` is deprecated" not in resumed_run.stderr  # (distributed.py)
@@ -351,7 +352,8 @@ def test_separate_hf_teacher_as_zero3_inference_engine(runs):
     assert len(kd) == 10 and all(math.isfinite(v) and v > 0 for v in kd)
     assert sum(kd[5:8]) < sum(kd[:3])
     assert [m["onpolicy_share"] for m in steps] == [0.0] * 8 + [1.0] * 2
-    assert all(m["onpolicy_kd"] == m["kd"] and m["tokens"] <= 2 * 2 * 16 for m in steps[8:])
+    # isclose: onpolicy_kd is (kd x tokens) / tokens in float32, which rounds where the count is no power of two
+    assert all(math.isclose(m["onpolicy_kd"], m["kd"], rel_tol=1e-6) and m["tokens"] <= 2 * 2 * 16 for m in steps[8:])
 
 
 def _kd_and_target_shares(run: Path) -> tuple[list[float], list[float]]:
@@ -643,7 +645,7 @@ def test_a_time_limit_warning_saves_after_the_step_and_stops_every_rank(tmp_path
     checkpoint of it, and exits cleanly; Python's default for SIGUSR1 was to die, losing the steps since the last
     save. The next job resumes from it. (SIGTERM under srun: test_launch.py.)"""
     overrides = [*text_overrides, "train.max_steps=6", "train.save_every=100"]
-    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_SIGNAL_AT_STEP": "3"}, port=29519)
+    proc = train(tmp_path, overrides, env={"MEGADISTIL_FAULT_SIGNAL_AT_STEP": "3"})
     ok(proc)
     assert "step 3: stopping on SIGUSR1 (a time limit ahead): the checkpoint is saved" in proc.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
@@ -652,7 +654,7 @@ def test_a_time_limit_warning_saves_after_the_step_and_stops_every_rank(tmp_path
 
 @pytest.mark.multirank
 def test_cli_reports_config_errors_on_every_rank_without_training(tmp_path):
-    proc = train(tmp_path, ["train.max_stepz=3"], port=29516)
+    proc = train(tmp_path, ["train.max_stepz=3"])
     assert proc.returncode != 0
     assert "config key 'train.max_stepz'" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
@@ -667,7 +669,7 @@ def test_relora_merges_where_the_world_size_does_not_divide_the_adapters(tmp_pat
             f"model.student={tiny_llama_dir}", f"data.text=[{stdlib_text_file}]", "data.seq_len=64",
             "train.micro_batch_size=1", "train.max_steps=3", "train.save_every=100", "relora.reset_every=2",
             "relora.restart_warmup_steps=1", "optim.warmup_steps=1", "bitnet.lora_rank=8", "train.dist_timeout_s=60"]
-    ok(deepspeed_run("launch/train.py", args, nproc=3, port=29517))
+    ok(deepspeed_run("launch/train.py", args, nproc=3))
     steps = [m for m in metrics(tmp_path) if "loss" in m]
     assert [m["resets"] for m in steps] == [0, 0, 1] and all(math.isfinite(m["loss"]) for m in steps), steps
 

@@ -215,7 +215,7 @@ def _hf_config(config: dict[str, Any]) -> tuple[Any, str]:
 
 def _class_traits(resolved: Any) -> dict[str, bool]:
     """ModelDims' attention and logit traits from the class AutoModelForCausalLM builds for `resolved`."""
-    from megadistil.models import causal_lm_class, logit_transform
+    from megadistil.models import causal_lm_class, logit_transform, sdpa_unavailable
 
     if resolved is None:
         return {}
@@ -227,7 +227,7 @@ def _class_traits(resolved: Any) -> dict[str, bool]:
         logit_softcap = logit_transform(resolved, model_class).softcap is not None
     except ValueError:  # an output transform megadistil refuses (the run says so); the planner takes the softcap key
         logit_softcap = getattr(resolved, "final_logit_softcapping", None) is not None
-    return {"sdpa": bool(getattr(model_class, "_supports_sdpa", False)),
+    return {"sdpa": sdpa_unavailable(resolved, model_class) is None,
             "flash": bool(getattr(model_class, "_supports_flash_attn", False) or
                           getattr(model_class, "_supports_flash_attn_2", False)),
             "attn_softcap": getattr(resolved, "attn_logit_softcapping", None) is not None,
