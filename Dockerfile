@@ -1,6 +1,6 @@
 # megadistil on NVIDIA GPUs: `deepspeed launch/train.py ...` with CUDA torch, NCCL and flash-attn 2.
 # Versions are pinned to the ranges in pyproject.toml; bump both together.
-FROM nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04
+FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -15,9 +15,9 @@ RUN apt-get update \
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# CUDA torch first, so that installing megadistil keeps it (its range admits it). transformers 5 needs torch >= 2.6
-# (below that it disables its PyTorch models); the project's tested versions are pinned so the image does not drift.
-RUN pip install torch==2.6.0 --index-url "https://download.pytorch.org/whl/cu124"
+# CUDA torch first, so that installing megadistil keeps it (its range admits it: 2.11 is its floor, tested with
+# `make test-floors`); the project's tested versions are pinned so the image does not drift.
+RUN pip install torch==2.11.0 --index-url "https://download.pytorch.org/whl/cu128"
 
 WORKDIR /opt/megadistil
 # The dependencies from pyproject.toml alone (an empty package stands in for the source), so that a source edit
@@ -26,7 +26,7 @@ COPY pyproject.toml README.md LICENSE ./
 RUN mkdir megadistil && touch megadistil/__init__.py \
  && pip install ".[wandb,mpi]" "transformers==5.25.0" "deepspeed==0.19.8" \
  && pip install packaging wheel \
- && pip install "flash-attn==2.7.4.post1" --no-build-isolation \
+ && pip install "flash-attn==2.8.3" --no-build-isolation \
  && pip uninstall -y megadistil && rm -rf megadistil build
 COPY megadistil ./megadistil
 RUN pip install --no-deps .

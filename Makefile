@@ -20,7 +20,7 @@ UV := $(VENV)/bin/uv
 # trainer on 2 cores, paid by every rank, launcher and tool of every run. Compiled once at install instead (~30 s).
 UV_INSTALL := $(UV) pip install -q --compile-bytecode --python $(PY)
 
-.PHONY: setup llama-cpp bytecode test test-fast demo demo-crosstok demo-generate bench lint clean
+.PHONY: setup llama-cpp bytecode test test-floors test-fast demo demo-crosstok demo-generate bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,12 @@ TEST_WORKERS ?= 2
 
 test: setup llama-cpp bytecode
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The same suite with every dependency at its lower bound in pyproject.toml (tests/floors.txt, uv's constraints), in a
+# venv of its own: what keeps the ranges honest. Not part of `make test`; torch 2.11 comes from PyPI (its CUDA build,
+# which runs on CPU too).
+test-floors:
+	$(MAKE) VENV=.venv-floors TORCH_SPEC=torch==2.11.0 UV_CONSTRAINT=$(CURDIR)/tests/floors.txt test
 
 test-fast: setup bytecode
 	$(PY) -m pytest -q -ra -m "not multirank"

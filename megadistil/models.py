@@ -223,7 +223,7 @@ def sdpa_unavailable(model_config: PretrainedConfig, cls: type[nn.Module]) -> st
     if not getattr(cls, "_supports_sdpa", False):
         return f"{cls.__name__} does not support sdpa"
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
-        return f"sdpa cannot softcap attention scores ({cls.__name__}'s attn_logit_softcapping)"
+        return f"{cls.__name__} does not support sdpa with attn_logit_softcapping (sdpa drops the softcap)"
     return None
 
 
