@@ -41,6 +41,20 @@ from megadistil.bitnet import hardware
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {deepspeed.__version__}")
 print(hardware(dev).describe(), "-> kernel", hardware(dev).kernel.value)
+# The machine's packages against pyproject's ranges (the image's torch and transformers must lie in them).
+import importlib.metadata as md, tomllib
+from packaging.requirements import Requirement
+with open("pyproject.toml", "rb") as f:
+    requirements = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+def installed(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+outside = [f"{r.name} {installed(r.name)} (pyproject: {r.specifier})" for r in requirements
+           if installed(r.name) is None or not r.specifier.contains(installed(r.name), prereleases=True)]
+assert not outside, "outside pyproject's ranges: " + ", ".join(outside)
+print("every dependency lies in pyproject's ranges")
 PY
 
 step "1. tests/gpu"
