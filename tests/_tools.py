@@ -1,5 +1,5 @@
 """The tools' main(), loaded as each script is run (the tools are thin shells over the package; each interpreter
-start costs seconds here)."""
+start costs seconds here), and the deepspeed launcher on a free port."""
 
 from __future__ import annotations
 

@@ -25,11 +25,10 @@ from megadistil.export import ExportConfig, convert_checkpoint
 from megadistil.export.sources import locate_checkpoint
 from megadistil.export.ternary import shard_bytes
 from tests._tasks import task_docs, write_task
-from tests._tools import tool_main
+from tests._tools import deepspeed_cmd, tool_main
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-DEEPSPEED = str(Path(PY).parent / "deepspeed")
 RSS_CONSTANT = 10  # peak RSS growth of a conversion < RSS_CONSTANT x the largest tensor (measured: ~8 with ΔW)
 
 # Runs under `deepspeed --num_gpus 1`: (1) re-saves a checkpoint's weights through a 1-rank ZeRO-3 engine with the
@@ -127,7 +126,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     eval_file = tmp / "eval.txt"
     eval_file.write_text((Path(os.__file__).parent / "textwrap.py").read_text())
     write_task(tmp / "tasks", "local_choice", task_docs(16), "multiple_choice")  # scored in training and after
-    _run([DEEPSPEED, "--num_gpus", "2", "launch/train.py", "--ds_config", "ds_configs/zero3.json",
+    _run([*deepspeed_cmd(2), "launch/train.py", "--ds_config", "ds_configs/zero3.json",
           "--config", "configs/tiny.yaml", f"model.student={tiny}", f"data.text=[{tiny}/corpus.txt]",
           f"data.eval_text=[{eval_file}]", "train.eval_batches=1", "train.max_steps=4", "train.save_every=4",
           "relora.reset_every=2", "relora.restart_warmup_steps=1", "relora.delta_format=int8", "bitnet.subln=true",
@@ -137,7 +136,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     large = _large_base(tmp / "large", tiny)
     script = tmp / "ds_script.py"
     script.write_text(DS_SCRIPT)
-    _run([DEEPSPEED, "--num_gpus", "1", str(script), str(tmp / "run2"), str(tmp / "run1"), str(large),
+    _run([*deepspeed_cmd(1), str(script), str(tmp / "run2"), str(tmp / "run1"), str(large),
           str(tmp / "run_large")])
     return {"tmp": tmp, "tiny": tiny, "run2": tmp / "run2", "run1": tmp / "run1", "large": large,
             "run_large": tmp / "run_large"}

@@ -28,7 +28,6 @@ from megadistil.engine.memory import (
 from tests._tools import deepspeed_cmd, tool_main
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def _cfg(name: str, *overrides: str):
