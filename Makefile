@@ -117,4 +117,4 @@ lint: setup
 # runs/ is not build output: every shipped config's train.output_dir (checkpoints) is under it. `rm -rf runs/demo`
 # for the demo's.
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .cache
+	rm -rf $(VENV) .venv-floors build *.egg-info .pytest_cache .cache
