@@ -46,13 +46,9 @@ import importlib.metadata as md, tomllib
 from packaging.requirements import Requirement
 with open("pyproject.toml", "rb") as f:
     requirements = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
-def installed(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-outside = [f"{r.name} {installed(r.name)} (pyproject: {r.specifier})" for r in requirements
-           if installed(r.name) is None or not r.specifier.contains(installed(r.name), prereleases=True)]
+have = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
+outside = [f"{r.name} {have.get(r.name.lower())} (pyproject: {r.specifier})" for r in requirements
+           if not r.specifier.contains(have.get(r.name.lower(), "0"), prereleases=True)]
 assert not outside, "outside pyproject's ranges: " + ", ".join(outside)
 print("every dependency lies in pyproject's ranges")
 PY

@@ -308,7 +308,8 @@ def test_a_score_softcap_rules_out_sdpa_where_the_class_claims_it(monkeypatch):
     monkeypatch.setattr(Gemma2ForCausalLM, "_supports_sdpa", True)
     config = tiny_config("gemma2")
     assert attn_implementation(config, "auto", "cpu") == "eager"
-    with pytest.raises(ValueError, match="'sdpa' cannot run here: Gemma2ForCausalLM does not support sdpa with attn_logit_softcapping"):
+    with pytest.raises(ValueError, match="'sdpa' cannot run here: Gemma2ForCausalLM does not support sdpa with "
+                                         "attn_logit_softcapping"):
         attn_implementation(config, "sdpa", "cpu")
     assert not ModelDims.from_hf(config.to_dict(), "tiny gemma2").sdpa
     config.attn_logit_softcapping = None
@@ -455,9 +456,8 @@ def end_to_end(tmp_path_factory, tiny_llama_dir, stdlib_text_file) -> dict[str, 
     heldout.write_text((Path(os.__file__).parent / "shlex.py").read_text())  # not in the training corpus
     dirs = [str(_model_dir(root / "models", arch, tiny_llama_dir)) for arch in TRAINED]
     probe, log = root / "probe.jsonl", root / "launch.log"
-    cmd = [*deepspeed_cmd(2),
-           "tests/_arch_probe.py", str(probe), str(root / "runs"), str(heldout), str(stdlib_text_file), *dirs,
-           "--", *TRAIN_OVERRIDES]
+    cmd = [*deepspeed_cmd(2), "tests/_arch_probe.py", str(probe), str(root / "runs"), str(heldout),
+           str(stdlib_text_file), *dirs, "--", *TRAIN_OVERRIDES]
     results: dict[str, dict] = {}
     with log.open("w") as out, pytest.MonkeyPatch.context() as env:
         env.setenv("TORCHDYNAMO_DISABLE", "1")  # transformers' BitLinear compiles itself; eager is the same math
