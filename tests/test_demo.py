@@ -124,11 +124,18 @@ def test_shipped_teacher_matches_its_settings_and_the_size_limit() -> None:
     assert (config["hidden_size"], config["num_hidden_layers"]) == (TeacherSettings.hidden, TeacherSettings.layers)
 
 
-@pytest.mark.multirank
-def test_a_failed_stage_names_itself_and_its_log(tmp_path: Path) -> None:
+def test_a_failed_stage_names_itself_and_its_log(tmp_path: Path, monkeypatch) -> None:
+    """A launcher that fails (a stand-in beside a stand-in interpreter: a real failing launch costs 2 ranks' start-up,
+    and the fixture above runs real ones): the stage names itself, its exit code and its log, which holds what the
+    launch printed to stderr."""
     from megadistil.demo import DemoError, train_run
 
+    launcher = tmp_path / "bin" / "deepspeed"
+    launcher.parent.mkdir()
+    launcher.write_text('#!/bin/sh\necho "launched with $*" >&2\nexit 3\n')
+    launcher.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(launcher.with_name("python")))
     log = tmp_path / "run-bad.log"
-    with pytest.raises(DemoError, match=r"training run 'bad' failed \(exit [1-9]\d*\); see .*run-bad.log"):
+    with pytest.raises(DemoError, match=r"training run 'bad' failed \(exit 3\); see .*run-bad.log"):
         train_run("bad", tmp_path / "run-bad", ["model.student=/nonexistent/teacher"], 1, log)
-    assert "/nonexistent/teacher" in log.read_text()
+    assert "launch/train.py" in log.read_text() and "model.student=/nonexistent/teacher" in log.read_text()
