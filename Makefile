@@ -23,7 +23,8 @@ UV_INSTALL := $(UV) pip install -q --compile-bytecode --python $(PY)
 .PHONY: setup llama-cpp bytecode test test-floors test-fast demo demo-crosstok demo-generate bench lint clean
 
 # Two jobs: the project's install and llama.cpp's build run side by side (the install waits on the network much of
-# its ~50 s; the build is ~75 s of compiling on 2 cores), ~20 s less of `make test`'s set-up than one after the other.
+# its ~50 s; the build is ~75 s of compiling on 2 cores), ~15 s less of `make test`'s set-up than one after the
+# other (120 s against 135 from a fresh clone).
 MAKEFLAGS += -j2
 
 setup: $(VENV)/.installed

@@ -44,11 +44,13 @@ print(hardware(dev).describe(), "-> kernel", hardware(dev).kernel.value)
 # The machine's packages against pyproject's ranges (the image's torch and transformers must lie in them).
 import importlib.metadata as md, tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 with open("pyproject.toml", "rb") as f:
     requirements = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
-have = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()}
-outside = [f"{r.name} {have.get(r.name.lower())} (pyproject: {r.specifier})" for r in requirements
-           if not r.specifier.contains(have.get(r.name.lower(), "0"), prereleases=True)]
+have = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
+version = {r.name: have.get(canonicalize_name(r.name)) for r in requirements}
+outside = [f"{r.name} {version[r.name] or 'not installed'} (pyproject: {r.specifier})" for r in requirements
+           if version[r.name] is None or not r.specifier.contains(version[r.name], prereleases=True)]
 assert not outside, "outside pyproject's ranges: " + ", ".join(outside)
 print("every dependency lies in pyproject's ranges")
 PY

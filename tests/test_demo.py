@@ -138,4 +138,5 @@ def test_a_failed_stage_names_itself_and_its_log(tmp_path: Path, monkeypatch) ->
     log = tmp_path / "run-bad.log"
     with pytest.raises(DemoError, match=r"training run 'bad' failed \(exit 3\); see .*run-bad.log"):
         train_run("bad", tmp_path / "run-bad", ["model.student=/nonexistent/teacher"], 1, log)
-    assert "launch/train.py" in log.read_text() and "model.student=/nonexistent/teacher" in log.read_text()
+    printed = log.read_text()
+    assert "launch/train.py" in printed and "model.student=/nonexistent/teacher" in printed
