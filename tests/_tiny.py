@@ -46,6 +46,9 @@ ARCHITECTURES = {
     "cohere": ("CohereConfig", {"logit_scale": 0.25, "tie_word_embeddings": True}),
     "granite": ("GraniteConfig", {"logits_scaling": 4.0, "tie_word_embeddings": False}),
 }
+# OLMo 2 normalises after attention, not before: layer 0's q/k/v read the embedding itself, whose init (std 0.02) makes
+# q.k ~1e-5 and every attention uniform, for the teacher and the student alike (their relation KL ~1e-8, noise).
+EMBEDDING_STD = {"olmo2": 1.0}
 
 
 def tiny_config(arch: str, vocab_size: int = 256, eos_token_id: int = 0, **overrides):
@@ -74,5 +77,7 @@ def tiny_model(arch: str, seed: int = 0, vocab_size: int = 256, eos_token_id: in
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
+        if arch in EMBEDDING_STD:
+            model.get_input_embeddings().weight.normal_(0.0, EMBEDDING_STD[arch])
         model.get_output_embeddings().weight.mul_(head_scale)
     return model.eval()

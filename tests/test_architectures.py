@@ -518,7 +518,9 @@ def test_family_trains_with_the_models_own_teacher_perplexity_converts_verifies_
     assert "error" not in run, run["error"]
     steps = [m for m in run["metrics"] if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
-    assert all(m["attn"] > 0 and m["hidden"] > 0 for m in steps)  # both live-teacher terms were computed
+    # Both live-teacher terms were computed, and measured something: a term between identical or uniform attentions
+    # is float32 noise (~1e-8, of either sign), not 0
+    assert all(m["attn"] > 1e-5 and m["hidden"] > 1e-5 for m in steps), [(m["attn"], m["hidden"]) for m in steps]
     assert steps[-1]["resets"] == 1  # a ReLoRA merge: the checkpoint's ΔW is not zero
     teacher_ppl = next(m["eval_ppl_teacher"] for m in run["metrics"] if m["step"] == 0 and "eval_ppl_teacher" in m)
     assert run["eval_sequences"] == 4
