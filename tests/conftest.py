@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 # The suite's two workers share the cores with the ranks and tools their tests start. After each parallel region,
-# libgomp's idle threads spin (GOMP_SPINCOUNT: milliseconds) before they sleep: spinning, they held a core the other worker's
-# processes needed, a quarter of the suite's CPU time (2-core Xeon slowed to the AVX2-only EPYC's GEMM speeds: pytest
-# 10:59 -> 8:20, CPU 18.3 -> 13.4 min). Set before torch loads libgomp; a user's own setting wins; subprocesses inherit.
+# libgomp's idle threads spin (GOMP_SPINCOUNT: milliseconds) before they sleep: spinning, they held a core that the
+# other worker's processes needed, a quarter of the suite's CPU time (2-core Xeon slowed to the AVX2-only EPYC's GEMM
+# speeds: pytest 10:59 -> 8:20, CPU 18.3 -> 13.4 min). Set before torch loads libgomp; a user's own setting wins;
+# subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
