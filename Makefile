@@ -89,8 +89,8 @@ bytecode: setup
 	$(PY) -m compileall -q megadistil launch tools tests bench
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
-# time in imports and rendezvous, so a second file fills the idle core (10.1 min on a 2-core AVX2 EPYC at 381 tests;
-# at 552, 9.1-10.4 min on the Intel Xeon VM, ~18 serially, and 8.9-10.2 on an AVX512 EPYC, 8.7 there capped at AVX2).
+# time in imports and rendezvous, so a second file fills the idle core (854 tests: 7.2 min on the 2-core AMX Xeon VM,
+# 8.4 on it slowed to an AVX2-only EPYC's GEMM speeds; README's "make test" has the history).
 # Files go out in collection order, longest first (tests/conftest.py): xdist's default reorders them by test count,
 # which left the quick demo to run last and alone.
 TEST_WORKERS ?= 2
