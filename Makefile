@@ -90,7 +90,7 @@ bytecode: setup
 
 # Two pytest workers, a test file each (module fixtures stay in one process): a multi-rank test spends much of its
 # time in imports and rendezvous, so a second file fills the idle core (854 tests: 7.2 min on the 2-core AMX Xeon VM,
-# 8.4 on it slowed to an AVX2-only EPYC's GEMM speeds; README's "make test" has the history).
+# 8.4 on it slowed to an AVX2-only EPYC's GEMM speeds; README: "make test").
 # Files go out in collection order, longest first (tests/conftest.py): xdist's default reorders them by test count,
 # which left the quick demo to run last and alone.
 TEST_WORKERS ?= 2

@@ -137,9 +137,8 @@ def main() -> None:
           f"torch {torch.__version__}")
     # A kernel without units (ONEDNN_MAX_CPU_ISA capped below VNNI) can still read fast: oneDNN's int8 GEMM without
     # VNNI saturates its int16 pair sums. BitLinear never runs it there; the table says so.
-    unused = {k: " (no units: unused)" for k in gemm if k != "fp32" and k not in hw.units}
-    print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: "
-          + ", ".join(f"{k} {v:.1f}{unused.get(k, '')}" for k, v in gemm.items()))
+    print(f"GEMM {args.gemm_size}^3 on int8 codes, GFLOP/s: " + ", ".join(
+        f"{k} {v:.1f}{'' if k == 'fp32' or k in hw.units else ' (no units: unused)'}" for k, v in gemm.items()))
     print(f"auto: kernel {hw.kernel.value}, model dtype {str(dtype).removeprefix('torch.')}; "
           f"{args.tokens} tokens through {d} -> {ffn} -> {d}, LoRA rank {args.rank}, compiled quantizers {compiled}")
     paths = {"linear+lora": fwd_bwd(linear_lora_block(dims, args.rank, torch.float32), args.tokens, d, torch.float32,
